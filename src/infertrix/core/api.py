@@ -1,0 +1,200 @@
+"""``optimize``, ``describe`` and ``restore``: the one verb and its two companions.
+
+``optimize(model, *transforms)`` changes the model in place and returns it, so it drops into
+scripts, notebooks, ``pipeline(...)`` and evaluation harnesses that take a model object. It
+applies transforms by stage (weights -> experts -> layers -> cache -> decoding), refuses
+conflicting combinations before changing anything, and keeps a record on the model
+(``model._infertrix``) that ``describe`` reads and ``restore`` unwinds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .model import model_type, tensor_bytes
+from .recipe import parse_recipe
+from .transform import Applied, ConflictError, Stage, Transform
+
+STATE_ATTR = "_infertrix"
+
+
+@dataclass
+class OptimizationState:
+    """The record ``optimize`` keeps on a model."""
+
+    applied: list[Applied] = field(default_factory=list)
+    generate_hooks: list[tuple[int, Callable]] = field(default_factory=list)
+    original_bytes: int = 0
+
+
+def _state(model: nn.Module, create: bool = False) -> OptimizationState | None:
+    st = model.__dict__.get(STATE_ATTR)
+    if st is None and create:
+        st = OptimizationState(original_bytes=tensor_bytes(model))
+        model.__dict__[STATE_ATTR] = st
+    return st
+
+
+def applied_transforms(model: nn.Module) -> list[Transform]:
+    st = _state(model)
+    return [a.transform for a in st.applied] if st else []
+
+
+def _as_transforms(items: tuple[Transform | str, ...]) -> list[Transform]:
+    out: list[Transform] = []
+    for item in items:
+        if isinstance(item, str):
+            out.extend(parse_recipe(item))
+        elif isinstance(item, Transform):
+            out.append(item)
+        elif isinstance(item, list | tuple):
+            out.extend(_as_transforms(tuple(item)))
+        else:
+            raise TypeError(f"optimize() takes Transform objects or recipe strings, got {type(item).__name__}")
+    return out
+
+
+def _check_conflicts(existing: list[Transform], new: list[Transform]) -> None:
+    groups: dict[str, Transform] = {}
+    for t in existing + new:
+        if t.conflict_group is None:
+            continue
+        other = groups.get(t.conflict_group)
+        if other is not None:
+            raise ConflictError(
+                f"{type(t).__name__} and {type(other).__name__} both set the model's "
+                f"{t.conflict_group}; keep one of them (restore(model) removes what is applied)"
+            )
+        groups[t.conflict_group] = t
+    if existing and new:
+        last = max(t.stage for t in existing)
+        early = [t for t in new if t.stage < last]
+        if early:
+            raise ConflictError(
+                f"{type(early[0]).__name__} ({early[0].stage.name.lower()} stage) must be applied before "
+                f"the {Stage(last).name.lower()}-stage transforms already on the model; "
+                "restore(model) and pass all transforms to one optimize() call"
+            )
+
+
+def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
+    """Apply ``transforms`` (objects or recipe strings) to ``model`` in place and return it.
+
+    Raises ConfigError / ConflictError / UnsupportedModelError before changing anything when the
+    combination or the model is not supported. If a transform fails while applying, the ones this
+    call already applied are undone (where they can be) before the error propagates.
+    """
+    new = sorted(_as_transforms(transforms), key=lambda t: int(t.stage))
+    st = _state(model)
+    _check_conflicts([a.transform for a in st.applied] if st else [], new)
+    for t in new:
+        t.check_model(model)
+    st = _state(model, create=True)
+    done: list[Applied] = []
+    try:
+        for t in new:
+            applied = t.apply(model)
+            if not isinstance(applied, Applied):
+                raise TypeError(f"{type(t).__name__}.apply must return an Applied record")
+            done.append(applied)
+            st.applied.append(applied)
+    except BaseException:
+        for a in reversed(done):
+            st.applied.remove(a)
+            if a.undo is not None:
+                a.undo()
+        raise
+    return model
+
+
+@dataclass
+class Description:
+    """What infertrix did to a model; ``str()`` gives a readable table, ``to_dict()`` the data."""
+
+    model_type: str
+    bytes_before: int
+    bytes_now: int
+    transforms: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "bytes_before": self.bytes_before,
+            "bytes_now": self.bytes_now,
+            "transforms": self.transforms,
+        }
+
+    def __str__(self) -> str:
+        mb = 1 / 2**20
+        lines = [
+            f"{self.model_type}: weights {self.bytes_before * mb:.1f} MiB -> {self.bytes_now * mb:.1f} MiB",
+        ]
+        if not self.transforms:
+            lines.append("  no transforms applied")
+        for t in self.transforms:
+            params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
+            lines.append(f"  [{t['stage']}] {t['name']}({params})" + ("" if t["reversible"] else "  (irreversible)"))
+            for k, v in t["report"].items():
+                lines.append(f"      {k}: {v}")
+        return "\n".join(lines)
+
+
+def describe(model: nn.Module) -> Description:
+    """Report what was applied: each transform's parameters and its live figures."""
+    st = _state(model)
+    now = tensor_bytes(model)
+    entries = []
+    for a in st.applied if st else []:
+        entries.append(
+            {
+                "name": a.transform.name,
+                "stage": a.transform.stage.name.lower(),
+                "params": a.transform.params(),
+                "reversible": a.reversible,
+                "report": a.report(),
+            }
+        )
+    return Description(model_type(model), st.original_bytes if st else now, now, entries)
+
+
+@dataclass
+class RestoreReport:
+    restored: list[str]
+    not_restored: dict[str, str]  # name -> why it cannot be undone
+
+    @property
+    def complete(self) -> bool:
+        return not self.not_restored
+
+
+def restore(model: nn.Module, strict: bool = False) -> RestoreReport:
+    """Undo every applied transform that can be undone, newest first.
+
+    Transforms that cannot be undone stay on the model; they are named with the reason in the
+    returned report and in a warning (or, with ``strict=True``, a RuntimeError raised before
+    anything is undone).
+    """
+    st = _state(model)
+    if st is None:
+        return RestoreReport([], {})
+    stuck = {a.transform.name: a.irreversible_reason or "no undo" for a in st.applied if not a.reversible}
+    if stuck and strict:
+        raise RuntimeError(f"cannot fully restore the model: {stuck}")
+    restored = []
+    for a in reversed(list(st.applied)):
+        if a.undo is None:
+            continue
+        a.undo()
+        st.applied.remove(a)
+        restored.append(a.transform.name)
+    if stuck:
+        msg = "; ".join(f"{k}: {v}" for k, v in stuck.items())
+        warnings.warn(f"infertrix.restore: these transforms cannot be undone and stay applied: {msg}", stacklevel=2)
+    else:
+        del model.__dict__[STATE_ATTR]
+    return RestoreReport(restored, stuck)

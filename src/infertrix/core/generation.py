@@ -1,0 +1,48 @@
+"""The one seam through which transforms change ``model.generate``: an instance-level wrapper.
+
+Cache policies (give ``generate`` a fresh policy cache when the caller passes none) and decoding
+transforms (pass a ``custom_generate`` callable, transformers 5's supported seam) register a hook
+here. The wrapper is set on the model instance only, never on its class, so other models in the
+process are untouched; removing the last hook removes the wrapper.
+
+A hook is ``hook(model, args, kwargs) -> (args, kwargs)``; hooks run in ascending ``order``
+(use the transform's stage).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .api import _state
+
+GenerateHook = Callable[[nn.Module, tuple, dict[str, Any]], tuple[tuple, dict[str, Any]]]
+
+
+def add_generate_hook(model: nn.Module, hook: GenerateHook, order: int = 0) -> Callable[[], None]:
+    """Register ``hook`` on ``model.generate``; returns a function that removes it."""
+    st = _state(model, create=True)
+    entry = (order, hook)
+    st.generate_hooks.append(entry)
+    st.generate_hooks.sort(key=lambda e: e[0])
+    if "generate" not in model.__dict__:
+        unbound = type(model).generate
+
+        @functools.wraps(unbound)
+        def generate(*args: Any, **kwargs: Any):
+            for _, h in list(st.generate_hooks):
+                args, kwargs = h(model, args, kwargs)
+            return unbound(model, *args, **kwargs)
+
+        model.__dict__["generate"] = generate
+
+    def remove() -> None:
+        if entry in st.generate_hooks:
+            st.generate_hooks.remove(entry)
+        if not st.generate_hooks:
+            model.__dict__.pop("generate", None)
+
+    return remove

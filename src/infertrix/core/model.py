@@ -1,0 +1,58 @@
+"""What infertrix needs to know about a transformers causal LM, found in one place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .transform import UnsupportedModelError
+
+
+def text_config(model: nn.Module):
+    """The decoder's config (the text config of multimodal models)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no .config; infertrix works on Hugging Face transformers models"
+        )
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get else config
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a causal LM (``model.model.layers`` in transformers 5)."""
+    inner = getattr(model, "model", None)
+    for candidate in (inner, getattr(inner, "language_model", None), model):
+        layers = getattr(candidate, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise UnsupportedModelError(
+        f"cannot find the decoder layers of {type(model).__name__}; infertrix supports decoder-only "
+        "transformers models with a `model.layers` list (Llama, Qwen2/3, Mistral, Gemma, Mixtral...)"
+    )
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(text_config(model), "model_type", type(model).__name__)
+
+
+def require_model_type(model: nn.Module, supported: tuple[str, ...], what: str) -> None:
+    """Raise UnsupportedModelError unless the model's ``model_type`` is in ``supported``."""
+    mt = model_type(model)
+    if mt not in supported:
+        raise UnsupportedModelError(
+            f"{what} does not support model_type {mt!r}; supported: {', '.join(sorted(supported))}"
+        )
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``module``, counting shared (tied) storage once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.numel() else 0
+    return total

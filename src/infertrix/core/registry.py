@@ -1,0 +1,37 @@
+"""One registry of transforms by recipe name; families register their classes on import."""
+
+from __future__ import annotations
+
+from .transform import ConfigError, Transform
+
+_REGISTRY: dict[str, type[Transform]] = {}
+
+
+def register_transform(name: str, *aliases: str):
+    """Class decorator: make a Transform subclass available to recipes as ``name``."""
+
+    def deco(cls: type[Transform]) -> type[Transform]:
+        if not (isinstance(cls, type) and issubclass(cls, Transform)):
+            raise TypeError(f"register_transform expects a Transform subclass, got {cls!r}")
+        for key in (name, *aliases):
+            key = key.lower()
+            if key in _REGISTRY and _REGISTRY[key] is not cls:
+                raise ValueError(f"transform name {key!r} is already taken by {_REGISTRY[key].__name__}")
+            _REGISTRY[key] = cls
+        cls.name = name.lower()
+        return cls
+
+    return deco
+
+
+def get_transform(name: str) -> type[Transform]:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        known = ", ".join(sorted(available())) or "(none registered)"
+        raise ConfigError(f"unknown transform {name!r}; available: {known}") from None
+
+
+def available() -> dict[str, type[Transform]]:
+    """Registered transforms by their canonical name (aliases left out)."""
+    return {cls.name: cls for cls in _REGISTRY.values()}

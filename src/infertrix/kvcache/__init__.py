@@ -1,0 +1,1 @@
+"""KV-cache eviction, merging and quantization as transformers ``Cache`` policies."""

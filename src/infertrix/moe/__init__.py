@@ -1,0 +1,1 @@
+"""Mixture-of-Experts expert offloading: store, device-side cache, prefetch."""

@@ -1,0 +1,26 @@
+"""infertrix ops: ``torch.library`` custom ops with PyTorch references and compiled kernels.
+
+Every op is declared in its own module here (schema, reference, fake implementation); the
+compiled extension ``infertrix._C`` is loaded after them and registers faster CPU/CUDA kernels
+for the same ops. ``status()`` reports which backend each op uses.
+
+To add an op: write ``ops/<name>.py`` like ``quantize.py``, import it below (before the
+extension loads), add ``csrc/cpu/<name>.cpp`` with a ``TORCH_LIBRARY_IMPL(infertrix, CPU, m)``
+block, and a parity test against the reference in ``tests/ops/``.
+"""
+
+from . import _extension
+from .quantize import quantize_per_token_int8, quantize_per_token_int8_reference
+from .registry import OPS, OpInfo, OpsStatus, set_cpu_isa, status
+
+_extension.load()
+
+__all__ = [
+    "OPS",
+    "OpInfo",
+    "OpsStatus",
+    "quantize_per_token_int8",
+    "quantize_per_token_int8_reference",
+    "set_cpu_isa",
+    "status",
+]

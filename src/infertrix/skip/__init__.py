@@ -1,0 +1,1 @@
+"""Training-free layer and sublayer skipping plans."""

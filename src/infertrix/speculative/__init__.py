@@ -1,0 +1,1 @@
+"""Lossless speculative decoding: drafters and one exact verifier."""

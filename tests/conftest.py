@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny randomly initialised models of each architecture we claim, and SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make_tiny(arch: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised causal LM of the given architecture, in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    kw = dict(TINY_COMMON, **overrides)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**kw)
+        cls = tf.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**kw)
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**kw, sliding_window=None)
+        cls = tf.MistralForCausalLM
+    elif arch == "gemma3":
+        kw.setdefault("head_dim", 16)
+        n = kw["num_hidden_layers"]
+        kw.setdefault("layer_types", ["sliding_attention", "full_attention"] * (n // 2) + ["sliding_attention"] * (n % 2))
+        cfg = tf.Gemma3TextConfig(**kw, sliding_window=8)
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(arch)
+    model = cls(cfg).eval()
+    return model
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (skipped with the install command when it is absent)."""
+    from infertrix import models
+
+    try:
+        models.smollm2_gguf_path()
+    except models.ModelNotAvailableError as exc:
+        pytest.skip(str(exc))
+    return models.load("smollm2")
