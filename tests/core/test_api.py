@@ -10,7 +10,14 @@ import torch
 from conftest import make_tiny
 
 import infertrix as ix
-from infertrix.core import Applied, ConfigError, ConflictError, Stage, Transform, UnsupportedModelError
+from infertrix.core import (
+    Applied,
+    ConfigError,
+    ConflictError,
+    Stage,
+    Transform,
+    UnsupportedModelError,
+)
 from infertrix.core.generation import add_generate_hook
 from infertrix.core.registry import _REGISTRY
 
