@@ -149,7 +149,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infertrix", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="measure a baseline and recipes side by side on one model")
@@ -168,7 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="small settings for a smoke run")
     sub.add_parser("status", help="show which kernel backend each op uses")
     sub.add_parser("list", help="list the registered transforms")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quick", False):
+        args.prompt_tokens, args.new_tokens, args.repeats = 32, 8, 1
+        args.ppl_tokens, args.ppl_window, args.agree_tokens = 256, 128, 8
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     if args.command == "status":
         from . import ops
@@ -183,9 +195,6 @@ def main(argv: list[str] | None = None) -> int:
                 doc = (cls.__doc__ or "").strip().split("\n")[0]
                 print(f"{name:20s} [{cls.stage.name.lower()}] {doc}")
         return 0
-    if args.quick:
-        args.prompt_tokens, args.new_tokens, args.repeats = 32, 8, 1
-        args.ppl_tokens, args.ppl_window, args.agree_tokens = 256, 128, 8
     rows = bench(args)
     table = format_table(rows)
     print(table)
