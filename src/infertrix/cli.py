@@ -54,8 +54,10 @@ def _measure(model, tok, recipe: str, args, reference: list[list[int]] | None) -
     d = describe(model)
     row["weight_MiB"] = d.bytes_now / 2**20
     with ixe.pinned_threads(args.threads):
-        row["perplexity"] = ixe.perplexity(model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window)
-        tokens = ixe.greedy_tokens(model, tok, AGREEMENT_PROMPTS, max_new_tokens=args.agree_tokens)
+        row["perplexity"] = ixe.perplexity(
+            model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window, progress=True
+        )
+        tokens = ixe.greedy_tokens(model, tok, AGREEMENT_PROMPTS, max_new_tokens=args.agree_tokens, progress=True)
     row["agreement"] = ixe.token_agreement(tokens, reference) if reference is not None else 1.0
     speed, peak = ixe.peak_rss(
         lambda: ixe.measure_speed(
