@@ -1,0 +1,56 @@
+"""W4A8: 4-bit weights, per-token int8 activations, int32 accumulation (QServe/QoQ, QQQ).
+
+QServe/QoQ: Lin et al. 2024, https://arxiv.org/abs/2405.04532 (two-level "progressive" group
+scales); QQQ: Zhang et al. 2024, https://arxiv.org/abs/2406.09904. Each selected ``nn.Linear``
+becomes a :class:`~infertrix.quant.W4A8Linear` (plain buffers); the forward pass is one op,
+``infertrix::w4a8_linear`` (AVX-512 VNNI / AVX2 / scalar C++ kernel). Lossy. Memory: about 4.1-4.5
+bits per weight instead of 32 (float32). Round-to-nearest needs no data; ``gptq=True`` and
+``smooth_alpha`` calibrate on a few real text samples (see :class:`~infertrix.quant.transform.QuantTransform`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..core.registry import register_transform
+from .gptq import gptq_int4
+from .int4 import check_group_size, quantize_int4
+from .transform import QuantTransform
+from .w4a8_linear import W4A8Linear
+
+
+@register_transform("w4a8")
+@dataclass
+class W4A8(QuantTransform):
+    """int4 weights x int8 per-token activations with two-level scales.
+
+    Fields (and those of QuantTransform: filter_fn, quantize_lm_head, smooth_alpha, gptq, ...):
+      group_size: input channels per group: 32, 64, 128 (default) or -1 (one group per output
+        channel); any positive multiple of 8 works. The last group may be shorter (576 = 4 x 128 + 64).
+      symmetric: True = codes centred on 8, no zero points; False (default) = a 4-bit zero point
+        per group, subtracted in the kernel as zero x the activation group sum.
+    """
+
+    primary: ClassVar[str | None] = "group_size"
+    kernel_op: ClassVar[str] = "w4a8_linear"
+
+    group_size: int = 128
+    symmetric: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_group_size(self.group_size)
+
+    def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
+        if hessian is not None:
+            w = gptq_int4(weight, hessian, self.group_size, self.symmetric, self.damp)
+        else:
+            w = quantize_int4(weight, self.group_size, self.symmetric)
+        return W4A8Linear.from_int4(w, linear.bias, dtype=linear.weight.dtype)
+
+    def extra_report(self) -> dict[str, Any]:
+        return {"scheme": f"int4 weights (group {self.group_size}, {'symmetric' if self.symmetric else 'zero points'})"
+                " x int8 per-token activations"}
