@@ -10,5 +10,18 @@ from .int4 import Int4Weights, quantize_int4
 from .transform import QuantTransform
 from .w4a8 import W4A8
 from .w4a8_linear import W4A8Linear
+from .w4a16 import W4A16, W4A16Linear
+from .w8a8 import W8A8, W8A8Linear
 
-__all__ = ["W4A8", "Int4Weights", "QuantTransform", "W4A8Linear", "load_quantized", "quantize_int4"]
+__all__ = [
+    "W4A8",
+    "W4A16",
+    "W8A8",
+    "Int4Weights",
+    "QuantTransform",
+    "W4A8Linear",
+    "W4A16Linear",
+    "W8A8Linear",
+    "load_quantized",
+    "quantize_int4",
+]

@@ -43,22 +43,31 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> tuple[Tensor, Tensor]:
 
 
 def gptq_int4(
-    w: Tensor, h: Tensor, group_size: int = 128, symmetric: bool = False, damp: float = 0.01, block: int = 128
+    w: Tensor,
+    h: Tensor,
+    group_size: int = 128,
+    symmetric: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+    two_level: bool = True,
 ) -> Int4Weights:
-    """GPTQ-quantize ``w [N, K]`` given the input Hessian ``h [K, K]`` (sum of x x^T)."""
+    """GPTQ-quantize ``w [N, K]`` given the input Hessian ``h [K, K]`` (sum of x x^T).
+
+    ``two_level=False``: plain float group scales (weight-only W4A16).
+    """
     check_group_size(group_size)
     w = w.detach().float().clone()
     n, k = w.shape
     hinv, dead = inverse_hessian_factor(h, damp)
     w[:, dead] = 0
     steps0, _ = group_steps(w, group_size, symmetric)
-    s1 = channel_scale(steps0, k, symmetric)
-    s2max = max_group_scale(k, not symmetric)
+    s1 = channel_scale(steps0, k, symmetric) if two_level else torch.ones(n)
+    s2max = max_group_scale(k, not symmetric) if two_level else None
     gs = k if group_size == -1 else group_size
     block = gs if group_size != -1 else block  # blocks align with groups
     groups = -(-k // gs)
     q = torch.zeros(n, k, dtype=torch.uint8)
-    s2_all = torch.ones(n, groups, dtype=torch.int32)
+    s2_all = torch.ones(n, groups, dtype=torch.int32 if two_level else torch.float32)
     z_all = None if symmetric else torch.zeros(n, groups, dtype=torch.int32)
     step = zero = None
     for i1 in range(0, k, block):

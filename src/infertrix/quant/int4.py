@@ -39,7 +39,7 @@ class Int4Weights:
 
     q: Tensor  # uint8 [N, K], 0..15
     scale: Tensor  # float32 [N]
-    group_scale: Tensor  # int32 [N, G], 1..s2max
+    group_scale: Tensor  # int32 [N, G], 1..s2max (float32 when single-level: scale is then all ones)
     zero: Tensor | None  # int32 [N, G], 0..15; None = symmetric (zero 8)
     group_size: int
 
@@ -83,14 +83,21 @@ def channel_scale(steps: Tensor, in_features: int, symmetric: bool) -> Tensor:
 
 
 def integer_group_params(
-    steps: Tensor, lo: Tensor | None, scale: Tensor, s2max: int
+    steps: Tensor, lo: Tensor | None, scale: Tensor, s2max: int | None
 ) -> tuple[Tensor, Tensor | None]:
-    """Integer group scales (rounded up) and zero points for given float channel scales."""
-    s2 = torch.ceil(steps / scale[:, None] * (1 - 1e-6)).clamp(1, s2max)
+    """Integer group scales (rounded up) and zero points for given float channel scales.
+
+    ``s2max=None`` means single-level scales (weight-only W4A16): the group scale is the float
+    step itself and ``scale`` is all ones.
+    """
+    if s2max is None:
+        s2 = steps
+    else:
+        s2 = torch.ceil(steps / scale[:, None] * (1 - 1e-6)).clamp(1, s2max)
     zero = None
     if lo is not None:
         zero = torch.round(-lo / (scale[:, None] * s2)).clamp(0, 15).to(torch.int32)
-    return s2.to(torch.int32), zero
+    return (s2 if s2max is None else s2.to(torch.int32)), zero
 
 
 def quantize_codes(w: Tensor, step: Tensor, zero: Tensor | float) -> Tensor:
@@ -98,16 +105,23 @@ def quantize_codes(w: Tensor, step: Tensor, zero: Tensor | float) -> Tensor:
     return (torch.round(w / step) + zero).clamp(0, 15)
 
 
-def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = False) -> Int4Weights:
-    """Round-to-nearest two-level int4 quantization of ``w [N, K]`` (no data needed)."""
+def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = False, two_level: bool = True) -> Int4Weights:
+    """Round-to-nearest int4 quantization of ``w [N, K]`` (no data needed).
+
+    ``two_level=False`` gives plain float group scales (for weight-only kernels).
+    """
     check_group_size(group_size)
     if w.dim() != 2:
         raise ValueError(f"quantize_int4 expects a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().float()
     n, k = w.shape
     steps, lo = group_steps(w, group_size, symmetric)
-    scale = channel_scale(steps, k, symmetric)
-    s2, zero = integer_group_params(steps, lo, scale, max_group_scale(k, not symmetric))
+    if two_level:
+        scale = channel_scale(steps, k, symmetric)
+        s2, zero = integer_group_params(steps, lo, scale, max_group_scale(k, not symmetric))
+    else:
+        scale = torch.ones(n, device=w.device)
+        s2, zero = integer_group_params(steps, lo, scale, None)
     gidx = group_index(k, group_size, w.device)
     step = scale[:, None] * s2[:, gidx].float()
     z = 8 if zero is None else zero[:, gidx].float()

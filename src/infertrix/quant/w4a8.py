@@ -16,10 +16,11 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..core.registry import register_transform
+from ..core.transform import ConfigError
 from .gptq import gptq_int4
 from .int4 import check_group_size, quantize_int4
 from .transform import QuantTransform
-from .w4a8_linear import W4A8Linear
+from .w4a8_linear import W4A8Linear, split_outliers
 
 
 @register_transform("w4a8")
@@ -32,6 +33,9 @@ class W4A8(QuantTransform):
         channel); any positive multiple of 8 works. The last group may be shorter (576 = 4 x 128 + 64).
       symmetric: True = codes centred on 8, no zero points; False (default) = a 4-bit zero point
         per group, subtracted in the kernel as zero x the activation group sum.
+      outlier_fraction: SqueezeLLM's dense-and-sparse option (Kim et al. 2024,
+        https://arxiv.org/abs/2306.07629): keep this fraction of the largest-magnitude weights
+        (e.g. 0.005) exactly, in a float sparse side matrix added after the int kernel; 0 = off.
     """
 
     primary: ClassVar[str | None] = "group_size"
@@ -39,17 +43,23 @@ class W4A8(QuantTransform):
 
     group_size: int = 128
     symmetric: bool = False
+    outlier_fraction: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         check_group_size(self.group_size)
+        if not 0.0 <= self.outlier_fraction < 0.1:
+            raise ConfigError(
+                f"outlier_fraction must be in [0, 0.1) (SqueezeLLM keeps about 0.005), got {self.outlier_fraction}"
+            )
 
     def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
+        weight, outliers = split_outliers(weight, self.outlier_fraction)
         if hessian is not None:
             w = gptq_int4(weight, hessian, self.group_size, self.symmetric, self.damp)
         else:
             w = quantize_int4(weight, self.group_size, self.symmetric)
-        return W4A8Linear.from_int4(w, linear.bias, dtype=linear.weight.dtype)
+        return W4A8Linear.from_int4(w, linear.bias, dtype=linear.weight.dtype, outliers=outliers)
 
     def extra_report(self) -> dict[str, Any]:
         return {"scheme": f"int4 weights (group {self.group_size}, {'symmetric' if self.symmetric else 'zero points'})"

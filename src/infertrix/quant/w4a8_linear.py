@@ -39,6 +39,7 @@ class W4A8Linear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        outliers: int = 0,
     ) -> None:
         super().__init__()
         check_group_size(group_size)
@@ -57,11 +58,26 @@ class W4A8Linear(nn.Module):
             "zero", None if symmetric else torch.full((groups, p * 16), 8, dtype=torch.uint8, device=device)
         )
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        # SqueezeLLM's dense-and-sparse option: the largest weights kept in float, as (row, col, value)
+        for name, dt in (("outlier_rows", torch.int64), ("outlier_cols", torch.int64), ("outlier_values", torch.float32)):
+            self.register_buffer(name, torch.zeros(outliers, dtype=dt, device=device) if outliers else None)
 
     @classmethod
-    def from_int4(cls, w: Int4Weights, bias: Tensor | None = None, dtype: torch.dtype = torch.float32) -> W4A8Linear:
+    def from_int4(
+        cls,
+        w: Int4Weights,
+        bias: Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        outliers: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> W4A8Linear:
+        """Build from quantized codes; ``outliers`` = (rows, cols, values) kept in float beside them."""
         n, k = w.q.shape
-        mod = cls(k, n, w.group_size, w.zero is None, bias is not None, dtype=dtype, device=w.q.device)
+        nnz = 0 if outliers is None else outliers[0].numel()
+        mod = cls(k, n, w.group_size, w.zero is None, bias is not None, dtype=dtype, device=w.q.device, outliers=nnz)
+        if nnz:
+            mod.outlier_rows.copy_(outliers[0])
+            mod.outlier_cols.copy_(outliers[1])
+            mod.outlier_values.copy_(outliers[2])
         mod.qweight.copy_(w4ops.pack_int4(w.q))
         mod.scale.copy_(w.scale)
         mod.group_scale.copy_(w4ops.pack_group_params(w.group_scale))
@@ -81,9 +97,16 @@ class W4A8Linear(nn.Module):
         return cls.from_int4(w, linear.bias, dtype=linear.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.infertrix.w4a8_linear.default(
+        y = torch.ops.infertrix.w4a8_linear.default(
             x, self.qweight, self.scale, self.group_scale, self.zero, self.in_features, self.group_size, self.bias
         )
+        if self.outlier_values is None:
+            return y
+        # sparse side: y[:, r] += x[:, c] * v for each kept (r, c, v), in float
+        x2 = x.reshape(-1, self.in_features).float()
+        y2 = y.reshape(-1, self.out_features).float()
+        y2 = y2.index_add(1, self.outlier_rows, x2[:, self.outlier_cols] * self.outlier_values)
+        return y2.reshape(y.shape).to(y.dtype)
 
     def spec(self) -> dict:
         """Constructor arguments, recorded in config.json for :func:`infertrix.quant.load_quantized`."""
@@ -95,12 +118,13 @@ class W4A8Linear(nn.Module):
             "symmetric": self.symmetric,
             "bias": self.bias is not None,
             "dtype": str(self.bias.dtype if self.bias is not None else torch.float32).removeprefix("torch."),
+            "outliers": 0 if self.outlier_values is None else self.outlier_values.numel(),
         }
 
     @classmethod
     def from_spec(cls, spec: dict) -> W4A8Linear:
         return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec["symmetric"], spec["bias"],
-                   dtype=getattr(torch, spec["dtype"]))
+                   dtype=getattr(torch, spec["dtype"]), outliers=spec.get("outliers", 0))
 
     def int4_weights(self) -> Int4Weights:
         """The codes and scales in plain [N, K] / [N, G] form."""
@@ -114,14 +138,36 @@ class W4A8Linear(nn.Module):
         )
 
     def dequantize(self) -> Tensor:
-        """The float weight [N, K] these codes represent."""
-        return self.int4_weights().dequantize()
+        """The float weight [N, K] these codes (and any sparse outliers) represent."""
+        w = self.int4_weights().dequantize()
+        if self.outlier_values is not None:
+            w = w.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values, accumulate=True)
+        return w
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
             f"symmetric={self.symmetric}, bias={self.bias is not None}"
+            + ("" if self.outlier_values is None else f", outliers={self.outlier_values.numel()}")
         )
+
+
+def split_outliers(w: Tensor, fraction: float) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """SqueezeLLM's dense-and-sparse split (Kim et al. 2024, https://arxiv.org/abs/2306.07629).
+
+    The largest-magnitude ``fraction`` of the weights leave the dense matrix (set to 0 there, which
+    shrinks the quantization ranges) and are kept exactly, in float, as (rows, cols, values).
+    """
+    nnz = int(round(fraction * w.numel()))
+    if nnz == 0:
+        return w, None
+    flat = w.flatten()
+    idx = flat.abs().topk(nnz).indices.sort().values
+    rows, cols = idx // w.shape[1], idx % w.shape[1]
+    vals = flat[idx].float().clone()
+    dense = w.clone()
+    dense[rows, cols] = 0
+    return dense, (rows, cols, vals)
 
 
 def check_linear(linear: nn.Module) -> None:
