@@ -63,10 +63,14 @@ def test_gptq_reduces_output_error_of_one_layer():
     h = (x.t() @ x).double()
     for sym in (False, True):
         rtn = quantize_int4(w, 32, sym).dequantize()
-        gq = gptq_int4(w, h, 32, sym).dequantize()
         err_rtn = (x @ (rtn - w).t()).norm()
-        err_gptq = (x @ (gq - w).t()).norm()
-        assert err_gptq < 0.8 * err_rtn, (sym, err_gptq, err_rtn)
+        err_clip = (x @ (quantize_int4(w, 32, sym, mse_clip=True).dequantize() - w).t()).norm()
+        assert err_clip < err_rtn
+        for kw in ({}, {"act_order": True}, {"mse_clip": True}, {"two_level": False}):
+            gq = gptq_int4(w, h, 32, sym, **kw)
+            assert int(gq.q.max()) <= 15
+            err_gptq = (x @ (gq.dequantize() - w).t()).norm()
+            assert err_gptq < 0.8 * err_rtn, (sym, kw, err_gptq, err_rtn)
 
 
 def test_calibration_improves_over_rtn_on_tiny_model():
@@ -77,12 +81,14 @@ def test_calibration_improves_over_rtn_on_tiny_model():
     for name, t in {
         "rtn": W4A8(group_size=32),
         "gptq": W4A8(group_size=32, gptq=True, calibration_data=calib(8), progress=False),
+        "gptq_act_order": W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, calibration_data=calib(8),
+                               progress=False),
     }.items():
         ix.optimize(model, t)
         errs[name] = ((logits(model, ids) - ref).norm() / ref.norm()).item()
         ix.restore(model)
         assert torch.equal(logits(model, ids), ref)
-    assert errs["gptq"] < errs["rtn"], errs
+    assert errs["gptq"] < errs["rtn"] and errs["gptq_act_order"] < errs["rtn"], errs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

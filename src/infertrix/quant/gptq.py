@@ -20,8 +20,8 @@ from .int4 import (
     Int4Weights,
     channel_scale,
     check_group_size,
+    group_params,
     group_steps,
-    integer_group_params,
     quantize_codes,
 )
 
@@ -50,25 +50,42 @@ def gptq_int4(
     damp: float = 0.01,
     block: int = 128,
     two_level: bool = True,
+    act_order: bool = False,
+    mse_clip: bool = False,
 ) -> Int4Weights:
     """GPTQ-quantize ``w [N, K]`` given the input Hessian ``h [K, K]`` (sum of x x^T).
 
-    ``two_level=False``: plain float group scales (weight-only W4A16).
+    ``two_level=False``: plain float group scales (weight-only W4A16). ``act_order``: quantize
+    columns in order of decreasing Hessian diagonal (GPTQ's ``desc_act``), with group parameters
+    fixed up front from the original weights (``static_groups``) so groups stay contiguous in the
+    stored layout. ``mse_clip``: search each group's clipping range (see ``int4.group_params``).
     """
     check_group_size(group_size)
     w = w.detach().float().clone()
     n, k = w.shape
-    hinv, dead = inverse_hessian_factor(h, damp)
+    dead = torch.diag(h) == 0
     w[:, dead] = 0
     steps0, _ = group_steps(w, group_size, symmetric)
     s1 = channel_scale(steps0, k, symmetric) if two_level else torch.ones(n)
     s2max = max_group_scale(k, not symmetric) if two_level else None
     gs = k if group_size == -1 else group_size
-    block = gs if group_size != -1 else block  # blocks align with groups
     groups = -(-k // gs)
     q = torch.zeros(n, k, dtype=torch.uint8)
-    s2_all = torch.ones(n, groups, dtype=torch.int32 if two_level else torch.float32)
-    z_all = None if symmetric else torch.zeros(n, groups, dtype=torch.int32)
+    static = act_order
+    if static:
+        s2_all, z_all = group_params(w, group_size, symmetric, s1, s2max, mse_clip)
+        gidx = torch.arange(k) // gs
+        col_step = s1[:, None] * s2_all.float()[:, gidx]
+        col_zero = torch.full((n, k), 8.0) if z_all is None else z_all.float()[:, gidx]
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, col_step, col_zero = w[:, perm], col_step[:, perm], col_zero[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = None
+        block = gs if group_size != -1 else block  # blocks align with groups
+        s2_all = torch.ones(n, groups, dtype=torch.int32 if two_level else torch.float32)
+        z_all = None if symmetric else torch.zeros(n, groups, dtype=torch.int32)
+    hinv, _ = inverse_hessian_factor(h, damp)
     step = zero = None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -77,11 +94,12 @@ def gptq_int4(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % gs == 0:
+            if static:
+                step, zero = col_step[:, col], col_zero[:, col]
+            elif col % gs == 0:
                 g = col // gs
                 # a group always starts a block, so w holds its up-to-date columns here
-                steps, lo = group_steps(w[:, col:min(col + gs, k)], -1, symmetric)
-                s2, zp = integer_group_params(steps, lo, s1, s2max)
+                s2, zp = group_params(w[:, col:min(col + gs, k)], -1, symmetric, s1, s2max, mse_clip)
                 s2_all[:, g] = s2[:, 0]
                 step = s1 * s2[:, 0].float()
                 zero = torch.full((n,), 8.0) if zp is None else zp[:, 0].float()
@@ -95,4 +113,6 @@ def gptq_int4(
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
     return Int4Weights(q, s1.contiguous(), s2_all, z_all, group_size)

@@ -100,28 +100,66 @@ def integer_group_params(
     return (s2 if s2max is None else s2.to(torch.int32)), zero
 
 
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def group_params(
+    w: Tensor, group_size: int, symmetric: bool, scale: Tensor, s2max: int | None, mse_clip: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Group scales and zero points [N, G] for ``w`` given the channel ``scale``.
+
+    ``mse_clip``: shrink each group's range by the factor of ``CLIP_GRID`` that minimises the
+    group's squared rounding error (the "mse" range search of GPTQ's and AWQ's quantizers): a few
+    clipped outliers for a finer step everywhere else. No data needed.
+    """
+    steps, lo = group_steps(w, group_size, symmetric)
+    if not mse_clip:
+        return integer_group_params(steps, lo, scale, s2max)
+    wg = _grouped(w.float(), group_size)
+    n, g, gs = wg.shape
+    k = w.shape[1]
+    valid = (torch.arange(g * gs, device=w.device) < k).view(1, g, gs)
+    best_err = torch.full((n, g), float("inf"), device=w.device)
+    best_s2 = best_z = None
+    for r in CLIP_GRID:
+        s2, z = integer_group_params(steps * r, None if lo is None else lo * r, scale, s2max)
+        step = (scale[:, None] * s2.float())[..., None]
+        zz = torch.full_like(step, 8.0) if z is None else z.float()[..., None]
+        q = quantize_codes(wg, step, zz)
+        err = (((q - zz) * step - wg) ** 2 * valid).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s2 = s2 if best_s2 is None else torch.where(better, s2, best_s2)
+        if z is not None:
+            best_z = z if best_z is None else torch.where(better, z, best_z)
+    return best_s2, best_z
+
+
 def quantize_codes(w: Tensor, step: Tensor, zero: Tensor | float) -> Tensor:
     """Round ``w`` to codes 0..15 with per-element ``step`` and ``zero`` (broadcast)."""
     return (torch.round(w / step) + zero).clamp(0, 15)
 
 
-def quantize_int4(w: Tensor, group_size: int = 128, symmetric: bool = False, two_level: bool = True) -> Int4Weights:
+def quantize_int4(
+    w: Tensor, group_size: int = 128, symmetric: bool = False, two_level: bool = True, mse_clip: bool = False
+) -> Int4Weights:
     """Round-to-nearest int4 quantization of ``w [N, K]`` (no data needed).
 
-    ``two_level=False`` gives plain float group scales (for weight-only kernels).
+    ``two_level=False`` gives plain float group scales (for weight-only kernels); ``mse_clip``
+    searches each group's clipping range (see :func:`group_params`).
     """
     check_group_size(group_size)
     if w.dim() != 2:
         raise ValueError(f"quantize_int4 expects a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().float()
     n, k = w.shape
-    steps, lo = group_steps(w, group_size, symmetric)
+    steps, _ = group_steps(w, group_size, symmetric)
     if two_level:
         scale = channel_scale(steps, k, symmetric)
-        s2, zero = integer_group_params(steps, lo, scale, max_group_scale(k, not symmetric))
+        s2max = max_group_scale(k, not symmetric)
     else:
-        scale = torch.ones(n, device=w.device)
-        s2, zero = integer_group_params(steps, lo, scale, None)
+        scale, s2max = torch.ones(n, device=w.device), None
+    s2, zero = group_params(w, group_size, symmetric, scale, s2max, mse_clip)
     gidx = group_index(k, group_size, w.device)
     step = scale[:, None] * s2[:, gidx].float()
     z = 8 if zero is None else zero[:, gidx].float()

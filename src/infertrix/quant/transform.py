@@ -41,6 +41,8 @@ class QuantTransform(Transform):
       num_samples, seq_len: calibration windows (default 16 x 256 tokens).
       damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal.
       progress: show a tqdm progress bar while calibrating.
+      keep_original: keep the float layers so ``restore`` can undo the transform (default). False
+        frees them (the memory saving is then real) and makes the transform irreversible.
     """
 
     stage: ClassVar[Stage] = Stage.WEIGHTS
@@ -58,6 +60,7 @@ class QuantTransform(Transform):
     seq_len: int = 256
     damp: float = 0.01
     progress: bool = True
+    keep_original: bool = True
 
     def validate(self) -> None:
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -147,6 +150,7 @@ class QuantTransform(Transform):
             swapper.undo()
             raise
         names = list(targets)
+        swapped = set(swapper.originals)
 
         def undo() -> None:
             swapper.undo()
@@ -155,11 +159,11 @@ class QuantTransform(Transform):
         def report() -> dict[str, Any]:
             from .. import ops
 
-            after = sum(_module_bytes(model.get_submodule(n)) for n in names if n in swapper.originals)
+            after = sum(_module_bytes(model.get_submodule(n)) for n in names if n in swapped)
             out = {
-                "layers": len(swapper.originals),
+                "layers": len(swapped),
                 "lm_head": "quantized (separate copy; the tied embedding stays float)"
-                if head in swapper.originals else "float",
+                if head in swapped else "float",
                 "bytes_before": before,
                 "bytes_after": after,
                 "kernel": f"{self.kernel_op}: {ops.status()[self.kernel_op]['cpu']}" if self.kernel_op else "torch",
@@ -169,6 +173,11 @@ class QuantTransform(Transform):
             out.update(self.extra_report())
             return out
 
+        if not self.keep_original:
+            swapper.originals.clear()
+            swapper.saved_params.clear()
+            return Applied(self, undo=None, irreversible_reason="keep_original=False freed the float layers",
+                           report=report)
         return Applied(self, undo=undo, report=report)
 
 

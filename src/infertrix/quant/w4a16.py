@@ -102,13 +102,16 @@ class W4A16(QuantTransform):
     """Weight-only int4 with float group scales and zero points (RTN, or GPTQ with ``gptq=True``).
 
     Fields (and QuantTransform's): group_size 32/64/128/256 or -1 (the largest accepted group that
-    divides in_features); symmetric: no zero points.
+    divides in_features); symmetric: no zero points; mse_clip: search each group's clipping range;
+    act_order: with gptq, quantize columns by decreasing activation energy (GPTQ's desc_act).
     """
 
     primary: ClassVar[str | None] = "group_size"
 
     group_size: int = 128
     symmetric: bool = False
+    mse_clip: bool = False
+    act_order: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -118,9 +121,10 @@ class W4A16(QuantTransform):
     def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
         gs = layer_group_size(linear.in_features, self.group_size)
         if hessian is not None:
-            w = gptq_int4(weight, hessian, gs, self.symmetric, self.damp, two_level=False)
+            w = gptq_int4(weight, hessian, gs, self.symmetric, self.damp, two_level=False, act_order=self.act_order,
+                          mse_clip=self.mse_clip)
         else:
-            w = quantize_int4(weight, gs, self.symmetric, two_level=False)
+            w = quantize_int4(weight, gs, self.symmetric, two_level=False, mse_clip=self.mse_clip)
         return W4A16Linear.from_int4(w, linear.bias, linear.weight.dtype)
 
     def extra_report(self) -> dict[str, Any]:

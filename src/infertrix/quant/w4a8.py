@@ -33,6 +33,8 @@ class W4A8(QuantTransform):
         channel); any positive multiple of 8 works. The last group may be shorter (576 = 4 x 128 + 64).
       symmetric: True = codes centred on 8, no zero points; False (default) = a 4-bit zero point
         per group, subtracted in the kernel as zero x the activation group sum.
+      mse_clip: search each group's clipping range for the least squared error (no data needed).
+      act_order: with gptq, quantize columns by decreasing activation energy (GPTQ's desc_act).
       outlier_fraction: SqueezeLLM's dense-and-sparse option (Kim et al. 2024,
         https://arxiv.org/abs/2306.07629): keep this fraction of the largest-magnitude weights
         (e.g. 0.005) exactly, in a float sparse side matrix added after the int kernel; 0 = off.
@@ -43,6 +45,8 @@ class W4A8(QuantTransform):
 
     group_size: int = 128
     symmetric: bool = False
+    mse_clip: bool = False
+    act_order: bool = False
     outlier_fraction: float = 0.0
 
     def validate(self) -> None:
@@ -56,9 +60,10 @@ class W4A8(QuantTransform):
     def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
         weight, outliers = split_outliers(weight, self.outlier_fraction)
         if hessian is not None:
-            w = gptq_int4(weight, hessian, self.group_size, self.symmetric, self.damp)
+            w = gptq_int4(weight, hessian, self.group_size, self.symmetric, self.damp, act_order=self.act_order,
+                          mse_clip=self.mse_clip)
         else:
-            w = quantize_int4(weight, self.group_size, self.symmetric)
+            w = quantize_int4(weight, self.group_size, self.symmetric, mse_clip=self.mse_clip)
         return W4A8Linear.from_int4(w, linear.bias, dtype=linear.weight.dtype, outliers=outliers)
 
     def extra_report(self) -> dict[str, Any]:
