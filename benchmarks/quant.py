@@ -22,6 +22,8 @@ book, never the evaluated beginning).
 
 from __future__ import annotations
 
+# ruff: noqa: B023  (the timed lambdas run at once, inside their loop iteration)
+
 import argparse
 import gc
 import statistics
@@ -54,7 +56,6 @@ def copy_bandwidth() -> float:
     src = torch.ones(2**28)  # 1 GiB
     dst = torch.empty_like(src)
     t = timeit(lambda: dst.copy_(src), min_runs=5, min_time=1.0)
-    del src, dst
     return 2 * 2**30 / t
 
 
@@ -116,7 +117,6 @@ def kernel_rows(threads_list, ms, shapes, bandwidth, with_bnb=True):
                     "% of floor": 100 * floor / to,
                 })
                 print(rows[-1], flush=True)
-        del lin, ours, w, wb
         gc.collect()
     return rows
 
@@ -201,7 +201,7 @@ def e2e_rows(quick: bool, threads: int):
             "model MiB": tensor_bytes(model) / 2**20, "peak RSS MiB": peak / 2**20, "quantize s": prep,
         })
         print(rows[-1], flush=True)
-        del model
+        model = None
         gc.collect()
     return rows, ppl_tokens
 
