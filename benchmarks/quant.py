@@ -23,7 +23,6 @@ book, never the evaluated beginning).
 from __future__ import annotations
 
 # ruff: noqa: B023  (the timed lambdas run at once, inside their loop iteration)
-
 import argparse
 import gc
 import statistics
