@@ -174,3 +174,13 @@ def test_quantize_reused_per_token():
     acc = w4.w4a8_matmul_int32(x_q, qweight, s2, zero, k, n, gs)
     expect = (acc.float() * x_s) * scale
     assert torch.equal(w4.w4a8_linear(x, qweight, scale, s2, zero, k, gs, None), expect)
+
+
+def test_forward_with_grad_enabled_and_no_backward():
+    n, k, gs = 16, 64, 32
+    qweight, scale, s2, zero = random_weights(n, k, gs, True, seed=9)
+    x = torch.randn(2, k, requires_grad=True)
+    y = w4.w4a8_linear(x, qweight, scale, s2, zero, k, gs, None)
+    assert torch.equal(y.detach(), w4.w4a8_linear_reference(x.detach(), qweight, scale, s2, zero, k, gs, None))
+    with pytest.raises(RuntimeError):
+        y.sum().backward()  # quantized layers are for inference: a backward must fail loudly

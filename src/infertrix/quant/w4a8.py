@@ -42,6 +42,7 @@ class W4A8(QuantTransform):
 
     primary: ClassVar[str | None] = "group_size"
     kernel_op: ClassVar[str] = "w4a8_linear"
+    bench_recipe: ClassVar[str] = "w4a8(quantize_lm_head=true)"  # what `infertrix bench --all-recipes` runs
 
     group_size: int = 128
     symmetric: bool = False
