@@ -140,3 +140,22 @@ def test_select_linears_default_excludes_head():
     names = select_linears(model, None, False)
     assert "lm_head" not in names and len(names) == 28
     assert "lm_head" in select_linears(model, None, True)
+
+
+@pytest.mark.smollm2
+def test_smollm2_pipeline_and_tied_head(smollm2):
+    from transformers import pipeline
+
+    model, tok = smollm2
+    emb = model.model.embed_tokens.weight
+    ix.optimize(model, W4A8(group_size=128, quantize_lm_head=True))
+    try:
+        assert isinstance(model.lm_head, W4A8Linear) and model.model.embed_tokens.weight is emb
+        pipe = pipeline("text-generation", model=model, tokenizer=tok)
+        text = pipe("The capital of France is", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+        assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
+        rep = ix.describe(model).transforms[0]["report"]
+        assert rep["layers"] == 30 * 7 + 1 and "quantized" in rep["lm_head"]
+    finally:
+        ix.restore(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
