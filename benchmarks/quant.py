@@ -164,12 +164,9 @@ def e2e_rows(quick: bool, threads: int):
         ("fp32", None),
         ("W4A8 RTN g128 (layers only)", lambda tok: W4A8(group_size=128)),
         ("W4A8 RTN g128 + lm_head", lambda tok: W4A8(group_size=128, quantize_lm_head=True)),
-        ("W4A8 RTN g128 symmetric + lm_head", lambda tok: W4A8(group_size=128, symmetric=True, quantize_lm_head=True)),
-        ("W4A8 RTN g32 mse_clip + lm_head", lambda tok: W4A8(group_size=32, mse_clip=True, quantize_lm_head=True)),
         ("W4A8 GPTQ g32 act_order mse_clip + lm_head",
          lambda tok: W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, tokenizer=tok,
                           quantize_lm_head=True)),
-        ("W4A16 RTN g128 (576-wide: g64)", lambda tok: W4A16(group_size=128)),
         ("W4A16 RTN g32", lambda tok: W4A16(group_size=32)),
         ("W8A8 SmoothQuant a=0.5", lambda tok: W8A8(smooth_alpha=0.5, tokenizer=tok)),
     ]
