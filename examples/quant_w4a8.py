@@ -27,7 +27,7 @@ def main() -> None:
     ix.restore(model)
 
     # 2) calibrated: GPTQ error compensation on a few windows of real text (progress bar)
-    ix.optimize(model, W4A8(group_size=32, gptq=True, tokenizer=tok, quantize_lm_head=True))
+    ix.optimize(model, W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, tokenizer=tok, quantize_lm_head=True))
     print(f"W4A8 GPTQ perplexity: {ixe.perplexity(model, tok, max_tokens=1024):.2f}")
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
     print(tok.decode(out[0], skip_special_tokens=True))

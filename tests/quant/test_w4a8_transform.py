@@ -159,3 +159,14 @@ def test_smollm2_pipeline_and_tied_head(smollm2):
     finally:
         ix.restore(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_keep_original_false_frees_float_layers():
+    model = make_tiny("llama")
+    ix.optimize(model, W4A8(group_size=32, keep_original=False))
+    t = ix.describe(model).transforms[0]
+    assert not t["reversible"] and t["report"]["layers"] == 28
+    with pytest.warns(UserWarning, match="keep_original=False"):
+        rep = ix.restore(model)
+    assert not rep.complete
+    assert isinstance(model.model.layers[0].self_attn.q_proj, W4A8Linear)
