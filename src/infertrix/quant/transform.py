@@ -1,0 +1,185 @@
+"""The shared base of the quant family's transforms (W4A8, W4A16, W8A8).
+
+A subclass only says how one linear layer becomes its quantized module (``quantize_linear``, given
+the float weight after any smoothing and, when calibrating, the input Hessian) and which kernel
+runs it. Everything else lives here once: choosing layers (``filter_fn``, ``quantize_lm_head``),
+calibration (SmoothQuant smoothing folded into norms, GPTQ's sequential layer pass, on a few real
+text samples with a progress bar), swapping modules reversibly, and the ``describe`` report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core.model import decoder_layers
+from ..core.transform import Applied, ConfigError, Stage, Transform, UnsupportedModelError
+from . import checkpoint
+from .calibration import InputStats, calibration_inputs, sequential_quantize
+from .module_swap import FilterFn, ModuleSwapper, output_projection_name, select_linears
+from .smoothing import apply_smoothing, smoothing_groups
+from .w4a8_linear import check_linear
+
+
+@dataclass
+class QuantTransform(Transform):
+    """Base of weight(-and-activation) quantization transforms; see the subclasses' fields.
+
+    Shared fields:
+      filter_fn: ``filter_fn(module, qualified_name) -> bool`` picks the linear layers (default: all
+        linear layers of the decoder layers).
+      quantize_lm_head: also quantize the output projection (tied to the embedding on SmolLM2:
+        the embedding keeps its float weight; the quantized head is a separate copy).
+      smooth_alpha: SmoothQuant migration strength in [0, 1]; None = no smoothing. Needs data.
+      gptq: GPTQ error compensation instead of round-to-nearest. Needs data.
+      tokenizer: tokenizes the calibration text (default: loaded from the model's folder).
+      calibration_texts: texts to calibrate on (default: the end of the shipped Pride and Prejudice).
+      calibration_data: token ids (tensors [1, T]) instead of texts.
+      num_samples, seq_len: calibration windows (default 16 x 256 tokens).
+      damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal.
+      progress: show a tqdm progress bar while calibrating.
+      keep_original: keep the float layers so ``restore`` can undo the transform (default). False
+        frees them (the memory saving is then real) and makes the transform irreversible.
+    """
+
+    stage: ClassVar[Stage] = Stage.WEIGHTS
+    conflict_group: ClassVar[str | None] = "weight quantization"
+    kernel_op: ClassVar[str] = ""  # infertrix op the quantized modules call, for the report
+
+    filter_fn: FilterFn | None = field(default=None, repr=False)
+    quantize_lm_head: bool = False
+    smooth_alpha: float | None = None
+    gptq: bool = False
+    tokenizer: Any = field(default=None, repr=False)
+    calibration_texts: Any = field(default=None, repr=False)
+    calibration_data: Any = field(default=None, repr=False)
+    num_samples: int = 16
+    seq_len: int = 256
+    damp: float = 0.01
+    progress: bool = True
+    keep_original: bool = True
+
+    def validate(self) -> None:
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must be in [0, 1] (SmoothQuant uses 0.5), got {self.smooth_alpha}")
+        if self.num_samples < 1 or self.seq_len < 8:
+            raise ConfigError(f"need num_samples >= 1 and seq_len >= 8, got {self.num_samples} and {self.seq_len}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ConfigError(f"damp must be in [0, 1) (GPTQ uses 0.01), got {self.damp}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.gptq or self.smooth_alpha is not None
+
+    def check_model(self, model: nn.Module) -> None:
+        decoder_layers(model)
+        for name, mod in select_linears(model, self.filter_fn, self.quantize_lm_head).items():
+            try:
+                check_linear(mod)
+            except ConfigError as exc:
+                raise UnsupportedModelError(f"{type(self).__name__} cannot quantize {name}: {exc}") from None
+
+    # --- what a subclass provides
+    def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
+        raise NotImplementedError
+
+    def extra_report(self) -> dict[str, Any]:
+        return {}
+
+    # --- shared
+    def _batches(self, model: nn.Module) -> list[Tensor]:
+        if self.calibration_data is not None:
+            return [torch.as_tensor(b).long().reshape(1, -1) if torch.as_tensor(b).dim() < 2 else torch.as_tensor(b)
+                    for b in self.calibration_data]
+        tok = self.tokenizer
+        if tok is None:
+            path = getattr(getattr(model, "config", None), "_name_or_path", None)
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(path) if path else None
+            except (OSError, ValueError):
+                tok = None
+            if tok is None:
+                raise ConfigError(
+                    f"{type(self).__name__}(gptq/smooth_alpha) needs calibration text and a tokenizer; pass "
+                    "tokenizer=tok (or calibration_data=[token id tensors])"
+                )
+        return calibration_inputs(tok, self.calibration_texts, self.num_samples, self.seq_len)
+
+    def apply(self, model: nn.Module) -> Applied:
+        targets = select_linears(model, self.filter_fn, self.quantize_lm_head)
+        head = output_projection_name(model)
+        swapper = ModuleSwapper(model)
+        before = sum(_module_bytes(m) for m in targets.values())
+        smoothed: list[str] = []
+        try:
+            if not self.calibrated:
+                for name, lin in targets.items():
+                    swapper.swap(name, self.quantize_linear(lin, lin.weight.detach().float(), None))
+            else:
+                batches = self._batches(model)
+
+                def on_layer(index, linears: dict[str, nn.Module], stats: dict[str, InputStats]) -> None:
+                    weights = {n: m.weight.detach().float().clone() for n, m in linears.items()}
+                    if self.smooth_alpha is not None and index != "lm_head":
+                        layer = decoder_layers(model)[index]
+                        prefix = next(iter(linears)).rsplit(".", 2)[0] + "."
+                        scales = apply_smoothing(
+                            smoothing_groups(layer, prefix), weights, stats, self.smooth_alpha, swapper.save_param
+                        )
+                        for n, s in scales.items():
+                            st = stats[n]
+                            if st.hessian is not None:
+                                st.hessian /= s.double()[:, None] * s.double()[None, :]
+                            st.absmax /= s
+                        smoothed.extend(scales)
+                    for n, lin in linears.items():
+                        h = stats[n].hessian if n in stats else None
+                        swapper.swap(n, self.quantize_linear(lin, weights[n], h))
+
+                sequential_quantize(
+                    model, targets, batches, on_layer, hessian=self.gptq,
+                    lm_head_name=head if head in targets else None, progress=self.progress,
+                )
+            checkpoint.record(model, self.recipe(), {n: model.get_submodule(n) for n in swapper.originals})
+        except BaseException:
+            swapper.undo()
+            raise
+        names = list(targets)
+        swapped = set(swapper.originals)
+
+        def undo() -> None:
+            swapper.undo()
+            checkpoint.erase(model)
+
+        def report() -> dict[str, Any]:
+            from .. import ops
+
+            after = sum(_module_bytes(model.get_submodule(n)) for n in names if n in swapped)
+            out = {
+                "layers": len(swapped),
+                "lm_head": "quantized (separate copy; the tied embedding stays float)"
+                if head in swapped else "float",
+                "bytes_before": before,
+                "bytes_after": after,
+                "kernel": f"{self.kernel_op}: {ops.status()[self.kernel_op]['cpu']}" if self.kernel_op else "torch",
+                "calibration": ("gptq" if self.gptq else "rtn")
+                + (f"+smooth(alpha={self.smooth_alpha}, {len(smoothed)} layers)" if self.smooth_alpha is not None else ""),
+            }
+            out.update(self.extra_report())
+            return out
+
+        if not self.keep_original:
+            swapper.originals.clear()
+            swapper.saved_params.clear()
+            return Applied(self, undo=None, irreversible_reason="keep_original=False freed the float layers",
+                           report=report)
+        return Applied(self, undo=undo, report=report)
+
+
+def _module_bytes(mod: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))

@@ -1,0 +1,72 @@
+"""W4A8: 4-bit weights, per-token int8 activations, int32 accumulation (QServe/QoQ, QQQ).
+
+QServe/QoQ: Lin et al. 2024, https://arxiv.org/abs/2405.04532 (two-level "progressive" group
+scales); QQQ: Zhang et al. 2024, https://arxiv.org/abs/2406.09904. Each selected ``nn.Linear``
+becomes a :class:`~infertrix.quant.W4A8Linear` (plain buffers); the forward pass is one op,
+``infertrix::w4a8_linear`` (AVX-512 VNNI / AVX2 / scalar C++ kernel). Lossy. Memory: about 4.1-4.5
+bits per weight instead of 32 (float32). Round-to-nearest needs no data; ``gptq=True`` and
+``smooth_alpha`` calibrate on a few real text samples (see :class:`~infertrix.quant.transform.QuantTransform`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..core.registry import register_transform
+from ..core.transform import ConfigError
+from .gptq import gptq_int4
+from .int4 import check_group_size, quantize_int4
+from .transform import QuantTransform
+from .w4a8_linear import W4A8Linear, split_outliers
+
+
+@register_transform("w4a8")
+@dataclass
+class W4A8(QuantTransform):
+    """int4 weights x int8 per-token activations with two-level scales.
+
+    Fields (and those of QuantTransform: filter_fn, quantize_lm_head, smooth_alpha, gptq, ...):
+      group_size: input channels per group: 32, 64, 128 (default) or -1 (one group per output
+        channel); any positive multiple of 8 works. The last group may be shorter (576 = 4 x 128 + 64).
+      symmetric: True = codes centred on 8, no zero points; False (default) = a 4-bit zero point
+        per group, subtracted in the kernel as zero x the activation group sum.
+      mse_clip: search each group's clipping range for the least squared error (no data needed).
+      act_order: with gptq, quantize columns by decreasing activation energy (GPTQ's desc_act).
+      outlier_fraction: SqueezeLLM's dense-and-sparse option (Kim et al. 2024,
+        https://arxiv.org/abs/2306.07629): keep this fraction of the largest-magnitude weights
+        (e.g. 0.005) exactly, in a float sparse side matrix added after the int kernel; 0 = off.
+    """
+
+    primary: ClassVar[str | None] = "group_size"
+    kernel_op: ClassVar[str] = "w4a8_linear"
+    bench_recipe: ClassVar[str] = "w4a8(quantize_lm_head=true)"  # what `infertrix bench --all-recipes` runs
+
+    group_size: int = 128
+    symmetric: bool = False
+    mse_clip: bool = False
+    act_order: bool = False
+    outlier_fraction: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_group_size(self.group_size)
+        if not 0.0 <= self.outlier_fraction < 0.1:
+            raise ConfigError(
+                f"outlier_fraction must be in [0, 0.1) (SqueezeLLM keeps about 0.005), got {self.outlier_fraction}"
+            )
+
+    def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
+        weight, outliers = split_outliers(weight, self.outlier_fraction)
+        if hessian is not None:
+            w = gptq_int4(weight, hessian, self.group_size, self.symmetric, self.damp, act_order=self.act_order,
+                          mse_clip=self.mse_clip)
+        else:
+            w = quantize_int4(weight, self.group_size, self.symmetric, mse_clip=self.mse_clip)
+        return W4A8Linear.from_int4(w, linear.bias, dtype=linear.weight.dtype, outliers=outliers)
+
+    def extra_report(self) -> dict[str, Any]:
+        return {"scheme": f"int4 weights (group {self.group_size}, {'symmetric' if self.symmetric else 'zero points'})"
+                " x int8 per-token activations"}

@@ -1,0 +1,181 @@
+"""``W4A8Linear``: a drop-in ``nn.Linear`` with 4-bit weights and per-token int8 activations.
+
+Storage (plain buffers, so ``state_dict``, safetensors and ``torch.compile`` just work):
+
+- ``qweight`` uint8 ``[ceil(N/16), ceil(K/8), 64]``: the 4-bit codes, two per byte, already in the
+  order the kernel streams them (``infertrix.ops.w4a8.pack_int4``; one copy of the weights, no
+  second "canonical" layout kept beside it);
+- ``scale`` float32 ``[N]``: the per-output-channel float scale;
+- ``group_scale`` uint8 ``[G, 16 ceil(N/16)]``: the small integer scale of each group;
+- ``zero`` uint8 (same shape) when ``symmetric=False``;
+- ``bias`` in the original dtype, when the original layer had one.
+
+That is 4 bits per weight plus 8 (16 with zero points) bits per group and 32 bits per channel:
+4.13 bits per weight at group 128 (4.25 with zero points). The forward pass is one op,
+``infertrix::w4a8_linear`` (C++ AVX-512 VNNI / AVX2 / scalar kernel when the extension is built,
+else its PyTorch reference): lossy (int4 weights, int8 activations), and a row's output never
+depends on the other rows of its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..core.transform import ConfigError
+from ..ops import w4a8 as w4ops
+from .int4 import Int4Weights, check_group_size
+
+
+class W4A8Linear(nn.Module):
+    """4-bit weights (two-level scales), int8 per-token activations, int32 accumulation."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int = 128,
+        symmetric: bool = False,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        outliers: int = 0,
+    ) -> None:
+        super().__init__()
+        check_group_size(group_size)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"W4A8Linear computes in float32, bfloat16 or float16, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.symmetric = symmetric
+        groups = w4ops.num_groups(in_features, group_size)
+        p, s, _ = w4ops.packed_shape(out_features, in_features)
+        self.register_buffer("qweight", torch.zeros(p, s, 64, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("group_scale", torch.ones(groups, p * 16, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "zero", None if symmetric else torch.full((groups, p * 16), 8, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        # SqueezeLLM's dense-and-sparse option: the largest weights kept in float, as (row, col, value)
+        for name, dt in (("outlier_rows", torch.int64), ("outlier_cols", torch.int64), ("outlier_values", torch.float32)):
+            self.register_buffer(name, torch.zeros(outliers, dtype=dt, device=device) if outliers else None)
+
+    @classmethod
+    def from_int4(
+        cls,
+        w: Int4Weights,
+        bias: Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        outliers: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> W4A8Linear:
+        """Build from quantized codes; ``outliers`` = (rows, cols, values) kept in float beside them."""
+        n, k = w.q.shape
+        nnz = 0 if outliers is None else outliers[0].numel()
+        mod = cls(k, n, w.group_size, w.zero is None, bias is not None, dtype=dtype, device=w.q.device, outliers=nnz)
+        if nnz:
+            mod.outlier_rows.copy_(outliers[0])
+            mod.outlier_cols.copy_(outliers[1])
+            mod.outlier_values.copy_(outliers[2])
+        mod.qweight.copy_(w4ops.pack_int4(w.q))
+        mod.scale.copy_(w.scale)
+        mod.group_scale.copy_(w4ops.pack_group_params(w.group_scale))
+        if w.zero is not None:
+            mod.zero.copy_(w4ops.pack_group_params(w.zero))
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False) -> W4A8Linear:
+        """Round-to-nearest quantization of an ``nn.Linear`` (no data needed)."""
+        from .int4 import quantize_int4
+
+        check_linear(linear)
+        w = quantize_int4(linear.weight, group_size, symmetric)
+        return cls.from_int4(w, linear.bias, dtype=linear.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.infertrix.w4a8_linear.default(
+            x, self.qweight, self.scale, self.group_scale, self.zero, self.in_features, self.group_size, self.bias
+        )
+        if self.outlier_values is None:
+            return y
+        # sparse side: y[:, r] += x[:, c] * v for each kept (r, c, v), in float
+        x2 = x.reshape(-1, self.in_features).float()
+        y2 = y.reshape(-1, self.out_features).float()
+        y2 = y2.index_add(1, self.outlier_rows, x2[:, self.outlier_cols] * self.outlier_values)
+        return y2.reshape(y.shape).to(y.dtype)
+
+    def spec(self) -> dict:
+        """Constructor arguments, recorded in config.json for :func:`infertrix.quant.load_quantized`."""
+        return {
+            "type": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "bias": self.bias is not None,
+            "dtype": str(self.bias.dtype if self.bias is not None else torch.float32).removeprefix("torch."),
+            "outliers": 0 if self.outlier_values is None else self.outlier_values.numel(),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> W4A8Linear:
+        return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec["symmetric"], spec["bias"],
+                   dtype=getattr(torch, spec["dtype"]), outliers=spec.get("outliers", 0))
+
+    def int4_weights(self) -> Int4Weights:
+        """The codes and scales in plain [N, K] / [N, G] form."""
+        n = self.out_features
+        return Int4Weights(
+            q=w4ops.unpack_int4(self.qweight, n, self.in_features),
+            scale=self.scale,
+            group_scale=self.group_scale[:, :n].t().to(torch.int32),
+            zero=None if self.zero is None else self.zero[:, :n].t().to(torch.int32),
+            group_size=self.group_size,
+        )
+
+    def dequantize(self) -> Tensor:
+        """The float weight [N, K] these codes (and any sparse outliers) represent."""
+        w = self.int4_weights().dequantize()
+        if self.outlier_values is not None:
+            w = w.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values, accumulate=True)
+        return w
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"symmetric={self.symmetric}, bias={self.bias is not None}"
+            + ("" if self.outlier_values is None else f", outliers={self.outlier_values.numel()}")
+        )
+
+
+def split_outliers(w: Tensor, fraction: float) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """SqueezeLLM's dense-and-sparse split (Kim et al. 2024, https://arxiv.org/abs/2306.07629).
+
+    The largest-magnitude ``fraction`` of the weights leave the dense matrix (set to 0 there, which
+    shrinks the quantization ranges) and are kept exactly, in float, as (rows, cols, values).
+    """
+    nnz = int(round(fraction * w.numel()))
+    if nnz == 0:
+        return w, None
+    flat = w.flatten()
+    idx = flat.abs().topk(nnz).indices.sort().values
+    rows, cols = idx // w.shape[1], idx % w.shape[1]
+    vals = flat[idx].float().clone()
+    dense = w.clone()
+    dense[rows, cols] = 0
+    return dense, (rows, cols, vals)
+
+
+def check_linear(linear: nn.Module) -> None:
+    """Raise a clear error for layers the int kernels cannot take."""
+    if not isinstance(linear, nn.Linear):
+        raise ConfigError(f"expected an nn.Linear, got {type(linear).__name__}")
+    w = linear.weight
+    if w.device.type == "meta":
+        raise ConfigError("the layer's weights are on the meta device; load the model's weights before quantizing")
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"cannot quantize a {w.dtype} linear layer; it must be float32, bfloat16 or float16")

@@ -1,0 +1,113 @@
+"""W8A8: int8 per-channel weights x int8 per-token activations (SmoothQuant, Xiao et al. 2023).
+
+SmoothQuant: https://arxiv.org/abs/2211.10438. Weights are symmetric int8 with one float scale per
+output channel; activations are quantized per token at run time by
+``infertrix::quantize_per_token_int8``; the product accumulates in int32 with ``torch._int_mm`` and
+one float scale per row and per channel is applied at the end. ``smooth_alpha`` (default 0.5, the
+paper's value) migrates activation outliers into the weights, folded into the preceding norms, as
+in the paper; it needs a few calibration samples (``smooth_alpha=None`` needs none). Lossy; 8 bits
+per weight. GPTQ (``gptq=True``) is accepted too and compensates the int8 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core.registry import register_transform
+from ..core.transform import ConfigError
+from .gptq import inverse_hessian_factor
+from .transform import QuantTransform
+
+
+def quantize_int8_per_channel(w: Tensor, hessian: Tensor | None = None, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes [N, K] and scales [N]; with a Hessian, GPTQ error compensation."""
+    w = w.detach().float().clone()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
+    if hessian is None:
+        return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    hinv, dead = inverse_hessian_factor(hessian, damp)
+    w[:, dead] = 0
+    q = torch.empty_like(w, dtype=torch.int8)
+    k = w.shape[1]
+    for i1 in range(0, k, 128):
+        i2 = min(i1 + 128, k)
+        w1, err1, h1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            code = torch.round(w1[:, i] / scale).clamp(-127, 127)
+            q[:, i1 + i] = code.to(torch.int8)
+            e = (w1[:, i] - code * scale) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q, scale
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights (per channel) x int8 per-token activations, int32 accumulation."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_weight(cls, q: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> W8A8Linear:
+        mod = cls(q.shape[1], q.shape[0], bias is not None, dtype)
+        mod.qweight.copy_(q)
+        mod.scale.copy_(scale)
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        x_q, x_s = torch.ops.infertrix.quantize_per_token_int8.default(x2)
+        acc = torch._int_mm(x_q, self.qweight.t())
+        y = (acc.to(torch.float32) * x_s) * self.scale
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def spec(self) -> dict:
+        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None,
+                "dtype": str(self.bias.dtype if self.bias is not None else torch.float32).removeprefix("torch.")}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> W8A8Linear:
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], dtype=getattr(torch, spec["dtype"]))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@register_transform("w8a8", "smoothquant")
+@dataclass
+class W8A8(QuantTransform):
+    """SmoothQuant W8A8: int8 per-channel weights, int8 per-token activations.
+
+    Fields: those of QuantTransform; ``smooth_alpha`` defaults to 0.5 here (None: plain W8A8, no data).
+    """
+
+    primary: ClassVar[str | None] = "smooth_alpha"
+    kernel_op: ClassVar[str] = "quantize_per_token_int8"
+
+    smooth_alpha: float | None = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        if self.seq_len < 8:
+            raise ConfigError("seq_len must be at least 8")
+
+    def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
+        q, scale = quantize_int8_per_channel(weight, hessian, self.damp)
+        return W8A8Linear.from_weight(q, scale, linear.bias, linear.weight.dtype)
+
+    def extra_report(self) -> dict[str, Any]:
+        return {"scheme": "int8 per-channel weights x int8 per-token activations", "matmul": "torch._int_mm"}
