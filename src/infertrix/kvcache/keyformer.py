@@ -20,7 +20,8 @@ from .policy import FORCE_KEEP, KVPolicy, ScoreContext
 class Keyformer(KVPolicy):
     """Scores are ``softmax((logits + Gumbel noise) / temperature)`` of the last ``window_size``
     queries, summed over them and averaged over each KV head's query group; the most recent
-    ``recent_ratio`` of the budget is always kept. The noise (seeded, so runs repeat) compensates for
+    ``recent_ratio`` of the budget is always kept. The noise (a seeded hash of head and positions, so runs repeat and
+    a padded row matches the row alone) compensates for
     the tokens already dropped. Lossy.
 
     - ``window_size``: queries whose attention is scored.
@@ -47,10 +48,10 @@ class Keyformer(KVPolicy):
             )
 
     def score(self, ctx: ScoreContext) -> Tensor:
-        gen = torch.Generator(device=ctx.keys.device).manual_seed(self.seed + ctx.layer_rank)
+        layer_seed = self.seed * 1000 + ctx.layer_rank
 
         def gumbel(logits: Tensor) -> Tensor:
-            u = torch.rand(logits.shape, generator=gen, device=logits.device).clamp_(1e-10, 1 - 1e-10)
+            u = position_noise(logits.shape, layer_seed, logits.device)
             return (logits - torch.log(-torch.log(u))) / self.temperature
 
         w = min(self.window_size, ctx.queries.shape[-2])
@@ -59,3 +60,14 @@ class Keyformer(KVPolicy):
         if recent:
             scores[..., -recent:] += FORCE_KEEP
         return scores
+
+
+def position_noise(shape: torch.Size, seed: int, device) -> Tensor:
+    """Uniform (0, 1) noise for [B, H, G, w, S] logits that depends only on (seed, head, query and key
+    positions counted from the end), not on the batch: a left-padded row gets the same noise as alone."""
+    _, h, g, w, s = shape
+    idx = [torch.arange(n, device=device, dtype=torch.float64) for n in (h, g, w, s)]
+    hh, gg, ww, ss = (t.view(*(n if k == i else 1 for k, n in enumerate((h, g, w, s)))) for i, t in enumerate(idx))
+    x = (s - 1 - ss) * 12.9898 + (w - 1 - ww) * 78.233 + (hh * g + gg) * 37.719 + seed * 4.581
+    u = torch.frac(torch.sin(x) * 43758.5453123).abs().clamp(1e-6, 1 - 1e-6)
+    return u.to(torch.float32).unsqueeze(0)

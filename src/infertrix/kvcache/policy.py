@@ -71,7 +71,11 @@ def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None) -> Tenso
         blocked = blocked[None] | ~ctx.visible[:, None, :]  # [B, w, S]
         blocked = blocked[:, None, None]
     logits = logits.masked_fill(blocked, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if ctx.visible is not None:  # a pad's own query sees nothing: no NaN rows, no weight
+        qvis = ctx.visible[:, s - w :]
+        probs = torch.where(qvis[:, None, None, :, None], probs, torch.zeros((), dtype=probs.dtype))
+    return probs
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -92,14 +96,24 @@ def compute_queries(module: nn.Module, hidden: Tensor, position_embeddings) -> T
     return q * cos + rotate_half(q) * sin
 
 
-def pool1d(scores: Tensor, kernel: int) -> Tensor:
-    """Average-pool [..., S] scores along S with an odd ``kernel`` (SnapKV's clustering)."""
+def pool1d(scores: Tensor, kernel: int, visible: Tensor | None = None) -> Tensor:
+    """Average-pool [B, H, S] scores along S with an odd ``kernel`` (SnapKV's clustering).
+
+    Pads (``visible`` False) are left out of every average, like the sequence boundary, so a padded
+    row pools exactly as it would alone.
+    """
     if kernel <= 1:
         return scores
     shape = scores.shape
-    flat = scores.reshape(-1, 1, shape[-1])
-    out = torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    return out.reshape(shape)
+
+    def avg(x: Tensor) -> Tensor:
+        flat = x.reshape(-1, 1, shape[-1])
+        return torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+
+    if visible is None:
+        return avg(scores).reshape(shape)
+    vis = visible[:, None, :].expand(shape).to(scores.dtype)
+    return (avg(scores * vis) / avg(vis).clamp_min(1e-12)).reshape(shape)
 
 
 FORCE_KEEP = 1e30  # added to the score of tokens a method always keeps (windows, sinks)
@@ -113,8 +127,11 @@ class KVPolicy(Transform):
       bit-identical to the unoptimized model. The budget is ``ceil((1 - compression) * seen)`` tokens
       per row and KV head, ``seen`` counting left padding (every row gets the same budget).
     - ``budget``: a token count instead of a ratio (overrides ``compression`` when set).
-    - ``decode_interval``: 0 compresses only after multi-token forwards (prefill chunks); N > 0 also
-      compresses back to the budget every N decoding steps (long generations).
+    - ``decode_interval``: 0 compresses only after prefill chunks; N > 0 also compresses back to the
+      budget every N decoded tokens (long generations).
+    - ``prefill_min_tokens``: a forward of at least this many new tokens is a prefill chunk and
+      compresses; shorter ones (single decoding steps, speculative verification of a few drafts)
+      count as decoding, so ``crop`` can roll them back exactly.
     - ``merge``: merge each evicted token into its most similar kept token (D2O, Wan et al. 2024,
       https://arxiv.org/abs/2406.13035) instead of dropping it, when their key cosine similarity is at
       least ``merge_threshold``.
@@ -129,6 +146,7 @@ class KVPolicy(Transform):
     compression: float = 0.5
     budget: int | None = None
     decode_interval: int = 0
+    prefill_min_tokens: int = 16
     merge: bool = False
     merge_threshold: float = 0.5
 
@@ -144,6 +162,8 @@ class KVPolicy(Transform):
             raise ConfigError(f"{name}.budget must be a positive token count or None, got {self.budget!r}")
         if not isinstance(self.decode_interval, int) or self.decode_interval < 0:
             raise ConfigError(f"{name}.decode_interval must be an int >= 0, got {self.decode_interval!r}")
+        if not isinstance(self.prefill_min_tokens, int) or self.prefill_min_tokens < 2:
+            raise ConfigError(f"{name}.prefill_min_tokens must be an int >= 2, got {self.prefill_min_tokens!r}")
         if not -1.0 <= self.merge_threshold <= 1.0:
             raise ConfigError(f"{name}.merge_threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}")
 
@@ -195,9 +215,9 @@ class KVPolicy(Transform):
         if self.is_noop:
             return
         n = hidden.shape[1]
-        due = n > 1  # multi-token forwards (prefill chunks) compress; single tokens every decode_interval
-        if n == 1:
-            layer.steps_since_compress += 1
+        due = n >= self.prefill_min_tokens  # prefill chunks compress; shorter forwards count as decoding
+        if not due:
+            layer.steps_since_compress += n
             due = bool(self.decode_interval) and layer.steps_since_compress >= self.decode_interval
             if not due and not self.observes_every_step:
                 if self.decode_interval == 0:

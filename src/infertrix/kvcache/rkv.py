@@ -53,7 +53,7 @@ class RKV(KVPolicy):
 
     def score(self, ctx: ScoreContext) -> Tensor:
         w = min(self.window_size, ctx.queries.shape[-2])
-        importance = pool1d(ctx.attention(last=w).mean(dim=(2, 3)), self.kernel_size)
+        importance = pool1d(ctx.attention(last=w).mean(dim=(2, 3)), self.kernel_size, ctx.visible)
         kn = torch.nn.functional.normalize(ctx.keys.float(), dim=-1)
         s = kn.shape[-2]
         sim = torch.matmul(kn, kn.transpose(-1, -2))  # [B, H, S, S]

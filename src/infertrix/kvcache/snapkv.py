@@ -48,6 +48,6 @@ class SnapKV(KVPolicy):
     def score(self, ctx: ScoreContext) -> Tensor:
         w = min(self.window_size, ctx.queries.shape[-2])
         probs = ctx.attention(last=w)  # [B, Hkv, G, w, S]
-        scores = pool1d(probs.mean(dim=(2, 3)), self.kernel_size)
+        scores = pool1d(probs.mean(dim=(2, 3)), self.kernel_size, ctx.visible)
         scores[..., -w:] += FORCE_KEEP
         return scores
