@@ -61,7 +61,7 @@ def test_quantize_and_dequantize_match_reference_bit_for_bit(isa, bits, shape, g
     x = (torch.randn(*shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 5).to(dtype)
     got = kv_quantize(x, bits, group)
     ref = kv_quantize_reference(x, bits, group)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(kv_dequantize(*got, bits, group), kv_dequantize_reference(*ref, bits, group))
 

@@ -168,8 +168,8 @@ class PolicyLayer(DynamicLayer):
         kt = kb.reshape(b, h, nblk, q.group_size, d).transpose(-1, -2).contiguous()
         qk = kv_quantize(kt, q.bits, q.group_size)
         qv = kv_quantize(vb.contiguous(), q.bits, min(q.group_size, d))
-        self.qkeys = qk if self.qkeys is None else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qkeys, qk))
-        self.qvalues = qv if self.qvalues is None else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv))
+        self.qkeys = qk if self.qkeys is None else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qkeys, qk, strict=True))
+        self.qvalues = qv if self.qvalues is None else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv, strict=True))
         self.n_quantized += n
         self.keys = self.keys[:, :, n:].contiguous()
         self.values = self.values[:, :, n:].contiguous()
@@ -285,7 +285,7 @@ class PolicyCache(Cache):
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers = []
-        for layer_type, kwargs in zip(layer_types, per_layer_kwargs):
+        for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True):
             if layer_type == "full_attention":
                 layer = PolicyLayer(quant=quant)
                 layer.flush_in_update = policy is None

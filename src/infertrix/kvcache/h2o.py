@@ -26,14 +26,22 @@ class H2O(KVPolicy):
     attention per layer at prefill (done in blocks) and one query per step while decoding. Lossy.
 
     - ``recent_ratio``: share of the budget given to the most recent tokens (the paper: 0.5).
+    - ``observation_window``: None accumulates over every prompt query (the paper); a number only
+      over the last that many prompt queries (cheaper prefill on long prompts).
     """
 
-    query_tokens = -1
     observes_every_step = True
     recent_ratio: float = 0.5
+    observation_window: int | None = None
+
+    @property
+    def query_tokens(self) -> int:  # type: ignore[override]
+        return -1 if self.observation_window is None else self.observation_window
 
     def validate(self) -> None:
         super().validate()
+        if self.observation_window is not None and self.observation_window < 1:
+            raise ConfigError(f"{type(self).__name__}.observation_window must be >= 1 or None")
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ConfigError(f"{type(self).__name__}.recent_ratio must be in [0, 1], got {self.recent_ratio}")
 
