@@ -328,3 +328,13 @@ def test_clear_errors():
     flex.config._attn_implementation = "flex_attention"
     with pytest.raises(UnsupportedModelError, match="attn_implementation 'sdpa' or 'eager'"):
         ix.optimize(flex, "snapkv:0.5")
+
+
+def test_right_padding_is_a_clear_error():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, budget=8))
+    ids = torch.randint(3, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    with pytest.raises(ConfigError, match="needs left padding"):
+        model(ids, attention_mask=mask, past_key_values=new_cache(model))

@@ -234,6 +234,11 @@ class KVPolicy(Transform):
         keys, values = layer.full_keys_values()
         s = keys.shape[-2]
         visible = visible_keys(mask, s)
+        if visible is not None and bool((visible[:, 1:] < visible[:, :-1]).any()):
+            raise ConfigError(
+                f"{type(self).__name__} needs left padding (pads before each row's tokens), but the attention "
+                "mask hides tokens after visible ones; set tokenizer.padding_side = 'left'"
+            )
         ctx = ScoreContext(module, layer, keys, values, layer.queries, visible, float(module.scaling), rank, nlayers, 0)
         self.observe(ctx, new_q)
         if not due:
