@@ -72,7 +72,17 @@ class applied:
     layers of different lengths (PyramidKV) their slice of the mask and compress later prompt chunks."""
 
     def __init__(self, model, policy, quant):
-        self.model, self.items = model, [t for t in (policy, quant and kv.KIVI(quant.bits, quant.group_size, quant.residual_length)) if t]
+        self.model, self.items = (
+            model,
+            [
+                t
+                for t in (
+                    policy,
+                    quant and kv.KIVI(quant.bits, quant.group_size, quant.residual_length),
+                )
+                if t
+            ],
+        )
 
     def __enter__(self):
         if self.items:
@@ -122,7 +132,9 @@ def passkey_prompts(tok, context: int, trials: int, seed: int = 0):
 
 
 @torch.no_grad()
-def run_context(model, tok, context: int, grid, trials: int, micro_batch: int, log) -> dict[str, dict]:
+def run_context(
+    model, tok, context: int, grid, trials: int, micro_batch: int, log
+) -> dict[str, dict]:
     res = {label: {"correct": 0, "n": 0} for label, *_ in grid}
     prompts = passkey_prompts(tok, context, trials)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -132,7 +144,9 @@ def run_context(model, tok, context: int, grid, trials: int, micro_batch: int, l
         t = time.time()
         rec = record_prefill(model, ids, mask, position_ids=positions(mask))
         first = rec.logits.argmax(-1, keepdim=True)
-        log(f"  {context} tokens: prefill of trials {start}-{start + len(chunk) - 1} in {time.time() - t:.1f}s")
+        log(
+            f"  {context} tokens: prefill of trials {start}-{start + len(chunk) - 1} in {time.time() - t:.1f}s"
+        )
         t = time.time()
         for label, _, _, policy, quant in grid:
             with applied(model, policy, quant):
@@ -158,7 +172,9 @@ def run_context(model, tok, context: int, grid, trials: int, micro_batch: int, l
         with applied(model, policy, quant):
             out = model(target, attention_mask=mask, past_key_values=cache)
         logits = torch.cat([rec.logits[:, None], out.logits[:, :-1]], 1).float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+        )
         res[label].update(ppl=math.exp(nll.item()), kv_bytes=kv_bytes)
     return res
 
@@ -166,7 +182,9 @@ def run_context(model, tok, context: int, grid, trials: int, micro_batch: int, l
 @torch.no_grad()
 def decode_speed(model, tok, context: int, grid, steps: int, log) -> dict[str, dict]:
     """Median decode step time at ``context`` tokens, batch 1, and the peak RSS of decoding."""
-    ids = torch.tensor([tok(ixe.body_text()[: context * 8], add_special_tokens=False).input_ids[:context]])
+    ids = torch.tensor(
+        [tok(ixe.body_text()[: context * 8], add_special_tokens=False).input_ids[:context]]
+    )
     mask = torch.ones_like(ids)
     rec = record_prefill(model, ids, mask)
     first = rec.logits.argmax(-1, keepdim=True)
@@ -180,14 +198,23 @@ def decode_speed(model, tok, context: int, grid, steps: int, log) -> dict[str, d
             for _ in range(steps):
                 m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
                 t = time.perf_counter()
-                o = model(tokn, attention_mask=m, position_ids=m.sum(-1, keepdim=True) - 1, past_key_values=cache)
+                o = model(
+                    tokn,
+                    attention_mask=m,
+                    position_ids=m.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache,
+                )
                 tokn = o.logits[:, -1:].argmax(-1)
                 times.append(time.perf_counter() - t)
 
         with applied(model, policy, quant):
             _, peak = ixe.peak_rss(run)
         step = statistics.median(times[2:])
-        out[label] = {"decode_tok_s": 1.0 / step, "peak_rss": peak, "kv_bytes": ixe.kv_cache_bytes(cache)}
+        out[label] = {
+            "decode_tok_s": 1.0 / step,
+            "peak_rss": peak,
+            "kv_bytes": ixe.kv_cache_bytes(cache),
+        }
         log(f"  decode at {context}: {label}: {1.0 / step:.1f} tok/s")
     return out
 
@@ -198,8 +225,11 @@ def kv_expected(context: int, compression: float) -> float:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="1k and 2k prompts, compression 0.5 only; H2O/D2O observe the last 256 prompt queries")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="1k and 2k prompts, compression 0.5 only; H2O/D2O observe the last 256 prompt queries",
+    )
     ap.add_argument("--contexts", type=int, nargs="*", default=None)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.5, 0.75])
@@ -232,16 +262,18 @@ def main(argv: list[str]) -> None:
             d = res[label]
             frac = d["kv_bytes"] / full_bytes
             expect = kv_expected(context, r) if quant is None else None
-            rows.append({
-                "cell": label,
-                "method": method,
-                "compression": r if quant is None else f"{quant.bits}-bit",
-                "passkey": f"{d['correct']}/{d['n']} ({100 * d['correct'] / d['n']:.0f}%)",
-                "ppl": d["ppl"],
-                "KV KiB/seq": d["kv_bytes"] / 1024,
-                "KV vs full": frac,
-                "KV vs budget": f"{100 * (frac / expect - 1):+.1f}%" if expect else "",
-            })
+            rows.append(
+                {
+                    "cell": label,
+                    "method": method,
+                    "compression": r if quant is None else f"{quant.bits}-bit",
+                    "passkey": f"{d['correct']}/{d['n']} ({100 * d['correct'] / d['n']:.0f}%)",
+                    "ppl": d["ppl"],
+                    "KV KiB/seq": d["kv_bytes"] / 1024,
+                    "KV vs full": frac,
+                    "KV vs budget": f"{100 * (frac / expect - 1):+.1f}%" if expect else "",
+                }
+            )
             d["frac"] = frac
         tables.append((context, rows))
         print(markdown_table(rows))
@@ -252,13 +284,15 @@ def main(argv: list[str]) -> None:
     base = speed["full cache"]["decode_tok_s"]
     for label, *_ in speed_grid:
         s = speed[label]
-        speed_rows.append({
-            "cell": label,
-            "decode tok/s": s["decode_tok_s"],
-            "vs full cache": s["decode_tok_s"] / base,
-            "KV MiB": s["kv_bytes"] / 2**20,
-            "peak RSS MiB (decode)": s["peak_rss"] / 2**20,
-        })
+        speed_rows.append(
+            {
+                "cell": label,
+                "decode tok/s": s["decode_tok_s"],
+                "vs full cache": s["decode_tok_s"] / base,
+                "KV MiB": s["kv_bytes"] / 2**20,
+                "peak RSS MiB (decode)": s["peak_rss"] / 2**20,
+            }
+        )
     print(markdown_table(speed_rows))
 
     # cross-check: the library path (generate on an optimized model) gives the same passkey answers
@@ -266,16 +300,24 @@ def main(argv: list[str]) -> None:
     ix.optimize(model, kv.SnapKV(compression=0.5))
     lib_acc = ixe.passkey_accuracy(model, tok, context_tokens=check_ctx, trials=check_trials)
     ix.restore(model)
-    bench_acc, _ = single_cell_accuracy(model, tok, check_ctx, check_trials, kv.SnapKV(compression=0.5))
-    log(f"cross-check at {check_ctx}: passkey_accuracy via generate {lib_acc:.2f}, replay {bench_acc:.2f}")
+    bench_acc, _ = single_cell_accuracy(
+        model, tok, check_ctx, check_trials, kv.SnapKV(compression=0.5)
+    )
+    log(
+        f"cross-check at {check_ctx}: passkey_accuracy via generate {lib_acc:.2f}, replay {bench_acc:.2f}"
+    )
 
     plot(tables, grid)
     elapsed = time.time() - t0
-    body = report_body(tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ctx, check_trials, elapsed)
+    body = report_body(
+        tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ctx, check_trials, elapsed
+    )
     print(body)
     if not args.no_write:
         cmd = "flock /tmp/infertrix-bench.lock python -m benchmarks.kvcache " + " ".join(argv)
-        write_section("kvcache", "KV-cache policies on SmolLM2-135M-Instruct", body, command=cmd.strip())
+        write_section(
+            "kvcache", "KV-cache policies on SmolLM2-135M-Instruct", body, command=cmd.strip()
+        )
     log("done")
 
 
@@ -330,7 +372,9 @@ def plot(tables, grid) -> None:
     print(f"plot: {PLOT}")
 
 
-def report_body(tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ctx, check_trials, elapsed) -> str:
+def report_body(
+    tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ctx, check_trials, elapsed
+) -> str:
     parts = [
         f"SmolLM2-135M-Instruct (float32, sdpa), {args.threads} threads. {'**--quick**: ' if args.quick else ''}"
         f"prompt lengths {contexts}, {args.trials} passkey trials per cell (depths {DEPTHS}), "
@@ -339,20 +383,39 @@ def report_body(tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ct
         "*Pride and Prejudice* after a prompt of the given length (2 samples). KV KiB/seq: every tensor the cache "
         "holds (codes, scales, policy state) per sequence. 'KV vs budget': KV bytes relative to the budget's "
         "share of the full cache."
-        + (" H2O/D2O observe the last 256 prompt queries (observation_window=256) to keep the run short." if args.quick else ""),
+        + (
+            " H2O/D2O observe the last 256 prompt queries (observation_window=256) to keep the run short."
+            if args.quick
+            else ""
+        ),
         f"Each micro-batch of {args.micro_batch} prompts is prefilled once and every cell's cache built from it with "
         "`infertrix.kvcache.replay` (identical to generate's own path, see tests/kvcache/test_replay.py). Cross-check: "
         f"`passkey_accuracy` through `generate` with snapkv:0.5 at {check_ctx} tokens, {check_trials} trials: "
         f"{lib_acc:.2f}; the replay path on the same trials: {bench_acc:.2f}.",
     ]
     for context, rows in tables:
-        parts.append(f"### {context}-token prompts\n\n" + markdown_table(
-            rows, ["cell", "compression", "passkey", "ppl", "KV KiB/seq", "KV vs full", "KV vs budget"]))
+        parts.append(
+            f"### {context}-token prompts\n\n"
+            + markdown_table(
+                rows,
+                [
+                    "cell",
+                    "compression",
+                    "passkey",
+                    "ppl",
+                    "KV KiB/seq",
+                    "KV vs full",
+                    "KV vs budget",
+                ],
+            )
+        )
     parts.append(
         f"### Decode at {args.speed_context} tokens (batch 1, median of {args.speed_steps - 2} steps; peak RSS of the "
         "decode loop, model included)\n\n" + markdown_table(speed_rows)
     )
-    parts.append(f"![passkey accuracy vs KV bytes](benchmarks/{PLOT.name})\n\nTotal run time: {elapsed / 60:.1f} min.")
+    parts.append(
+        f"![passkey accuracy vs KV bytes](benchmarks/{PLOT.name})\n\nTotal run time: {elapsed / 60:.1f} min."
+    )
     return "\n\n".join(parts)
 
 

@@ -1,6 +1,6 @@
 """SnapKV on SmolLM2: answer a question about a long prompt with half the KV cache, in 4 bits.
 
-    python examples/kvcache_snapkv.py
+python examples/kvcache_snapkv.py
 """
 
 import torch
@@ -22,7 +22,9 @@ def answer() -> str:
 
 
 print("full cache:", answer())
-ix.optimize(model, kv.SnapKV(compression=0.5), kv.KIVI(bits=4))  # evict half, store the rest in 4 bits
+ix.optimize(
+    model, kv.SnapKV(compression=0.5), kv.KIVI(bits=4)
+)  # evict half, store the rest in 4 bits
 print("snapkv:0.5 + kivi:4:", answer())
 print(ix.describe(model))  # kv_bytes vs kv_bytes_uncompressed of the last generate
 ix.restore(model)

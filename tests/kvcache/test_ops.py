@@ -41,7 +41,9 @@ def test_gather_matches_reference(isa, shape, dtype):
     x = torch.randn(*shape, generator=g).to(dtype)
     b, h, s, _ = shape
     k = max(1, s // 2)
-    idx = torch.stack([torch.randperm(s, generator=g)[:k].sort().values for _ in range(b * h)]).view(b, h, k)
+    idx = torch.stack(
+        [torch.randperm(s, generator=g)[:k].sort().values for _ in range(b * h)]
+    ).view(b, h, k)
     assert torch.equal(kv_gather(x, idx), kv_gather_reference(x, idx))
 
 
@@ -54,7 +56,10 @@ def test_gather_rejects_bad_index():
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize(("shape", "group"), [((4, 64), 32), ((2, 3, 5, 32), 32), ((7, 16), 16), ((3, 128), 64), ((1, 8), 8)])
+@pytest.mark.parametrize(
+    ("shape", "group"),
+    [((4, 64), 32), ((2, 3, 5, 32), 32), ((7, 16), 16), ((3, 128), 64), ((1, 8), 8)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_and_dequantize_match_reference_bit_for_bit(isa, bits, shape, group, dtype):
     g = torch.Generator().manual_seed(sum(shape) + bits)

@@ -49,18 +49,29 @@ def ids_of(seed: int, *lengths: int) -> list[torch.Tensor]:
 
 def greedy(model, ids, **kw):
     out = model.generate(
-        ids, max_new_tokens=kw.pop("max_new_tokens", 6), do_sample=False, return_dict_in_generate=True,
-        output_logits=True, pad_token_id=0, **kw,
+        ids,
+        max_new_tokens=kw.pop("max_new_tokens", 6),
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+        **kw,
     )
     return out.sequences, torch.stack(out.logits, 1)
 
 
 RATIO_ZERO_CASES = [("llama", p) for p in policies(compression=0.0)] + [
-    (arch, p) for arch in ("qwen2", "mistral", "gemma3") for p in (SnapKV(window_size=4, compression=0.0), H2O(compression=0.0))
+    (arch, p)
+    for arch in ("qwen2", "mistral", "gemma3")
+    for p in (SnapKV(window_size=4, compression=0.0), H2O(compression=0.0))
 ]
 
 
-@pytest.mark.parametrize(("arch", "policy"), RATIO_ZERO_CASES, ids=lambda p: p if isinstance(p, str) else type(p).__name__)
+@pytest.mark.parametrize(
+    ("arch", "policy"),
+    RATIO_ZERO_CASES,
+    ids=lambda p: p if isinstance(p, str) else type(p).__name__,
+)
 def test_ratio_zero_is_bit_identical(arch, policy):
     model = make_tiny(arch)
     (ids,) = ids_of(0, 30)
@@ -81,8 +92,11 @@ PADDED_CASES = [("llama", p) for p in policies(budget=12) if not isinstance(p, P
 ]
 
 
-@pytest.mark.parametrize(("arch", "policy"), PADDED_CASES,
-                         ids=lambda p: p if isinstance(p, str) else type(p).__name__ + f"{p.decode_interval or ''}")
+@pytest.mark.parametrize(
+    ("arch", "policy"),
+    PADDED_CASES,
+    ids=lambda p: p if isinstance(p, str) else type(p).__name__ + f"{p.decode_interval or ''}",
+)
 def test_padded_batch_equals_rows_alone(arch, policy):
     model = make_tiny(arch)
     rows = ids_of(1, 30, 22, 26) if isinstance(policy, PyramidKV) else ids_of(1, 22, 9, 16)
@@ -91,18 +105,25 @@ def test_padded_batch_equals_rows_alone(arch, policy):
     batch = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(batch)
     for i, r in enumerate(rows):
-        batch[i, width - r.shape[1]:] = r[0]
-        mask[i, width - r.shape[1]:] = 1
+        batch[i, width - r.shape[1] :] = r[0]
+        mask[i, width - r.shape[1] :] = 1
     seq, logits = greedy(model, batch, attention_mask=mask, max_new_tokens=5)
     for i, r in enumerate(rows):
         alone_seq, alone_logits = greedy(model, r, max_new_tokens=5)
-        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1]:]), f"row {i}"
+        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1] :]), f"row {i}"
         torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("policy", [SnapKV(window_size=4, compression=0.5), H2O(compression=0.6),
-                                    KNorm(budget=10, decode_interval=4), TOVA(budget=12, decode_interval=1)],
-                         ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize(
+    "policy",
+    [
+        SnapKV(window_size=4, compression=0.5),
+        H2O(compression=0.6),
+        KNorm(budget=10, decode_interval=4),
+        TOVA(budget=12, decode_interval=1),
+    ],
+    ids=lambda p: type(p).__name__,
+)
 def test_generate_equals_manual_loop_with_positions(policy):
     model = make_tiny("qwen2")
     (ids,) = ids_of(2, 25)
@@ -139,11 +160,14 @@ def manual_generate(model, cache, ids, new_tokens):
     return torch.cat([ids, *toks], 1)
 
 
-@pytest.mark.parametrize("policy", [SnapKV(window_size=4, compression=0.5), StreamingLLM(budget=16), None],
-                         ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize(
+    "policy",
+    [SnapKV(window_size=4, compression=0.5), StreamingLLM(budget=16), None],
+    ids=lambda p: type(p).__name__,
+)
 def test_cache_reuse_across_two_generate_calls(policy):
     model = make_tiny("llama")
-    ix.optimize(model, *( [policy] if policy else [KIVI(bits=4, group_size=4, residual_length=4)] ))
+    ix.optimize(model, *([policy] if policy else [KIVI(bits=4, group_size=4, residual_length=4)]))
     first, more = ids_of(3, 20, 12)
     cache = new_cache(model)
     out1 = model.generate(first, past_key_values=cache, max_new_tokens=5, do_sample=False)
@@ -174,7 +198,10 @@ def test_chunked_prefill_keeps_positions_and_budget():
     ix.optimize(model, SnapKV(window_size=4, compression=0.0))
     one = model(ids).logits
     cache = new_cache(model)
-    parts = [model(ids[:, :24], past_key_values=cache).logits, model(ids[:, 24:], past_key_values=cache).logits]
+    parts = [
+        model(ids[:, :24], past_key_values=cache).logits,
+        model(ids[:, 24:], past_key_values=cache).logits,
+    ]
     torch.testing.assert_close(torch.cat(parts, 1), one, atol=1e-5, rtol=1e-5)
 
 
@@ -187,7 +214,9 @@ def test_gqa_stores_per_kv_head_and_really_shrinks(kv_heads):
     model(ids, past_key_values=cache)
     for layer in cache.layers:
         assert layer.keys.shape == (1, kv_heads, 16, 16)
-        assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes  # compact, not a view of the old
+        assert (
+            layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+        )  # compact, not a view of the old
     assert cache.kv_bytes() == cache.full_kv_bytes() // 4
     rep = ix.describe(model).transforms[0]["report"]
     assert rep["kv_fraction"] == 0.25 and rep["tokens_seen"] == 64
@@ -287,7 +316,9 @@ def test_restore_removes_every_hook():
     attn = model.model.layers[0].self_attn
     assert attn._forward_hooks and "generate" in model.__dict__
     ix.restore(model)
-    assert not attn._forward_hooks and not attn._forward_pre_hooks and "generate" not in model.__dict__
+    assert (
+        not attn._forward_hooks and not attn._forward_pre_hooks and "generate" not in model.__dict__
+    )
 
 
 def test_generate_gets_a_fresh_policy_cache_unless_given_one():
@@ -310,7 +341,9 @@ def test_clear_errors():
     model = make_tiny("llama")
     ix.optimize(model, SnapKV(window_size=32, compression=0.5))
     (ids,) = ids_of(13, 20)
-    with pytest.raises(ConfigError, match="needs at least 32 prompt tokens before it can compress, got 20; lower"):
+    with pytest.raises(
+        ConfigError, match="needs at least 32 prompt tokens before it can compress, got 20; lower"
+    ):
         model.generate(ids, max_new_tokens=2)
     with pytest.raises(ConfigError, match="always keeps 32 tokens but its budget here is"):
         ix.restore(model)

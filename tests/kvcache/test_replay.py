@@ -11,9 +11,16 @@ from infertrix.kvcache import H2O, KIVI, KVQuantSpec, PyramidKV, SnapKV, Streami
 from infertrix.kvcache.replay import record_prefill, replay
 
 
-@pytest.mark.parametrize("policy", [SnapKV(window_size=4, compression=0.5), H2O(budget=10),
-                                    StreamingLLM(compression=0.75), PyramidKV(window_size=4, compression=0.5)],
-                         ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize(
+    "policy",
+    [
+        SnapKV(window_size=4, compression=0.5),
+        H2O(budget=10),
+        StreamingLLM(compression=0.75),
+        PyramidKV(window_size=4, compression=0.5),
+    ],
+    ids=lambda p: type(p).__name__,
+)
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_replay_equals_real_prefill(arch, policy):
     model = make_tiny(arch)

@@ -18,8 +18,14 @@ def test_snapkv_on_smollm2(smollm2):
     n = enc.input_ids.shape[1]
 
     def gen():
-        out = model.generate(**enc, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True, pad_token_id=tok.eos_token_id)
+        out = model.generate(
+            **enc,
+            max_new_tokens=6,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=tok.eos_token_id,
+        )
         return out.sequences[0, n:], torch.stack(out.logits, 1)
 
     ref_tokens, ref_logits = gen()

@@ -59,7 +59,9 @@ def check_supported_model(model: nn.Module, transform, needs_queries: bool) -> N
     for i in cache.policy_layer_indices:
         attn = mods[i]
         if getattr(attn, "layer_idx", i) != i:
-            raise UnsupportedModelError(f"{name}: attention module {i} has layer_idx {attn.layer_idx}")
+            raise UnsupportedModelError(
+                f"{name}: attention module {i} has layer_idx {attn.layer_idx}"
+            )
         if needs_queries:
             missing = [a for a in ("q_proj", "head_dim", "scaling") if not hasattr(attn, a)]
             if missing:
@@ -145,7 +147,10 @@ class KVCacheSetup:
     def _generate_hook(self, model, args: tuple, kwargs: dict[str, Any]):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
             gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-            if getattr(gen_cfg, "cache_implementation", None) is None and "cache_implementation" not in kwargs:
+            if (
+                getattr(gen_cfg, "cache_implementation", None) is None
+                and "cache_implementation" not in kwargs
+            ):
                 kwargs["past_key_values"] = self.new_cache()
         return args, kwargs
 
@@ -166,7 +171,9 @@ class KVCacheSetup:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if isinstance(mask, Tensor) and mask.dim() == 4 and hidden is not None:
             want = layer.stored_length + hidden.shape[1]
-            if mask.shape[-1] > want:  # this layer holds fewer tokens than the longest: take its suffix
+            if (
+                mask.shape[-1] > want
+            ):  # this layer holds fewer tokens than the longest: take its suffix
                 kwargs["attention_mask"] = mask[..., -want:]
                 return args, kwargs
         return None
@@ -195,7 +202,11 @@ class KVCacheSetup:
 
     # -- describe ------------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        return dict(self.last_stats) if self.last_stats else {"kv_cache": "no cache used yet (run generate)"}
+        return (
+            dict(self.last_stats)
+            if self.last_stats
+            else {"kv_cache": "no cache used yet (run generate)"}
+        )
 
 
 def cache_stats(cache: PolicyCache) -> dict[str, Any]:
@@ -207,7 +218,9 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
         "kv_bytes_uncompressed": full,
         "kv_fraction": round(now / full, 4) if full else 1.0,
         "tokens_seen": cache.layers[cache.policy_layer_indices[0]].cumulative_length,
-        "tokens_stored": stored[0] if len(set(stored)) == 1 else f"{min(stored)}..{max(stored)} (per layer)",
+        "tokens_stored": stored[0]
+        if len(set(stored)) == 1
+        else f"{min(stored)}..{max(stored)} (per layer)",
     }
     if cache.state_bytes():
         out["policy_state_bytes"] = cache.state_bytes()

@@ -81,7 +81,11 @@ class PolicyLayer(DynamicLayer):
     # -- sizes ---------------------------------------------------------------------------------------
     @property
     def residual_len(self) -> int:
-        return 0 if not self.is_initialized or self.keys is None or self.keys.dim() < 4 else self.keys.shape[-2]
+        return (
+            0
+            if not self.is_initialized or self.keys is None or self.keys.dim() < 4
+            else self.keys.shape[-2]
+        )
 
     @property
     def stored_length(self) -> int:
@@ -100,7 +104,9 @@ class PolicyLayer(DynamicLayer):
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
@@ -127,7 +133,9 @@ class PolicyLayer(DynamicLayer):
             torch.cat([self._dequant_values(), self.values], dim=-2),
         )
 
-    def compress(self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None) -> None:
+    def compress(
+        self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None
+    ) -> None:
         """Keep tokens ``index`` ([B, H_kv, K] int64, ascending per row/head) and free the rest.
 
         ``keys``/``values`` optionally replace the full-precision stored states first (merging
@@ -168,8 +176,16 @@ class PolicyLayer(DynamicLayer):
         kt = kb.reshape(b, h, nblk, q.group_size, d).transpose(-1, -2).contiguous()
         qk = kv_quantize(kt, q.bits, q.group_size)
         qv = kv_quantize(vb.contiguous(), q.bits, min(q.group_size, d))
-        self.qkeys = qk if self.qkeys is None else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qkeys, qk, strict=True))
-        self.qvalues = qv if self.qvalues is None else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv, strict=True))
+        self.qkeys = (
+            qk
+            if self.qkeys is None
+            else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qkeys, qk, strict=True))
+        )
+        self.qvalues = (
+            qv
+            if self.qvalues is None
+            else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv, strict=True))
+        )
         self.n_quantized += n
         self.keys = self.keys[:, :, n:].contiguous()
         self.values = self.values[:, :, n:].contiguous()
@@ -282,7 +298,9 @@ class PolicyCache(Cache):
     """
 
     def __init__(self, config, policy=None, quant: KVQuantSpec | None = None) -> None:
-        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text_config = (
+            config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        )
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers = []
         for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True):
@@ -295,7 +313,9 @@ class PolicyCache(Cache):
         super().__init__(layers=layers)
         self.policy = policy
         self.quant = quant
-        self.policy_layer_indices = [i for i, layer in enumerate(layers) if isinstance(layer, PolicyLayer)]
+        self.policy_layer_indices = [
+            i for i, layer in enumerate(layers) if isinstance(layer, PolicyLayer)
+        ]
 
     @property
     def policy_layers(self) -> list[PolicyLayer]:
@@ -315,7 +335,9 @@ class PolicyCache(Cache):
         for layer in self.layers:
             if isinstance(layer, PolicyLayer):
                 total += layer.kv_bytes()
-            elif getattr(layer, "is_initialized", False) and isinstance(getattr(layer, "keys", None), Tensor):
+            elif getattr(layer, "is_initialized", False) and isinstance(
+                getattr(layer, "keys", None), Tensor
+            ):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
 
@@ -325,7 +347,9 @@ class PolicyCache(Cache):
         for layer in self.layers:
             if isinstance(layer, PolicyLayer):
                 total += layer.full_kv_bytes()
-            elif getattr(layer, "is_initialized", False) and isinstance(getattr(layer, "keys", None), Tensor):
+            elif getattr(layer, "is_initialized", False) and isinstance(
+                getattr(layer, "keys", None), Tensor
+            ):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
 

@@ -16,7 +16,9 @@ from ..core import register_transform
 from .h2o import H2O
 
 
-def merge_evicted(keys: Tensor, values: Tensor, keep: Tensor, visible: Tensor | None, threshold: float):
+def merge_evicted(
+    keys: Tensor, values: Tensor, keep: Tensor, visible: Tensor | None, threshold: float
+):
     """Return keys/values where each kept token absorbs the evicted tokens closest to it.
 
     Each evicted (non-pad) token e goes to the kept token c with the highest key cosine similarity
@@ -40,8 +42,12 @@ def merge_evicted(keys: Tensor, values: Tensor, keep: Tensor, visible: Tensor | 
     target_slot = torch.gather(keep, -1, best)  # slot of the chosen kept token, [B,H,S]
     num_k = kf.clone()
     num_v = vf.clone()
-    num_k.scatter_add_(2, target_slot.unsqueeze(-1).expand(-1, -1, -1, d), kf * weight.unsqueeze(-1))
-    num_v.scatter_add_(2, target_slot.unsqueeze(-1).expand(-1, -1, -1, d), vf * weight.unsqueeze(-1))
+    num_k.scatter_add_(
+        2, target_slot.unsqueeze(-1).expand(-1, -1, -1, d), kf * weight.unsqueeze(-1)
+    )
+    num_v.scatter_add_(
+        2, target_slot.unsqueeze(-1).expand(-1, -1, -1, d), vf * weight.unsqueeze(-1)
+    )
     den = torch.ones(b, h, s, dtype=torch.float32, device=keys.device)
     den.scatter_add_(2, target_slot, weight)
     return (num_k / den.unsqueeze(-1)).to(keys.dtype), (num_v / den.unsqueeze(-1)).to(values.dtype)

@@ -43,7 +43,9 @@ class H2O(KVPolicy):
         if self.observation_window is not None and self.observation_window < 1:
             raise ConfigError(f"{type(self).__name__}.observation_window must be >= 1 or None")
         if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ConfigError(f"{type(self).__name__}.recent_ratio must be in [0, 1], got {self.recent_ratio}")
+            raise ConfigError(
+                f"{type(self).__name__}.recent_ratio must be in [0, 1], got {self.recent_ratio}"
+            )
 
     def query_buffer(self) -> int:
         return 0  # accumulates as it goes; keeps no queries
@@ -75,6 +77,14 @@ def ctx_for_block(ctx: ScoreContext, upto: int) -> ScoreContext:
     """The context restricted to the first ``upto`` stored tokens (a query block's past)."""
     vis = ctx.visible[:, :upto] if ctx.visible is not None else None
     return ScoreContext(
-        ctx.module, ctx.layer, ctx.keys[:, :, :upto], ctx.values[:, :, :upto], None, vis, ctx.scaling,
-        ctx.layer_rank, ctx.num_layers, ctx.target,
+        ctx.module,
+        ctx.layer,
+        ctx.keys[:, :, :upto],
+        ctx.values[:, :, :upto],
+        None,
+        vis,
+        ctx.scaling,
+        ctx.layer_rank,
+        ctx.num_layers,
+        ctx.target,
     )

@@ -67,7 +67,9 @@ def position_noise(shape: torch.Size, seed: int, device) -> Tensor:
     positions counted from the end), not on the batch: a left-padded row gets the same noise as alone."""
     _, h, g, w, s = shape
     idx = [torch.arange(n, device=device, dtype=torch.float64) for n in (h, g, w, s)]
-    hh, gg, ww, ss = (t.view(*(n if k == i else 1 for k, n in enumerate((h, g, w, s)))) for i, t in enumerate(idx))
+    hh, gg, ww, ss = (
+        t.view(*(n if k == i else 1 for k, n in enumerate((h, g, w, s)))) for i, t in enumerate(idx)
+    )
     x = (s - 1 - ss) * 12.9898 + (w - 1 - ww) * 78.233 + (hh * g + gg) * 37.719 + seed * 4.581
     u = torch.frac(torch.sin(x) * 43758.5453123).abs().clamp(1e-6, 1 - 1e-6)
     return u.to(torch.float32).unsqueeze(0)

@@ -43,7 +43,9 @@ class KIVI(Transform):
         if self.bits not in (2, 4):
             raise ConfigError(f"KIVI.bits must be 2 or 4, got {self.bits!r}")
         if self.group_size < 1 or self.group_size % (8 // self.bits):
-            raise ConfigError(f"KIVI.group_size must be a positive multiple of {8 // self.bits}, got {self.group_size}")
+            raise ConfigError(
+                f"KIVI.group_size must be a positive multiple of {8 // self.bits}, got {self.group_size}"
+            )
         if self.residual_length < 0:
             raise ConfigError(f"KIVI.residual_length must be >= 0, got {self.residual_length}")
 
@@ -52,7 +54,9 @@ class KIVI(Transform):
         cfg = text_config(model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if head_dim % min(self.group_size, head_dim):
-            raise ConfigError(f"KIVI.group_size={self.group_size} must divide head_dim={head_dim} (value groups)")
+            raise ConfigError(
+                f"KIVI.group_size={self.group_size} must divide head_dim={head_dim} (value groups)"
+            )
 
     def apply(self, model: nn.Module) -> Applied:
         setup = kv_setup(model, create=True)

@@ -52,7 +52,9 @@ class ScoreContext:
         sees slots up to its own) and with pads masked. ``logits_fn`` may transform the logits first
         (Keyformer's Gumbel noise).
         """
-        return attention_probs(self.queries if last is None else self.queries[:, :, -last:], self, logits_fn)
+        return attention_probs(
+            self.queries if last is None else self.queries[:, :, -last:], self, logits_fn
+        )
 
 
 def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None) -> Tensor:
@@ -61,12 +63,16 @@ def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None) -> Tenso
     hkv, s = ctx.keys.shape[1], ctx.keys.shape[2]
     g = hq // hkv
     q = queries.float().reshape(b, hkv, g, w, d)
-    logits = torch.matmul(q, ctx.keys.float().unsqueeze(2).transpose(-1, -2)) * ctx.scaling  # [B,Hkv,G,w,S]
+    logits = (
+        torch.matmul(q, ctx.keys.float().unsqueeze(2).transpose(-1, -2)) * ctx.scaling
+    )  # [B,Hkv,G,w,S]
     if logits_fn is not None:
         logits = logits_fn(logits)
     slot = torch.arange(s, device=q.device)
     qpos = torch.arange(s - w, s, device=q.device)
-    blocked = slot[None, :] > qpos[:, None]  # [w, S] causal by slot: the queries' keys are the last w slots
+    blocked = (
+        slot[None, :] > qpos[:, None]
+    )  # [w, S] causal by slot: the queries' keys are the last w slots
     if ctx.visible is not None:
         blocked = blocked[None] | ~ctx.visible[:, None, :]  # [B, w, S]
         blocked = blocked[:, None, None]
@@ -108,7 +114,9 @@ def pool1d(scores: Tensor, kernel: int, visible: Tensor | None = None) -> Tensor
 
     def avg(x: Tensor) -> Tensor:
         flat = x.reshape(-1, 1, shape[-1])
-        return torch.nn.functional.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        return torch.nn.functional.avg_pool1d(
+            flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False
+        )
 
     if visible is None:
         return avg(scores).reshape(shape)
@@ -140,7 +148,9 @@ class KVPolicy(Transform):
     stage: ClassVar[Stage] = Stage.CACHE
     conflict_group: ClassVar[str | None] = "kv cache policy"
     primary: ClassVar[str | None] = "compression"
-    query_tokens: ClassVar[int] = 0  # queries a method needs from each forward: 0 none, k last k, -1 all
+    query_tokens: ClassVar[int] = (
+        0  # queries a method needs from each forward: 0 none, k last k, -1 all
+    )
     observes_every_step: ClassVar[bool] = False  # observe() must see every decoding step (H2O)
 
     compression: float = 0.5
@@ -153,19 +163,30 @@ class KVPolicy(Transform):
     # -- configuration -------------------------------------------------------------------------------
     def validate(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.compression, int | float) or not 0.0 <= float(self.compression) < 1.0:
+        if (
+            not isinstance(self.compression, int | float)
+            or not 0.0 <= float(self.compression) < 1.0
+        ):
             raise ConfigError(
                 f"{name}.compression must be in [0, 1) (the fraction of tokens evicted), got {self.compression!r}; "
                 "1 would evict every token, use e.g. 0.5"
             )
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ConfigError(f"{name}.budget must be a positive token count or None, got {self.budget!r}")
+            raise ConfigError(
+                f"{name}.budget must be a positive token count or None, got {self.budget!r}"
+            )
         if not isinstance(self.decode_interval, int) or self.decode_interval < 0:
-            raise ConfigError(f"{name}.decode_interval must be an int >= 0, got {self.decode_interval!r}")
+            raise ConfigError(
+                f"{name}.decode_interval must be an int >= 0, got {self.decode_interval!r}"
+            )
         if not isinstance(self.prefill_min_tokens, int) or self.prefill_min_tokens < 2:
-            raise ConfigError(f"{name}.prefill_min_tokens must be an int >= 2, got {self.prefill_min_tokens!r}")
+            raise ConfigError(
+                f"{name}.prefill_min_tokens must be an int >= 2, got {self.prefill_min_tokens!r}"
+            )
         if not -1.0 <= self.merge_threshold <= 1.0:
-            raise ConfigError(f"{name}.merge_threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}")
+            raise ConfigError(
+                f"{name}.merge_threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}"
+            )
 
     @property
     def is_noop(self) -> bool:
@@ -211,17 +232,23 @@ class KVPolicy(Transform):
         return Applied(self, undo=undo, report=setup.report)
 
     # -- called by the attention forward hook ------------------------------------------------------
-    def after_attention(self, module, layer, hidden: Tensor, position_embeddings, mask, rank: int, nlayers: int):
+    def after_attention(
+        self, module, layer, hidden: Tensor, position_embeddings, mask, rank: int, nlayers: int
+    ):
         if self.is_noop:
             return
         n = hidden.shape[1]
-        due = n >= self.prefill_min_tokens  # prefill chunks compress; shorter forwards count as decoding
+        due = (
+            n >= self.prefill_min_tokens
+        )  # prefill chunks compress; shorter forwards count as decoding
         if not due:
             layer.steps_since_compress += n
             due = bool(self.decode_interval) and layer.steps_since_compress >= self.decode_interval
             if not due and not self.observes_every_step:
                 if self.decode_interval == 0:
-                    layer.queries = None  # not kept up to date while decoding: drop rather than go stale
+                    layer.queries = (
+                        None  # not kept up to date while decoding: drop rather than go stale
+                    )
                 return
         new_q = None
         if self.query_tokens != 0:
@@ -229,7 +256,11 @@ class KVPolicy(Transform):
             new_q = compute_queries(module, hidden[:, -take:], position_embeddings)
             keep = self.query_buffer()
             if keep > 0:
-                buf = new_q[:, :, -keep:] if layer.queries is None else torch.cat([layer.queries, new_q[:, :, -keep:]], 2)
+                buf = (
+                    new_q[:, :, -keep:]
+                    if layer.queries is None
+                    else torch.cat([layer.queries, new_q[:, :, -keep:]], 2)
+                )
                 layer.queries = buf[:, :, -min(keep, layer.recent) :].detach()
         keys, values = layer.full_keys_values()
         s = keys.shape[-2]
@@ -239,7 +270,18 @@ class KVPolicy(Transform):
                 f"{type(self).__name__} needs left padding (pads before each row's tokens), but the attention "
                 "mask hides tokens after visible ones; set tokenizer.padding_side = 'left'"
             )
-        ctx = ScoreContext(module, layer, keys, values, layer.queries, visible, float(module.scaling), rank, nlayers, 0)
+        ctx = ScoreContext(
+            module,
+            layer,
+            keys,
+            values,
+            layer.queries,
+            visible,
+            float(module.scaling),
+            rank,
+            nlayers,
+            0,
+        )
         self.observe(ctx, new_q)
         if not due:
             return

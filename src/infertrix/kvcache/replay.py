@@ -25,12 +25,17 @@ from .cache import KVQuantSpec, PolicyCache, PolicyLayer
 class PrefillRecording:
     cache: DynamicCache
     logits: Tensor  # [B, V] logits of the last prompt position
-    inputs: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden, position_embeddings, mask)
+    inputs: dict[int, tuple] = field(
+        default_factory=dict
+    )  # layer -> (hidden, position_embeddings, mask)
 
 
 @torch.no_grad()
 def record_prefill(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
 ) -> PrefillRecording:
     """Run the prefill once with a plain cache and record what each full-attention module saw."""
     cache = DynamicCache(config=model.config)
@@ -42,12 +47,20 @@ def record_prefill(
 
         def hook(module, args, kwargs, output, i=i):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            rec.inputs[i] = (hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
+            rec.inputs[i] = (
+                hidden,
+                kwargs.get("position_embeddings"),
+                kwargs.get("attention_mask"),
+            )
 
         handles.append(attn.register_forward_hook(hook, with_kwargs=True))
     try:
         out = model(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, logits_to_keep=1
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            logits_to_keep=1,
         )
     finally:
         for h in handles:
@@ -57,7 +70,9 @@ def record_prefill(
 
 
 @torch.no_grad()
-def replay(model: nn.Module, rec: PrefillRecording, policy=None, quant: KVQuantSpec | None = None) -> PolicyCache:
+def replay(
+    model: nn.Module, rec: PrefillRecording, policy=None, quant: KVQuantSpec | None = None
+) -> PolicyCache:
     """The cache ``policy`` (and ``quant``) would hold after the recorded prefill."""
     cache = PolicyCache(model.config, policy=policy, quant=quant)
     layers = decoder_layers(model)
@@ -70,6 +85,14 @@ def replay(model: nn.Module, rec: PrefillRecording, policy=None, quant: KVQuantS
         layer.update(src.keys, src.values)
         if policy is not None:
             hidden, pos, mask = rec.inputs[i]
-            policy.after_attention(layers[i].self_attn, layer, hidden, pos, mask, cache.policy_layer_indices.index(i), n)
+            policy.after_attention(
+                layers[i].self_attn,
+                layer,
+                hidden,
+                pos,
+                mask,
+                cache.policy_layer_indices.index(i),
+                n,
+            )
             layer.flush()
     return cache

@@ -35,9 +35,13 @@ class SnapKV(KVPolicy):
     def validate(self) -> None:
         super().validate()
         if self.window_size < 1:
-            raise ConfigError(f"{type(self).__name__}.window_size must be >= 1, got {self.window_size}")
+            raise ConfigError(
+                f"{type(self).__name__}.window_size must be >= 1, got {self.window_size}"
+            )
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ConfigError(f"{type(self).__name__}.kernel_size must be odd and >= 1, got {self.kernel_size}")
+            raise ConfigError(
+                f"{type(self).__name__}.kernel_size must be odd and >= 1, got {self.kernel_size}"
+            )
 
     def forced_tokens(self) -> int:
         return self.window_size

@@ -34,7 +34,11 @@ class StreamingLLM(KVPolicy):
     def score(self, ctx: ScoreContext) -> Tensor:
         b, h, s, _ = ctx.keys.shape
         slot = torch.arange(s, device=ctx.keys.device, dtype=torch.float32)
-        vis = ctx.visible if ctx.visible is not None else torch.ones(b, s, dtype=torch.bool, device=slot.device)
+        vis = (
+            ctx.visible
+            if ctx.visible is not None
+            else torch.ones(b, s, dtype=torch.bool, device=slot.device)
+        )
         rank = torch.cumsum(vis.to(torch.int64), dim=-1)  # 1-based rank among the row's real tokens
         sink = vis & (rank <= self.sink_tokens)
         score = slot.expand(b, s) + sink.float() * 1e30

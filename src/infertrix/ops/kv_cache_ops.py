@@ -47,9 +47,13 @@ def _check_quant_args(n: int, bits: int, group_size: int) -> None:
     if bits not in (2, 4):
         raise ValueError(f"kv_quantize supports bits=2 or 4, got {bits}")
     if group_size <= 0 or n % group_size != 0:
-        raise ValueError(f"kv_quantize: the last dimension ({n}) must be a multiple of group_size={group_size}")
+        raise ValueError(
+            f"kv_quantize: the last dimension ({n}) must be a multiple of group_size={group_size}"
+        )
     if group_size % (8 // bits) != 0:
-        raise ValueError(f"kv_quantize: group_size={group_size} must be a multiple of {8 // bits} for {bits}-bit packing")
+        raise ValueError(
+            f"kv_quantize: group_size={group_size} must be a multiple of {8 // bits} for {bits}-bit packing"
+        )
 
 
 def kv_quantize_reference(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,7 +94,9 @@ def _(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
-def kv_dequantize_reference(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
+def kv_dequantize_reference(
+    packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int
+) -> Tensor:
     """Inverse of kv_quantize: float32 [..., N] = q * scale + zero (a product, then a sum: two roundings)."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"kv_dequantize expects uint8 packed codes, got {packed.dtype}")
@@ -105,7 +111,9 @@ def kv_dequantize_reference(packed: Tensor, scale: Tensor, zero: Tensor, bits: i
 
 
 @torch.library.custom_op("infertrix::kv_dequantize", mutates_args=())
-def kv_dequantize(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
+def kv_dequantize(
+    packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int
+) -> Tensor:
     return kv_dequantize_reference(packed, scale, zero, bits, group_size)
 
 
