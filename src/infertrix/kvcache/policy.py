@@ -310,6 +310,8 @@ class KVPolicy(Transform):
 
             keys, values = merge_evicted(keys, values, keep, visible, self.merge_threshold)
         layer.compress(keep, keys, values)
+        if self.decode_interval == 0:
+            layer.queries = None  # no compression before the next prompt chunk, which brings its own queries
 
 
 def visible_keys(mask, s: int) -> Tensor | None:
