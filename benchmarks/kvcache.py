@@ -245,6 +245,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "--check-trials", type=int, default=5, help="trials of the generate cross-check (0: skip)"
     )
+    ap.add_argument(
+        "--section", default="kvcache", help="BENCHMARKS.md section to write (kvcache...)"
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -286,22 +289,23 @@ def main(argv: list[str]) -> None:
         tables.append((context, rows))
         print(markdown_table(rows))
     speed_rows = []
-    speed_grid = [c for c in grid if c[2] in (0.0, 0.5)]
-    log(f"decode speed at {args.speed_context}")
-    speed = decode_speed(model, tok, args.speed_context, speed_grid, args.speed_steps, log)
-    base = speed["full cache"]["decode_tok_s"]
-    for label, *_ in speed_grid:
-        s = speed[label]
-        speed_rows.append(
-            {
-                "cell": label,
-                "decode tok/s": s["decode_tok_s"],
-                "vs full cache": s["decode_tok_s"] / base,
-                "KV MiB": s["kv_bytes"] / 2**20,
-                "peak RSS MiB (decode)": s["peak_rss"] / 2**20,
-            }
-        )
-    print(markdown_table(speed_rows))
+    if args.speed_context:
+        speed_grid = [c for c in grid if c[2] in (0.0, 0.5)]
+        log(f"decode speed at {args.speed_context}")
+        speed = decode_speed(model, tok, args.speed_context, speed_grid, args.speed_steps, log)
+        base = speed["full cache"]["decode_tok_s"]
+        for label, *_ in speed_grid:
+            s = speed[label]
+            speed_rows.append(
+                {
+                    "cell": label,
+                    "decode tok/s": s["decode_tok_s"],
+                    "vs full cache": s["decode_tok_s"] / base,
+                    "KV MiB": s["kv_bytes"] / 2**20,
+                    "peak RSS MiB (decode)": s["peak_rss"] / 2**20,
+                }
+            )
+        print(markdown_table(speed_rows))
 
     # cross-check: the library path (generate on an optimized model) gives the same passkey answers
     check_ctx, check_trials = contexts[0], args.check_trials
@@ -317,7 +321,8 @@ def main(argv: list[str]) -> None:
             f"cross-check at {check_ctx}: passkey_accuracy via generate {lib_acc:.2f}, replay {bench_acc:.2f}"
         )
 
-    plot(tables, grid)
+    plot_path = PLOT.with_name(f"{args.section}_passkey_vs_kv_bytes.png")
+    plot(tables, grid, plot_path)
     elapsed = time.time() - t0
     body = report_body(
         tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ctx, check_trials, elapsed
@@ -326,7 +331,7 @@ def main(argv: list[str]) -> None:
     if not args.no_write:
         cmd = "flock /tmp/infertrix-bench.lock python -m benchmarks.kvcache " + " ".join(argv)
         write_section(
-            "kvcache", "KV-cache policies on SmolLM2-135M-Instruct", body, command=cmd.strip()
+            args.section, "KV-cache policies on SmolLM2-135M-Instruct", body, command=cmd.strip()
         )
     log("done")
 
@@ -353,7 +358,7 @@ def run_context_passkey_only(model, tok, context, grid, trials):
     return res
 
 
-def plot(tables, grid) -> None:
+def plot(tables, grid, path: Path = PLOT) -> None:
     try:
         import matplotlib
 
@@ -378,8 +383,8 @@ def plot(tables, grid) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
-    print(f"plot: {PLOT}")
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def report_body(
@@ -419,12 +424,13 @@ def report_body(
                 ],
             )
         )
+    if speed_rows:
+        parts.append(
+            f"### Decode at {args.speed_context} tokens (batch 1, median of {args.speed_steps - 2} steps; peak RSS "
+            "of the decode loop, model included)\n\n" + markdown_table(speed_rows)
+        )
     parts.append(
-        f"### Decode at {args.speed_context} tokens (batch 1, median of {args.speed_steps - 2} steps; peak RSS of the "
-        "decode loop, model included)\n\n" + markdown_table(speed_rows)
-    )
-    parts.append(
-        f"![passkey accuracy vs KV bytes](benchmarks/{PLOT.name})\n\nTotal run time: {elapsed / 60:.1f} min."
+        f"![passkey accuracy vs KV bytes](benchmarks/{args.section}_passkey_vs_kv_bytes.png)\n\nTotal run time: {elapsed / 60:.1f} min."
     )
     return "\n\n".join(parts)
 
