@@ -1,0 +1,247 @@
+"""Attaching KV-cache transforms to one model: a generate hook and one hook pair per attention module.
+
+``KVCacheSetup`` is the per-model record shared by the eviction policy and KV quantization (they
+compose: evict, then store the kept tokens in few bits). While either is applied:
+
+- ``generate`` gets a fresh :class:`PolicyCache` whenever the caller passes no ``past_key_values``
+  (through :func:`infertrix.core.generation.add_generate_hook`; nothing in transformers is patched);
+- each full-attention module carries a forward pre-hook (gives a layer that holds fewer tokens than
+  the longest one the suffix of the shared 4D mask that matches it) and a forward hook (runs the
+  policy after the layer's attention: queries are recomputed from the module's input, the layer is
+  compressed, quantized tokens are flushed). Hooks read only the attention module's public forward
+  arguments (``hidden_states``, ``position_embeddings``, ``attention_mask``, ``past_key_values``),
+  and do nothing unless the cache is a ``PolicyCache``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..core import UnsupportedModelError
+from ..core.generation import add_generate_hook
+from ..core.model import decoder_layers, text_config
+from .cache import KVQuantSpec, PolicyCache, PolicyLayer
+
+SETUP_ATTR = "_infertrix_kvcache"
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    mods = []
+    for layer in decoder_layers(model):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            raise UnsupportedModelError(
+                f"{type(layer).__name__} has no `self_attn`; infertrix.kvcache supports decoder layers with a "
+                "standard attention module (Llama, Qwen2/3, Mistral, Gemma 3)"
+            )
+        mods.append(attn)
+    return mods
+
+
+def check_supported_model(model: nn.Module, transform, needs_queries: bool) -> None:
+    """Raise UnsupportedModelError unless ``transform`` can run on ``model``."""
+    name = type(transform).__name__
+    cfg = text_config(model)
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(
+            f"{name} supports attn_implementation 'sdpa' or 'eager', the model uses {impl!r}; load it with "
+            "attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))"
+        )
+    cache = PolicyCache(model.config)
+    if not cache.policy_layer_indices:
+        raise UnsupportedModelError(f"{name}: the model has no full-attention layer to compress")
+    mods = _attention_modules(model)
+    for i in cache.policy_layer_indices:
+        attn = mods[i]
+        if getattr(attn, "layer_idx", i) != i:
+            raise UnsupportedModelError(
+                f"{name}: attention module {i} has layer_idx {attn.layer_idx}"
+            )
+        if needs_queries:
+            missing = [a for a in ("q_proj", "head_dim", "scaling") if not hasattr(attn, a)]
+            if missing:
+                raise UnsupportedModelError(
+                    f"{name} recomputes queries and needs {missing} on {type(attn).__name__}; use a score-only "
+                    "policy (KNorm, StreamingLLM) for this model"
+                )
+            if getattr(cfg, "attn_logit_softcapping", None):
+                raise UnsupportedModelError(
+                    f"{name} does not model attention logit soft-capping ({type(attn).__name__}); use KNorm or "
+                    "StreamingLLM"
+                )
+
+
+class KVCacheSetup:
+    """The KV-cache transforms on one model, their hooks and the last cache handed to ``generate``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model_ref = weakref.ref(model)
+        self.policy = None
+        self.quant = None  # the KIVI transform
+        self.handles: list = []
+        self.remove_generate = None
+        self.last_cache_ref = None
+        self.last_stats: dict[str, Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        if self.handles:
+            return
+        model = self.model_ref()
+        cache = PolicyCache(model.config)
+        mods = _attention_modules(model)
+        for idx in cache.policy_layer_indices:
+            mod = mods[idx]
+            self.handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._post_hook, with_kwargs=True))
+        self.remove_generate = add_generate_hook(model, self._generate_hook, order=3)
+
+    def _uninstall_if_empty(self) -> None:
+        if self.policy is not None or self.quant is not None:
+            return
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if self.remove_generate is not None:
+            self.remove_generate()
+            self.remove_generate = None
+        model = self.model_ref()
+        if model is not None:
+            model.__dict__.pop(SETUP_ATTR, None)
+
+    def set_policy(self, policy):
+        self.policy = policy
+        self._install()
+
+        def undo() -> None:
+            self.policy = None
+            self._uninstall_if_empty()
+
+        return undo
+
+    def set_quant(self, quant):
+        self.quant = quant
+        self._install()
+
+        def undo() -> None:
+            self.quant = None
+            self._uninstall_if_empty()
+
+        return undo
+
+    # -- caches ------------------------------------------------------------------------------------------
+    def quant_spec(self) -> KVQuantSpec | None:
+        q = self.quant
+        return None if q is None else KVQuantSpec(q.bits, q.group_size, q.residual_length)
+
+    def new_cache(self) -> PolicyCache:
+        cache = PolicyCache(self.model_ref().config, policy=self.policy, quant=self.quant_spec())
+        self.last_cache_ref = weakref.ref(cache)
+        return cache
+
+    def _generate_hook(self, model, args: tuple, kwargs: dict[str, Any]):
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
+            gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            if (
+                getattr(gen_cfg, "cache_implementation", None) is None
+                and "cache_implementation" not in kwargs
+            ):
+                kwargs["past_key_values"] = self.new_cache()
+        return args, kwargs
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _layer_of(module, kwargs):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, PolicyCache):
+            return None, None
+        layer = cache.layers[module.layer_idx]
+        return (cache, layer) if isinstance(layer, PolicyLayer) else (None, None)
+
+    def _pre_hook(self, module, args, kwargs):
+        cache, layer = self._layer_of(module, kwargs)
+        if layer is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(mask, Tensor) and mask.dim() == 4 and hidden is not None:
+            want = layer.stored_length + hidden.shape[1]
+            if (
+                mask.shape[-1] > want
+            ):  # this layer holds fewer tokens than the longest: take its suffix
+                kwargs["attention_mask"] = mask[..., -want:]
+                return args, kwargs
+        return None
+
+    def _post_hook(self, module, args, kwargs, output):
+        cache, layer = self._layer_of(module, kwargs)
+        if layer is None:
+            return None
+        policy = cache.policy
+        rank = cache.policy_layer_indices.index(module.layer_idx)
+        if policy is not None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            policy.after_attention(
+                module,
+                layer,
+                hidden,
+                kwargs.get("position_embeddings"),
+                kwargs.get("attention_mask"),
+                rank,
+                len(cache.policy_layer_indices),
+            )
+            layer.flush()
+        if rank == len(cache.policy_layer_indices) - 1:
+            self.last_stats = cache_stats(cache)  # describe() reports the last forward's cache
+        return None
+
+    # -- describe ------------------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        return (
+            dict(self.last_stats)
+            if self.last_stats
+            else {"kv_cache": "no cache used yet (run generate)"}
+        )
+
+
+def cache_stats(cache: PolicyCache) -> dict[str, Any]:
+    """KV bytes now vs. a plain DynamicCache holding the same tokens, and tokens seen/stored."""
+    full, now = cache.full_kv_bytes(), cache.kv_bytes()
+    stored = cache.stored_lengths()
+    out: dict[str, Any] = {
+        "kv_bytes": now,
+        "kv_bytes_uncompressed": full,
+        "kv_fraction": round(now / full, 4) if full else 1.0,
+        "tokens_seen": cache.layers[cache.policy_layer_indices[0]].cumulative_length,
+        "tokens_stored": stored[0]
+        if len(set(stored)) == 1
+        else f"{min(stored)}..{max(stored)} (per layer)",
+    }
+    if cache.state_bytes():
+        out["policy_state_bytes"] = cache.state_bytes()
+    return out
+
+
+def kv_setup(model: nn.Module, create: bool = False) -> KVCacheSetup | None:
+    setup = model.__dict__.get(SETUP_ATTR)
+    if setup is None and create:
+        setup = KVCacheSetup(model)
+        model.__dict__[SETUP_ATTR] = setup
+    return setup
+
+
+def new_cache(model: nn.Module) -> PolicyCache:
+    """A fresh cache following the KV-cache transforms applied to ``model`` (for manual forward loops,
+    chunked prefill, or to reuse one cache across several ``generate`` calls)."""
+    setup = kv_setup(model)
+    if setup is None:
+        raise UnsupportedModelError(
+            "no infertrix.kvcache transform is applied to this model; call "
+            "infertrix.optimize(model, 'snapkv:0.5') (or another kvcache transform) first"
+        )
+    return setup.new_cache()

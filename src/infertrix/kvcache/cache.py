@@ -1,0 +1,360 @@
+"""``PolicyCache``: a transformers 5.x ``Cache`` whose full-attention layers can evict, merge and quantize.
+
+The cache is built from the model config exactly like ``DynamicCache(config=...)``: sliding-window,
+chunked, linear-attention and hybrid layers get transformers' own stock layer classes and are left
+alone; only plain ``full_attention`` layers become :class:`PolicyLayer`, a ``DynamicLayer`` subclass
+that overrides the minimum:
+
+- ``get_seq_length`` reports every token ever seen (``cumulative_length``), so rotary positions and
+  ``generate``'s input slicing stay right after eviction;
+- ``get_mask_sizes`` reports the stored length plus its offset (``cumulative - stored``), as
+  ``DynamicSlidingWindowLayer`` does, so the causal and padding masks line up with the compact cache;
+- ``compress(index)`` keeps the given tokens per batch row and KV head, copying them into new,
+  smaller tensors (``infertrix::kv_gather``): memory really shrinks, nothing is masked;
+- with a :class:`KVQuantSpec` the stored tokens live KIVI-style in 2/4-bit codes (keys per channel,
+  values per token) behind a full-precision residual window of recent tokens.
+
+Why the padding masks stay right: stored tokens are kept in position order and pads are evicted
+first, so with left padding the kept pads of a row are its first stored slots, exactly as many as the
+zeros in the right-aligned window ``[cumulative - stored, cumulative)`` of that row's 2D attention
+mask. Layers may hold different lengths (PyramidKV); the cache then reports the longest one and the
+attention pre-hook gives each layer the suffix of the mask that matches its own length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicLayer,
+    get_layer_types_and_kwargs,
+)
+
+from ..ops.kv_cache_ops import kv_dequantize, kv_gather, kv_quantize
+
+
+@dataclass(frozen=True)
+class KVQuantSpec:
+    """How a :class:`PolicyLayer` stores KV in few bits (see :class:`infertrix.kvcache.KIVI`)."""
+
+    bits: int = 4
+    group_size: int = 32  # keys: tokens per per-channel group; values: channels per per-token group
+    residual_length: int = 32  # most recent tokens kept in full precision
+
+
+class CacheCropError(RuntimeError):
+    """``crop`` cannot roll the cache back exactly (the tokens to remove were evicted or quantized)."""
+
+
+class PolicyLayer(DynamicLayer):
+    """One full-attention layer of a :class:`PolicyCache` (see the module docstring).
+
+    ``keys``/``values`` hold the full-precision tokens ([B, H_kv, S, D]); with quantization they are
+    the residual window and ``qkeys``/``qvalues`` hold the older tokens. ``aux`` holds per-token
+    policy state ([B, H_kv, S], e.g. H2O's accumulated attention) that follows every eviction,
+    ``queries`` the most recent post-rotary queries ([B, H_q, w, D]) attention-based policies score
+    with, and ``recent`` how many trailing stored tokens are guaranteed to be the most recent ones in
+    every row and head (the queries' own keys; what ``crop`` can remove).
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, quant: KVQuantSpec | None = None, **kwargs) -> None:
+        super().__init__()
+        self.quant = quant
+        self.cumulative_length = 0
+        self.qkeys: tuple[Tensor, Tensor, Tensor] | None = None
+        self.qvalues: tuple[Tensor, Tensor, Tensor] | None = None
+        self.n_quantized = 0
+        self.aux: dict[str, Tensor] = {}
+        self.queries: Tensor | None = None
+        self.recent = 0
+        self.steps_since_compress = 0
+        self.flush_in_update = True  # the policy's hook flushes itself, after it has compressed
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    @property
+    def residual_len(self) -> int:
+        return (
+            0
+            if not self.is_initialized or self.keys is None or self.keys.dim() < 4
+            else self.keys.shape[-2]
+        )
+
+    @property
+    def stored_length(self) -> int:
+        return self.n_quantized + self.residual_len
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored_length
+        return stored + query_length, self.cumulative_length - stored
+
+    # -- storage -------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self.cumulative_length += n
+        self.recent += n
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        for name, t in self.aux.items():
+            self.aux[name] = torch.cat([t, t.new_zeros((*t.shape[:2], n))], dim=-1)
+        if self.n_quantized:
+            k_all, v_all = self.full_keys_values()
+        else:
+            k_all, v_all = self.keys, self.values
+        if self.flush_in_update:
+            self.flush()
+        return k_all, v_all
+
+    def full_keys_values(self) -> tuple[Tensor, Tensor]:
+        """All stored tokens in full precision (dequantized where needed), [B, H, S, D]."""
+        if not self.n_quantized:
+            return self.keys, self.values
+        return (
+            torch.cat([self._dequant_keys(), self.keys], dim=-2),
+            torch.cat([self._dequant_values(), self.values], dim=-2),
+        )
+
+    def compress(
+        self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None
+    ) -> None:
+        """Keep tokens ``index`` ([B, H_kv, K] int64, ascending per row/head) and free the rest.
+
+        ``keys``/``values`` optionally replace the full-precision stored states first (merging
+        policies pass updated ones of the same shape).
+        """
+        old = self.stored_length
+        if keys is None:
+            keys, values = self.full_keys_values()
+        k = index.shape[-1]
+        self.keys = kv_gather(keys.contiguous(), index)
+        self.values = kv_gather(values.contiguous(), index)
+        self.qkeys = self.qvalues = None
+        self.n_quantized = 0
+        for name, t in self.aux.items():
+            self.aux[name] = torch.gather(t, -1, index)
+        # how many trailing slots are still the most recent tokens in every row and head
+        expect = torch.arange(old - k, old, device=index.device)
+        run = torch.cumprod((index == expect).flip(-1).to(torch.int32), dim=-1).sum(-1)
+        self.recent = min(self.recent, int(run.min()) if run.numel() else 0)
+        if self.queries is not None:
+            keep_q = min(self.queries.shape[-2], self.recent)
+            self.queries = self.queries[:, :, self.queries.shape[-2] - keep_q :]
+        self.steps_since_compress = 0
+
+    def flush(self) -> None:
+        """Move residual tokens beyond the full-precision window into the quantized store."""
+        q = self.quant
+        if q is None or not self.is_initialized:
+            return
+        extra = self.residual_len - q.residual_length
+        nblk = extra // q.group_size if extra > 0 else 0
+        if nblk <= 0:
+            return
+        n = nblk * q.group_size
+        kb, vb = self.keys[:, :, :n], self.values[:, :, :n]
+        b, h, _, d = kb.shape
+        # keys per channel: rows are (block, channel), elements the block's tokens
+        kt = kb.reshape(b, h, nblk, q.group_size, d).transpose(-1, -2).contiguous()
+        qk = kv_quantize(kt, q.bits, q.group_size)
+        qv = kv_quantize(vb.contiguous(), q.bits, min(q.group_size, d))
+        self.qkeys = (
+            qk
+            if self.qkeys is None
+            else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qkeys, qk, strict=True))
+        )
+        self.qvalues = (
+            qv
+            if self.qvalues is None
+            else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv, strict=True))
+        )
+        self.n_quantized += n
+        self.keys = self.keys[:, :, n:].contiguous()
+        self.values = self.values[:, :, n:].contiguous()
+
+    def _dequant_keys(self) -> Tensor:
+        q = self.quant
+        packed, scale, zero = self.qkeys
+        b, h, nblk, d, _ = packed.shape
+        kt = kv_dequantize(packed, scale, zero, q.bits, q.group_size)  # [B, H, nblk, D, G]
+        return kt.transpose(-1, -2).reshape(b, h, nblk * q.group_size, d).to(self.dtype)
+
+    def _dequant_values(self) -> Tensor:
+        q = self.quant
+        packed, scale, zero = self.qvalues
+        d = packed.shape[-1] * 8 // q.bits
+        return kv_dequantize(packed, scale, zero, q.bits, min(q.group_size, d)).to(self.dtype)
+
+    # -- rollback and batch bookkeeping ------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (a positive value is the length to keep).
+
+        Exact only while those tokens are still stored in full precision and were not evicted;
+        otherwise raises :class:`CacheCropError` naming why (speculative decoding rolls back through
+        this).
+        """
+        if not self.is_initialized:
+            return
+        n = -tokens_to_remove if tokens_to_remove < 0 else self.cumulative_length - tokens_to_remove
+        if n <= 0:
+            return
+        exact = min(self.recent, self.residual_len)  # quantized tokens cannot be restored exactly
+        if n > exact:
+            raise CacheCropError(
+                f"cannot crop {n} tokens: only the last {exact} tokens are still stored exactly (older ones "
+                "were evicted, merged or quantized); keep a recent window at least as long as the rollback "
+                "(e.g. window_size >= the number of draft tokens) or use a larger KIVI residual_length"
+            )
+        self.keys = self.keys[:, :, :-n]
+        self.values = self.values[:, :, :-n]
+        for name, t in self.aux.items():
+            self.aux[name] = t[..., :-n]
+        if self.queries is not None:
+            self.queries = self.queries[:, :, : max(0, self.queries.shape[-2] - n)]
+        self.cumulative_length -= n
+        self.recent -= n
+
+    def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.aux = {k: fn(v) for k, v in self.aux.items()}
+        if self.queries is not None:
+            self.queries = fn(self.queries)
+        if self.qkeys is not None:
+            self.qkeys = tuple(fn(t) for t in self.qkeys)
+            self.qvalues = tuple(fn(t) for t in self.qvalues)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self.qkeys = self.qvalues = None
+        self.n_quantized = 0
+        self.aux = {}
+        self.queries = None
+        self.recent = 0
+        self.steps_since_compress = 0
+
+    # -- accounting ----------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        """Bytes of the stored keys and values (codes, scales and zeros included)."""
+        if not self.is_initialized:
+            return 0
+        total = self.keys.nbytes + self.values.nbytes
+        for store in (self.qkeys, self.qvalues):
+            if store is not None:
+                total += sum(t.nbytes for t in store)
+        return total
+
+    def state_bytes(self) -> int:
+        """Bytes of the policy's own per-token state (accumulated scores, recent queries)."""
+        total = sum(t.nbytes for t in self.aux.values())
+        return total + (self.queries.nbytes if self.queries is not None else 0)
+
+    def full_kv_bytes(self) -> int:
+        """Bytes a plain ``DynamicLayer`` would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        b, h, _, d = self.keys.shape
+        return 2 * b * h * d * self.cumulative_length * self.keys.element_size()
+
+
+class PolicyCache(Cache):
+    """A ``Cache`` built from a model config whose full-attention layers follow a KV policy.
+
+    ``policy`` is an eviction/merging policy (a :class:`~infertrix.kvcache.policy.KVPolicy`) or None;
+    ``quant`` a :class:`KVQuantSpec` or None. Other layer types (sliding window, chunked, linear
+    attention, hybrid) are transformers' stock layers. Use it like any cache: ``generate`` receives
+    one automatically after ``optimize``; for manual loops get one from
+    :func:`infertrix.kvcache.new_cache`.
+    """
+
+    def __init__(self, config, policy=None, quant: KVQuantSpec | None = None) -> None:
+        text_config = (
+            config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        )
+        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers = []
+        for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True):
+            if layer_type == "full_attention":
+                layer = PolicyLayer(quant=quant)
+                layer.flush_in_update = policy is None
+                layers.append(layer)
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        super().__init__(layers=layers)
+        self.policy = policy
+        self.quant = quant
+        self.policy_layer_indices = [
+            i for i, layer in enumerate(layers) if isinstance(layer, PolicyLayer)
+        ]
+
+    @property
+    def policy_layers(self) -> list[PolicyLayer]:
+        return [self.layers[i] for i in self.policy_layer_indices]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], PolicyLayer):
+            layer = self.layers[layer_idx]
+            # layers may hold different lengths (per-layer budgets): size the shared mask for the longest
+            stored = max(lay.stored_length for lay in self.policy_layers)
+            return stored + query_length, layer.cumulative_length - stored
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def kv_bytes(self) -> int:
+        """Bytes of all stored keys and values, stock layers included."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, PolicyLayer):
+                total += layer.kv_bytes()
+            elif getattr(layer, "is_initialized", False) and isinstance(
+                getattr(layer, "keys", None), Tensor
+            ):
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def full_kv_bytes(self) -> int:
+        """Bytes the same tokens would take in a plain ``DynamicCache``."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, PolicyLayer):
+                total += layer.full_kv_bytes()
+            elif getattr(layer, "is_initialized", False) and isinstance(
+                getattr(layer, "keys", None), Tensor
+            ):
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def state_bytes(self) -> int:
+        return sum(layer.state_bytes() for layer in self.policy_layers)
+
+    def stored_lengths(self) -> list[int]:
+        return [layer.stored_length for layer in self.policy_layers]

@@ -1,0 +1,90 @@
+"""H2O: heavy hitters (largest accumulated attention) plus a recent window.
+
+Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+Models", https://arxiv.org/abs/2306.14048.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..core import ConfigError, register_transform
+from .policy import FORCE_KEEP, KVPolicy, ScoreContext, attention_probs
+
+QUERY_CHUNK = 512  # queries per attention block while accumulating (bounds the prefill's memory)
+
+
+@register_transform("h2o")
+@dataclass
+class H2O(KVPolicy):
+    """Each stored token's attention summed over every query so far (all prompt queries, then each
+    decoded token); keep the ``recent_ratio`` most recent part of the budget and fill the rest with
+    the heaviest hitters. Per KV head (summed over its query group). Costs a full ``prompt x prompt``
+    attention per layer at prefill (done in blocks) and one query per step while decoding. Lossy.
+
+    - ``recent_ratio``: share of the budget given to the most recent tokens (the paper: 0.5).
+    - ``observation_window``: None accumulates over every prompt query (the paper); a number only
+      over the last that many prompt queries (cheaper prefill on long prompts).
+    """
+
+    observes_every_step = True
+    recent_ratio: float = 0.5
+    observation_window: int | None = None
+
+    @property
+    def query_tokens(self) -> int:  # type: ignore[override]
+        return -1 if self.observation_window is None else self.observation_window
+
+    def validate(self) -> None:
+        super().validate()
+        if self.observation_window is not None and self.observation_window < 1:
+            raise ConfigError(f"{type(self).__name__}.observation_window must be >= 1 or None")
+        if not 0.0 <= self.recent_ratio <= 1.0:
+            raise ConfigError(
+                f"{type(self).__name__}.recent_ratio must be in [0, 1], got {self.recent_ratio}"
+            )
+
+    def query_buffer(self) -> int:
+        return 0  # accumulates as it goes; keeps no queries
+
+    def observe(self, ctx: ScoreContext, new_queries: Tensor | None) -> None:
+        layer = ctx.layer
+        acc = layer.aux.get("h2o")
+        b, h, s, _ = ctx.keys.shape
+        if acc is None or acc.shape[-1] != s:
+            acc = torch.zeros(b, h, s, dtype=torch.float32, device=ctx.keys.device)
+        n = new_queries.shape[-2]
+        for start in range(0, n, QUERY_CHUNK):
+            stop = min(n, start + QUERY_CHUNK)
+            q = new_queries[:, :, start:stop]
+            # the block's queries own slots s - n + start ... s - n + stop - 1; later keys are masked
+            probs = attention_probs(q, ctx_for_block(ctx, s - n + stop))
+            acc[..., : s - n + stop] += probs.sum(dim=(2, 3))
+        layer.aux["h2o"] = acc
+
+    def score(self, ctx: ScoreContext) -> Tensor:
+        scores = ctx.layer.aux["h2o"].clone()
+        recent = int(self.recent_ratio * ctx.target)
+        if recent:
+            scores[..., -recent:] += FORCE_KEEP
+        return scores
+
+
+def ctx_for_block(ctx: ScoreContext, upto: int) -> ScoreContext:
+    """The context restricted to the first ``upto`` stored tokens (a query block's past)."""
+    vis = ctx.visible[:, :upto] if ctx.visible is not None else None
+    return ScoreContext(
+        ctx.module,
+        ctx.layer,
+        ctx.keys[:, :, :upto],
+        ctx.values[:, :, :upto],
+        None,
+        vis,
+        ctx.scaling,
+        ctx.layer_rank,
+        ctx.num_layers,
+        ctx.target,
+    )

@@ -1,0 +1,325 @@
+"""``KVPolicy``: the shared base of every eviction/merging method; a method only writes ``score``.
+
+Everything a method has in common lives here once (the kvpress pattern): the budget (a compression
+ratio or a token count, uniform or per layer), when to compress (after every multi-token forward, i.e.
+prefill chunks, and optionally every ``decode_interval`` decoding steps), GQA (score per query head,
+average over each KV head's group, keep per KV head), padding (pads score -inf, so they go first),
+optional D2O-style merging of evicted tokens, and the compact gather. A method's file holds a
+dataclass config citing its paper and one ``score(ctx) -> [B, H_kv, S]`` (higher = keep).
+
+Where this departs from the design note: every method, attention-based or not, is run from the one
+forward hook on the attention module rather than score-only ones from the layer's ``update``, because
+``update`` does not see the attention mask and so cannot tell pads from tokens; the hook does (and
+it sees the layer's input, from which attention-based methods recompute the few queries they need).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Applied, ConfigError, Stage, Transform
+from .attach import check_supported_model, kv_setup
+
+
+@dataclass
+class ScoreContext:
+    """What a policy's ``score`` sees for one layer at one compression step."""
+
+    module: nn.Module  # the attention module
+    layer: object  # the PolicyLayer
+    keys: Tensor  # [B, H_kv, S, D] all stored keys (post-rotary), full precision
+    values: Tensor  # [B, H_kv, S, D]
+    queries: Tensor | None  # [B, H_q, w, D] recent post-rotary queries (w <= layer.recent), or None
+    visible: Tensor | None  # [B, S] bool, False for padding; None when nothing is padded
+    scaling: float  # the module's softmax scaling
+    layer_rank: int  # index among the cache's full-attention layers
+    num_layers: int  # number of full-attention layers
+    target: int  # tokens this layer keeps
+
+    @property
+    def num_groups(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1] if self.queries is not None else 1
+
+    def attention(self, last: int | None = None, logits_fn=None) -> Tensor:
+        """Softmax attention of the last ``last`` buffered queries over the stored keys.
+
+        Returns float32 [B, H_kv, G, w, S] (G query heads per KV head), causal (query i of the w
+        sees slots up to its own) and with pads masked. ``logits_fn`` may transform the logits first
+        (Keyformer's Gumbel noise).
+        """
+        return attention_probs(
+            self.queries if last is None else self.queries[:, :, -last:], self, logits_fn
+        )
+
+
+def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None) -> Tensor:
+    """See :meth:`ScoreContext.attention`; ``queries`` are the latest ``w`` tokens' queries."""
+    b, hq, w, d = queries.shape
+    hkv, s = ctx.keys.shape[1], ctx.keys.shape[2]
+    g = hq // hkv
+    q = queries.float().reshape(b, hkv, g, w, d)
+    logits = (
+        torch.matmul(q, ctx.keys.float().unsqueeze(2).transpose(-1, -2)) * ctx.scaling
+    )  # [B,Hkv,G,w,S]
+    if logits_fn is not None:
+        logits = logits_fn(logits)
+    slot = torch.arange(s, device=q.device)
+    qpos = torch.arange(s - w, s, device=q.device)
+    blocked = (
+        slot[None, :] > qpos[:, None]
+    )  # [w, S] causal by slot: the queries' keys are the last w slots
+    if ctx.visible is not None:
+        blocked = blocked[None] | ~ctx.visible[:, None, :]  # [B, w, S]
+        blocked = blocked[:, None, None]
+    logits = logits.masked_fill(blocked, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if ctx.visible is not None:  # a pad's own query sees nothing: no NaN rows, no weight
+        qvis = ctx.visible[:, s - w :]
+        probs = torch.where(qvis[:, None, None, :, None], probs, torch.zeros((), dtype=probs.dtype))
+    return probs
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def compute_queries(module: nn.Module, hidden: Tensor, position_embeddings) -> Tensor:
+    """Post-rotary queries [B, H_q, n, D] of ``hidden`` [B, n, hidden] (the attention's own input)."""
+    b, n, _ = hidden.shape
+    q = module.q_proj(hidden).view(b, n, -1, module.head_dim)
+    norm = getattr(module, "q_norm", None)
+    if norm is not None:  # Qwen3, Gemma 3 normalise queries before rotary
+        q = norm(q)
+    q = q.transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos[:, -n:].unsqueeze(1), sin[:, -n:].unsqueeze(1)
+    return q * cos + rotate_half(q) * sin
+
+
+def pool1d(scores: Tensor, kernel: int, visible: Tensor | None = None) -> Tensor:
+    """Average-pool [B, H, S] scores along S with an odd ``kernel`` (SnapKV's clustering).
+
+    Pads (``visible`` False) are left out of every average, like the sequence boundary, so a padded
+    row pools exactly as it would alone.
+    """
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+
+    def avg(x: Tensor) -> Tensor:
+        flat = x.reshape(-1, 1, shape[-1])
+        return torch.nn.functional.avg_pool1d(
+            flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False
+        )
+
+    if visible is None:
+        return avg(scores).reshape(shape)
+    vis = visible[:, None, :].expand(shape).to(scores.dtype)
+    return (avg(scores * vis) / avg(vis).clamp_min(1e-12)).reshape(shape)
+
+
+FORCE_KEEP = 1e30  # added to the score of tokens a method always keeps (windows, sinks)
+
+
+@dataclass
+class KVPolicy(Transform):
+    """Base of eviction policies (not registered itself). Fields shared by every method:
+
+    - ``compression``: fraction of the tokens to evict, in [0, 1); 0 keeps everything and is
+      bit-identical to the unoptimized model. The budget is ``ceil((1 - compression) * seen)`` tokens
+      per row and KV head, ``seen`` counting left padding (every row gets the same budget).
+    - ``budget``: a token count instead of a ratio (overrides ``compression`` when set).
+    - ``decode_interval``: 0 compresses only after prefill chunks; N > 0 also compresses back to the
+      budget every N decoded tokens (long generations).
+    - ``prefill_min_tokens``: a forward of at least this many new tokens is a prefill chunk and
+      compresses; shorter ones (single decoding steps, speculative verification of a few drafts)
+      count as decoding, so ``crop`` can roll them back exactly.
+    - ``merge``: merge each evicted token into its most similar kept token (D2O, Wan et al. 2024,
+      https://arxiv.org/abs/2406.13035) instead of dropping it, when their key cosine similarity is at
+      least ``merge_threshold``.
+    """
+
+    stage: ClassVar[Stage] = Stage.CACHE
+    conflict_group: ClassVar[str | None] = "kv cache policy"
+    primary: ClassVar[str | None] = "compression"
+    query_tokens: ClassVar[int] = (
+        0  # queries a method needs from each forward: 0 none, k last k, -1 all
+    )
+    observes_every_step: ClassVar[bool] = False  # observe() must see every decoding step (H2O)
+
+    compression: float = 0.5
+    budget: int | None = None
+    decode_interval: int = 0
+    prefill_min_tokens: int = 16
+    merge: bool = False
+    merge_threshold: float = 0.5
+
+    # -- configuration -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        name = type(self).__name__
+        if (
+            not isinstance(self.compression, int | float)
+            or not 0.0 <= float(self.compression) < 1.0
+        ):
+            raise ConfigError(
+                f"{name}.compression must be in [0, 1) (the fraction of tokens evicted), got {self.compression!r}; "
+                "1 would evict every token, use e.g. 0.5"
+            )
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ConfigError(
+                f"{name}.budget must be a positive token count or None, got {self.budget!r}"
+            )
+        if not isinstance(self.decode_interval, int) or self.decode_interval < 0:
+            raise ConfigError(
+                f"{name}.decode_interval must be an int >= 0, got {self.decode_interval!r}"
+            )
+        if not isinstance(self.prefill_min_tokens, int) or self.prefill_min_tokens < 2:
+            raise ConfigError(
+                f"{name}.prefill_min_tokens must be an int >= 2, got {self.prefill_min_tokens!r}"
+            )
+        if not -1.0 <= self.merge_threshold <= 1.0:
+            raise ConfigError(
+                f"{name}.merge_threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}"
+            )
+
+    @property
+    def is_noop(self) -> bool:
+        return self.budget is None and self.compression == 0
+
+    def target(self, seen: int) -> int:
+        """Tokens kept per row and KV head after ``seen`` tokens (uniform budget)."""
+        if self.budget is not None:
+            return min(seen, self.budget)
+        return min(seen, max(1, math.ceil((1.0 - float(self.compression)) * seen - 1e-9)))
+
+    def layer_target(self, seen: int, layer_rank: int, num_layers: int) -> int:
+        """Per-layer budget; uniform here, PyramidKV overrides it."""
+        return self.target(seen)
+
+    def forced_tokens(self) -> int:
+        """Most recent tokens a method always keeps (checked against the budget)."""
+        return 0
+
+    def min_prompt_tokens(self) -> int:
+        """Prompt tokens needed before the first compression (a query window, say)."""
+        return 0
+
+    def query_buffer(self) -> int:
+        """Recent queries to keep per layer for scoring."""
+        return max(self.query_tokens, 0)
+
+    # -- the method ----------------------------------------------------------------------------------
+    def score(self, ctx: ScoreContext) -> Tensor:
+        """[B, H_kv, S] importance of each stored token (higher = keep)."""
+        raise NotImplementedError
+
+    def observe(self, ctx: ScoreContext, new_queries: Tensor | None) -> None:
+        """Called after every forward (H2O accumulates attention here)."""
+
+    # -- transform -----------------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        check_supported_model(model, self, needs_queries=self.query_tokens != 0)
+
+    def apply(self, model: nn.Module) -> Applied:
+        setup = kv_setup(model, create=True)
+        undo = setup.set_policy(self)
+        return Applied(self, undo=undo, report=setup.report)
+
+    # -- called by the attention forward hook ------------------------------------------------------
+    def after_attention(
+        self, module, layer, hidden: Tensor, position_embeddings, mask, rank: int, nlayers: int
+    ):
+        if self.is_noop:
+            return
+        n = hidden.shape[1]
+        due = (
+            n >= self.prefill_min_tokens
+        )  # prefill chunks compress; shorter forwards count as decoding
+        if not due:
+            layer.steps_since_compress += n
+            due = bool(self.decode_interval) and layer.steps_since_compress >= self.decode_interval
+            if not due and not self.observes_every_step:
+                if self.decode_interval == 0:
+                    layer.queries = (
+                        None  # not kept up to date while decoding: drop rather than go stale
+                    )
+                return
+        new_q = None
+        if self.query_tokens != 0:
+            take = n if self.query_tokens < 0 else min(n, self.query_tokens)
+            new_q = compute_queries(module, hidden[:, -take:], position_embeddings)
+            keep = self.query_buffer()
+            if keep > 0:
+                buf = (
+                    new_q[:, :, -keep:]
+                    if layer.queries is None
+                    else torch.cat([layer.queries, new_q[:, :, -keep:]], 2)
+                )
+                layer.queries = buf[:, :, -min(keep, layer.recent) :].detach()
+        keys, values = layer.full_keys_values()
+        s = keys.shape[-2]
+        visible = visible_keys(mask, s)
+        if visible is not None and bool((visible[:, 1:] < visible[:, :-1]).any()):
+            raise ConfigError(
+                f"{type(self).__name__} needs left padding (pads before each row's tokens), but the attention "
+                "mask hides tokens after visible ones; set tokenizer.padding_side = 'left'"
+            )
+        ctx = ScoreContext(
+            module,
+            layer,
+            keys,
+            values,
+            layer.queries,
+            visible,
+            float(module.scaling),
+            rank,
+            nlayers,
+            0,
+        )
+        self.observe(ctx, new_q)
+        if not due:
+            return
+        target = self.layer_target(layer.cumulative_length, rank, nlayers)
+        if s <= target:
+            return
+        name = type(self).__name__
+        need = self.min_prompt_tokens()
+        if layer.cumulative_length < need:
+            raise ConfigError(
+                f"{name} needs at least {need} prompt tokens before it can compress, got {layer.cumulative_length}; "
+                "lower its window_size or use StreamingLLM/KNorm"
+            )
+        if self.forced_tokens() > target:
+            raise ConfigError(
+                f"{name} always keeps {self.forced_tokens()} tokens but its budget here is {target} "
+                f"({layer.cumulative_length} tokens seen); lower window_size/sink_tokens or the compression"
+            )
+        ctx.target = target
+        scores = self.score(ctx).float()
+        if visible is not None:
+            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
+        keep = scores.topk(target, dim=-1).indices.sort(dim=-1).values
+        if self.merge:
+            from .d2o import merge_evicted
+
+            keys, values = merge_evicted(keys, values, keep, visible, self.merge_threshold)
+        layer.compress(keep, keys, values)
+        if self.decode_interval == 0:
+            layer.queries = None  # no compression before the next prompt chunk, which brings its own queries
+
+
+def visible_keys(mask, s: int) -> Tensor | None:
+    """[B, S] bool: keys the last query may attend (False for padding), from the 4D attention mask."""
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        return None
+    row = mask[:, 0, -1, -s:]
+    vis = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    if bool(vis.all()):
+        return None
+    return vis

@@ -1,0 +1,98 @@
+"""Compress one recorded prefill under many policies: for sweeps and benchmarks.
+
+A policy never changes the prefill itself: each layer attends to all prompt tokens and is compressed
+only after its attention has run, so the hidden states of a prefill are the same under every policy.
+``record_prefill`` runs it once with a plain ``DynamicCache`` and records each full-attention module's
+inputs; ``replay`` then builds the cache a policy would have produced, by calling the very same
+``update``, ``after_attention`` and ``flush`` steps the hooks call during ``generate``
+(``tests/kvcache/test_replay.py`` checks the result is identical to a real prefill).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+
+from ..core.model import decoder_layers
+from .cache import KVQuantSpec, PolicyCache, PolicyLayer
+
+
+@dataclass
+class PrefillRecording:
+    cache: DynamicCache
+    logits: Tensor  # [B, V] logits of the last prompt position
+    inputs: dict[int, tuple] = field(
+        default_factory=dict
+    )  # layer -> (hidden, position_embeddings, mask)
+
+
+@torch.no_grad()
+def record_prefill(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> PrefillRecording:
+    """Run the prefill once with a plain cache and record what each full-attention module saw."""
+    cache = DynamicCache(config=model.config)
+    rec = PrefillRecording(cache, torch.empty(0))
+    full = [i for i, t in enumerate(PolicyCache(model.config).layers) if isinstance(t, PolicyLayer)]
+    handles = []
+    for i in full:
+        attn = decoder_layers(model)[i].self_attn
+
+        def hook(module, args, kwargs, output, i=i):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            rec.inputs[i] = (
+                hidden,
+                kwargs.get("position_embeddings"),
+                kwargs.get("attention_mask"),
+            )
+
+        handles.append(attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        out = model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    rec.logits = out.logits[:, -1]
+    return rec
+
+
+@torch.no_grad()
+def replay(
+    model: nn.Module, rec: PrefillRecording, policy=None, quant: KVQuantSpec | None = None
+) -> PolicyCache:
+    """The cache ``policy`` (and ``quant``) would hold after the recorded prefill."""
+    cache = PolicyCache(model.config, policy=policy, quant=quant)
+    layers = decoder_layers(model)
+    n = len(cache.policy_layer_indices)
+    for i, layer in enumerate(cache.layers):
+        src = rec.cache.layers[i]
+        if not isinstance(layer, PolicyLayer):
+            cache.layers[i] = copy.deepcopy(src)
+            continue
+        layer.update(src.keys, src.values)
+        if policy is not None:
+            hidden, pos, mask = rec.inputs[i]
+            policy.after_attention(
+                layers[i].self_attn,
+                layer,
+                hidden,
+                pos,
+                mask,
+                cache.policy_layer_indices.index(i),
+                n,
+            )
+            layer.flush()
+    return cache

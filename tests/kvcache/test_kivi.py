@@ -1,0 +1,116 @@
+"""KIVI KV quantization: storage, accuracy, composition with eviction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import infertrix as ix
+from infertrix.kvcache import KIVI, CacheCropError, SnapKV, new_cache
+
+
+def run(model, ids):
+    cache = new_cache(model)
+    out = model(ids, past_key_values=cache)
+    nxt = out.logits[:, -1:].argmax(-1)
+    step = model(
+        nxt, past_key_values=cache
+    )  # the prompt is read back from the quantized store here
+    return cache, step.logits[:, -1]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_stores_few_bits_behind_a_residual_window(bits):
+    model = make_tiny(
+        "llama", head_dim=32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
+    ix.optimize(model, KIVI(bits=bits, group_size=8, residual_length=8))
+    ids = torch.randint(3, 128, (2, 50))
+    cache, _ = run(model, ids)
+    layer = cache.layers[0]
+    # 51 tokens: 40 quantized in blocks of 8, 11 in full precision (8 <= residual < 8 + 8)
+    assert layer.n_quantized == 40 and layer.residual_len == 11 and cache.get_seq_length() == 51
+    assert layer.qkeys[0].dtype == torch.uint8 and layer.qkeys[0].shape == (
+        2,
+        2,
+        5,
+        32,
+        8 * bits // 8,
+    )
+    # per (row, KV head): packed codes + a float32 scale and zero per group + the fp32 residual
+    codes = 2 * 40 * 32 * bits // 8
+    groups = 5 * 32 + 40 * (
+        32 // 8
+    )  # key groups (block, channel) + value groups (token, 8 channels)
+    per_head = codes + groups * 2 * 4 + 11 * 32 * 4 * 2
+    assert cache.kv_bytes() == 4 * 2 * 2 * per_head  # 4 layers, batch 2, 2 KV heads
+    assert cache.kv_bytes() < cache.full_kv_bytes()
+
+
+def test_kivi_4bit_is_closer_than_2bit():
+    model = make_tiny(
+        "llama", head_dim=32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
+    ids = torch.randint(3, 128, (1, 60))
+    _, ref = run_plain(model, ids)
+    errs = {}
+    for bits in (4, 2):
+        ix.restore(model)
+        ix.optimize(model, KIVI(bits=bits, group_size=8, residual_length=8))
+        _, logits = run(model, ids)
+        errs[bits] = (logits - ref).abs().max().item()
+    assert 0 < errs[4] < errs[2]
+
+
+def run_plain(model, ids):
+    out = model(ids, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    return None, model(nxt, past_key_values=out.past_key_values).logits[:, -1]
+
+
+def test_kivi_composes_with_eviction():
+    model = make_tiny("llama")
+    ix.optimize(model, "snapkv:0.5(window_size=4),kivi:4(group_size=8,residual_length=8)")
+    ids = torch.randint(3, 128, (1, 64))
+    cache, logits = run(model, ids)
+    layer = cache.layers[0]
+    assert (
+        layer.stored_length == 33 and layer.n_quantized == 24
+    )  # 32 kept + 1 decoded; 24 quantized
+    assert torch.isfinite(logits).all()
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 69)
+    rep = ix.describe(model).transforms
+    assert any("kv_bytes" in t["report"] for t in rep)
+
+
+def test_kivi_crop_within_the_residual_only():
+    model = make_tiny("llama")
+    ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
+    cache = new_cache(model)
+    model(torch.randint(3, 128, (1, 40)), past_key_values=cache)
+    model(torch.tensor([[5, 6]]), past_key_values=cache)
+    cache.crop(-2)
+    assert cache.get_seq_length() == 40
+    with pytest.raises(CacheCropError, match="quantized"):
+        cache.crop(-30)
+
+
+def test_kivi_generate_padded_batch_equals_rows_alone():
+    model = make_tiny("llama")
+    ix.optimize(
+        model, SnapKV(window_size=4, budget=12), KIVI(bits=4, group_size=4, residual_length=4)
+    )
+    rows = [torch.randint(3, 128, (1, n)) for n in (20, 9)]
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, r in enumerate(rows):
+        batch[i, 20 - r.shape[1] :] = r[0]
+        mask[i, 20 - r.shape[1] :] = 1
+    out = model.generate(
+        batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+    )
+    for i, r in enumerate(rows):
+        alone = model.generate(r, max_new_tokens=5, do_sample=False)
+        assert torch.equal(out[i, 20:], alone[0, r.shape[1] :])

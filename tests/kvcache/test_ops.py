@@ -1,0 +1,118 @@
+"""infertrix::kv_gather / kv_quantize / kv_dequantize: compiled kernels against the references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infertrix import ops
+from infertrix.ops.kv_cache_ops import (
+    kv_dequantize,
+    kv_dequantize_reference,
+    kv_gather,
+    kv_gather_reference,
+    kv_quantize,
+    kv_quantize_reference,
+)
+
+
+def isas():
+    if ops.status().cpu_isa is None:
+        return []
+    import infertrix._C as C
+
+    order = ["scalar", "avx2", "avx512_vnni"]
+    return order[: order.index(C.detected_cpu_isa()) + 1]
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512_vnni"])
+def isa(request):
+    if request.param not in isas():
+        pytest.skip(f"{request.param} not available (extension missing or CPU lacks it)")
+    ops.set_cpu_isa(request.param)
+    yield request.param
+    ops.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 17, 64), (1, 9, 100, 24), (3, 2, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gather_matches_reference(isa, shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g).to(dtype)
+    b, h, s, _ = shape
+    k = max(1, s // 2)
+    idx = torch.stack(
+        [torch.randperm(s, generator=g)[:k].sort().values for _ in range(b * h)]
+    ).view(b, h, k)
+    assert torch.equal(kv_gather(x, idx), kv_gather_reference(x, idx))
+
+
+def test_gather_rejects_bad_index():
+    x = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kv_gather(x, torch.tensor([[[0, 4]]]))
+    with pytest.raises((TypeError, RuntimeError), match="int64"):
+        kv_gather(x, torch.tensor([[[0, 1]]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(
+    ("shape", "group"),
+    [((4, 64), 32), ((2, 3, 5, 32), 32), ((7, 16), 16), ((3, 128), 64), ((1, 8), 8)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_and_dequantize_match_reference_bit_for_bit(isa, bits, shape, group, dtype):
+    g = torch.Generator().manual_seed(sum(shape) + bits)
+    x = (torch.randn(*shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 5).to(dtype)
+    got = kv_quantize(x, bits, group)
+    ref = kv_quantize_reference(x, bits, group)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(kv_dequantize(*got, bits, group), kv_dequantize_reference(*ref, bits, group))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_dequantize_many_seeds(isa, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 4, 256, generator=g) * 3
+    for bits in (2, 4):
+        q = kv_quantize_reference(x, bits, 32)
+        assert torch.equal(kv_dequantize(*q, bits, 32), kv_dequantize_reference(*q, bits, 32))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantization_error_is_within_half_a_step(bits):
+    x = torch.randn(50, 64)
+    packed, scale, zero = kv_quantize_reference(x, bits, 16)
+    assert packed.shape == (50, 64 * bits // 8) and scale.shape == (50, 4)
+    back = kv_dequantize_reference(packed, scale, zero, bits, 16)
+    step = scale.repeat_interleave(16, dim=-1)
+    assert torch.all((back - x).abs() <= step / 2 + 1e-5)
+
+
+def test_constant_group_is_exact():
+    x = torch.full((2, 32), 0.75)
+    back = kv_dequantize_reference(*kv_quantize_reference(x, 2, 32), 2, 32)
+    assert torch.equal(back, x)
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 6, 16)
+    idx = torch.tensor([[[0, 2, 5]] * 3] * 2)
+    torch.library.opcheck(kv_gather, (x, idx))
+    torch.library.opcheck(kv_quantize, (torch.randn(3, 64), 4, 32))
+    q = kv_quantize(torch.randn(3, 64), 2, 16)
+    torch.library.opcheck(kv_dequantize, (*q, 2, 16))
+
+
+def test_bad_quantization_arguments():
+    with pytest.raises((ValueError, RuntimeError), match="bits=2 or 4"):
+        kv_quantize(torch.randn(2, 8), 3, 8)
+    with pytest.raises((ValueError, RuntimeError), match="multiple of group_size"):
+        kv_quantize(torch.randn(2, 10), 4, 4)
+
+
+def test_status_reports_the_ops():
+    st = ops.status()
+    for name in ("kv_gather", "kv_quantize", "kv_dequantize"):
+        assert st[name]["cpu"].startswith("c++/") if st.cpu_isa else st[name]["cpu"] == "reference"

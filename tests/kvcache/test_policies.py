@@ -1,0 +1,373 @@
+"""KV-cache policies under generate: identity at ratio 0, padding, GQA, cache reuse, chunked prefill, crop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+import infertrix as ix
+from infertrix.core import ConfigError, ConflictError, UnsupportedModelError
+from infertrix.kvcache import (
+    D2O,
+    H2O,
+    KIVI,
+    RKV,
+    TOVA,
+    CacheCropError,
+    Keyformer,
+    KNorm,
+    PolicyCache,
+    PolicyLayer,
+    PyramidKV,
+    SnapKV,
+    StreamingLLM,
+    new_cache,
+)
+
+
+def policies(**kw):
+    """One configured instance of every policy (small windows for tiny prompts)."""
+    return [
+        StreamingLLM(sink_tokens=2, **kw),
+        KNorm(**kw),
+        SnapKV(window_size=4, kernel_size=3, **kw),
+        H2O(**kw),
+        TOVA(**kw),
+        Keyformer(window_size=4, **kw),
+        RKV(window_size=4, kernel_size=3, **kw),
+        PyramidKV(window_size=4, kernel_size=3, beta=4, **kw),
+        D2O(**kw),
+    ]
+
+
+def ids_of(seed: int, *lengths: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (1, n), generator=g) for n in lengths]
+
+
+def greedy(model, ids, **kw):
+    out = model.generate(
+        ids,
+        max_new_tokens=kw.pop("max_new_tokens", 6),
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+        **kw,
+    )
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+RATIO_ZERO_CASES = [("llama", p) for p in policies(compression=0.0)] + [
+    (arch, p)
+    for arch in ("qwen2", "mistral", "gemma3")
+    for p in (SnapKV(window_size=4, compression=0.0), H2O(compression=0.0))
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "policy"),
+    RATIO_ZERO_CASES,
+    ids=lambda p: p if isinstance(p, str) else type(p).__name__,
+)
+def test_ratio_zero_is_bit_identical(arch, policy):
+    model = make_tiny(arch)
+    (ids,) = ids_of(0, 30)
+    ref_seq, ref_logits = greedy(model, ids)
+    ix.optimize(model, policy)
+    seq, logits = greedy(model, ids)
+    assert torch.equal(seq, ref_seq)
+    assert torch.equal(logits, ref_logits)
+
+
+# rows shorter than the budget keep all their tokens plus pads; PyramidKV's per-layer budgets reach 20
+# tokens, so its rows are all longer than that (budgets follow the padded length, the same for all rows)
+PADDED_CASES = [("llama", p) for p in policies(budget=12) if not isinstance(p, PyramidKV)] + [
+    ("llama", PyramidKV(window_size=4, kernel_size=3, beta=4, budget=12)),
+    ("llama", SnapKV(window_size=4, budget=12, decode_interval=3)),
+    ("gemma3", SnapKV(window_size=4, budget=12)),
+    ("qwen2", H2O(budget=12)),
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "policy"),
+    PADDED_CASES,
+    ids=lambda p: p if isinstance(p, str) else type(p).__name__ + f"{p.decode_interval or ''}",
+)
+def test_padded_batch_equals_rows_alone(arch, policy):
+    model = make_tiny(arch)
+    rows = ids_of(1, 30, 22, 26) if isinstance(policy, PyramidKV) else ids_of(1, 22, 9, 16)
+    ix.optimize(model, policy)
+    width = max(r.shape[1] for r in rows)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, r in enumerate(rows):
+        batch[i, width - r.shape[1] :] = r[0]
+        mask[i, width - r.shape[1] :] = 1
+    seq, logits = greedy(model, batch, attention_mask=mask, max_new_tokens=5)
+    for i, r in enumerate(rows):
+        alone_seq, alone_logits = greedy(model, r, max_new_tokens=5)
+        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1] :]), f"row {i}"
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        SnapKV(window_size=4, compression=0.5),
+        H2O(compression=0.6),
+        KNorm(budget=10, decode_interval=4),
+        TOVA(budget=12, decode_interval=1),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+def test_generate_equals_manual_loop_with_positions(policy):
+    model = make_tiny("qwen2")
+    (ids,) = ids_of(2, 25)
+    ix.optimize(model, policy)
+    seq, logits = greedy(model, ids, max_new_tokens=10)
+    cache = new_cache(model)
+    n = ids.shape[1]
+    out = model(ids, past_key_values=cache, position_ids=torch.arange(n)[None])
+    tokens, manual_logits = [], [out.logits[:, -1]]
+    for step in range(9):
+        tok = manual_logits[-1].argmax(-1, keepdim=True)
+        tokens.append(tok)
+        out = model(tok, past_key_values=cache, position_ids=torch.tensor([[n + step]]))
+        manual_logits.append(out.logits[:, -1])
+    tokens.append(manual_logits[-1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, 1), seq[:, n:])
+    torch.testing.assert_close(torch.stack(manual_logits, 1), logits, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == n + 9  # positions count every token, evicted or not
+    stored = cache.layers[0].stored_length
+    kv_len, offset = cache.get_mask_sizes(1, 0)
+    assert (kv_len, offset) == (stored + 1, n + 9 - stored)
+
+
+def manual_generate(model, cache, ids, new_tokens):
+    """Greedy decoding the way generate feeds a reused cache: only tokens the cache has not seen."""
+    seen = cache.get_seq_length()
+    out = model(ids[:, seen:], past_key_values=cache)
+    toks = []
+    for _ in range(new_tokens):
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(tok)
+        if len(toks) < new_tokens:
+            out = model(tok, past_key_values=cache)
+    return torch.cat([ids, *toks], 1)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [SnapKV(window_size=4, compression=0.5), StreamingLLM(budget=16), None],
+    ids=lambda p: type(p).__name__,
+)
+def test_cache_reuse_across_two_generate_calls(policy):
+    model = make_tiny("llama")
+    ix.optimize(model, *([policy] if policy else [KIVI(bits=4, group_size=4, residual_length=4)]))
+    first, more = ids_of(3, 20, 12)
+    cache = new_cache(model)
+    out1 = model.generate(first, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    ids2 = torch.cat([out1, more], 1)
+    out2 = model.generate(ids2, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert cache.get_seq_length() == ids2.shape[1] + 4
+
+    ref_cache = new_cache(model)
+    r1 = manual_generate(model, ref_cache, first, 5)
+    assert torch.equal(r1, out1)
+    r2 = manual_generate(model, ref_cache, ids2, 5)
+    assert torch.equal(r2, out2)
+    assert ref_cache.stored_lengths() == cache.stored_lengths()
+
+
+def test_chunked_prefill_keeps_positions_and_budget():
+    model = make_tiny("mistral")
+    ix.optimize(model, SnapKV(window_size=4, compression=0.5))
+    (ids,) = ids_of(4, 40)
+    cache = new_cache(model)
+    model(ids[:, :24], past_key_values=cache)
+    assert cache.get_seq_length() == 24 and cache.stored_lengths()[0] == 12
+    out = model(ids[:, 24:], past_key_values=cache)
+    assert cache.get_seq_length() == 40 and cache.stored_lengths()[0] == 20
+    assert out.logits.shape == (1, 16, 128) and torch.isfinite(out.logits).all()
+    # ratio 0 chunked == one shot
+    ix.restore(model)
+    ix.optimize(model, SnapKV(window_size=4, compression=0.0))
+    one = model(ids).logits
+    cache = new_cache(model)
+    parts = [
+        model(ids[:, :24], past_key_values=cache).logits,
+        model(ids[:, 24:], past_key_values=cache).logits,
+    ]
+    torch.testing.assert_close(torch.cat(parts, 1), one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])  # MQA, GQA, MHA
+def test_gqa_stores_per_kv_head_and_really_shrinks(kv_heads):
+    model = make_tiny("llama", num_key_value_heads=kv_heads)
+    ix.optimize(model, SnapKV(window_size=4, compression=0.75))
+    (ids,) = ids_of(5, 64)
+    cache = new_cache(model)
+    model(ids, past_key_values=cache)
+    for layer in cache.layers:
+        assert layer.keys.shape == (1, kv_heads, 16, 16)
+        assert (
+            layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+        )  # compact, not a view of the old
+    assert cache.kv_bytes() == cache.full_kv_bytes() // 4
+    rep = ix.describe(model).transforms[0]["report"]
+    assert rep["kv_fraction"] == 0.25 and rep["tokens_seen"] == 64
+
+
+def test_sliding_layers_left_alone_in_gemma3():
+    model = make_tiny("gemma3", num_hidden_layers=4)
+    ix.optimize(model, SnapKV(window_size=4, compression=0.5))
+    (ids,) = ids_of(6, 30)
+    cache = new_cache(model)
+    model(ids, past_key_values=cache)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [DynamicSlidingWindowLayer, PolicyLayer] * 2
+    assert cache.layers[0].keys.shape[-2] == 7  # stock sliding window (8 - 1)
+    assert cache.layers[1].keys.shape[-2] == 15  # compressed full-attention layer
+    assert cache.get_seq_length() == 30
+
+
+def test_decode_time_compression_bounds_the_cache():
+    model = make_tiny("llama")
+    ix.optimize(model, KNorm(budget=10, decode_interval=4))
+    (ids,) = ids_of(7, 20)
+    cache = new_cache(model)
+    model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    assert cache.get_seq_length() == 39
+    assert all(10 <= s < 14 for s in cache.stored_lengths())
+
+
+def test_pyramid_budgets_differ_per_layer_and_average_to_the_budget():
+    model = make_tiny("llama", num_hidden_layers=4)
+    ix.optimize(model, PyramidKV(window_size=4, kernel_size=3, compression=0.5, beta=4))
+    (ids,) = ids_of(8, 40)
+    cache = new_cache(model)
+    model(ids, past_key_values=cache)
+    lengths = cache.stored_lengths()
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+    assert sum(lengths) == pytest.approx(4 * 20, abs=2)
+
+
+def test_merge_changes_kept_states_not_their_number():
+    model = make_tiny("llama")
+    (ids,) = ids_of(9, 30)
+    caches = []
+    for policy in (H2O(compression=0.5), D2O(compression=0.5, merge_threshold=-1.0)):
+        ix.restore(model)
+        ix.optimize(model, policy)
+        cache = new_cache(model)
+        model(ids, past_key_values=cache)
+        caches.append(cache)
+    a, b = caches[0].layers[0], caches[1].layers[0]
+    assert a.keys.shape == b.keys.shape
+    assert not torch.equal(a.values, b.values)
+
+
+def test_crop_rolls_back_exactly_when_tokens_are_stored():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=8, compression=0.5))
+    (ids,) = ids_of(10, 30)
+    cache = new_cache(model)
+    model(ids, past_key_values=cache)
+    draft = torch.tensor([[5, 6, 7]])
+    first = model(draft, past_key_values=cache).logits
+    stored = cache.stored_lengths()
+    cache.crop(-3)
+    assert cache.get_seq_length() == 30 and cache.stored_lengths() == [s - 3 for s in stored]
+    again = model(draft, past_key_values=cache).logits
+    assert torch.equal(first, again)
+
+    ix.restore(model)
+    ix.optimize(model, KNorm(compression=0.5))
+    cache = new_cache(model)
+    model(ids, past_key_values=cache)
+    with pytest.raises(CacheCropError, match="only the last .* tokens are still stored exactly"):
+        cache.crop(-3)
+
+
+def test_beam_search_runs_with_a_policy_cache():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, budget=10))
+    (ids,) = ids_of(11, 20)
+    out = model.generate(ids, num_beams=2, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 24)
+
+
+def test_recipes_and_conflicts():
+    assert ix.parse_recipe("snapkv:0.5") == [SnapKV(compression=0.5)]
+    assert ix.parse_recipe("kivi:2") == [KIVI(bits=2)]
+    model = make_tiny("llama")
+    ix.optimize(model, "kivi:4,h2o:0.25")  # quantization composes with a policy
+    with pytest.raises(ConflictError, match="kv cache policy"):
+        ix.optimize(model, "snapkv:0.5")
+
+
+def test_restore_removes_every_hook():
+    model = make_tiny("llama")
+    ix.optimize(model, "snapkv:0.5(window_size=4),kivi:4")
+    attn = model.model.layers[0].self_attn
+    assert attn._forward_hooks and "generate" in model.__dict__
+    ix.restore(model)
+    assert (
+        not attn._forward_hooks and not attn._forward_pre_hooks and "generate" not in model.__dict__
+    )
+
+
+def test_generate_gets_a_fresh_policy_cache_unless_given_one():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, compression=0.5))
+    (ids,) = ids_of(12, 20)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, PolicyCache)
+    out2 = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert out2.past_key_values is not out.past_key_values
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_ratio_outside_unit_interval_is_a_clear_error(bad):
+    with pytest.raises(ConfigError, match=r"compression must be in \[0, 1\)"):
+        SnapKV(compression=bad)
+
+
+def test_clear_errors():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=32, compression=0.5))
+    (ids,) = ids_of(13, 20)
+    with pytest.raises(
+        ConfigError, match="needs at least 32 prompt tokens before it can compress, got 20; lower"
+    ):
+        model.generate(ids, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="always keeps 32 tokens but its budget here is"):
+        ix.restore(model)
+        ix.optimize(model, SnapKV(window_size=32, budget=16))
+        model.generate(torch.randint(3, 128, (1, 40)), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="bits must be 2 or 4"):
+        KIVI(bits=3)
+    with pytest.raises(ConfigError, match="kernel_size must be odd"):
+        SnapKV(kernel_size=4)
+    with pytest.raises(ConfigError, match="budget must be a positive token count"):
+        KNorm(budget=0)
+    with pytest.raises(UnsupportedModelError, match="no infertrix.kvcache transform"):
+        new_cache(make_tiny("llama"))
+    flex = make_tiny("llama")
+    flex.config._attn_implementation = "flex_attention"
+    with pytest.raises(UnsupportedModelError, match="attn_implementation 'sdpa' or 'eager'"):
+        ix.optimize(flex, "snapkv:0.5")
+
+
+def test_right_padding_is_a_clear_error():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, budget=8))
+    ids = torch.randint(3, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    with pytest.raises(ConfigError, match="needs left padding"):
+        model(ids, attention_mask=mask, past_key_values=new_cache(model))
