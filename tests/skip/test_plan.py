@@ -8,7 +8,14 @@ from conftest import ARCHS, make_tiny
 
 from infertrix.core import ConfigError
 from infertrix.core.model import decoder_layers
-from infertrix.skip import SkipEntry, SkipPlan, SkippedLayer, anchor_layers, rollback_cache, skipping
+from infertrix.skip import (
+    SkipEntry,
+    SkippedLayer,
+    SkipPlan,
+    anchor_layers,
+    rollback_cache,
+    skipping,
+)
 
 
 def ids(batch=2, length=12, seed=1):
