@@ -41,7 +41,7 @@ class CalibratedStrategy(SkipStrategy):
     similarities: precomputed :class:`Similarities` (skips calibration; lets several budgets share one run).
     """
 
-    calibration_tokens: int = 2048
+    calibration_tokens: int = 1024
     window: int = 512
     protect_last: bool = True
     progress: bool = True

@@ -178,5 +178,6 @@ def measure_similarities(
     starts = list(range(0, ids.numel(), window))
     with SimilarityRecorder(model) as rec:
         for s in tqdm(starts, desc=desc, unit="window", disable=not progress, leave=False):
-            model(input_ids=ids[s : s + window].unsqueeze(0).to(device), use_cache=False)
+            # logits of the last position only: the vocabulary projection is not needed here
+            model(input_ids=ids[s : s + window].unsqueeze(0).to(device), use_cache=False, logits_to_keep=1)
     return rec.result()
