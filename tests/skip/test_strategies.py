@@ -211,3 +211,24 @@ def test_skip_plan_transform_from_file(tmp_path):
     assert torch.equal(m(x).logits, ref)
     with pytest.raises(ConfigError, match="exactly one of"):
         ix.optimize(m, "skip_plan")
+
+
+@pytest.mark.smollm2
+def test_smollm2_strategies(smollm2, tmp_path):
+    model, tok = smollm2
+    sg = ShortGPT(fraction=0.2, tokenizer=tok, calibration_tokens=256, window=256, progress=False)
+    plan = sg.plan(model)
+    assert len(plan) == 6 and not {0, 29} & set(plan.indices("layer"))
+    assert plan.compute_fraction(model) == pytest.approx(0.2)
+    again = SkipPlan.load(plan.save(tmp_path / "sg.json"))
+    assert again == plan
+    ad = AttentionDrop(fraction=0.1, similarities=sg.similarities).plan(model)
+    assert len(ad) == 12 and ad.indices("attention") and 0 not in ad.indices("attention")
+    x = tok("It is a truth universally acknowledged", return_tensors="pt")
+    ix.optimize(model, SkipDecode(fraction=0.2, ramp_tokens=4))
+    try:
+        out = model.generate(**x, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    finally:
+        ix.restore(model)
+    lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+    assert lengths[0] == x["input_ids"].shape[1] + 5 and min(lengths) < lengths[0]

@@ -25,6 +25,7 @@ class ApplySkipPlan(Transform):
     stage: ClassVar[Stage] = Stage.LAYERS
     conflict_group: ClassVar[str | None] = "layer skipping"
     primary: ClassVar[str | None] = "path"
+    bench_recipe: ClassVar[str | None] = None  # needs a plan file: not part of `infertrix bench --all-recipes`
 
     path: str | None = None
     plan: SkipPlan | None = field(default=None, repr=False, compare=False)
