@@ -11,6 +11,7 @@ block, and a parity test against the reference in ``tests/ops/``.
 
 from . import _extension
 from .quantize import quantize_per_token_int8, quantize_per_token_int8_reference
+from . import ngram_index  # noqa: F401  (speculative/: prompt-lookup n-gram index)
 from .registry import OPS, OpInfo, OpsStatus, set_cpu_isa, status
 
 _extension.load()
