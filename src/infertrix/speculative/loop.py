@@ -21,6 +21,7 @@ models, ``inputs_embeds``.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -173,11 +174,10 @@ class SpeculativeGenerate:
                 return max(stop_len)
             return None
 
-        def active(b: int) -> bool:
+        def active(b: int, target: int | None) -> bool:
             if has_eos:
                 return stop_len[b] is None
-            t = target_len()
-            return t is None or len(gen[b]) < t
+            return target is None or len(gen[b]) < target
 
         while True:
             if has_eos:
@@ -189,21 +189,23 @@ class SpeculativeGenerate:
                 if final_len is not None:
                     for b in range(batch):
                         del gen[b][final_len:]
-            emitted = _emit(streamer, gen, [active(b) for b in range(batch)], emitted, pad_id, final_len)
-            rows = [b for b in range(batch) if active(b)]
+            target = None if has_eos else final_len
+            live = [active(b, target) for b in range(batch)]
+            emitted = _emit(streamer, gen, live, emitted, pad_id, final_len)
+            rows = [b for b in range(batch) if live[b]]
             if not rows:
                 break
             cap = final_len if final_len is not None else max_len - prompt_len
-            limits = [max(0, cap - len(gen[b]) - 1) if b in rows else 0 for b in range(batch)]
+            limits = [max(0, cap - len(gen[b]) - 1) if live[b] else 0 for b in range(batch)]
 
             t0 = time.perf_counter()
             draft = drafter.propose([prompts[b] + gen[b] for b in range(batch)], limits)
-            drafts = [list(draft.tokens[b][: limits[b]]) if b in rows else [] for b in range(batch)]
+            drafts = [list(draft.tokens[b][: limits[b]]) if live[b] else [] for b in range(batch)]
             t1 = time.perf_counter()
             stats.draft_seconds += t1 - t0
 
             base_pos = ragged.pos.clone()
-            feed = [[gen[b][-1]] + drafts[b] if b in rows else [] for b in range(batch)]
+            feed = [[gen[b][-1]] + drafts[b] if live[b] else [] for b in range(batch)]
             logits = ragged.extend(feed).to(torch.float32)  # [B, W, V]
             width = logits.shape[1]
             scores = self._process(processors, history_free, logits, stopper, gen, drafts, rows)
@@ -218,7 +220,7 @@ class SpeculativeGenerate:
                 accepted, nxt = verify_sampling(probs, dtok, lengths, qprobs)
             else:
                 accepted, nxt = verify_greedy(scores, dtok, lengths)
-            keep = torch.tensor([1 if b in rows else 0 for b in range(batch)], device=base_pos.device)
+            keep = torch.tensor(live, dtype=torch.long, device=base_pos.device)
             ragged.rollback(base_pos + keep * (accepted.to(base_pos.device) + 1))
             stats.verify_seconds += time.perf_counter() - t1
 
@@ -228,7 +230,7 @@ class SpeculativeGenerate:
             stats.row_steps += len(rows)
             stats.drafted += sum(len(drafts[b]) for b in rows)
             stats.accepted += sum(acc[b] for b in rows)
-            drafter.observe([len(drafts[b]) for b in range(batch)], [acc[b] if b in rows else 0 for b in range(batch)])
+            drafter.observe([len(d) for d in drafts], [acc[b] if live[b] else 0 for b in range(batch)])
             for b in rows:
                 new = drafts[b][: acc[b]] + [nx[b]]
                 if stop_len[b] is None:
@@ -259,11 +261,32 @@ class SpeculativeGenerate:
             return processors(dummy, flat).reshape(batch, width, vocab)
         out = logits.clone()
         for b in rows:
+            row_processors = _row_view(processors, b, batch)
             base = stopper.row_ids(b, gen[b])
             for j in range(len(drafts[b]) + 1):
                 seq = torch.cat([base, base.new_tensor(drafts[b][:j])]) if j else base
-                out[b, j] = processors(seq[None], logits[b, j][None])[0]
+                out[b, j] = row_processors(seq[None], logits[b, j][None])[0]
         return out
+
+
+def _row_view(processors, b: int, batch: int):
+    """Processors for row b alone: per-row state (a tensor attribute with the batch as first
+    dimension, such as RepetitionPenalty's ``prompt_ignore_length``) is sliced to that row."""
+    if batch == 1:
+        return processors
+    views = []
+    for p in processors:
+        sliced = {
+            k: v[b : b + 1]
+            for k, v in vars(p).items()
+            if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch
+        }
+        if sliced:
+            p = copy.copy(p)
+            for k, v in sliced.items():
+                setattr(p, k, v)
+        views.append(p)
+    return type(processors)(views)
 
 
 def _apply_history_free(processors, logits: Tensor) -> Tensor:

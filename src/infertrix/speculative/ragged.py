@@ -105,15 +105,17 @@ class RaggedKV:
         logits = self._forward(ids, mask, positions, keep if keep is not None else width)
         self.mask = mask
         self.pos = self.pos + new_mask.sum(-1)
-        self.cache.crop(0)
+        # no crop here: a sliding-window layer keeps its past until `rollback` decides
         return logits
 
     def rollback(self, counts: list[int] | Tensor) -> None:
-        """Keep only the first ``counts[b]`` real tokens of row b; crop the cache to the longest."""
+        """Keep only the first ``counts[b]`` real tokens of row b; crop the cache to the longest.
+        Call it after every ``extend`` (with the unchanged positions to keep everything)."""
         counts = torch.as_tensor(counts, dtype=torch.long, device=self.mask.device)
         if bool((counts > self.pos).any()):
             raise ValueError("RaggedKV.rollback cannot keep more tokens than a row has")
         if bool((counts == self.pos).all()):
+            self.cache.crop(0)  # lets sliding-window layers drop what they no longer need
             return
         self.mask = self.mask * (self.mask.cumsum(-1) <= counts[:, None]).long()
         used = self.mask.any(0).nonzero()
