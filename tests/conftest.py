@@ -66,3 +66,24 @@ def smollm2():
     except models.ModelNotAvailableError as exc:
         pytest.skip(str(exc))
     return models.load("smollm2")
+
+
+def byte_tokenizer():
+    """A real (fast) tokenizer with a 256-symbol byte-level vocabulary and no merges, so tiny
+    models can be driven by the same code paths as real ones (use vocab_size >= 259)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def byte_tok():
+    return byte_tokenizer()

@@ -10,7 +10,8 @@
 // is the same IEEE single-precision operation in the same order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cmath>

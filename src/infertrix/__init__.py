@@ -6,7 +6,7 @@
     ix.restore(model)
 """
 
-from . import kvcache, moe, ops, quant, skip, speculative
+from . import eval, kvcache, models, moe, ops, quant, skip, speculative
 from .core import (
     Applied,
     ConfigError,
@@ -35,6 +35,8 @@ __all__ = [
     "UnsupportedModelError",
     "available",
     "describe",
+    "eval",
+    "models",
     "kvcache",
     "moe",
     "ops",

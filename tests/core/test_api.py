@@ -10,7 +10,14 @@ import torch
 from conftest import make_tiny
 
 import infertrix as ix
-from infertrix.core import Applied, ConfigError, ConflictError, Stage, Transform, UnsupportedModelError
+from infertrix.core import (
+    Applied,
+    ConfigError,
+    ConflictError,
+    Stage,
+    Transform,
+    UnsupportedModelError,
+)
 from infertrix.core.generation import add_generate_hook
 from infertrix.core.registry import _REGISTRY
 
@@ -236,3 +243,28 @@ def test_registry_rejects_name_clash():
 def test_optimize_rejects_non_transform():
     with pytest.raises(TypeError, match="Transform objects or recipe strings"):
         ix.optimize(make_tiny("llama"), 42)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_every_claimed_architecture_optimizes_generates_and_restores(arch):
+    m = make_tiny(arch)
+    ids = torch.tensor([[1, 7, 9, 11, 13]])
+    with torch.no_grad():
+        before = m(ids).logits
+    ix.optimize(m, ScaleHead(2.0), CacheA())
+    assert m.generate(ids, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert ix.describe(m).model_type == m.config.model_type
+    assert ix.restore(m).complete
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, before)
+
+
+def test_decoder_layers_and_model_type_helpers():
+    from infertrix.core.model import decoder_layers, model_type, tensor_bytes
+
+    m = make_tiny("gemma3")
+    assert len(decoder_layers(m)) == 4 and model_type(m) == "gemma3_text"
+    # tied embeddings are counted once
+    assert tensor_bytes(m) == sum(p.numel() * 4 for p in m.parameters()) + sum(b.numel() * b.element_size() for b in m.buffers())
+    with pytest.raises(UnsupportedModelError, match="decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))

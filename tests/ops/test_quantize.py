@@ -108,3 +108,24 @@ def test_status_reports_backend():
     else:
         assert entry["cpu"].startswith("c++/")
     assert "quantize_per_token_int8" in str(st)
+
+
+def test_without_extension_reference_runs_and_status_says_why():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, infertrix\n"
+        "st = infertrix.ops.status()\n"
+        "assert st['quantize_per_token_int8']['cpu'] == 'reference', st\n"
+        "assert 'INFERTRIX_DISABLE_EXTENSION' in st.extension, st.extension\n"
+        "x = torch.randn(3, 50)\n"
+        "q, s = infertrix.ops.quantize_per_token_int8(x)\n"
+        "qr, sr = infertrix.ops.quantize_per_token_int8_reference(x)\n"
+        "assert torch.equal(q, qr) and torch.equal(s, sr)\n"
+        "print(st)\n"
+    )
+    env = {**__import__("os").environ, "INFERTRIX_DISABLE_EXTENSION": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "reference" in out.stdout

@@ -72,6 +72,8 @@ class Transform:
       - ``conflict_group``: transforms sharing a group cannot both be on a model (for example
         two eviction policies); None means it combines with anything.
       - ``primary``: the field a recipe's ``name:value`` sets (``"snapkv:0.5"``).
+      - ``bench_recipe`` (optional): the recipe ``infertrix bench --all-recipes`` runs for this
+        transform (default: its name with default fields; None: skip, e.g. it needs a draft model).
     Methods a subclass overrides: ``validate`` (raise :class:`ConfigError` naming the fix),
     ``check_model`` (raise :class:`UnsupportedModelError`), and ``apply``.
     """

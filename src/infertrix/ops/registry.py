@@ -55,9 +55,10 @@ class OpsStatus:
         if self.cpu_isa:
             lines.append(f"CPU kernels use: {self.cpu_isa}")
         width = max((len(n) for n in self.ops), default=4)
-        lines.append(f"{'op'.ljust(width)}  cpu        cuda")
+        cpu_w = max((len(b["cpu"]) for b in self.ops.values()), default=3)
+        lines.append(f"{'op'.ljust(width)}  {'cpu'.ljust(cpu_w)}  cuda")
         for name, backends in sorted(self.ops.items()):
-            lines.append(f"{name.ljust(width)}  {backends['cpu'].ljust(9)}  {backends['cuda']}")
+            lines.append(f"{name.ljust(width)}  {backends['cpu'].ljust(cpu_w)}  {backends['cuda']}")
         return "\n".join(lines)
 
     def __getitem__(self, name: str) -> dict[str, str]:

@@ -1,0 +1,75 @@
+"""Memory figures: peak resident memory of a piece of work, and KV-cache bytes."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _read_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn()`` and return ``(result, peak resident bytes of this process while it ran)``.
+
+    On Linux the kernel's high-water mark is reset first (``/proc/self/clear_refs``), so the
+    figure belongs to this piece of work; elsewhere it is the process's lifetime peak.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    result = fn()
+    hwm = _read_hwm()
+    return result, hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the tensors of a transformers ``Cache`` (every layer, keys, values and any
+    other tensors a policy keeps), counting shared storage once."""
+    if cache is None:
+        return 0
+    seen, total = set(), 0
+
+    def visit(obj):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if obj.numel() == 0:
+                return
+            key = obj.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, list | tuple):
+            for o in obj:
+                visit(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                visit(o)
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(cache).__name__} is not a transformers 5 Cache (no .layers)")
+    for layer in layers:
+        visit(vars(layer))
+    return total
