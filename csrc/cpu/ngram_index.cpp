@@ -10,7 +10,7 @@
 // the same code runs whatever infertrix::active_isa() reports.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny
-from transformers.generation.streamers import BaseStreamer
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 import infertrix as ix
 from infertrix.core import ConfigError, ConflictError, UnsupportedModelError

@@ -10,8 +10,8 @@ block, and a parity test against the reference in ``tests/ops/``.
 """
 
 from . import _extension
+from .ngram_index import ngram_index_update, ngram_lookup  # noqa: F401  (speculative/)
 from .quantize import quantize_per_token_int8, quantize_per_token_int8_reference
-from . import ngram_index  # noqa: F401  (speculative/: prompt-lookup n-gram index)
 from .registry import OPS, OpInfo, OpsStatus, set_cpu_isa, status
 
 _extension.load()
