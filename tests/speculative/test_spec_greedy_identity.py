@@ -3,12 +3,14 @@ batch 1 and batch 4 with left padding, stopping by eos per row, and history-depe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from conftest import make_tiny
 
 import infertrix as ix
-from infertrix.speculative import DraftModel, PromptLookup
+from infertrix.speculative import DraftModel, PromptLookup, SelfSpeculative
 
 
 def padded_batch(rows: int, seed: int = 0, vocab: int = 128, lengths=(24, 17, 21, 9)):
@@ -96,3 +98,36 @@ def test_no_attention_mask_and_max_length():
     ix.optimize(model, "pld:4")
     out = model.generate(ids, do_sample=False, max_length=ids.shape[1] + 13)
     assert torch.equal(ref, out) and out.shape[1] == ids.shape[1] + 13
+
+
+class PassThrough(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def skip_last_layers(n: int):
+    """A test plan: the last ``n`` decoder layers pass their input through (restored on exit)."""
+
+    @contextmanager
+    def activate(model):
+        layers = model.model.layers
+        saved = list(layers)
+        for i in range(len(layers) - n, len(layers)):
+            layers[i] = PassThrough()
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(saved):
+                layers[i] = layer
+
+    return activate
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_self_speculative_greedy_identity(batch):
+    model = make_tiny("llama")
+    ids, mask = padded_batch(batch, seed=21)
+    ref, out, stats = plain_and_spec(model, SelfSpeculative(activate=skip_last_layers(2)), ids, mask, max_new_tokens=20)
+    assert torch.equal(ref, out)
+    assert stats.drafted > 0
+    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)  # plan left the model

@@ -12,6 +12,7 @@ from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
 from .drafter import AdaptiveLength, Draft, DraftContext, Drafter
 from .loop import SpeculativeGenerate
 from .prompt_lookup import PromptLookup, PromptLookupDrafter
+from .self_speculative import SelfSpeculative
 from .stats import SpeculativeStats, StatsRecord
 from .transform import SpeculativeDecoding, speculative_stats
 from .verify import verify_greedy, verify_sampling
@@ -25,6 +26,7 @@ __all__ = [
     "Drafter",
     "PromptLookup",
     "PromptLookupDrafter",
+    "SelfSpeculative",
     "SpeculativeDecoding",
     "SpeculativeGenerate",
     "SpeculativeStats",

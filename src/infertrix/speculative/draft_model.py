@@ -12,6 +12,8 @@ running acceptance (:class:`~.drafter.AdaptiveLength`). Lossless; costs the draf
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +55,20 @@ def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "Draf
 
 
 class DraftModelDrafter(Drafter):
-    def __init__(self, draft: nn.Module, num_tokens: int, confidence: float, adaptive: bool, max_tokens: int):
+    """Drafts with ``draft`` (its own KV cache); ``context()``, when given, is entered around every
+    draft forward (self-speculation: the target itself under a skip plan or another precision)."""
+
+    def __init__(
+        self,
+        draft: nn.Module,
+        num_tokens: int,
+        confidence: float,
+        adaptive: bool,
+        max_tokens: int,
+        context: Callable[[], AbstractContextManager] | None = None,
+    ):
         self.draft = draft
+        self.context = context
         self.num_tokens = num_tokens
         self.confidence = confidence
         self.length = AdaptiveLength(num_tokens, maximum=max_tokens) if adaptive else None
@@ -99,7 +113,8 @@ class DraftModelDrafter(Drafter):
         feed = [seqs[b][keep[b]:] if want[b] > 0 else [] for b in range(batch)]
         going = [want[b] > 0 for b in range(batch)]
         while True:
-            logits = self.kv.extend(feed)
+            with self.context() if self.context is not None else nullcontext():
+                logits = self.kv.extend(feed)
             for b in range(batch):
                 self.cached[b].extend(feed[b])
             last = torch.stack([logits[b, max(len(feed[b]) - 1, 0)] for b in range(batch)])
