@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -159,6 +159,7 @@ class DraftModel(SpeculativeDecoding):
     """
 
     primary = "num_tokens"
+    bench_recipe: ClassVar[str | None] = None  # needs a model object, not a recipe string
     draft: Any = field(default=None, repr=False)
     num_tokens: int = 5
     adaptive: bool = True

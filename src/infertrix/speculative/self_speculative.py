@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -42,6 +42,7 @@ class SelfSpeculative(SpeculativeDecoding):
     """
 
     primary = "num_tokens"
+    bench_recipe: ClassVar[str | None] = None  # needs a model object, not a recipe string
     activate: Callable[[nn.Module], AbstractContextManager] | Any = field(default=None, repr=False)
     num_tokens: int = 4
     adaptive: bool = True
