@@ -28,7 +28,10 @@ from .transform import SpeculativeDecoding
 class PromptLookupDrafter(Drafter):
     """Keeps each row's tokens in a growing int64 buffer and the n-gram index next to it."""
 
-    def __init__(self, num_tokens: int, min_ngram: int, max_ngram: int, table_bits: int, adaptive: bool):
+    def __init__(
+        self, num_tokens: int, min_ngram: int, max_ngram: int, table_bits: int, adaptive: bool, max_step_tokens: int
+    ):
+        self.max_step_tokens = max_step_tokens
         self.length = AdaptiveLength(num_tokens, maximum=max(num_tokens, 1) * 2) if adaptive else None
         self.num_tokens = num_tokens
         self.min_ngram, self.max_ngram, self.table_bits = min_ngram, max_ngram, table_bits
@@ -54,6 +57,10 @@ class PromptLookupDrafter(Drafter):
                 self.lengths[b] = len(s)
         k = self.length.length if self.length else self.num_tokens
         k = min(k, max(limits))
+        # every row of the batch pays for the longest draft: bound batch x (1 + k)
+        rows = sum(1 for lim in limits if lim > 0)
+        if rows:
+            k = min(k, max(1, self.max_step_tokens // rows - 1))
         if k <= 0:
             return Draft([[] for _ in seqs])
         ngram_index_update(self.table, self.tokens, self.lengths, self.indexed, self.min_ngram)
@@ -79,6 +86,9 @@ class PromptLookup(SpeculativeDecoding):
       adaptive: grow the draft after fully accepted steps and shrink it after rejections
         (up to 2 x num_tokens).
       table_bits: log2 of the hash-table slots per row and n-gram size.
+      max_step_tokens: bound on batch x (1 + draft length) per verification, since every row
+        computes as many positions as the longest draft (on a CPU, compute starts to cost beyond
+        a few dozen positions); batch 1 drafts up to num_tokens, batch 4 up to 5 by default.
     """
 
     primary = "num_tokens"
@@ -87,6 +97,7 @@ class PromptLookup(SpeculativeDecoding):
     max_ngram: int = 3
     adaptive: bool = False
     table_bits: int = 14
+    max_step_tokens: int = 24
 
     def validate(self) -> None:
         if self.num_tokens < 1:
@@ -96,8 +107,12 @@ class PromptLookup(SpeculativeDecoding):
                 f"PromptLookup needs 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                 f"max_ngram={self.max_ngram}"
             )
+        if self.max_step_tokens < 2:
+            raise ConfigError(f"PromptLookup max_step_tokens must be >= 2, got {self.max_step_tokens}")
         if not 4 <= self.table_bits <= 24:
             raise ConfigError(f"PromptLookup table_bits must be in [4, 24], got {self.table_bits}")
 
     def make_drafter(self, model: nn.Module) -> Drafter:
-        return PromptLookupDrafter(self.num_tokens, self.min_ngram, self.max_ngram, self.table_bits, self.adaptive)
+        return PromptLookupDrafter(
+            self.num_tokens, self.min_ngram, self.max_ngram, self.table_bits, self.adaptive, self.max_step_tokens
+        )
