@@ -10,7 +10,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import infertrix as ix
 from infertrix.core import ConfigError, ConflictError, UnsupportedModelError
-from infertrix.speculative import DraftModel, PromptLookup
+from infertrix.speculative import DraftModel, PromptLookup, SelfSpeculative
 
 
 class Recorder(BaseStreamer):
@@ -127,6 +127,12 @@ def test_errors():
         PromptLookup(min_ngram=3, max_ngram=2)
     with pytest.raises(ConfigError, match="needs a draft model"):
         DraftModel()
+    with pytest.raises(ConfigError, match="activate=callable"):
+        SelfSpeculative()
+    with pytest.raises(ConfigError, match="max_step_tokens"):
+        PromptLookup(max_step_tokens=1)
+    with pytest.raises(ConfigError, match="needs a draft model"):  # a recipe string cannot carry a model
+        ix.parse_recipe("draft_model")
     other = make_tiny("llama", vocab_size=160)
     with pytest.raises(UnsupportedModelError, match="same tokenizer"):
         ix.optimize(model, DraftModel(draft=other))
