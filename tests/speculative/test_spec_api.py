@@ -127,7 +127,7 @@ def test_errors():
         PromptLookup(min_ngram=3, max_ngram=2)
     with pytest.raises(ConfigError, match="needs a draft model"):
         DraftModel()
-    with pytest.raises(ConfigError, match="activate=callable"):
+    with pytest.raises(ConfigError, match="plan=callable"):
         SelfSpeculative()
     with pytest.raises(ConfigError, match="max_step_tokens"):
         PromptLookup(max_step_tokens=1)

@@ -127,7 +127,20 @@ def skip_last_layers(n: int):
 def test_self_speculative_greedy_identity(batch):
     model = make_tiny("llama")
     ids, mask = padded_batch(batch, seed=21)
-    ref, out, stats = plain_and_spec(model, SelfSpeculative(activate=skip_last_layers(2)), ids, mask, max_new_tokens=20)
+    ref, out, stats = plain_and_spec(model, SelfSpeculative(plan=skip_last_layers(2)), ids, mask, max_new_tokens=20)
     assert torch.equal(ref, out)
     assert stats.drafted > 0
     assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)  # plan left the model
+
+
+def test_self_speculative_plan_search():
+    model = make_tiny("llama")
+    ids, mask = padded_batch(2, seed=8)
+    t = SelfSpeculative(plan=[skip_last_layers(3), skip_last_layers(1)], search_steps=3)
+    ref, out, stats = plain_and_spec(model, t, ids, mask, max_new_tokens=40)
+    assert torch.equal(ref, out)
+    search = t.search
+    assert search.best in (0, 1)
+    assert all(s > 0 for s in search.seconds) and all(n > 0 for n in search.tokens)
+    assert search.rates()[search.best] == max(search.rates())
+    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)

@@ -75,11 +75,16 @@ class DraftModelDrafter(Drafter):
 
     def start(self, model: nn.Module, ctx: DraftContext) -> None:
         super().start(model, ctx)
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens)."""
         dev = next(self.draft.parameters()).device
-        self.kv = RaggedKV(self.draft, DynamicCache(config=self.draft.config), ctx.pad_token_id)
-        self.kv.mask = torch.zeros((ctx.batch_size, 0), dtype=torch.long, device=dev)
-        self.kv.pos = torch.zeros(ctx.batch_size, dtype=torch.long, device=dev)
-        self.cached: list[list[int]] = [[] for _ in range(ctx.batch_size)]
+        batch = self.ctx.batch_size
+        self.kv = RaggedKV(self.draft, DynamicCache(config=self.draft.config), self.ctx.pad_token_id)
+        self.kv.mask = torch.zeros((batch, 0), dtype=torch.long, device=dev)
+        self.kv.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.cached: list[list[int]] = [[] for _ in range(batch)]
 
     def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         logits = logits.to(torch.float32)
