@@ -151,3 +151,34 @@ def test_errors():
     gids = torch.tensor([[0, 0, 5, 6, 7, 5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 9, 10, 11, 9, 10, 11, 9, 10, 11]])
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         gemma.generate(gids, attention_mask=(gids != 0).long(), do_sample=False, max_new_tokens=20)
+
+
+def test_adaptive_length_follows_acceptance():
+    from infertrix.speculative import AdaptiveLength
+
+    a = AdaptiveLength(4, minimum=1, maximum=8)
+    a.update([4, 4], [4, 4])  # all accepted: grow by 2
+    assert a.length == 6
+    a.update([6, 0], [6, 0])  # rows that drafted nothing do not count
+    assert a.length == 8
+    a.update([8], [8])  # capped
+    assert a.length == 8
+    for _ in range(10):
+        a.update([8, 8], [8, 3])  # a rejection: shrink by 1, down to the minimum
+    assert a.length == 1
+
+
+def test_draft_confidence_stops_drafting():
+    model = make_tiny("llama")
+    ids, mask = prompts(1)
+    draft = make_tiny("llama", seed=4, num_hidden_layers=1)
+    ix.optimize(model, DraftModel(draft=draft, num_tokens=6, adaptive=False, confidence=0.0))
+    model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    eager = model.speculative_stats.last
+    ix.restore(model)
+    # a random tiny draft is never 99% sure: it stops after one token each step
+    ix.optimize(model, DraftModel(draft=draft, num_tokens=6, adaptive=False, confidence=0.99))
+    model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    shy = model.speculative_stats.last
+    assert shy.drafted <= shy.steps  # at most one draft token per verification
+    assert eager.drafted > eager.steps
