@@ -10,8 +10,8 @@ true positions and the holes are invisible to the model. Cost: a few masked slot
 benefit: no cache copy, and any croppable ``Cache`` works.
 
 Holes change which slots a *sliding-window* layer sees (its window counts cache slots), so a
-batch with rows of unequal progress is refused on models with sliding-window layers; a single
-row never has holes and works on them.
+batch with rows of unequal progress is refused on models with sliding-window layers once the
+cache reaches the window; a single row never has holes and works on them.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ from torch import Tensor, nn
 from ..core.transform import UnsupportedModelError
 
 
-def has_sliding_layers(model: nn.Module) -> bool:
+def sliding_window(model: nn.Module) -> int | None:
+    """The attention window of the model's sliding-window layers, or None if it has none."""
     cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    types = getattr(cfg, "layer_types", None) or []
-    if any("sliding" in str(t) for t in types):
-        return True
-    return bool(getattr(cfg, "sliding_window", None)) and bool(getattr(cfg, "use_sliding_window", False))
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return int(window) if any("sliding" in str(t) for t in types) else None
+    return int(window) if getattr(cfg, "use_sliding_window", True) else None
 
 
 class RaggedKV:
@@ -52,7 +56,7 @@ class RaggedKV:
         self.pad = pad_token_id
         self.mask: Tensor | None = None  # [B, S] long, 1 = a real token of that row
         self.pos: Tensor | None = None  # [B] long, real tokens cached per row
-        self.sliding = has_sliding_layers(model)
+        self.window = sliding_window(model)
 
     @property
     def length(self) -> int:
@@ -87,7 +91,7 @@ class RaggedKV:
         width = max(widths)
         if width == 0:
             raise ValueError("RaggedKV.extend needs at least one token in some row")
-        if self.sliding and len(rows) > 1 and len(set(widths)) > 1:
+        if self.window is not None and len(rows) > 1 and self.length + width >= self.window and self._holes(widths):
             raise UnsupportedModelError(
                 "speculative decoding with batch size > 1 is not supported on models with "
                 "sliding-window attention layers (rows advance unevenly, which would shift each row's "
@@ -107,6 +111,13 @@ class RaggedKV:
         self.pos = self.pos + new_mask.sum(-1)
         # no crop here: a sliding-window layer keeps its past until `rollback` decides
         return logits
+
+    def _holes(self, widths: list[int]) -> bool:
+        """Whether some row has a masked slot after its first real token (now or after this step)."""
+        if len(set(widths)) > 1:
+            return True
+        started = self.mask.cumsum(-1) > 0
+        return bool((started & (self.mask == 0)).any())
 
     def rollback(self, counts: list[int] | Tensor) -> None:
         """Keep only the first ``counts[b]`` real tokens of row b; crop the cache to the longest.
