@@ -97,7 +97,7 @@ def truncated_draft(model, layers: int):
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="rewrite and question prompts, PromptLookup only, 1 repeat after the warm-up")
+    ap.add_argument("--quick", action="store_true", help="rewrite and question prompts, PromptLookup variants only, 1 repeat after the warm-up")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -115,7 +115,11 @@ def main(argv: list[str]) -> None:
     model, tok = ix.models.load("smollm2")
     tok.padding_side = "left"
     eos = {int(t) for t in torch.as_tensor(model.generation_config.eos_token_id).flatten().tolist()}
-    drafters = {"prompt_lookup": lambda: ix.speculative.PromptLookup(num_tokens=10)}
+    drafters = {
+        "prompt_lookup(num_tokens=10)": lambda: ix.speculative.PromptLookup(num_tokens=10),
+        "prompt_lookup(num_tokens=4,min_ngram=2)": lambda: ix.speculative.PromptLookup(num_tokens=4, min_ngram=2),
+        "prompt_lookup(num_tokens=6,adaptive)": lambda: ix.speculative.PromptLookup(num_tokens=6, adaptive=True),
+    }
     if not args.quick and not args.no_draft_model:
         draft = truncated_draft(model, args.draft_layers)
         drafters[f"draft_model({args.draft_layers}/{model.config.num_hidden_layers} layers)"] = (
