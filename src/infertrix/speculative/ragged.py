@@ -63,9 +63,11 @@ class RaggedKV:
         return 0 if self.mask is None else self.mask.shape[1]
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, keep: int) -> Tensor:
+        # no padding and no holes: pass no mask, as generate does, so transformers takes its
+        # causal fast path (and computes exactly what plain decoding computes)
         out = self.model(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=None if bool(mask.all()) else mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
