@@ -1,1 +1,38 @@
-"""Lossless speculative decoding: drafters and one exact verifier."""
+"""Lossless speculative decoding: drafters and one exact verifier.
+
+    import infertrix as ix
+    ix.optimize(model, ix.speculative.PromptLookup(num_tokens=10))
+    model.generate(**inputs, max_new_tokens=200)      # same tokens as without it (greedy)
+    print(model.speculative_stats.last.mean_accepted_length)
+
+See docs/speculative.md.
+"""
+
+from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
+from .drafter import AdaptiveLength, Draft, DraftContext, Drafter
+from .loop import SpeculativeGenerate
+from .prompt_lookup import PromptLookup, PromptLookupDrafter
+from .self_speculative import SelfSpeculative
+from .stats import SpeculativeStats, StatsRecord
+from .transform import SpeculativeDecoding, speculative_stats
+from .verify import verify_greedy, verify_sampling
+
+__all__ = [
+    "AdaptiveLength",
+    "Draft",
+    "DraftContext",
+    "DraftModel",
+    "DraftModelDrafter",
+    "Drafter",
+    "PromptLookup",
+    "PromptLookupDrafter",
+    "SelfSpeculative",
+    "SpeculativeDecoding",
+    "SpeculativeGenerate",
+    "SpeculativeStats",
+    "StatsRecord",
+    "check_same_vocabulary",
+    "speculative_stats",
+    "verify_greedy",
+    "verify_sampling",
+]

@@ -1,0 +1,199 @@
+"""A smaller model with the same tokenizer drafts; the target verifies (classic speculative decoding).
+
+Leviathan, Kalman & Matias (ICML 2023, https://arxiv.org/abs/2211.17192); Chen et al. (2023,
+https://arxiv.org/abs/2302.01318). The draft model keeps its own KV cache with per-row positions
+(:class:`~.ragged.RaggedKV`), rolled back to the verified prefix before each draft. Under sampling
+it samples from its own distribution shaped by the call's history-free warpers (temperature,
+top-k/top-p...) and hands those probabilities to the verifier; under greedy it drafts its argmax.
+Drafting stops early for a row when the draft's top probability falls below ``confidence``
+(the confidence-based early exit of DEL / SWIFT-style drafters), and the draft length follows the
+running acceptance (:class:`~.drafter.AdaptiveLength`). Lossless; costs the draft model's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from ..core.registry import register_transform
+from ..core.transform import ConfigError, UnsupportedModelError
+from .drafter import AdaptiveLength, Draft, DraftContext, Drafter
+from .ragged import RaggedKV
+from .transform import SpeculativeDecoding
+
+
+def _vocab_rows(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config(decoder=True).vocab_size)
+
+
+def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "DraftModel") -> None:
+    """Raise UnsupportedModelError unless ``draft`` scores the same token ids as ``target``."""
+    vt, vd = _vocab_rows(target), _vocab_rows(draft)
+    if vt != vd:
+        raise UnsupportedModelError(
+            f"{what}: the draft model's vocabulary has {vd} tokens but the model's has {vt}; "
+            "the draft must use the same tokenizer (pick a smaller model of the same family, or use "
+            "PromptLookup, which needs no draft model)"
+        )
+    for attr in ("eos_token_id", "bos_token_id"):
+        a = getattr(target.generation_config, attr, None)
+        b = getattr(draft.generation_config, attr, None)
+        if a is not None and b is not None and a != b:
+            raise UnsupportedModelError(
+                f"{what}: the draft model's {attr} is {b} but the model's is {a}: they do not share a "
+                "tokenizer; pick a draft model of the same family (same tokenizer)"
+            )
+
+
+class DraftModelDrafter(Drafter):
+    """Drafts with ``draft`` (its own KV cache); ``context()``, when given, is entered around every
+    draft forward (self-speculation: the target itself under a skip plan or another precision)."""
+
+    def __init__(
+        self,
+        draft: nn.Module,
+        num_tokens: int,
+        confidence: float,
+        adaptive: bool,
+        max_tokens: int,
+        context: Callable[[], AbstractContextManager] | None = None,
+    ):
+        self.draft = draft
+        self.context = context
+        self.num_tokens = num_tokens
+        self.confidence = confidence
+        self.length = AdaptiveLength(num_tokens, maximum=max_tokens) if adaptive else None
+
+    def start(self, model: nn.Module, ctx: DraftContext) -> None:
+        super().start(model, ctx)
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens)."""
+        dev = next(self.draft.parameters()).device
+        batch = self.ctx.batch_size
+        self.kv = RaggedKV(self.draft, DynamicCache(config=self.draft.config), self.ctx.pad_token_id)
+        self.kv.mask = torch.zeros((batch, 0), dtype=torch.long, device=dev)
+        self.kv.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.cached: list[list[int]] = [[] for _ in range(batch)]
+
+    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        logits = logits.to(torch.float32)
+        if self.ctx.do_sample:
+            q = torch.softmax(self.ctx.warp(logits), -1)
+            tok = torch.multinomial(q, 1).squeeze(1)
+            conf = q.max(-1).values
+            return tok, q, conf
+        tok = logits.argmax(-1)
+        conf = torch.softmax(logits, -1).max(-1).values
+        return tok, None, conf
+
+    @torch.no_grad()
+    def propose(self, seqs: list[list[int]], limits: list[int]) -> Draft:
+        batch = len(seqs)
+        keep = []
+        for b in range(batch):
+            have, s = self.cached[b], seqs[b]
+            n = 0
+            while n < len(have) and n < len(s) - 1 and have[n] == s[n]:
+                n += 1
+            keep.append(n)
+            self.cached[b] = have[:n]
+        self.kv.rollback(keep)
+        k = self.length.length if self.length else self.num_tokens
+        want = [min(k, lim) for lim in limits]
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        probs: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        if max(want) <= 0:
+            return Draft(tokens, None if not self.ctx.do_sample else [torch.empty(0) for _ in range(batch)])
+        feed = [seqs[b][keep[b]:] if want[b] > 0 else [] for b in range(batch)]
+        going = [want[b] > 0 for b in range(batch)]
+        while True:
+            with self.context() if self.context is not None else nullcontext():
+                logits = self.kv.extend(feed)
+            for b in range(batch):
+                self.cached[b].extend(feed[b])
+            last = torch.stack([logits[b, max(len(feed[b]) - 1, 0)] for b in range(batch)])
+            tok, q, conf = self._pick(last)
+            feed = [[] for _ in range(batch)]
+            for b in range(batch):
+                if not going[b]:
+                    continue
+                tokens[b].append(int(tok[b]))
+                if q is not None:
+                    probs[b].append(q[b])
+                if len(tokens[b]) >= want[b] or float(conf[b]) < self.confidence:
+                    going[b] = False
+                else:
+                    feed[b] = [tokens[b][-1]]
+            if not any(going):
+                break
+        stacked = None
+        if self.ctx.do_sample:
+            stacked = [torch.stack(p) if p else torch.empty(0) for p in probs]
+        return Draft(tokens, stacked)
+
+    def observe(self, drafted: list[int], accepted: list[int]) -> None:
+        if self.length:
+            self.length.update(drafted, accepted)
+
+
+@register_transform("draft_model", "assisted")
+@dataclass
+class DraftModel(SpeculativeDecoding):
+    """Speculative decoding with a smaller draft model of the same tokenizer (Leviathan et al.
+    2023, https://arxiv.org/abs/2211.17192). Lossless; costs the draft's weights and KV cache.
+
+    Fields:
+      draft: the draft model (a transformers causal LM sharing the tokenizer), or a name for
+        ``infertrix.models.load``.
+      num_tokens: draft length to start from.
+      adaptive: follow the acceptance rate (+2 after a fully accepted draft, -1 otherwise),
+        between 1 and ``max_tokens``.
+      confidence: stop drafting a row when the draft's top probability falls below this
+        (0 disables).
+    """
+
+    primary = "num_tokens"
+    bench_recipe: ClassVar[str | None] = None  # needs a model object, not a recipe string
+    draft: Any = field(default=None, repr=False)
+    num_tokens: int = 5
+    adaptive: bool = True
+    max_tokens: int = 12
+    confidence: float = 0.3
+
+    def validate(self) -> None:
+        if self.draft is None:
+            raise ConfigError("DraftModel needs a draft model: DraftModel(draft=small_model)")
+        if self.num_tokens < 1 or self.max_tokens < self.num_tokens:
+            raise ConfigError(
+                f"DraftModel needs 1 <= num_tokens <= max_tokens, got num_tokens={self.num_tokens}, "
+                f"max_tokens={self.max_tokens}"
+            )
+        if not 0.0 <= self.confidence < 1.0:
+            raise ConfigError(f"DraftModel confidence must be in [0, 1), got {self.confidence}")
+        if isinstance(self.draft, str):
+            from .. import models
+
+            self.draft = models.load(self.draft)[0]
+        if not isinstance(self.draft, nn.Module):
+            raise ConfigError(f"DraftModel.draft must be a model or a model name, got {type(self.draft).__name__}")
+
+    def check_model(self, model: nn.Module) -> None:
+        check_same_vocabulary(model, self.draft)
+
+    def drafter_report(self) -> dict[str, Any]:
+        return {"draft model": f"{type(self.draft).__name__} ({sum(p.numel() for p in self.draft.parameters()):,} parameters)"}
+
+    def make_drafter(self, model: nn.Module) -> Drafter:
+        self.draft.eval()
+        return DraftModelDrafter(self.draft, self.num_tokens, self.confidence, self.adaptive, self.max_tokens)

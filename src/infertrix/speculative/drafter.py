@@ -1,0 +1,80 @@
+"""What a drafter is: it proposes tokens for every row; the verifier decides which are kept.
+
+A :class:`Drafter` sees each row's verified tokens (prompt without padding, then the generated
+tokens; the last one is the newest, not yet verified-through) and proposes up to ``limits[b]``
+tokens for row ``b``. It may also return the probabilities it drew them from (a draft model under
+sampling); without them the verifier treats each draft token as a point mass, which keeps the
+speculative-sampling rule exact (Leviathan et al. 2023, https://arxiv.org/abs/2211.17192,
+appendix A.5: any proposal distribution works as long as it is the one the token was drawn from).
+
+:class:`AdaptiveLength` is the shared draft-length controller: it grows the length when a whole
+draft is accepted and shrinks it after a rejection (the heuristic transformers' assisted
+generation uses), so the draft length follows the running acceptance rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Draft:
+    """Proposed tokens: ``tokens[b]`` for row b (possibly empty); ``probs[b]`` is a
+    ``[len(tokens[b]), vocab]`` tensor of the distributions they were sampled from, or None
+    (point masses: greedy drafts, n-gram copies)."""
+
+    tokens: list[list[int]]
+    probs: list[Tensor] | None = None
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may know about the ``generate`` call it serves.
+
+    ``warp(logits [N, V]) -> logits`` applies the call's logits processors that do not depend on
+    the token history (temperature, top-k, top-p, min-p...), so a draft model can sample from a
+    distribution shaped like the target's.
+    """
+
+    do_sample: bool
+    batch_size: int
+    pad_token_id: int
+    warp: Callable[[Tensor], Tensor]
+
+
+class Drafter:
+    """Base class: one instance serves one ``generate`` call (``start`` ... ``propose``*)."""
+
+    def start(self, model: torch.nn.Module, ctx: DraftContext) -> None:
+        """Called once per ``generate`` call, before the first proposal."""
+        self.ctx = ctx
+
+    def propose(self, seqs: list[list[int]], limits: list[int]) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, drafted: list[int], accepted: list[int]) -> None:
+        """Called after each verification with per-row drafted and accepted counts."""
+
+
+@dataclass
+class AdaptiveLength:
+    """Draft length that follows acceptance: +``grow`` after a fully accepted step, -1 after a
+    rejection, within [``minimum``, ``maximum``]."""
+
+    length: int
+    minimum: int = 1
+    maximum: int = 16
+    grow: int = 2
+
+    def update(self, drafted: list[int], accepted: list[int]) -> None:
+        rows = [(d, a) for d, a in zip(drafted, accepted, strict=True) if d > 0]
+        if not rows:
+            return
+        if all(a == d for d, a in rows):
+            self.length = min(self.maximum, self.length + self.grow)
+        else:
+            self.length = max(self.minimum, self.length - 1)

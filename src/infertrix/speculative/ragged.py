@@ -1,0 +1,138 @@
+"""Rows that advance by different amounts over one KV cache of one length.
+
+After a verification, row 0 may keep 5 new tokens and row 1 only 1; transformers' caches have
+one length for the whole batch, and rewriting (re-padding) every layer's keys and values to
+re-align the rows would copy the whole cache each step. Instead every row keeps its own
+*logical* position and its own 2-D attention mask: the cache is cropped (``Cache.crop``) to the
+longest row's kept length, and the slots a shorter row did not keep stay in the cache as holes
+its mask hides. Position ids are passed explicitly per row, so rotary embeddings see each row's
+true positions and the holes are invisible to the model. Cost: a few masked slots per step;
+benefit: no cache copy, and any croppable ``Cache`` works.
+
+Holes change which slots a *sliding-window* layer sees (its window counts cache slots), so a
+batch with rows of unequal progress is refused on models with sliding-window layers once the
+cache reaches the window; a single row never has holes and works on them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..core.transform import UnsupportedModelError
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The attention window of the model's sliding-window layers, or None if it has none."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return int(window) if any("sliding" in str(t) for t in types) else None
+    return int(window) if getattr(cfg, "use_sliding_window", True) else None
+
+
+class RaggedKV:
+    """A cache plus per-row attention mask and positions; ``extend`` feeds each row its own
+    tokens, ``keep``/``rollback`` drop what a row did not keep."""
+
+    def __init__(self, model: nn.Module, cache, pad_token_id: int):
+        if not hasattr(cache, "crop"):
+            raise UnsupportedModelError(
+                f"speculative decoding rolls the KV cache back with Cache.crop, which {type(cache).__name__} "
+                "lacks; use a DynamicCache (the default) or a cache policy whose layers can be cropped"
+            )
+        if getattr(cache, "is_compileable", False):
+            raise UnsupportedModelError(
+                f"speculative decoding needs a growing cache, got {type(cache).__name__}; "
+                "drop cache_implementation='static' (a DynamicCache is used by default)"
+            )
+        if hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()  # sliding-window layers keep what a crop may restore
+        self.model = model
+        self.cache = cache
+        self.pad = pad_token_id
+        self.mask: Tensor | None = None  # [B, S] long, 1 = a real token of that row
+        self.pos: Tensor | None = None  # [B] long, real tokens cached per row
+        self.window = sliding_window(model)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, keep: int) -> Tensor:
+        # no padding and no holes: pass no mask, as generate does, so transformers takes its
+        # causal fast path (and computes exactly what plain decoding computes)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=None if bool(mask.all()) else mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        return out.logits
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, keep: int = 1) -> Tensor:
+        """Run the (left-padded) prompt; positions as ``generate`` computes them."""
+        mask = attention_mask.to(torch.long)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = self._forward(input_ids, mask, positions, keep)
+        self.mask = mask
+        self.pos = mask.sum(-1)
+        self.cache.crop(0)
+        return logits
+
+    def extend(self, rows: list[list[int]], keep: int | None = None) -> Tensor:
+        """Append row b's tokens ``rows[b]`` (rows may differ in length, even be empty); returns
+        logits ``[B, W, V]`` for the W = longest row's slots (row b's are the first len(rows[b]))."""
+        device = self.mask.device
+        widths = [len(r) for r in rows]
+        width = max(widths)
+        if width == 0:
+            raise ValueError("RaggedKV.extend needs at least one token in some row")
+        if self.window is not None and len(rows) > 1 and self.length + width >= self.window and self._holes(widths):
+            raise UnsupportedModelError(
+                "speculative decoding with batch size > 1 is not supported on models with "
+                "sliding-window attention layers (rows advance unevenly, which would shift each row's "
+                "window); generate with batch size 1, or use a model without sliding-window layers"
+            )
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        new_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            if r:
+                ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+                new_mask[b, : len(r)] = 1
+        ids, new_mask = ids.to(device), new_mask.to(device)
+        positions = self.pos[:, None] + torch.arange(width, device=device)[None, :]
+        mask = torch.cat([self.mask, new_mask], dim=1)
+        logits = self._forward(ids, mask, positions, keep if keep is not None else width)
+        self.mask = mask
+        self.pos = self.pos + new_mask.sum(-1)
+        # no crop here: a sliding-window layer keeps its past until `rollback` decides
+        return logits
+
+    def _holes(self, widths: list[int]) -> bool:
+        """Whether some row has a masked slot after its first real token (now or after this step)."""
+        if len(set(widths)) > 1:
+            return True
+        started = self.mask.cumsum(-1) > 0
+        return bool((started & (self.mask == 0)).any())
+
+    def rollback(self, counts: list[int] | Tensor) -> None:
+        """Keep only the first ``counts[b]`` real tokens of row b; crop the cache to the longest.
+        Call it after every ``extend`` (with the unchanged positions to keep everything)."""
+        counts = torch.as_tensor(counts, dtype=torch.long, device=self.mask.device)
+        if bool((counts > self.pos).any()):
+            raise ValueError("RaggedKV.rollback cannot keep more tokens than a row has")
+        if bool((counts == self.pos).all()):
+            self.cache.crop(0)  # lets sliding-window layers drop what they no longer need
+            return
+        self.mask = self.mask * (self.mask.cumsum(-1) <= counts[:, None]).long()
+        used = self.mask.any(0).nonzero()
+        new_len = int(used.max()) + 1 if used.numel() else 0
+        self.cache.crop(-(self.length - new_len))
+        self.mask = self.mask[:, :new_len]
+        self.pos = counts

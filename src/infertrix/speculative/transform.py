@@ -1,0 +1,69 @@
+"""The shared base of every speculative-decoding transform: it makes ``model.generate`` run the
+speculative loop through transformers' ``custom_generate`` seam.
+
+A subclass is a dataclass config that only says how to build its :class:`~.drafter.Drafter`;
+this base registers the generate hook, keeps the statistics on ``model.speculative_stats``
+(also shown by ``describe(model)``) and undoes both on ``restore``. A ``generate`` call that
+passes its own ``custom_generate`` or ``assistant_model`` runs unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..core.generation import add_generate_hook
+from ..core.transform import Applied, Stage, Transform
+from .drafter import Drafter
+from .loop import SpeculativeGenerate
+from .stats import StatsRecord
+
+STATS_ATTR = "speculative_stats"
+
+
+@dataclass
+class SpeculativeDecoding(Transform):
+    """Base class: lossless speculative decoding with the drafter that ``make_drafter`` builds."""
+
+    stage = Stage.DECODING
+    conflict_group = "decoding"
+
+    def make_drafter(self, model: nn.Module) -> Drafter:
+        raise NotImplementedError(f"{type(self).__name__}.make_drafter")
+
+    def drafter_report(self) -> dict[str, Any]:
+        return {}
+
+    def apply(self, model: nn.Module) -> Applied:
+        record = StatsRecord()
+        loop = SpeculativeGenerate(lambda: self.make_drafter(model), record)
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+            if kwargs.get("custom_generate") is not None or kwargs.get("assistant_model") is not None:
+                return args, kwargs
+            kwargs = dict(kwargs)
+            kwargs["custom_generate"] = loop
+            # generate() drops its `streamer` argument for custom_generate callables; pass it on
+            # under a name our loop's signature declares.
+            if kwargs.get("streamer") is not None:
+                kwargs["infertrix_streamer"] = kwargs.pop("streamer")
+            return args, kwargs
+
+        remove = add_generate_hook(model, hook, order=int(self.stage))
+        model.__dict__[STATS_ATTR] = record
+
+        def undo() -> None:
+            remove()
+            model.__dict__.pop(STATS_ATTR, None)
+
+        return Applied(self, undo=undo, report=lambda: {**self.drafter_report(), **record.report()})
+
+
+def speculative_stats(model: nn.Module) -> StatsRecord:
+    """The statistics record of a model with a speculative transform applied."""
+    record = model.__dict__.get(STATS_ATTR)
+    if record is None:
+        raise ValueError("no speculative transform is applied to this model; optimize(model, PromptLookup()) first")
+    return record

@@ -1,0 +1,146 @@
+"""Greedy speculative decoding gives exactly the tokens of plain ``generate``, for every drafter,
+batch 1 and batch 4 with left padding, stopping by eos per row, and history-dependent processors."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import infertrix as ix
+from infertrix.speculative import DraftModel, PromptLookup, SelfSpeculative
+
+
+def padded_batch(rows: int, seed: int = 0, vocab: int = 128, lengths=(24, 17, 21, 9)):
+    """Left-padded prompts with internal repetition (so n-gram drafts hit)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths[:rows])
+    ids = torch.zeros((rows, width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b in range(rows):
+        n = lengths[b]
+        half = torch.randint(3, vocab, ((n + 1) // 2,), generator=g)
+        row = torch.cat([half, half])[:n]
+        ids[b, width - n :] = row
+        mask[b, width - n :] = 1
+    return ids, mask
+
+
+def drafters():
+    return {
+        "pld": lambda: PromptLookup(num_tokens=6),
+        "pld_adaptive": lambda: PromptLookup(num_tokens=4, adaptive=True, max_ngram=2),
+        "draft_model": lambda: DraftModel(draft=make_tiny("llama", seed=7, num_hidden_layers=1), num_tokens=4),
+    }
+
+
+def plain_and_spec(model, transform, ids, mask, **kw):
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    ix.optimize(model, transform)
+    try:
+        out = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+        stats = model.speculative_stats.last
+    finally:
+        ix.restore(model)
+    return ref, out, stats
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("drafter", list(drafters()))
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_identity(arch, drafter, batch):
+    model = make_tiny(arch)
+    ids, mask = padded_batch(batch, seed=batch)
+    ref, out, stats = plain_and_spec(model, drafters()[drafter](), ids, mask, max_new_tokens=24)
+    assert torch.equal(ref, out)
+    assert stats.drafted > 0  # drafts were actually proposed and verified
+    assert stats.tokens == batch * 24
+
+
+@pytest.mark.parametrize("drafter", ["pld", "draft_model"])
+def test_greedy_identity_sliding_window_batch1(drafter):
+    model = make_tiny("gemma3")  # sliding window 8: the cache rolls past the window
+    ids, mask = padded_batch(1, seed=3)
+    ref, out, stats = plain_and_spec(model, drafters()[drafter](), ids, mask, max_new_tokens=30)
+    assert torch.equal(ref, out)
+    assert stats.drafted > 0
+
+
+def test_eos_stops_rows_separately_and_pads():
+    model = make_tiny("llama")
+    ids, mask = padded_batch(4, seed=11)
+    free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30)
+    # make a token that row 0 emits mid-way the eos, so rows stop at different steps
+    eos = int(free[0, ids.shape[1] + 5])
+    ref, out, stats = plain_and_spec(
+        model, PromptLookup(num_tokens=6), ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0
+    )
+    assert torch.equal(ref, out)
+    assert (out[:, ids.shape[1] :] == eos).any(dim=1).any()
+    assert ref.shape[1] < ids.shape[1] + 30 or (ref[:, ids.shape[1]:] == 0).any()
+
+
+@pytest.mark.parametrize("kw", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 5}])
+def test_history_dependent_processors(kw):
+    model = make_tiny("qwen2")
+    ids, mask = padded_batch(2, seed=5)
+    ref, out, stats = plain_and_spec(model, PromptLookup(num_tokens=5), ids, mask, max_new_tokens=20, **kw)
+    assert torch.equal(ref, out)
+    assert stats.drafted > 0
+
+
+def test_no_attention_mask_and_max_length():
+    model = make_tiny("llama")
+    ids, _ = padded_batch(1, seed=2)
+    ref = model.generate(ids, do_sample=False, max_length=ids.shape[1] + 13)
+    ix.optimize(model, "pld:4")
+    out = model.generate(ids, do_sample=False, max_length=ids.shape[1] + 13)
+    assert torch.equal(ref, out) and out.shape[1] == ids.shape[1] + 13
+
+
+class PassThrough(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def skip_last_layers(n: int):
+    """A test plan: the last ``n`` decoder layers pass their input through (restored on exit)."""
+
+    @contextmanager
+    def activate(model):
+        layers = model.model.layers
+        saved = list(layers)
+        for i in range(len(layers) - n, len(layers)):
+            layers[i] = PassThrough()
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(saved):
+                layers[i] = layer
+
+    return activate
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_self_speculative_greedy_identity(batch):
+    model = make_tiny("llama")
+    ids, mask = padded_batch(batch, seed=21)
+    ref, out, stats = plain_and_spec(model, SelfSpeculative(plan=skip_last_layers(2)), ids, mask, max_new_tokens=20)
+    assert torch.equal(ref, out)
+    assert stats.drafted > 0
+    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)  # plan left the model
+
+
+def test_self_speculative_plan_search():
+    model = make_tiny("llama")
+    ids, mask = padded_batch(2, seed=8)
+    t = SelfSpeculative(plan=[skip_last_layers(3), skip_last_layers(1)], search_steps=3)
+    ref, out, stats = plain_and_spec(model, t, ids, mask, max_new_tokens=40)
+    assert torch.equal(ref, out)
+    search = t.search
+    assert search.best in (0, 1)
+    assert all(s > 0 for s in search.seconds) and all(n > 0 for n in search.tokens)
+    assert search.rates()[search.best] == max(search.rates())
+    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)
