@@ -8,6 +8,7 @@
 from .cache import ExpertCache, LayerStats
 from .discovery import MoELayer, find_moe_layers
 from .experts import OffloadedExperts, OffloadRuntime
+from .loading import load_offloaded
 from .miss_policy import MissPolicy
 from .offload import ExpertOffload, offload_runtime
 from .prefetch import Prefetcher, PrefetchError
@@ -25,5 +26,6 @@ __all__ = [
     "PrefetchError",
     "Prefetcher",
     "find_moe_layers",
+    "load_offloaded",
     "offload_runtime",
 ]

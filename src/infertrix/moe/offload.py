@@ -120,7 +120,15 @@ class ExpertOffload(Transform):
         layers = find_moe_layers(model)
         first = layers[0]
         device = torch.device(self.device) if self.device else first.experts.gate_up_proj.device
+        on_meta = first.experts.gate_up_proj.device.type == "meta"
+        if device.type == "meta":  # experts never loaded (load_offloaded): the cache lives on the CPU
+            device = torch.device("cpu")
         owned_dir = self.store_dir is None
+        if on_meta and (owned_dir or not (Path(self.store_dir) / MANIFEST).exists()):
+            raise ConfigError(
+                "the experts are on the meta device (not loaded), so ExpertOffload cannot write them to a "
+                "store; pass store_dir= of a store made by ExpertStore.from_checkpoint (or use load_offloaded)"
+            )
         path = Path(tempfile.mkdtemp(prefix="infertrix-experts-")) if owned_dir else Path(self.store_dir)
         pin = device.type == "cuda" and self.tier == "host"
         if (path / MANIFEST).exists():
@@ -145,7 +153,7 @@ class ExpertOffload(Transform):
         for layer in layers:
             orig = layer.experts
             meta = {
-                name: (p.dtype, p.device, p.requires_grad)
+                name: (p.dtype, device if p.device.type == "meta" else p.device, p.requires_grad)
                 for name, p in (("gate_up_proj", orig.gate_up_proj), ("down_proj", orig.down_proj))
             }
             layer.block.experts = OffloadedExperts(orig, layer.index, runtime)
