@@ -65,4 +65,4 @@ class MissPolicy:
     def costs(self) -> dict[str, float]:
         """Measured mean seconds per miss, by strategy and token bucket (for describe)."""
         with self._lock:
-            return {f"{k}[{2**b}+ tok]": round(v * 1e3, 3) for (k, b), v in sorted(self._cost.items())}
+            return {f"{k} ms/miss [{2**b}+ tok]": round(v * 1e3, 3) for (k, b), v in sorted(self._cost.items())}
