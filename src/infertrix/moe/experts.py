@@ -29,15 +29,18 @@ from .prefetch import Prefetcher, predict_experts
 class OffloadRuntime:
     """State shared by one model's offloaded layers: the cache, the prefetcher, layer order."""
 
-    def __init__(self, cache: ExpertCache, layers: list[MoELayer], prefetcher: Prefetcher | None):
-        self.cache, self.layers, self.prefetcher = cache, layers, prefetcher
+    def __init__(
+        self, cache: ExpertCache, layers: list[MoELayer], prefetcher: Prefetcher | None, early: bool = False
+    ):
+        self.cache, self.layers, self.prefetcher, self.early = cache, layers, prefetcher, early
         self.next_of = {a.index: b for a, b in zip(layers, layers[1:], strict=False)}
         self.residual: dict[int, torch.Tensor] = {}
         self.step = 0
         self.prefetch_limit = cache.capacity
 
     def enter_layer(self, layer: int, hidden_states: torch.Tensor) -> None:
-        """Called at the start of each offloaded layer: surface worker errors, queue the guess."""
+        """Called at the start of each offloaded layer: surface worker errors; with ``early``
+        (prefetch_signal="attention"), queue the next layer's guess from this layer's residual."""
         self.step += 1
         pf = self.prefetcher
         if pf is None:
@@ -45,7 +48,7 @@ class OffloadRuntime:
         pf.check()
         pf.step = self.step
         nxt = self.next_of.get(layer)
-        if nxt is None:
+        if nxt is None or not self.early:
             return
         h = self.residual.pop(layer, None)
         if h is None:  # no norm hook on this architecture: use the block's (normed) input
@@ -54,6 +57,14 @@ class OffloadRuntime:
         else:
             experts = predict_experts(h, nxt, self.prefetch_limit)
         pf.submit(nxt.index, experts, self.step + 1)
+
+
+    def prefetch_after(self, layer: int, hidden: torch.Tensor) -> None:
+        """Called with layer ``layer``'s output: queue the next MoE layer's guessed experts."""
+        nxt, pf = self.next_of.get(layer), self.prefetcher
+        if nxt is None or pf is None or pf.error is not None:
+            return
+        pf.submit(nxt.index, predict_experts(hidden, nxt, self.prefetch_limit), self.step + 1)
 
 
 def _without_norm(layer: MoELayer) -> MoELayer:

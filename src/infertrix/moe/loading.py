@@ -18,7 +18,7 @@ from torch import nn
 from ..core.api import optimize
 from ..core.transform import ConfigError, UnsupportedModelError
 from .offload import ExpertOffload
-from .store import MANIFEST, ExpertStore
+from .store import MANIFEST, ExpertStore, read_safetensors
 
 _EXPERT_KEY = re.compile(r".*\.experts\.(\d+\.)?[\w.]+$")
 # checkpoint names -> transformers 5 module names (the only rename among the supported models)
@@ -35,7 +35,6 @@ def load_offloaded(
     ``offload.store_dir`` is where the expert store is written (or reused); it is required, since
     the store is the experts' only copy in this process.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     offload = offload or ExpertOffload()
@@ -51,17 +50,21 @@ def load_offloaded(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     wanted = dict(model.state_dict(keep_vars=True))
     state: dict[str, torch.Tensor] = {}
+
+    def rename(key: str) -> str:
+        for old, new in _RENAMES:
+            key = key.replace(old, new)
+        return key
+
+    def keep(key: str) -> bool:
+        is_expert = _EXPERT_KEY.match(key) is not None and ".shared_expert" not in key
+        return not is_expert and rename(key) in wanted
+
     for f in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for key in h.keys():
-                if _EXPERT_KEY.match(key) and ".shared_expert" not in key:
-                    continue
-                name = key
-                for old, new in _RENAMES:
-                    name = name.replace(old, new)
-                if name in wanted:
-                    state[name] = h.get_tensor(key).to(dtype)
+        for key, t in read_safetensors(f, keep).items():
+            state[rename(key)] = t.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    del state
     # non-persistent buffers (rotary frequencies) are not in checkpoints: rebuild them on the CPU
     for name, module in list(model.named_modules()):
         if any(b.device.type == "meta" for b in module.buffers(recurse=False)) and hasattr(module, "config"):

@@ -64,6 +64,11 @@ class ExpertOffload(Transform):
       budget_bytes: bytes of fast memory for all layers' experts; overrides ``budget``.
       policy: eviction policy, ``"lru"`` or ``"lfu"``.
       prefetch: load the next layer's predicted experts in a background thread.
+      prefetch_signal: the hidden state the next layer's router is applied to:
+        ``"layer_output"`` (layer i's output, issued before layer i+1's attention: more accurate,
+        75% of the upcycled SmolLM2's routed experts guessed right on prose) or ``"attention"``
+        (layer i's residual after attention, issued before layer i's experts compute: more
+        overlap, 64% right).
       miss_policy: ``"fetch"`` (load a missing expert into the cache), ``"in_place"`` (compute
         it where it is stored, Fiddler) or ``"auto"`` (whichever measured cheaper).
       tier: the store's tier: ``"disk"`` (safetensors files, memory-mapped, page cache dropped
@@ -83,6 +88,7 @@ class ExpertOffload(Transform):
     policy: str = "lru"
     prefetch: bool = True
     miss_policy: str = "fetch"
+    prefetch_signal: str = "layer_output"
     tier: str = "disk"
     store_dir: str | None = None
     device: str | None = None
@@ -98,6 +104,8 @@ class ExpertOffload(Transform):
             raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.miss_policy not in MODES:
             raise ConfigError(f"miss_policy must be one of {MODES}, got {self.miss_policy!r}")
+        if self.prefetch_signal not in ("layer_output", "attention"):
+            raise ConfigError(f"prefetch_signal must be 'layer_output' or 'attention', got {self.prefetch_signal!r}")
         if self.tier not in ("disk", "host"):
             raise ConfigError(f"tier must be 'disk' or 'host', got {self.tier!r}")
 
@@ -141,12 +149,16 @@ class ExpertOffload(Transform):
             store, cap, self.policy, device, MissPolicy(self.miss_policy), top_k=max(x.top_k for x in layers)
         )
         prefetcher = Prefetcher(cache) if self.prefetch else None
-        runtime = OffloadRuntime(cache, layers, prefetcher)
+        runtime = OffloadRuntime(cache, layers, prefetcher, early=self.prefetch_signal == "attention")
 
         hooks = []
         if prefetcher is not None:
             for layer in layers:
-                if layer.norm is not None and layer.index in runtime.next_of:
+                if layer.index not in runtime.next_of:
+                    continue
+                if self.prefetch_signal == "layer_output":
+                    hooks.append(layer.decoder_layer.register_forward_hook(_after_layer(runtime, layer.index)))
+                elif layer.norm is not None:
                     hooks.append(layer.norm.register_forward_pre_hook(_capture(runtime, layer.index)))
 
         originals: list[tuple[MoELayer, dict[str, Any]]] = []
@@ -186,6 +198,14 @@ def offload_runtime(model: nn.Module) -> OffloadRuntime:
         if isinstance(layer, OffloadedExperts):
             return layer.runtime
     raise ConfigError("this model has no offloaded experts; apply ExpertOffload first")
+
+
+def _after_layer(runtime: OffloadRuntime, index: int):
+    def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        runtime.prefetch_after(index, hidden.detach())
+
+    return hook
 
 
 def _capture(runtime: OffloadRuntime, index: int):

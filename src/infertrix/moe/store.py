@@ -361,5 +361,32 @@ def _as_writable(t: torch.Tensor) -> np.ndarray:
     return t.view(-1).view(torch.uint8).numpy()
 
 
+def read_safetensors(path: str | os.PathLike, keep) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file whose name ``keep(name)`` accepts, read with ``preadv``
+    into fresh tensors, the file's pages dropped after each: unlike a memory map, it never holds
+    a second copy of the weights (mapped pages count in resident memory until unmapped)."""
+    extra = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "BOOL": torch.bool}
+    out: dict[str, torch.Tensor] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = json.loads(os.pread(fd, n, 8))
+        header.pop("__metadata__", None)
+        for name, meta in header.items():
+            if not keep(name):
+                continue
+            start, end = meta["data_offsets"]
+            dtype = _DTYPES_BACK.get(meta["dtype"]) or extra[meta["dtype"]]
+            t = torch.empty(meta["shape"], dtype=dtype)
+            if end > start and os.preadv(fd, [_as_writable(t)], 8 + n + start) != end - start:
+                raise OSError(f"short read of {name} from {path}")
+            if _HAS_FADVISE:
+                os.posix_fadvise(fd, 8 + n + start, end - start, os.POSIX_FADV_DONTNEED)
+            out[name] = t
+    finally:
+        os.close(fd)
+    return out
+
+
 def _write_manifest(path: Path, layers: list[int], source: str) -> None:
     (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "layers": layers, "source": source}, indent=1))
