@@ -198,8 +198,8 @@ def run_one(spec: dict) -> dict:
 
 # -- driver -------------------------------------------------------------------------------------
 def configs(quick: bool, which: str) -> list[dict]:
-    real_steps, rand_steps = (32, 8) if quick else (96, 24)
-    acc_real, acc_rand = (4, 2) if quick else (12, 4)
+    real_steps, rand_steps = (16, 4) if quick else (48, 8)
+    acc_real, acc_rand = (4, 1) if quick else (8, 2)
     out = []
     if which in ("real", "all"):
         out += [
