@@ -278,7 +278,8 @@ class ExpertCache:
         """Load ``expert`` if absent (prefetch worker); False when resident or no slot is free."""
         lc = self.layers[layer]
         with self.lock:
-            if expert in lc.slot_of:
+            if expert in lc.slot_of:  # predicted and resident: protect it from this round's loads
+                lc.recency.move_to_end(expert)
                 return False
             slot = lc._reserve(expert, prefetched=True)
             if slot is None:

@@ -32,18 +32,21 @@ class PrefetchError(RuntimeError):
 class Prefetcher:
     """A daemon thread that loads (layer, expert) jobs into an :class:`ExpertCache`."""
 
-    def __init__(self, cache: ExpertCache, name: str = "infertrix-expert-prefetch"):
+    def __init__(self, cache: ExpertCache, threads: int = 2, name: str = "infertrix-expert-prefetch"):
         self.cache = cache
         self.error: BaseException | None = None
         self.step = 0  # the main thread's position (MoE layers entered so far)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # two readers keep two requests in flight: the storage serves them in parallel, and the
+        # expert needed first does not wait behind the other
+        self._threads = [threading.Thread(target=self._run, name=name, daemon=True) for _ in range(threads)]
         self._stopped = False
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return any(t.is_alive() for t in self._threads)
 
     def submit(self, layer: int, experts: list[int], target_step: int) -> None:
         """Queue loads for ``layer``, useless once the main thread has gone past ``target_step``."""
@@ -65,6 +68,7 @@ class Prefetcher:
             except BaseException as exc:  # kept and re-raised in the main thread
                 self.error = exc
                 self._stopped = True
+                self._queue.put(None)  # wake the other reader so it ends too
                 return
 
     def check(self) -> None:
@@ -83,14 +87,17 @@ class Prefetcher:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        if self.alive:
             raise RuntimeError(f"the expert prefetch worker did not stop within {timeout} s")
 
 
 def predict_experts(hidden: torch.Tensor, nxt: MoELayer, limit: int) -> list[int]:
-    """The experts ``nxt``'s router picks for ``hidden`` (residual stream), most used first."""
+    """The experts ``nxt``'s router picks for ``hidden`` (residual stream): for one token in
+    ascending id order (the order the forward pass uses them), else the ``limit`` most used."""
     with torch.no_grad():
         x = hidden.reshape(-1, hidden.shape[-1])
         if nxt.norm is not None:
@@ -98,5 +105,5 @@ def predict_experts(hidden: torch.Tensor, nxt: MoELayer, limit: int) -> list[int
         logits = F.linear(x.to(nxt.router.weight.dtype), nxt.router.weight, getattr(nxt.router, "bias", None))
         idx = torch.topk(logits, nxt.top_k, dim=-1).indices.reshape(-1)
     if idx.numel() <= nxt.top_k:
-        return idx.tolist()[:limit]
+        return sorted(idx.tolist()[:limit])
     return [e for e, _ in Counter(idx.tolist()).most_common(limit)]
