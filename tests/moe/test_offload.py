@@ -53,6 +53,7 @@ def test_exact_per_architecture(arch, implementation):
         dict(budget=0.25, prefetch=True, miss_policy="in_place"),
         dict(budget=0.25, prefetch=True, miss_policy="auto"),
         dict(budget=0.25, prefetch=True, tier="host"),
+        dict(budget=0.25, prefetch=True, prefetch_signal="attention"),
         dict(experts_per_layer=8, prefetch=True),
     ],
 )
@@ -205,6 +206,8 @@ def test_budget_smaller_than_top_k():
         (dict(miss_policy="never"), "miss_policy must be one of"),
         (dict(tier="ssd"), "tier must be"),
         (dict(experts_per_layer=0), "experts_per_layer must be >= 1"),
+        (dict(prefetch_signal="router"), "prefetch_signal must be"),
+        (dict(budget_bytes=0), "budget_bytes must be > 0"),
     ],
 )
 def test_bad_config(kwargs, msg):
