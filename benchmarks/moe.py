@@ -129,6 +129,10 @@ def _accelerate_model(ckpt: Path, folder: str):
 
 def run_one(spec: dict) -> dict:
     torch.set_num_threads(THREADS)
+    # the runtime: Python, torch, transformers and the model's code, before any weight is loaded
+    import transformers.models.mixtral.modeling_mixtral  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
     import infertrix as ix
     from infertrix.core.model import tensor_bytes
     from infertrix.moe import ExpertOffload, load_offloaded, offload_runtime
