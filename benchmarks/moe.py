@@ -202,8 +202,8 @@ def run_one(spec: dict) -> dict:
 
 # -- driver -------------------------------------------------------------------------------------
 def configs(quick: bool, which: str) -> list[dict]:
-    real_steps, rand_steps = (16, 4) if quick else (48, 8)
-    acc_real, acc_rand = (4, 1) if quick else (8, 2)
+    real_steps, rand_steps = (16, 3) if quick else (32, 4)
+    acc_real, acc_rand = (4, 1) if quick else (6, 1)
     out = []
     if which in ("real", "all"):
         out += [
