@@ -1,0 +1,143 @@
+"""``OffloadedExperts``: the drop-in replacement of a layer's fused experts module.
+
+It is called exactly like transformers 5's experts modules, ``experts(hidden_states,
+top_k_index, top_k_weights)``, by the model's own sparse-MoE block after the model's own router,
+so routing, shared experts and everything else stay the model's code. We swap the module on
+this model instance instead of registering a function in transformers' global
+``ExpertsInterface``: that registry is process-wide and is selected through the shared config,
+so it could not give two models in one process different offloading.
+
+The computation is the model's, expert by expert: with ``experts_implementation="eager"`` the
+same ops in the same order (index_add_ in ascending expert order), otherwise (``grouped_mm``,
+``batched_mm``) the per-(token, k) outputs summed over k as those kernels do. Only the place the
+weights come from changes: a cache slot, or the store itself (Fiddler's in-place compute).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ExpertCache
+from .discovery import MoELayer
+from .prefetch import Prefetcher, predict_experts
+
+
+class OffloadRuntime:
+    """State shared by one model's offloaded layers: the cache, the prefetcher, layer order."""
+
+    def __init__(
+        self, cache: ExpertCache, layers: list[MoELayer], prefetcher: Prefetcher | None, early: bool = False
+    ):
+        self.cache, self.layers, self.prefetcher, self.early = cache, layers, prefetcher, early
+        self.next_of = {a.index: b for a, b in zip(layers, layers[1:], strict=False)}
+        self.residual: dict[int, torch.Tensor] = {}
+        self.step = 0
+        self.prefetch_limit = cache.capacity
+
+    def enter_layer(self, layer: int, hidden_states: torch.Tensor) -> None:
+        """Called at the start of each offloaded layer: surface worker errors; with ``early``
+        (prefetch_signal="attention"), queue the next layer's guess from this layer's residual."""
+        self.step += 1
+        pf = self.prefetcher
+        if pf is None:
+            return
+        pf.check()
+        pf.step = self.step
+        nxt = self.next_of.get(layer)
+        if nxt is None or not self.early:
+            return
+        h = self.residual.pop(layer, None)
+        if h is None:  # no norm hook on this architecture: use the block's (normed) input
+            h = hidden_states
+            experts = predict_experts(h, _without_norm(nxt), self.prefetch_limit)
+        else:
+            experts = predict_experts(h, nxt, self.prefetch_limit)
+        pf.submit(nxt.index, experts, self.step + 1)
+
+
+    def prefetch_after(self, layer: int, hidden: torch.Tensor) -> None:
+        """Called with layer ``layer``'s output: queue the next MoE layer's guessed experts."""
+        nxt, pf = self.next_of.get(layer), self.prefetcher
+        if nxt is None or pf is None or pf.error is not None:
+            return
+        pf.submit(nxt.index, predict_experts(hidden, nxt, self.prefetch_limit), self.step + 1)
+
+
+def _without_norm(layer: MoELayer) -> MoELayer:
+    return MoELayer(layer.index, layer.block, layer.experts, layer.router, None, layer.decoder_layer)
+
+
+class OffloadedExperts(nn.Module):
+    """Experts of one MoE layer served by an :class:`ExpertCache` (see the module docstring)."""
+
+    _infertrix_offloaded = True
+
+    def __init__(self, original: nn.Module, layer: int, runtime: OffloadRuntime):
+        super().__init__()
+        self.layer = layer
+        self.num_experts = int(original.gate_up_proj.shape[0])
+        self.act_fn = original.act_fn
+        config = getattr(original, "config", None)
+        impl = getattr(config, "_experts_implementation", None)
+        self.eager = impl in (None, "eager")
+        self.experts_implementation = impl or "eager"
+        # not a submodule/attribute nn.Module tracks, so state_dict() does not hold cache slots
+        self.__dict__["runtime"] = runtime
+
+    @property
+    def cache(self) -> ExpertCache:
+        return self.runtime.cache
+
+    def extra_repr(self) -> str:
+        c = self.cache
+        return f"layer={self.layer}, experts={self.num_experts}, resident<={c.capacity}, policy={c.policy}"
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        self.runtime.enter_layer(self.layer, hidden_states)
+        cache, policy = self.cache, self.cache.miss_policy
+        num_k = top_k_index.shape[-1]
+        with torch.no_grad():
+            if self.eager:
+                final = torch.zeros_like(hidden_states)
+                mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+                hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+            else:
+                flat = top_k_index.reshape(-1)
+                weights = top_k_weights.reshape(-1)
+                hit = torch.unique(flat).tolist()
+                buf = None
+        for e in hit:
+            if e >= self.num_experts:
+                continue
+            if self.eager:
+                top_k_pos, token_idx = torch.where(mask[e])
+            else:
+                pos = (flat == e).nonzero().flatten()
+                token_idx = pos // num_k
+            n = int(token_idx.numel())
+            t0 = time.perf_counter()
+            handle = cache.acquire(self.layer, e, n)
+            try:
+                x = hidden_states[token_idx]
+                gate, up = F.linear(x.to(handle.gate_up.dtype), handle.gate_up).chunk(2, dim=-1)
+                y = F.linear(self.act_fn(gate) * up, handle.down)
+            finally:
+                handle.release()
+            if handle.kind != "hit":
+                policy.record(handle.kind, n, time.perf_counter() - t0)
+            if self.eager:
+                y = y * top_k_weights[token_idx, top_k_pos, None]
+                final.index_add_(0, token_idx, y.to(final.dtype))
+            else:
+                if buf is None:
+                    buf = y.new_zeros(flat.shape[0], y.shape[-1])
+                buf[pos] = y * weights[pos].unsqueeze(-1)
+        if self.eager:
+            return final
+        if buf is None:
+            return torch.zeros_like(hidden_states)
+        return buf.view(-1, num_k, buf.shape[-1]).sum(dim=1).to(hidden_states.dtype)

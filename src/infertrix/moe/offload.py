@@ -1,0 +1,245 @@
+"""``ExpertOffload``: run an MoE model with only a budget of its experts in fast memory.
+
+All experts go to an :class:`~infertrix.moe.store.ExpertStore` (safetensors on disk, or host
+memory); each MoE layer keeps ``capacity`` of them in an :class:`~infertrix.moe.cache.ExpertCache`
+(LRU or LFU); a :class:`~infertrix.moe.prefetch.Prefetcher` loads the next layer's likely experts
+while the current layer computes; a miss fetches the expert or computes it where it is stored
+(:class:`~infertrix.moe.miss_policy.MissPolicy`). Anchors: mixtral-offloading (Eliseev & Mazur
+2023, arXiv:2312.17238), MoE-Infinity (arXiv:2401.14361), Fiddler (arXiv:2402.07033), Fate
+(arXiv:2502.12224) and ExpertFlow (arXiv:2410.17954).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.registry import register_transform
+from ..core.transform import Applied, ConfigError, Stage, Transform
+from .cache import POLICIES, ExpertCache
+from .discovery import MoELayer, find_moe_layers
+from .experts import OffloadedExperts, OffloadRuntime
+from .miss_policy import MODES, MissPolicy
+from .prefetch import Prefetcher
+from .store import MANIFEST, ExpertStore
+
+
+def capacity_for(
+    num_experts: int,
+    num_layers: int,
+    expert_bytes: int,
+    budget: float,
+    experts_per_layer: int | None,
+    budget_bytes: int | None,
+) -> int:
+    """Experts kept per layer for a budget given as a fraction, a count or bytes."""
+    if experts_per_layer is not None:
+        return min(experts_per_layer, num_experts)
+    if budget_bytes is not None:
+        return min(budget_bytes // (expert_bytes * num_layers), num_experts)
+    return min(max(1, math.floor(budget * num_experts + 1e-9)), num_experts)
+
+
+@register_transform("offload", "expert_offload")
+@dataclass
+class ExpertOffload(Transform):
+    """Keep a budget of each MoE layer's experts in fast memory; the rest in an expert store.
+
+    Lossless: outputs equal the fully loaded model's (same per-expert computation, only the
+    weights' location changes). Saves ``(1 - budget)`` of the experts' memory; costs reads on
+    cache misses, which prefetch hides where it guesses right. Needs a transformers 5 MoE model
+    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and disk space for the store.
+
+    Fields:
+      budget: fraction of each layer's experts kept resident (0 < budget <= 1); the recipe
+        value (``offload:0.25``).
+      experts_per_layer: resident experts per layer; overrides ``budget``.
+      budget_bytes: bytes of fast memory for all layers' experts; overrides ``budget``.
+      policy: eviction policy, ``"lru"`` or ``"lfu"``.
+      prefetch: load the next layer's predicted experts in a background thread.
+      prefetch_signal: the hidden state the next layer's router is applied to:
+        ``"layer_output"`` (layer i's output, issued before layer i+1's attention: more accurate,
+        75% of the upcycled SmolLM2's routed experts guessed right on prose) or ``"attention"``
+        (layer i's residual after attention, issued before layer i's experts compute: more
+        overlap, 64% right).
+      miss_policy: ``"fetch"`` (load a missing expert into the cache), ``"in_place"`` (compute
+        it where it is stored, Fiddler) or ``"auto"`` (whichever measured cheaper).
+      tier: the store's tier: ``"disk"`` (safetensors files, memory-mapped, page cache dropped
+        after each read) or ``"host"`` (all experts in host memory, pinned for a GPU cache).
+      store_dir: folder of the store; reused when it already holds one (no experts written),
+        else created. None: a temporary folder, deleted by ``restore``.
+      device: device of the cache (default: where the experts are).
+    """
+
+    stage = Stage.EXPERTS
+    conflict_group = "expert placement"
+    primary = "budget"
+
+    budget: float = 0.25
+    experts_per_layer: int | None = None
+    budget_bytes: int | None = None
+    policy: str = "lru"
+    prefetch: bool = True
+    miss_policy: str = "fetch"
+    prefetch_signal: str = "layer_output"
+    tier: str = "disk"
+    store_dir: str | None = None
+    device: str | None = None
+
+    def validate(self) -> None:
+        if not 0 < self.budget <= 1:
+            raise ConfigError(f"budget is the fraction of experts kept resident, in (0, 1]; got {self.budget}")
+        if self.experts_per_layer is not None and self.experts_per_layer < 1:
+            raise ConfigError(f"experts_per_layer must be >= 1, got {self.experts_per_layer}")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise ConfigError(f"budget_bytes must be > 0, got {self.budget_bytes}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.miss_policy not in MODES:
+            raise ConfigError(f"miss_policy must be one of {MODES}, got {self.miss_policy!r}")
+        if self.prefetch_signal not in ("layer_output", "attention"):
+            raise ConfigError(f"prefetch_signal must be 'layer_output' or 'attention', got {self.prefetch_signal!r}")
+        if self.tier not in ("disk", "host"):
+            raise ConfigError(f"tier must be 'disk' or 'host', got {self.tier!r}")
+
+    def check_model(self, model: nn.Module) -> None:
+        layers = find_moe_layers(model)
+        first = layers[0]
+        e = first.experts
+        expert_bytes = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
+        cap = capacity_for(first.num_experts, len(layers), expert_bytes, self.budget, self.experts_per_layer, self.budget_bytes)
+        top_k = max(layer.top_k for layer in layers)
+        if cap < top_k:
+            raise ConfigError(
+                f"the expert budget gives {cap} resident experts per layer, fewer than top-k={top_k} "
+                f"(each token uses {top_k} experts of a layer at once); raise the budget to at least "
+                f"{top_k} experts per layer ({top_k * expert_bytes * len(layers)} bytes, or "
+                f"budget={top_k / first.num_experts:.3g})"
+            )
+
+    def apply(self, model: nn.Module) -> Applied:
+        layers = find_moe_layers(model)
+        first = layers[0]
+        device = torch.device(self.device) if self.device else first.experts.gate_up_proj.device
+        on_meta = first.experts.gate_up_proj.device.type == "meta"
+        if device.type == "meta":  # experts never loaded (load_offloaded): the cache lives on the CPU
+            device = torch.device("cpu")
+        owned_dir = self.store_dir is None
+        if on_meta and (owned_dir or not (Path(self.store_dir) / MANIFEST).exists()):
+            raise ConfigError(
+                "the experts are on the meta device (not loaded), so ExpertOffload cannot write them to a "
+                "store; pass store_dir= of a store made by ExpertStore.from_checkpoint (or use load_offloaded)"
+            )
+        path = Path(tempfile.mkdtemp(prefix="infertrix-experts-")) if owned_dir else Path(self.store_dir)
+        pin = device.type == "cuda" and self.tier == "host"
+        if (path / MANIFEST).exists():
+            store = ExpertStore.open(path, tier=self.tier, pin_memory=pin)
+            _check_store(store, layers)
+        else:
+            store = ExpertStore.from_model(model, path, tier=self.tier, pin_memory=pin)
+        cap = capacity_for(first.num_experts, len(layers), store.expert_bytes, self.budget, self.experts_per_layer, self.budget_bytes)
+        cache = ExpertCache(
+            store, cap, self.policy, device, MissPolicy(self.miss_policy), top_k=max(x.top_k for x in layers)
+        )
+        prefetcher = Prefetcher(cache) if self.prefetch else None
+        runtime = OffloadRuntime(cache, layers, prefetcher, early=self.prefetch_signal == "attention")
+
+        hooks = []
+        if prefetcher is not None:
+            for layer in layers:
+                if layer.index not in runtime.next_of:
+                    continue
+                if self.prefetch_signal == "layer_output":
+                    hooks.append(layer.decoder_layer.register_forward_hook(_after_layer(runtime, layer.index)))
+                elif layer.norm is not None:
+                    hooks.append(layer.norm.register_forward_pre_hook(_capture(runtime, layer.index)))
+
+        originals: list[tuple[MoELayer, dict[str, Any]]] = []
+        for layer in layers:
+            orig = layer.experts
+            meta = {
+                name: (p.dtype, device if p.device.type == "meta" else p.device, p.requires_grad)
+                for name, p in (("gate_up_proj", orig.gate_up_proj), ("down_proj", orig.down_proj))
+            }
+            layer.block.experts = OffloadedExperts(orig, layer.index, runtime)
+            # free the fused weights: the store has them, restore() reads them back
+            for name, (dtype, dev, _rg) in meta.items():
+                setattr(orig, name, nn.Parameter(torch.empty(0, dtype=dtype, device=dev), requires_grad=False))
+            originals.append((layer, meta))
+
+        def undo() -> None:
+            if prefetcher is not None:
+                prefetcher.stop()
+            for h in hooks:
+                h.remove()
+            for layer, meta in originals:
+                gu, dn = store.load_layer(layer.index)
+                for name, t in (("gate_up_proj", gu), ("down_proj", dn)):
+                    dtype, dev, rg = meta[name]
+                    setattr(layer.experts, name, nn.Parameter(t.to(dev, dtype), requires_grad=rg))
+                layer.block.experts = layer.experts
+            store.close()
+            if owned_dir:
+                shutil.rmtree(path, ignore_errors=True)
+
+        return Applied(self, undo=undo, report=lambda: _report(runtime))
+
+
+def offload_runtime(model: nn.Module) -> OffloadRuntime:
+    """The cache, store and prefetcher of a model with ExpertOffload applied."""
+    for layer in model.modules():
+        if isinstance(layer, OffloadedExperts):
+            return layer.runtime
+    raise ConfigError("this model has no offloaded experts; apply ExpertOffload first")
+
+
+def _after_layer(runtime: OffloadRuntime, index: int):
+    def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        runtime.prefetch_after(index, hidden.detach())
+
+    return hook
+
+
+def _capture(runtime: OffloadRuntime, index: int):
+    def hook(_module: nn.Module, args: tuple) -> None:
+        runtime.residual[index] = args[0].detach()
+
+    return hook
+
+
+def _check_store(store: ExpertStore, layers: list[MoELayer]) -> None:
+    want = [x.index for x in layers]
+    e = layers[0].experts
+    shapes = (tuple(e.gate_up_proj.shape[1:]), tuple(e.down_proj.shape[1:]), layers[0].num_experts)
+    have = (store.gate_up_shape, store.down_shape, store.num_experts)
+    if store.layers != want or have != shapes:
+        raise ConfigError(
+            f"the expert store at {store.path} does not match this model (layers {store.layers} vs {want}, "
+            f"shapes {have} vs {shapes}); pass another store_dir or delete that folder"
+        )
+
+
+def _report(runtime: OffloadRuntime) -> dict[str, Any]:
+    cache = runtime.cache
+    total = cache.stats()
+    mib = 1 / 2**20
+    per_layer = {i: f"{s.hit_rate:.1%} ({s.hits}/{s.requests})" for i, s in cache.layer_stats().items()}
+    pf = runtime.prefetcher
+    return {
+        "store": f"{cache.store.path} ({cache.store.tier}, {cache.store.total_bytes * mib:.1f} MiB)",
+        "resident": f"{cache.capacity}/{cache.store.num_experts} experts per layer, "
+        f"budget {cache.budget_bytes * mib:.1f} MiB, in use {cache.resident_bytes() * mib:.1f} MiB",
+        "policy": cache.policy,
+        "prefetch": "off" if pf is None else ("running" if pf.alive else f"stopped ({pf.error!r})"),
+        "miss_policy": f"{cache.miss_policy.mode} {cache.miss_policy.costs()}",
+        "stats": total.to_dict(),
+        "hit_rate_per_layer": per_layer,
+    }
