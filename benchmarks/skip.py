@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -241,8 +242,8 @@ def report(rows, base_ppl, base_ppl_full, base_speeds, calib_s, calib_tokens, ar
     )
     print(body)
     if not args.no_write:
-        write_section("skip", "Layer skipping (skip/)", body, "flock /tmp/infertrix-bench.lock python -m benchmarks.skip"
-                      + (" --quick" if args.quick else ""))
+        cmd = " ".join(["flock /tmp/infertrix-bench.lock python -m benchmarks.skip", *sys.argv[1:]])
+        write_section("skip", "Layer skipping (skip/)", body, cmd)
 
 
 if __name__ == "__main__":
