@@ -81,6 +81,7 @@ class ExpertOffload(Transform):
     stage = Stage.EXPERTS
     conflict_group = "expert placement"
     primary = "budget"
+    bench_recipe = None  # needs an MoE model; `infertrix bench --model <moe folder> --recipe offload:0.25`
 
     budget: float = 0.25
     experts_per_layer: int | None = None
