@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
         f"Agreement: greedy tokens equal to the baseline's over {len(cli.AGREEMENT_PROMPTS)} prompts x "
         f"{args.agree_tokens} tokens. Speed: greedy generate, {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats}. "
-        "Peak RSS: the whole process during the speed runs."
+        "Peak RSS: the whole process during the speed runs (it only grows across rows). Perplexity scores full windows without a cache, so KV-cache policies leave it unchanged: see the kvcache section for their quality."
     )
     write_section("bench", "infertrix bench: SmolLM2-135M-Instruct, baseline and recipes", settings + "\n\n" + table + "\n")
 
