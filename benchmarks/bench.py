@@ -18,6 +18,7 @@ def main(argv: list[str]) -> None:
     rows = cli.bench(args)
     table = cli.format_table(rows)
     print(table)
+    cli.write_outputs(rows, args)
     settings = (
         f"Perplexity: {args.ppl_tokens} tokens of *Pride and Prejudice* in {args.ppl_window}-token windows. "
         f"Agreement: greedy tokens equal to the baseline's over {len(cli.AGREEMENT_PROMPTS)} prompts x "

@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench(args)
     table = format_table(rows)
     print(table)
+    write_outputs(rows, args)
+    return 0
+
+
+def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
+    """Write the --json and --plot files the arguments ask for."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
@@ -208,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
