@@ -87,3 +87,29 @@ def byte_tokenizer():
 @pytest.fixture
 def byte_tok():
     return byte_tokenizer()
+
+
+CPU_ISAS = ["scalar", "avx2", "avx512_vnni"]
+
+
+def available_isas() -> list[str]:
+    """Every ISA the compiled extension can run here (none when it is not built)."""
+    from infertrix import ops
+
+    if ops.status().cpu_isa is None:
+        return []
+    import infertrix._C as C
+
+    return CPU_ISAS[: CPU_ISAS.index(C.detected_cpu_isa()) + 1]
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request):
+    """Run the test once per CPU code path, forcing the kernels onto it (skipped if unavailable)."""
+    from infertrix import ops
+
+    if request.param not in available_isas():
+        pytest.skip(f"{request.param} not available (extension missing or CPU lacks it)")
+    ops.set_cpu_isa(request.param)
+    yield request.param
+    ops.set_cpu_isa("auto")

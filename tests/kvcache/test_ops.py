@@ -16,24 +16,6 @@ from infertrix.ops.kv_cache_ops import (
 )
 
 
-def isas():
-    if ops.status().cpu_isa is None:
-        return []
-    import infertrix._C as C
-
-    order = ["scalar", "avx2", "avx512_vnni"]
-    return order[: order.index(C.detected_cpu_isa()) + 1]
-
-
-@pytest.fixture(params=["scalar", "avx2", "avx512_vnni"])
-def isa(request):
-    if request.param not in isas():
-        pytest.skip(f"{request.param} not available (extension missing or CPU lacks it)")
-    ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa("auto")
-
-
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 17, 64), (1, 9, 100, 24), (3, 2, 5, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gather_matches_reference(isa, shape, dtype):

@@ -11,25 +11,6 @@ from infertrix.ops import quantize_per_token_int8, quantize_per_token_int8_refer
 SHAPES = [(1, 1), (1, 15), (3, 17), (5, 576), (2, 3, 1000), (7, 4096), (33, 1537)]
 
 
-def isas():
-    """Every ISA the compiled extension can run here (none when it is not built)."""
-    status = ops.status()
-    if status.cpu_isa is None:
-        return []
-    import infertrix._C as C
-
-    order = ["scalar", "avx2", "avx512_vnni"]
-    return order[: order.index(C.detected_cpu_isa()) + 1]
-
-
-@pytest.fixture(params=["scalar", "avx2", "avx512_vnni"])
-def isa(request):
-    if request.param not in isas():
-        pytest.skip(f"{request.param} not available (extension missing or CPU lacks it)")
-    ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa("auto")
-
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

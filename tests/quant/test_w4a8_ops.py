@@ -9,26 +9,6 @@ from infertrix import ops
 from infertrix.ops import w4a8 as w4
 from infertrix.ops.quantize import quantize_per_token_int8_reference
 
-ISAS = ["scalar", "avx2", "avx512_vnni"]
-
-
-def available_isas() -> list[str]:
-    st = ops.status()
-    if st.cpu_isa is None:
-        return []
-    import infertrix._C as C
-
-    return ISAS[: ISAS.index(C.detected_cpu_isa()) + 1]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if request.param not in available_isas():
-        pytest.skip(f"{request.param} not available (extension missing or CPU lacks it)")
-    ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa("auto")
-
 
 def random_weights(n: int, k: int, group_size: int, zero_point: bool, seed: int):
     """Random packed weights covering the full code and scale ranges (worst case for overflow)."""

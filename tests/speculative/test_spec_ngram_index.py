@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import available_isas
 
 from infertrix import ops
 from infertrix.ops.ngram_index import (
@@ -14,27 +15,8 @@ from infertrix.ops.ngram_index import (
 )
 
 
-def isas():
-    status = ops.status()
-    if status.cpu_isa is None:
-        return []
-    import infertrix._C as C
-
-    order = ["scalar", "avx2", "avx512_vnni"]
-    return order[: order.index(C.detected_cpu_isa()) + 1]
-
-
-@pytest.fixture(params=["scalar", "avx2", "avx512_vnni"])
-def isa(request):
-    if request.param not in isas():
-        pytest.skip(f"{request.param} not available (extension missing or CPU lacks it)")
-    ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa("auto")
-
-
 def test_compiled_kernel_is_registered():
-    if not isas():
+    if not available_isas():
         pytest.skip("infertrix._C not built")
     assert ops.status()["ngram_lookup"]["cpu"].startswith("c++")
     assert ops.status()["ngram_index_update"]["cpu"].startswith("c++")
