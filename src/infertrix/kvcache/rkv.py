@@ -12,12 +12,13 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext, pool1d
+from .policy import FORCE_KEEP, ScoreContext
+from .window import ObservationWindowPolicy
 
 
 @register_transform("rkv", "r-kv")
 @dataclass
-class RKV(KVPolicy):
+class RKV(ObservationWindowPolicy):
     """Score = ``lam * importance - (1 - lam) * redundancy``: importance is the pooled attention of
     the last ``window_size`` queries (as SnapKV), redundancy each key's mean cosine similarity to the
     other stored keys, softmax-normalised over the sequence. Redundant tokens of long generations go
@@ -29,31 +30,15 @@ class RKV(KVPolicy):
     - ``lam``: weight of importance against redundancy (the paper: 0.1).
     """
 
-    window_size: int = 32
-    kernel_size: int = 7
     lam: float = 0.1
-
-    @property
-    def query_tokens(self) -> int:  # type: ignore[override]
-        return self.window_size
 
     def validate(self) -> None:
         super().validate()
-        if self.window_size < 1 or not 0.0 <= self.lam <= 1.0 or self.kernel_size % 2 == 0:
-            raise ConfigError(
-                f"R-KV needs window_size >= 1, lam in [0, 1] and an odd kernel_size, got "
-                f"{self.window_size}, {self.lam}, {self.kernel_size}"
-            )
-
-    def forced_tokens(self) -> int:
-        return self.window_size
-
-    def min_prompt_tokens(self) -> int:
-        return self.window_size
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"RKV.lam must be in [0, 1], got {self.lam}")
 
     def score(self, ctx: ScoreContext) -> Tensor:
-        w = min(self.window_size, ctx.queries.shape[-2])
-        importance = pool1d(ctx.attention(last=w).mean(dim=(2, 3)), self.kernel_size, ctx.visible)
+        importance, w = self.window_scores(ctx)
         kn = torch.nn.functional.normalize(ctx.keys.float(), dim=-1)
         s = kn.shape[-2]
         sim = torch.matmul(kn, kn.transpose(-1, -2))  # [B, H, S, S]
