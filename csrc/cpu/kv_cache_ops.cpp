@@ -3,6 +3,7 @@
 //   kv_gather(x [B,H,S,D], index [B,H,K]) -> [B,H,K,D]   copy the kept tokens into a compact cache
 //   kv_quantize(x [...,N], bits, group)   -> packed uint8, scale, zero   (KIVI-style, asymmetric)
 //   kv_dequantize(packed, scale, zero, bits, group) -> float32 [...,N]
+//   kv_dequantize_into(packed, scale, zero, bits, group, per_channel, out [B,H,S,D])  in place, no allocation
 //
 // Bit-identical to the PyTorch references: the same IEEE single-precision operations in the same
 // order; multiply-add contraction into FMA is switched off so `q * scale + zero` rounds twice like
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu_isa.h"
 
@@ -212,12 +214,83 @@ at::Tensor kv_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& scal
   return out;
 }
 
+// Dequantize a layer's KIVI codes straight into out [B, H, S, D] (rows of D floats contiguous, any
+// stride over B and H: a slice of a buffer reused across layers and steps). per_channel: keys,
+// packed [B, H, S/G, D, G*bits/8] with one (scale, zero) per (block, channel), written transposed;
+// otherwise values, packed [B, H, S, D*bits/8] with D/group groups per token.
+void kv_dequantize_into_cpu(const at::Tensor& packed_in, const at::Tensor& scale_in, const at::Tensor& zero_in,
+                            int64_t bits, int64_t group, bool per_channel, const at::Tensor& out) {
+  TORCH_CHECK(bits == 2 || bits == 4, "kv_dequantize_into supports bits=2 or 4, got ", bits);
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte, "kv_dequantize_into expects uint8 packed codes, got ",
+              packed_in.scalar_type());
+  TORCH_CHECK(out.dim() == 4 && out.scalar_type() == at::kFloat && out.stride(3) == 1 &&
+                  (out.size(2) <= 1 || out.stride(2) == out.size(3)),
+              "kv_dequantize_into expects a float32 out [B, H, S, D] with contiguous rows, got ", out.sizes(),
+              " strides ", out.strides(), " ", out.scalar_type());
+  const int per = 8 / static_cast<int>(bits);
+  const int64_t B = out.size(0), H = out.size(1), S = out.size(2), D = out.size(3);
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
+  const at::Tensor zero = zero_in.to(at::kFloat).contiguous();
+  const int64_t n = packed.size(-1) * per;  // elements per packed row
+  if (per_channel) {
+    TORCH_CHECK(packed.dim() == 5 && packed.size(0) == B && packed.size(1) == H && packed.size(3) == D &&
+                    n == group && packed.size(2) * group == S && group % per == 0,
+                "kv_dequantize_into: keys packed ", packed.sizes(), " do not match out ", out.sizes(),
+                " with group_size=", group);
+  } else {
+    TORCH_CHECK(packed.dim() == 4 && packed.size(0) == B && packed.size(1) == H && packed.size(2) == S &&
+                    n == D && group > 0 && D % group == 0 && group % per == 0,
+                "kv_dequantize_into: values packed ", packed.sizes(), " do not match out ", out.sizes(),
+                " with group_size=", group);
+  }
+  const int64_t groups = packed.numel() * per / group;
+  TORCH_CHECK(scale.numel() == groups && zero.numel() == groups, "kv_dequantize_into: expected ", groups,
+              " scales and zeros, got ", scale.numel(), " and ", zero.numel());
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const float* sp = scale.const_data_ptr<float>();
+  const float* zp = zero.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t sb = out.stride(0), sh = out.stride(1);
+  const Isa isa = active_isa();
+  const int ibits = static_cast<int>(bits);
+  if (per_channel) {
+    const int64_t nblk = S / group, G = group;
+    at::parallel_for(0, B * H * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> tmp(D * G);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bh = i / nblk, blk = i % nblk;
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t gi = i * D + d;
+          dequant_group(isa, pp + gi * (G / per), G, ibits, sp[gi], zp[gi], tmp.data() + d * G);
+        }
+        float* dst = op + (bh / H) * sb + (bh % H) * sh + blk * G * D;
+        for (int64_t t = 0; t < G; ++t)
+          for (int64_t d = 0; d < D; ++d) dst[t * D + d] = tmp[d * G + t];
+      }
+    });
+  } else {
+    const int64_t gpr = D / group;  // groups per token
+    at::parallel_for(0, B * H * S, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bh = r / S, t = r % S;
+        float* dst = op + (bh / H) * sb + (bh % H) * sh + t * D;
+        for (int64_t j = 0; j < gpr; ++j) {
+          const int64_t gi = r * gpr + j;
+          dequant_group(isa, pp + gi * (group / per), group, ibits, sp[gi], zp[gi], dst + j * group);
+        }
+      }
+    });
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("kv_gather", &kv_gather_cpu);
   m.impl("kv_quantize", &kv_quantize_cpu);
   m.impl("kv_dequantize", &kv_dequantize_cpu);
+  m.impl("kv_dequantize_into", &kv_dequantize_into_cpu);
 }
 
 }  // namespace infertrix

@@ -114,3 +114,23 @@ def test_kivi_generate_padded_batch_equals_rows_alone():
     for i, r in enumerate(rows):
         alone = model.generate(r, max_new_tokens=5, do_sample=False)
         assert torch.equal(out[i, 20:], alone[0, r.shape[1] :])
+
+
+def test_dequantized_view_is_one_buffer_shared_by_the_layers():
+    """Attention reads the quantized tokens from one float32 buffer that every layer reuses (no
+    allocation per step), holding exactly the dequantized codes followed by the residual window."""
+    model = make_tiny(
+        "llama", head_dim=32, hidden_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
+    ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
+    cache, _ = run(model, torch.randint(3, 128, (2, 50)))
+    layers = cache.policy_layers
+    assert all(layer.scratch is layers[0].scratch for layer in layers)
+    for layer in layers:
+        k, v = layer.full_keys_values()
+        assert torch.equal(k, torch.cat([layer._dequant_keys(), layer.keys], dim=-2))
+        assert torch.equal(v, torch.cat([layer._dequant_values(), layer.values], dim=-2))
+        assert k.untyped_storage().data_ptr() == layers[0].scratch["keys"].untyped_storage().data_ptr()
+    # the buffer holds one layer's worth of tokens (rounded up), not the whole cache
+    stored = layers[0].stored_length
+    assert 0 < cache.scratch_bytes() <= 2 * 2 * 2 * 32 * 4 * (stored + 256 + stored // 8)

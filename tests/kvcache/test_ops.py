@@ -1,4 +1,4 @@
-"""infertrix::kv_gather / kv_quantize / kv_dequantize: compiled kernels against the references."""
+"""infertrix::kv_gather / kv_quantize / kv_dequantize(_into): compiled kernels against the references."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 from infertrix import ops
 from infertrix.ops.kv_cache_ops import (
     kv_dequantize,
+    kv_dequantize_into,
+    kv_dequantize_into_reference,
     kv_dequantize_reference,
     kv_gather,
     kv_gather_reference,
@@ -85,6 +87,39 @@ def test_opcheck():
     torch.library.opcheck(kv_quantize, (torch.randn(3, 64), 4, 32))
     q = kv_quantize(torch.randn(3, 64), 2, 16)
     torch.library.opcheck(kv_dequantize, (*q, 2, 16))
+    q4 = kv_quantize(torch.randn(1, 1, 3, 64), 2, 16)
+    torch.library.opcheck(kv_dequantize_into, (*q4, 2, 16, False, torch.empty(1, 1, 3, 64)))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(("b", "h", "nblk", "d", "g"), [(1, 3, 4, 64, 32), (2, 2, 3, 16, 8)])
+def test_dequantize_into_a_reused_buffer_matches_reference(isa, bits, b, h, nblk, d, g):
+    """Keys (per channel, written transposed) and values (per token) into a slice of a larger buffer."""
+    gen = torch.Generator().manual_seed(bits + d)
+    s = nblk * g
+    keys = torch.randn(b, h, s, d, generator=gen) * 2
+    kt = keys.reshape(b, h, nblk, g, d).transpose(-1, -2).contiguous()
+    qk = kv_quantize_reference(kt, bits, g)
+    qv = kv_quantize_reference(torch.randn(b, h, s, d, generator=gen), bits, min(g, d))
+    for codes, group, per_channel in ((qk, g, True), (qv, min(g, d), False)):
+        got = torch.full((b, h, s + 5, d), float("nan"))
+        ref = torch.full((b, h, s + 5, d), float("nan"))
+        kv_dequantize_into(*codes, bits, group, per_channel, got[:, :, :s])
+        kv_dequantize_into_reference(*codes, bits, group, per_channel, ref[:, :, :s])
+        assert torch.equal(got[:, :, :s], ref[:, :, :s])
+        assert got[:, :, s:].isnan().all()  # nothing written past the slice
+    back = torch.empty(b, h, s, d)
+    kv_dequantize_into(*qk, bits, g, True, back)
+    flat = kv_dequantize_reference(*qk, bits, g).transpose(-1, -2).reshape(b, h, s, d)
+    assert torch.equal(back, flat)
+
+
+def test_dequantize_into_rejects_a_mismatched_buffer():
+    qv = kv_quantize_reference(torch.randn(1, 2, 8, 16), 4, 16)
+    with pytest.raises((ValueError, RuntimeError), match="match|float32"):
+        kv_dequantize_into(*qv, 4, 16, False, torch.empty(1, 2, 9, 16))
+    with pytest.raises((ValueError, RuntimeError), match="float32"):
+        kv_dequantize_into(*qv, 4, 16, False, torch.empty(1, 2, 8, 16, dtype=torch.bfloat16))
 
 
 def test_bad_quantization_arguments():
@@ -96,5 +131,5 @@ def test_bad_quantization_arguments():
 
 def test_status_reports_the_ops():
     st = ops.status()
-    for name in ("kv_gather", "kv_quantize", "kv_dequantize"):
+    for name in ("kv_gather", "kv_quantize", "kv_dequantize", "kv_dequantize_into"):
         assert st[name]["cpu"].startswith("c++/") if st.cpu_isa else st[name]["cpu"] == "reference"

@@ -224,6 +224,8 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
     }
     if cache.state_bytes():
         out["policy_state_bytes"] = cache.state_bytes()
+    if cache.scratch_bytes():
+        out["dequant_buffer_bytes"] = cache.scratch_bytes()  # shared by all layers (KIVI decoding)
     return out
 
 

@@ -35,7 +35,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from ..ops.kv_cache_ops import kv_dequantize, kv_gather, kv_quantize
+from ..ops.kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quantize
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,9 @@ class PolicyLayer(DynamicLayer):
         self.recent = 0
         self.steps_since_compress = 0
         self.flush_in_update = True  # the policy's hook flushes itself, after it has compressed
+        # float32 buffers the quantized tokens are dequantized into for attention, shared by all the
+        # layers of a PolicyCache (layers run one after another): set by PolicyCache, else per layer
+        self.scratch: dict[str, Tensor] = {}
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
@@ -125,13 +128,44 @@ class PolicyLayer(DynamicLayer):
         return k_all, v_all
 
     def full_keys_values(self) -> tuple[Tensor, Tensor]:
-        """All stored tokens in full precision (dequantized where needed), [B, H, S, D]."""
+        """All stored tokens in full precision (dequantized where needed), [B, H, S, D].
+
+        With quantized tokens and float32 states these are views of the cache's shared scratch
+        buffers, overwritten by the next layer's call: consume them before then (attention does).
+        """
         if not self.n_quantized:
             return self.keys, self.values
-        return (
-            torch.cat([self._dequant_keys(), self.keys], dim=-2),
-            torch.cat([self._dequant_values(), self.values], dim=-2),
-        )
+        if self.keys.dtype != torch.float32:
+            return (
+                torch.cat([self._dequant_keys(), self.keys], dim=-2),
+                torch.cat([self._dequant_values(), self.values], dim=-2),
+            )
+        q, nq = self.quant, self.n_quantized
+        k, v = self._scratch("keys"), self._scratch("values")
+        kv_dequantize_into(*self.qkeys, q.bits, q.group_size, True, k[:, :, :nq])
+        d = self.values.shape[-1]
+        kv_dequantize_into(*self.qvalues, q.bits, min(q.group_size, d), False, v[:, :, :nq])
+        k[:, :, nq:].copy_(self.keys)
+        v[:, :, nq:].copy_(self.values)
+        return k, v
+
+    def _scratch(self, name: str) -> Tensor:
+        """A [B, H, stored, D] view of the shared buffer ``name``, grown in steps of 256 tokens."""
+        b, h, _, d = self.keys.shape
+        s = self.stored_length
+        buf = self.scratch.get(name)
+        if (
+            buf is None
+            or buf.shape[0] != b
+            or buf.shape[1] != h
+            or buf.shape[3] != d
+            or buf.shape[2] < s
+            or buf.device != self.keys.device
+        ):
+            cap = -(-(s + s // 8) // 256) * 256
+            buf = torch.empty(b, h, cap, d, dtype=torch.float32, device=self.keys.device)
+            self.scratch[name] = buf
+        return buf[:, :, :s]
 
     def compress(
         self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None
@@ -254,6 +288,7 @@ class PolicyLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.scratch.clear()
         self.is_initialized = False
         self.cumulative_length = 0
         self.qkeys = self.qvalues = None
@@ -303,10 +338,12 @@ class PolicyCache(Cache):
         )
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers = []
+        scratch: dict[str, Tensor] = {}  # one set of dequantization buffers for all layers
         for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True):
             if layer_type == "full_attention":
                 layer = PolicyLayer(quant=quant)
                 layer.flush_in_update = policy is None
+                layer.scratch = scratch
                 layers.append(layer)
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
@@ -355,6 +392,11 @@ class PolicyCache(Cache):
 
     def state_bytes(self) -> int:
         return sum(layer.state_bytes() for layer in self.policy_layers)
+
+    def scratch_bytes(self) -> int:
+        """Bytes of the dequantization buffers the layers share (KIVI; 0 before any decoding)."""
+        layers = self.policy_layers
+        return sum(t.nbytes for t in layers[0].scratch.values()) if layers else 0
 
     def stored_lengths(self) -> list[int]:
         return [layer.stored_length for layer in self.policy_layers]

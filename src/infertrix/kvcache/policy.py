@@ -62,21 +62,22 @@ def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None) -> Tenso
     b, hq, w, d = queries.shape
     hkv, s = ctx.keys.shape[1], ctx.keys.shape[2]
     g = hq // hkv
-    q = queries.float().reshape(b, hkv, g, w, d)
-    logits = (
-        torch.matmul(q, ctx.keys.float().unsqueeze(2).transpose(-1, -2)) * ctx.scaling
-    )  # [B,Hkv,G,w,S]
+    # one [G*w, D] x [D, S] product per KV head: the keys are read once, never expanded per group
+    q = queries.float().reshape(b, hkv, g * w, d)
+    logits = torch.matmul(q, ctx.keys.float().transpose(-1, -2)).view(b, hkv, g, w, s)
+    logits = logits * ctx.scaling  # [B,Hkv,G,w,S]
     if logits_fn is not None:
         logits = logits_fn(logits)
-    slot = torch.arange(s, device=q.device)
-    qpos = torch.arange(s - w, s, device=q.device)
-    blocked = (
-        slot[None, :] > qpos[:, None]
-    )  # [w, S] causal by slot: the queries' keys are the last w slots
+    blocked = None
+    if w > 1:  # causal by slot: the queries' keys are the last w slots
+        slot = torch.arange(s, device=q.device)
+        qpos = torch.arange(s - w, s, device=q.device)
+        blocked = slot[None, :] > qpos[:, None]  # [w, S]
     if ctx.visible is not None:
-        blocked = blocked[None] | ~ctx.visible[:, None, :]  # [B, w, S]
-        blocked = blocked[:, None, None]
-    logits = logits.masked_fill(blocked, float("-inf"))
+        pads = ~ctx.visible[:, None, :]  # [B, 1, S]
+        blocked = (pads if blocked is None else blocked[None] | pads)[:, None, None]
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if ctx.visible is not None:  # a pad's own query sees nothing: no NaN rows, no weight
         qvis = ctx.visible[:, s - w :]

@@ -8,6 +8,9 @@
     last dimension to 2 or 4 bits, packed little-end first into ``uint8`` (KIVI, Liu et al. 2024,
     https://arxiv.org/abs/2402.02750). Keys are quantized per channel by feeding the transposed
     block (rows = channels, elements = tokens), values per token (rows = tokens).
+``infertrix::kv_dequantize_into``
+    The same dequantization written in place into a [B, H, S, D] slice (keys transposed back to
+    token-major), so decoding with a quantized cache allocates nothing per step.
 
 Compiled kernels: ``csrc/cpu/kv_cache_ops.cpp`` (bit-identical to the references below).
 """
@@ -122,6 +125,47 @@ def _(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 8 // bits), dtype=torch.float32)
 
 
+def kv_dequantize_into_reference(
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    bits: int,
+    group_size: int,
+    per_channel: bool,
+    out: Tensor,
+) -> None:
+    """Dequantize one layer's codes straight into ``out`` float32 [B, H, S, D] (e.g. a slice of a
+    buffer reused across layers): keys (``per_channel``) packed [B, H, S/G, D, G*bits/8] with
+    ``group_size`` = G, written transposed; values packed [B, H, S, D*bits/8]."""
+    if out.dim() != 4 or out.dtype != torch.float32:
+        raise ValueError(
+            f"kv_dequantize_into expects a float32 out [B, H, S, D], got {out.dtype} {tuple(out.shape)}"
+        )
+    x = kv_dequantize_reference(packed, scale, zero, bits, group_size)
+    if per_channel:
+        b, h, nblk, d, g = x.shape
+        x = x.transpose(-1, -2).reshape(b, h, nblk * g, d)
+    if x.shape != out.shape:
+        raise ValueError(
+            f"kv_dequantize_into: codes of {tuple(x.shape)} do not match out {tuple(out.shape)}"
+        )
+    out.copy_(x)
+
+
+@torch.library.custom_op("infertrix::kv_dequantize_into", mutates_args=("out",))
+def kv_dequantize_into(
+    packed: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    bits: int,
+    group_size: int,
+    per_channel: bool,
+    out: Tensor,
+) -> None:
+    kv_dequantize_into_reference(packed, scale, zero, bits, group_size, per_channel, out)
+
+
 register_op("kv_gather", kv_gather_reference)
 register_op("kv_quantize", kv_quantize_reference)
 register_op("kv_dequantize", kv_dequantize_reference)
+register_op("kv_dequantize_into", kv_dequantize_into_reference)
