@@ -2,6 +2,9 @@
 
     flock /tmp/infertrix-bench.lock python -m benchmarks.kvcache            # the full grid
     flock /tmp/infertrix-bench.lock python -m benchmarks.kvcache --quick    # 1k and 2k only
+    # in parts (each writes its own BENCHMARKS.md section):
+    flock ... python -m benchmarks.kvcache --contexts 2048 --speed-context 0 --section kvcache-2k
+    flock ... python -m benchmarks.kvcache --contexts --methods KIVI-4 --section kvcache-decode
 
 For each prompt length (1k, 2k, 4k tokens) and each cell (full cache; every policy at compression
 0.25 / 0.5 / 0.75; KIVI 4 and 2 bits):
@@ -22,6 +25,8 @@ in tests/kvcache/test_replay.py. The script also cross-checks one cell against
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import math
 import random
 import re
@@ -43,10 +48,11 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 PLOT = Path(__file__).resolve().parent / "kvcache_passkey_vs_kv_bytes.png"
 
 
-def cells(ratios, quick: bool, methods: list[str] | None = None):
-    """(label, method, compression, policy, quant) for every cell of a table."""
+def cells(ratios, h2o_window: int | None, methods: list[str] | None = None):
+    """(label, method, compression, policy, quant) for every cell of a table: the full cache always,
+    then every method of ``methods`` (None: all; names as in ``METHODS`` plus KIVI-4 and KIVI-2)."""
     out = [("full cache", "full", 0.0, None, None)]
-    h2o_kw = {"observation_window": 256} if quick else {}
+    h2o_kw = {"observation_window": h2o_window} if h2o_window else {}
     makers = {
         "StreamingLLM": lambda r: kv.StreamingLLM(compression=r),
         "KNorm": lambda r: kv.KNorm(compression=r),
@@ -58,14 +64,21 @@ def cells(ratios, quick: bool, methods: list[str] | None = None):
         "Keyformer": lambda r: kv.Keyformer(compression=r),
         "R-KV": lambda r: kv.RKV(compression=r),
     }
+    known = [*makers, "KIVI-4", "KIVI-2"]
+    unknown = sorted(set(methods or []) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {known}")
     for name, make in makers.items():
-        if methods and name not in methods:
+        if methods is not None and name not in methods:
             continue
         for r in ratios:
             p = make(r)
             out.append((f"{p.recipe()}", name, r, p, None))
     for bits in (4, 2):
-        out.append((f"kivi:{bits}", f"KIVI {bits}-bit", 0.0, None, kv.KVQuantSpec(bits, 32, 32)))
+        if methods is None or f"KIVI-{bits}" in methods:
+            out.append(
+                (f"kivi:{bits}", f"KIVI {bits}-bit", 0.0, None, kv.KVQuantSpec(bits, 32, 32))
+            )
     return out
 
 
@@ -181,43 +194,58 @@ def run_context(
     return res
 
 
+def trimmed_rss() -> int:
+    """Resident bytes now, after handing freed heap back to the OS (so a later peak is comparable)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return ixe.current_rss()
+
+
 @torch.no_grad()
-def decode_speed(model, tok, context: int, grid, steps: int, log) -> dict[str, dict]:
-    """Median decode step time at ``context`` tokens, batch 1, and the peak RSS of decoding."""
+def decode_speed(model, tok, context: int, grid, steps: int, rounds: int, log) -> dict[str, dict]:
+    """Decode tokens/s at ``context`` tokens, batch 1: ``rounds`` rounds, each running ``steps``
+    steps of every cell in turn (interleaved, so slow phases of a shared machine hit every cell), on
+    a fresh cache each round; the median step time of all rounds (first two steps of a round
+    dropped). Memory: the peak RSS of building the cell's cache and decoding, above the RSS before."""
     ids = torch.tensor(
         [tok(ixe.body_text()[: context * 8], add_special_tokens=False).input_ids[:context]]
     )
     mask = torch.ones_like(ids)
     rec = record_prefill(model, ids, mask)
     first = rec.logits.argmax(-1, keepdim=True)
-    out = {}
-    for label, _, _, policy, quant in grid:
-        cache = replay(model, rec, policy, quant)
-        times = []
+    out = {label: {"times": [], "peak": 0} for label, *_ in grid}
+    for rnd in range(rounds):
+        for label, _, _, policy, quant in grid:
+            times = out[label]["times"]
 
-        def run(cache=cache, times=times):
-            m, tokn = mask, first
-            for _ in range(steps):
-                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-                t = time.perf_counter()
-                o = model(
-                    tokn,
-                    attention_mask=m,
-                    position_ids=m.sum(-1, keepdim=True) - 1,
-                    past_key_values=cache,
-                )
-                tokn = o.logits[:, -1:].argmax(-1)
-                times.append(time.perf_counter() - t)
+            def run(policy=policy, quant=quant, times=times):
+                cache = replay(model, rec, policy, quant)
+                m, tokn = mask, first
+                for i in range(steps):
+                    m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                    t = time.perf_counter()
+                    o = model(
+                        tokn,
+                        attention_mask=m,
+                        position_ids=m.sum(-1, keepdim=True) - 1,
+                        past_key_values=cache,
+                    )
+                    tokn = o.logits[:, -1:].argmax(-1)
+                    if i >= 2:
+                        times.append(time.perf_counter() - t)
+                return ixe.kv_cache_bytes(cache), getattr(cache, "scratch_bytes", lambda: 0)()
 
-        with applied(model, policy, quant):
-            _, peak = ixe.peak_rss(run)
-        step = statistics.median(times[2:])
-        out[label] = {
-            "decode_tok_s": 1.0 / step,
-            "peak_rss": peak,
-            "kv_bytes": ixe.kv_cache_bytes(cache),
-        }
-        log(f"  decode at {context}: {label}: {1.0 / step:.1f} tok/s")
+            base = trimmed_rss()
+            with applied(model, policy, quant):
+                (kv_bytes, scratch), peak = ixe.peak_rss(run)
+            d = out[label]
+            d.update(kv_bytes=kv_bytes, scratch=scratch, peak=max(d["peak"], peak - base))
+            if rnd == rounds - 1:
+                d["decode_tok_s"] = 1.0 / statistics.median(d["times"])
+                log(f"  decode at {context}: {label}: {d['decode_tok_s']:.1f} tok/s")
     return out
 
 
@@ -230,17 +258,34 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="1k and 2k prompts, compression 0.5 only; H2O/D2O observe the last 256 prompt queries",
+        help="1k and 2k prompts, compression 0.5 only",
     )
-    ap.add_argument("--contexts", type=int, nargs="*", default=None)
+    ap.add_argument(
+        "--contexts",
+        type=int,
+        nargs="*",
+        default=None,
+        help="prompt lengths of the passkey/perplexity tables (default 1024 2048 4096; none: no tables)",
+    )
+    ap.add_argument(
+        "--h2o-window",
+        type=int,
+        default=256,
+        help="H2O/D2O accumulate attention of the last N prompt queries (0: every prompt query, "
+        "the paper's setting, a full prompt x prompt attention per cell)",
+    )
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.5, 0.75])
     ap.add_argument("--micro-batch", type=int, default=5)
     ap.add_argument("--speed-context", type=int, default=4096)
     ap.add_argument("--speed-steps", type=int, default=12)
+    ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--methods", nargs="*", default=None, help="subset of methods, e.g. SnapKV H2O KNorm"
+        "--methods",
+        nargs="*",
+        default=None,
+        help="subset of methods, e.g. SnapKV H2O KIVI-4 (the full cache is always measured)",
     )
     ap.add_argument(
         "--check-trials", type=int, default=5, help="trials of the generate cross-check (0: skip)"
@@ -251,7 +296,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    contexts = args.contexts or ([1024, 2048] if args.quick else [1024, 2048, 4096])
+    if args.contexts is None:
+        args.contexts = [1024, 2048] if args.quick else [1024, 2048, 4096]
+    contexts = args.contexts
     if args.quick and args.ratios == [0.25, 0.5, 0.75]:
         args.ratios = [0.5]
     t0 = time.time()
@@ -261,7 +308,7 @@ def main(argv: list[str]) -> None:
 
     model, tok = load("smollm2")
     model.eval()
-    grid = cells(args.ratios, args.quick, args.methods)
+    grid = cells(args.ratios, args.h2o_window, args.methods)
     tables, results = [], {}
     for context in contexts:
         log(f"context {context}")
@@ -292,7 +339,9 @@ def main(argv: list[str]) -> None:
     if args.speed_context:
         speed_grid = [c for c in grid if c[2] in (0.0, 0.5)]
         log(f"decode speed at {args.speed_context}")
-        speed = decode_speed(model, tok, args.speed_context, speed_grid, args.speed_steps, log)
+        speed = decode_speed(
+            model, tok, args.speed_context, speed_grid, args.speed_steps, args.speed_rounds, log
+        )
         base = speed["full cache"]["decode_tok_s"]
         for label, *_ in speed_grid:
             s = speed[label]
@@ -302,13 +351,14 @@ def main(argv: list[str]) -> None:
                     "decode tok/s": s["decode_tok_s"],
                     "vs full cache": s["decode_tok_s"] / base,
                     "KV MiB": s["kv_bytes"] / 2**20,
-                    "peak RSS MiB (decode)": s["peak_rss"] / 2**20,
+                    "of which dequant buffer MiB": s["scratch"] / 2**20,
+                    "peak RSS over baseline MiB": s["peak"] / 2**20,
                 }
             )
         print(markdown_table(speed_rows))
 
     # cross-check: the library path (generate on an optimized model) gives the same passkey answers
-    check_ctx, check_trials = contexts[0], args.check_trials
+    check_ctx, check_trials = (contexts[0], args.check_trials) if contexts else (0, 0)
     lib_acc = bench_acc = float("nan")
     if check_trials:
         ix.optimize(model, kv.SnapKV(compression=0.5))
@@ -322,7 +372,8 @@ def main(argv: list[str]) -> None:
         )
 
     plot_path = PLOT.with_name(f"{args.section}_passkey_vs_kv_bytes.png")
-    plot(tables, grid, plot_path)
+    if tables:
+        plot(tables, grid, plot_path)
     elapsed = time.time() - t0
     body = report_body(
         tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ctx, check_trials, elapsed
@@ -390,24 +441,31 @@ def plot(tables, grid, path: Path = PLOT) -> None:
 def report_body(
     tables, speed_rows, args, contexts, lib_acc, bench_acc, check_ctx, check_trials, elapsed
 ) -> str:
-    parts = [
-        f"SmolLM2-135M-Instruct (float32, sdpa), {args.threads} threads. {'**--quick**: ' if args.quick else ''}"
-        f"prompt lengths {contexts}, {args.trials} passkey trials per cell (depths {DEPTHS}), "
-        f"compression ratios {args.ratios} (fraction of tokens evicted; budget ceil((1-r) x prompt) per row and "
-        "KV head, every full-attention layer). KIVI: group 32, residual 32 tokens. Perplexity: next 128 tokens of "
-        "*Pride and Prejudice* after a prompt of the given length (2 samples). KV KiB/seq: every tensor the cache "
-        "holds (codes, scales, policy state) per sequence. 'KV vs budget': KV bytes relative to the budget's "
-        "share of the full cache."
-        + (
-            " H2O/D2O observe the last 256 prompt queries (observation_window=256) to keep the run short."
-            if args.quick
-            else ""
-        ),
-        f"Each micro-batch of {args.micro_batch} prompts is prefilled once and every cell's cache built from it with "
-        "`infertrix.kvcache.replay` (identical to generate's own path, see tests/kvcache/test_replay.py). Cross-check: "
-        f"`passkey_accuracy` through `generate` with snapkv:0.5 at {check_ctx} tokens, {check_trials} trials: "
-        f"{lib_acc:.2f}; the replay path on the same trials: {bench_acc:.2f}.",
-    ]
+    h2o = (
+        f"H2O/D2O accumulate the attention of the last {args.h2o_window} prompt queries "
+        f"(observation_window={args.h2o_window}), not of every prompt query, to keep the runs short."
+        if args.h2o_window
+        else "H2O/D2O accumulate the attention of every prompt query."
+    )
+    parts = [f"SmolLM2-135M-Instruct (float32, sdpa), {args.threads} threads. {h2o}"]
+    if tables:
+        parts += [
+            f"{'**--quick**: ' if args.quick else ''}"
+            f"prompt lengths {contexts}, {args.trials} passkey trials per cell (depths {DEPTHS}), "
+            f"compression ratios {args.ratios} (fraction of tokens evicted; budget ceil((1-r) x prompt) per row and "
+            "KV head, every full-attention layer). KIVI: group 32, residual 32 tokens. Perplexity: next 128 tokens "
+            "of *Pride and Prejudice* after a prompt of the given length (2 samples). KV KiB/seq: every tensor the "
+            "cache holds (codes, scales, policy state) per sequence after the prompt. 'KV vs budget': KV bytes "
+            "relative to the budget's share of the full cache.",
+            f"Each micro-batch of {args.micro_batch} prompts is prefilled once and every cell's cache built from it "
+            "with `infertrix.kvcache.replay` (identical to generate's own path, see tests/kvcache/test_replay.py)."
+            + (
+                f" Cross-check: `passkey_accuracy` through `generate` with snapkv:0.5 at {check_ctx} tokens, "
+                f"{check_trials} trials: {lib_acc:.2f}; the replay path on the same trials: {bench_acc:.2f}."
+                if check_trials
+                else ""
+            ),
+        ]
     for context, rows in tables:
         parts.append(
             f"### {context}-token prompts\n\n"
@@ -426,12 +484,18 @@ def report_body(
         )
     if speed_rows:
         parts.append(
-            f"### Decode at {args.speed_context} tokens (batch 1, median of {args.speed_steps - 2} steps; peak RSS "
-            "of the decode loop, model included)\n\n" + markdown_table(speed_rows)
+            f"### Decode at {args.speed_context} tokens\n\nBatch 1, {args.speed_rounds} interleaved rounds "
+            f"(every cell in turn, a fresh cache each round) of {args.speed_steps} steps, median of the last "
+            f"{args.speed_steps - 2} steps of each round. KV MiB: every tensor the cache holds after decoding, "
+            "including KIVI's float32 buffer that the quantized tokens are dequantized into for attention (one "
+            "buffer shared by all layers). Peak RSS over baseline: the process's peak while building the cell's "
+            "cache and decoding, minus its RSS just before.\n\n" + markdown_table(speed_rows)
         )
-    parts.append(
-        f"![passkey accuracy vs KV bytes](benchmarks/{args.section}_passkey_vs_kv_bytes.png)\n\nTotal run time: {elapsed / 60:.1f} min."
-    )
+    if tables:
+        parts.append(
+            f"![passkey accuracy vs KV bytes](benchmarks/{args.section}_passkey_vs_kv_bytes.png)"
+        )
+    parts.append(f"Total run time: {elapsed / 60:.1f} min.")
     return "\n\n".join(parts)
 
 
