@@ -16,6 +16,7 @@ from infertrix.kvcache import (
     RKV,
     TOVA,
     CacheCropError,
+    DensityKV,
     Keyformer,
     KNorm,
     PolicyCache,
@@ -39,6 +40,7 @@ def policies(**kw):
         RKV(window_size=4, kernel_size=3, **kw),
         PyramidKV(window_size=4, kernel_size=3, beta=4, **kw),
         D2O(**kw),
+        DensityKV(window_size=4, kernel_size=3, **kw),
     ]
 
 
@@ -84,7 +86,10 @@ def test_ratio_zero_is_bit_identical(arch, policy):
 
 # rows shorter than the budget keep all their tokens plus pads; PyramidKV's per-layer budgets reach 20
 # tokens, so its rows are all longer than that (budgets follow the padded length, the same for all rows)
-PADDED_CASES = [("llama", p) for p in policies(budget=12) if not isinstance(p, PyramidKV)] + [
+# DensityKV's layer budgets follow the batch's attention density, so a padded row is not its row alone
+PADDED_CASES = [
+    ("llama", p) for p in policies(budget=12) if not isinstance(p, PyramidKV | DensityKV)
+] + [
     ("llama", PyramidKV(window_size=4, kernel_size=3, beta=4, budget=12)),
     ("llama", SnapKV(window_size=4, budget=12, decode_interval=3)),
     ("gemma3", SnapKV(window_size=4, budget=12)),
@@ -121,6 +126,7 @@ def test_padded_batch_equals_rows_alone(arch, policy):
         H2O(compression=0.6),
         KNorm(budget=10, decode_interval=4),
         TOVA(budget=12, decode_interval=1),
+        DensityKV(window_size=4, compression=0.5, decode_interval=3),
     ],
     ids=lambda p: type(p).__name__,
 )
@@ -162,7 +168,12 @@ def manual_generate(model, cache, ids, new_tokens):
 
 @pytest.mark.parametrize(
     "policy",
-    [SnapKV(window_size=4, compression=0.5), StreamingLLM(budget=16), None],
+    [
+        SnapKV(window_size=4, compression=0.5),
+        StreamingLLM(budget=16),
+        DensityKV(window_size=4, compression=0.5),
+        None,
+    ],
     ids=lambda p: type(p).__name__,
 )
 def test_cache_reuse_across_two_generate_calls(policy):

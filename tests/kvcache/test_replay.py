@@ -7,7 +7,16 @@ import torch
 from conftest import make_tiny
 
 import infertrix as ix
-from infertrix.kvcache import H2O, KIVI, KVQuantSpec, PyramidKV, SnapKV, StreamingLLM, new_cache
+from infertrix.kvcache import (
+    H2O,
+    KIVI,
+    DensityKV,
+    KVQuantSpec,
+    PyramidKV,
+    SnapKV,
+    StreamingLLM,
+    new_cache,
+)
 from infertrix.kvcache.replay import record_prefill, replay
 
 
@@ -18,6 +27,7 @@ from infertrix.kvcache.replay import record_prefill, replay
         H2O(budget=10),
         StreamingLLM(compression=0.75),
         PyramidKV(window_size=4, compression=0.5),
+        DensityKV(window_size=4, compression=0.5),
     ],
     ids=lambda p: type(p).__name__,
 )

@@ -11,6 +11,7 @@ See docs/kvcache.md.
 from .attach import new_cache
 from .cache import CacheCropError, KVQuantSpec, PolicyCache, PolicyLayer
 from .d2o import D2O, merge_evicted
+from .density import DensityKV
 from .h2o import H2O
 from .keyformer import Keyformer
 from .kivi import KIVI
@@ -22,10 +23,11 @@ from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
 
-POLICIES = (StreamingLLM, KNorm, SnapKV, H2O, TOVA, Keyformer, RKV, PyramidKV, D2O)
+POLICIES = (StreamingLLM, KNorm, SnapKV, H2O, TOVA, Keyformer, RKV, PyramidKV, D2O, DensityKV)
 
 __all__ = [
     "D2O",
+    "DensityKV",
     "H2O",
     "KIVI",
     "KNorm",

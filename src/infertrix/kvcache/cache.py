@@ -80,6 +80,8 @@ class PolicyLayer(DynamicLayer):
         # float32 buffers the quantized tokens are dequantized into for attention, shared by all the
         # layers of a PolicyCache (layers run one after another): set by PolicyCache, else per layer
         self.scratch: dict[str, Tensor] = {}
+        self.siblings: list[PolicyLayer] = [self]  # the cache's policy layers (set by PolicyCache)
+        self.pending = None  # scores of a compression deferred to the forward's last layer (DensityKV)
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
@@ -197,8 +199,8 @@ class PolicyLayer(DynamicLayer):
     def flush(self) -> None:
         """Move residual tokens beyond the full-precision window into the quantized store."""
         q = self.quant
-        if q is None or not self.is_initialized:
-            return
+        if q is None or not self.is_initialized or self.pending is not None:
+            return  # (a pending compression flushes after it has evicted: no second rounding)
         extra = self.residual_len - q.residual_length
         nblk = extra // q.group_size if extra > 0 else 0
         if nblk <= 0:
@@ -297,6 +299,7 @@ class PolicyLayer(DynamicLayer):
         self.queries = None
         self.recent = 0
         self.steps_since_compress = 0
+        self.pending = None
 
     # -- accounting ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
@@ -339,11 +342,14 @@ class PolicyCache(Cache):
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers = []
         scratch: dict[str, Tensor] = {}  # one set of dequantization buffers for all layers
+        siblings: list[PolicyLayer] = []
         for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True):
             if layer_type == "full_attention":
                 layer = PolicyLayer(quant=quant)
                 layer.flush_in_update = policy is None
                 layer.scratch = scratch
+                layer.siblings = siblings
+                siblings.append(layer)
                 layers.append(layer)
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))

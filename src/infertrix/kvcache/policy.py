@@ -284,11 +284,19 @@ class KVPolicy(Transform):
             0,
         )
         self.observe(ctx, new_q)
-        if not due:
+        if due:
+            self.compress_layer(layer, ctx)
+
+    def compress_layer(self, layer, ctx: ScoreContext) -> None:
+        """Compress one layer back to its budget (after a prefill chunk, or every decode_interval)."""
+        target = self.layer_target(layer.cumulative_length, ctx.layer_rank, ctx.num_layers)
+        if ctx.keys.shape[-2] <= target:
             return
-        target = self.layer_target(layer.cumulative_length, rank, nlayers)
-        if s <= target:
-            return
+        self.check_budget(layer, target)
+        ctx.target = target
+        self.evict(layer, self.score(ctx), target, ctx.visible, ctx.keys, ctx.values)
+
+    def check_budget(self, layer, target: int) -> None:
         name = type(self).__name__
         need = self.min_prompt_tokens()
         if layer.cumulative_length < need:
@@ -301,8 +309,21 @@ class KVPolicy(Transform):
                 f"{name} always keeps {self.forced_tokens()} tokens but its budget here is {target} "
                 f"({layer.cumulative_length} tokens seen); lower window_size/sink_tokens or the compression"
             )
-        ctx.target = target
-        scores = self.score(ctx).float()
+
+    def evict(
+        self,
+        layer,
+        scores: Tensor,
+        target: int,
+        visible: Tensor | None,
+        keys: Tensor | None = None,
+        values: Tensor | None = None,
+    ) -> None:
+        """Keep the ``target`` highest-scoring tokens of ``layer`` (pads out first), merged or not;
+        ``keys``/``values`` are the layer's full-precision states (read from it when None)."""
+        if keys is None:
+            keys, values = layer.full_keys_values()
+        scores = scores.float()
         if visible is not None:
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
         keep = scores.topk(target, dim=-1).indices.sort(dim=-1).values

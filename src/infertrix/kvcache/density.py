@@ -1,0 +1,108 @@
+"""Layer budgets from each layer's attention density (D2O / ZigZagKV style), with SnapKV scores.
+
+Wan et al. 2024, "D2O: Dynamic Discriminative Operations for Efficient Long-Context Inference of
+Large Language Models", https://arxiv.org/abs/2406.13035, give layers whose attention is spread over
+many tokens more cache than layers that attend to a few; Zhong et al. 2024, "ZigZagKV: Dynamic KV
+Cache Compression for Long-context Modeling based on Layer Uncertainty",
+https://arxiv.org/abs/2412.09036, measure it as the number of tokens that hold a given share of a
+layer's attention and allocate the budget in proportion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..core import ConfigError, register_transform
+from .policy import FORCE_KEEP, ScoreContext
+from .snapkv import SnapKV
+
+
+def tokens_for_mass(scores: Tensor, mass: float) -> float:
+    """Mean over rows and heads of the fewest tokens whose [B, H, S] scores hold ``mass`` of the total."""
+    p = scores.float().clamp_min(0).sort(dim=-1, descending=True).values
+    share = p.cumsum(-1) / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return float(((share < mass).sum(-1) + 1).float().mean())
+
+
+def allocate(weights: list[float], total: int, low: int, high: int) -> list[int]:
+    """Integer budgets in [low, high] that sum to ``total`` (clipped to [n*low, n*high]), the part
+    above ``low`` shared in proportion to ``weights``; layers that reach ``high`` pass their excess on."""
+    n = len(weights)
+    total = min(max(total, n * low), n * high)
+    budgets = [low] * n
+    free = list(range(n))
+    rest = total - n * low
+    while rest > 0 and free:
+        wsum = sum(weights[i] for i in free)
+        share = {i: rest * (weights[i] / wsum if wsum > 0 else 1 / len(free)) for i in free}
+        capped = [i for i in free if budgets[i] + share[i] >= high]
+        if capped:
+            for i in capped:
+                rest -= high - budgets[i]
+                budgets[i] = high
+            free = [i for i in free if i not in capped]
+            continue
+        whole = {i: math.floor(share[i]) for i in free}
+        for i in free:
+            budgets[i] += whole[i]
+        left = rest - sum(whole.values())  # hand out what rounding down left, largest remainders first
+        for i in sorted(free, key=lambda i: share[i] - whole[i], reverse=True)[:left]:
+            budgets[i] += 1
+        rest = 0
+    return budgets
+
+
+@register_transform("densitykv", "layer-density")
+@dataclass
+class DensityKV(SnapKV):
+    """SnapKV's scores and total budget (the uniform budget times the number of layers), spread over
+    the full-attention layers in proportion to their attention density: how many tokens hold ``mass``
+    of the observation window's pooled attention (averaged over rows and KV heads). Every layer keeps at
+    least ``min_ratio`` of the average budget (and the window). Lossy.
+
+    The budgets need every layer's density, so each layer is scored right after its attention and all
+    are compressed after the last layer of the forward: the prefill's peak memory is then the full
+    cache's (as with no policy). Layers hold different lengths (like PyramidKV), and a batch's rows
+    share a layer's budget, so a padded row equals the row run alone only if the densities match.
+
+    - ``mass``: share of the attention the density counts tokens for (ZigZagKV uses 0.9).
+    - ``min_ratio``: floor of a layer's budget as a fraction of the average budget.
+    """
+
+    mass: float = 0.9
+    min_ratio: float = 0.2
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.mass <= 1.0:
+            raise ConfigError(f"DensityKV.mass must be in (0, 1], got {self.mass}")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ConfigError(f"DensityKV.min_ratio must be in [0, 1], got {self.min_ratio}")
+
+    def compress_layer(self, layer, ctx: ScoreContext) -> None:
+        scores, w = self.window_scores(ctx)
+        density = tokens_for_mass(scores, self.mass)
+        scores[..., -w:] += FORCE_KEEP
+        layer.pending = (scores, ctx.visible, density)
+        if ctx.layer_rank == ctx.num_layers - 1:
+            self.compress_all(layer.siblings)
+
+    def compress_all(self, layers) -> None:
+        """Allocate the budgets of the layers scored in this forward, then compress each of them."""
+        todo = [lay for lay in layers if lay.pending is not None]
+        if not todo:
+            return
+        seen = todo[0].cumulative_length
+        avg = self.target(seen)
+        low = min(seen, max(self.window_size, math.ceil(self.min_ratio * avg), 1))
+        targets = allocate([lay.pending[2] for lay in todo], avg * len(todo), low, seen)
+        for lay, target in zip(todo, targets, strict=True):
+            scores, visible, _ = lay.pending
+            lay.pending = None
+            if lay.stored_length > target:
+                self.check_budget(lay, target)
+                self.evict(lay, scores, target, visible)
+            lay.flush()  # KIVI: quantize what is kept (held back while the compression was pending)
