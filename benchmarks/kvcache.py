@@ -63,6 +63,7 @@ def cells(ratios, h2o_window: int | None, methods: list[str] | None = None):
         "TOVA": lambda r: kv.TOVA(compression=r),
         "Keyformer": lambda r: kv.Keyformer(compression=r),
         "R-KV": lambda r: kv.RKV(compression=r),
+        "DensityKV": lambda r: kv.DensityKV(compression=r),
     }
     known = [*makers, "KIVI-4", "KIVI-2"]
     unknown = sorted(set(methods or []) - set(known))
