@@ -149,10 +149,10 @@ def passkey_prompts(tok, context: int, trials: int, seed: int = 0):
 
 @torch.no_grad()
 def run_context(
-    model, tok, context: int, grid, trials: int, micro_batch: int, log
+    model, tok, context: int, grid, trials: int, micro_batch: int, log, first_trial: int = 0
 ) -> dict[str, dict]:
     res = {label: {"correct": 0, "n": 0} for label, *_ in grid}
-    prompts = passkey_prompts(tok, context, trials)
+    prompts = passkey_prompts(tok, context, first_trial + trials)[first_trial:]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for start in range(0, trials, micro_batch):
         chunk = prompts[start : start + micro_batch]
@@ -276,6 +276,12 @@ def main(argv: list[str]) -> None:
         "the paper's setting, a full prompt x prompt attention per cell)",
     )
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument(
+        "--first-trial",
+        type=int,
+        default=0,
+        help="skip the first N passkey prompts (more trials for some cells in a separate run)",
+    )
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.5, 0.75])
     ap.add_argument("--micro-batch", type=int, default=5)
     ap.add_argument("--speed-context", type=int, default=4096)
@@ -313,7 +319,9 @@ def main(argv: list[str]) -> None:
     tables, results = [], {}
     for context in contexts:
         log(f"context {context}")
-        res = run_context(model, tok, context, grid, args.trials, args.micro_batch, log)
+        res = run_context(
+            model, tok, context, grid, args.trials, args.micro_batch, log, args.first_trial
+        )
         results[context] = res
         full_bytes = res["full cache"]["kv_bytes"]
         rows = []
@@ -452,7 +460,9 @@ def report_body(
     if tables:
         parts += [
             f"{'**--quick**: ' if args.quick else ''}"
-            f"prompt lengths {contexts}, {args.trials} passkey trials per cell (depths {DEPTHS}), "
+            f"prompt lengths {contexts}, {args.trials} passkey trials per cell"
+            f"{f' (trials {args.first_trial} to {args.first_trial + args.trials - 1})' if args.first_trial else ''}"
+            f" (depths {DEPTHS}), "
             f"compression ratios {args.ratios} (fraction of tokens evicted; budget ceil((1-r) x prompt) per row and "
             "KV head, every full-attention layer). KIVI: group 32, residual 32 tokens. Perplexity: next 128 tokens "
             "of *Pride and Prejudice* after a prompt of the given length (2 samples). KV KiB/seq: every tensor the "
