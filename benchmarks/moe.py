@@ -230,9 +230,8 @@ def worker(spec: dict) -> None:
 OFFLOAD_CONFIGS = {
     "real": [
         ("50% LRU", 0.5, False, {}), ("50% LRU+prefetch", 0.5, True, {}),
-        ("25% LRU", 0.25, False, {}), ("25% LFU", 0.25, False, {"policy": "lfu"}),
-        ("25% LRU+prefetch", 0.25, True, {}), ("25% LRU+prefetch, miss=auto", 0.25, True, {"miss_policy": "auto"}),
-    ],
+        ("25% LRU", 0.25, False, {}), ("25% LRU+prefetch", 0.25, True, {}),
+    ],  # LFU and miss_policy="auto" are tested for exactness; left out here to keep a run < 12 min
     "random": [("50% LRU+prefetch", 0.5, True, {}), ("25% LRU", 0.25, False, {}), ("25% LRU+prefetch", 0.25, True, {})],
 }
 TITLES = {"real": "SmolLM2 upcycled to 8 experts (real weights, 318 MB of experts)",
@@ -243,7 +242,7 @@ def configs(quick: bool, model: str, steps: int | None = None) -> list[dict]:
     """The configurations of one model: in memory, each offload setting, accelerate."""
     acc_steps = {"real": 3 if quick else 6, "random": 1 if quick else 2}[model]
     if steps is None:
-        steps = {"real": 16 if quick else 32, "random": 3 if quick else 6}[model]
+        steps = {"real": 12 if quick else 24, "random": 3 if quick else 6}[model]
     acc_steps = min(acc_steps, steps)
     out = [dict(model=model, name="in memory", kind="memory", steps=steps)]
     for name, budget, prefetch, extra in OFFLOAD_CONFIGS[model]:
