@@ -10,6 +10,7 @@ from moe_models import make_moe
 
 from infertrix.core import ConfigError, UnsupportedModelError
 from infertrix.moe import ExpertStore, find_moe_layers
+from infertrix.moe.store import ALIGN, aligned_empty
 
 
 def _experts(model):
@@ -60,16 +61,49 @@ def test_host_tier_matches_disk(tmp_path):
     _assert_store_equals(store, _experts(model))
 
 
+def _misaligned(shape):
+    """A contiguous float tensor whose data is not page-aligned (forces the page-cache path)."""
+    n = 1
+    for d in shape:
+        n *= d
+    base = aligned_empty((n + 16,), torch.float32)
+    return base[16:].view(shape)
+
+
 def test_reads_drop_page_cache(tmp_path, monkeypatch):
     model = make_moe("mixtral")
+    experts = _experts(model)
     store = ExpertStore.from_model(model, tmp_path / "s")
     calls = []
     real = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: calls.append((off, n, adv)) or real(fd, off, n, adv))
-    a = torch.empty(store.gate_up_shape)
-    b = torch.empty(store.down_shape)
+    a, b = _misaligned(store.gate_up_shape), _misaligned(store.down_shape)
     store.read_into(0, 5, a, b)
+    assert torch.equal(a, experts[0][0][5]) and torch.equal(b, experts[0][1][5])
     assert calls == [(store._files[0].entries[5].offset, store.expert_bytes, os.POSIX_FADV_DONTNEED)]
+
+
+def test_aligned_reads_bypass_page_cache(tmp_path, monkeypatch):
+    """Expert data is page-aligned in the file; into page-aligned slots it is read with O_DIRECT."""
+    import fcntl
+
+    model = make_moe("mixtral")
+    experts = _experts(model)
+    store = ExpertStore.from_model(model, tmp_path / "s")
+    lf = store._files[1]
+    assert all(e.offset % ALIGN == 0 for e in lf.entries.values())
+    if lf.direct_fd < 0:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert fcntl.fcntl(lf.direct_fd, fcntl.F_GETFL) & os.O_DIRECT
+    fds, advised = [], []
+    real_read, real_advise = os.preadv, os.posix_fadvise
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: fds.append(fd) or real_read(fd, bufs, off))
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(a) or real_advise(*a))
+    a, b = aligned_empty(store.gate_up_shape, torch.float32), aligned_empty(store.down_shape, torch.float32)
+    assert a.data_ptr() % ALIGN == 0 and b.data_ptr() % ALIGN == 0
+    assert store.read_into(1, 6, a, b) == store.expert_bytes
+    assert torch.equal(a, experts[1][0][6]) and torch.equal(b, experts[1][1][6])
+    assert fds == [lf.direct_fd] and advised == []  # one read, straight from the disk, no page cache
 
 
 def test_errors(tmp_path):

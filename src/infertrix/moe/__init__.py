@@ -13,6 +13,7 @@ from .miss_policy import MissPolicy
 from .offload import ExpertOffload, offload_runtime
 from .prefetch import Prefetcher, PrefetchError
 from .store import ExpertStore
+from .topk import ReduceTopK
 
 __all__ = [
     "ExpertCache",
@@ -25,6 +26,7 @@ __all__ = [
     "OffloadedExperts",
     "PrefetchError",
     "Prefetcher",
+    "ReduceTopK",
     "find_moe_layers",
     "load_offloaded",
     "offload_runtime",

@@ -30,7 +30,7 @@ import torch
 
 from ..core.transform import ConfigError
 from .miss_policy import MissPolicy
-from .store import ExpertStore
+from .store import ExpertStore, aligned_empty
 
 POLICIES = ("lru", "lfu")
 
@@ -103,8 +103,12 @@ class LayerCache:
     def __init__(self, owner: ExpertCache, layer: int, capacity: int):
         store = owner.store
         self.owner, self.layer, self.capacity = owner, layer, capacity
-        self.gate_up = torch.empty((capacity, *store.gate_up_shape), dtype=store.dtype, device=owner.device)
-        self.down = torch.empty((capacity, *store.down_shape), dtype=store.dtype, device=owner.device)
+        if owner.device.type == "cpu":  # page-aligned slots: the store reads into them with O_DIRECT
+            self.gate_up = aligned_empty((capacity, *store.gate_up_shape), store.dtype)
+            self.down = aligned_empty((capacity, *store.down_shape), store.dtype)
+        else:
+            self.gate_up = torch.empty((capacity, *store.gate_up_shape), dtype=store.dtype, device=owner.device)
+            self.down = torch.empty((capacity, *store.down_shape), dtype=store.dtype, device=owner.device)
         self.slots = [_Slot() for _ in range(capacity)]
         self.slot_of: dict[int, int] = {}
         self.recency: OrderedDict[int, None] = OrderedDict()  # resident experts, oldest first

@@ -96,9 +96,44 @@ class OffloadedExperts(nn.Module):
         c = self.cache
         return f"layer={self.layer}, experts={self.num_experts}, resident<={c.capacity}, policy={c.policy}"
 
+    def _expert(self, e: int, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Expert ``e`` applied to the ``n`` rows of ``x``, with its weights from the cache."""
+        cache = self.cache
+        t0 = time.perf_counter()
+        handle = cache.acquire(self.layer, e, n)
+        try:
+            gate, up = F.linear(x.to(handle.gate_up.dtype), handle.gate_up).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, handle.down)
+        finally:
+            handle.release()
+        if handle.kind != "hit":
+            cache.miss_policy.record(handle.kind, n, time.perf_counter() - t0)
+        return y
+
+    def _one_token(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Decoding (one token): the same arithmetic as the general path below, without its
+        routing bookkeeping (one_hot/unique/nonzero/index ops cost more than the expert on CPU)."""
+        ids = top_k_index[0].tolist()
+        weights = top_k_weights[0]
+        ys: list[torch.Tensor | None] = [None] * len(ids)
+        for pos in sorted(range(len(ids)), key=ids.__getitem__):  # ascending expert id, as below
+            if ids[pos] < self.num_experts:
+                ys[pos] = self._expert(ids[pos], hidden_states, 1) * weights[pos]
+        if self.eager:  # index_add_ into zeros in ascending expert order: 0 + a + b ...
+            out = None
+            for pos in sorted(range(len(ids)), key=ids.__getitem__):
+                if ys[pos] is not None:
+                    out = ys[pos] if out is None else out + ys[pos]
+            return torch.zeros_like(hidden_states) if out is None else out.to(hidden_states.dtype)
+        # grouped_mm / batched_mm: per-(token, k) outputs summed over k
+        ys = [y if y is not None else hidden_states.new_zeros(hidden_states.shape) for y in ys]
+        return torch.stack(ys, dim=1).sum(dim=1).to(hidden_states.dtype)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         self.runtime.enter_layer(self.layer, hidden_states)
-        cache, policy = self.cache, self.cache.miss_policy
+        if hidden_states.shape[0] == 1:
+            with torch.no_grad():
+                return self._one_token(hidden_states, top_k_index, top_k_weights)
         num_k = top_k_index.shape[-1]
         with torch.no_grad():
             if self.eager:
@@ -118,17 +153,7 @@ class OffloadedExperts(nn.Module):
             else:
                 pos = (flat == e).nonzero().flatten()
                 token_idx = pos // num_k
-            n = int(token_idx.numel())
-            t0 = time.perf_counter()
-            handle = cache.acquire(self.layer, e, n)
-            try:
-                x = hidden_states[token_idx]
-                gate, up = F.linear(x.to(handle.gate_up.dtype), handle.gate_up).chunk(2, dim=-1)
-                y = F.linear(self.act_fn(gate) * up, handle.down)
-            finally:
-                handle.release()
-            if handle.kind != "hit":
-                policy.record(handle.kind, n, time.perf_counter() - t0)
+            y = self._expert(e, hidden_states[token_idx], int(token_idx.numel()))
             if self.eager:
                 y = y * top_k_weights[token_idx, top_k_pos, None]
                 final.index_add_(0, token_idx, y.to(final.dtype))

@@ -7,9 +7,14 @@ small writer so experts are streamed one at a time (no second copy of a layer in
 read them by byte offset:
 
 - ``read_into`` copies one expert into caller-provided tensors with ``os.preadv`` (it releases
-  the GIL, so a prefetch thread overlaps it with compute) and then drops those file pages from
-  the page cache (``posix_fadvise(DONTNEED)``), so every later read really goes to the disk and
-  the page cache never holds a hidden second copy of the experts.
+  the GIL, so a prefetch thread overlaps it with compute). The data of every expert starts on a
+  4096-byte boundary (the header is padded with spaces, as the safetensors format allows), so
+  when the destination is page-aligned too (the cache's slots are, see :func:`aligned_empty`)
+  the read goes through an ``O_DIRECT`` descriptor: the disk writes straight into the slot, with
+  no page-cache copy and no kernel memcpy (measured on this machine's disk: 705 MB/s and 0.09 s
+  of CPU per 500 MB, against 131 MB/s and 1.7 s CPU for cold buffered reads). Otherwise it reads
+  through the page cache and drops those pages afterwards (``posix_fadvise(DONTNEED)``). Either
+  way every read really goes to the disk and the page cache never holds a hidden second copy.
 - ``view`` returns zero-copy tensors over a read-only memory map of the file (the Fiddler path:
   compute where the expert is stored); ``release`` drops those pages again.
 - ``tier="host"`` keeps all experts in host memory instead (pinned when the cache lives on a
@@ -22,6 +27,7 @@ Stores are created from a loaded model (``from_model``) or from a checkpoint fol
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -49,6 +55,8 @@ _DTYPES = {
 }
 _DTYPES_BACK = {v: k for k, v in _DTYPES.items()}
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+ALIGN = 4096  # expert data offsets in the file, and the cache slots in memory, are multiples of this
 
 
 def layer_file(index: int) -> str:
@@ -81,7 +89,7 @@ def write_layer_file(path: Path, experts: Any, num_experts: int) -> None:
         header[_key(j, "down")] = {"dtype": dtype, "shape": list(first_dn.shape), "data_offsets": [off, off + dn_bytes]}
         off += dn_bytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % ALIGN)  # data starts page-aligned (for O_DIRECT reads)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
@@ -135,6 +143,14 @@ class _LayerFile:
         self.down_shape = tuple(shapes["down"][0])
         self.dtype = _DTYPES_BACK[shapes["gate_up"][1]]
         self.fd = os.open(path, os.O_RDONLY)
+        self.direct_fd = -1  # O_DIRECT descriptor, when every expert's bytes are page-aligned
+        aligned = all(e.offset % ALIGN == 0 and e.gu_bytes % ALIGN == 0 and e.dn_bytes % ALIGN == 0
+                      for e in self.entries.values())
+        if aligned and _O_DIRECT:
+            try:
+                self.direct_fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+            except OSError:  # a file system without O_DIRECT (e.g. older tmpfs)
+                self.direct_fd = -1
         self._mmap: mmap.mmap | None = None
 
     @property
@@ -150,9 +166,10 @@ class _LayerFile:
             except BufferError:  # a zero-copy view is still alive; the GC closes it later
                 pass
             self._mmap = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
 
 
 class ExpertStore:
@@ -264,12 +281,23 @@ class ExpertStore:
     def _read(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
         lf = self._files[layer]
         e = lf.entries[expert]
-        n1 = os.preadv(lf.fd, [_as_writable(gate_up)], e.offset)
-        n2 = os.preadv(lf.fd, [_as_writable(down)], e.offset + e.gu_bytes)
-        if n1 != e.gu_bytes or n2 != e.dn_bytes:
+        bufs = [_as_writable(gate_up), _as_writable(down)]
+        want = e.gu_bytes + e.dn_bytes
+        if lf.direct_fd >= 0 and gate_up.data_ptr() % ALIGN == 0 and down.data_ptr() % ALIGN == 0:
+            try:  # one syscall, disk -> slot, the page cache bypassed
+                n = os.preadv(lf.direct_fd, bufs, e.offset)
+            except OSError:  # the device refused this alignment: read through the page cache from now on
+                os.close(lf.direct_fd)
+                lf.direct_fd = -1
+            else:
+                if n != want:
+                    raise OSError(f"short read of expert {expert} of layer {layer} from {lf.path}")
+                return n
+        n = os.preadv(lf.fd, bufs, e.offset)
+        if n != want:
             raise OSError(f"short read of expert {expert} of layer {layer} from {lf.path}")
         self._drop(lf, e)
-        return n1 + n2
+        return n
 
     def read_into(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
         """Copy one expert into ``gate_up``/``down`` (contiguous, any device); returns bytes read
@@ -349,6 +377,15 @@ class ExpertStore:
             f"ExpertStore({str(self.path)!r}, tier={self.tier!r}, layers={len(self.layers)}, "
             f"experts={self.num_experts}, {self.total_bytes / 2**20:.1f} MiB)"
         )
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose data starts on an ``ALIGN``-byte boundary (``O_DIRECT``
+    reads need page-aligned destinations; torch's allocator aligns to 64 bytes)."""
+    nbytes = math.prod(shape) * _itemsize(dtype)
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    start = -raw.data_ptr() % ALIGN
+    return raw[start : start + nbytes].view(dtype).view(shape)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
