@@ -17,8 +17,9 @@ then undone by ``restore``):
   full model's decode speed at 1 and 2 threads (``--threads auto``: 2 when it is faster, i.e. the
   machine is quiet enough); the calibration time of ShortGPT / attention dropping (one shared
   pass, progress bar); decode tokens/s: greedy decode steps over the cache after a 128-token prompt
-  (prefill not timed), the full model and the method timed alternately ``repeats`` times, each pair
-  giving one speed-up; the median speed-up and the pairs' min-max spread are reported.
+  (prefill not timed), on two copies of the model, the full one and one with the method applied,
+  alternating every decode step (so both see the same load); ``repeats`` such runs of ``steps``
+  steps each give one speed-up each; the median speed-up and their min-max spread are reported.
 Both parts merge their rows into ``--json`` (so the speed part can be split over several short
 locked runs, by ``--methods``), and every run rewrites the "skip" section of BENCHMARKS.md and the
 plot of perplexity against speed-up from everything measured so far.
@@ -27,6 +28,7 @@ plot of perplexity against speed-up from everything measured so far.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -94,21 +96,30 @@ def decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t
 
 
-def interleaved_speedups(model, make, ids: torch.Tensor, steps: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Decode seconds of the full model and of the method, timed alternately ``repeats`` times."""
-    base, meth = [], []
-    for _ in range(repeats):
-        base.append(decode_seconds(model, ids, steps))
-        ix.optimize(model, make())
-        try:
-            meth.append(decode_seconds(model, ids, steps))
-        finally:
-            ix.restore(model)
-    return base, meth
+@torch.no_grad()
+def alternating_decode(full, optimized, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Seconds of ``steps`` greedy decode steps of each model, alternating every step (prefill not timed).
+
+    Two copies of the model, one with the method applied: a step of one, then a step of the other,
+    so that both see the same load on a shared machine within a few hundred milliseconds.
+    """
+    caches, tokens, spent = [], [], [0.0, 0.0]
+    for m in (full, optimized):
+        out = m(input_ids=ids, use_cache=True)
+        caches.append(out.past_key_values)
+        tokens.append(out.logits[:, -1:].argmax(-1))
+    for _ in range(steps):
+        for k, m in enumerate((full, optimized)):
+            t = time.perf_counter()
+            out = m(input_ids=tokens[k], past_key_values=caches[k], use_cache=True)
+            tokens[k] = out.logits[:, -1:].argmax(-1)
+            spent[k] += time.perf_counter() - t
+    return spent[0], spent[1]
 
 
 def choose_threads(model, ids: torch.Tensor, steps: int, repeats: int = 3) -> dict:
-    """Full-model decode tok/s at 1 and 2 threads, alternately; 2 threads only if they are faster."""
+    """Full-model decode tok/s at 1 and 2 threads, alternately; 2 threads only if they are faster
+    (on a busy 2-core machine, OpenMP threads wait for each other and 2 are much slower)."""
     speeds: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(repeats):
         for n in (1, 2):
@@ -182,7 +193,7 @@ def speed_part(model, tok, args, store: dict) -> None:
     ids = ixe.prompt_ids(tok, 128)
     torch.set_num_threads(1)
     decode_seconds(model, ids, 4)  # warm-up
-    probe = choose_threads(model, ids, args.steps)
+    probe = choose_threads(model, ids, 8)
     threads = probe["threads"] if args.threads == "auto" else int(args.threads)
     print(f"threads: {probe} -> {threads}", flush=True)
     sims, calib_s = calibrate(model, tok, args.calib_threads)
@@ -204,8 +215,12 @@ def speed_part(model, tok, args, store: dict) -> None:
         except ix.ConfigError as exc:
             row.update(note=str(exc).split(";")[0])
             continue
-        base, meth = interleaved_speedups(model, lambda make=make: make(sims=sims), ids, args.steps, args.repeats)
-        pairs = [b / m for b, m in zip(base, meth, strict=True)]
+        twin = copy.deepcopy(model)
+        ix.optimize(twin, make(sims=sims))
+        timed = [alternating_decode(model, twin, ids, args.steps) for _ in range(args.repeats)]
+        del twin
+        base, meth = [b for b, _ in timed], [m for _, m in timed]
+        pairs = [b / m for b, m in timed]
         row.update(decode_tok_s=args.steps / statistics.median(meth), base_tok_s=args.steps / statistics.median(base),
                    speedup=statistics.median(pairs), speedup_min=min(pairs), speedup_max=max(pairs),
                    threads=threads, run=len(store["speed_runs"]))
@@ -343,8 +358,8 @@ def report(store: dict, write: bool = True) -> None:
         f"cache (the full model's standard full-window perplexity on the same tokens is "
         f"{base['perplexity_full_windows']:.2f}). Agreement: greedy, 128 new tokens, {base['prompts']} prompts of "
         f"128 tokens from the novel in one batch. Speed: greedy decode steps after a 128-token prompt (prefill not "
-        f"timed), the full model and the method timed alternately; `speedup` is the median over the pairs, "
-        f"`spread` their min-max; `base_tok_s` is the full model's median in the same stretch, `run` the speed run "
+        f"timed) on two copies of the model, full and with the method, alternating every step; each run of "
+        f"`steps` steps gives one speed-up: `speedup` is their median, `spread` their min-max; `base_tok_s` is the full model's median in the same stretch, `run` the speed run "
         f"below. Each speed run first measures the full model's decode speed at 1 and 2 torch threads, "
         f"alternately, and uses 2 only if they are faster (2 cores shared with other jobs: when they are busy, "
         f"OpenMP threads wait for each other). `skipped` is the share of the decoder layers' weights not run per "
