@@ -1,120 +1,214 @@
-"""Skip transforms composed with weight and cache-stage transforms through ``optimize``."""
+"""Skip transforms composed with the real W4A8 quantization and KV-cache transforms through ``optimize``.
+
+Each composition is checked against a hand-composed reference on a twin model (the same tiny model
+with W4A8 and the KV-cache transform, the skip plan entered by hand with ``plan.active``), for KV
+memory (skipped attention stores nothing, also under an eviction policy or KV quantization), and for
+an exact restore.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import pytest
 import torch
 from conftest import make_tiny
-from transformers import DynamicCache
 
 import infertrix as ix
-from infertrix.core import Applied, Stage, Transform
-from infertrix.core.generation import add_generate_hook
-from infertrix.core.model import decoder_layers
-from infertrix.skip import AdaSkip, ShortGPT, SkipDecode, SkippedLayer, UniformSkip
+from infertrix.kvcache import new_cache
+from infertrix.quant import W4A8
+from infertrix.skip import (
+    AdaSkip,
+    AttentionDrop,
+    ShortGPT,
+    SkipDecode,
+    SkipPlan,
+    UniformSkip,
+    skipping,
+)
 
-CACHES: list[DynamicCache] = []
-
-
-class FakeQuantLinear(torch.nn.Module):
-    """A stand-in for a quantized linear: a module swap holding rounded weights."""
-
-    def __init__(self, lin: torch.nn.Linear) -> None:
-        super().__init__()
-        self.register_buffer("w", (lin.weight * 16).round() / 16)
-
-    def forward(self, x):
-        return x @ self.w.T
-
-
-@ix.register_transform("_test_fake_quant")
-@dataclass
-class FakeQuant(Transform):
-    stage = Stage.WEIGHTS
-
-    def apply(self, model):
-        swapped = []
-        for layer in decoder_layers(model):
-            for parent in (layer.self_attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, torch.nn.Linear):
-                        setattr(parent, name, FakeQuantLinear(child))
-                        swapped.append((parent, name, child))
-
-        def undo():
-            for parent, name, child in reversed(swapped):
-                setattr(parent, name, child)
-
-        return Applied(self, undo=undo, report=lambda: {"swapped": len(swapped)})
+KV = ["snapkv:0.5", "streamingllm", "kivi:4"]
+LAYERS = 8
+PROMPT = 80  # SnapKV keeps a 32-token window: 0.5 of the prompt must be at least that
+NEW = 6
 
 
-@ix.register_transform("_test_fresh_cache")
-@dataclass
-class FreshCache(Transform):
-    """A stand-in cache policy: generate gets a cache built here when the caller passes none."""
-
-    stage = Stage.CACHE
-    conflict_group = "kv cache policy"
-
-    def apply(self, model):
-        def hook(m, args, kwargs):
-            if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = DynamicCache(config=m.config)
-                CACHES.append(kwargs["past_key_values"])
-            return args, kwargs
-
-        return Applied(self, undo=add_generate_hook(model, hook, int(self.stage)))
+def ids(n: int, seed: int = 5) -> torch.Tensor:
+    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def calib(n=64):
-    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(5))
+def quant() -> W4A8:
+    return W4A8(group_size=32)  # round-to-nearest (no GPTQ): deterministic, needs no data
+
+
+METHODS = {
+    "uniform": lambda: UniformSkip(count=2),
+    "shortgpt": lambda: ShortGPT(count=2, calibration_ids=ids(64), progress=False),
+    "attn_drop": lambda: AttentionDrop(count=2, calibration_ids=ids(64), progress=False),
+    # the ramp runs during decoding: layers stop mid-generation (positions 82 and 84)
+    "skipdecode": lambda: SkipDecode(count=2, start_position=PROMPT, ramp_tokens=4),
+    "adaskip": lambda: AdaSkip(0.25),
+}
+
+# transformers' attention modules of dropped layers are replaced by stubs *before* the KV-cache
+# transform hooks every `layer.self_attn` (stage order), and the eviction policies then run on the
+# stub of a layer that stores nothing: infertrix.kvcache's attention hook needs to return early for a
+# layer with no stored tokens (reported to the kvcache family, see docs/skip.md "Composition").
+KV_HOOK_ON_DROPPED_ATTENTION = pytest.mark.xfail(
+    strict=True, raises=AttributeError, reason="kvcache eviction hook runs on a dropped attention (kvcache bug)"
+)
+
+
+def cases(methods, kvs=KV, arch: str | None = None) -> list:
+    out = []
+    for m in methods:
+        for kv in kvs:
+            marks = [KV_HOOK_ON_DROPPED_ATTENTION] if m == "attn_drop" and kv != "kivi:4" else []
+            args, name = ((m, kv), f"{m}-{kv}") if arch is None else ((arch, m, kv), f"{arch}-{m}-{kv}")
+            out.append(pytest.param(*args, marks=marks, id=name))
+    return out
+
+
+def twin(arch: str = "llama"):
+    return make_tiny(arch, num_hidden_layers=LAYERS)
+
+
+def generate(model, x, **kw):
+    return model.generate(x, max_new_tokens=NEW, do_sample=False, output_scores=True, return_dict_in_generate=True, **kw)
+
+
+def same_generation(a, b) -> bool:
+    return torch.equal(a.sequences, b.sequences) and all(torch.equal(s, t) for s, t in zip(a.scores, b.scores, strict=True))
 
 
 @pytest.mark.parametrize(
-    "make",
-    [
-        lambda: UniformSkip(0.25),
-        lambda: ShortGPT(0.25, calibration_ids=calib(), progress=False),
-        lambda: SkipDecode(0.25, ramp_tokens=4),
-        lambda: AdaSkip(0.25),
-    ],
-    ids=["uniform", "shortgpt", "skipdecode", "adaskip"],
+    ("arch", "method", "kv"),
+    # Gemma 3 (sliding and full attention layers): one static, one scheduled and one sublayer method
+    cases(METHODS, arch="llama") + cases(["shortgpt", "skipdecode", "attn_drop"], arch="gemma3"),
 )
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_weights_layers_cache_stages_compose_and_restore(make, arch):
-    m = make_tiny(arch, num_hidden_layers=8)
-    x = calib(10).unsqueeze(0)
-    ref_logits = m(x).logits
-    ref_state = {k: v.clone() for k, v in m.state_dict().items()}
-    CACHES.clear()
-    t = make()
-    ix.optimize(m, "_test_fresh_cache", t, FakeQuant())  # given out of order: stages sort them
-    names = [t["name"] for t in ix.describe(m).transforms]
-    assert names[0] == "_test_fake_quant" and names[2] == "_test_fresh_cache"
-    out = m.generate(x, max_new_tokens=6, do_sample=False)
-    assert out.shape == (1, 16) and len(CACHES) == 1
-    lengths = [layer.get_seq_length() if layer.is_initialized else 0 for layer in CACHES[0].layers]
-    assert lengths[0] == 15
-    if isinstance(t, AdaSkip):  # it may pick MLPs only: check its plan instead of the cache
-        assert len(t.controller.plan) > 0 and t.controller.prefills == 1
-    else:  # the cache of some skipped layer is shorter than layer 0's
-        assert min(lengths) < 15
-    rep = ix.restore(m)
-    assert rep.complete
-    assert m.state_dict().keys() == ref_state.keys()
-    assert all(torch.equal(v, ref_state[k]) for k, v in m.state_dict().items())
-    assert torch.equal(m(x).logits, ref_logits)
+def test_generates_with_w4a8_and_kv_then_restores_exactly(arch, method, kv):
+    m, fresh = twin(arch), twin(arch)
+    x = ids(PROMPT).unsqueeze(0)
+    modules = list(m.modules())
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    t = METHODS[method]()
+    ix.optimize(m, kv, t, quant())  # given out of order: stages sort them
+    out = generate(m, x)
+    assert out.sequences.shape == (1, PROMPT + NEW)
+    assert all(torch.isfinite(s).all() for s in out.scores)
+
+    assert ix.restore(m).complete
+    assert list(m.modules()) == modules  # the very same module objects, in the same places
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items()) and m.state_dict().keys() == state.keys()
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in m.modules())
+    assert "generate" not in m.__dict__
+    assert same_generation(generate(m, x), generate(fresh, x))
 
 
-def test_skip_on_quantized_model_equals_skip_of_quantized_model():
-    """Skipping after a weight transform is the same as applying the plan to that model by hand."""
-    a, b = make_tiny("mistral", num_hidden_layers=6), make_tiny("mistral", num_hidden_layers=6)
-    ix.optimize(a, FakeQuant(), UniformSkip(count=2))
-    ix.optimize(b, FakeQuant())
-    plan = UniformSkip(count=2).plan(b)
-    x = calib(12).unsqueeze(0)
+def static_plan(method: str, model) -> SkipPlan:
+    """The plan ``method`` applies to ``model`` (SkipDecode with no ramp skips its layers everywhere)."""
+    if method == "skipdecode":
+        return SkipDecode(count=2, ramp_tokens=0).plan(model)
+    return METHODS[method]().plan(model)
+
+
+@pytest.mark.parametrize(("method", "kv"), cases(["uniform", "shortgpt", "attn_drop", "skipdecode"]))
+def test_equals_plan_entered_by_hand_on_quantized_model_with_kv(method, kv):
+    """optimize(skip, W4A8, kv) generates exactly what W4A8 + kv generates with the plan entered by hand."""
+    a, b = twin(), twin()
+    x = ids(PROMPT).unsqueeze(0)
+    t = SkipDecode(count=2, ramp_tokens=0) if method == "skipdecode" else METHODS[method]()
+    ix.optimize(a, quant(), t, kv)
+    ix.optimize(b, quant(), kv)
+    plan = static_plan(method, b)  # calibrated on the quantized twin, as `t` was on `a`
+    assert plan == t.plan(a) and len(plan) == 2  # `t` keeps the similarities it measured when applied
     with plan.active(b):
-        assert torch.equal(a(x).logits, b(x).logits)
-    assert sum(isinstance(layer, SkippedLayer) for layer in decoder_layers(a)) == 2
+        ref = generate(b, x)
+    assert same_generation(generate(a, x), ref)
+
+
+@torch.no_grad()
+def greedy(model, x: torch.Tensor, steps: int, decode_plan: SkipPlan | None = None) -> list[torch.Tensor]:
+    """Logits of a greedy loop over a cache from the model's KV-cache transform, ``decode_plan`` after prefill."""
+    cache = new_cache(model)
+    logits = [model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]]
+    with skipping(model, decode_plan):
+        for _ in range(steps - 1):
+            nxt = logits[-1].argmax(-1, keepdim=True)
+            logits.append(model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("kv", KV)
+def test_adaskip_equals_its_plan_entered_after_prefill(kv):
+    """AdaSkip on W4A8 + kv: the full prefill, then decoding with the plan it chose, on a twin by hand."""
+    a, b = twin(), twin()
+    x = ids(PROMPT).unsqueeze(0)
+    t = AdaSkip(0.25)
+    ix.optimize(a, quant(), t, kv)
+    ix.optimize(b, quant(), kv)
+    got = greedy(a, x, NEW)
+    plan = t.controller.plan
+    assert len(plan) > 0 and t.controller.prefills == 1
+    ref = greedy(b, x, NEW, decode_plan=plan)
+    assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))
+    full = greedy(b, x, NEW)  # and the plan did change the decode steps
+    assert torch.equal(got[0], full[0]) and not all(torch.equal(g, f) for g, f in zip(got[1:], full[1:], strict=True))
+
+
+@pytest.mark.parametrize(("method", "kv"), cases(["uniform", "shortgpt", "attn_drop"]))
+def test_dropped_attention_stores_no_kv_under_a_kv_transform(method, kv):
+    """Per layer: a skipped attention holds 0 bytes, every other layer as many as without skipping."""
+    a, b = twin(), twin()
+    x = ids(PROMPT).unsqueeze(0)
+    t = METHODS[method]()
+    ix.optimize(a, quant(), t, kv)
+    ix.optimize(b, quant(), kv)
+    plan = t.plan(a)
+    caches = []
+    for model in (a, b):
+        cache = new_cache(model)
+        model.generate(x, past_key_values=cache, max_new_tokens=NEW, do_sample=False)
+        caches.append(cache)
+    got = [layer.kv_bytes() for layer in caches[0].layers]
+    ref = [layer.kv_bytes() for layer in caches[1].layers]
+    dropped = {i for i in range(LAYERS) if plan.skips_attention(i)}
+    assert len(dropped) == 2 and all(r > 0 for r in ref)
+    assert got == [0 if i in dropped else r for i, r in enumerate(ref)]
+    assert caches[0].kv_bytes() * LAYERS == caches[1].kv_bytes() * (LAYERS - len(dropped))
+    if kv != "kivi:4":  # the policy did evict on the kept layers
+        assert caches[1].kv_bytes() < caches[1].full_kv_bytes()
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason="W4A8's report looks its layers up by name (quant bug)")
+def test_describe_after_skipping_quantized_layers():
+    """describe() reports every transform; W4A8's report finds its swapped linears by their module path,
+    which a skipped layer no longer has (reported to the quant family)."""
+    m = twin()
+    ix.optimize(m, quant(), UniformSkip(count=2), "snapkv:0.5")
+    described = ix.describe(m).transforms
+    assert [e["stage"] for e in described] == ["weights", "layers", "cache"]
+    assert described[1]["report"]["skipped"] == "2:layer, 5:layer"
+
+
+@pytest.mark.parametrize(
+    "kv",
+    [
+        pytest.param(
+            "snapkv:0.5",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=ix.UnsupportedModelError,
+                reason="kvcache checks a skipped layer's stub attention for q_proj (kvcache bug)",
+            ),
+        ),
+        "streamingllm",
+        "kivi:4",
+    ],
+)
+def test_kv_transform_added_by_a_later_optimize_call(kv):
+    """Skipping first, the KV-cache transform in a second optimize call: same generation as one call."""
+    a, b = twin(), twin()
+    x = ids(PROMPT).unsqueeze(0)
+    ix.optimize(a, UniformSkip(count=2))
+    ix.optimize(a, kv)
+    ix.optimize(b, UniformSkip(count=2), kv)
+    assert same_generation(generate(a, x), generate(b, x))

@@ -4,6 +4,10 @@ They hold no weights and no reference to what they replace (the :class:`~.plan.S
 swapped them in keeps the originals), so the model's ``state_dict`` simply loses the skipped
 weights while a plan is applied and gets them back, the same objects, on undo.
 
+A skipped whole layer still has the shape of a decoder layer, ``self_attn`` and ``mlp`` (pass-through
+stubs that never run), so code that walks the layers' sublayers (the KV-cache transforms hook each
+``layer.self_attn``) sees a layer whose attention stores nothing rather than a foreign module.
+
 Why zeros for a sublayer instead of an architecture-specific "half layer": every decoder layer
 we support adds its sublayers through a residual, ``h + f(norm(h))`` (Gemma adds one more norm,
 ``h + post_norm(f(pre_norm(h)))``, and an RMSNorm of zeros is zero). Returning a zero update
@@ -21,7 +25,8 @@ class SkippedLayer(nn.Module):
     """Stands in for a whole decoder layer: returns its input hidden states unchanged.
 
     It never touches the KV cache, so the cache entry of its layer stays empty (or, when the plan
-    is only active for part of a generation, keeps exactly what the full layer stored).
+    is only active for part of a generation, keeps exactly what the full layer stored). Its
+    ``self_attn`` and ``mlp`` are stubs that are never called (see the module docstring).
     """
 
     def __init__(self, layer_idx: int, attention_type: str | None = None) -> None:
@@ -29,6 +34,8 @@ class SkippedLayer(nn.Module):
         self.layer_idx = layer_idx
         if attention_type is not None:
             self.attention_type = attention_type  # read by some models' layer loops
+        self.self_attn = SkippedAttention(layer_idx)
+        self.mlp = SkippedMLP(layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return hidden_states

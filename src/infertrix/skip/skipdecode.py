@@ -29,6 +29,10 @@ class ScheduledLayer(nn.Module):
     skipped positions: their KV entries at this layer are written but never read, because every
     later position skips this layer too (the schedule is monotonic), so this equals token-by-token
     decoding exactly.
+
+    ``self_attn`` and ``mlp`` are the wrapped layer's own modules, so code that walks the layers'
+    sublayers (the KV-cache transforms hook each ``layer.self_attn``) reaches them through the
+    wrapper; their hooks fire exactly when the layer runs.
     """
 
     def __init__(self, layer: nn.Module, threshold: int) -> None:
@@ -37,6 +41,14 @@ class ScheduledLayer(nn.Module):
         self.threshold = threshold
         if hasattr(layer, "attention_type"):
             self.attention_type = layer.attention_type
+
+    @property
+    def self_attn(self) -> nn.Module:
+        return self.layer.self_attn
+
+    @property
+    def mlp(self) -> nn.Module:
+        return self.layer.mlp
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         pos = kwargs.get("position_ids")
