@@ -10,6 +10,7 @@ import torch
 from conftest import make_tiny
 
 import infertrix as ix
+from infertrix.skip import SkipPlan, UniformSkip
 from infertrix.speculative import DraftModel, PromptLookup, SelfSpeculative
 
 
@@ -127,20 +128,31 @@ def skip_last_layers(n: int):
 def test_self_speculative_greedy_identity(batch):
     model = make_tiny("llama")
     ids, mask = padded_batch(batch, seed=21)
+    plan = SkipPlan.of(layers=[2], attention=[3])  # a skip-family plan, active around each draft forward
+    ref, out, stats = plain_and_spec(model, SelfSpeculative(plan=plan), ids, mask, max_new_tokens=20)
+    assert torch.equal(ref, out)
+    assert stats.drafted > 0
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)  # plan left
+
+
+def test_self_speculative_any_context_manager():
+    model = make_tiny("llama")
+    ids, mask = padded_batch(1, seed=21)
     ref, out, stats = plain_and_spec(model, SelfSpeculative(plan=skip_last_layers(2)), ids, mask, max_new_tokens=20)
     assert torch.equal(ref, out)
     assert stats.drafted > 0
-    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)  # plan left the model
+    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)
 
 
 def test_self_speculative_plan_search():
     model = make_tiny("llama")
     ids, mask = padded_batch(2, seed=8)
-    t = SelfSpeculative(plan=[skip_last_layers(3), skip_last_layers(1)], search_steps=3)
+    plans = [SkipPlan.of(layers=[1, 2, 3]), SkipPlan.of(mlp=[3]), UniformSkip(count=1)]
+    t = SelfSpeculative(plan=plans, search_steps=3)
     ref, out, stats = plain_and_spec(model, t, ids, mask, max_new_tokens=40)
     assert torch.equal(ref, out)
     search = t.search
-    assert search.best in (0, 1)
+    assert len(search.names) == 3 and search.best in (0, 1, 2)
     assert all(s > 0 for s in search.seconds) and all(n > 0 for n in search.tokens)
     assert search.rates()[search.best] == max(search.rates())
-    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)

@@ -8,8 +8,9 @@
 See docs/speculative.md.
 """
 
+from .budget import AcceptanceRate, VerifyCost, best_length, expected_tokens
 from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
-from .drafter import AdaptiveLength, Draft, DraftContext, Drafter
+from .drafter import Draft, DraftContext, Drafter
 from .loop import SpeculativeGenerate
 from .prompt_lookup import PromptLookup, PromptLookupDrafter
 from .self_speculative import SelfSpeculative
@@ -18,7 +19,7 @@ from .transform import SpeculativeDecoding, speculative_stats
 from .verify import verify_greedy, verify_sampling
 
 __all__ = [
-    "AdaptiveLength",
+    "AcceptanceRate",
     "Draft",
     "DraftContext",
     "DraftModel",
@@ -31,7 +32,10 @@ __all__ = [
     "SpeculativeGenerate",
     "SpeculativeStats",
     "StatsRecord",
+    "VerifyCost",
+    "best_length",
     "check_same_vocabulary",
+    "expected_tokens",
     "speculative_stats",
     "verify_greedy",
     "verify_sampling",

@@ -99,13 +99,8 @@ class RaggedKV:
                 "sliding-window attention layers (rows advance unevenly, which would shift each row's "
                 "window); generate with batch size 1, or use a model without sliding-window layers"
             )
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        new_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            if r:
-                ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-                new_mask[b, : len(r)] = 1
-        ids, new_mask = ids.to(device), new_mask.to(device)
+        ids = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+        new_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
         positions = self.pos[:, None] + torch.arange(width, device=device)[None, :]
         mask = torch.cat([self.mask, new_mask], dim=1)
         logits = self._forward(ids, mask, positions, keep if keep is not None else width)
