@@ -13,6 +13,7 @@ from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
 from .drafter import Draft, DraftContext, Drafter
 from .loop import SpeculativeGenerate
 from .prompt_lookup import PromptLookup, PromptLookupDrafter
+from .quantized_self import QuantizedSelf, quantized_copy
 from .self_speculative import SelfSpeculative
 from .stats import SpeculativeStats, StatsRecord
 from .transform import SpeculativeDecoding, speculative_stats
@@ -27,6 +28,7 @@ __all__ = [
     "Drafter",
     "PromptLookup",
     "PromptLookupDrafter",
+    "QuantizedSelf",
     "SelfSpeculative",
     "SpeculativeDecoding",
     "SpeculativeGenerate",
@@ -36,6 +38,7 @@ __all__ = [
     "best_length",
     "check_same_vocabulary",
     "expected_tokens",
+    "quantized_copy",
     "speculative_stats",
     "verify_greedy",
     "verify_sampling",
