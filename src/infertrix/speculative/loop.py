@@ -32,6 +32,7 @@ from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from ..core.transform import ConfigError, UnsupportedModelError
+from ..kvcache import PolicyCache
 from .budget import VerifyCost
 from .drafter import DraftContext, Drafter
 from .ragged import RaggedKV
@@ -134,6 +135,13 @@ class SpeculativeGenerate:
         cache = model_kwargs.get("past_key_values")
         if cache is None:
             cache = DynamicCache(config=model.config)
+        if batch > 1 and isinstance(cache, PolicyCache):
+            raise UnsupportedModelError(
+                "speculative decoding with a KV-cache policy (PolicyCache) works at batch size 1 only: at batch > 1 "
+                "rows keep different numbers of draft tokens, which leaves masked holes inside rows, and a "
+                "policy's compact cache assumes each row's masked slots are its left padding (it evicts and "
+                "aligns masks on that basis); generate one row at a time, or drop the cache policy"
+            )
         if cache.get_seq_length() > 0:
             raise ConfigError(
                 "speculative decoding starts from an empty cache; do not pass a filled past_key_values"

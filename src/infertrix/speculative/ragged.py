@@ -82,7 +82,7 @@ class RaggedKV:
         logits = self._forward(input_ids, mask, positions, keep)
         self.mask = mask
         self.pos = mask.sum(-1)
-        self.cache.crop(0)
+        _trim_sliding(self.cache)
         return logits
 
     def extend(self, rows: list[list[int]], keep: int | None = None) -> Tensor:
@@ -123,7 +123,7 @@ class RaggedKV:
         if bool((counts > self.pos).any()):
             raise ValueError("RaggedKV.rollback cannot keep more tokens than a row has")
         if bool((counts == self.pos).all()):
-            self.cache.crop(0)  # lets sliding-window layers drop what they no longer need
+            _trim_sliding(self.cache)
             return
         self.mask = self.mask * (self.mask.cumsum(-1) <= counts[:, None]).long()
         used = self.mask.any(0).nonzero()
@@ -131,3 +131,12 @@ class RaggedKV:
         self.cache.crop(-(self.length - new_len))
         self.mask = self.mask[:, :new_len]
         self.pos = counts
+
+
+def _trim_sliding(cache) -> None:
+    """Let sliding-window layers drop the past they kept for a possible rollback (transformers'
+    ``crop(0)``). Only those layers: other layer classes may read 0 as "keep 0 tokens" (the
+    kvcache family's ``PolicyLayer`` treats a non-negative argument as the length to keep)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "sliding_window", None):
+            layer.crop(0)
