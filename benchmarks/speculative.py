@@ -1,26 +1,35 @@
 """Speculative decoding on SmolLM2-135M-Instruct: decode speed against plain ``generate``.
 
-    flock /tmp/infertrix-bench.lock python -m benchmarks.speculative [--quick] [--no-write]
+    flock /tmp/infertrix-bench.lock python -m benchmarks.speculative [--kinds rewrite] [--batches 1]
 
-Three prompt kinds, each with four prompts (batch 4 uses all four, left-padded; batch 1 the
-first): ``rewrite`` (rewrite a passage of *Pride and Prejudice*, shipped with infertrix),
-``story`` (continue a story opening), ``question`` (answer a question). Greedy and sampling at
-temperature 0.7. For each drafter and for plain ``generate`` the runs are interleaved (plain,
-drafter, plain, drafter...) so that load drift hits both alike; figures are medians of the
-repeats. Decode tokens/s = (generated tokens - first tokens) / (generate time - prefill time),
-where generated tokens count each row up to its eos and the prefill time is the median time of
-``generate(max_new_tokens=1)``. Greedy rows also record whether the output is token-identical to
-plain ``generate`` (it must be). Mean accepted length = tokens emitted per row per verification
-forward (1.0 = no gain).
+Three prompt kinds, four prompts each (batch 4 uses all four, left-padded; batch 1 the first), all
+through the instruct model's chat template: ``rewrite`` (correct the spelling of a passage of
+*Pride and Prejudice*, shipped with infertrix, into which a few letter swaps were introduced: the
+model copies most of the passage), ``story`` (continue a story opening), ``question`` (answer a
+question). Greedy and sampling at temperature 0.7. Drafters: prompt lookup (cost-aware adaptive
+length), self-speculation through skip-family plans (on-line search over attention-drop and
+ShortGPT plans), and the quantized self-draft (W4A8 copy). No draft model: SmolLM2-135M is the
+smallest model of its tokenizer, so there is no smaller sibling to draft with.
+
+For each (kind, batch, mode) the runs are interleaved (plain, drafter, drafter..., plain, ...) so
+that load drift hits all alike; figures are medians of the repeats. Decode tokens/s = (generated
+tokens - first tokens) / (generate time - prefill time), where generated tokens count each row up
+to its eos and the prefill time is the median time of ``generate(max_new_tokens=1)``. Greedy rows
+record whether the output is token-identical to plain ``generate`` (it must be). Mean accepted
+length = tokens emitted per row per verification forward (1.0 = no gain).
+
+Rows accumulate in ``--results`` (JSON), so the matrix can be measured in several short locked
+runs; every run rewrites the BENCHMARKS.md section from all rows gathered so far.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,18 +57,33 @@ QUESTIONS = [
 ]
 
 
-def passage(start: str, chars: int = 700) -> str:
+def passage(start: str, chars: int = 900) -> str:
+    """A passage of the shipped prose from ``start``, whole sentences, line breaks joined."""
     text = ixe.text.body_text()
     i = text.find(start)
     if i < 0:
         raise ValueError(f"passage start {start!r} not found in the shipped text")
     chunk = text[i : i + chars]
-    return chunk[: chunk.rfind(".") + 1]
+    return " ".join(chunk[: chunk.rfind(".") + 1].split())
+
+
+def misspell(text: str, every: int = 9) -> str:
+    """Swap two inner letters of every ``every``-th long word (deterministic typos to correct)."""
+    words = text.split(" ")
+    for j in range(3, len(words), every):
+        w = words[j]
+        if len(w) > 4 and w.isalpha():
+            words[j] = w[:2] + w[3] + w[2] + w[4:]
+    return " ".join(words)
 
 
 def prompts(kind: str) -> list[str]:
     if kind == "rewrite":
-        return [f"Rewrite the following passage in the present tense:\n\n{passage(s)}" for s in REWRITE_STARTS]
+        return [
+            "Correct the spelling mistakes in the following passage. Reply with the corrected passage only."
+            f"\n\n{misspell(passage(s))}"
+            for s in REWRITE_STARTS
+        ]
     if kind == "story":
         return [f"Continue this story:\n\n{s}" for s in STORIES]
     if kind == "question":
@@ -85,115 +109,135 @@ def real_tokens(out: torch.Tensor, prompt_len: int, eos: set[int]) -> int:
     return n
 
 
-def truncated_draft(model, layers: int):
-    """A same-tokenizer draft for SmolLM2 (no smaller sibling ships offline): its first layers."""
-    draft = copy.deepcopy(model)
-    draft.model.layers = draft.model.layers[:layers]
-    draft.config.num_hidden_layers = layers
-    if getattr(draft.config, "layer_types", None):
-        draft.config.layer_types = draft.config.layer_types[:layers]
-    return draft
+def drafters(names: list[str]) -> dict[str, object]:
+    """One transform object per drafter, reused across runs (self-speculation keeps its plan search,
+    the quantized self-draft its W4A8 copy)."""
+    make = {
+        "prompt_lookup": lambda: ix.speculative.PromptLookup(),
+        "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),
+        "self_speculative": lambda: ix.speculative.SelfSpeculative(),
+        "quantized_self": lambda: ix.speculative.QuantizedSelf(),
+    }
+    return {n: make[n]() for n in names}
+
+
+def render(rows: list[dict], args) -> str:
+    order = {"rewrite": 0, "story": 1, "question": 2}
+    rows = sorted(rows, key=lambda r: (order.get(r["prompts"], 9), r["batch"], r["mode"] != "greedy"))
+    return markdown_table(rows)
+
+
+def measure(model, tok, transforms, kind, batch, mode, args, eos) -> list[dict]:
+    enc = encode(tok, kind, batch)
+    plen = enc.input_ids.shape[1]
+    prefill = []
+    for _ in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        model.generate(**enc, max_new_tokens=1, do_sample=False)
+        prefill.append(time.perf_counter() - t0)
+    t_prefill = statistics.median(prefill[1:])
+    sample = mode == "sample"
+    kw = dict(max_new_tokens=args.new_tokens, do_sample=sample)
+    if sample:
+        kw.update(temperature=0.7, top_k=0, top_p=1.0)
+    variants = {"plain": None, **transforms}
+    res: dict[str, dict] = {v: {"t": [], "tok": [], "mal": [], "out": None} for v in variants}
+    for r in range(args.repeats + 1):  # round 0 warms up with a short call
+        for name, t in variants.items():
+            if t is not None:
+                ix.optimize(model, t)
+            torch.manual_seed(1000 + r)
+            t0 = time.perf_counter()
+            out = model.generate(**enc, **(kw if r else {**kw, "max_new_tokens": args.warmup_tokens}))
+            dt = time.perf_counter() - t0
+            if t is not None:
+                if r:
+                    res[name]["mal"].append(model.speculative_stats.last.mean_accepted_length)
+                ix.restore(model)
+            if r == 0:
+                continue
+            if r == 1:
+                res[name]["out"] = out
+            res[name]["t"].append(dt)
+            res[name]["tok"].append(real_tokens(out, plen, eos))
+    rows = []
+    base = None
+    for name in variants:
+        d = res[name]
+        tps = statistics.median((n - batch) / max(t - t_prefill, 1e-9) for n, t in zip(d["tok"], d["t"], strict=True))
+        if name == "plain":
+            base = tps
+        row = {
+            "prompts": kind,
+            "batch": batch,
+            "mode": "greedy" if not sample else "T=0.7",
+            "method": name,
+            "decode tok/s": round(tps, 2),
+            "speed-up": round(tps / base, 3),
+            "mean accepted length": round(statistics.median(d["mal"]), 2) if d["mal"] else "",
+            "tokens": statistics.median(d["tok"]),
+            "identical to plain": ("yes" if torch.equal(d["out"], res["plain"]["out"]) else "NO")
+            if not sample and name != "plain"
+            else "",
+        }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="rewrite and question prompts, PromptLookup variants only, 1 repeat after the warm-up")
-    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--warmup-tokens", type=int, default=40, help="tokens of the warm-up round (long enough "
+                    "for the self-speculative plan search to finish)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kinds", nargs="*", default=None)
+    ap.add_argument("--kinds", nargs="*", default=["rewrite", "story", "question"])
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 4])
     ap.add_argument("--modes", nargs="*", default=["greedy", "sample"])
-    ap.add_argument("--draft-layers", type=int, default=6, help="layers of the truncated SmolLM2 draft model")
-    ap.add_argument("--no-draft-model", action="store_true")
+    ap.add_argument("--drafters", nargs="*", default=["prompt_lookup", "self_speculative", "quantized_self"])
+    ap.add_argument("--results", default="bench-out/speculative.json", help="rows gathered so far (JSON)")
+    ap.add_argument("--fresh", action="store_true", help="start a new results file")
+    ap.add_argument("--blocks", nargs="*", default=None, help="kind:batch:mode blocks to measure, in this order "
+                    "(instead of kinds x batches x modes), e.g. rewrite:1:greedy story:4:sample")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the section from --results, measure nothing")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    kinds = args.kinds or (["rewrite", "question"] if args.quick else ["rewrite", "story", "question"])
-    repeats = 1 if args.quick else args.repeats
 
-    model, tok = ix.models.load("smollm2")
-    tok.padding_side = "left"
-    eos = {int(t) for t in torch.as_tensor(model.generation_config.eos_token_id).flatten().tolist()}
-    drafters = {
-        "prompt_lookup(num_tokens=10)": lambda: ix.speculative.PromptLookup(num_tokens=10),
-        "prompt_lookup(num_tokens=4,min_ngram=2)": lambda: ix.speculative.PromptLookup(num_tokens=4, min_ngram=2),
-        "prompt_lookup(num_tokens=6,adaptive)": lambda: ix.speculative.PromptLookup(num_tokens=6, adaptive=True),
-    }
-    if not args.quick and not args.no_draft_model:
-        draft = truncated_draft(model, args.draft_layers)
-        drafters[f"draft_model({args.draft_layers}/{model.config.num_hidden_layers} layers)"] = (
-            lambda: ix.speculative.DraftModel(draft=draft, num_tokens=4)
-        )
-
-    rows = []
-    for kind in kinds:
-        for batch in args.batches:
-            enc = encode(tok, kind, batch)
-            plen = enc.input_ids.shape[1]
-            prefill = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                model.generate(**enc, max_new_tokens=1, do_sample=False)
-                prefill.append(time.perf_counter() - t0)
-            t_prefill = statistics.median(prefill[1:])
-            for mode in args.modes:
-                sample = mode == "sample"
-                kw = dict(max_new_tokens=args.new_tokens, do_sample=sample)
-                if sample:
-                    kw.update(temperature=0.7, top_k=0, top_p=1.0)
-                variants = {"plain": None, **drafters}
-                res: dict[str, dict] = {v: {"t": [], "tok": [], "mal": [], "out": None} for v in variants}
-                for r in range(repeats + 1):  # the first round warms up
-                    for name, make in variants.items():
-                        if make is not None:
-                            ix.optimize(model, make())
-                        torch.manual_seed(1000 + r)
-                        t0 = time.perf_counter()
-                        out = model.generate(**enc, **kw)
-                        dt = time.perf_counter() - t0
-                        if make is not None:
-                            res[name]["mal"].append(model.speculative_stats.last.mean_accepted_length)
-                            ix.restore(model)
-                        if r == 0:
-                            res[name]["out"] = out
-                            continue
-                        res[name]["t"].append(dt)
-                        res[name]["tok"].append(real_tokens(out, plen, eos))
-                base = None
-                for name in variants:
-                    d = res[name]
-                    tps = statistics.median(
-                        (n - batch) / max(t - t_prefill, 1e-9) for n, t in zip(d["tok"], d["t"], strict=True)
-                    )
-                    if name == "plain":
-                        base = tps
-                    row = {
-                        "prompts": kind,
-                        "batch": batch,
-                        "mode": "greedy" if not sample else "T=0.7",
-                        "method": name,
-                        "decode tok/s": round(tps, 2),
-                        "speed-up": round(tps / base, 3),
-                        "mean accepted length": round(statistics.median(d["mal"]), 2) if d["mal"] else "",
-                        "tokens": statistics.median(d["tok"]),
-                        "identical to plain": ("yes" if torch.equal(d["out"], res["plain"]["out"]) else "NO")
-                        if not sample and name != "plain"
-                        else "",
-                    }
-                    rows.append(row)
-                    print(row, flush=True)
-
-    table = markdown_table(rows)
+    path = Path(args.results)
+    rows = [] if args.fresh or not path.exists() else json.loads(path.read_text())
+    if args.blocks is not None:
+        blocks = [(k, int(b), m) for k, b, m in (x.split(":") for x in args.blocks)]
+    else:
+        blocks = [(k, b, m) for k in args.kinds for b in args.batches for m in args.modes]
+    if not args.render_only:
+        model, tok = ix.models.load("smollm2")
+        tok.padding_side = "left"
+        eos = {int(t) for t in torch.as_tensor(model.generation_config.eos_token_id).flatten().tolist()}
+        transforms = drafters(args.drafters)
+        for kind, batch, mode in blocks:
+            new = measure(model, tok, transforms, kind, batch, mode, args, eos)
+            keys = {(r["prompts"], r["batch"], r["mode"], r["method"]) for r in new}
+            rows = [r for r in rows if (r["prompts"], r["batch"], r["mode"], r["method"]) not in keys] + new
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rows, indent=1))
+        for t in transforms.values():
+            print(type(t).__name__, t.drafter_report(), flush=True)
+    table = render(rows, args)
     print(table)
     if not args.no_write:
         body = (
             f"SmolLM2-135M-Instruct (float32), {args.threads} threads, {args.new_tokens} new tokens, "
-            f"median of {repeats} interleaved repeats after a warm-up. Decode tok/s counts each row's "
-            "tokens up to its eos, after the prefill (timed separately). Sampling rows differ from plain "
-            "by design (same distribution, different draws), so their token counts differ too.\n\n" + table
+            f"median of {args.repeats} interleaved repeats after a short warm-up, each (prompts, batch, "
+            "mode) block measured within one locked run. Decode tok/s counts each row's tokens up to its eos, "
+            "after the prefill (timed separately). Sampling rows differ from plain by design (same "
+            "distribution, different draws), so their token counts differ too. No draft-model row: "
+            "SmolLM2-135M is the smallest model with this tokenizer.\n\n" + table
         )
-        write_section("speculative", "speculative: decode speed on SmolLM2", body)
+        write_section("speculative", "speculative: decode speed on SmolLM2", body,
+                      command="flock /tmp/infertrix-bench.lock python -m benchmarks.speculative "
+                      "[--kinds K] [--batches B] (one run per block; rows gathered in bench-out/speculative.json)")
 
 
 if __name__ == "__main__":

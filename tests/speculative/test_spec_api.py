@@ -127,10 +127,8 @@ def test_errors():
         PromptLookup(min_ngram=3, max_ngram=2)
     with pytest.raises(ConfigError, match="needs a draft model"):
         DraftModel()
-    with pytest.raises(ConfigError, match="plan=callable"):
-        SelfSpeculative()
-    with pytest.raises(ConfigError, match="max_step_tokens"):
-        PromptLookup(max_step_tokens=1)
+    with pytest.raises(ConfigError, match="plan=SkipPlan"):
+        SelfSpeculative(plan=[42])
     with pytest.raises(ConfigError, match="needs a draft model"):  # a recipe string cannot carry a model
         ix.parse_recipe("draft_model")
     other = make_tiny("llama", vocab_size=160)
@@ -153,19 +151,38 @@ def test_errors():
         gemma.generate(gids, attention_mask=(gids != 0).long(), do_sample=False, max_new_tokens=20)
 
 
-def test_adaptive_length_follows_acceptance():
-    from infertrix.speculative import AdaptiveLength
+def test_acceptance_rate_counts_tested_positions():
+    from infertrix.speculative import AcceptanceRate
 
-    a = AdaptiveLength(4, minimum=1, maximum=8)
-    a.update([4, 4], [4, 4])  # all accepted: grow by 2
-    assert a.length == 6
-    a.update([6, 0], [6, 0])  # rows that drafted nothing do not count
-    assert a.length == 8
-    a.update([8], [8])  # capped
-    assert a.length == 8
-    for _ in range(10):
-        a.update([8, 8], [8, 3])  # a rejection: shrink by 1, down to the minimum
-    assert a.length == 1
+    r = AcceptanceRate(prior_accepted=1, prior_rejected=1, decay=1.0)
+    r.update(4, 4)  # 4 accepted, nothing rejected
+    r.update(4, 1)  # 1 accepted, then a rejection (positions after it were never tested)
+    r.update(0, 0)  # nothing drafted: no evidence
+    assert r.rate == pytest.approx((1 + 5) / (1 + 5 + 1 + 1))
+
+
+def test_best_length_follows_acceptance_and_cost():
+    from infertrix.speculative import VerifyCost, best_length, expected_tokens
+
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    free = VerifyCost()
+    for w in range(1, 12):
+        free.observe(w, 0.040)  # verification costs the same at every width
+    assert best_length([0.9], [10], free) == 10  # then draft all there is
+    assert best_length([0.9], [3], free) == 3  # never beyond what the row can draft
+    assert best_length([None], [10], free) == 0  # nothing to draft: a plain step
+    steep = VerifyCost()
+    steep.observe(1, 0.040)
+    steep.observe(11, 0.120)  # 8 ms per extra position, learnt from two widths
+    assert steep.time(6) == pytest.approx(0.080)
+    assert best_length([0.1], [10], steep) == 0  # a poor match is not worth verifying
+    k = best_length([0.8], [10], steep)
+    assert 1 <= k < 10
+    assert best_length([0.95], [10], steep) > k  # better acceptance, longer drafts
+    assert best_length([0.8], [10], steep, draft_seconds=0.030) < k  # costly drafting, shorter drafts
+    # a batch: rows without a match still count one token each
+    assert best_length([0.8, None, None, None], [10, 0, 0, 0], steep) <= k
 
 
 def test_draft_confidence_stops_drafting():

@@ -10,7 +10,8 @@ import torch
 from conftest import make_tiny
 
 import infertrix as ix
-from infertrix.speculative import DraftModel, PromptLookup, SelfSpeculative
+from infertrix.skip import SkipPlan, UniformSkip
+from infertrix.speculative import DraftModel, PromptLookup, QuantizedSelf, SelfSpeculative
 
 
 def padded_batch(rows: int, seed: int = 0, vocab: int = 128, lengths=(24, 17, 21, 9)):
@@ -33,6 +34,7 @@ def drafters():
         "pld": lambda: PromptLookup(num_tokens=6),
         "pld_adaptive": lambda: PromptLookup(num_tokens=4, adaptive=True, max_ngram=2),
         "draft_model": lambda: DraftModel(draft=make_tiny("llama", seed=7, num_hidden_layers=1), num_tokens=4),
+        "quantized_self": lambda: QuantizedSelf(group_size=32, adaptive=False),
     }
 
 
@@ -127,20 +129,50 @@ def skip_last_layers(n: int):
 def test_self_speculative_greedy_identity(batch):
     model = make_tiny("llama")
     ids, mask = padded_batch(batch, seed=21)
+    plan = SkipPlan.of(layers=[2], attention=[3])  # a skip-family plan, active around each draft forward
+    ref, out, stats = plain_and_spec(model, SelfSpeculative(plan=plan), ids, mask, max_new_tokens=20)
+    assert torch.equal(ref, out)
+    assert stats.drafted > 0
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)  # plan left
+
+
+def test_self_speculative_any_context_manager():
+    model = make_tiny("llama")
+    ids, mask = padded_batch(1, seed=21)
     ref, out, stats = plain_and_spec(model, SelfSpeculative(plan=skip_last_layers(2)), ids, mask, max_new_tokens=20)
     assert torch.equal(ref, out)
     assert stats.drafted > 0
-    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)  # plan left the model
+    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)
 
 
 def test_self_speculative_plan_search():
     model = make_tiny("llama")
     ids, mask = padded_batch(2, seed=8)
-    t = SelfSpeculative(plan=[skip_last_layers(3), skip_last_layers(1)], search_steps=3)
+    plans = [SkipPlan.of(layers=[1, 2, 3]), SkipPlan.of(mlp=[3]), UniformSkip(count=1)]
+    t = SelfSpeculative(plan=plans, search_steps=3)
     ref, out, stats = plain_and_spec(model, t, ids, mask, max_new_tokens=40)
     assert torch.equal(ref, out)
     search = t.search
-    assert search.best in (0, 1)
+    assert len(search.names) == 3 and search.best in (0, 1, 2)
     assert all(s > 0 for s in search.seconds) and all(n > 0 for n in search.tokens)
     assert search.rates()[search.best] == max(search.rates())
-    assert all(not isinstance(layer, PassThrough) for layer in model.model.layers)
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)
+
+
+def test_quantized_self_shares_weights_and_reports_memory():
+    model = make_tiny("llama")
+    t = QuantizedSelf(group_size=32)
+    ids, mask = padded_batch(4, seed=4)
+    ref, out, stats = plain_and_spec(model, t, ids, mask, max_new_tokens=16)
+    assert torch.equal(ref, out)
+    draft = t.draft_for(model)
+    assert draft is not model and draft.model.embed_tokens.weight is model.model.embed_tokens.weight
+    assert draft.model.norm.weight is model.model.norm.weight
+    assert type(draft.model.layers[0].mlp.up_proj).__name__ == "W4A8Linear"
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear  # the target stays float
+    assert type(draft.lm_head).__name__ == "W4A8Linear" and type(model.lm_head) is torch.nn.Linear
+    assert "generate" not in draft.__dict__ and "_infertrix" in draft.__dict__  # its own quant state only
+    ix.optimize(model, t)
+    report = ix.describe(model)
+    ix.restore(model)
+    assert "draft weights MiB" in str(report)

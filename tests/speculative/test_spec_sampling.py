@@ -109,7 +109,7 @@ def test_sampled_sequences_follow_model_distribution(make):
     kw = dict(temperature=0.7, top_k=3, top_p=1.0)
     exact = exact_distribution(model, PROMPT, 0.7, 3)
     assert abs(exact.sum().item() - 1) < 1e-6
-    t = PromptLookup(num_tokens=3) if make == "pld" else DraftModel(draft=_small_model(seed=5), num_tokens=3, confidence=0.0)
+    t = PromptLookup(num_tokens=3, adaptive=False) if make == "pld" else DraftModel(draft=_small_model(seed=5), num_tokens=3, confidence=0.0)
     ix.optimize(model, t)
     counts = sample_counts(model, PROMPT, calls=2, rows=1000, **kw)
     st = model.speculative_stats.total
@@ -129,7 +129,7 @@ def test_chi_square_detects_a_wrong_verifier(monkeypatch):
         return lengths, torch.multinomial(probs[rows, lengths], 1).squeeze(1)
 
     monkeypatch.setattr(spec_loop, "verify_sampling", accept_all)
-    ix.optimize(model, PromptLookup(num_tokens=3))
+    ix.optimize(model, PromptLookup(num_tokens=3, adaptive=False))
     counts = sample_counts(model, PROMPT, calls=1, rows=1000, temperature=0.7, top_k=3, top_p=1.0)
     stat, df = chi2(counts, exact)
     assert stat > chi2_critical(df)

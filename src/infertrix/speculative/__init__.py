@@ -8,17 +8,19 @@
 See docs/speculative.md.
 """
 
+from .budget import AcceptanceRate, VerifyCost, best_length, expected_tokens
 from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
-from .drafter import AdaptiveLength, Draft, DraftContext, Drafter
+from .drafter import Draft, DraftContext, Drafter
 from .loop import SpeculativeGenerate
 from .prompt_lookup import PromptLookup, PromptLookupDrafter
+from .quantized_self import QuantizedSelf, quantized_copy
 from .self_speculative import SelfSpeculative
 from .stats import SpeculativeStats, StatsRecord
 from .transform import SpeculativeDecoding, speculative_stats
 from .verify import verify_greedy, verify_sampling
 
 __all__ = [
-    "AdaptiveLength",
+    "AcceptanceRate",
     "Draft",
     "DraftContext",
     "DraftModel",
@@ -26,12 +28,17 @@ __all__ = [
     "Drafter",
     "PromptLookup",
     "PromptLookupDrafter",
+    "QuantizedSelf",
     "SelfSpeculative",
     "SpeculativeDecoding",
     "SpeculativeGenerate",
     "SpeculativeStats",
     "StatsRecord",
+    "VerifyCost",
+    "best_length",
     "check_same_vocabulary",
+    "expected_tokens",
+    "quantized_copy",
     "speculative_stats",
     "verify_greedy",
     "verify_sampling",

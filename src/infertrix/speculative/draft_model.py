@@ -6,12 +6,17 @@ https://arxiv.org/abs/2302.01318). The draft model keeps its own KV cache with p
 it samples from its own distribution shaped by the call's history-free warpers (temperature,
 top-k/top-p...) and hands those probabilities to the verifier; under greedy it drafts its argmax.
 Drafting stops early for a row when the draft's top probability falls below ``confidence``
-(the confidence-based early exit of DEL / SWIFT-style drafters), and the draft length follows the
-running acceptance (:class:`~.drafter.AdaptiveLength`). Lossless; costs the draft model's memory.
+(the confidence-based early exit of DEL / SWIFT-style drafters), and with ``adaptive`` the draft
+length is the one with the most expected tokens per second given the running acceptance rate, the
+measured seconds per draft token and the measured verification cost per width
+(:mod:`~.budget`); when no length pays, the step is a plain one (with a 1-token probe every
+``PROBE_EVERY`` such steps, so the acceptance estimate can recover). Lossless; costs the draft
+model's memory.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +28,8 @@ from transformers.cache_utils import DynamicCache
 
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
-from .drafter import AdaptiveLength, Draft, DraftContext, Drafter
+from .budget import AcceptanceRate, best_length
+from .drafter import Draft, DraftContext, Drafter
 from .ragged import RaggedKV
 from .transform import SpeculativeDecoding
 
@@ -54,6 +60,9 @@ def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "Draf
             )
 
 
+PROBE_EVERY = 8  # plain steps in a row after which a 1-token draft re-measures acceptance
+
+
 class DraftModelDrafter(Drafter):
     """Drafts with ``draft`` (its own KV cache); ``context()``, when given, is entered around every
     draft forward (self-speculation: the target itself under a skip plan or another precision)."""
@@ -70,12 +79,33 @@ class DraftModelDrafter(Drafter):
         self.draft = draft
         self.context = context
         self.num_tokens = num_tokens
+        self.max_tokens = max_tokens
         self.confidence = confidence
-        self.length = AdaptiveLength(num_tokens, maximum=max_tokens) if adaptive else None
+        self.adaptive = adaptive
+        self.rate = AcceptanceRate()
+        self.token_seconds: float | None = None  # moving average of one draft forward
+        self.skipped = 0
 
     def start(self, model: nn.Module, ctx: DraftContext) -> None:
         super().start(model, ctx)
         self.reset_cache()
+
+    def length(self, limits: list[int]) -> int:
+        """Tokens to draft this step (the same bound for every row)."""
+        if not self.adaptive:
+            return self.num_tokens
+        live = [lim for lim in limits if lim > 0]
+        if not live:
+            return 0
+        k = best_length(
+            [self.rate.rate] * len(live), [min(lim, self.max_tokens) for lim in live], self.ctx.cost,
+            draft_seconds=self.token_seconds if self.token_seconds is not None else 0.0,
+        )
+        if k == 0:
+            self.skipped += 1
+            if self.skipped >= PROBE_EVERY:
+                self.skipped, k = 0, 1
+        return k
 
     def reset_cache(self) -> None:
         """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens)."""
@@ -109,7 +139,7 @@ class DraftModelDrafter(Drafter):
             keep.append(n)
             self.cached[b] = have[:n]
         self.kv.rollback(keep)
-        k = self.length.length if self.length else self.num_tokens
+        k = self.length(limits)
         want = [min(k, lim) for lim in limits]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         probs: list[list[torch.Tensor]] = [[] for _ in range(batch)]
@@ -118,8 +148,12 @@ class DraftModelDrafter(Drafter):
         feed = [seqs[b][keep[b]:] if want[b] > 0 else [] for b in range(batch)]
         going = [want[b] > 0 for b in range(batch)]
         while True:
+            t0 = time.perf_counter()
             with self.context() if self.context is not None else nullcontext():
                 logits = self.kv.extend(feed)
+            spent = time.perf_counter() - t0
+            ts = self.token_seconds
+            self.token_seconds = spent if ts is None else ts + 0.3 * (spent - ts)
             for b in range(batch):
                 self.cached[b].extend(feed[b])
             last = torch.stack([logits[b, max(len(feed[b]) - 1, 0)] for b in range(batch)])
@@ -143,8 +177,8 @@ class DraftModelDrafter(Drafter):
         return Draft(tokens, stacked)
 
     def observe(self, drafted: list[int], accepted: list[int]) -> None:
-        if self.length:
-            self.length.update(drafted, accepted)
+        for d, a in zip(drafted, accepted, strict=True):
+            self.rate.update(d, a)
 
 
 @register_transform("draft_model", "assisted")
@@ -156,9 +190,9 @@ class DraftModel(SpeculativeDecoding):
     Fields:
       draft: the draft model (a transformers causal LM sharing the tokenizer), or a name for
         ``infertrix.models.load``.
-      num_tokens: draft length to start from.
-      adaptive: follow the acceptance rate (+2 after a fully accepted draft, -1 otherwise),
-        between 1 and ``max_tokens``.
+      num_tokens: draft length when ``adaptive`` is False.
+      adaptive: draft the length (0 to ``max_tokens``) with the most expected tokens per second,
+        from the running acceptance rate and the measured draft and verification costs.
       confidence: stop drafting a row when the draft's top probability falls below this
         (0 disables).
     """

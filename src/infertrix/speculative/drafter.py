@@ -7,18 +7,19 @@ sampling); without them the verifier treats each draft token as a point mass, wh
 speculative-sampling rule exact (Leviathan et al. 2023, https://arxiv.org/abs/2211.17192,
 appendix A.5: any proposal distribution works as long as it is the one the token was drawn from).
 
-:class:`AdaptiveLength` is the shared draft-length controller: it grows the length when a whole
-draft is accepted and shrinks it after a rejection (the heuristic transformers' assisted
-generation uses), so the draft length follows the running acceptance rate.
+How long a draft should be is decided in :mod:`.budget` from the measured acceptance and the
+measured cost of a verification forward per width (``DraftContext.cost``, kept by the loop).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from .budget import VerifyCost
 
 
 @dataclass
@@ -37,13 +38,15 @@ class DraftContext:
 
     ``warp(logits [N, V]) -> logits`` applies the call's logits processors that do not depend on
     the token history (temperature, top-k, top-p, min-p...), so a draft model can sample from a
-    distribution shaped like the target's.
+    distribution shaped like the target's. ``cost`` is the loop's measured seconds per
+    verification forward as a function of its width (see :mod:`.budget`).
     """
 
     do_sample: bool
     batch_size: int
     pad_token_id: int
     warp: Callable[[Tensor], Tensor]
+    cost: VerifyCost = field(default_factory=VerifyCost)
 
 
 class Drafter:
@@ -58,23 +61,3 @@ class Drafter:
 
     def observe(self, drafted: list[int], accepted: list[int]) -> None:
         """Called after each verification with per-row drafted and accepted counts."""
-
-
-@dataclass
-class AdaptiveLength:
-    """Draft length that follows acceptance: +``grow`` after a fully accepted step, -1 after a
-    rejection, within [``minimum``, ``maximum``]."""
-
-    length: int
-    minimum: int = 1
-    maximum: int = 16
-    grow: int = 2
-
-    def update(self, drafted: list[int], accepted: list[int]) -> None:
-        rows = [(d, a) for d, a in zip(drafted, accepted, strict=True) if d > 0]
-        if not rows:
-            return
-        if all(a == d for d, a in rows):
-            self.length = min(self.maximum, self.length + self.grow)
-        else:
-            self.length = max(self.minimum, self.length - 1)

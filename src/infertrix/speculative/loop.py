@@ -32,6 +32,8 @@ from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from ..core.transform import ConfigError, UnsupportedModelError
+from ..kvcache import PolicyCache
+from .budget import VerifyCost
 from .drafter import DraftContext, Drafter
 from .ragged import RaggedKV
 from .stats import SpeculativeStats, StatsRecord
@@ -67,6 +69,8 @@ class SpeculativeGenerate:
     def __init__(self, make_drafter: Callable[[], Drafter], record: StatsRecord):
         self.make_drafter = make_drafter
         self.record = record
+        # measured verification cost per width, per batch size, kept across calls
+        self.costs: dict[int, VerifyCost] = {}
 
     # The signature matters: transformers passes the keys that `_sample` lacks (here
     # `infertrix_streamer`, which the generate hook fills with the caller's `streamer`).
@@ -131,6 +135,13 @@ class SpeculativeGenerate:
         cache = model_kwargs.get("past_key_values")
         if cache is None:
             cache = DynamicCache(config=model.config)
+        if batch > 1 and isinstance(cache, PolicyCache):
+            raise UnsupportedModelError(
+                "speculative decoding with a KV-cache policy (PolicyCache) works at batch size 1 only: at batch > 1 "
+                "rows keep different numbers of draft tokens, which leaves masked holes inside rows, and a "
+                "policy's compact cache assumes each row's masked slots are its left padding (it evicts and "
+                "aligns masks on that basis); generate one row at a time, or drop the cache policy"
+            )
         if cache.get_seq_length() > 0:
             raise ConfigError(
                 "speculative decoding starts from an empty cache; do not pass a filled past_key_values"
@@ -148,8 +159,9 @@ class SpeculativeGenerate:
                 return _apply_history_free(processors, logits)
             return processors(torch.zeros((logits.shape[0], 1), dtype=torch.long, device=logits.device), logits)
 
+        cost = self.costs.setdefault(batch, VerifyCost())
         drafter = self.make_drafter()
-        drafter.start(model, DraftContext(do_sample, batch, pad_id, warp))
+        drafter.start(model, DraftContext(do_sample, batch, pad_id, warp, cost))
 
         t0 = time.perf_counter()
         logits = ragged.prefill(input_ids, mask)[:, -1].to(torch.float32)
@@ -204,27 +216,34 @@ class SpeculativeGenerate:
             t1 = time.perf_counter()
             stats.draft_seconds += t1 - t0
 
-            base_pos = ragged.pos.clone()
+            base_pos = ragged.pos
             feed = [[gen[b][-1]] + drafts[b] if live[b] else [] for b in range(batch)]
             logits = ragged.extend(feed).to(torch.float32)  # [B, W, V]
             width = logits.shape[1]
             scores = self._process(processors, history_free, logits, stopper, gen, drafts, rows)
-            lengths = torch.tensor([len(d) for d in drafts], dtype=torch.long, device=device)
-            dtok = torch.zeros((batch, width - 1), dtype=torch.long, device=device)
-            for b in rows:
-                if drafts[b]:
-                    dtok[b, : len(drafts[b])] = torch.tensor(drafts[b], dtype=torch.long)
-            if do_sample:
-                probs = torch.softmax(scores, -1)
-                qprobs = _stack_draft_probs(draft.probs, drafts, width - 1, probs.shape[-1], device)
-                accepted, nxt = verify_sampling(probs, dtok, lengths, qprobs)
+            if width == 1:  # nothing drafted: a plain decoding step
+                last = scores[:, 0]
+                nxt = torch.multinomial(torch.softmax(last, -1), 1).squeeze(1) if do_sample else last.argmax(-1)
+                accepted = torch.zeros(batch, dtype=torch.long)
             else:
-                accepted, nxt = verify_greedy(scores, dtok, lengths)
-            keep = torch.tensor(live, dtype=torch.long, device=base_pos.device)
-            ragged.rollback(base_pos + keep * (accepted.to(base_pos.device) + 1))
-            stats.verify_seconds += time.perf_counter() - t1
-
+                lengths = torch.tensor([len(d) for d in drafts], dtype=torch.long, device=device)
+                dtok = torch.tensor(
+                    [d + [0] * (width - 1 - len(d)) for d in drafts], dtype=torch.long, device=device
+                )
+                if do_sample:
+                    probs = torch.softmax(scores, -1)
+                    qprobs = _stack_draft_probs(draft.probs, drafts, width - 1, probs.shape[-1], device)
+                    accepted, nxt = verify_sampling(probs, dtok, lengths, qprobs)
+                else:
+                    accepted, nxt = verify_greedy(scores, dtok, lengths)
             acc = accepted.tolist()
+            ragged.rollback(
+                base_pos + torch.tensor([acc[b] + 1 if live[b] else 0 for b in range(batch)], device=base_pos.device)
+            )
+            spent = time.perf_counter() - t1
+            stats.verify_seconds += spent
+            cost.observe(width, spent)
+
             nx = nxt.tolist()
             stats.steps += 1
             stats.row_steps += len(rows)

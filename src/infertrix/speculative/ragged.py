@@ -82,7 +82,7 @@ class RaggedKV:
         logits = self._forward(input_ids, mask, positions, keep)
         self.mask = mask
         self.pos = mask.sum(-1)
-        self.cache.crop(0)
+        _trim_sliding(self.cache)
         return logits
 
     def extend(self, rows: list[list[int]], keep: int | None = None) -> Tensor:
@@ -99,13 +99,8 @@ class RaggedKV:
                 "sliding-window attention layers (rows advance unevenly, which would shift each row's "
                 "window); generate with batch size 1, or use a model without sliding-window layers"
             )
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        new_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            if r:
-                ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-                new_mask[b, : len(r)] = 1
-        ids, new_mask = ids.to(device), new_mask.to(device)
+        ids = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+        new_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
         positions = self.pos[:, None] + torch.arange(width, device=device)[None, :]
         mask = torch.cat([self.mask, new_mask], dim=1)
         logits = self._forward(ids, mask, positions, keep if keep is not None else width)
@@ -128,7 +123,7 @@ class RaggedKV:
         if bool((counts > self.pos).any()):
             raise ValueError("RaggedKV.rollback cannot keep more tokens than a row has")
         if bool((counts == self.pos).all()):
-            self.cache.crop(0)  # lets sliding-window layers drop what they no longer need
+            _trim_sliding(self.cache)
             return
         self.mask = self.mask * (self.mask.cumsum(-1) <= counts[:, None]).long()
         used = self.mask.any(0).nonzero()
@@ -136,3 +131,12 @@ class RaggedKV:
         self.cache.crop(-(self.length - new_len))
         self.mask = self.mask[:, :new_len]
         self.pos = counts
+
+
+def _trim_sliding(cache) -> None:
+    """Let sliding-window layers drop the past they kept for a possible rollback (transformers'
+    ``crop(0)``). Only those layers: other layer classes may read 0 as "keep 0 tokens" (the
+    kvcache family's ``PolicyLayer`` treats a non-negative argument as the length to keep)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "sliding_window", None):
+            layer.crop(0)

@@ -3,17 +3,23 @@
 Zhang et al., "Draft & Verify: Lossless Large Language Model Acceleration via Self-Speculative
 Decoding" (ACL 2024, https://arxiv.org/abs/2309.08168); Xia et al., "SWIFT: On-the-Fly
 Self-Speculative Decoding for LLM Inference Acceleration" (ICLR 2025,
-https://arxiv.org/abs/2410.06916). No second model: drafting runs the target itself inside
-``plan(model)``, a context manager that applies a plan on entry and removes it on exit (a skip
-plan from the skip family, the model under another precision...). The draft keeps its own KV
+https://arxiv.org/abs/2410.06916). No second model: drafting runs the target itself under a plan
+of the skip family (:class:`~infertrix.skip.SkipPlan`, applied around each draft forward with
+``plan.active(model)``, or a :class:`~infertrix.skip.SkipStrategy` such as ``AttentionDrop`` that
+picks one for the model), or under any ``plan(model)`` context manager that changes the model on
+entry and undoes it on exit. The draft keeps its own KV
 cache (:class:`~.draft_model.DraftModelDrafter`), so the plan's cache never mixes with the
 verifier's. Lossless whatever the plan: a poor plan only lowers acceptance.
 
 On-line plan search (SWIFT's idea, simplified): given several candidate plans, the first
 ``search_steps`` verification steps of a call go to each candidate in turn (the draft cache is
-rebuilt at each switch, since plans keep different layers), each scored by tokens emitted per
-second of drafting plus verification; the best is kept for the rest of the call and for later
-calls. Measured on SmolLM2 (issue 6): dropping a quarter of its layers accepted 5.6% of draft
+rebuilt at each switch, since plans keep different layers), each drafting ``num_tokens`` tokens
+(a fixed length, so the plans are compared alike) and scored by tokens emitted per second of
+drafting plus verification (accepted length alone would always pick the plan that skips
+least); the best is kept for the rest of the call and for later calls, and its draft length then
+follows the measured costs (:mod:`.budget`). Without ``plan``, the candidates are attention
+dropping at 10% and 20% of the decoder compute and ShortGPT at 10% (calibrated once, when the
+transform is applied). Measured on SmolLM2 (issue 6): dropping a quarter of its layers accepted 5.6% of draft
 tokens, so plans should be chosen by measured acceptance, not by a fixed layer count.
 """
 
@@ -29,6 +35,7 @@ from torch import nn
 
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
+from ..skip import AttentionDrop, ShortGPT, SkipPlan, SkipStrategy
 from .draft_model import DraftModelDrafter
 from .drafter import Draft, Drafter
 from .transform import SpeculativeDecoding
@@ -90,6 +97,11 @@ class SelfSpeculativeDrafter(DraftModelDrafter):
             self.last_time = time.perf_counter()
         return super().propose(seqs, limits)
 
+    def length(self, limits: list[int]) -> int:
+        if self.search.best is None:  # searching: every plan drafts the same fixed length
+            return min(self.num_tokens, self.max_tokens)
+        return super().length(limits)
+
     def observe(self, drafted: list[int], accepted: list[int]) -> None:
         super().observe(drafted, accepted)
         self.steps += 1
@@ -104,16 +116,18 @@ class SelfSpeculative(SpeculativeDecoding):
     extra weights; the draft cache costs as much as the plan keeps.
 
     Fields:
-      plan: ``plan(model)`` returns a context manager under which the model is the draft (for
-        example one that applies a skip plan and restores the layers on exit), or a list of such
-        candidates to search on-line.
+      plan: a :class:`~infertrix.skip.SkipPlan`, a :class:`~infertrix.skip.SkipStrategy` (its plan
+        for the model is computed when the transform is applied), or ``plan(model)`` returning a
+        context manager under which the model is the draft; or a list of them to search on-line.
+        None: attention dropping at 10% and 20% and ShortGPT at 10% of the decoder compute.
       search_steps: verification steps given to each candidate plan during the search.
-      num_tokens, adaptive, max_tokens, confidence: as in :class:`~.draft_model.DraftModel`.
+      num_tokens, adaptive, max_tokens, confidence: as in :class:`~.draft_model.DraftModel`
+        (``num_tokens`` is also the draft length while searching).
     """
 
     primary = "num_tokens"
-    bench_recipe: ClassVar[str | None] = None  # needs plan callables, not a recipe string
-    plan: Plan | Sequence[Plan] | Any = field(default=None, repr=False)
+    bench_recipe: ClassVar[str | None] = "self_speculative"
+    plan: Any = field(default=None, repr=False)
     num_tokens: int = 4
     adaptive: bool = True
     max_tokens: int = 10
@@ -121,11 +135,12 @@ class SelfSpeculative(SpeculativeDecoding):
     search_steps: int = 8
 
     def validate(self) -> None:
-        plans = self.plans()
-        if not plans or not all(callable(p) for p in plans):
+        bad = [p for p in self.plans() if not (isinstance(p, SkipPlan | SkipStrategy) or callable(p))]
+        if bad or (self.plan is not None and not self.plans()):
             raise ConfigError(
-                "SelfSpeculative needs plan=callable(model) (or a list of them) returning a context manager "
-                "that puts the model in its draft configuration (e.g. applies a skip plan) and undoes it on exit"
+                "SelfSpeculative needs plan=SkipPlan, a SkipStrategy, or callable(model) returning a context "
+                "manager that puts the model in its draft configuration and undoes it on exit (or a list of "
+                f"them); got {bad[0] if bad else self.plan!r}"
             )
         if self.num_tokens < 1 or self.max_tokens < self.num_tokens:
             raise ConfigError(
@@ -135,15 +150,36 @@ class SelfSpeculative(SpeculativeDecoding):
             raise ConfigError(f"SelfSpeculative confidence must be in [0, 1), got {self.confidence}")
         if self.search_steps < 1:
             raise ConfigError(f"SelfSpeculative search_steps must be >= 1, got {self.search_steps}")
-        names = [getattr(p, "__name__", f"plan{i}") for i, p in enumerate(plans)]
-        self._search = PlanSearch(names)
-        if len(plans) == 1:
-            self._search.best = 0
+        self._resolved: list[tuple[str, Plan]] | None = None
+        self._search = PlanSearch([])
 
-    def plans(self) -> list[Plan]:
+    def plans(self) -> list[Any]:
         if self.plan is None:
-            return []
+            return [AttentionDrop(fraction=0.1, progress=False), AttentionDrop(fraction=0.2, progress=False),
+                    ShortGPT(fraction=0.1, progress=False)]
         return list(self.plan) if isinstance(self.plan, list | tuple) else [self.plan]
+
+    def check_model(self, model: nn.Module) -> None:
+        self.resolve(model)
+
+    def resolve(self, model: nn.Module) -> list[tuple[str, Plan]]:
+        """(name, plan callable) for each candidate; skip strategies calibrate here, once."""
+        if self._resolved is None:
+            out: list[tuple[str, Plan]] = []
+            for i, p in enumerate(self.plans()):
+                if isinstance(p, SkipStrategy):
+                    p = p.plan(model)
+                if isinstance(p, SkipPlan):
+                    p.validate(model)
+                    units = ", ".join(f"{e.layer}:{e.sublayer}" for e in p)
+                    out.append((f"{p.method} {p.compute_fraction(model):.0%} [{units}]", p.active))
+                else:
+                    out.append((getattr(p, "__name__", f"plan{i}"), p))
+            self._resolved = out
+            self._search = PlanSearch([name for name, _ in out])
+            if len(out) == 1:
+                self._search.best = 0
+        return self._resolved
 
     @property
     def search(self) -> PlanSearch:
@@ -154,7 +190,7 @@ class SelfSpeculative(SpeculativeDecoding):
 
     def make_drafter(self, model: nn.Module) -> Drafter:
         return SelfSpeculativeDrafter(
-            model, self.plans(), self._search, self.search_steps,
+            model, [fn for _, fn in self.resolve(model)], self._search, self.search_steps,
             num_tokens=self.num_tokens, confidence=self.confidence, adaptive=self.adaptive,
             max_tokens=self.max_tokens,
         )
