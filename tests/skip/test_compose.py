@@ -48,22 +48,12 @@ METHODS = {
     "adaskip": lambda: AdaSkip(0.25),
 }
 
-# transformers' attention modules of dropped layers are replaced by stubs *before* the KV-cache
-# transform hooks every `layer.self_attn` (stage order), and the eviction policies then run on the
-# stub of a layer that stores nothing: infertrix.kvcache's attention hook needs to return early for a
-# layer with no stored tokens (reported to the kvcache family, see docs/skip.md "Composition").
-KV_HOOK_ON_DROPPED_ATTENTION = pytest.mark.xfail(
-    strict=True, raises=AttributeError, reason="kvcache eviction hook runs on a dropped attention (kvcache bug)"
-)
-
-
 def cases(methods, kvs=KV, arch: str | None = None) -> list:
     out = []
     for m in methods:
         for kv in kvs:
-            marks = [KV_HOOK_ON_DROPPED_ATTENTION] if m == "attn_drop" and kv != "kivi:4" else []
             args, name = ((m, kv), f"{m}-{kv}") if arch is None else ((arch, m, kv), f"{arch}-{m}-{kv}")
-            out.append(pytest.param(*args, marks=marks, id=name))
+            out.append(pytest.param(*args, id=name))
     return out
 
 
@@ -178,28 +168,21 @@ def test_dropped_attention_stores_no_kv_under_a_kv_transform(method, kv):
         assert caches[1].kv_bytes() < caches[1].full_kv_bytes()
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="W4A8's report looks its layers up by name (quant bug)")
 def test_describe_after_skipping_quantized_layers():
-    """describe() reports every transform; W4A8's report finds its swapped linears by their module path,
-    which a skipped layer no longer has (reported to the quant family)."""
+    """describe() reports every transform, W4A8's too, when a skip plan has taken some of its
+    quantized linears out of the module tree (the report holds the modules, not their paths)."""
     m = twin()
     ix.optimize(m, quant(), UniformSkip(count=2), "snapkv:0.5")
     described = ix.describe(m).transforms
     assert [e["stage"] for e in described] == ["weights", "layers", "cache"]
     assert described[1]["report"]["skipped"] == "2:layer, 5:layer"
+    assert described[0]["report"]["layers"] == 7 * LAYERS and described[0]["report"]["bytes_after"] > 0
 
 
 @pytest.mark.parametrize(
     "kv",
     [
-        pytest.param(
-            "snapkv:0.5",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ix.UnsupportedModelError,
-                reason="kvcache checks a skipped layer's stub attention for q_proj (kvcache bug)",
-            ),
-        ),
+        "snapkv:0.5",
         "streamingllm",
         "kivi:4",
     ],

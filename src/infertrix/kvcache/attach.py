@@ -42,6 +42,11 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def stores_kv(attn: nn.Module) -> bool:
+    """False for stand-in attention modules that write nothing to the cache (``stores_kv = False``)."""
+    return getattr(attn, "stores_kv", True)
+
+
 def check_supported_model(model: nn.Module, transform, needs_queries: bool) -> None:
     """Raise UnsupportedModelError unless ``transform`` can run on ``model``."""
     name = type(transform).__name__
@@ -58,6 +63,8 @@ def check_supported_model(model: nn.Module, transform, needs_queries: bool) -> N
     mods = _attention_modules(model)
     for i in cache.policy_layer_indices:
         attn = mods[i]
+        if not stores_kv(attn):  # e.g. a layer skipped by infertrix.skip: nothing to compress there
+            continue
         if getattr(attn, "layer_idx", i) != i:
             raise UnsupportedModelError(
                 f"{name}: attention module {i} has layer_idx {attn.layer_idx}"
@@ -158,7 +165,7 @@ class KVCacheSetup:
     @staticmethod
     def _layer_of(module, kwargs):
         cache = kwargs.get("past_key_values")
-        if not isinstance(cache, PolicyCache):
+        if not isinstance(cache, PolicyCache) or not stores_kv(module):
             return None, None
         layer = cache.layers[module.layer_idx]
         return (cache, layer) if isinstance(layer, PolicyLayer) else (None, None)

@@ -149,8 +149,9 @@ class QuantTransform(Transform):
         except BaseException:
             swapper.undo()
             raise
-        names = list(targets)
-        swapped = set(swapper.originals)
+        # the swapped modules themselves, not their paths: a later transform (a skip plan) may
+        # move them out of the model's module tree while this one is applied
+        quantized = {n: model.get_submodule(n) for n in targets if n in swapper.originals}
 
         def undo() -> None:
             swapper.undo()
@@ -159,11 +160,11 @@ class QuantTransform(Transform):
         def report() -> dict[str, Any]:
             from .. import ops
 
-            after = sum(_module_bytes(model.get_submodule(n)) for n in names if n in swapped)
+            after = sum(_module_bytes(mod) for mod in quantized.values())
             out = {
-                "layers": len(swapped),
+                "layers": len(quantized),
                 "lm_head": "quantized (separate copy; the tied embedding stays float)"
-                if head in swapped else "float",
+                if head in quantized else "float",
                 "bytes_before": before,
                 "bytes_after": after,
                 "kernel": f"{self.kernel_op}: {ops.status()[self.kernel_op]['cpu']}" if self.kernel_op else "torch",

@@ -45,7 +45,13 @@ class SkippedLayer(nn.Module):
 
 
 class SkippedAttention(nn.Module):
-    """Stands in for a layer's attention: a zero update, and no KV-cache write for its layer."""
+    """Stands in for a layer's attention: a zero update, and no KV-cache write for its layer.
+
+    ``stores_kv = False`` tells other families (the KV-cache hooks) that this module writes nothing
+    to the cache, so they leave it alone.
+    """
+
+    stores_kv = False
 
     def __init__(self, layer_idx: int) -> None:
         super().__init__()
