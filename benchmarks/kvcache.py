@@ -346,7 +346,7 @@ def main(argv: list[str]) -> None:
         print(markdown_table(rows))
     speed_rows = []
     if args.speed_context:
-        speed_grid = [c for c in grid if c[2] in (0.0, 0.5)]
+        speed_grid = cells([0.5], args.h2o_window)  # every method at 0.5, whatever --methods says
         log(f"decode speed at {args.speed_context}")
         speed = decode_speed(
             model, tok, args.speed_context, speed_grid, args.speed_steps, args.speed_rounds, log

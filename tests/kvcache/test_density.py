@@ -55,6 +55,7 @@ def test_layer_budgets_follow_density_and_keep_the_total(monkeypatch):
     model(torch.randint(3, 128, (2, 40)), past_key_values=cache)
     stored = cache.stored_lengths()
     assert stored == seen["out"]
+    assert cache.state_bytes() == 0  # no recent queries left behind, even in uncompressed layers
     assert sum(stored) == 4 * 20  # the uniform budget's total: KV bytes exactly as SnapKV's
     assert len(set(stored)) > 1 and min(stored) >= 4
     w = seen["weights"]

@@ -264,7 +264,16 @@ def test_pyramid_budgets_differ_per_layer_and_average_to_the_budget():
     model(ids, past_key_values=cache)
     lengths = cache.stored_lengths()
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
-    assert sum(lengths) == pytest.approx(4 * 20, abs=2)
+    assert sum(lengths) == 4 * 20
+
+
+def test_pyramid_keeps_the_total_when_its_base_exceeds_the_prompt():
+    """At low compression the pyramid's bottom layers would need more tokens than the prompt has:
+    they keep the whole prompt and the excess goes up the pyramid, so KV bytes follow the budget."""
+    policy = PyramidKV(window_size=4, compression=0.25, beta=20)
+    budgets = [policy.layer_target(2048, r, 30) for r in range(30)]
+    assert sum(budgets) == 30 * 1536
+    assert max(budgets) == 2048 and budgets == sorted(budgets, reverse=True)
 
 
 def test_merge_changes_kept_states_not_their_number():

@@ -105,4 +105,6 @@ class DensityKV(SnapKV):
             if lay.stored_length > target:
                 self.check_budget(lay, target)
                 self.evict(lay, scores, target, visible)
+            elif self.decode_interval == 0:
+                lay.queries = None
             lay.flush()  # KIVI: quantize what is kept (held back while the compression was pending)

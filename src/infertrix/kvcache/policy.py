@@ -291,6 +291,8 @@ class KVPolicy(Transform):
         """Compress one layer back to its budget (after a prefill chunk, or every decode_interval)."""
         target = self.layer_target(layer.cumulative_length, ctx.layer_rank, ctx.num_layers)
         if ctx.keys.shape[-2] <= target:
+            if self.decode_interval == 0:
+                layer.queries = None  # kept tokens only: drop the scoring state as evict does
             return
         self.check_budget(layer, target)
         ctx.target = target

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from ..core import ConfigError, register_transform
+from .density import allocate
 from .snapkv import SnapKV
 
 
@@ -18,7 +19,8 @@ from .snapkv import SnapKV
 class PyramidKV(SnapKV):
     """The average budget is the same as SnapKV's (same total KV bytes), spread as an arithmetic
     pyramid over the full-attention layers: the top layer keeps ``average / beta`` tokens (at least
-    the window), the bottom one ``2 * average - top``. Lossy.
+    the window), the bottom one ``2 * average - top`` (capped at the tokens seen, the excess going to
+    the next layers, so the total stays ``average x layers``). Lossy.
 
     - ``beta``: steepness of the pyramid (the paper: 20).
     """
@@ -36,5 +38,7 @@ class PyramidKV(SnapKV):
             return avg
         top = max(min(self.window_size, avg), math.ceil(avg / self.beta))
         bottom = 2 * avg - top
-        frac = layer_rank / (num_layers - 1)
-        return max(1, min(seen, round(bottom - (bottom - top) * frac)))
+        # the pyramid above `top`; a layer that would exceed the prompt passes its excess up the pyramid,
+        # so the layers always hold the uniform total (at low compression `bottom` can exceed `seen`)
+        above = [(bottom - top) * (1 - r / (num_layers - 1)) for r in range(num_layers)]
+        return allocate(above, avg * num_layers, min(top, seen), seen)[layer_rank]
