@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-threads", type=int, default=2, help="torch threads for calibration (target: 2 cores)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "skipdecode_bi"], choices=list(METHODS))
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 7, --quick 3)")
     ap.add_argument("--json", type=Path, default=None, help="merge the rows into this JSON file (created if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = ap.parse_args(argv)
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     args.ppl_tokens = 512 if args.quick else 2048
     args.prompts = 2 if args.quick else 4
-    args.steps, args.repeats = (16, 3) if args.quick else (32, 7)
+    args.steps = 16 if args.quick else 32
+    args.repeats = args.repeats or (3 if args.quick else 7)
 
     if args.part == "report":
         if not (args.json and args.json.exists()):
