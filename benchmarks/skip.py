@@ -42,7 +42,15 @@ import torch
 import infertrix as ix
 from infertrix import eval as ixe
 from infertrix import models
-from infertrix.skip import AdaSkip, AttentionDrop, ShortGPT, Similarities, SkipDecode, UniformSkip
+from infertrix.skip import (
+    AdaSkip,
+    AttentionDrop,
+    ShortGPT,
+    Similarities,
+    SkipDecode,
+    SublayerCosts,
+    UniformSkip,
+)
 
 from .report import markdown_table, write_section
 
@@ -146,6 +154,12 @@ def agreement_ids(tok, n: int, length: int = 128) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def decoder_weight_share(model) -> float:
+    """Share of the weights a decode step streams that belong to the decoder layers (the rest: lm_head)."""
+    decoder = SublayerCosts.from_model(model).total
+    return decoder / (decoder + model.get_output_embeddings().weight.numel())
+
+
 def calibrate(model, tok, threads: int, progress: bool = True) -> tuple[Similarities, float]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -201,6 +215,7 @@ def speed_part(model, tok, args, store: dict) -> None:
     run = {"methods": args.methods, "threads": threads, **probe, "calibration_s": calib_s,
            "calibration_threads": args.calib_threads, "calibration_1_thread_s": calib_1,
            "calibration_tokens": sims.tokens, "steps": args.steps, "repeats": args.repeats,
+           "decoder_weight_share": decoder_weight_share(model),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     store["speed_runs"].append(run)
     print(f"calibration ({sims.tokens} tokens, {args.calib_threads} threads): {calib_s:.1f} s; 1 thread {calib_1:.1f} s")
@@ -236,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-threads", type=int, default=2, help="torch threads for calibration (target: 2 cores)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "skipdecode_bi"], choices=list(METHODS))
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 7, --quick 3)")
     ap.add_argument("--json", type=Path, default=None, help="merge the rows into this JSON file (created if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = ap.parse_args(argv)
@@ -245,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     args.ppl_tokens = 512 if args.quick else 2048
     args.prompts = 2 if args.quick else 4
-    args.steps, args.repeats = (16, 3) if args.quick else (32, 7)
+    args.steps = 16 if args.quick else 32
+    args.repeats = args.repeats or (3 if args.quick else 7)
 
     if args.part == "report":
         if not (args.json and args.json.exists()):
@@ -339,12 +356,16 @@ def report(store: dict, write: bool = True) -> None:
     if base is None:
         print("no quality part measured yet: nothing to report")
         return
+    share = next((r["decoder_weight_share"] for r in runs if "decoder_weight_share" in r), None)
     for r in rows:
         if "speedup" in r:
             r["spread"] = f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"
+        if share and "skipped" in r:  # what streaming fewer weights alone would give
+            r["weight_bound"] = 1 / (1 - share * float(r["skipped"].rstrip("%")) / 100)
+    share_note = "" if share is None else f"; the decoder layers are {share:.1%} of them"
     plot(rows, base["perplexity"])
     cols = ["method", "target", "skipped", "units", "perplexity", "agreement", "decode_tok_s", "base_tok_s", "speedup",
-            "spread", "run", "note"]
+            "spread", "weight_bound", "run", "note"]
     table = markdown_table([{"method": "baseline", "target": "0%", "skipped": "0%", "perplexity": base["perplexity"],
                              "agreement": 1.0, "speedup": 1.0}] + rows, cols)
     run_table = markdown_table(
@@ -359,7 +380,8 @@ def report(store: dict, write: bool = True) -> None:
         f"{base['perplexity_full_windows']:.2f}). Agreement: greedy, 128 new tokens, {base['prompts']} prompts of "
         f"128 tokens from the novel in one batch. Speed: greedy decode steps after a 128-token prompt (prefill not "
         f"timed) on two copies of the model, full and with the method, alternating every step; each run of "
-        f"`steps` steps gives one speed-up: `speedup` is their median, `spread` their min-max; `base_tok_s` is the full model's median in the same stretch, `run` the speed run "
+        f"`steps` steps gives one speed-up: `speedup` is their median, `spread` their min-max; `weight_bound` is the speed-up if decode time were proportional to the weights "
+        f"streamed per token (decoder layers plus lm_head{share_note}); `base_tok_s` is the full model's median in the same stretch, `run` the speed run "
         f"below. Each speed run first measures the full model's decode speed at 1 and 2 torch threads, "
         f"alternately, and uses 2 only if they are faster (2 cores shared with other jobs: when they are busy, "
         f"OpenMP threads wait for each other). `skipped` is the share of the decoder layers' weights not run per "
