@@ -281,6 +281,8 @@ def e2e_speed(outdir: Path, threads_list: list[int], only: list[str] | None, sav
             # kernels, so the same work per token; only the code values differ)
             tf = tf or make_twin(name)
             tf.gptq, tf.smooth_alpha, tf.keep_original, tf.progress = False, None, False, False
+            if hasattr(tf, "mse_clip"):
+                tf.mse_clip = False
             ix.optimize(model, tf)
             row["speed of"] = "RTN twin (same layout)"
         if name.endswith(LAYERS_ONLY):
