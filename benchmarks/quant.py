@@ -272,11 +272,16 @@ def e2e_speed(outdir: Path, threads_list: list[int], only: list[str] | None, sav
         row = {"config": name, "speed of": "saved model"}
         ckpt = outdir / slug(name.removesuffix(LAYERS_ONLY) + (" + lm_head" if name.endswith(LAYERS_ONLY) else ""))
         tf = make(tok) if make is not None else None
+        quantized = name.endswith(LAYERS_ONLY) or (tf is not None and tf != "nf4")
+        loaded = False
         if tf == "nf4":
             nf4_swap(model)
-        elif (tf is not None or name.endswith(LAYERS_ONLY)) and (ckpt / "config.json").exists():
-            model = load_quantized(ckpt)
-        elif tf is not None or name.endswith(LAYERS_ONLY):
+        elif quantized and (ckpt / "config.json").exists():
+            try:
+                model, loaded = load_quantized(ckpt), True
+            except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint still being written
+                print(f"{name}: cannot load {ckpt} ({exc}); using its RTN twin", file=sys.stderr)
+        if quantized and not loaded:
             # no checkpoint yet: the same layout quantized round-to-nearest (same shapes, groups and
             # kernels, so the same work per token; only the code values differ)
             tf = tf or make_twin(name)
