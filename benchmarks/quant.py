@@ -308,11 +308,6 @@ def e2e_speed(outdir: Path, threads_list: list[int], only: list[str] | None, sav
         print(row, flush=True)
         model = None
         gc.collect()
-    base = rows[0] if rows and rows[0]["config"] == "fp32" else None
-    if base:
-        for r in rows:
-            for t in threads_list:
-                r[f"vs fp32 {t}T"] = r[f"decode tok/s {t}T"] / base[f"decode tok/s {t}T"]
     return rows
 
 
@@ -322,9 +317,10 @@ def slug(name: str) -> str:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["kernels", "quality", "speed"], default="kernels",
+    ap.add_argument("--part", choices=["kernels", "quality", "speed", "table"], default="kernels",
                     help="kernels: the kernel table (locked); quality: quantize, perplexity and save the "
-                    "models (niced, unlocked); speed: end-to-end decode speed of the saved models (locked)")
+                    "models (niced, unlocked); speed: end-to-end decode speed of the saved models (locked); "
+                    "table: write the end-to-end section from results.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--models", default="bench-out/quant-models", help="where quality saves the quantized models")
@@ -369,9 +365,15 @@ def main(argv: list[str]) -> None:
     if args.part == "quality":
         e2e_quality(outdir, args.only, save)
         return
-    saved = {}
-    for r in e2e_speed(outdir, args.threads, args.only, save):
-        saved = save(r)  # again, now with the "vs fp32" columns
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    if args.part == "speed":  # "table": write the section from results.json as it stands
+        e2e_speed(outdir, args.threads, args.only, save)
+        saved = json.loads(results.read_text())
+    base = saved.get("fp32", {})
+    for r in saved.values():
+        for t in args.threads:
+            if f"decode tok/s {t}T" in r and f"decode tok/s {t}T" in base:
+                r[f"vs fp32 {t}T"] = r[f"decode tok/s {t}T"] / base[f"decode tok/s {t}T"]
     base_ppl = saved.get("fp32", {}).get("perplexity")
     for r in saved.values():
         if base_ppl and "perplexity" in r:
