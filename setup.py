@@ -22,7 +22,10 @@ def _extensions():
         print("infertrix: torch not importable at build time; installing without the C++ extension")
         return [], {}
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
+    # extension itself is compiled with OpenMP; it then uses torch's own libgomp (same soname,
+    # already loaded), so torch.set_num_threads governs our kernels too.
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
     define_macros = [("INFERTRIX_TORCH_VERSION", f'"{torch.__version__}"')]
     use_cuda = (
         torch.version.cuda is not None
@@ -38,6 +41,7 @@ def _extensions():
             include_dirs=[os.path.abspath("csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -46,6 +50,7 @@ def _extensions():
             include_dirs=[os.path.abspath("csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

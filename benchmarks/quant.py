@@ -1,8 +1,9 @@
 """Quant family benchmark: the W4A8 kernel against float and int4 baselines, and SmolLM2 end to end.
 
-    flock /tmp/infertrix-bench.lock python -m benchmarks.quant            # full (~10 min)
-    flock /tmp/infertrix-bench.lock python -m benchmarks.quant --quick    # a few rows
-    ... --no-write (print only), --skip-kernels, --skip-e2e
+    flock /tmp/infertrix-bench.lock python -m benchmarks.quant --part kernels   # kernel table (~10 min)
+    nice -n 19 python -m benchmarks.quant --part quality       # quantize, perplexity, save models
+    flock /tmp/infertrix-bench.lock python -m benchmarks.quant --part speed     # end-to-end speed
+    ... --quick (kernels: a few rows), --no-write (print only), --only NAME..., --threads 1 2
 
 Kernel table: median time of one call (``y = layer(x)``, float32 in and out) for each (M, N, K) and
 thread count, with weights hot in cache (the call repeats on the same weights). Columns: float32
@@ -25,9 +26,11 @@ from __future__ import annotations
 # ruff: noqa: B023  (the timed lambdas run at once, inside their loop iteration)
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -153,68 +156,183 @@ def cold_row(bandwidth, threads=1, n=4096, k=4096):
             "note": f"cold: {copies} weight copies ({copies * ob / 2**20:.0f} MiB) > L3"}
 
 
-def e2e_rows(quick: bool, threads: int):
+# W4A8's calibrated configuration (docs/quant.md, quality sweep)
+CALIBRATED = dict(group_size=32, gptq=True, act_order=True, mse_clip=True)
+LAYERS_ONLY = " (layers only)"
+
+
+def e2e_configs():
+    """(name, factory(tok) -> transform | "nf4" | None); a name ending in LAYERS_ONLY reuses the
+    '+ lm_head' model of the same name with the float (tied) head put back."""
+    from infertrix.quant import W4A8, W4A16, W8A8
+
+    return [
+        ("fp32", None),
+        ("W4A8 RTN g128 + lm_head", lambda tok: W4A8(group_size=128, quantize_lm_head=True)),
+        ("W4A8 calibrated g32 + lm_head", lambda tok: W4A8(**CALIBRATED, tokenizer=tok, quantize_lm_head=True)),
+        ("W4A8 calibrated g32" + LAYERS_ONLY, None),
+        ("W4A16 RTN g32 (bf16)", lambda tok: W4A16(group_size=32)),
+        ("W4A16 GPTQ g32 act_order (bf16)", lambda tok: W4A16(group_size=32, gptq=True, act_order=True, tokenizer=tok)),
+        ("W8A8 SmoothQuant a=0.5", lambda tok: W8A8(smooth_alpha=0.5, tokenizer=tok)),
+        ("bnb NF4 (layers only)", lambda tok: "nf4"),
+    ]
+
+
+class NF4Linear(torch.nn.Module):
+    """bitsandbytes NF4 weights (block 64) through ``bnb.matmul_4bit``: the baseline row only."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        import bitsandbytes.functional as bf
+
+        super().__init__()
+        self.qw, self.state = bf.quantize_4bit(lin.weight.detach(), quant_type="nf4", blocksize=64)
+        self.bias = lin.bias
+
+    def forward(self, x):
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, self.qw.t(), quant_state=self.state, bias=self.bias)
+
+
+def nf4_swap(model) -> None:
+    from infertrix.core.model import decoder_layers
+
+    for layer in decoder_layers(model):
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+                setattr(parent, name.rsplit(".", 1)[-1], NF4Linear(mod))
+
+
+def make_twin(name: str):
+    """The '+ lm_head' transform of a layers-only config (its head is then put back in float)."""
+    full = dict(e2e_configs())[name.removesuffix(LAYERS_ONLY) + " + lm_head"]
+    return full(None)
+
+
+def float_head(model) -> None:
+    """Put back a float lm_head tied to the embedding (the layers-only variant)."""
+    emb = model.get_input_embeddings().weight
+    head = torch.nn.Linear(emb.shape[1], emb.shape[0], bias=False)
+    head.weight = emb
+    model.lm_head = head
+
+
+def e2e_quality(outdir: Path, only: list[str] | None, save) -> list[dict]:
+    """Quantize (calibrating where asked), perplexity, model bytes; quantized models are saved
+    (save_pretrained) for the speed part. Not a timing: run niced, outside the bench lock."""
     import infertrix as ix
     from infertrix import eval as ixe
     from infertrix.core.model import tensor_bytes
-    from infertrix.quant import W4A8, W4A16, W8A8
 
-    ppl_tokens = 1024 if quick else 4096
-    configs = [
-        ("fp32", None),
-        ("W4A8 RTN g128 (layers only)", lambda tok: W4A8(group_size=128)),
-        ("W4A8 RTN g128 + lm_head", lambda tok: W4A8(group_size=128, quantize_lm_head=True)),
-        ("W4A8 GPTQ g32 act_order mse_clip + lm_head",
-         lambda tok: W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, tokenizer=tok,
-                          quantize_lm_head=True)),
-        ("W4A16 RTN g32", lambda tok: W4A16(group_size=32)),
-        ("W8A8 SmoothQuant a=0.5", lambda tok: W8A8(smooth_alpha=0.5, tokenizer=tok)),
-    ]
-    if quick:
-        configs = configs[:3]
     rows = []
-    base_speed = None
-    for name, make in configs:
-        model, tok = ix.models.load("smollm2")
-        t0 = time.perf_counter()
-        torch.set_num_threads(2)
-        if make is not None:
-            t = make(tok)
-            t.keep_original = False
-            t.progress = False
-            ix.optimize(model, t)
-        gc.collect()
-        prep = time.perf_counter() - t0
-        ppl = ixe.perplexity(model, tok, max_tokens=ppl_tokens)
-        speed, peak = ixe.peak_rss(lambda: ixe.measure_speed(model, tok, prompt_tokens=256, new_tokens=64,
-                                                             repeats=3, threads=threads))
-        if base_speed is None:
-            base_speed = speed.decode_tokens_per_s
-        rows.append({
-            "config": name, "decode tok/s": speed.decode_tokens_per_s,
-            "vs fp32": speed.decode_tokens_per_s / base_speed,
-            "prefill tok/s": speed.prefill_tokens_per_s, "perplexity": ppl,
-            "model MiB": tensor_bytes(model) / 2**20, "peak RSS MiB": peak / 2**20, "quantize s": prep,
-        })
+    last = None
+    for name, make in e2e_configs():
+        if only and not any(o in name for o in only):
+            continue
+        if name.endswith(LAYERS_ONLY):
+            if last is None or not last[0].startswith(name.removesuffix(LAYERS_ONLY)):
+                continue
+            model, tok, qs = last[1], last[2], last[3]
+            float_head(model)
+        else:
+            model, tok = ix.models.load("smollm2")
+            t0 = time.perf_counter()
+            t = make(tok) if make else None
+            if t == "nf4":
+                nf4_swap(model)
+            elif t is not None:
+                t.keep_original = False
+                t.progress = True
+                ix.optimize(model, t)
+                model.save_pretrained(outdir / slug(name))
+            qs = time.perf_counter() - t0
+        ppl = ixe.perplexity(model, tok, max_tokens=4096)
+        rows.append({"config": name, "perplexity": ppl,
+                     "model MiB": tensor_bytes(model) / 2**20, "quantize s": qs})
+        save(rows[-1])
         print(rows[-1], flush=True)
+        last = (name, model, tok, qs)
+        gc.collect()
+    return rows
+
+
+def e2e_speed(outdir: Path, threads_list: list[int], only: list[str] | None, save) -> list[dict]:
+    """Decode/prefill tokens/s at each thread count and peak RSS, models loaded from e2e_quality's
+    checkpoints (load_quantized: identical to the quantized models). Run under the bench lock."""
+    import infertrix as ix
+    from infertrix import eval as ixe
+    from infertrix.quant import load_quantized
+
+    rows = []
+    for name, make in e2e_configs():
+        if only and not any(o in name for o in only):
+            continue
+        model, tok = ix.models.load("smollm2")
+        row = {"config": name, "speed of": "saved model"}
+        ckpt = outdir / slug(name.removesuffix(LAYERS_ONLY) + (" + lm_head" if name.endswith(LAYERS_ONLY) else ""))
+        tf = make(tok) if make is not None else None
+        quantized = name.endswith(LAYERS_ONLY) or (tf is not None and tf != "nf4")
+        loaded = False
+        if tf == "nf4":
+            nf4_swap(model)
+        elif quantized and (ckpt / "config.json").exists():
+            try:
+                model, loaded = load_quantized(ckpt), True
+            except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint still being written
+                print(f"{name}: cannot load {ckpt} ({exc}); using its RTN twin", file=sys.stderr)
+        if quantized and not loaded:
+            # no checkpoint yet: the same layout quantized round-to-nearest (same shapes, groups and
+            # kernels, so the same work per token; only the code values differ)
+            tf = tf or make_twin(name)
+            tf.gptq, tf.smooth_alpha, tf.keep_original, tf.progress = False, None, False, False
+            if hasattr(tf, "mse_clip"):
+                tf.mse_clip = False
+            ix.optimize(model, tf)
+            row["speed of"] = "RTN twin (same layout)"
+        if name.endswith(LAYERS_ONLY):
+            float_head(model)
+        gc.collect()
+
+        def speeds():
+            return {t: ixe.measure_speed(model, tok, prompt_tokens=256, new_tokens=64, repeats=3, threads=t)
+                    for t in threads_list}
+
+        sp, peak = ixe.peak_rss(speeds)
+        for t in threads_list:
+            row[f"decode tok/s {t}T"] = sp[t].decode_tokens_per_s
+            row[f"prefill tok/s {t}T"] = sp[t].prefill_tokens_per_s
+        row["peak RSS MiB"] = peak / 2**20
+        rows.append(row)
+        save(row)
+        print(row, flush=True)
         model = None
         gc.collect()
-    return rows, ppl_tokens
+    return rows
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["kernels", "quality", "speed", "table"], default="kernels",
+                    help="kernels: the kernel table (locked); quality: quantize, perplexity and save the "
+                    "models (niced, unlocked); speed: end-to-end decode speed of the saved models (locked); "
+                    "table: write the end-to-end section from results.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--skip-kernels", action="store_true")
-    ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="threads for the end-to-end decode")
+    ap.add_argument("--models", default="bench-out/quant-models", help="where quality saves the quantized models")
+    ap.add_argument("--only", nargs="*", help="configs whose name contains one of these")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads for the end-to-end decode")
     args = ap.parse_args(argv)
     import infertrix
 
     print(infertrix.ops.status())
-    body = []
-    if not args.skip_kernels:
+    outdir = Path(args.models)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if args.part == "kernels":
         torch.set_num_threads(1)
         bw = copy_bandwidth()
         print(f"copy bandwidth {bw / 1e9:.1f} GB/s")
@@ -226,21 +344,54 @@ def main(argv: list[str]) -> None:
         print(cold)
         cols = ["threads", "M", "N", "K", "fp32 us", "bf16 us", "torch int4 us", "bnb nf4 us", "w4a8 us", "vs fp32",
                 "vs torch int4", "floor us", "% of floor"]
-        body.append(f"### Kernel: `infertrix::w4a8_linear` (group 128, zero points)\n\nMeasured copy bandwidth: "
-                    f"{bw / 1e9:.1f} GB/s (1 thread). Times in microseconds, median; weights hot in cache "
-                    "unless marked cold.\n\n" + markdown_table(rows, cols) + "\n" + markdown_table(
-                        [cold], ["threads", "M", "N", "K", "fp32 us", "w4a8 us", "vs fp32", "floor us", "% of floor",
-                                 "note"]))
-    if not args.skip_e2e:
-        rows, ppl_tokens = e2e_rows(args.quick, args.threads)
-        body.append(f"### End to end: SmolLM2-135M-Instruct, decode {args.threads} thread(s)\n\nPerplexity on "
-                    f"{ppl_tokens} tokens of *Pride and Prejudice* (512-token windows); calibration (GPTQ/smoothing) "
-                    "on 16 x 256 tokens from the end of the book. Float layers freed after quantization "
-                    "(keep_original=False).\n\n" + markdown_table(rows))
-    text = "\n".join(body)
+        text = (f"### Kernel: `infertrix::w4a8_linear` (group 128, zero points)\n\nMeasured copy bandwidth: "
+                f"{bw / 1e9:.1f} GB/s (1 thread). Times in microseconds, median; weights hot in cache "
+                "unless marked cold.\n\n" + markdown_table(rows, cols) + "\n" + markdown_table(
+                    [cold], ["threads", "M", "N", "K", "fp32 us", "w4a8 us", "vs fp32", "floor us", "% of floor",
+                             "note"]))
+        print(text)
+        if not args.no_write:
+            write_section("quant", "quant: W4A8 kernel", text)
+        return
+    # results.json gathers both parts, row by row (quality runs may go in parallel processes)
+    results = outdir / "results.json"
+
+    def save(row: dict) -> dict:
+        saved = json.loads(results.read_text()) if results.exists() else {}
+        saved.setdefault(row["config"], {}).update(row)
+        results.write_text(json.dumps(saved, indent=1))
+        return saved
+
+    if args.part == "quality":
+        e2e_quality(outdir, args.only, save)
+        return
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    if args.part == "speed":  # "table": write the section from results.json as it stands
+        e2e_speed(outdir, args.threads, args.only, save)
+        saved = json.loads(results.read_text())
+    base = saved.get("fp32", {})
+    for r in saved.values():
+        for t in args.threads:
+            if f"decode tok/s {t}T" in r and f"decode tok/s {t}T" in base:
+                r[f"vs fp32 {t}T"] = r[f"decode tok/s {t}T"] / base[f"decode tok/s {t}T"]
+    base_ppl = saved.get("fp32", {}).get("perplexity")
+    for r in saved.values():
+        if base_ppl and "perplexity" in r:
+            r["ppl vs fp32 %"] = 100 * (r["perplexity"] / base_ppl - 1)
+    order = [name for name, _ in e2e_configs()]
+    rows = sorted(saved.values(), key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
+    cols = ["config", "speed of"] + [f"{k} {t}T" for t in args.threads for k in ("decode tok/s", "vs fp32")] + [
+        f"prefill tok/s {args.threads[0]}T", "perplexity", "ppl vs fp32 %", "model MiB", "peak RSS MiB", "quantize s"]
+    text = ("### End to end: SmolLM2-135M-Instruct\n\nDecode: greedy `generate`, 256-token prompt, 64 new tokens, "
+            "batch 1, median of 3, at 1 and 2 threads (T). Perplexity on 4096 tokens of *Pride and Prejudice* "
+            "(512-token windows); calibration on 16 x 256 tokens from the end of the book. Float layers freed "
+            "after quantization (keep_original=False). Quality (`--part quality`, perplexity, model size, "
+            "quantize time) is measured outside the bench lock and saves each quantized model; speed "
+            "(`--part speed`, under the lock) loads those checkpoints with `load_quantized`. Peak RSS: the "
+            "process's high-water mark during that config's speed runs.\n\n" + markdown_table(rows, cols))
     print(text)
     if not args.no_write:
-        write_section("quant", "quant: W4A8 kernel and SmolLM2 end to end", text)
+        write_section("quant-e2e", "quant: SmolLM2 end to end", text)
 
 
 if __name__ == "__main__":

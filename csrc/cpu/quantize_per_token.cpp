@@ -11,12 +11,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "cpu_isa.h"
+#include "quantize_per_token.h"
 
 namespace infertrix {
 namespace {
@@ -26,7 +26,6 @@ constexpr float kMinAmax = 1e-10f;
 inline float load_f(const float* p, int64_t i) { return p[i]; }
 inline float load_f(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
 inline float load_f(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
-inline float load_f(const double* p, int64_t i) { return static_cast<float>(p[i]); }
 
 template <typename T>
 void row_scalar(const T* x, int64_t k, int8_t* q, float* scale) {
@@ -97,25 +96,24 @@ INFERTRIX_TARGET_AVX512 void row_avx512(const float* x, int64_t k, int8_t* q, fl
 }
 #endif
 
-template <typename T>
-void quantize_row(Isa, const T* x, int64_t k, int8_t* q, float* scale) {
-  row_scalar(x, k, q, scale);  // half/bf16 inputs: converted element by element
-}
+}  // namespace
 
-void quantize_row(Isa isa, const float* x, int64_t k, int8_t* q, float* scale) {
+void quantize_row_int8(Isa isa, const float* x, int64_t k, int8_t* q, float* scale) {
 #if INFERTRIX_X86
   if (isa == Isa::Avx512Vnni) return row_avx512(x, k, q, scale);
   if (isa == Isa::Avx2) return row_avx2(x, k, q, scale);
 #endif
   row_scalar(x, k, q, scale);
 }
+// half/bf16 inputs: converted element by element
+void quantize_row_int8(Isa, const c10::BFloat16* x, int64_t k, int8_t* q, float* scale) { row_scalar(x, k, q, scale); }
+void quantize_row_int8(Isa, const c10::Half* x, int64_t k, int8_t* q, float* scale) { row_scalar(x, k, q, scale); }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.dim() >= 1, "quantize_per_token_int8: input must have at least one dimension");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16 ||
-                  x_in.scalar_type() == at::kHalf,
-              "quantize_per_token_int8: expected float32, bfloat16 or float16 input, got ",
-              x_in.scalar_type());
+  with_float_data(x_in, "quantize_per_token_int8", [](const auto*) {});  // dtype check
   const int64_t k = x_in.size(-1);
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = k == 0 ? 0 : x.numel() / k;
@@ -130,11 +128,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor&
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
   const Isa isa = active_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_per_token_int8", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+  with_float_data(x, "quantize_per_token_int8", [&](const auto* xp) {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        quantize_row(isa, xp + r * k, k, qp + r * k, sp + r);
+        quantize_row_int8(isa, xp + r * k, k, qp + r * k, sp + r);
       }
     });
   });

@@ -107,6 +107,21 @@ def test_linear_is_close_to_float_matmul():
     assert (y - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("m", [1, 6])
+def test_parallel_split_matches_reference(isa, m):
+    # big enough for the kernel to split output panels across two threads
+    n, k, gs = 4104, 576, 128
+    qweight, scale, s2, zero = random_weights(n, k, gs, True, seed=11 + m)
+    x = torch.randn(m, k)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = w4.w4a8_linear(x, qweight, scale, s2, zero, k, gs, None)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out, w4.w4a8_linear_reference(x, qweight, scale, s2, zero, k, gs, None))
+
+
 def test_opcheck():
     n, k, gs = 24, 80, 32
     qweight, scale, s2, zero = random_weights(n, k, gs, True, seed=5)
@@ -133,7 +148,7 @@ def test_clear_errors():
     with pytest.raises((ValueError, RuntimeError), match="in_features"):
         w4.w4a8_linear(torch.ones(2, k + 1), qweight, scale, s2, zero, k, gs, None)
     if ops.status().cpu_isa is not None:
-        with pytest.raises(RuntimeError, match="qweight must be uint8"):
+        with pytest.raises(RuntimeError, match="qweight must be contiguous uint8"):
             w4.w4a8_matmul_int32(torch.ones(2, k, dtype=torch.int8), qweight[:, :-1], s2, zero, k, n, gs)
         with pytest.raises(RuntimeError, match="group_size"):
             w4.w4a8_matmul_int32(torch.ones(2, k, dtype=torch.int8), qweight, s2, zero, k, n, 12)

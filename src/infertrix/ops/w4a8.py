@@ -144,36 +144,17 @@ def w4a8_linear_reference(
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
-@torch.library.custom_op("infertrix::w4a8_matmul_int32", mutates_args=())
-def w4a8_matmul_int32(
-    x_q: Tensor,
-    qweight: Tensor,
-    group_scale: Tensor,
-    zero: Tensor | None,
-    in_features: int,
-    out_features: int,
-    group_size: int,
-) -> Tensor:
-    return w4a8_matmul_int32_reference(x_q, qweight, group_scale, zero, in_features, out_features, group_size)
+# The ops are the references themselves (one signature, one set of argument checks); compiled
+# kernels (csrc/cpu/w4a8_gemm.cpp) register for the CPU key and take precedence.
+w4a8_matmul_int32 = torch.library.custom_op("infertrix::w4a8_matmul_int32", mutates_args=())(
+    w4a8_matmul_int32_reference
+)
+w4a8_linear = torch.library.custom_op("infertrix::w4a8_linear", mutates_args=())(w4a8_linear_reference)
 
 
 @w4a8_matmul_int32.register_fake
 def _(x_q, qweight, group_scale, zero, in_features, out_features, group_size):
     return x_q.new_empty((x_q.shape[0], out_features), dtype=torch.int32)
-
-
-@torch.library.custom_op("infertrix::w4a8_linear", mutates_args=())
-def w4a8_linear(
-    x: Tensor,
-    qweight: Tensor,
-    scale: Tensor,
-    group_scale: Tensor,
-    zero: Tensor | None,
-    in_features: int,
-    group_size: int,
-    bias: Tensor | None,
-) -> Tensor:
-    return w4a8_linear_reference(x, qweight, scale, group_scale, zero, in_features, group_size, bias)
 
 
 @w4a8_linear.register_fake

@@ -8,7 +8,10 @@ own CPU int4 kernel, ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (dequantizes
 activations stay float). That kernel needs ``in_features`` to be a multiple of the group size, and
 group sizes 32/64/128/256: a layer whose ``in_features`` is not a multiple of ``group_size`` uses
 the largest of those that divides it (SmolLM2's 576 with group 128 -> 64); the report lists them.
-Lossy (weights only); needs no data unless ``gptq=True``.
+The op runs in bfloat16 (activations converted in and out, scales stored in bfloat16): that is its
+fast path; with float32 activations it is several times slower than float32 ``F.linear``.
+Lossy (weights only, plus bfloat16 rounding of activations and scales); needs no data unless
+``gptq=True``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .transform import QuantTransform
 
 TORCH_GROUPS = (256, 128, 64, 32)
 INNER_K_TILES = 2
+COMPUTE_DTYPE = torch.bfloat16  # what torch's int4 CPU op is fast with
 
 
 def layer_group_size(in_features: int, group_size: int) -> int:
@@ -55,8 +59,11 @@ class W4A16Linear(nn.Module):
                 f"{out_features}x{in_features}; exclude this layer with filter_fn or use W4A8"
             )
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.dtype = dtype  # of the original layer (and of the bias)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=dtype))
+        self.register_buffer(
+            "scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=COMPUTE_DTYPE)
+        )
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
@@ -74,10 +81,9 @@ class W4A16Linear(nn.Module):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.qweight, self.group_size, self.scales_and_zeros.to(x.dtype)
-        )
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -85,7 +91,7 @@ class W4A16Linear(nn.Module):
     def spec(self) -> dict:
         return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
                 "group_size": self.group_size, "bias": self.bias is not None,
-                "dtype": str(self.scales_and_zeros.dtype).removeprefix("torch.")}
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
     @classmethod
     def from_spec(cls, spec: dict) -> W4A16Linear:

@@ -26,6 +26,8 @@ from ..core.transform import ConfigError
 from ..ops import w4a8 as w4ops
 from .int4 import Int4Weights, check_group_size
 
+_w4a8_linear = torch.ops.infertrix.w4a8_linear.default  # resolved once: forward runs ~200 times a token
+
 
 class W4A8Linear(nn.Module):
     """4-bit weights (two-level scales), int8 per-token activations, int32 accumulation."""
@@ -61,6 +63,7 @@ class W4A8Linear(nn.Module):
         # SqueezeLLM's dense-and-sparse option: the largest weights kept in float, as (row, col, value)
         for name, dt in (("outlier_rows", torch.int64), ("outlier_cols", torch.int64), ("outlier_values", torch.float32)):
             self.register_buffer(name, torch.zeros(outliers, dtype=dt, device=device) if outliers else None)
+        self.has_outliers = outliers > 0
 
     @classmethod
     def from_int4(
@@ -97,10 +100,10 @@ class W4A8Linear(nn.Module):
         return cls.from_int4(w, linear.bias, dtype=linear.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.infertrix.w4a8_linear.default(
+        y = _w4a8_linear(
             x, self.qweight, self.scale, self.group_scale, self.zero, self.in_features, self.group_size, self.bias
         )
-        if self.outlier_values is None:
+        if not self.has_outliers:
             return y
         # sparse side: y[:, r] += x[:, c] * v for each kept (r, c, v), in float
         x2 = x.reshape(-1, self.in_features).float()
