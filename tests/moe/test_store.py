@@ -139,3 +139,23 @@ def test_load_offloaded_from_checkpoint_is_exact(arch, tmp_path):
     ix.restore(off)  # the experts come back from the store, on the CPU
     with torch.no_grad():
         torch.testing.assert_close(off(ids).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_load_offloaded_keeps_a_separate_lm_head_of_a_tied_config(tmp_path):
+    """A checkpoint whose config says tie_word_embeddings but which holds its own lm_head loads as
+    transformers loads it (untied), so the offloaded model's logits equal from_pretrained's."""
+    from transformers import AutoModelForCausalLM
+
+    from infertrix.moe import ExpertOffload, load_offloaded
+
+    model = make_moe("mixtral")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.02)
+    model.save_pretrained(tmp_path / "ckpt")
+    ref_model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert not torch.equal(ref_model.lm_head.weight, ref_model.get_input_embeddings().weight)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 40, 41, 77]])
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+        off = load_offloaded(tmp_path / "ckpt", ExpertOffload(budget=0.25, store_dir=str(tmp_path / "store")))
+        torch.testing.assert_close(off(ids).logits, ref, atol=1e-5, rtol=0)

@@ -64,13 +64,20 @@ def load_offloaded(
         for key, t in read_safetensors(f, keep).items():
             state[rename(key)] = t.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    loaded_keys = {k for k in state if "embed" not in k}
     del state
     # non-persistent buffers (rotary frequencies) are not in checkpoints: rebuild them on the CPU
     for name, module in list(model.named_modules()):
         if any(b.device.type == "meta" for b in module.buffers(recurse=False)) and hasattr(module, "config"):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config))
-    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+    # as transformers does: tie only when the checkpoint holds no output embedding of its own (a
+    # checkpoint saved with tie_word_embeddings=True but a separate lm_head keeps it untied)
+    out = model.get_output_embeddings()
+    own_head = out is not None and any(
+        t is out.weight for k, t in model.state_dict(keep_vars=True).items() if k in loaded_keys
+    ) and out.weight.device.type != "meta"
+    if getattr(config.get_text_config(), "tie_word_embeddings", False) and not own_head:
         model.tie_weights()
     left = [n for n, t in model.state_dict().items() if t.device.type == "meta" and ".experts." not in n]
     left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
