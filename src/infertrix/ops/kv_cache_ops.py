@@ -36,9 +36,7 @@ def kv_gather_reference(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-@torch.library.custom_op("infertrix::kv_gather", mutates_args=())
-def kv_gather(x: Tensor, index: Tensor) -> Tensor:
-    return kv_gather_reference(x, index)
+kv_gather = torch.library.custom_op("infertrix::kv_gather", mutates_args=())(kv_gather_reference)
 
 
 @kv_gather.register_fake
@@ -81,9 +79,7 @@ def kv_quantize_reference(x: Tensor, bits: int, group_size: int) -> tuple[Tensor
     return packed, scale.squeeze(-1), mn.squeeze(-1)
 
 
-@torch.library.custom_op("infertrix::kv_quantize", mutates_args=())
-def kv_quantize(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    return kv_quantize_reference(x, bits, group_size)
+kv_quantize = torch.library.custom_op("infertrix::kv_quantize", mutates_args=())(kv_quantize_reference)
 
 
 @kv_quantize.register_fake
@@ -113,11 +109,7 @@ def kv_dequantize_reference(
     return out.reshape(*packed.shape[:-1], n)
 
 
-@torch.library.custom_op("infertrix::kv_dequantize", mutates_args=())
-def kv_dequantize(
-    packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int
-) -> Tensor:
-    return kv_dequantize_reference(packed, scale, zero, bits, group_size)
+kv_dequantize = torch.library.custom_op("infertrix::kv_dequantize", mutates_args=())(kv_dequantize_reference)
 
 
 @kv_dequantize.register_fake
@@ -152,17 +144,9 @@ def kv_dequantize_into_reference(
     out.copy_(x)
 
 
-@torch.library.custom_op("infertrix::kv_dequantize_into", mutates_args=("out",))
-def kv_dequantize_into(
-    packed: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    bits: int,
-    group_size: int,
-    per_channel: bool,
-    out: Tensor,
-) -> None:
-    kv_dequantize_into_reference(packed, scale, zero, bits, group_size, per_channel, out)
+kv_dequantize_into = torch.library.custom_op("infertrix::kv_dequantize_into", mutates_args=("out",))(
+    kv_dequantize_into_reference
+)
 
 
 register_op("kv_gather", kv_gather_reference)
