@@ -63,20 +63,18 @@ def load_offloaded(
     for f in sorted(checkpoint.glob("*.safetensors")):
         for key, t in read_safetensors(f, keep).items():
             state[rename(key)] = t.to(dtype)
+    # as transformers does: tie only when the checkpoint holds no output embedding of its own (a
+    # checkpoint saved with tie_word_embeddings=True but a separate lm_head keeps it untied)
+    head = model.get_output_embeddings()
+    head_key = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+    own_head = head_key in state
     model.load_state_dict(state, strict=False, assign=True)
-    loaded_keys = {k for k in state if "embed" not in k}
     del state
     # non-persistent buffers (rotary frequencies) are not in checkpoints: rebuild them on the CPU
     for name, module in list(model.named_modules()):
         if any(b.device.type == "meta" for b in module.buffers(recurse=False)) and hasattr(module, "config"):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config))
-    # as transformers does: tie only when the checkpoint holds no output embedding of its own (a
-    # checkpoint saved with tie_word_embeddings=True but a separate lm_head keeps it untied)
-    out = model.get_output_embeddings()
-    own_head = out is not None and any(
-        t is out.weight for k, t in model.state_dict(keep_vars=True).items() if k in loaded_keys
-    ) and out.weight.device.type != "meta"
     if getattr(config.get_text_config(), "tie_word_embeddings", False) and not own_head:
         model.tie_weights()
     left = [n for n, t in model.state_dict().items() if t.device.type == "meta" and ".experts." not in n]
