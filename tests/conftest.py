@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infertrix.quant.transform import QuantTransform
+
 torch.set_num_threads(2)
 
 TINY_COMMON = dict(
@@ -46,6 +48,18 @@ def make_tiny(arch: str, seed: int = 0, **overrides):
         raise ValueError(arch)
     model = cls(cfg).eval()
     return model
+
+
+class FloatCopy(QuantTransform):
+    """A quant transform whose "quantizer" copies the (smoothed / rotated) weight into a float
+    nn.Linear: what the shared calibration machinery does to the float function, alone."""
+
+    def quantize_linear(self, linear, weight, hessian):
+        new = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight.data.copy_(weight)
+        if linear.bias is not None:
+            new.bias.data.copy_(linear.bias)
+        return new
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import FloatCopy, make_tiny
 
 import infertrix as ix
 from infertrix.quant import W4A8, W4A8Linear, load_quantized
@@ -111,16 +111,6 @@ def test_smoothing_is_folded_and_undone(arch):
 
 def test_smoothing_alone_preserves_the_float_function():
     # smoothing is exact in float: with a no-op quantizer the model's outputs are unchanged
-    from infertrix.quant.transform import QuantTransform
-
-    class FloatCopy(QuantTransform):
-        def quantize_linear(self, linear, weight, hessian):
-            new = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-            new.weight.data.copy_(weight)
-            if linear.bias is not None:
-                new.bias.data.copy_(linear.bias)
-            return new
-
     model = make_tiny("llama")
     ids = torch.randint(3, 128, (2, 16))
     ref = logits(model, ids)

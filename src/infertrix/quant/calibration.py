@@ -157,7 +157,7 @@ def sequential_quantize(
         hs = run_layer()
         bar.update(1)
     if lm_head_name:
-        norm = _final_norm(model)
+        norm = final_norm(model)
         xs = [norm(h) for h in hs]
         head = targets[lm_head_name]
         stats = collect_stats({lm_head_name: head}, lambda: [head(x) for x in xs], hessian)
@@ -166,7 +166,7 @@ def sequential_quantize(
     bar.close()
 
 
-def _final_norm(model: nn.Module) -> nn.Module:
+def final_norm(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", model)
     for candidate in (inner, getattr(inner, "language_model", None)):
         norm = getattr(candidate, "norm", None) if candidate is not None else None

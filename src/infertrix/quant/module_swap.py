@@ -73,6 +73,7 @@ class ModuleSwapper:
         self.model = model
         self.originals: dict[str, nn.Module] = {}
         self.saved_params: list[tuple[nn.Parameter, object]] = []
+        self.saved_attrs: list[tuple[object, str, object]] = []
 
     def swap(self, name: str, new: nn.Module) -> None:
         old = set_submodule(self.model, name, new)
@@ -82,10 +83,17 @@ class ModuleSwapper:
         """Keep a copy of ``param``'s data before an in-place change (smoothing folds into norms)."""
         self.saved_params.append((param, param.detach().clone()))
 
+    def save_attr(self, obj: object, name: str) -> None:
+        """Remember ``obj.<name>`` before it is changed (rotation unties the config's embeddings)."""
+        self.saved_attrs.append((obj, name, getattr(obj, name)))
+
     def undo(self) -> None:
         for name, old in reversed(list(self.originals.items())):
             set_submodule(self.model, name, old)
         for param, data in reversed(self.saved_params):
             param.data.copy_(data)
+        for obj, name, value in reversed(self.saved_attrs):
+            setattr(obj, name, value)
         self.originals.clear()
         self.saved_params.clear()
+        self.saved_attrs.clear()

@@ -20,6 +20,7 @@ from ..core.transform import Applied, ConfigError, Stage, Transform, Unsupported
 from . import checkpoint
 from .calibration import InputStats, calibration_inputs, sequential_quantize
 from .module_swap import FilterFn, ModuleSwapper, output_projection_name, select_linears
+from .rotation import check_rotatable, rotate_residual
 from .smoothing import apply_smoothing, smoothing_groups
 from .w4a8_linear import check_linear
 
@@ -40,6 +41,10 @@ class QuantTransform(Transform):
       calibration_data: token ids (tensors [1, T]) instead of texts.
       num_samples, seq_len: calibration windows (default 16 x 256 tokens).
       damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal.
+      rotate: rotate the residual stream by a random orthogonal matrix first (QuaRot/SpinQuant R1,
+        see ``infertrix.quant.rotation``): exact in float, spreads outlier channels before
+        quantizing; needs no data. Unties a tied ``lm_head`` (one more float copy of it unless
+        ``quantize_lm_head``). ``rotation_seed`` picks the matrix.
       progress: show a tqdm progress bar while calibrating.
       keep_original: keep the float layers so ``restore`` can undo the transform (default). False
         frees them (the memory saving is then real) and makes the transform irreversible.
@@ -59,6 +64,8 @@ class QuantTransform(Transform):
     num_samples: int = 16
     seq_len: int = 256
     damp: float = 0.01
+    rotate: bool = False
+    rotation_seed: int = 0
     progress: bool = True
     keep_original: bool = True
 
@@ -76,6 +83,8 @@ class QuantTransform(Transform):
 
     def check_model(self, model: nn.Module) -> None:
         decoder_layers(model)
+        if self.rotate:
+            check_rotatable(model)
         for name, mod in select_linears(model, self.filter_fn, self.quantize_lm_head).items():
             try:
                 check_linear(mod)
@@ -111,9 +120,15 @@ class QuantTransform(Transform):
         return calibration_inputs(tok, self.calibration_texts, self.num_samples, self.seq_len)
 
     def apply(self, model: nn.Module) -> Applied:
+        swapper = ModuleSwapper(model)
+        if self.rotate:
+            try:
+                rotate_residual(model, swapper, self.rotation_seed)
+            except BaseException:
+                swapper.undo()
+                raise
         targets = select_linears(model, self.filter_fn, self.quantize_lm_head)
         head = output_projection_name(model)
-        swapper = ModuleSwapper(model)
         before = sum(_module_bytes(m) for m in targets.values())
         smoothed: list[str] = []
         try:
@@ -169,7 +184,8 @@ class QuantTransform(Transform):
                 "bytes_after": after,
                 "kernel": f"{self.kernel_op}: {ops.status()[self.kernel_op]['cpu']}" if self.kernel_op else "torch",
                 "calibration": ("gptq" if self.gptq else "rtn")
-                + (f"+smooth(alpha={self.smooth_alpha}, {len(smoothed)} layers)" if self.smooth_alpha is not None else ""),
+                + (f"+smooth(alpha={self.smooth_alpha}, {len(smoothed)} layers)" if self.smooth_alpha is not None else "")
+                + ("+rotated" if self.rotate else ""),
             }
             out.update(self.extra_report())
             return out
@@ -177,6 +193,7 @@ class QuantTransform(Transform):
         if not self.keep_original:
             swapper.originals.clear()
             swapper.saved_params.clear()
+            swapper.saved_attrs.clear()
             return Applied(self, undo=None, irreversible_reason="keep_original=False freed the float layers",
                            report=report)
         return Applied(self, undo=undo, report=report)
