@@ -12,6 +12,7 @@ from .attach import new_cache
 from .cache import CacheCropError, KVQuantSpec, PolicyCache, PolicyLayer
 from .d2o import D2O, merge_evicted
 from .density import DensityKV
+from .growing import GrowingCache, GrowingKV, GrowingLayer, growing_cache
 from .h2o import H2O
 from .keyformer import Keyformer
 from .kivi import KIVI
@@ -28,6 +29,9 @@ POLICIES = (StreamingLLM, KNorm, SnapKV, H2O, TOVA, Keyformer, RKV, PyramidKV, D
 __all__ = [
     "D2O",
     "DensityKV",
+    "GrowingCache",
+    "GrowingKV",
+    "GrowingLayer",
     "H2O",
     "KIVI",
     "KNorm",
@@ -46,4 +50,5 @@ __all__ = [
     "Keyformer",
     "merge_evicted",
     "new_cache",
+    "growing_cache",
 ]
