@@ -26,8 +26,11 @@ def main() -> None:
     print(f"W4A8 RTN perplexity: {ixe.perplexity(model, tok, max_tokens=1024):.2f}")
     ix.restore(model)
 
-    # 2) calibrated: GPTQ error compensation on a few windows of real text (progress bar)
-    ix.optimize(model, W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, tokenizer=tok, quantize_lm_head=True))
+    # 2) calibrated: residual-stream rotation (QuaRot-style, exact in float), then GPTQ error
+    #    compensation on a few windows of real text (progress bar); growing_kv keeps the KV cache in
+    #    buffers with headroom, so decoding does not copy the whole cache every token
+    ix.optimize(model, W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, rotate=True, tokenizer=tok,
+                            quantize_lm_head=True), "growing_kv")
     print(f"W4A8 GPTQ perplexity: {ixe.perplexity(model, tok, max_tokens=1024):.2f}")
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
     print(tok.decode(out[0], skip_special_tokens=True))
