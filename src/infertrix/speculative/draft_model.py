@@ -24,10 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
 
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
+from ..kvcache.growing import GrowingCache
 from .budget import AcceptanceRate, best_length
 from .drafter import Draft, DraftContext, Drafter
 from .ragged import RaggedKV
@@ -111,7 +111,7 @@ class DraftModelDrafter(Drafter):
         """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens)."""
         dev = next(self.draft.parameters()).device
         batch = self.ctx.batch_size
-        self.kv = RaggedKV(self.draft, DynamicCache(config=self.draft.config), self.ctx.pad_token_id)
+        self.kv = RaggedKV(self.draft, GrowingCache(self.draft.config), self.ctx.pad_token_id)
         self.kv.mask = torch.zeros((batch, 0), dtype=torch.long, device=dev)
         self.kv.pos = torch.zeros(batch, dtype=torch.long, device=dev)
         self.cached: list[list[int]] = [[] for _ in range(batch)]

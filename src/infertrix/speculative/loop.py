@@ -27,12 +27,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache import PolicyCache
+from ..kvcache.growing import GrowingCache
 from .budget import VerifyCost
 from .drafter import DraftContext, Drafter
 from .ragged import RaggedKV
@@ -134,7 +134,7 @@ class SpeculativeGenerate:
             mask = torch.ones_like(input_ids)
         cache = model_kwargs.get("past_key_values")
         if cache is None:
-            cache = DynamicCache(config=model.config)
+            cache = GrowingCache(model.config)  # in-place appends: no torch.cat of the cache per step
         if batch > 1 and isinstance(cache, PolicyCache):
             raise UnsupportedModelError(
                 "speculative decoding with a KV-cache policy (PolicyCache) works at batch size 1 only: at batch > 1 "
