@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -321,13 +322,61 @@ def e2e_speed(outdir: Path, threads_list: list[int], only: list[str] | None, sav
     return rows
 
 
+RATIO_CONFIGS = ("W4A8 RTN g128 + lm_head", "W4A8 GPTQ+rotation g32 + lm_head")
+
+
+def decode_ratio(outdir: Path, threads_list: list[int], rounds: int) -> tuple[list[dict], list[dict]]:
+    """The decode-speed ratio W4A8 / fp32, measured the way a ratio on a noisy 2-core VM must be: all
+    models loaded at once, every (threads, cache) cell measured for each model in turn, round after
+    round, one ratio per round; the table gives the median ratio and its min-max over rounds."""
+    import infertrix as ix
+    from infertrix import eval as ixe
+    from infertrix.kvcache import GrowingKV
+    from infertrix.quant import load_quantized
+
+    models = {}
+    for name in ("fp32", *RATIO_CONFIGS):
+        if name == "fp32":
+            model, tok = ix.models.load("smollm2")
+        else:
+            model = load_quantized(outdir / slug(name))
+        models[name] = model
+    caches = ("default", GKV)
+    raw: dict[tuple, list[float]] = {}
+    for r in range(rounds):
+        for t in threads_list:
+            for cache in caches:
+                for name, model in models.items():
+                    if cache == GKV:
+                        ix.optimize(model, GrowingKV())
+                    sp = ixe.measure_speed(model, tok, prompt_tokens=256, new_tokens=64, repeats=1, threads=t)
+                    if cache == GKV:
+                        with warnings.catch_warnings():  # the loaded W4A8 transform stays (irreversible)
+                            warnings.simplefilter("ignore")
+                            ix.restore(model)
+                    raw.setdefault((name, t, cache), []).append(sp.decode_tokens_per_s)
+        print(f"round {r + 1}/{rounds}", {k: round(v[-1], 2) for k, v in raw.items()}, flush=True)
+    rows = []
+    for name in RATIO_CONFIGS:
+        for t in threads_list:
+            for cache in caches:
+                ratios = [a / b for a, b in zip(raw[(name, t, cache)], raw[("fp32", t, cache)], strict=True)]
+                rows.append({"config": name, "threads": t, "KV cache": cache,
+                             "fp32 tok/s": statistics.median(raw[("fp32", t, cache)]),
+                             "W4A8 tok/s": statistics.median(raw[(name, t, cache)]),
+                             "ratio (median)": statistics.median(ratios),
+                             "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}"})
+    return rows, [{"cell": f"{k[0]} {k[1]}T {k[2]}", "tok/s per round": ", ".join(f"{v:.1f}" for v in vals)}
+                  for k, vals in raw.items()]
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["kernels", "quality", "speed", "table"], default="kernels",
+    ap.add_argument("--part", choices=["kernels", "quality", "speed", "table", "ratio"], default="kernels",
                     help="kernels: the kernel table (locked); quality: quantize, perplexity and save the "
                     "models (niced, unlocked); speed: end-to-end decode speed of the saved models (locked); "
                     "table: write the end-to-end section from results.json")
@@ -336,6 +385,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--models", default="bench-out/quant-models", help="where quality saves the quantized models")
     ap.add_argument("--only", nargs="*", help="configs whose name contains one of these")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads for the end-to-end decode")
+    ap.add_argument("--rounds", type=int, default=5, help="ratio: interleaved rounds")
     args = ap.parse_args(argv)
     import infertrix
 
@@ -374,6 +424,19 @@ def main(argv: list[str]) -> None:
 
     if args.part == "quality":
         e2e_quality(outdir, args.only, save)
+        return
+    if args.part == "ratio":
+        rows, raw = decode_ratio(outdir, args.threads, args.rounds)
+        text = ("### Decode speed-up of W4A8 (+ lm_head) over float32, interleaved\n\nAll models loaded at once "
+                "(saved checkpoints, `load_quantized`); in each round every (threads, KV cache) cell is measured "
+                "for each model in turn (greedy `generate`, 256-token prompt, 64 new tokens, batch 1); one ratio "
+                f"per round, {args.rounds} rounds: median and min-max. KV cache `default`: transformers' "
+                "DynamicCache (a `torch.cat` of the whole cache per token); `growing_kv`: "
+                "`infertrix.kvcache.GrowingKV` on both models (bit-identical outputs).\n\n"
+                + markdown_table(rows, list(rows[0])) + "\n" + markdown_table(raw, list(raw[0])))
+        print(text)
+        if not args.no_write:
+            write_section("quant-ratio", "quant: W4A8 decode speed-up, interleaved", text)
         return
     saved = json.loads(results.read_text()) if results.exists() else {}
     if args.part == "speed":  # "table": write the section from results.json as it stands
