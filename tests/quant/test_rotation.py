@@ -86,3 +86,13 @@ def test_rotation_refuses_gemma_norms():
     model = make_tiny("gemma3")
     with pytest.raises(ix.UnsupportedModelError, match="rotate=True"):
         ix.optimize(model, W4A8(rotate=True))
+
+
+def test_failed_apply_leaves_the_model_unrotated():
+    model = random_norms(make_tiny("llama", tie_word_embeddings=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ix.ConfigError, match="tokenizer"):  # fails after rotating, while calibrating
+        ix.optimize(model, W4A8(rotate=True, gptq=True, progress=False))
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -42,6 +42,16 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def generate_leaves_cache_to_us(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """True when a ``generate`` call would build transformers' default cache: the caller passes no
+    ``past_key_values``, does not turn the cache off and names no ``cache_implementation`` (in the
+    call or the model's generation config). A transform may then supply its own cache."""
+    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache", True) is False:
+        return False
+    gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(gen_cfg, "cache_implementation", None) is None and "cache_implementation" not in kwargs
+
+
 def stores_kv(attn: nn.Module) -> bool:
     """False for stand-in attention modules that write nothing to the cache (``stores_kv = False``)."""
     return getattr(attn, "stores_kv", True)
@@ -152,13 +162,8 @@ class KVCacheSetup:
         return cache
 
     def _generate_hook(self, model, args: tuple, kwargs: dict[str, Any]):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-            gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-            if (
-                getattr(gen_cfg, "cache_implementation", None) is None
-                and "cache_implementation" not in kwargs
-            ):
-                kwargs["past_key_values"] = self.new_cache()
+        if generate_leaves_cache_to_us(model, kwargs):
+            kwargs["past_key_values"] = self.new_cache()
         return args, kwargs
 
     # -- hooks -------------------------------------------------------------------------------------------

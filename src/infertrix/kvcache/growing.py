@@ -124,17 +124,11 @@ class GrowingKV(Transform):
             raise ConfigError("growing_kv needs a transformers generation model (with .config and .generate)")
 
     def apply(self, model: nn.Module) -> Applied:
-        from .attach import kv_setup
+        from .attach import generate_leaves_cache_to_us, kv_setup
 
         def hook(m, args: tuple, kwargs: dict[str, Any]):
-            gen_cfg = kwargs.get("generation_config") or getattr(m, "generation_config", None)
-            if (
-                kwargs.get("past_key_values") is None
-                and kwargs.get("use_cache", True) is not False
-                and getattr(gen_cfg, "cache_implementation", None) is None
-                and "cache_implementation" not in kwargs
-                and kv_setup(m) is None  # a policy / KIVI brings its own cache
-            ):
+            # a policy / KIVI brings its own cache
+            if generate_leaves_cache_to_us(m, kwargs) and kv_setup(m) is None:
                 kwargs["past_key_values"] = GrowingCache(m.config, self.headroom, self.min_headroom)
             return args, kwargs
 

@@ -94,6 +94,10 @@ class ModuleSwapper:
             param.data.copy_(data)
         for obj, name, value in reversed(self.saved_attrs):
             setattr(obj, name, value)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what ``undo`` would restore (frees the original layers; undo then does nothing)."""
         self.originals.clear()
         self.saved_params.clear()
         self.saved_attrs.clear()

@@ -121,17 +121,13 @@ class QuantTransform(Transform):
 
     def apply(self, model: nn.Module) -> Applied:
         swapper = ModuleSwapper(model)
-        if self.rotate:
-            try:
-                rotate_residual(model, swapper, self.rotation_seed)
-            except BaseException:
-                swapper.undo()
-                raise
-        targets = select_linears(model, self.filter_fn, self.quantize_lm_head)
-        head = output_projection_name(model)
-        before = sum(_module_bytes(m) for m in targets.values())
         smoothed: list[str] = []
         try:
+            if self.rotate:  # before choosing layers: it unties a tied lm_head
+                rotate_residual(model, swapper, self.rotation_seed)
+            targets = select_linears(model, self.filter_fn, self.quantize_lm_head)
+            head = output_projection_name(model)
+            before = sum(_module_bytes(m) for m in targets.values())
             if not self.calibrated:
                 for name, lin in targets.items():
                     swapper.swap(name, self.quantize_linear(lin, lin.weight.detach().float(), None))
@@ -191,9 +187,7 @@ class QuantTransform(Transform):
             return out
 
         if not self.keep_original:
-            swapper.originals.clear()
-            swapper.saved_params.clear()
-            swapper.saved_attrs.clear()
+            swapper.forget()
             return Applied(self, undo=None, irreversible_reason="keep_original=False freed the float layers",
                            report=report)
         return Applied(self, undo=undo, report=report)
