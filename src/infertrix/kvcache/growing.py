@@ -55,6 +55,18 @@ class GrowingLayer(DynamicLayer):
             and k.shape[:2] == kb.shape[:2]
         )
 
+    def _fits(self, n: int, need: int, key_states: Tensor) -> bool:
+        """The buffers hold this layer's first ``n`` tokens and have room for ``need``, same batch,
+        heads and dtype as ``key_states``."""
+        kb = self.kbuf
+        return (
+            kb is not None
+            and need <= kb.shape[-2]
+            and kb.shape[:2] == key_states.shape[:2]
+            and kb.dtype == key_states.dtype
+            and (n == 0 or self._owns_prefix())
+        )
+
     def _grow(self, n: int, need: int, key_states: Tensor, value_states: Tensor) -> None:
         cap = max(math.ceil(need * (1 + self.headroom)), need + self.min_headroom)
         kb = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
@@ -70,8 +82,7 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         need = n + key_states.shape[-2]
-        if not (n == 0 or self._owns_prefix()) or self.kbuf is None or need > self.kbuf.shape[-2] \
-                or self.kbuf.shape[:2] != key_states.shape[:2] or self.kbuf.dtype != key_states.dtype:
+        if not self._fits(n, need, key_states):
             self._grow(n, need, key_states, value_states)
         self.kbuf[:, :, n:need].copy_(key_states)
         self.vbuf[:, :, n:need].copy_(value_states)
