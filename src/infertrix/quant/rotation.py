@@ -67,12 +67,10 @@ def check_rotatable(model: nn.Module) -> None:
     for i, layer in enumerate(decoder_layers(model)):
         if any(hasattr(layer, n) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")):
             raise UnsupportedModelError(f"rotate=True: layer {i} has sandwich norms (Gemma 2/3), not supported")
-        for norm_name, (block, names) in READERS.items():
+        for norm_name in READERS:
             _check_norm(getattr(layer, norm_name, None), f"layer {i}.{norm_name}")
-            for n in names:
-                if not isinstance(getattr(getattr(layer, block, None), n, None), nn.Linear):
-                    raise UnsupportedModelError(f"rotate=True: layer {i} has no nn.Linear {block}.{n}")
-        for block, n in WRITERS:
+        linears = [(block, n) for block, names in READERS.values() for n in names] + list(WRITERS)
+        for block, n in linears:
             if not isinstance(getattr(getattr(layer, block, None), n, None), nn.Linear):
                 raise UnsupportedModelError(f"rotate=True: layer {i} has no nn.Linear {block}.{n}")
 
@@ -94,9 +92,8 @@ def rotate_residual(model: nn.Module, swapper: ModuleSwapper, seed: int = 0) -> 
         swapper.save_param(param)
         param.copy_(new.to(param.dtype))
 
-    def read(lin: nn.Linear, g: Tensor | None) -> None:  # W <- W diag(g) Q
-        w = lin.weight.double()
-        update(lin.weight, (w if g is None else w * g[None, :]) @ q)
+    def read(lin: nn.Linear, g: Tensor) -> None:  # W <- W diag(g) Q
+        update(lin.weight, (lin.weight.double() * g[None, :]) @ q)
 
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
         untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
