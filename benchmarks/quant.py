@@ -26,6 +26,7 @@ from __future__ import annotations
 # ruff: noqa: B023  (the timed lambdas run at once, inside their loop iteration)
 import argparse
 import gc
+import importlib.util
 import json
 import statistics
 import sys
@@ -157,6 +158,9 @@ def cold_row(bandwidth, threads=1, n=4096, k=4096):
             "note": f"cold: {copies} weight copies ({copies * ob / 2**20:.0f} MiB) > L3"}
 
 
+# the NF4 baseline rows need bitsandbytes (the `bench` extra); without it they are left out
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
 # W4A8's calibrated configuration (docs/quant.md, quality sweep)
 CALIBRATED = dict(group_size=32, gptq=True, act_order=True, mse_clip=True)
 LAYERS_ONLY = " (layers only)"
@@ -179,8 +183,7 @@ def e2e_configs():
         ("W4A16 RTN g32 (bf16)", lambda tok: W4A16(group_size=32)),
         ("W4A16 GPTQ g32 act_order (bf16)", lambda tok: W4A16(group_size=32, gptq=True, act_order=True, tokenizer=tok)),
         ("W8A8 SmoothQuant a=0.5", lambda tok: W8A8(smooth_alpha=0.5, tokenizer=tok)),
-        ("bnb NF4 g64, lm_head float", lambda tok: "nf4"),
-    ]
+    ] + ([("bnb NF4 g64, lm_head float", lambda tok: "nf4")] if HAVE_BNB else [])
 
 
 class NF4Linear(torch.nn.Module):
