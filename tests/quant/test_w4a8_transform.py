@@ -68,8 +68,10 @@ def test_w4a8_on_every_architecture(arch):
 
 
 def test_batch_independence_end_to_end():
+    # lm_head quantized too: a float lm_head runs torch's GEMM, whose rounding depends on the number
+    # of rows on some CPUs (seen on an AMD EPYC); every other layer is per row already
     model = make_tiny("llama")
-    ix.optimize(model, W4A8(group_size=32))
+    ix.optimize(model, W4A8(group_size=32, quantize_lm_head=True))
     ids = torch.randint(3, 128, (4, 10))
     full = logits(model, ids)
     for i in range(4):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
+from ..core.generation import cache_argument_name
 from ..core.model import decoder_layers
 from .cache import KVQuantSpec, PolicyCache, PolicyLayer
 
@@ -59,7 +60,7 @@ def record_prefill(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **{cache_argument_name(model): cache},
             logits_to_keep=1,
         )
     finally:

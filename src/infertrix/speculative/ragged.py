@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..core.generation import cache_argument_name
 from ..core.transform import UnsupportedModelError
 
 
@@ -53,6 +54,7 @@ class RaggedKV:
             cache.activate_past_recording()  # sliding-window layers keep what a crop may restore
         self.model = model
         self.cache = cache
+        self.cache_kw = cache_argument_name(model)
         self.pad = pad_token_id
         self.mask: Tensor | None = None  # [B, S] long, 1 = a real token of that row
         self.pos: Tensor | None = None  # [B] long, real tokens cached per row
@@ -69,7 +71,7 @@ class RaggedKV:
             input_ids=ids,
             attention_mask=None if bool(mask.all()) else mask,
             position_ids=positions,
-            past_key_values=self.cache,
+            **{self.cache_kw: self.cache},
             use_cache=True,
             logits_to_keep=keep,
         )
