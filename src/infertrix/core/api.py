@@ -2,7 +2,7 @@
 
 ``optimize(model, *transforms)`` changes the model in place and returns it, so it drops into
 scripts, notebooks, ``pipeline(...)`` and evaluation harnesses that take a model object. It
-applies transforms by stage (weights -> experts -> layers -> cache -> decoding), refuses
+applies transforms by stage (weights -> experts -> kernels -> layers -> cache -> decoding), refuses
 conflicting combinations before changing anything, and keeps a record on the model
 (``model._infertrix``) that ``describe`` reads and ``restore`` unwinds.
 """

@@ -23,9 +23,10 @@ class Stage(IntEnum):
 
     WEIGHTS = 0  # module swaps of linear layers (quantization)
     EXPERTS = 1  # MoE expert placement (offloading)
-    LAYERS = 2  # which layers/sublayers run (skipping)
-    CACHE = 3  # the KV cache policy used by generate
-    DECODING = 4  # the decoding loop (speculative decoding)
+    KERNELS = 2  # faster kernels for the float layers that remain (same weights, same results)
+    LAYERS = 3  # which layers/sublayers run (skipping)
+    CACHE = 4  # the KV cache policy used by generate
+    DECODING = 5  # the decoding loop (speculative decoding)
 
 
 class InfertrixError(ValueError):

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..core import UnsupportedModelError
+from ..core import Stage, UnsupportedModelError
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
 from .cache import KVQuantSpec, PolicyCache, PolicyLayer
@@ -116,7 +116,7 @@ class KVCacheSetup:
             mod = mods[idx]
             self.handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post_hook, with_kwargs=True))
-        self.remove_generate = add_generate_hook(model, self._generate_hook, order=3)
+        self.remove_generate = add_generate_hook(model, self._generate_hook, order=int(Stage.CACHE))
 
     def _uninstall_if_empty(self) -> None:
         if self.policy is not None or self.quant is not None:

@@ -14,6 +14,7 @@ from .kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quant
 from .ngram_index import ngram_index_update, ngram_lookup  # noqa: F401  (speculative/)
 from .quantize import quantize_per_token_int8, quantize_per_token_int8_reference
 from .registry import OPS, OpInfo, OpsStatus, set_cpu_isa, status
+from .skinny_linear import skinny_linear  # noqa: F401  (speculative/ verification, decoding)
 from .w4a8 import w4a8_linear, w4a8_matmul_int32  # noqa: F401  (declares the W4A8 ops)
 
 _extension.load()

@@ -7,6 +7,7 @@
 
 from .checkpoint import load_quantized
 from .int4 import Int4Weights, quantize_int4
+from .skinny import Skinny, SkinnyLinear
 from .transform import QuantTransform
 from .w4a8 import W4A8
 from .w4a8_linear import W4A8Linear
@@ -19,6 +20,8 @@ __all__ = [
     "W8A8",
     "Int4Weights",
     "QuantTransform",
+    "Skinny",
+    "SkinnyLinear",
     "W4A8Linear",
     "W4A16Linear",
     "W8A8Linear",

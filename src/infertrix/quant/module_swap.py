@@ -39,7 +39,7 @@ def select_linears(
     head = output_projection_name(model)
     chosen: dict[str, nn.Linear] = {}
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
+        if not isinstance(mod, nn.Linear):  # SkinnyLinear too: it is an nn.Linear
             continue
         is_head = name == head
         if not is_head and id(mod) not in in_layers:
