@@ -125,6 +125,29 @@ def kernel_rows(threads_list, ms, shapes, bandwidth, with_bnb=True):
     return rows
 
 
+def skinny_rows(threads_list, ms, shapes, bandwidth):
+    """``infertrix::skinny_linear`` against ``F.linear`` (float32, same weights) by rows M."""
+    from infertrix.ops import skinny_linear
+
+    rows = []
+    for n, k in shapes:
+        w = torch.randn(n, k) * 0.02
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            for m in ms:
+                x = torch.randn(m, k)
+                with torch.no_grad():
+                    t32 = timeit(lambda: F.linear(x, w))
+                    ts = timeit(lambda: skinny_linear(x, w, None))
+                floor = w.numel() * 4 / bandwidth
+                rows.append({"threads": threads, "M": m, "N": n, "K": k, "F.linear us": t32 * 1e6,
+                             "skinny us": ts * 1e6, "speed-up": t32 / ts, "floor us": floor * 1e6,
+                             "% of floor": 100 * floor / ts})
+                print(rows[-1], flush=True)
+        gc.collect()
+    return rows
+
+
 def cold_row(bandwidth, threads=1, n=4096, k=4096):
     """M = 1 with weights rotated over copies larger than the L3 cache (DRAM-bound)."""
     from infertrix.quant import W4A8Linear
@@ -326,6 +349,7 @@ def e2e_speed(outdir: Path, threads_list: list[int], only: list[str] | None, sav
 
 
 RATIO_CONFIGS = ("W4A8 RTN g128 + lm_head", "W4A8 GPTQ+rotation g32 + lm_head")
+SKINNY = "fp32 + skinny_linear"  # the same float model on infertrix::skinny_linear (not a quantization)
 
 
 def decode_ratio(outdir: Path, threads_list: list[int], rounds: int) -> tuple[list[dict], list[dict]]:
@@ -338,9 +362,12 @@ def decode_ratio(outdir: Path, threads_list: list[int], rounds: int) -> tuple[li
     from infertrix.quant import load_quantized
 
     models = {}
-    for name in ("fp32", *RATIO_CONFIGS):
+    for name in ("fp32", *RATIO_CONFIGS, SKINNY):
         if name == "fp32":
             model, tok = ix.models.load("smollm2")
+        elif name == SKINNY:
+            model = ix.models.load("smollm2")[0]
+            ix.optimize(model, "skinny_linear")
         else:
             model = load_quantized(outdir / slug(name))
         models[name] = model
@@ -357,16 +384,18 @@ def decode_ratio(outdir: Path, threads_list: list[int], rounds: int) -> tuple[li
                         with warnings.catch_warnings():  # the loaded W4A8 transform stays (irreversible)
                             warnings.simplefilter("ignore")
                             ix.restore(model)
+                        if name == SKINNY:
+                            ix.optimize(model, "skinny_linear")
                     raw.setdefault((name, t, cache), []).append(sp.decode_tokens_per_s)
         print(f"round {r + 1}/{rounds}", {k: round(v[-1], 2) for k, v in raw.items()}, flush=True)
     rows = []
-    for name in RATIO_CONFIGS:
+    for name in (*RATIO_CONFIGS, SKINNY):
         for t in threads_list:
             for cache in caches:
                 ratios = [a / b for a, b in zip(raw[(name, t, cache)], raw[("fp32", t, cache)], strict=True)]
                 rows.append({"config": name, "threads": t, "KV cache": cache,
                              "fp32 tok/s": statistics.median(raw[("fp32", t, cache)]),
-                             "W4A8 tok/s": statistics.median(raw[(name, t, cache)]),
+                             "config tok/s": statistics.median(raw[(name, t, cache)]),
                              "ratio (median)": statistics.median(ratios),
                              "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}"})
     return rows, [{"cell": f"{k[0]} {k[1]}T {k[2]}", "tok/s per round": ", ".join(f"{v:.1f}" for v in vals)}
@@ -379,7 +408,7 @@ def slug(name: str) -> str:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["kernels", "quality", "speed", "table", "ratio"], default="kernels",
+    ap.add_argument("--part", choices=["kernels", "skinny", "quality", "speed", "table", "ratio"], default="kernels",
                     help="kernels: the kernel table (locked); quality: quantize, perplexity and save the "
                     "models (niced, unlocked); speed: end-to-end decode speed of the saved models (locked); "
                     "table: write the end-to-end section from results.json")
@@ -416,6 +445,18 @@ def main(argv: list[str]) -> None:
         if not args.no_write:
             write_section("quant", "quant: W4A8 kernel", text)
         return
+    if args.part == "skinny":
+        torch.set_num_threads(1)
+        bw = copy_bandwidth()
+        rows = skinny_rows(args.threads, [1, 2, 4, 8, 16, 32], SMOL_SHAPES + BIG_SHAPES[:1], bw)
+        text = (f"### Kernel: `infertrix::skinny_linear` against `F.linear`, float32\n\nSame weights, M rows of "
+                f"activations. Measured copy bandwidth: {bw / 1e9:.1f} GB/s (1 thread); floor = float32 weight "
+                "bytes over it (weights hot in cache where they fit, so small layers can beat it). Times in "
+                "microseconds, median.\n\n" + markdown_table(rows, list(rows[0])))
+        print(text)
+        if not args.no_write:
+            write_section("quant-skinny", "quant: Skinny float32 kernel", text)
+        return
     # results.json gathers both parts, row by row (quality runs may go in parallel processes)
     results = outdir / "results.json"
 
@@ -430,7 +471,9 @@ def main(argv: list[str]) -> None:
         return
     if args.part == "ratio":
         rows, raw = decode_ratio(outdir, args.threads, args.rounds)
-        text = ("### Decode speed-up of W4A8 (+ lm_head) over float32, interleaved\n\nAll models loaded at once "
+        text = ("### Decode speed-up of W4A8 (+ lm_head) over float32, interleaved\n\nRow `fp32 + skinny_linear`: "
+                "the float32 model itself on the Skinny kernels (`infertrix::skinny_linear`, no quantization). "
+                "All models loaded at once "
                 "(saved checkpoints, `load_quantized`); in each round every (threads, KV cache) cell is measured "
                 "for each model in turn (greedy `generate`, 256-token prompt, 64 new tokens, batch 1); one ratio "
                 f"per round, {args.rounds} rounds: median and min-max. KV cache `default`: transformers' "

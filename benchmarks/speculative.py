@@ -109,16 +109,25 @@ def real_tokens(out: torch.Tensor, prompt_len: int, eos: set[int]) -> int:
     return n
 
 
-def drafters(names: list[str]) -> dict[str, object]:
-    """One transform object per drafter, reused across runs (self-speculation keeps its plan search,
-    the quantized self-draft its W4A8 copy)."""
+def drafters(names: list[str]) -> dict[str, tuple]:
+    """Transforms per variant name, reused across runs (self-speculation keeps its plan search, the
+    quantized self-draft its W4A8 copy). ``NAME+skinny`` adds the Skinny float kernels
+    (``skinny_linear``) under the drafter; ``skinny_linear`` alone is plain decoding on them."""
     make = {
         "prompt_lookup": lambda: ix.speculative.PromptLookup(),
         "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),
         "self_speculative": lambda: ix.speculative.SelfSpeculative(),
         "quantized_self": lambda: ix.speculative.QuantizedSelf(),
     }
-    return {n: make[n]() for n in names}
+    out = {}
+    for n in names:
+        if n == "skinny_linear":
+            out[n] = (ix.quant.Skinny(),)
+        elif n.endswith("+skinny"):
+            out[n] = (ix.quant.Skinny(), make[n.removesuffix("+skinny")]())
+        else:
+            out[n] = (make[n](),)
+    return out
 
 
 def render(rows: list[dict], args) -> str:
@@ -140,18 +149,18 @@ def measure(model, tok, transforms, kind, batch, mode, args, eos) -> list[dict]:
     kw = dict(max_new_tokens=args.new_tokens, do_sample=sample)
     if sample:
         kw.update(temperature=0.7, top_k=0, top_p=1.0)
-    variants = {"plain": None, **transforms}
+    variants = {"plain": (), **transforms}
     res: dict[str, dict] = {v: {"t": [], "tok": [], "mal": [], "out": None} for v in variants}
     for r in range(args.repeats + 1):  # round 0 warms up with a short call
         for name, t in variants.items():
-            if t is not None:
-                ix.optimize(model, t)
+            if t:
+                ix.optimize(model, *t)
             torch.manual_seed(1000 + r)
             t0 = time.perf_counter()
             out = model.generate(**enc, **(kw if r else {**kw, "max_new_tokens": args.warmup_tokens}))
             dt = time.perf_counter() - t0
-            if t is not None:
-                if r:
+            if t:
+                if r and "speculative_stats" in model.__dict__:
                     res[name]["mal"].append(model.speculative_stats.last.mean_accepted_length)
                 ix.restore(model)
             if r == 0:
@@ -161,12 +170,14 @@ def measure(model, tok, transforms, kind, batch, mode, args, eos) -> list[dict]:
             res[name]["t"].append(dt)
             res[name]["tok"].append(real_tokens(out, plen, eos))
     rows = []
-    base = None
+    tps_of = {
+        name: statistics.median((n - batch) / max(t - t_prefill, 1e-9) for n, t in zip(d["tok"], d["t"], strict=True))
+        for name, d in res.items()
+    }
+    base = tps_of["plain"]
     for name in variants:
         d = res[name]
-        tps = statistics.median((n - batch) / max(t - t_prefill, 1e-9) for n, t in zip(d["tok"], d["t"], strict=True))
-        if name == "plain":
-            base = tps
+        tps = tps_of[name]
         row = {
             "prompts": kind,
             "batch": batch,
@@ -174,6 +185,10 @@ def measure(model, tok, transforms, kind, batch, mode, args, eos) -> list[dict]:
             "method": name,
             "decode tok/s": round(tps, 2),
             "speed-up": round(tps / base, 3),
+            # the drafters' own share where the Skinny kernels also speed up plain decoding
+            "vs plain + skinny": round(tps / tps_of["skinny_linear"], 3)
+            if name.endswith("+skinny") and "skinny_linear" in tps_of
+            else "",
             "mean accepted length": round(statistics.median(d["mal"]), 2) if d["mal"] else "",
             "tokens": statistics.median(d["tok"]),
             "identical to plain": ("yes" if torch.equal(d["out"], res["plain"]["out"]) else "NO")
@@ -195,7 +210,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--kinds", nargs="*", default=["rewrite", "story", "question"])
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 4])
     ap.add_argument("--modes", nargs="*", default=["greedy", "sample"])
-    ap.add_argument("--drafters", nargs="*", default=["prompt_lookup", "self_speculative", "quantized_self"])
+    ap.add_argument("--drafters", nargs="*", default=["prompt_lookup", "self_speculative", "quantized_self",
+                    "skinny_linear", "prompt_lookup+skinny", "self_speculative+skinny", "quantized_self+skinny"])
     ap.add_argument("--results", default="bench-out/speculative.json", help="rows gathered so far (JSON)")
     ap.add_argument("--fresh", action="store_true", help="start a new results file")
     ap.add_argument("--blocks", nargs="*", default=None, help="kind:batch:mode blocks to measure, in this order "
@@ -222,8 +238,10 @@ def main(argv: list[str]) -> None:
             rows = [r for r in rows if (r["prompts"], r["batch"], r["mode"], r["method"]) not in keys] + new
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows, indent=1))
-        for t in transforms.values():
-            print(type(t).__name__, t.drafter_report(), flush=True)
+        for ts in transforms.values():
+            for t in ts:
+                if hasattr(t, "drafter_report"):
+                    print(type(t).__name__, t.drafter_report(), flush=True)
     table = render(rows, args)
     print(table)
     if not args.no_write:
