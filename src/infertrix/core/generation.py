@@ -12,6 +12,7 @@ A hook is ``hook(model, args, kwargs) -> (args, kwargs)``; hooks run in ascendin
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,26 @@ from torch import nn
 from .api import _state
 
 GenerateHook = Callable[[nn.Module, tuple, dict[str, Any]], tuple[tuple, dict[str, Any]]]
+
+# transformers >= 5.24 passes the cache as ``cache`` (``past_key_values`` is its deprecated alias)
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The cache in a forward's or ``generate``'s keyword arguments, under either name (or None)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def cache_argument_name(model: nn.Module) -> str:
+    """The keyword this transformers version's ``forward`` takes the cache as."""
+    return (
+        "cache"
+        if "cache" in inspect.signature(type(model).forward).parameters
+        else "past_key_values"
+    )
 
 
 def add_generate_hook(model: nn.Module, hook: GenerateHook, order: int = 0) -> Callable[[], None]:

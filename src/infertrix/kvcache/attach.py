@@ -9,7 +9,7 @@ compose: evict, then store the kept tokens in few bits). While either is applied
   the longest one the suffix of the shared 4D mask that matches it) and a forward hook (runs the
   policy after the layer's attention: queries are recomputed from the module's input, the layer is
   compressed, quantized tokens are flushed). Hooks read only the attention module's public forward
-  arguments (``hidden_states``, ``position_embeddings``, ``attention_mask``, ``past_key_values``),
+  arguments (``hidden_states``, ``position_embeddings``, ``attention_mask``, the cache),
   and do nothing unless the cache is a ``PolicyCache``.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..core import UnsupportedModelError
-from ..core.generation import add_generate_hook
+from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
 from .cache import KVQuantSpec, PolicyCache, PolicyLayer
 
@@ -46,7 +46,7 @@ def generate_leaves_cache_to_us(model: nn.Module, kwargs: dict[str, Any]) -> boo
     """True when a ``generate`` call would build transformers' default cache: the caller passes no
     ``past_key_values``, does not turn the cache off and names no ``cache_implementation`` (in the
     call or the model's generation config). A transform may then supply its own cache."""
-    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache", True) is False:
+    if cache_argument(kwargs) is not None or kwargs.get("use_cache", True) is False:
         return False
     gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     return getattr(gen_cfg, "cache_implementation", None) is None and "cache_implementation" not in kwargs
@@ -163,13 +163,13 @@ class KVCacheSetup:
 
     def _generate_hook(self, model, args: tuple, kwargs: dict[str, Any]):
         if generate_leaves_cache_to_us(model, kwargs):
-            kwargs["past_key_values"] = self.new_cache()
+            kwargs[cache_argument_name(model)] = self.new_cache()
         return args, kwargs
 
     # -- hooks -------------------------------------------------------------------------------------------
     @staticmethod
     def _layer_of(module, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if not isinstance(cache, PolicyCache) or not stores_kv(module):
             return None, None
         layer = cache.layers[module.layer_idx]

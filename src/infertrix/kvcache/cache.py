@@ -231,13 +231,13 @@ class PolicyLayer(DynamicLayer):
         packed, scale, zero = self.qkeys
         b, h, nblk, d, _ = packed.shape
         kt = kv_dequantize(packed, scale, zero, q.bits, q.group_size)  # [B, H, nblk, D, G]
-        return kt.transpose(-1, -2).reshape(b, h, nblk * q.group_size, d).to(self.dtype)
+        return kt.transpose(-1, -2).reshape(b, h, nblk * q.group_size, d).to(self.keys.dtype)
 
     def _dequant_values(self) -> Tensor:
         q = self.quant
         packed, scale, zero = self.qvalues
         d = packed.shape[-1] * 8 // q.bits
-        return kv_dequantize(packed, scale, zero, q.bits, min(q.group_size, d)).to(self.dtype)
+        return kv_dequantize(packed, scale, zero, q.bits, min(q.group_size, d)).to(self.keys.dtype)
 
     # -- rollback and batch bookkeeping ------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:

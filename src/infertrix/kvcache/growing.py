@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..core import Applied, ConfigError, Stage, Transform, register_transform
-from ..core.generation import add_generate_hook
+from ..core.generation import add_generate_hook, cache_argument_name
 
 
 class GrowingLayer(DynamicLayer):
@@ -140,7 +140,7 @@ class GrowingKV(Transform):
         def hook(m, args: tuple, kwargs: dict[str, Any]):
             # a policy / KIVI brings its own cache
             if generate_leaves_cache_to_us(m, kwargs) and kv_setup(m) is None:
-                kwargs["past_key_values"] = GrowingCache(m.config, self.headroom, self.min_headroom)
+                kwargs[cache_argument_name(m)] = GrowingCache(m.config, self.headroom, self.min_headroom)
             return args, kwargs
 
         remove = add_generate_hook(model, hook, order=int(self.stage))

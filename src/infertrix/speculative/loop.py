@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
+from ..core.generation import cache_argument
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache import PolicyCache
 from ..kvcache.growing import GrowingCache
@@ -132,7 +133,7 @@ class SpeculativeGenerate:
         mask = model_kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
-        cache = model_kwargs.get("past_key_values")
+        cache = cache_argument(model_kwargs)
         if cache is None:
             cache = GrowingCache(model.config)  # in-place appends: no torch.cat of the cache per step
         if batch > 1 and isinstance(cache, PolicyCache):
