@@ -12,7 +12,9 @@ that overrides the minimum:
 - ``compress(index)`` keeps the given tokens per batch row and KV head, copying them into new,
   smaller tensors (``infertrix::kv_gather``): memory really shrinks, nothing is masked;
 - with a :class:`KVQuantSpec` the stored tokens live KIVI-style in 2/4-bit codes (keys per channel,
-  values per token) behind a full-precision residual window of recent tokens.
+  values per token) behind a full-precision residual window of recent tokens; attention over them
+  dequantizes into a shared buffer, except decoding steps under KIVI's attention function, which
+  read the codes directly (:meth:`PolicyLayer.attend_quantized`).
 
 Why the padding masks stay right: stored tokens are kept in position order and pads are evicted
 first, so with left padding the kept pads of a row are its first stored slots, exactly as many as the
@@ -35,6 +37,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from ..ops.kivi_attention import kivi_decode_attention
 from ..ops.kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quantize
 
 
@@ -82,6 +85,10 @@ class PolicyLayer(DynamicLayer):
         self.scratch: dict[str, Tensor] = {}
         self.siblings: list[PolicyLayer] = [self]  # the cache's policy layers (set by PolicyCache)
         self.pending = None  # scores of a compression deferred to the forward's last layer (DensityKV)
+        # set by the attention pre-hook for one decoding step whose attention reads the quantized
+        # tokens from their codes (KIVI's attention function): update then returns only the residual
+        # window, dequantizes nothing, and leaves the flush to the post-hook (after attention)
+        self.attend_codes = False
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
@@ -121,6 +128,8 @@ class PolicyLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         for name, t in self.aux.items():
             self.aux[name] = torch.cat([t, t.new_zeros((*t.shape[:2], n))], dim=-1)
+        if self.attend_codes and n == 1 and self.n_quantized:
+            return self.keys, self.values  # see attend_quantized
         if self.n_quantized:
             k_all, v_all = self.full_keys_values()
         else:
@@ -150,6 +159,20 @@ class PolicyLayer(DynamicLayer):
         k[:, :, nq:].copy_(self.keys)
         v[:, :, nq:].copy_(self.values)
         return k, v
+
+    def attend_quantized(self, query: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+        """Softmax attention of one query token per row over every stored token, the quantized ones
+        read from their KIVI codes (``infertrix::kivi_decode_attention``; nothing is dequantized).
+
+        ``query`` [B, H_q, 1, D]; ``mask`` additive [B, stored] or None. Returns [B, 1, H_q, D], the
+        layout transformers' attention functions return. Cost: one pass over the codes (bits/32 of
+        a float32 cache) instead of writing and reading a dequantized copy.
+        """
+        q = self.quant
+        out = kivi_decode_attention(
+            query[:, :, 0], *self.qkeys, *self.qvalues, self.keys, self.values, mask, q.bits, scaling
+        )
+        return out.unsqueeze(1)
 
     def _scratch(self, name: str) -> Tensor:
         """A [B, H, stored, D] view of the shared buffer ``name``, grown in steps of 256 tokens."""
@@ -300,6 +323,7 @@ class PolicyLayer(DynamicLayer):
         self.recent = 0
         self.steps_since_compress = 0
         self.pending = None
+        self.attend_codes = False
 
     # -- accounting ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
