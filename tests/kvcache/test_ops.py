@@ -166,6 +166,7 @@ KIVI_CASES = [  # (B, H_kv, query heads per KV head, D, key blocks, tokens per b
     (2, 2, 1, 16, 3, 8, 3, 8),  # no GQA, blocks smaller than one 16-byte load
     (1, 1, 9, 24, 3, 20, 0, 12),  # no residual, groups that are not multiples of 16
     (1, 2, 5, 128, 1, 64, 33, 64),  # 5 heads per KV head: a tile of 4 and one of 1
+    (2, 2, 3, 24, 5, 4, 3, 8),  # rows of 1-2 bytes sharing loads, a last load only partly filled
 ]
 
 
