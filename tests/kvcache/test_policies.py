@@ -434,3 +434,21 @@ def test_merge_of_evicted_tokens_only_equals_all_pairs(seed, threshold):
     want = merge_all_pairs(keys, values, keep, visible, threshold)
     for a, w in zip(got, want, strict=True):  # to rounding: the [E, K] product is another matmul
         torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-6)
+
+
+def test_policy_layers_append_in_place():
+    """Decoding writes each token into the layer's buffer (no copy of the cache per step); the
+    compression after the prompt stores new tensors, re-buffered once by the next step."""
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, compression=0.5))
+    cache = new_cache(model)
+    model(torch.randint(3, 128, (2, 40)), past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.kbuf is None and layer.keys.shape[-2] == 20
+    ptrs = set()
+    for _ in range(20):
+        model(torch.randint(3, 128, (2, 1)), past_key_values=cache)
+        ptrs.add(layer.keys.data_ptr())
+    # one buffer for the prompt, one after the eviction, then in place
+    assert len(ptrs) == 1 and layer.reallocations == 2
+    assert layer.keys.shape[-2] == 40 and layer.kbuf.shape[-2] == 21 + 128

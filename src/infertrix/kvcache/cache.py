@@ -3,7 +3,8 @@
 The cache is built from the model config exactly like ``DynamicCache(config=...)``: sliding-window,
 chunked, linear-attention and hybrid layers get transformers' own stock layer classes and are left
 alone; only plain ``full_attention`` layers become :class:`PolicyLayer`, a ``DynamicLayer`` subclass
-that overrides the minimum:
+(through :class:`~infertrix.kvcache.growing.GrowingLayer`: tokens are appended in place into buffers
+with room for 128 more, not concatenated per step) that overrides the minimum:
 
 - ``get_seq_length`` reports every token ever seen (``cumulative_length``), so rotary positions and
   ``generate``'s input slicing stay right after eviction;
@@ -33,12 +34,12 @@ from torch import Tensor
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
-    DynamicLayer,
     get_layer_types_and_kwargs,
 )
 
 from ..ops.kivi_attention import kivi_decode_attention
 from ..ops.kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quantize
+from .growing import GrowingLayer
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,13 @@ class CacheCropError(RuntimeError):
     """``crop`` cannot roll the cache back exactly (the tokens to remove were evicted or quantized)."""
 
 
-class PolicyLayer(DynamicLayer):
+class PolicyLayer(GrowingLayer):
     """One full-attention layer of a :class:`PolicyCache` (see the module docstring).
 
     ``keys``/``values`` hold the full-precision tokens ([B, H_kv, S, D]); with quantization they are
-    the residual window and ``qkeys``/``qvalues`` hold the older tokens. ``aux`` holds per-token
+    the residual window and ``qkeys``/``qvalues`` hold the older tokens. New tokens are appended in
+    place into buffers with headroom (:class:`GrowingLayer`, no copy of the layer per step); a
+    compression, flush or batch reordering stores new tensors and the next append re-buffers them. ``aux`` holds per-token
     policy state ([B, H_kv, S], e.g. H2O's accumulated attention) that follows every eviction,
     ``queries`` the most recent post-rotary queries ([B, H_q, w, D]) attention-based policies score
     with, and ``recent`` how many trailing stored tokens are guaranteed to be the most recent ones in
@@ -69,7 +72,9 @@ class PolicyLayer(DynamicLayer):
     is_croppable = True
 
     def __init__(self, quant: KVQuantSpec | None = None, **kwargs) -> None:
-        super().__init__()
+        # room for 128 more tokens (a quantized residual: one group, all it grows between flushes);
+        # no proportional headroom, so an evicting policy's memory stays near its budget
+        super().__init__(headroom=0.0, min_headroom=quant.group_size if quant else 128)
         self.quant = quant
         self.cumulative_length = 0
         self.qkeys: tuple[Tensor, Tensor, Tensor] | None = None
@@ -124,8 +129,7 @@ class PolicyLayer(DynamicLayer):
         n = key_states.shape[-2]
         self.cumulative_length += n
         self.recent += n
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.append(key_states, value_states)
         for name, t in self.aux.items():
             self.aux[name] = torch.cat([t, t.new_zeros((*t.shape[:2], n))], dim=-1)
         if self.attend_codes and n == 1 and self.n_quantized:
@@ -204,8 +208,7 @@ class PolicyLayer(DynamicLayer):
         if keys is None:
             keys, values = self.full_keys_values()
         k = index.shape[-1]
-        self.keys = kv_gather(keys.contiguous(), index)
-        self.values = kv_gather(values.contiguous(), index)
+        self._store(kv_gather(keys.contiguous(), index), kv_gather(values.contiguous(), index))
         self.qkeys = self.qvalues = None
         self.n_quantized = 0
         for name, t in self.aux.items():
@@ -246,8 +249,7 @@ class PolicyLayer(DynamicLayer):
             else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv, strict=True))
         )
         self.n_quantized += n
-        self.keys = self.keys[:, :, n:].contiguous()
-        self.values = self.values[:, :, n:].contiguous()
+        self._store(self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous())
 
     def _dequant_keys(self) -> Tensor:
         q = self.quant
@@ -291,10 +293,15 @@ class PolicyLayer(DynamicLayer):
         self.cumulative_length -= n
         self.recent -= n
 
+    def _store(self, keys: Tensor, values: Tensor) -> None:
+        """Hold new tensors as the full-precision tokens, releasing the append buffers."""
+        self.keys, self.values = keys, values
+        self.kbuf = self.vbuf = None
+
     def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values = fn(self.keys), fn(self.values)
+        self._store(fn(self.keys), fn(self.values))
         self.aux = {k: fn(v) for k, v in self.aux.items()}
         if self.queries is not None:
             self.queries = fn(self.queries)
@@ -313,6 +320,7 @@ class PolicyLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.kbuf = self.vbuf = None
         self.scratch.clear()
         self.is_initialized = False
         self.cumulative_length = 0
