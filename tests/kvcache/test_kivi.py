@@ -194,3 +194,29 @@ def test_kivi_restores_the_attention_implementation():
     assert out.shape == (1, 52)
     ix.restore(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_a_mask_the_kernel_does_not_model_falls_back_to_dequantize_then_sdpa():
+    """kivi_attention with a per-head mask (or soft-capping, sinks) dequantizes the layer and runs
+    sdpa: the same result as reading the codes."""
+    from infertrix.kvcache.kivi import kivi_attention
+
+    model = make_tiny("llama", head_dim=32, hidden_size=128, num_attention_heads=4)
+    ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
+    cache, _ = run(model, torch.randint(3, 128, (2, 50)))
+    layer, attn = cache.layers[0], model.model.layers[0].self_attn
+    query = torch.randn(2, 4, 1, 32)
+    s = layer.stored_length
+
+    def attend(mask):
+        out, _ = kivi_attention(attn, query, layer.keys, layer.values, mask, kivi_layer=layer)
+        return out
+
+    shared = torch.ones(2, 1, 1, s, dtype=torch.bool)
+    shared[1, ..., :3] = False
+    from_codes = attend(shared)
+    assert cache.scratch_bytes() == 0  # read from the codes
+    per_head = torch.zeros(2, 4, 1, s)
+    per_head[1, :, :, :3] = float("-inf")
+    torch.testing.assert_close(attend(per_head), from_codes, rtol=1e-4, atol=1e-5)
+    assert cache.scratch_bytes() > 0  # dequantized into the buffer

@@ -61,11 +61,12 @@ class PolicyLayer(GrowingLayer):
     ``keys``/``values`` hold the full-precision tokens ([B, H_kv, S, D]); with quantization they are
     the residual window and ``qkeys``/``qvalues`` hold the older tokens. New tokens are appended in
     place into buffers with headroom (:class:`GrowingLayer`, no copy of the layer per step); a
-    compression, flush or batch reordering stores new tensors and the next append re-buffers them. ``aux`` holds per-token
-    policy state ([B, H_kv, S], e.g. H2O's accumulated attention) that follows every eviction,
-    ``queries`` the most recent post-rotary queries ([B, H_q, w, D]) attention-based policies score
-    with, and ``recent`` how many trailing stored tokens are guaranteed to be the most recent ones in
-    every row and head (the queries' own keys; what ``crop`` can remove).
+    compression, flush or batch reordering stores new tensors and the next append re-buffers them.
+    ``aux`` holds per-token policy state ([B, H_kv, S], e.g. H2O's accumulated attention) that
+    follows every eviction, ``queries`` the most recent post-rotary queries ([B, H_q, w, D])
+    attention-based policies score with, and ``recent`` how many trailing stored tokens are
+    guaranteed to be the most recent ones in every row and head (the queries' own keys; what
+    ``crop`` can remove).
     """
 
     is_sliding = False
