@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.generation import cache_argument
 from ..core.model import decoder_layers
 from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError, UnsupportedModelError
@@ -67,7 +68,7 @@ class _AdaSkipController:
         ]
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return  # a decode step (or a continuation): keep the current plan
         self.release()  # a new sequence: run every sublayer and measure
