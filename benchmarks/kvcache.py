@@ -499,8 +499,9 @@ def report_body(
             f"(every cell in turn, a fresh cache each round) of {args.speed_steps} steps, median of the last "
             f"{args.speed_steps - 2} steps of each round. KV MiB: every tensor the cache holds after decoding, "
             "including KIVI's float32 buffer that the quantized tokens are dequantized into for attention (one "
-            "buffer shared by all layers). Peak RSS over baseline: the process's peak while building the cell's "
-            "cache and decoding, minus its RSS just before.\n\n" + markdown_table(speed_rows)
+            "buffer shared by all layers; 0 when decoding reads the codes directly, kivi_decode_attention). "
+            "Peak RSS over baseline: the process's peak while building the cell's cache and decoding, minus "
+            "its RSS just before.\n\n" + markdown_table(speed_rows)
         )
     if tables:
         parts.append(

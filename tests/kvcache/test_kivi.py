@@ -130,7 +130,93 @@ def test_dequantized_view_is_one_buffer_shared_by_the_layers():
         k, v = layer.full_keys_values()
         assert torch.equal(k, torch.cat([layer._dequant_keys(), layer.keys], dim=-2))
         assert torch.equal(v, torch.cat([layer._dequant_values(), layer.values], dim=-2))
-        assert k.untyped_storage().data_ptr() == layers[0].scratch["keys"].untyped_storage().data_ptr()
+        assert (
+            k.untyped_storage().data_ptr() == layers[0].scratch["keys"].untyped_storage().data_ptr()
+        )
     # the buffer holds one layer's worth of tokens (rounded up), not the whole cache
     stored = layers[0].stored_length
     assert 0 < cache.scratch_bytes() <= 2 * 2 * 2 * 32 * 4 * (stored + 256 + stored // 8)
+
+
+def greedy_with_logits(model, ids, mask, steps):
+    cache = new_cache(model)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits, 1), cache
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decoding_from_codes_matches_dequantize_then_sdpa(bits):
+    """KIVI's attention function reads decoding steps straight from the codes (no dequantized
+    buffer) and gives the logits of the dequantize + sdpa path, on a left-padded GQA batch."""
+    model = make_tiny(
+        "llama",
+        head_dim=32,
+        hidden_size=192,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+    )
+    ix.optimize(model, KIVI(bits=bits, group_size=8, residual_length=8))
+    assert model.config._attn_implementation == "infertrix_kivi"
+    ids = torch.randint(3, 128, (2, 41))
+    mask = torch.ones_like(ids)
+    ids[1, :14], mask[1, :14] = 0, 0
+    fused, fused_logits, fused_cache = greedy_with_logits(model, ids, mask, 30)
+    model.set_attn_implementation("sdpa")  # the same cache, dequantized then sdpa
+    plain, plain_logits, plain_cache = greedy_with_logits(model, ids, mask, 30)
+    assert fused_cache.scratch_bytes() == 0 < plain_cache.scratch_bytes()
+    assert fused_cache.layers[0].n_quantized == plain_cache.layers[0].n_quantized > 0
+    # float32 rounding (sums reassociated), amplified by a random model's logits of up to ~16
+    torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-3, atol=1e-3)
+    assert torch.equal(fused, plain)
+    assert len(set(fused[0, 41:].tolist())) > 3  # a real continuation, not one repeated token
+
+
+def test_kivi_restores_the_attention_implementation():
+    model = make_tiny("llama")
+    ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
+    assert model.config._attn_implementation == "infertrix_kivi"
+    ix.restore(model)
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")  # eager models keep eager (and dequantize to attend)
+    ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
+    assert model.config._attn_implementation == "eager"
+    out = model.generate(torch.randint(3, 128, (1, 40)), max_new_tokens=12, do_sample=False)
+    assert out.shape == (1, 52)
+    ix.restore(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_a_mask_the_kernel_does_not_model_falls_back_to_dequantize_then_sdpa():
+    """kivi_attention with a per-head mask (or soft-capping, sinks) dequantizes the layer and runs
+    sdpa: the same result as reading the codes."""
+    from infertrix.kvcache.kivi import kivi_attention
+
+    model = make_tiny("llama", head_dim=32, hidden_size=128, num_attention_heads=4)
+    ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
+    cache, _ = run(model, torch.randint(3, 128, (2, 50)))
+    layer, attn = cache.layers[0], model.model.layers[0].self_attn
+    query = torch.randn(2, 4, 1, 32)
+    s = layer.stored_length
+
+    def attend(mask):
+        out, _ = kivi_attention(attn, query, layer.keys, layer.values, mask, kivi_layer=layer)
+        return out
+
+    shared = torch.ones(2, 1, 1, s, dtype=torch.bool)
+    shared[1, ..., :3] = False
+    from_codes = attend(shared)
+    assert cache.scratch_bytes() == 0  # read from the codes
+    per_head = torch.zeros(2, 4, 1, s)
+    per_head[1, :, :, :3] = float("-inf")
+    torch.testing.assert_close(attend(per_head), from_codes, rtol=1e-4, atol=1e-5)
+    assert cache.scratch_bytes() > 0  # dequantized into the buffer

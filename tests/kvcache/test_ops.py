@@ -1,4 +1,5 @@
-"""infertrix::kv_gather / kv_quantize / kv_dequantize(_into): compiled kernels against the references."""
+"""infertrix::kv_gather / kv_quantize / kv_dequantize(_into) / kivi_decode_attention: compiled
+kernels against the references."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from infertrix import ops
+from infertrix.ops.kivi_attention import kivi_decode_attention, kivi_decode_attention_reference
 from infertrix.ops.kv_cache_ops import (
     kv_dequantize,
     kv_dequantize_into,
@@ -131,5 +133,72 @@ def test_bad_quantization_arguments():
 
 def test_status_reports_the_ops():
     st = ops.status()
-    for name in ("kv_gather", "kv_quantize", "kv_dequantize", "kv_dequantize_into"):
+    for name in (
+        "kv_gather",
+        "kv_quantize",
+        "kv_dequantize",
+        "kv_dequantize_into",
+        "kivi_decode_attention",
+    ):
         assert st[name]["cpu"].startswith("c++/") if st.cpu_isa else st[name]["cpu"] == "reference"
+
+
+def kivi_case(b, h, g, d, nblk, t, r, bits, vgroup, padded=False, dtype=torch.float32, seed=0):
+    """Arguments of kivi_decode_attention for random KV quantized the way PolicyLayer stores it."""
+    gen = torch.Generator().manual_seed(seed)
+    s = nblk * t
+    keys = torch.randn(b, h, s, d, generator=gen) * 2
+    kt = keys.reshape(b, h, nblk, t, d).transpose(-1, -2).contiguous()
+    qk = kv_quantize_reference(kt, bits, t)
+    qv = kv_quantize_reference(torch.randn(b, h, s, d, generator=gen), bits, vgroup)
+    query = torch.randn(b, h * g, d, generator=gen).to(dtype)
+    res = [torch.randn(b, h, r, d, generator=gen).to(dtype) for _ in range(2)]
+    mask = None
+    if padded:  # row 0 left-padded by 5 tokens
+        mask = torch.zeros(b, s + r)
+        mask[0, :5] = float("-inf")
+    return (query, *qk, *qv, *res, mask, bits, d**-0.5)
+
+
+KIVI_CASES = [  # (B, H_kv, query heads per KV head, D, key blocks, tokens per block, residual, value group)
+    (1, 3, 3, 64, 5, 32, 7, 32),  # GQA 9/3 (SmolLM2's shape), an odd number of blocks
+    (2, 3, 3, 64, 3, 32, 5, 32),
+    (2, 2, 1, 16, 3, 8, 3, 8),  # no GQA, blocks smaller than one 16-byte load
+    (1, 1, 9, 24, 3, 20, 0, 12),  # no residual, groups that are not multiples of 16
+    (1, 2, 5, 128, 1, 64, 33, 64),  # 5 heads per KV head: a tile of 4 and one of 1
+    (2, 2, 3, 24, 5, 4, 3, 8),  # rows of 1-2 bytes sharing loads, a last load only partly filled
+]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("case", KIVI_CASES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_kivi_decode_attention_matches_reference(isa, bits, case, padded):
+    b, h, g, d, nblk, t, r, vgroup = case
+    args = kivi_case(b, h, g, d, nblk, t, r, bits, vgroup, padded=padded and b > 1)
+    got = kivi_decode_attention(*args)
+    ref = kivi_decode_attention_reference(*args)
+    assert got.shape == (b, h * g, d) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kivi_decode_attention_equals_dequantize_then_sdpa():
+    """The reference is plain attention over the dequantized tokens followed by the residual."""
+    args = kivi_case(2, 3, 3, 64, 3, 32, 5, 4, 32, padded=True)
+    query, kc, ks, kz, vc, vs, vz, rk, rv, mask, bits, scaling = args
+    keys = kv_dequantize_reference(kc, ks, kz, bits, 32).transpose(-1, -2).reshape(2, 3, 96, 64)
+    values = kv_dequantize_reference(vc, vs, vz, bits, 32)
+    k, v = torch.cat([keys, rk], 2), torch.cat([values, rv], 2)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scaling, enable_gqa=True
+    )[:, :, 0]
+    torch.testing.assert_close(kivi_decode_attention(*args), want, rtol=1e-4, atol=1e-5)
+
+
+def test_kivi_decode_attention_bfloat16_and_opcheck():
+    args = kivi_case(1, 3, 3, 64, 3, 32, 5, 4, 32, dtype=torch.bfloat16)
+    got = kivi_decode_attention(*args)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, kivi_decode_attention_reference(*args), rtol=2e-2, atol=2e-2)
+    torch.library.opcheck(kivi_decode_attention, kivi_case(2, 2, 3, 16, 2, 8, 3, 2, 8, padded=True))
+    torch.library.opcheck(kivi_decode_attention, kivi_case(1, 1, 1, 16, 1, 8, 0, 4, 16))

@@ -391,3 +391,64 @@ def test_right_padding_is_a_clear_error():
     mask[1, 15:] = 0
     with pytest.raises(ConfigError, match="needs left padding"):
         model(ids, attention_mask=mask, past_key_values=new_cache(model))
+
+
+def merge_all_pairs(keys, values, keep, visible, threshold):
+    """D2O merging as first written: similarities of all S stored tokens to the K kept ones."""
+    b, h, s, d = keys.shape
+    evicted = torch.ones(b, h, s, dtype=torch.bool)
+    evicted.scatter_(-1, keep, False)
+    if visible is not None:
+        evicted &= visible[:, None, :]
+    kf, vf = keys.float(), values.float()
+    kn = torch.nn.functional.normalize(kf, dim=-1)
+    kept_n = torch.gather(kn, 2, keep.unsqueeze(-1).expand(-1, -1, -1, d))
+    best_sim, best = torch.matmul(kn, kept_n.transpose(-1, -2)).max(dim=-1)
+    weight = torch.where(evicted & (best_sim >= threshold), best_sim, torch.zeros_like(best_sim))
+    slot = torch.gather(keep, -1, best)
+    num_k, num_v = kf.clone(), vf.clone()
+    num_k.scatter_add_(2, slot.unsqueeze(-1).expand(-1, -1, -1, d), kf * weight.unsqueeze(-1))
+    num_v.scatter_add_(2, slot.unsqueeze(-1).expand(-1, -1, -1, d), vf * weight.unsqueeze(-1))
+    den = torch.ones(b, h, s).scatter_add_(2, slot, weight)
+    return num_k / den.unsqueeze(-1), num_v / den.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3])
+def test_merge_of_evicted_tokens_only_equals_all_pairs(seed, threshold):
+    """merge_evicted scores only the evicted tokens against the kept ones: same result as scoring
+    every stored token (kept tokens and pads never merge), on random shapes, budgets and padding."""
+    from infertrix.kvcache.d2o import merge_evicted
+
+    g = torch.Generator().manual_seed(seed)
+    b, h, s, d = 2, 3, int(torch.randint(5, 70, (1,), generator=g)), 16
+    k = int(torch.randint(1, s, (1,), generator=g))
+    keys, values = torch.randn(b, h, s, d, generator=g), torch.randn(b, h, s, d, generator=g)
+    keep = torch.stack([torch.randperm(s, generator=g)[:k].sort().values for _ in range(b * h)])
+    keep = keep.view(b, h, k)
+    visible = None
+    if seed % 2:
+        visible = torch.ones(b, s, dtype=torch.bool)
+        visible[1, : s // 3] = False
+    got = merge_evicted(keys, values, keep, visible, threshold)
+    want = merge_all_pairs(keys, values, keep, visible, threshold)
+    for a, w in zip(got, want, strict=True):  # to rounding: the [E, K] product is another matmul
+        torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-6)
+
+
+def test_policy_layers_append_in_place():
+    """Decoding writes each token into the layer's buffer (no copy of the cache per step); the
+    compression after the prompt stores new tensors, re-buffered once by the next step."""
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, compression=0.5))
+    cache = new_cache(model)
+    model(torch.randint(3, 128, (2, 40)), past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.kbuf is None and layer.keys.shape[-2] == 20
+    ptrs = set()
+    for _ in range(20):
+        model(torch.randint(3, 128, (2, 1)), past_key_values=cache)
+        ptrs.add(layer.keys.data_ptr())
+    # one buffer for the prompt, one after the eviction, then in place
+    assert len(ptrs) == 1 and layer.reallocations == 2
+    assert layer.keys.shape[-2] == 40 and layer.kbuf.shape[-2] == 21 + 128

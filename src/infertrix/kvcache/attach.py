@@ -26,7 +26,10 @@ from ..core.model import decoder_layers, text_config
 from .cache import KVQuantSpec, PolicyCache, PolicyLayer
 
 SETUP_ATTR = "_infertrix_kvcache"
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+# KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
+# except for decoding steps over quantized tokens, which it reads from their codes
+KIVI_ATTENTION = "infertrix_kivi"
+SUPPORTED_ATTENTION = ("sdpa", "eager", KIVI_ATTENTION)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -181,14 +184,21 @@ class KVCacheSetup:
             return None
         mask = kwargs.get("attention_mask")
         hidden = kwargs.get("hidden_states", args[0] if args else None)
+        n = hidden.shape[1] if hidden is not None else 0
+        # one decoding step over KIVI codes: KIVI's attention function reads them in place
+        layer.attend_codes = (
+            n == 1
+            and layer.n_quantized > 0
+            and getattr(getattr(module, "config", None), "_attn_implementation", None)
+            == KIVI_ATTENTION
+        )
+        if layer.attend_codes:
+            kwargs["kivi_layer"] = layer
         if isinstance(mask, Tensor) and mask.dim() == 4 and hidden is not None:
-            want = layer.stored_length + hidden.shape[1]
-            if (
-                mask.shape[-1] > want
-            ):  # this layer holds fewer tokens than the longest: take its suffix
+            want = layer.stored_length + n
+            if mask.shape[-1] > want:  # this layer holds fewer tokens than the longest: its suffix
                 kwargs["attention_mask"] = mask[..., -want:]
-                return args, kwargs
-        return None
+        return args, kwargs
 
     def _post_hook(self, module, args, kwargs, output):
         cache, layer = self._layer_of(module, kwargs)
@@ -196,6 +206,9 @@ class KVCacheSetup:
             return None
         policy = cache.policy
         rank = cache.policy_layer_indices.index(module.layer_idx)
+        read_codes, layer.attend_codes = layer.attend_codes, False
+        if policy is None and read_codes:
+            layer.flush()  # update left it for after the attention, which read the residual window
         if policy is not None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             policy.after_attention(

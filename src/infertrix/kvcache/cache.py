@@ -3,7 +3,8 @@
 The cache is built from the model config exactly like ``DynamicCache(config=...)``: sliding-window,
 chunked, linear-attention and hybrid layers get transformers' own stock layer classes and are left
 alone; only plain ``full_attention`` layers become :class:`PolicyLayer`, a ``DynamicLayer`` subclass
-that overrides the minimum:
+(through :class:`~infertrix.kvcache.growing.GrowingLayer`: tokens are appended in place into buffers
+with room for 128 more, not concatenated per step) that overrides the minimum:
 
 - ``get_seq_length`` reports every token ever seen (``cumulative_length``), so rotary positions and
   ``generate``'s input slicing stay right after eviction;
@@ -12,7 +13,9 @@ that overrides the minimum:
 - ``compress(index)`` keeps the given tokens per batch row and KV head, copying them into new,
   smaller tensors (``infertrix::kv_gather``): memory really shrinks, nothing is masked;
 - with a :class:`KVQuantSpec` the stored tokens live KIVI-style in 2/4-bit codes (keys per channel,
-  values per token) behind a full-precision residual window of recent tokens.
+  values per token) behind a full-precision residual window of recent tokens; attention over them
+  dequantizes into a shared buffer, except decoding steps under KIVI's attention function, which
+  read the codes directly (:meth:`PolicyLayer.attend_quantized`).
 
 Why the padding masks stay right: stored tokens are kept in position order and pads are evicted
 first, so with left padding the kept pads of a row are its first stored slots, exactly as many as the
@@ -31,11 +34,12 @@ from torch import Tensor
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
-    DynamicLayer,
     get_layer_types_and_kwargs,
 )
 
+from ..ops.kivi_attention import kivi_decode_attention
 from ..ops.kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quantize
+from .growing import GrowingLayer
 
 
 @dataclass(frozen=True)
@@ -51,22 +55,27 @@ class CacheCropError(RuntimeError):
     """``crop`` cannot roll the cache back exactly (the tokens to remove were evicted or quantized)."""
 
 
-class PolicyLayer(DynamicLayer):
+class PolicyLayer(GrowingLayer):
     """One full-attention layer of a :class:`PolicyCache` (see the module docstring).
 
     ``keys``/``values`` hold the full-precision tokens ([B, H_kv, S, D]); with quantization they are
-    the residual window and ``qkeys``/``qvalues`` hold the older tokens. ``aux`` holds per-token
-    policy state ([B, H_kv, S], e.g. H2O's accumulated attention) that follows every eviction,
-    ``queries`` the most recent post-rotary queries ([B, H_q, w, D]) attention-based policies score
-    with, and ``recent`` how many trailing stored tokens are guaranteed to be the most recent ones in
-    every row and head (the queries' own keys; what ``crop`` can remove).
+    the residual window and ``qkeys``/``qvalues`` hold the older tokens. New tokens are appended in
+    place into buffers with headroom (:class:`GrowingLayer`, no copy of the layer per step); a
+    compression, flush or batch reordering stores new tensors and the next append re-buffers them.
+    ``aux`` holds per-token policy state ([B, H_kv, S], e.g. H2O's accumulated attention) that
+    follows every eviction, ``queries`` the most recent post-rotary queries ([B, H_q, w, D])
+    attention-based policies score with, and ``recent`` how many trailing stored tokens are
+    guaranteed to be the most recent ones in every row and head (the queries' own keys; what
+    ``crop`` can remove).
     """
 
     is_sliding = False
     is_croppable = True
 
     def __init__(self, quant: KVQuantSpec | None = None, **kwargs) -> None:
-        super().__init__()
+        # room for 128 more tokens (a quantized residual: one group, all it grows between flushes);
+        # no proportional headroom, so an evicting policy's memory stays near its budget
+        super().__init__(headroom=0.0, min_headroom=quant.group_size if quant else 128)
         self.quant = quant
         self.cumulative_length = 0
         self.qkeys: tuple[Tensor, Tensor, Tensor] | None = None
@@ -82,6 +91,10 @@ class PolicyLayer(DynamicLayer):
         self.scratch: dict[str, Tensor] = {}
         self.siblings: list[PolicyLayer] = [self]  # the cache's policy layers (set by PolicyCache)
         self.pending = None  # scores of a compression deferred to the forward's last layer (DensityKV)
+        # set by the attention pre-hook for one decoding step whose attention reads the quantized
+        # tokens from their codes (KIVI's attention function): update then returns only the residual
+        # window, dequantizes nothing, and leaves the flush to the post-hook (after attention)
+        self.attend_codes = False
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
@@ -117,10 +130,11 @@ class PolicyLayer(DynamicLayer):
         n = key_states.shape[-2]
         self.cumulative_length += n
         self.recent += n
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.append(key_states, value_states)
         for name, t in self.aux.items():
             self.aux[name] = torch.cat([t, t.new_zeros((*t.shape[:2], n))], dim=-1)
+        if self.attend_codes and n == 1 and self.n_quantized:
+            return self.keys, self.values  # see attend_quantized
         if self.n_quantized:
             k_all, v_all = self.full_keys_values()
         else:
@@ -150,6 +164,20 @@ class PolicyLayer(DynamicLayer):
         k[:, :, nq:].copy_(self.keys)
         v[:, :, nq:].copy_(self.values)
         return k, v
+
+    def attend_quantized(self, query: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+        """Softmax attention of one query token per row over every stored token, the quantized ones
+        read from their KIVI codes (``infertrix::kivi_decode_attention``; nothing is dequantized).
+
+        ``query`` [B, H_q, 1, D]; ``mask`` additive [B, stored] or None. Returns [B, 1, H_q, D], the
+        layout transformers' attention functions return. Cost: one pass over the codes (bits/32 of
+        a float32 cache) instead of writing and reading a dequantized copy.
+        """
+        q = self.quant
+        out = kivi_decode_attention(
+            query[:, :, 0], *self.qkeys, *self.qvalues, self.keys, self.values, mask, q.bits, scaling
+        )
+        return out.unsqueeze(1)
 
     def _scratch(self, name: str) -> Tensor:
         """A [B, H, stored, D] view of the shared buffer ``name``, grown in steps of 256 tokens."""
@@ -181,8 +209,7 @@ class PolicyLayer(DynamicLayer):
         if keys is None:
             keys, values = self.full_keys_values()
         k = index.shape[-1]
-        self.keys = kv_gather(keys.contiguous(), index)
-        self.values = kv_gather(values.contiguous(), index)
+        self._store(kv_gather(keys.contiguous(), index), kv_gather(values.contiguous(), index))
         self.qkeys = self.qvalues = None
         self.n_quantized = 0
         for name, t in self.aux.items():
@@ -223,8 +250,7 @@ class PolicyLayer(DynamicLayer):
             else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv, strict=True))
         )
         self.n_quantized += n
-        self.keys = self.keys[:, :, n:].contiguous()
-        self.values = self.values[:, :, n:].contiguous()
+        self._store(self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous())
 
     def _dequant_keys(self) -> Tensor:
         q = self.quant
@@ -268,10 +294,15 @@ class PolicyLayer(DynamicLayer):
         self.cumulative_length -= n
         self.recent -= n
 
+    def _store(self, keys: Tensor, values: Tensor) -> None:
+        """Hold new tensors as the full-precision tokens, releasing the append buffers."""
+        self.keys, self.values = keys, values
+        self.kbuf = self.vbuf = None
+
     def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values = fn(self.keys), fn(self.values)
+        self._store(fn(self.keys), fn(self.values))
         self.aux = {k: fn(v) for k, v in self.aux.items()}
         if self.queries is not None:
             self.queries = fn(self.queries)
@@ -290,6 +321,7 @@ class PolicyLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.kbuf = self.vbuf = None
         self.scratch.clear()
         self.is_initialized = False
         self.cumulative_length = 0
@@ -300,6 +332,7 @@ class PolicyLayer(DynamicLayer):
         self.recent = 0
         self.steps_since_compress = 0
         self.pending = None
+        self.attend_codes = False
 
     # -- accounting ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:

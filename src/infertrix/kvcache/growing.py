@@ -80,6 +80,11 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        return self.append(key_states, value_states)
+
+    def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new tokens after the held ones (in place while the buffers have room) and
+        return ``keys``, ``values``: views of the buffers' filled prefix."""
         n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         need = n + key_states.shape[-2]
         if not self._fits(n, need, key_states):

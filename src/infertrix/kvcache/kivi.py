@@ -2,6 +2,12 @@
 
 Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
 https://arxiv.org/abs/2402.02750.
+
+Decoding reads the quantized tokens from their codes: on an sdpa model, applying KIVI selects the
+attention function :func:`kivi_attention` (registered with transformers' public
+``AttentionInterface`` as ``"infertrix_kivi"``; undo restores the previous implementation), which
+is sdpa except for one-token steps of a layer that holds codes, where it calls
+``infertrix::kivi_decode_attention`` instead of dequantizing the whole cache first.
 """
 
 from __future__ import annotations
@@ -9,11 +15,59 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..core import Applied, ConfigError, Stage, Transform, register_transform
 from ..core.model import text_config
-from .attach import check_supported_model, kv_setup
+from .attach import KIVI_ATTENTION, check_supported_model, kv_setup
+
+
+def decode_mask(mask: Tensor | None, stored: int) -> tuple[bool, Tensor | None]:
+    """(ok, the additive float [B, stored] mask) of one decoding step from a 4D attention mask;
+    ok is False for masks the fused kernel does not model (per head, or not one per stored token)."""
+    if mask is None:
+        return True, None
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[-1] != stored:
+        return False, None
+    row = mask[:, 0, 0]
+    if row.dtype == torch.bool:
+        return True, torch.zeros(row.shape, device=row.device).masked_fill_(~row, float("-inf"))
+    return True, row.float()
+
+
+def kivi_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function ``"infertrix_kivi"``: sdpa, except for a decoding step of a
+    layer holding KIVI codes (the attention pre-hook passes it as ``kivi_layer``, and its update
+    returned only the residual window): softmax attention straight from the codes. A case the
+    kernel does not model (soft-capping, sinks, a per-head mask) dequantizes as before."""
+    layer = kwargs.pop("kivi_layer", None)
+    if layer is not None:
+        ok, mask = decode_mask(attention_mask, layer.stored_length)
+        special = dropout or kwargs.get("softcap") or kwargs.get("position_bias") is not None
+        if ok and not special and kwargs.get("s_aux") is None and kwargs.get("sinks") is None:
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            return layer.attend_quantized(query, mask, scale), None
+        key, value = layer.full_keys_values()
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+AttentionInterface.register(KIVI_ATTENTION, kivi_attention)
+AttentionMaskInterface.register(KIVI_ATTENTION, sdpa_mask)
 
 
 @register_transform("kivi")
@@ -24,7 +78,9 @@ class KIVI(Transform):
     token over groups of ``group_size`` channels; the last ``residual_length`` to
     ``residual_length + group_size - 1`` tokens stay in full precision. Composes with an eviction
     policy (evict, then quantize what is kept). Memory ~ bits/16 of bf16 (bits/32 of fp32) plus two
-    float32 per group; attention dequantizes (``infertrix::kv_dequantize``). Lossy.
+    float32 per group. Lossy. Prefill attention dequantizes (``infertrix::kv_dequantize``); decoding
+    on an sdpa model attends from the codes (``infertrix::kivi_decode_attention``, see the module
+    docstring), one pass over bits/32 of the float32 cache per step.
 
     - ``bits``: 2 or 4.
     - ``group_size``: tokens per key group and channels per value group (capped at head_dim).
@@ -60,5 +116,14 @@ class KIVI(Transform):
 
     def apply(self, model: nn.Module) -> Applied:
         setup = kv_setup(model, create=True)
-        undo = setup.set_quant(self)
+        undo_quant = setup.set_quant(self)
+        before = text_config(model)._attn_implementation
+        if before == "sdpa" and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(KIVI_ATTENTION)
+
+        def undo() -> None:
+            if text_config(model)._attn_implementation == KIVI_ATTENTION:
+                model.set_attn_implementation(before)
+            undo_quant()
+
         return Applied(self, undo=undo, report=setup.report)

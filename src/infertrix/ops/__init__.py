@@ -10,6 +10,7 @@ block, and a parity test against the reference in ``tests/ops/``.
 """
 
 from . import _extension
+from .kivi_attention import kivi_decode_attention  # noqa: F401  (declares the fused KIVI decode attention)
 from .kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quantize  # noqa: F401  (declares the KV-cache ops)
 from .ngram_index import ngram_index_update, ngram_lookup  # noqa: F401  (speculative/)
 from .quantize import quantize_per_token_int8, quantize_per_token_int8_reference
