@@ -26,6 +26,7 @@ from infertrix.kvcache import (
     StreamingLLM,
     new_cache,
 )
+from infertrix.kvcache.cache import POLICY_HEADROOM
 
 
 def policies(**kw):
@@ -451,4 +452,4 @@ def test_policy_layers_append_in_place():
         ptrs.add(layer.keys.data_ptr())
     # one buffer for the prompt, one after the eviction, then in place
     assert len(ptrs) == 1 and layer.reallocations == 2
-    assert layer.keys.shape[-2] == 40 and layer.kbuf.shape[-2] == 21 + 128
+    assert layer.keys.shape[-2] == 40 and layer.kbuf.shape[-2] == 21 + POLICY_HEADROOM

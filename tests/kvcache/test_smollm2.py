@@ -40,7 +40,8 @@ def test_snapkv_on_smollm2(smollm2):
         assert torch.equal(logits[:, 0], ref_logits[:, 0])
         rep = next(t["report"] for t in ix.describe(model).transforms if "kv_bytes" in t["report"])
         assert rep["tokens_seen"] == n + 5
-        # half the tokens; 4-bit codes (plus scales) for all but the 32-63 most recent full-precision ones
-        assert rep["kv_fraction"] < 0.3
+        # half the tokens; 4-bit codes (plus scales) for all but the 32-63 most recent full-precision
+        # ones, whose append buffer also holds one group (32) of headroom: ~0.35 of the full cache here
+        assert rep["kv_fraction"] < 0.36
     finally:
         ix.restore(model)

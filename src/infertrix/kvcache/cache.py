@@ -55,6 +55,9 @@ class CacheCropError(RuntimeError):
     """``crop`` cannot roll the cache back exactly (the tokens to remove were evicted or quantized)."""
 
 
+POLICY_HEADROOM = 32  # token slots a PolicyLayer allocates ahead of its stored tokens
+
+
 class PolicyLayer(GrowingLayer):
     """One full-attention layer of a :class:`PolicyCache` (see the module docstring).
 
@@ -73,9 +76,10 @@ class PolicyLayer(GrowingLayer):
     is_croppable = True
 
     def __init__(self, quant: KVQuantSpec | None = None, **kwargs) -> None:
-        # room for 128 more tokens (a quantized residual: one group, all it grows between flushes);
-        # no proportional headroom, so an evicting policy's memory stays near its budget
-        super().__init__(headroom=0.0, min_headroom=quant.group_size if quant else 128)
+        # room for POLICY_HEADROOM more tokens (a quantized residual: one group, all it grows between
+        # flushes); no proportional headroom, so an evicting policy's memory stays within ~1% of its
+        # budget (kv_bytes counts the headroom) while a buffer is copied only every 32 tokens
+        super().__init__(headroom=0.0, min_headroom=quant.group_size if quant else POLICY_HEADROOM)
         self.quant = quant
         self.cumulative_length = 0
         self.qkeys: tuple[Tensor, Tensor, Tensor] | None = None
@@ -336,10 +340,14 @@ class PolicyLayer(GrowingLayer):
 
     # -- accounting ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
-        """Bytes of the stored keys and values (codes, scales and zeros included)."""
+        """Bytes allocated for the keys and values (codes, scales and zeros included; the append
+        buffers' headroom included while the stored tokens live in them)."""
         if not self.is_initialized:
             return 0
-        total = self.keys.nbytes + self.values.nbytes
+        if self._owns_prefix():
+            total = self.kbuf.nbytes + self.vbuf.nbytes
+        else:
+            total = self.keys.nbytes + self.values.nbytes
         for store in (self.qkeys, self.qvalues):
             if store is not None:
                 total += sum(t.nbytes for t in store)
