@@ -24,7 +24,7 @@
 namespace infertrix {
 namespace {
 
-constexpr int64_t kMaxRows = 32;  // floats ahead per weight row (DRAM latency)  // floats ahead per weight row (DRAM latency)  // above this torch's GEMM is the better choice (compute-bound)
+constexpr int64_t kMaxRows = 32;  // above this torch's GEMM is the better choice (compute-bound)
 
 struct Args {
   const float* x;
