@@ -121,6 +121,32 @@ inline void add_tile(const float* tmp, int64_t nb, int64_t fold, float* out, int
   }
 }
 
+// acc[k][j] += mult[j] * (code position k of `bytes`): the inner step of the key and value tiles.
+template <int BITS, int NG>
+INFERTRIX_TARGET_AVX512 __attribute__((always_inline)) inline void fma_codes(__m512 (&acc)[8 / BITS][NG],
+                                                                              const __m512i bytes,
+                                                                              const __m512 (&mult)[NG]) {
+  INFERTRIX_UNROLL
+  for (int k = 0; k < 8 / BITS; ++k) {
+    const __m512 code = lane_codes<BITS>(bytes, k);
+    INFERTRIX_UNROLL
+    for (int j = 0; j < NG; ++j) acc[k][j] = _mm512_fmadd_ps(mult[j], code, acc[k][j]);
+  }
+}
+
+// Adds a tile's accumulators to out (through add_tile's lane order).
+template <int PER, int NG>
+INFERTRIX_TARGET_AVX512 __attribute__((always_inline)) inline void flush_tile(const __m512 (&acc)[PER][NG], int64_t nb,
+                                                                               int64_t fold, float* out,
+                                                                               int64_t out_stride) {
+  alignas(64) float tmp[PER * NG * 16];
+  INFERTRIX_UNROLL
+  for (int k = 0; k < PER; ++k)
+    INFERTRIX_UNROLL
+    for (int j = 0; j < NG; ++j) _mm512_store_ps(tmp + (k * NG + j) * 16, acc[k][j]);
+  add_tile<PER, NG>(tmp, nb, fold, out, out_stride);
+}
+
 // Keys of one block for NG heads, one 16-byte load at a time: sum over channels d of
 // qs[j][d] * code[d][token]. ROWS: several channels' rows (row_bytes each) share a load, lane
 // multipliers come from qs by row; else one row per load, from byte `codes` of each row.
@@ -143,19 +169,9 @@ INFERTRIX_TARGET_AVX512 void key_tile(const uint8_t* codes, int64_t row_bytes, i
     for (int j = 0; j < NG; ++j)
       mult[j] = ROWS ? _mm512_permutexvar_ps(rows, _mm512_maskz_loadu_ps(first_lanes(n_rows), qs + j * D + d))
                      : _mm512_set1_ps(qs[j * D + d]);
-    INFERTRIX_UNROLL
-    for (int k = 0; k < PER; ++k) {
-      const __m512 code = lane_codes<BITS>(bytes, k);
-      INFERTRIX_UNROLL
-      for (int j = 0; j < NG; ++j) acc[k][j] = _mm512_fmadd_ps(mult[j], code, acc[k][j]);
-    }
+    fma_codes<BITS, NG>(acc, bytes, mult);
   }
-  alignas(64) float tmp[PER * NG * 16];
-  INFERTRIX_UNROLL
-  for (int k = 0; k < PER; ++k)
-    INFERTRIX_UNROLL
-    for (int j = 0; j < NG; ++j) _mm512_store_ps(tmp + (k * NG + j) * 16, acc[k][j]);
-  add_tile<PER, NG>(tmp, ROWS ? 16 : nb, ROWS ? row_bytes : 16, out, out_stride);
+  flush_tile<PER, NG>(acc, ROWS ? 16 : nb, ROWS ? row_bytes : 16, out, out_stride);
 }
 
 // Values of groups [j0, j0 + n_groups) for NG heads over every token: sum_t w * code[t][channel].
@@ -180,19 +196,9 @@ INFERTRIX_TARGET_AVX512 void value_tile(const uint8_t* codes, int64_t row_stride
     for (int j = 0; j < NG; ++j)
       mult[j] = ROWS ? _mm512_permutexvar_ps(rows, _mm512_maskz_loadu_ps(live, w + j * w_stride + t * n_groups))
                      : _mm512_set1_ps(w[j * w_stride + t]);
-    INFERTRIX_UNROLL
-    for (int k = 0; k < PER; ++k) {
-      const __m512 code = lane_codes<BITS>(bytes, k);
-      INFERTRIX_UNROLL
-      for (int j = 0; j < NG; ++j) acc[k][j] = _mm512_fmadd_ps(mult[j], code, acc[k][j]);
-    }
+    fma_codes<BITS, NG>(acc, bytes, mult);
   }
-  alignas(64) float tmp[PER * NG * 16];
-  INFERTRIX_UNROLL
-  for (int k = 0; k < PER; ++k)
-    INFERTRIX_UNROLL
-    for (int j = 0; j < NG; ++j) _mm512_store_ps(tmp + (k * NG + j) * 16, acc[k][j]);
-  add_tile<PER, NG>(tmp, nb, 16, out, out_stride);
+  flush_tile<PER, NG>(acc, nb, 16, out, out_stride);
 }
 
 // Runs tile<NG>(g0, ...) over the G heads in tiles of kTile (NG a compile-time count).
