@@ -7,7 +7,8 @@
 // SmolLM2's layers), which makes a speculative verification forward of width 4 cost ~1.6 plain
 // steps. Here every weight element is loaded once and multiplied with all the rows it meets.
 //
-// Blocking: 16 accumulators (8 with AVX2), MB rows of x times NR = 16 / MB rows of w, each holding
+// Blocking (skinny_block.inc, written once for AVX-512 and AVX2): 16 accumulators (8 with AVX2),
+// MB rows of x times NR = 16 / MB rows of w, each holding
 // 16 lane-partial sums over k = lane (mod 16); a transpose-add tree reduces the 16 accumulators
 // to one vector of 16 results. The sum order of an output depends only on K (never on M, on the
 // other rows or on the thread count), so a row's result is bitwise independent of its batch.
@@ -48,121 +49,80 @@ void block_scalar(const Args& a, int64_t m0, int64_t mrows, int64_t n0, int64_t 
 }
 
 #if INFERTRIX_X86
-// Reduce v[0..15] (16 lanes each) to one vector whose lane t is the sum of v[t]'s lanes.
-INFERTRIX_TARGET_AVX512 inline __m512 hsum16_512(const __m512* v) {
-  __m512 u[8];
-  for (int i = 0; i < 8; ++i)  // per 128-bit quarter: (a0+a2, b0+b2, a1+a3, b1+b3)
-    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  __m512 w[4];
-  for (int j = 0; j < 4; ++j)  // per quarter: (a, b, c, d) = v[4j .. 4j+3]
-    w[j] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
+// Each vector type V gives the block (skinny_block.inc) these float operations: kLanes lanes per
+// vector; zero(), load(p), tail_mask(n) and load_tail(p, mask) (the first n lanes, zeros after),
+// fma(a, b, c) = a * b + c, pin(v) (keeps v in a register), store(p, v), and hsum(v[kLanes]): one
+// vector whose lane t is the sum of v[t]'s lanes (a transpose-add tree).
 
-template <int MB>
-INFERTRIX_TARGET_AVX512 void block_avx512(const Args& a, int64_t m0, int64_t mrows, int64_t n0,
-                                          int64_t nrows) {
-  constexpr int NR = 16 / MB;
-  const int64_t K = a.K;
-  const float* xr[MB];
-  const float* wr[NR];
-  for (int m = 0; m < MB; ++m) xr[m] = a.x + (m0 + std::min<int64_t>(m, mrows - 1)) * K;
-  for (int r = 0; r < NR; ++r) wr[r] = a.w + (n0 + std::min<int64_t>(r, nrows - 1)) * K;
-  __m512 acc[16];
-  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 xv[MB];
-    for (int m = 0; m < MB; ++m) {
-      xv[m] = _mm512_loadu_ps(xr[m] + k);
-      __asm__("" : "+v"(xv[m]));  // keep x in registers: not one memory operand per FMA
-    }
-    for (int r = 0; r < NR; ++r) {
-      const __m512 wv = _mm512_loadu_ps(wr[r] + k);
-      for (int m = 0; m < MB; ++m) acc[m * NR + r] = _mm512_fmadd_ps(wv, xv[m], acc[m * NR + r]);
-    }
+// ---------------------------------------------------------------- AVX-512
+namespace avx512 {
+#define SKINNY_TARGET INFERTRIX_TARGET_AVX512
+struct V {
+  using F = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  SKINNY_TARGET static F zero() { return _mm512_setzero_ps(); }
+  SKINNY_TARGET static F load(const float* p) { return _mm512_loadu_ps(p); }
+  SKINNY_TARGET static Mask tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  SKINNY_TARGET static F load_tail(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  SKINNY_TARGET static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  SKINNY_TARGET static void pin(F& v) { __asm__("" : "+v"(v)); }
+  SKINNY_TARGET static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  SKINNY_TARGET static F hsum(const F* v) {
+    F u[8];
+    for (int i = 0; i < 8; ++i)  // per 128-bit quarter: (a0+a2, b0+b2, a1+a3, b1+b3)
+      u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                           _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    F w[4];
+    for (int j = 0; j < 4; ++j)  // per quarter: (a, b, c, d) = v[4j .. 4j+3]
+      w[j] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const F s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const F s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
   }
-  if (k < K) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, xr[m] + k);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 wv = _mm512_maskz_loadu_ps(mask, wr[r] + k);
-      for (int m = 0; m < MB; ++m) acc[m * NR + r] = _mm512_fmadd_ps(wv, xv[m], acc[m * NR + r]);
-    }
-  }
-  alignas(64) float out[16];
-  _mm512_store_ps(out, hsum16_512(acc));
-  for (int64_t m = 0; m < mrows; ++m)
-    for (int64_t r = 0; r < nrows; ++r) {
-      const float s = out[m * NR + r];
-      a.y[(m0 + m) * a.N + n0 + r] = a.bias ? s + a.bias[n0 + r] : s;
-    }
-}
+};
+#include "skinny_block.inc"
+#undef SKINNY_TARGET
+}  // namespace avx512
 
-// Reduce v[0..7] (8 lanes each) to one vector whose lane t is the sum of v[t]'s lanes.
-INFERTRIX_TARGET_AVX2 inline __m256 hsum8_256(const __m256* v) {
-  __m256 u[4];
-  for (int i = 0; i < 4; ++i)
-    u[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  __m256 w[2];
-  for (int j = 0; j < 2; ++j)
-    w[j] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm256_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm256_add_ps(_mm256_permute2f128_ps(w[0], w[1], 0x20),
-                       _mm256_permute2f128_ps(w[0], w[1], 0x31));
-}
-
-template <int MB>
-INFERTRIX_TARGET_AVX2 void block_avx2(const Args& a, int64_t m0, int64_t mrows, int64_t n0,
-                                      int64_t nrows) {
-  constexpr int NR = 8 / MB;
-  const int64_t K = a.K;
-  const float* xr[MB];
-  const float* wr[NR];
-  for (int m = 0; m < MB; ++m) xr[m] = a.x + (m0 + std::min<int64_t>(m, mrows - 1)) * K;
-  for (int r = 0; r < NR; ++r) wr[r] = a.w + (n0 + std::min<int64_t>(r, nrows - 1)) * K;
-  __m256 acc[8];
-  for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[MB];
-    for (int m = 0; m < MB; ++m) {
-      xv[m] = _mm256_loadu_ps(xr[m] + k);
-      __asm__("" : "+x"(xv[m]));
-    }
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = _mm256_loadu_ps(wr[r] + k);
-      for (int m = 0; m < MB; ++m) acc[m * NR + r] = _mm256_fmadd_ps(wv, xv[m], acc[m * NR + r]);
-    }
-  }
-  if (k < K) {
+// ---------------------------------------------------------------- AVX2
+namespace avx2 {
+#define SKINNY_TARGET INFERTRIX_TARGET_AVX2
+struct V {
+  using F = __m256;
+  using Mask = __m256i;
+  static constexpr int kLanes = 8;
+  SKINNY_TARGET static F zero() { return _mm256_setzero_ps(); }
+  SKINNY_TARGET static F load(const float* p) { return _mm256_loadu_ps(p); }
+  SKINNY_TARGET static Mask tail_mask(int64_t n) {
     alignas(32) int32_t lanes[8];
-    for (int i = 0; i < 8; ++i) lanes[i] = (k + i < K) ? -1 : 0;
-    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-    __m256 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm256_maskload_ps(xr[m] + k, mask);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = _mm256_maskload_ps(wr[r] + k, mask);
-      for (int m = 0; m < MB; ++m) acc[m * NR + r] = _mm256_fmadd_ps(wv, xv[m], acc[m * NR + r]);
-    }
+    for (int i = 0; i < 8; ++i) lanes[i] = i < n ? -1 : 0;
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
   }
-  alignas(32) float out[8];
-  _mm256_store_ps(out, hsum8_256(acc));
-  for (int64_t m = 0; m < mrows; ++m)
-    for (int64_t r = 0; r < nrows; ++r) {
-      const float s = out[m * NR + r];
-      a.y[(m0 + m) * a.N + n0 + r] = a.bias ? s + a.bias[n0 + r] : s;
-    }
-}
+  SKINNY_TARGET static F load_tail(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  SKINNY_TARGET static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  SKINNY_TARGET static void pin(F& v) { __asm__("" : "+x"(v)); }
+  SKINNY_TARGET static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  SKINNY_TARGET static F hsum(const F* v) {
+    F u[4];
+    for (int i = 0; i < 4; ++i)
+      u[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                           _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    F w[2];
+    for (int j = 0; j < 2; ++j)
+      w[j] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm256_shuffle_ps(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm256_add_ps(_mm256_permute2f128_ps(w[0], w[1], 0x20),
+                         _mm256_permute2f128_ps(w[0], w[1], 0x31));
+  }
+};
+#include "skinny_block.inc"
+#undef SKINNY_TARGET
+}  // namespace avx2
 #endif
 
 using BlockFn = void (*)(const Args&, int64_t, int64_t, int64_t, int64_t);
@@ -173,14 +133,14 @@ BlockFn pick(Isa isa, int64_t rows, int64_t& nr) {
   nr = 8;
 #if INFERTRIX_X86
   if (isa == Isa::Avx512Vnni) {
-    static const BlockFn by_rows[4] = {&block_avx512<1>, &block_avx512<2>, &block_avx512<4>,
-                                       &block_avx512<8>};
+    static const BlockFn by_rows[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
+                                       &avx512::block<8>};
     const int i = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : 3;
     fn = by_rows[i];
     nr = 16 >> i;
   } else if (isa == Isa::Avx2) {
     // at most 4 rows: 8 accumulators + 4 rows of x + a weight vector fit AVX2's 16 registers
-    static const BlockFn by_rows[3] = {&block_avx2<1>, &block_avx2<2>, &block_avx2<4>};
+    static const BlockFn by_rows[3] = {&avx2::block<1>, &avx2::block<2>, &avx2::block<4>};
     const int i = rows == 1 ? 0 : rows == 2 ? 1 : 2;
     fn = by_rows[i];
     nr = 8 >> i;
