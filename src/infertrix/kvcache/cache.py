@@ -4,7 +4,7 @@ The cache is built from the model config exactly like ``DynamicCache(config=...)
 chunked, linear-attention and hybrid layers get transformers' own stock layer classes and are left
 alone; only plain ``full_attention`` layers become :class:`PolicyLayer`, a ``DynamicLayer`` subclass
 (through :class:`~infertrix.kvcache.growing.GrowingLayer`: tokens are appended in place into buffers
-with room for 128 more, not concatenated per step) that overrides the minimum:
+with room for ``POLICY_HEADROOM`` more, one group for a KIVI residual, not concatenated per step) that overrides the minimum:
 
 - ``get_seq_length`` reports every token ever seen (``cumulative_length``), so rotary positions and
   ``generate``'s input slicing stay right after eviction;

@@ -56,8 +56,12 @@ def kivi_attention(
     layer = kwargs.pop("kivi_layer", None)
     if layer is not None:
         ok, mask = decode_mask(attention_mask, layer.stored_length)
-        special = dropout or kwargs.get("softcap") or kwargs.get("position_bias") is not None
-        if ok and not special and kwargs.get("s_aux") is None and kwargs.get("sinks") is None:
+        unmodelled = (
+            dropout
+            or kwargs.get("softcap")
+            or any(kwargs.get(name) is not None for name in ("position_bias", "s_aux", "sinks"))
+        )
+        if ok and not unmodelled:
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             return layer.attend_quantized(query, mask, scale), None
         key, value = layer.full_keys_values()

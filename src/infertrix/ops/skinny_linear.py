@@ -4,7 +4,7 @@ Decoding multiplies a handful of rows (one token per sequence, or a speculative 
 window of a few draft tokens) by each weight matrix: the weights cost far more than the
 arithmetic, so the time should be one read of the weights whatever the number of rows. torch's
 CPU GEMM does not behave so at 2 to 8 rows (on SmolLM2's layers it takes about twice its
-one-row time), which makes a verification forward of width 4 cost about 1.6 plain decoding steps
+one-row time), which makes a verification forward of width 4 cost about 1.5 plain decoding steps
 and eats most of what speculative decoding gains on a CPU. The compiled kernel
 (``csrc/cpu/skinny_linear.cpp``, AVX-512 / AVX2 / scalar) loads every weight once for all rows
 (up to 32 rows; more rows, or other dtypes, go to ``torch.nn.functional.linear``).

@@ -20,6 +20,7 @@ from importlib import resources
 import torch
 from torch import Tensor, nn
 
+from ..core.generation import CACHE_KWARGS
 from ..core.model import decoder_layers
 from ..core.transform import ConfigError
 
@@ -131,7 +132,7 @@ def sequential_quantize(
             h = args[0] if args else kw.pop("hidden_states")
             if i == 0:
                 inputs.append(h.detach())
-            kwargs[i].append({k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "past_key_value")})
+            kwargs[i].append({k: v for k, v in kw.items() if k not in (*CACHE_KWARGS, "past_key_value")})
         return hook
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
