@@ -118,6 +118,7 @@ def drafters(names: list[str]) -> dict[str, tuple]:
         "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),
         "self_speculative": lambda: ix.speculative.SelfSpeculative(),
         "quantized_self": lambda: ix.speculative.QuantizedSelf(),
+        "quantized_self(w8a8)": lambda: ix.speculative.QuantizedSelf(weight_bits=8),
     }
     out = {}
     for n in names:

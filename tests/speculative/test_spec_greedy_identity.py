@@ -34,7 +34,8 @@ def drafters():
         "pld": lambda: PromptLookup(num_tokens=6),
         "pld_adaptive": lambda: PromptLookup(num_tokens=4, adaptive=True, max_ngram=2),
         "draft_model": lambda: DraftModel(draft=make_tiny("llama", seed=7, num_hidden_layers=1), num_tokens=4),
-        "quantized_self": lambda: QuantizedSelf(group_size=32, adaptive=False),
+        "quantized_self": lambda: QuantizedSelf(adaptive=False),
+        "quantized_self_w4": lambda: QuantizedSelf(weight_bits=4, group_size=32, adaptive=False),
     }
 
 
@@ -159,18 +160,19 @@ def test_self_speculative_plan_search():
     assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)
 
 
-def test_quantized_self_shares_weights_and_reports_memory():
+@pytest.mark.parametrize("bits,layer", [(8, "W8A8Linear"), (4, "W4A8Linear")])
+def test_quantized_self_shares_weights_and_reports_memory(bits, layer):
     model = make_tiny("llama")
-    t = QuantizedSelf(group_size=32)
+    t = QuantizedSelf(weight_bits=bits, group_size=32)
     ids, mask = padded_batch(4, seed=4)
     ref, out, stats = plain_and_spec(model, t, ids, mask, max_new_tokens=16)
     assert torch.equal(ref, out)
     draft = t.draft_for(model)
     assert draft is not model and draft.model.embed_tokens.weight is model.model.embed_tokens.weight
     assert draft.model.norm.weight is model.model.norm.weight
-    assert type(draft.model.layers[0].mlp.up_proj).__name__ == "W4A8Linear"
+    assert type(draft.model.layers[0].mlp.up_proj).__name__ == layer
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear  # the target stays float
-    assert type(draft.lm_head).__name__ == "W4A8Linear" and type(model.lm_head) is torch.nn.Linear
+    assert type(draft.lm_head).__name__ == layer and type(model.lm_head) is torch.nn.Linear
     assert "generate" not in draft.__dict__ and "_infertrix" in draft.__dict__  # its own quant state only
     ix.optimize(model, t)
     report = ix.describe(model)

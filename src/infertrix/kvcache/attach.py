@@ -29,7 +29,7 @@ SETUP_ATTR = "_infertrix_kvcache"
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
 # except for decoding steps over quantized tokens, which it reads from their codes
 KIVI_ATTENTION = "infertrix_kivi"
-SUPPORTED_ATTENTION = ("sdpa", "eager", KIVI_ATTENTION)
+SUPPORTED_ATTENTION = ("sdpa", "eager", KIVI_ATTENTION, "infertrix_sdpa")  # the last: core.attention
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -18,10 +18,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..core import Applied, ConfigError, Stage, Transform, register_transform
+from ..core.attention import SDPA_ATTENTION, sdpa_forward
 from ..core.model import text_config
 from .attach import KIVI_ATTENTION, check_supported_model, kv_setup
 
@@ -49,7 +49,8 @@ def kivi_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
-    """transformers attention function ``"infertrix_kivi"``: sdpa, except for a decoding step of a
+    """transformers attention function ``"infertrix_kivi"``: sdpa (``infertrix_sdpa``, which does
+    not copy grouped keys and values for masked query windows), except for a decoding step of a
     layer holding KIVI codes (the attention pre-hook passes it as ``kivi_layer``, and its update
     returned only the residual window): softmax attention straight from the codes. A case the
     kernel does not model (soft-capping, sinks, a per-head mask) dequantizes as before."""
@@ -65,9 +66,7 @@ def kivi_attention(
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             return layer.attend_quantized(query, mask, scale), None
         key, value = layer.full_keys_values()
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+    return sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(KIVI_ATTENTION, kivi_attention)
@@ -122,7 +121,7 @@ class KIVI(Transform):
         setup = kv_setup(model, create=True)
         undo_quant = setup.set_quant(self)
         before = text_config(model)._attn_implementation
-        if before == "sdpa" and hasattr(model, "set_attn_implementation"):
+        if before in ("sdpa", SDPA_ATTENTION) and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(KIVI_ATTENTION)
 
         def undo() -> None:

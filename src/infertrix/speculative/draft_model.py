@@ -30,6 +30,7 @@ from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.growing import GrowingCache
 from .budget import AcceptanceRate, best_length
 from .drafter import Draft, DraftContext, Drafter
+from .lean import LeanDecoder, lean_supported
 from .ragged import RaggedKV
 from .transform import SpeculativeDecoding
 
@@ -61,6 +62,39 @@ def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "Draf
 
 
 PROBE_EVERY = 8  # plain steps in a row after which a 1-token draft re-measures acceptance
+LEAN_ATTR = "_infertrix_lean"
+
+
+def lean_decoder(draft: nn.Module) -> LeanDecoder | None:
+    """The draft's :class:`~.lean.LeanDecoder` (built once and kept on the module; rebuilt if its
+    modules were replaced since), or None when the model is not supported."""
+    signature = tuple(id(m) for m in draft.modules())
+    kept = draft.__dict__.get(LEAN_ATTR)
+    if kept is not None and kept[0] == signature:
+        return kept[1]
+    lean = LeanDecoder(draft) if lean_supported(draft) is None else None
+    draft.__dict__[LEAN_ATTR] = (tuple(id(m) for m in draft.modules()), lean)
+    return lean
+
+
+class _LeanKV:
+    """The one-row draft cache of a :class:`~.lean.LeanDecoder`, with RaggedKV's two calls."""
+
+    def __init__(self, lean: LeanDecoder):
+        self.lean = lean
+        lean.truncate(0)
+
+    def rollback(self, keep: list[int]) -> None:
+        self.lean.truncate(keep[0])
+
+    def last_logits(self, feed: list[list[int]]) -> torch.Tensor:
+        return self.lean.extend(feed[0])[None]
+
+
+class _RaggedDraftKV(RaggedKV):
+    def last_logits(self, feed: list[list[int]]) -> torch.Tensor:
+        logits = self.extend(feed)
+        return torch.stack([logits[b, max(len(feed[b]) - 1, 0)] for b in range(len(feed))])
 
 
 class DraftModelDrafter(Drafter):
@@ -75,8 +109,10 @@ class DraftModelDrafter(Drafter):
         adaptive: bool,
         max_tokens: int,
         context: Callable[[], AbstractContextManager] | None = None,
+        lean: bool = True,
     ):
         self.draft = draft
+        self.lean = lean and context is None  # a context changes the model: keep its own forward
         self.context = context
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens
@@ -111,10 +147,14 @@ class DraftModelDrafter(Drafter):
         """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens)."""
         dev = next(self.draft.parameters()).device
         batch = self.ctx.batch_size
-        self.kv = RaggedKV(self.draft, GrowingCache(self.draft.config), self.ctx.pad_token_id)
+        self.cached: list[list[int]] = [[] for _ in range(batch)]
+        lean = lean_decoder(self.draft) if self.lean and batch == 1 else None
+        if lean is not None:
+            self.kv = _LeanKV(lean)
+            return
+        self.kv = _RaggedDraftKV(self.draft, GrowingCache(self.draft.config), self.ctx.pad_token_id)
         self.kv.mask = torch.zeros((batch, 0), dtype=torch.long, device=dev)
         self.kv.pos = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.cached: list[list[int]] = [[] for _ in range(batch)]
 
     def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         logits = logits.to(torch.float32)
@@ -150,13 +190,15 @@ class DraftModelDrafter(Drafter):
         while True:
             t0 = time.perf_counter()
             with self.context() if self.context is not None else nullcontext():
-                logits = self.kv.extend(feed)
+                last = self.kv.last_logits(feed)
             spent = time.perf_counter() - t0
-            ts = self.token_seconds
-            self.token_seconds = spent if ts is None else ts + 0.3 * (spent - ts)
+            if max(len(f) for f in feed) == 1:
+                # the cost of one draft token: a forward that also catches up on the verified tokens
+                # (the whole prompt, on the first draft) would make drafting look far dearer than it is
+                ts = self.token_seconds
+                self.token_seconds = spent if ts is None else ts + 0.3 * (spent - ts)
             for b in range(batch):
                 self.cached[b].extend(feed[b])
-            last = torch.stack([logits[b, max(len(feed[b]) - 1, 0)] for b in range(batch)])
             tok, q, conf = self._pick(last)
             feed = [[] for _ in range(batch)]
             for b in range(batch):

@@ -2,7 +2,9 @@
 speculative loop through transformers' ``custom_generate`` seam.
 
 A subclass is a dataclass config that only says how to build its :class:`~.drafter.Drafter`;
-this base registers the generate hook, keeps the statistics on ``model.speculative_stats``
+this base registers the generate hook, switches an sdpa model to ``infertrix_sdpa``
+(:mod:`infertrix.core.attention`: a masked verification window attends without copying grouped
+keys and values; results unchanged), keeps the statistics on ``model.speculative_stats``
 (also shown by ``describe(model)``) and undoes both on ``restore``. A ``generate`` call that
 passes its own ``custom_generate`` or ``assistant_model`` runs unchanged.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.attention import use_packed_sdpa
 from ..core.generation import add_generate_hook
 from ..core.transform import Applied, Stage, Transform
 from .drafter import Drafter
@@ -53,8 +56,11 @@ class SpeculativeDecoding(Transform):
 
         remove = add_generate_hook(model, hook, order=int(self.stage))
         model.__dict__[STATS_ATTR] = record
+        # verification forwards are masked query windows: no per-step copies of grouped keys/values
+        undo_attention = use_packed_sdpa(model)
 
         def undo() -> None:
+            undo_attention()
             remove()
             model.__dict__.pop(STATS_ATTR, None)
 

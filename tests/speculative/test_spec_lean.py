@@ -1,0 +1,120 @@
+"""The lean one-row draft forward (``speculative.lean``) computes what the model computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import infertrix as ix
+from infertrix.core.transform import Applied, Stage, Transform
+from infertrix.speculative.draft_model import DraftModelDrafter, _LeanKV, _RaggedDraftKV
+from infertrix.speculative.drafter import DraftContext
+from infertrix.speculative.lean import LeanDecoder, fuse_w4a8, lean_supported
+from infertrix.speculative.quantized_self import quantized_copy
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_lean_matches_the_model_step_by_step(arch):
+    model = make_tiny(arch, num_key_value_heads=2, attention_bias=arch == "qwen2")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (29,), generator=g).tolist()
+    ref = full_logits(model, ids)
+    lean = LeanDecoder(model, capacity=8)  # small: the cache grows (doubling) on the way
+    torch.testing.assert_close(lean.extend(ids[:11]), ref[10], rtol=0, atol=2e-5)
+    for i in range(11, 20):  # one token at a time
+        torch.testing.assert_close(lean.extend([ids[i]]), ref[i], rtol=0, atol=2e-5)
+    lean.truncate(15)  # roll back, then a window of several tokens
+    assert lean.length == 15
+    torch.testing.assert_close(lean.extend(ids[15:29]), ref[28], rtol=0, atol=2e-5)
+    with pytest.raises(ValueError):
+        lean.truncate(30)
+
+
+def test_lean_on_a_w4a8_copy_matches_its_own_forward_and_fusion_shares_codes():
+    model = make_tiny("llama", hidden_size=64, intermediate_size=128)
+    draft, _ = quantized_copy(model, ix.quant.W4A8(group_size=32, quantize_lm_head=True, progress=False))
+    ids = torch.randint(3, 128, (13,), generator=torch.Generator().manual_seed(2)).tolist()
+    before = full_logits(draft, ids)
+    lean = LeanDecoder(draft)
+    attn = draft.model.layers[0].self_attn
+    assert lean.layers[0].qkv is not None and lean.layers[0].gate_up is not None
+    assert attn.k_proj.qweight.data_ptr() != attn.q_proj.qweight.data_ptr()
+    assert lean.layers[0].qkv.qweight.untyped_storage().data_ptr() == attn.q_proj.qweight.untyped_storage().data_ptr()
+    assert torch.equal(full_logits(draft, ids), before)  # the model's own forward is unchanged by fusion
+    lean.extend(ids[:-1])
+    torch.testing.assert_close(lean.extend(ids[-1:]), before[-1], rtol=0, atol=1e-4)
+
+
+def test_fuse_refuses_what_it_cannot_fuse():
+    a = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), 32)
+    b = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 24, bias=False), 32)  # 24: not whole 16-row panels
+    c = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), 64)  # another group size
+    assert fuse_w4a8([a, b]) is None and fuse_w4a8([a, c]) is None
+    assert fuse_w4a8([torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)]) is None
+    x = torch.randn(3, 64)
+    ref = torch.cat([a(x), a(x)], -1)
+    d = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), 32)
+    d.load_state_dict(a.state_dict())
+    assert torch.equal(fuse_w4a8([a, d])(x), ref)
+
+
+def test_unsupported_models_are_named():
+    assert lean_supported(make_tiny("llama")) is None
+    assert "model type" in lean_supported(make_tiny("gemma3"))
+    assert "sliding" in lean_supported(_sliding_mistral())
+    with pytest.raises(ValueError, match="does not support"):
+        LeanDecoder(make_tiny("gemma3"))
+
+
+def _sliding_mistral():
+    import transformers as tf
+    from conftest import TINY_COMMON
+
+    return tf.MistralForCausalLM(tf.MistralConfig(**TINY_COMMON, sliding_window=16)).eval()
+
+
+def _ctx(batch):
+    return DraftContext(do_sample=False, batch_size=batch, pad_token_id=0, warp=lambda x: x)
+
+
+def test_drafter_uses_lean_for_one_row_only_and_times_single_token_forwards():
+    draft = make_tiny("llama", seed=3)
+    prompt = torch.randint(3, 128, (40,)).tolist()
+    single = DraftModelDrafter(draft, 1, 0.0, False, 1)
+    single.start(draft, _ctx(1))
+    assert len(single.propose([prompt], [1]).tokens[0]) == 1
+    assert single.token_seconds is None  # its only forward caught up on 40 tokens: not a draft token's cost
+    one = DraftModelDrafter(draft, 3, 0.0, False, 3)
+    one.start(draft, _ctx(1))
+    assert isinstance(one.kv, _LeanKV)
+    tokens = one.propose([prompt], [3]).tokens[0]
+    assert len(tokens) == 3
+    assert one.token_seconds is not None  # from the two one-token forwards
+    four = DraftModelDrafter(draft, 3, 0.0, False, 3)
+    four.start(draft, _ctx(2))
+    assert isinstance(four.kv, _RaggedDraftKV)
+    # the lean and the generic path draft the same greedy tokens
+    assert four.propose([prompt, prompt[:20]], [3, 3]).tokens[0] == tokens
+    with_context = DraftModelDrafter(draft, 3, 0.0, False, 3, context=lambda: torch.no_grad())
+    with_context.start(draft, _ctx(1))
+    assert isinstance(with_context.kv, _RaggedDraftKV)  # a context changes the model: its own forward
+
+
+class _ScaleNorm(Transform):
+    stage = Stage.WEIGHTS
+
+    def apply(self, model):
+        model.model.norm.weight.data.mul_(2.0)  # in place through .data: no version bump
+        return Applied(self, undo=lambda: None)
+
+
+def test_quantized_copy_refuses_a_quantizer_that_changes_shared_tensors():
+    model = make_tiny("llama")
+    with pytest.raises(RuntimeError, match="modified 1 of the model's own tensors"):
+        quantized_copy(model, _ScaleNorm())
