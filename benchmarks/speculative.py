@@ -118,7 +118,7 @@ def drafters(names: list[str]) -> dict[str, tuple]:
         "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),
         "self_speculative": lambda: ix.speculative.SelfSpeculative(),
         "quantized_self": lambda: ix.speculative.QuantizedSelf(),
-        "quantized_self(w8a8)": lambda: ix.speculative.QuantizedSelf(weight_bits=8),
+        "quantized_self(w4)": lambda: ix.speculative.QuantizedSelf(weight_bits=4),
     }
     out = {}
     for n in names:
@@ -212,7 +212,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 4])
     ap.add_argument("--modes", nargs="*", default=["greedy", "sample"])
     ap.add_argument("--drafters", nargs="*", default=["prompt_lookup", "self_speculative", "quantized_self",
-                    "skinny_linear", "prompt_lookup+skinny", "self_speculative+skinny", "quantized_self+skinny"])
+                    "quantized_self(w4)", "skinny_linear", "prompt_lookup+skinny", "quantized_self+skinny"])
+    ap.add_argument("--section", default="speculative", help="BENCHMARKS.md section to (re)write")
+    ap.add_argument("--note", default="", help="a sentence added to the section's description")
     ap.add_argument("--results", default="bench-out/speculative.json", help="rows gathered so far (JSON)")
     ap.add_argument("--fresh", action="store_true", help="start a new results file")
     ap.add_argument("--blocks", nargs="*", default=None, help="kind:batch:mode blocks to measure, in this order "
@@ -247,16 +249,20 @@ def main(argv: list[str]) -> None:
     print(table)
     if not args.no_write:
         body = (
-            f"SmolLM2-135M-Instruct (float32), {args.threads} threads, {args.new_tokens} new tokens, "
+            f"SmolLM2-135M-Instruct (float32), {args.threads} thread(s), {args.new_tokens} new tokens, "
             f"median of {args.repeats} interleaved repeats after a short warm-up, each (prompts, batch, "
             "mode) block measured within one locked run. Decode tok/s counts each row's tokens up to its eos, "
             "after the prefill (timed separately). Sampling rows differ from plain by design (same "
             "distribution, different draws), so their token counts differ too. No draft-model row: "
-            "SmolLM2-135M is the smallest model with this tokenizer.\n\n" + table
+            "SmolLM2-135M is the smallest model with this tokenizer. `quantized_self` drafts with the model's "
+            "own W8A8 copy (the default), `quantized_self(w4)` with its W4A8 copy (group 32, MSE clipping). "
+            "`skinny_linear`: plain decoding on the Skinny float kernels (`infertrix::skinny_linear`, "
+            "docs/quant.md); `X+skinny`: drafter X on them; 'vs plain + skinny' is then the drafter's own "
+            "gain over that faster baseline. " + args.note + "\n\n" + table
         )
-        write_section("speculative", "speculative: decode speed on SmolLM2", body,
+        write_section(args.section, f"speculative: decode speed on SmolLM2, {args.threads} thread(s)", body,
                       command="flock /tmp/infertrix-bench.lock python -m benchmarks.speculative "
-                      "[--kinds K] [--batches B] (one run per block; rows gathered in bench-out/speculative.json)")
+                      + " ".join(argv))
 
 
 if __name__ == "__main__":
