@@ -262,7 +262,7 @@ def main(argv: list[str]) -> None:
         )
         write_section(args.section, f"speculative: decode speed on SmolLM2, {args.threads} thread(s)", body,
                       command="flock /tmp/infertrix-bench.lock python -m benchmarks.speculative "
-                      + " ".join(argv))
+                      + " ".join(a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ from conftest import make_tiny
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import infertrix as ix
-from infertrix.core.attention import SDPA_ATTENTION, attention_implementation, sdpa_forward, use_packed_sdpa
+from infertrix.core.attention import (
+    SDPA_ATTENTION,
+    attention_implementation,
+    sdpa_forward,
+    use_packed_sdpa,
+)
 
 
 class _Attn(torch.nn.Module):

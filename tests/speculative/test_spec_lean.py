@@ -68,6 +68,8 @@ def test_unsupported_models_are_named():
     assert lean_supported(make_tiny("llama")) is None
     assert "model type" in lean_supported(make_tiny("gemma3"))
     assert "sliding" in lean_supported(_sliding_mistral())
+    dynamic = make_tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert "rotary scaling" in lean_supported(dynamic)
     with pytest.raises(ValueError, match="does not support"):
         LeanDecoder(make_tiny("gemma3"))
 

@@ -47,6 +47,9 @@ def lean_supported(model: nn.Module) -> str | None:
     cfg = text_config(model)
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", mt == "mistral"):
         return "sliding-window attention"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} (its tables depend on the length)"
     if str(getattr(cfg, "hidden_act", "silu")) not in ("silu", "swish"):
         return f"activation {cfg.hidden_act!r}"
     inner = getattr(model, "model", None)
