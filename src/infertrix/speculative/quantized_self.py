@@ -94,7 +94,11 @@ class QuantizedSelf(SpeculativeDecoding):
         text, group 128 without it 60-61% (teacher-forced, 4 prompts each, 96 tokens).
       quantize_lm_head: quantize the output projection too (a separate copy; the tied embedding
         stays shared and float).
-      num_tokens, adaptive, max_tokens, confidence: as in :class:`~.draft_model.DraftModel`.
+      num_tokens, adaptive, max_tokens, confidence: as in :class:`~.draft_model.DraftModel`, but
+        ``confidence`` defaults to 0.1: a draft this close to the model is usually right even when
+        unsure. On SmolLM2 (1 thread, one greedy call of up to 128 tokens, median of 3) a story
+        continuation took 2.42 s at 0.3, 1.95 s at 0.1 and 2.02 s at 0 (plain: 2.20 s), a
+        question's answer 4.07, 3.70 and 4.14 s (plain: 5.11 s).
     """
 
     primary: ClassVar[str | None] = "num_tokens"
@@ -106,7 +110,7 @@ class QuantizedSelf(SpeculativeDecoding):
     num_tokens: int = 4
     adaptive: bool = True
     max_tokens: int = 10
-    confidence: float = 0.3
+    confidence: float = 0.1
     _drafts: dict[int, tuple[nn.Module, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
