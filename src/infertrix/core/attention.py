@@ -27,6 +27,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .model import text_config
+
 SDPA_ATTENTION = "infertrix_sdpa"
 
 
@@ -80,8 +82,7 @@ AttentionMaskInterface.register(SDPA_ATTENTION, sdpa_mask)
 
 
 def attention_implementation(model: nn.Module) -> str | None:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "_attn_implementation", None)
+    return getattr(text_config(model), "_attn_implementation", None)
 
 
 def use_packed_sdpa(model: nn.Module) -> Callable[[], None]:

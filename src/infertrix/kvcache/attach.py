@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..core import Stage, UnsupportedModelError
+from ..core.attention import SDPA_ATTENTION
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
 from .cache import KVQuantSpec, PolicyCache, PolicyLayer
@@ -29,7 +30,7 @@ SETUP_ATTR = "_infertrix_kvcache"
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
 # except for decoding steps over quantized tokens, which it reads from their codes
 KIVI_ATTENTION = "infertrix_kivi"
-SUPPORTED_ATTENTION = ("sdpa", "eager", KIVI_ATTENTION, "infertrix_sdpa")  # the last: core.attention
+SUPPORTED_ATTENTION = ("sdpa", "eager", KIVI_ATTENTION, SDPA_ATTENTION)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -73,7 +73,7 @@ def lean_decoder(draft: nn.Module) -> LeanDecoder | None:
     if kept is not None and kept[0] == signature:
         return kept[1]
     lean = LeanDecoder(draft) if lean_supported(draft) is None else None
-    draft.__dict__[LEAN_ATTR] = (tuple(id(m) for m in draft.modules()), lean)
+    draft.__dict__[LEAN_ATTR] = (signature, lean)  # building it replaces no module
     return lean
 
 
@@ -109,10 +109,9 @@ class DraftModelDrafter(Drafter):
         adaptive: bool,
         max_tokens: int,
         context: Callable[[], AbstractContextManager] | None = None,
-        lean: bool = True,
     ):
         self.draft = draft
-        self.lean = lean and context is None  # a context changes the model: keep its own forward
+        self.lean = context is None  # a context changes the model: keep its own forward
         self.context = context
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens

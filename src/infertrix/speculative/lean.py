@@ -148,7 +148,6 @@ class LeanDecoder:
         if why is not None:
             raise ValueError(f"LeanDecoder does not support this model: {why}")
         cfg = text_config(model)
-        self.model = model
         self.inner = model.model
         self.layers = [_Layer(layer) for layer in decoder_layers(model)]
         self.heads = cfg.num_attention_heads

@@ -30,6 +30,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..core.registry import register_transform
@@ -47,8 +48,8 @@ def _fingerprint(t) -> tuple[float, float]:
     bump its version counter)."""
     if not t.is_floating_point():
         return (float(t.sum()), 0.0)
-    d = t.detach().double()
-    return (float(d.sum()), float(d.abs().sum()))
+    t = t.detach()  # sums accumulated in float64, without a float64 copy of the tensor
+    return (float(t.sum(dtype=torch.float64)), float(t.abs().sum(dtype=torch.float64)))
 
 
 def quantized_copy(model: nn.Module, quant) -> tuple[nn.Module, int]:
