@@ -10,7 +10,7 @@ import infertrix as ix
 from infertrix.core.transform import Applied, Stage, Transform
 from infertrix.speculative.draft_model import DraftModelDrafter, _LeanKV, _RaggedDraftKV
 from infertrix.speculative.drafter import DraftContext
-from infertrix.speculative.lean import LeanDecoder, fuse_w4a8, lean_supported
+from infertrix.speculative.lean import LeanDecoder, fuse_quantized, lean_supported
 from infertrix.speculative.quantized_self import quantized_copy
 
 
@@ -36,9 +36,12 @@ def test_lean_matches_the_model_step_by_step(arch):
         lean.truncate(30)
 
 
-def test_lean_on_a_w4a8_copy_matches_its_own_forward_and_fusion_shares_codes():
-    model = make_tiny("llama", hidden_size=64, intermediate_size=128)
-    draft, _ = quantized_copy(model, ix.quant.W4A8(group_size=32, quantize_lm_head=True, progress=False))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lean_on_a_quantized_copy_matches_its_own_forward_and_fusion_shares_codes(bits):
+    model = make_tiny("llama", hidden_size=64, intermediate_size=128, attention_bias=bits == 8)
+    quant = (ix.quant.W4A8(group_size=32, quantize_lm_head=True, progress=False) if bits == 4
+             else ix.quant.W8A8(smooth_alpha=None, quantize_lm_head=True, progress=False))
+    draft, _ = quantized_copy(model, quant)
     ids = torch.randint(3, 128, (13,), generator=torch.Generator().manual_seed(2)).tolist()
     before = full_logits(draft, ids)
     lean = LeanDecoder(draft)
@@ -55,13 +58,22 @@ def test_fuse_refuses_what_it_cannot_fuse():
     a = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), 32)
     b = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 24, bias=False), 32)  # 24: not whole 16-row panels
     c = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), 64)  # another group size
-    assert fuse_w4a8([a, b]) is None and fuse_w4a8([a, c]) is None
-    assert fuse_w4a8([torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)]) is None
+    assert fuse_quantized([a, b]) is None and fuse_quantized([a, c]) is None
+    assert fuse_quantized([torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)]) is None
     x = torch.randn(3, 64)
     ref = torch.cat([a(x), a(x)], -1)
     d = ix.quant.W4A8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), 32)
     d.load_state_dict(a.state_dict())
-    assert torch.equal(fuse_w4a8([a, d])(x), ref)
+    assert torch.equal(fuse_quantized([a, d])(x), ref)
+    e = ix.quant.W8A8Linear.from_weight(torch.randint(-127, 128, (24, 64), dtype=torch.int8), torch.rand(24), None,
+                                       torch.float32)
+    assert fuse_quantized([a, e]) is None  # W4A8 with W8A8
+    f = ix.quant.W8A8Linear.from_weight(torch.randint(-127, 128, (40, 64), dtype=torch.int8), torch.rand(40),
+                                       torch.randn(40), torch.float32)
+    assert fuse_quantized([e, f]) is None  # one with a bias, one without
+    ref = torch.cat([e(x), e(x)], -1)  # W8A8 fuses at any output size; each row is computed as before
+    g = ix.quant.W8A8Linear.from_weight(e.qweight.clone(), e.scale.clone(), None, torch.float32)
+    assert torch.equal(fuse_quantized([e, g])(x), ref)
 
 
 def test_unsupported_models_are_named():

@@ -17,6 +17,7 @@ from .quantize import quantize_per_token_int8, quantize_per_token_int8_reference
 from .registry import OPS, OpInfo, OpsStatus, set_cpu_isa, status
 from .skinny_linear import skinny_linear  # noqa: F401  (speculative/ verification, decoding)
 from .w4a8 import w4a8_linear, w4a8_matmul_int32  # noqa: F401  (declares the W4A8 ops)
+from .w8a8 import w8a8_linear  # noqa: F401  (declares the W8A8 op)
 
 _extension.load()
 

@@ -1,12 +1,13 @@
 """W8A8: int8 per-channel weights x int8 per-token activations (SmoothQuant, Xiao et al. 2023).
 
 SmoothQuant: https://arxiv.org/abs/2211.10438. Weights are symmetric int8 with one float scale per
-output channel; activations are quantized per token at run time by
-``infertrix::quantize_per_token_int8``; the product accumulates in int32 with ``torch._int_mm`` and
-one float scale per row and per channel is applied at the end. ``smooth_alpha`` (default 0.5, the
-paper's value) migrates activation outliers into the weights, folded into the preceding norms, as
-in the paper; it needs a few calibration samples (``smooth_alpha=None`` needs none). Lossy; 8 bits
-per weight. GPTQ (``gptq=True``) is accepted too and compensates the int8 rounding.
+output channel; activations are quantized per token at run time; the product accumulates in int32
+and one float scale per row and per channel is applied at the end, all in one op,
+``infertrix::w8a8_linear`` (compiled: one pass over the int8 weights for decoding's few rows,
+``torch._int_mm`` for more). ``smooth_alpha`` (default 0.5, the paper's value) migrates activation
+outliers into the weights, folded into the preceding norms, as in the paper; it needs a few
+calibration samples (``smooth_alpha=None`` needs none). Lossy; 8 bits per weight. GPTQ
+(``gptq=True``) is accepted too and compensates the int8 rounding.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class W8A8Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, q: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> W8A8Linear:
+        """From symmetric int8 codes ``q`` [N, K] (in -127..127, the range the kernel multiplies exactly)."""
+        if q.dtype != torch.int8 or bool((q == -128).any()):
+            raise ValueError("W8A8Linear needs int8 codes in [-127, 127] (symmetric quantization)")
         mod = cls(q.shape[1], q.shape[0], bias is not None, dtype)
         mod.qweight.copy_(q)
         mod.scale.copy_(scale)
@@ -66,13 +70,7 @@ class W8A8Linear(nn.Module):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        x_q, x_s = torch.ops.infertrix.quantize_per_token_int8.default(x2)
-        acc = torch._int_mm(x_q, self.qweight.t())
-        y = (acc.to(torch.float32) * x_s) * self.scale
-        if self.bias is not None:
-            y = y + self.bias.to(torch.float32)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return torch.ops.infertrix.w8a8_linear.default(x, self.qweight, self.scale, self.bias)
 
     def spec(self) -> dict:
         return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
@@ -110,4 +108,4 @@ class W8A8(QuantTransform):
         return W8A8Linear.from_weight(q, scale, linear.bias, linear.weight.dtype)
 
     def extra_report(self) -> dict[str, Any]:
-        return {"scheme": "int8 per-channel weights x int8 per-token activations", "matmul": "torch._int_mm"}
+        return {"scheme": "int8 per-channel weights x int8 per-token activations", "matmul": "infertrix::w8a8_linear"}

@@ -10,10 +10,10 @@ path. :class:`LeanDecoder` runs the decoder of a supported model (``llama``, ``m
 a sliding window, ``qwen2``: RMSNorm, rotary attention with grouped heads, a SiLU-gated MLP) for
 one sequence straight from the model's own modules and tensors:
 
-- the projections are the model's own modules; W4A8 ``q``/``k``/``v`` and ``gate``/``up``
-  projections are fused into one :class:`~infertrix.quant.W4A8Linear` each (one activation
-  quantization and one kernel call instead of three or two), whose 4-bit codes and channel
-  scales the original modules then *view* (no second copy of the weights);
+- the projections are the model's own modules; W8A8 or W4A8 ``q``/``k``/``v`` and
+  ``gate``/``up`` projections are fused into one quantized linear each (one activation
+  quantization and one kernel call instead of three or two), whose codes and channel scales the
+  original modules then *view* (no second copy of the weights);
 - its KV cache is one preallocated buffer per layer (grown by doubling), and rolling back is
   setting the length;
 - the rotary tables are computed once, by the model's own rotary module, for all positions.
@@ -87,39 +87,48 @@ def _rms_norm(x: Tensor, norm: nn.Module, eps: float) -> Tensor:
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def fuse_w4a8(mods: list[nn.Module]) -> nn.Module | None:
-    """One W4A8Linear computing ``cat([m(x) for m in mods], -1)``, whose codes and channel scales
-    the given modules then view (so no weights are duplicated); None when they cannot be fused
-    (not all plain W4A8Linear of one input size, group size and scheme, or output sizes that are
-    not multiples of the kernel's 16-row panels)."""
+def fuse_quantized(mods: list[nn.Module]) -> nn.Module | None:
+    """One quantized linear computing ``cat([m(x) for m in mods], -1)``, whose weights the given
+    modules then view (so nothing is duplicated): all :class:`~infertrix.quant.W4A8Linear` (one
+    group size and scheme, output sizes in whole 16-row panels) or all
+    :class:`~infertrix.quant.W8A8Linear`, of one input size, all with or all without a bias.
+    Each output row is computed exactly as by its own module (activations are quantized per
+    token, weights per output channel). None when they cannot be fused."""
     from ..quant.w4a8_linear import W4A8Linear
+    from ..quant.w8a8 import W8A8Linear
 
-    if not all(type(m) is W4A8Linear and not m.has_outliers for m in mods):
-        return None
     first = mods[0]
-    if any(
-        m.in_features != first.in_features
-        or m.group_size != first.group_size
-        or m.symmetric != first.symmetric
-        or (m.bias is None) != (first.bias is None)
-        or m.out_features % 16
+    kind = type(first)
+    if kind not in (W4A8Linear, W8A8Linear) or any(
+        type(m) is not kind or m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
         for m in mods
     ):
         return None
     n = sum(m.out_features for m in mods)
     dtype = first.bias.dtype if first.bias is not None else torch.float32
-    fused = W4A8Linear(first.in_features, n, first.group_size, first.symmetric, first.bias is not None, dtype=dtype)
+    if kind is W8A8Linear:
+        fused = W8A8Linear(first.in_features, n, first.bias is not None, dtype=dtype)
+        rows_per_weight_row = 1
+    else:
+        if any(
+            m.has_outliers or m.group_size != first.group_size or m.symmetric != first.symmetric or m.out_features % 16
+            for m in mods
+        ):
+            return None
+        fused = W4A8Linear(first.in_features, n, first.group_size, first.symmetric, first.bias is not None,
+                           dtype=dtype)
+        fused.group_scale = torch.cat([m.group_scale for m in mods], dim=1)
+        if not first.symmetric:
+            fused.zero = torch.cat([m.zero for m in mods], dim=1)
+        rows_per_weight_row = 16  # qweight is packed in panels of 16 output channels
     fused.qweight = torch.cat([m.qweight for m in mods])
     fused.scale = torch.cat([m.scale for m in mods])
-    fused.group_scale = torch.cat([m.group_scale for m in mods], dim=1)
-    if not first.symmetric:
-        fused.zero = torch.cat([m.zero for m in mods], dim=1)
     if first.bias is not None:
         fused.bias = torch.cat([m.bias for m in mods])
     start = 0
     for m in mods:  # the originals read the fused buffers (row slices of contiguous tensors)
         end = start + m.out_features
-        m.qweight = fused.qweight[start // 16 : end // 16]
+        m.qweight = fused.qweight[start // rows_per_weight_row : end // rows_per_weight_row]
         m.scale = fused.scale[start:end]
         start = end
     return fused
@@ -130,9 +139,9 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.in_eps, self.post_eps = _eps(self.in_norm), _eps(self.post_norm)
-        self.qkv = fuse_w4a8([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv = fuse_quantized([attn.q_proj, attn.k_proj, attn.v_proj])
         self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.gate_up = fuse_w4a8([mlp.gate_proj, mlp.up_proj])
+        self.gate_up = fuse_quantized([mlp.gate_proj, mlp.up_proj])
         self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.scaling = float(getattr(attn, "scaling", attn.head_dim**-0.5))
 

@@ -1,0 +1,281 @@
+// infertrix::w8a8_linear on the CPU: int8 per-token activations x int8 per-channel weights
+// (SmoothQuant's W8A8, Xiao et al. 2023), for decoding's few rows.
+//
+//   acc[m, n] = sum_k x_q[m, k] * q[n, k]                  (int32, exact)
+//   y[m, n]   = (float(acc[m, n]) * sx[m]) * s1[n]  (+ bias[n])
+//
+// Why: a quantized draft model (speculative/quantized_self.py) runs one token at a time, where
+// the weights cost far more than the arithmetic. torch._int_mm plus the separate quantize,
+// scale and cast ops took SmolLM2's W8A8 draft step to ~11 ms on one core (1 thread), ~6 ms of
+// it in _int_mm; the weights are 134 MB, ~4 ms of DRAM traffic. Here one call quantizes the
+// rows, streams every weight byte once for all rows (up to kMaxRows) and applies the scales.
+//
+// The weights stay in the row-major int8 [N, K] of the float layer (W8A8Linear's storage), so
+// blocking follows skinny_linear: MB rows of x times NR = kLanes / MB rows of w, kLanes int32
+// accumulators of lane-partial sums reduced by one transpose-add tree. vpdpbusd multiplies
+// UNSIGNED bytes by SIGNED bytes: the activation's magnitude |x| is the unsigned operand and its
+// sign moves onto the weight (w negated where x < 0; AVX2's vpsignb does exactly this). That is
+// exact for weight codes in [-127, 127], the symmetric range every quantizer here produces
+// (-128 would overflow when negated: W8A8Linear refuses it). Integer sums are exact in any
+// order, and the float epilogue performs the reference's operations in its order (no FMA
+// contraction), so every path is bit-identical to src/infertrix/ops/w8a8.py's reference. More
+// rows than kMaxRows go to at::_int_mm (compute-bound there), with the same epilogue.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "quantize_per_token.h"
+
+// The epilogue must be mul, mul, add exactly as in the reference: forbid FMA contraction.
+#pragma GCC optimize("fp-contract=off")
+
+namespace infertrix {
+namespace {
+
+constexpr int64_t kMaxRows = 32;  // as skinny_linear: above this the product is compute-bound
+constexpr int64_t kMaxK = (int64_t{2147483647}) / (127 * 127);  // |acc| <= 127^2 K fits int32
+// Software prefetch kAheadBytes past the start of the block being read, at the pace it is read
+// (past a weight's end: harmless, prefetches never fault). SmolLM2's 211 W8A8 layers in a row,
+// cold (134 MB, 1 thread, AMD EPYC): 6.8 ms without, 5.4-5.7 ms at 16 KiB ahead (2-4 KiB: 6-7 ms,
+// 24-64 KiB: no better); torch._int_mm alone took 5.7-6.7 ms.
+constexpr int64_t kAheadBytes = 16384;
+
+struct Args {
+  const int8_t* x;  // [M, K] quantized activations
+  const float* sx;  // [M] their scales
+  int64_t M, K, N;
+  const int8_t* w;     // [N, K]
+  const float* s1;     // [N]
+  const float* bias;   // [N] or nullptr
+  float* y;            // [M, N]
+};
+
+inline float epilogue(const Args& a, int32_t acc, int64_t m, int64_t n) {
+  float y = static_cast<float>(acc) * a.sx[m];
+  y = y * a.s1[n];
+  if (a.bias) y = y + a.bias[n];
+  return y;
+}
+
+// One output block: rows [m0, m0 + mrows) of x times rows [n0, n0 + nrows) of w, all of K.
+void block_scalar(const Args& a, int64_t m0, int64_t mrows, int64_t n0, int64_t nrows) {
+  for (int64_t m = m0; m < m0 + mrows; ++m) {
+    const int8_t* xr = a.x + m * a.K;
+    for (int64_t n = n0; n < n0 + nrows; ++n) {
+      const int8_t* wr = a.w + n * a.K;
+      int32_t s = 0;
+      for (int64_t k = 0; k < a.K; ++k) s += static_cast<int32_t>(xr[k]) * wr[k];
+      a.y[m * a.N + n] = epilogue(a, s, m, n);
+    }
+  }
+}
+
+#if INFERTRIX_X86
+// Each vector type V gives the block these operations: kLanes int32 lanes per vector, kBytes =
+// 4 kLanes bytes per load; zero(), load(p), load_tail(p, n) (the first n bytes, zeros after);
+// prep(x) -> X (an activation vector made ready for dot); dot(acc, X, w): acc + per-lane sum of
+// 4 products x * w; hsum(v[kLanes]): one vector whose lane t is the sum of v[t]'s lanes;
+// pin(v) (keeps v in registers); store(p, v).
+
+// ---------------------------------------------------------------- AVX-512 VNNI: vpdpbusd
+namespace avx512 {
+#define W8A8_TARGET INFERTRIX_TARGET_AVX512
+struct V {
+  using I = __m512i;
+  struct X {
+    __m512i mag;     // |x| as unsigned bytes
+    __mmask64 neg;   // lanes where x < 0
+  };
+  static constexpr int kLanes = 16;
+  static constexpr int kBytes = 64;
+  W8A8_TARGET static I zero() { return _mm512_setzero_si512(); }
+  W8A8_TARGET static I load(const int8_t* p) { return _mm512_loadu_si512(p); }
+  W8A8_TARGET static I load_tail(const int8_t* p, int64_t n) {
+    return _mm512_maskz_loadu_epi8(n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, p);
+  }
+  W8A8_TARGET static X prep(I x) { return {_mm512_abs_epi8(x), _mm512_movepi8_mask(x)}; }
+  W8A8_TARGET static I dot(I acc, const X& x, I w) {
+    return _mm512_dpbusd_epi32(acc, x.mag, _mm512_mask_sub_epi8(w, x.neg, _mm512_setzero_si512(), w));
+  }
+  W8A8_TARGET static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  W8A8_TARGET static I hsum(const I* v) {  // skinny_linear's transpose-add tree, on int32 lanes
+    I u[8];
+    for (int i = 0; i < 8; ++i)
+      u[i] = add(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    I w[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512 a = _mm512_castsi512_ps(u[2 * j]), b = _mm512_castsi512_ps(u[2 * j + 1]);
+      w[j] = add(_mm512_castps_si512(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0))),
+                 _mm512_castps_si512(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2))));
+    }
+    const I s01 = add(_mm512_shuffle_i32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_i32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const I s23 = add(_mm512_shuffle_i32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_i32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return add(_mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+               _mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  W8A8_TARGET static void store(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
+};
+#include "w8a8_block.inc"
+#undef W8A8_TARGET
+}  // namespace avx512
+
+// ---------------------------------------------------------------- AVX2: vpsignb + vpmaddubsw
+// vpmaddubsw(|x|, sign(x) * w) gives 16-bit pair sums of at most 2 * 127 * 127 = 32258 (no
+// saturation); vpmaddwd with ones widens them to int32.
+namespace avx2 {
+#define W8A8_TARGET INFERTRIX_TARGET_AVX2
+struct V {
+  using I = __m256i;
+  struct X {
+    __m256i mag, x;
+  };
+  static constexpr int kLanes = 8;
+  static constexpr int kBytes = 32;
+  W8A8_TARGET static I zero() { return _mm256_setzero_si256(); }
+  W8A8_TARGET static I load(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  W8A8_TARGET static I load_tail(const int8_t* p, int64_t n) {
+    alignas(32) int8_t buf[32] = {0};
+    std::memcpy(buf, p, static_cast<size_t>(std::min<int64_t>(n, 32)));
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  }
+  W8A8_TARGET static X prep(I x) { return {_mm256_abs_epi8(x), x}; }
+  W8A8_TARGET static I dot(I acc, const X& x, I w) {
+    const I pairs = _mm256_maddubs_epi16(x.mag, _mm256_sign_epi8(w, x.x));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  W8A8_TARGET static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  W8A8_TARGET static I hsum(const I* v) {
+    I u[4];
+    for (int i = 0; i < 4; ++i)
+      u[i] = add(_mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    I w[2];
+    for (int j = 0; j < 2; ++j) {
+      const __m256 a = _mm256_castsi256_ps(u[2 * j]), b = _mm256_castsi256_ps(u[2 * j + 1]);
+      w[j] = add(_mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0))),
+                 _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2))));
+    }
+    return add(_mm256_permute2x128_si256(w[0], w[1], 0x20), _mm256_permute2x128_si256(w[0], w[1], 0x31));
+  }
+  W8A8_TARGET static void store(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+#include "w8a8_block.inc"
+#undef W8A8_TARGET
+}  // namespace avx2
+#endif
+
+using BlockFn = void (*)(const Args&, int64_t, int64_t, int64_t, int64_t);
+
+// The block kernel for chunks of `rows` rows of x, and how many output rows one block takes.
+BlockFn pick(Isa isa, int64_t rows, int64_t& nr) {
+  BlockFn fn = &block_scalar;
+  nr = 8;
+#if INFERTRIX_X86
+  if (isa == Isa::Avx512Vnni) {
+    static const BlockFn by_rows[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
+                                       &avx512::block<8>};
+    const int i = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : 3;
+    fn = by_rows[i];
+    nr = 16 >> i;
+  } else if (isa == Isa::Avx2) {
+    static const BlockFn by_rows[3] = {&avx2::block<1>, &avx2::block<2>, &avx2::block<4>};
+    const int i = rows == 1 ? 0 : rows == 2 ? 1 : 2;
+    fn = by_rows[i];
+    nr = 8 >> i;
+  }
+#else
+  (void)isa;
+  (void)rows;
+#endif
+  return fn;
+}
+
+// Activations quantized per token, per calling thread and reused across calls (a decode step
+// allocates nothing here but its output).
+struct Activations {
+  std::vector<int8_t> x;
+  std::vector<float> sx;
+};
+
+at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "w8a8_linear: expected float32, bfloat16 or float16 activations, got ", x.scalar_type());
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2,
+              "w8a8_linear: expected an int8 weight [N, K], got ", qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "w8a8_linear: last dimension of x must be in_features=", K,
+              ", got shape ", x.sizes());
+  TORCH_CHECK(K <= kMaxK, "w8a8_linear: in_features=", K, " could overflow the int32 sum (at most ", kMaxK, ")");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == N,
+              "w8a8_linear: scale must be float32 [", N, "], got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "w8a8_linear: bias must be [", N, "], got ",
+              bias->sizes());
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor wc = qweight.contiguous();
+  const at::Tensor sc = scale.contiguous();
+  at::Tensor b;
+  if (bias) b = bias->to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const Isa isa = active_isa();
+  thread_local Activations buffers;
+  Activations& act = buffers;  // the calling thread's (the row loops may run on other threads)
+  act.x.resize(M * K);
+  act.sx.resize(M);
+  int8_t* xq = act.x.data();
+  float* sx = act.sx.data();
+  with_float_data(x2, "w8a8_linear", [&](const auto* xp) {
+    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) quantize_row_int8(isa, xp + m * K, K, xq + m * K, sx + m);
+    });
+  });
+  Args a{xq, sx, M, K, N, wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
+         b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>()};
+  if (M > kMaxRows) {
+    const at::Tensor xt = at::from_blob(xq, {M, K}, at::TensorOptions().dtype(at::kChar));
+    const at::Tensor acc = at::_int_mm(xt, wc.t());
+    const int32_t* ap = acc.const_data_ptr<int32_t>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        for (int64_t n = 0; n < N; ++n) a.y[m * N + n] = epilogue(a, ap[m * N + n], m, n);
+    });
+  } else if (M > 0 && N > 0) {
+    // one pass over the weights: output blocks in parallel, each taking every chunk of rows of x
+    const int64_t chunk = isa == Isa::Avx512Vnni ? 8 : 4;
+    int64_t nr = 0;
+    const BlockFn fn = pick(isa, std::min(M, chunk), nr);
+    const int64_t blocks = (N + nr - 1) / nr;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, nr * K));  // >= 64 KiB
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n0 = blk * nr, nrows = std::min(nr, N - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += chunk) fn(a, m0, std::min(chunk, M - m0), n0, nrows);
+      }
+    });
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  out = out.view(sizes);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(infertrix, CPU, m) { m.impl("w8a8_linear", &w8a8_linear_cpu); }
+
+// No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
+// (about 10 us per call outside inference_mode; see w4a8_gemm.cpp).
+TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
+  m.impl("w8a8_linear", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace infertrix
