@@ -81,8 +81,12 @@ void block_scalar(const Args& a, int64_t m0, int64_t mrows, int64_t n0, int64_t 
 // Each vector type V gives the block these operations: kLanes int32 lanes per vector, kBytes =
 // 4 kLanes bytes per load; zero(), load(p), load_tail(p, n) (the first n bytes, zeros after);
 // prep(x) -> X (an activation vector made ready for dot); dot(acc, X, w): acc + per-lane sum of
-// 4 products x * w; hsum(v[kLanes]): one vector whose lane t is the sum of v[t]'s lanes;
-// pin(v) (keeps v in registers); store(p, v).
+// 4 products x * w; hsum(v[kLanes]): one vector whose lane t is the sum of v[t]'s lanes; sub;
+// store(p, v). With kOffset, also the blocks of 2+ rows' form: prep_offset(x) (x + 128 as
+// unsigned bytes), offset_dot(acc, X or ones(), w): acc + per-lane sum of 4 products u8 x s8
+// (wrapping), and shl7(v) = 128 v. That costs one instruction per (row of x, row of w) pair
+// instead of two (the sign move), plus one per row of w for its sum, so several rows of x stay
+// memory-bound; a one-row block keeps the sign form (its 16 row sums would not fit in registers).
 
 // ---------------------------------------------------------------- AVX-512 VNNI: vpdpbusd
 namespace avx512 {
@@ -95,6 +99,7 @@ struct V {
   };
   static constexpr int kLanes = 16;
   static constexpr int kBytes = 64;
+  static constexpr bool kOffset = true;
   W8A8_TARGET static I zero() { return _mm512_setzero_si512(); }
   W8A8_TARGET static I load(const int8_t* p) { return _mm512_loadu_si512(p); }
   W8A8_TARGET static I load_tail(const int8_t* p, int64_t n) {
@@ -104,6 +109,11 @@ struct V {
   W8A8_TARGET static I dot(I acc, const X& x, I w) {
     return _mm512_dpbusd_epi32(acc, x.mag, _mm512_mask_sub_epi8(w, x.neg, _mm512_setzero_si512(), w));
   }
+  W8A8_TARGET static X prep_offset(I x) { return {_mm512_xor_si512(x, _mm512_set1_epi8(-128)), 0}; }
+  W8A8_TARGET static X ones() { return {_mm512_set1_epi8(1), 0}; }
+  W8A8_TARGET static I offset_dot(I acc, const X& x, I w) { return _mm512_dpbusd_epi32(acc, x.mag, w); }
+  W8A8_TARGET static I shl7(I v) { return _mm512_slli_epi32(v, 7); }
+  W8A8_TARGET static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
   W8A8_TARGET static I add(I a, I b) { return _mm512_add_epi32(a, b); }
   W8A8_TARGET static I hsum(const I* v) {  // skinny_linear's transpose-add tree, on int32 lanes
     I u[8];
@@ -140,6 +150,7 @@ struct V {
   };
   static constexpr int kLanes = 8;
   static constexpr int kBytes = 32;
+  static constexpr bool kOffset = false;  // vpmaddubsw would saturate on (x + 128) * w
   W8A8_TARGET static I zero() { return _mm256_setzero_si256(); }
   W8A8_TARGET static I load(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   W8A8_TARGET static I load_tail(const int8_t* p, int64_t n) {
@@ -152,6 +163,12 @@ struct V {
     const I pairs = _mm256_maddubs_epi16(x.mag, _mm256_sign_epi8(w, x.x));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
+  // never called (kOffset is false); they let the block compile
+  W8A8_TARGET static X prep_offset(I x) { return prep(x); }
+  W8A8_TARGET static X ones() { return prep(_mm256_set1_epi8(1)); }
+  W8A8_TARGET static I offset_dot(I acc, const X& x, I w) { return dot(acc, x, w); }
+  W8A8_TARGET static I shl7(I v) { return _mm256_slli_epi32(v, 7); }
+  W8A8_TARGET static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
   W8A8_TARGET static I add(I a, I b) { return _mm256_add_epi32(a, b); }
   W8A8_TARGET static I hsum(const I* v) {
     I u[4];
