@@ -195,6 +195,7 @@ def measure(model, tok, transforms, kind, batch, mode, args, eos) -> list[dict]:
             "identical to plain": ("yes" if torch.equal(d["out"], res["plain"]["out"]) else "NO")
             if not sample and name != "plain"
             else "",
+            "run": time.strftime("%Y-%m-%d", time.gmtime()),  # a row's speed-up is against its own run's plain
         }
         rows.append(row)
         print(row, flush=True)

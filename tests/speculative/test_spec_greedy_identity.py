@@ -12,6 +12,7 @@ from conftest import make_tiny
 import infertrix as ix
 from infertrix.skip import SkipPlan, UniformSkip
 from infertrix.speculative import DraftModel, PromptLookup, QuantizedSelf, SelfSpeculative
+from infertrix.speculative.ragged import RaggedKV
 
 
 def padded_batch(rows: int, seed: int = 0, vocab: int = 128, lengths=(24, 17, 21, 9)):
@@ -71,16 +72,21 @@ def test_greedy_identity_sliding_window_batch1(drafter):
     assert stats.drafted > 0
 
 
-def test_eos_stops_rows_separately_and_pads():
+@pytest.mark.parametrize("drafter", ["pld", "quantized_self"])
+def test_eos_stops_rows_separately_and_pads(drafter, monkeypatch):
     model = make_tiny("llama")
     ids, mask = padded_batch(4, seed=11)
     free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30)
     # make a token that row 0 emits mid-way the eos, so rows stop at different steps
     eos = int(free[0, ids.shape[1] + 5])
+    batches = []  # rows in the verification forwards: finished rows leave them (RaggedKV.retire)
+    extend = RaggedKV._extend
+    monkeypatch.setattr(RaggedKV, "_extend", lambda self, rows, keep: batches.append(len(rows)) or extend(self, rows, keep))
     ref, out, stats = plain_and_spec(
-        model, PromptLookup(num_tokens=6), ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0
+        model, drafters()[drafter](), ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0
     )
     assert torch.equal(ref, out)
+    assert max(batches) == 4 and min(batches) < 4
     assert (out[:, ids.shape[1] :] == eos).any(dim=1).any()
     assert ref.shape[1] < ids.shape[1] + 30 or (ref[:, ids.shape[1]:] == 0).any()
 
@@ -178,3 +184,31 @@ def test_quantized_self_shares_weights_and_reports_memory(bits, layer):
     report = ix.describe(model)
     ix.restore(model)
     assert "draft weights MiB" in str(report)
+
+
+def test_ragged_retire_drops_rows_and_keeps_the_others_logits():
+    model = make_tiny("llama")
+    ids, mask = padded_batch(3, seed=3)
+    from transformers import DynamicCache
+
+    def fresh():
+        kv = RaggedKV(model, DynamicCache(config=model.config), 0)
+        kv.prefill(ids, mask)
+        kv.extend([[5, 6], [7], [8, 9]])
+        kv.keep_fed([2, 1, 1])
+        return kv
+
+    full, part = fresh(), fresh()
+    part.retire([1])
+    assert part.present == [0, 2] and part.cache.layers[0].keys.shape[0] == 2
+    feed = [[10, 11, 12], [], [13]]
+    a, b = full.extend(feed), part.extend(feed)
+    assert b.shape == a.shape and not b[1].any()
+    torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(b[2, :1], a[2, :1], rtol=0, atol=1e-5)
+    part.keep_fed([1, 0, 1])
+    assert part.pos.tolist() == [int(mask[0].sum()) + 3, int(mask[2].sum()) + 2]  # the present rows' kept tokens
+    with pytest.raises(ValueError, match="retired"):
+        part.extend([[1], [2], [3]])
+    part.retire([0, 2])  # never empties the batch
+    assert part.present == [0, 2]

@@ -154,6 +154,7 @@ class DraftModelDrafter(Drafter):
         self.kv = _RaggedDraftKV(self.draft, GrowingCache(self.draft.config), self.ctx.pad_token_id)
         self.kv.mask = torch.zeros((batch, 0), dtype=torch.long, device=dev)
         self.kv.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.kv.batch = batch
 
     def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         logits = logits.to(torch.float32)
@@ -177,6 +178,8 @@ class DraftModelDrafter(Drafter):
                 n += 1
             keep.append(n)
             self.cached[b] = have[:n]
+        if isinstance(self.kv, RaggedKV):  # a row with nothing left to draft never drafts again
+            self.kv.retire([b for b in range(batch) if limits[b] <= 0])
         self.kv.rollback(keep)
         k = self.length(limits)
         want = [min(k, lim) for lim in limits]

@@ -217,7 +217,7 @@ class SpeculativeGenerate:
             t1 = time.perf_counter()
             stats.draft_seconds += t1 - t0
 
-            base_pos = ragged.pos
+            ragged.retire([b for b in range(batch) if not live[b]])  # finished rows leave the forward
             feed = [[gen[b][-1]] + drafts[b] if live[b] else [] for b in range(batch)]
             logits = ragged.extend(feed).to(torch.float32)  # [B, W, V]
             width = logits.shape[1]
@@ -238,9 +238,7 @@ class SpeculativeGenerate:
                 else:
                     accepted, nxt = verify_greedy(scores, dtok, lengths)
             acc = accepted.tolist()
-            ragged.rollback(
-                base_pos + torch.tensor([acc[b] + 1 if live[b] else 0 for b in range(batch)], device=base_pos.device)
-            )
+            ragged.keep_fed([acc[b] + 1 if live[b] else 0 for b in range(batch)])
             spent = time.perf_counter() - t1
             stats.verify_seconds += spent
             cost.observe(width, spent)

@@ -9,6 +9,12 @@ its mask hides. Position ids are passed explicitly per row, so rotary embeddings
 true positions and the holes are invisible to the model. Cost: a few masked slots per step;
 benefit: no cache copy, and any croppable ``Cache`` works.
 
+Rows that have finished (eos, or their length) can be *retired* (:meth:`RaggedKV.retire`): they
+leave the cache (``Cache.batch_select_indices``, one copy per retirement), so the forwards that
+follow compute only the rows still generating. Plain ``generate`` keeps computing finished rows
+(it pads them) until the last row ends; on a CPU, where a batch-4 verification is bound by its
+arithmetic, the rows that finish early would otherwise cost as much as the ones still running.
+
 Holes change which slots a *sliding-window* layer sees (its window counts cache slots), so a
 batch with rows of unequal progress is refused on models with sliding-window layers once the
 cache reaches the window; a single row never has holes and works on them.
@@ -59,6 +65,41 @@ class RaggedKV:
         self.mask: Tensor | None = None  # [B, S] long, 1 = a real token of that row
         self.pos: Tensor | None = None  # [B] long, real tokens cached per row
         self.window = sliding_window(model)
+        # logical rows still in the cache, in cache order (None: all of them); mask/pos hold only those
+        self.present: list[int] | None = None
+        self.batch = 0
+        self._fed_from: Tensor | None = None  # pos before the last extend
+
+    def can_retire(self) -> bool:
+        """Whether finished rows can leave this cache: a plain full-attention DynamicCache (or
+        infertrix's GrowingCache), whose layers select batch rows exactly."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = self.cache
+        return (
+            self.window is None
+            and isinstance(cache, DynamicCache)
+            and not hasattr(cache, "policy")
+            and all(isinstance(layer, DynamicLayer) for layer in getattr(cache, "layers", ()))
+        )
+
+    def retire(self, done: list[int]) -> None:
+        """Drop the logical rows ``done`` from the cache for good (they must never be fed again);
+        a no-op when nothing new is done, when it would empty the batch, or when the cache cannot."""
+        present = self.present if self.present is not None else list(range(self.batch))
+        keep = [i for i, b in enumerate(present) if b not in set(done)]
+        if len(keep) == len(present) or not keep or not self.can_retire():
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        self.pos = self.pos[idx]
+        self.present = [present[i] for i in keep]
+        used = self.mask.any(0).nonzero()  # the retired rows' tail slots may now be unused
+        new_len = int(used.max()) + 1 if used.numel() else 0
+        if new_len < self.length:
+            self.cache.crop(-(self.length - new_len))
+            self.mask = self.mask[:, :new_len]
 
     @property
     def length(self) -> int:
@@ -84,12 +125,26 @@ class RaggedKV:
         logits = self._forward(input_ids, mask, positions, keep)
         self.mask = mask
         self.pos = mask.sum(-1)
+        self.batch = mask.shape[0]
+        self.present = None
         _trim_sliding(self.cache)
         return logits
 
     def extend(self, rows: list[list[int]], keep: int | None = None) -> Tensor:
         """Append row b's tokens ``rows[b]`` (rows may differ in length, even be empty); returns
-        logits ``[B, W, V]`` for the W = longest row's slots (row b's are the first len(rows[b]))."""
+        logits ``[B, W, V]`` for the W = longest row's slots (row b's are the first len(rows[b]);
+        a retired row's are zeros)."""
+        if self.present is not None:
+            if any(rows[b] for b in set(range(len(rows))) - set(self.present)):
+                raise ValueError("RaggedKV.extend: a retired row cannot be fed again")
+            inner = self._extend([rows[b] for b in self.present], keep)
+            out = inner.new_zeros((len(rows), *inner.shape[1:]))
+            out[torch.tensor(self.present, device=inner.device)] = inner
+            return out
+        return self._extend(rows, keep)
+
+    def _extend(self, rows: list[list[int]], keep: int | None) -> Tensor:
+        self._fed_from = self.pos
         device = self.mask.device
         widths = [len(r) for r in rows]
         width = max(widths)
@@ -111,6 +166,14 @@ class RaggedKV:
         # no crop here: a sliding-window layer keeps its past until `rollback` decides
         return logits
 
+    def keep_fed(self, kept: list[int]) -> None:
+        """Keep the first ``kept[b]`` of the tokens the last ``extend`` fed to logical row b
+        (``rollback`` in terms of that feed; retired rows are ignored)."""
+        kept_t = torch.as_tensor(kept, dtype=torch.long, device=self.mask.device)
+        if self.present is not None:
+            kept_t = kept_t[torch.tensor(self.present, device=kept_t.device)]
+        self.rollback(self._fed_from + kept_t)
+
     def _holes(self, widths: list[int]) -> bool:
         """Whether some row has a masked slot after its first real token (now or after this step)."""
         if len(set(widths)) > 1:
@@ -120,8 +183,12 @@ class RaggedKV:
 
     def rollback(self, counts: list[int] | Tensor) -> None:
         """Keep only the first ``counts[b]`` real tokens of row b; crop the cache to the longest.
-        Call it after every ``extend`` (with the unchanged positions to keep everything)."""
+        Call it after every ``extend`` (with the unchanged positions to keep everything). After a
+        retirement ``counts`` may name every logical row (retired ones are ignored) or the rows
+        still present."""
         counts = torch.as_tensor(counts, dtype=torch.long, device=self.mask.device)
+        if self.present is not None and counts.shape[0] == self.batch:  # one count per logical row
+            counts = counts[torch.tensor(self.present, device=counts.device)]
         if bool((counts > self.pos).any()):
             raise ValueError("RaggedKV.rollback cannot keep more tokens than a row has")
         if bool((counts == self.pos).all()):
