@@ -133,7 +133,10 @@ def drafters(names: list[str]) -> dict[str, tuple]:
 
 def render(rows: list[dict], args) -> str:
     order = {"rewrite": 0, "story": 1, "question": 2}
-    rows = sorted(rows, key=lambda r: (order.get(r["prompts"], 9), r["batch"], r["mode"] != "greedy"))
+    latest = max((r.get("run", "") for r in rows), default="")
+    # a block's rows of the latest run first, rows kept from earlier runs after them
+    rows = sorted(rows, key=lambda r: (order.get(r["prompts"], 9), r["batch"], r["mode"] != "greedy",
+                                       r.get("run", "") != latest))
     return markdown_table(rows)
 
 
