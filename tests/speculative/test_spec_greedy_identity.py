@@ -212,3 +212,21 @@ def test_ragged_retire_drops_rows_and_keeps_the_others_logits():
         part.extend([[1], [2], [3]])
     part.retire([0, 2])  # never empties the batch
     assert part.present == [0, 2]
+
+
+def test_ragged_retire_leaves_caches_it_cannot_select_alone():
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class Other(DynamicLayer):  # a layer with state of its own (as quantized layers have)
+        pass
+
+    model = make_tiny("llama")
+    ids, mask = padded_batch(2, seed=4)
+    cache = DynamicCache(config=model.config)
+    cache.layers = [Other() for _ in cache.layers]
+    kv = RaggedKV(model, cache, 0)
+    kv.prefill(ids, mask)
+    assert not kv.can_retire()
+    kv.retire([1])
+    assert kv.present is None and cache.layers[0].keys.shape[0] == 2

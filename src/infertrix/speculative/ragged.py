@@ -75,12 +75,15 @@ class RaggedKV:
         infertrix's GrowingCache), whose layers select batch rows exactly."""
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        cache = self.cache
+        from ..kvcache.growing import GrowingLayer
+
+        # exact layer types: subclasses (quantized layers, policies) keep state batch selection misses
+        layers = getattr(self.cache, "layers", None)
         return (
             self.window is None
-            and isinstance(cache, DynamicCache)
-            and not hasattr(cache, "policy")
-            and all(isinstance(layer, DynamicLayer) for layer in getattr(cache, "layers", ()))
+            and isinstance(self.cache, DynamicCache)
+            and bool(layers)
+            and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in layers)
         )
 
     def retire(self, done: list[int]) -> None:
