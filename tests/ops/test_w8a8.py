@@ -100,6 +100,9 @@ def test_bad_inputs_raise_clear_errors():
         w8a8_linear_reference(x, bad, scale)
     with pytest.raises(ValueError, match="-127, 127"):
         W8A8Linear.from_weight(bad, scale, None, torch.float32)
+    mod = W8A8Linear(16, 8)
+    with pytest.raises(ValueError, match="-127, 127"):  # a checkpoint with the code -128
+        mod.load_state_dict({"qweight": bad, "scale": scale})
 
 
 def test_module_runs_the_op_and_reports_its_backend():

@@ -207,6 +207,11 @@ def test_ragged_retire_drops_rows_and_keeps_the_others_logits():
     torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(b[2, :1], a[2, :1], rtol=0, atol=1e-5)
     part.keep_fed([1, 0, 1])
+    late = fresh()  # retiring between an extend and its keep_fed keeps the feed's rows aligned
+    late.extend([[3], [4], [5, 6]])
+    late.retire([0])
+    late.keep_fed([0, 1, 2])
+    assert late.present == [1, 2] and late.pos.tolist() == [int(mask[1].sum()) + 2, int(mask[2].sum()) + 3]
     assert part.pos.tolist() == [int(mask[0].sum()) + 3, int(mask[2].sum()) + 2]  # the present rows' kept tokens
     with pytest.raises(ValueError, match="retired"):
         part.extend([[1], [2], [3]])

@@ -10,10 +10,12 @@ are applied at the end::
 
 ``qweight`` is int8 ``[N, K]`` in the row-major order of a float weight, the storage of
 :class:`infertrix.quant.W8A8Linear`, with codes in [-127, 127] (symmetric; the kernel moves the
-activation's sign onto the weight, and -128 has no negation in int8). Compiled kernel: ``csrc/cpu/w8a8_linear.cpp`` (AVX-512 VNNI
-``vpdpbusd``, AVX2 ``vpmaddubsw``, scalar) for a few rows, one pass over the weights as in
-``skinny_linear``; more rows go to ``torch._int_mm``. Integer sums are exact, so the outputs are
-bit-identical to the reference below on every path.
+activation's sign onto the weight, and -128 has no negation in int8). The reference raises on
+-128; the compiled kernel does not scan the weights on every call, so ``W8A8Linear`` checks
+once, when it is built (``from_weight``) and when a state dict is loaded. Compiled kernel:
+``csrc/cpu/w8a8_linear.cpp`` (AVX-512 VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw``, scalar) for a few
+rows, one pass over the weights as in ``skinny_linear``; more rows go to ``torch._int_mm``.
+Integer sums are exact, so the outputs are bit-identical to the reference below on every path.
 """
 
 from __future__ import annotations

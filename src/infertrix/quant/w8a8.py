@@ -69,6 +69,13 @@ class W8A8Linear(nn.Module):
             mod.bias.copy_(bias.detach())
         return mod
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the compiled kernel multiplies exactly only codes in [-127, 127] (it negates weights)
+        q = state_dict.get(prefix + "qweight")
+        if q is not None and q.dtype == torch.int8 and bool((q == -128).any()):
+            raise ValueError(f"{prefix}qweight holds the int8 code -128; W8A8Linear needs codes in [-127, 127]")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.infertrix.w8a8_linear.default(x, self.qweight, self.scale, self.bias)
 

@@ -97,6 +97,8 @@ class RaggedKV:
         self.cache.batch_select_indices(idx)
         self.mask = self.mask[idx]
         self.pos = self.pos[idx]
+        if self._fed_from is not None:
+            self._fed_from = self._fed_from[idx]
         self.present = [present[i] for i in keep]
         used = self.mask.any(0).nonzero()  # the retired rows' tail slots may now be unused
         new_len = int(used.max()) + 1 if used.numel() else 0
