@@ -14,13 +14,13 @@
 // other rows or on the thread count), so a row's result is bitwise independent of its batch.
 // Not bit-identical to torch's F.linear (another summation order): equal to float32 rounding.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 
 #include "cpu_isa.h"
+#include "row_blocks.h"
 
 namespace infertrix {
 namespace {
@@ -132,32 +132,15 @@ struct V {
 }  // namespace avx2
 #endif
 
-using BlockFn = void (*)(const Args&, int64_t, int64_t, int64_t, int64_t);
-
-// The block kernel for chunks of `rows` rows of x, and how many output rows one block takes.
-BlockFn pick(Isa isa, int64_t rows, int64_t& nr) {
-  BlockFn fn = &block_scalar;
-  nr = 8;
+// The block functions per ISA for run_row_blocks (row_blocks.h).
 #if INFERTRIX_X86
-  if (isa == Isa::Avx512Vnni) {
-    static const BlockFn by_rows[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
-                                       &avx512::block<8>};
-    const int i = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : 3;
-    fn = by_rows[i];
-    nr = 16 >> i;
-  } else if (isa == Isa::Avx2) {
-    // at most 4 rows: 8 accumulators + 4 rows of x + a weight vector fit AVX2's 16 registers
-    static const BlockFn by_rows[3] = {&avx2::block<1>, &avx2::block<2>, &avx2::block<4>};
-    const int i = rows == 1 ? 0 : rows == 2 ? 1 : 2;
-    fn = by_rows[i];
-    nr = 8 >> i;
-  }
+const RowBlockFn<Args> kAvx512Blocks[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
+                                           &avx512::block<8>};
+const RowBlockFn<Args> kAvx2Blocks[3] = {&avx2::block<1>, &avx2::block<2>, &avx2::block<4>};
 #else
-  (void)isa;
-  (void)rows;
+const RowBlockFn<Args>* const kAvx512Blocks = nullptr;
+const RowBlockFn<Args>* const kAvx2Blocks = nullptr;
 #endif
-  return fn;
-}
 
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias) {
@@ -180,21 +163,7 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y = at::empty(out_shape, x.options());
   const Args a{xc.const_data_ptr<float>(), M, K, N, wc.const_data_ptr<float>(),
                bc ? bc->const_data_ptr<float>() : nullptr, y.data_ptr<float>()};
-  const Isa isa = active_isa();
-  const int64_t chunk = isa == Isa::Avx512Vnni ? 8 : 4;
-  // one pass over the weights: output blocks in parallel, each taking every chunk of rows of x
-  // (a block's few weight rows stay in L1 between chunks); a last, shorter chunk reuses the same
-  // block shape with repeated rows, so every block has the same output rows
-  int64_t nr = 0;
-  const BlockFn fn = pick(isa, std::min(M, chunk), nr);
-  const int64_t blocks = (N + nr - 1) / nr;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (nr * K * 4));  // >= 64 KiB each
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * nr, nrows = std::min(nr, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += chunk) fn(a, m0, std::min(chunk, M - m0), n0, nrows);
-    }
-  });
+  run_row_blocks(a, M, N, K * 4, active_isa(), &block_scalar, kAvx512Blocks, kAvx2Blocks);
   return y;
 }
 

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "row_blocks.h"
 #include "quantize_per_token.h"
 
 // The epilogue must be mul, mul, add exactly as in the reference: forbid FMA contraction.
@@ -189,31 +190,15 @@ struct V {
 }  // namespace avx2
 #endif
 
-using BlockFn = void (*)(const Args&, int64_t, int64_t, int64_t, int64_t);
-
-// The block kernel for chunks of `rows` rows of x, and how many output rows one block takes.
-BlockFn pick(Isa isa, int64_t rows, int64_t& nr) {
-  BlockFn fn = &block_scalar;
-  nr = 8;
+// The block functions per ISA for run_row_blocks (row_blocks.h).
 #if INFERTRIX_X86
-  if (isa == Isa::Avx512Vnni) {
-    static const BlockFn by_rows[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
-                                       &avx512::block<8>};
-    const int i = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : 3;
-    fn = by_rows[i];
-    nr = 16 >> i;
-  } else if (isa == Isa::Avx2) {
-    static const BlockFn by_rows[3] = {&avx2::block<1>, &avx2::block<2>, &avx2::block<4>};
-    const int i = rows == 1 ? 0 : rows == 2 ? 1 : 2;
-    fn = by_rows[i];
-    nr = 8 >> i;
-  }
+const RowBlockFn<Args> kAvx512Blocks[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
+                                           &avx512::block<8>};
+const RowBlockFn<Args> kAvx2Blocks[3] = {&avx2::block<1>, &avx2::block<2>, &avx2::block<4>};
 #else
-  (void)isa;
-  (void)rows;
+const RowBlockFn<Args>* const kAvx512Blocks = nullptr;
+const RowBlockFn<Args>* const kAvx2Blocks = nullptr;
 #endif
-  return fn;
-}
 
 // Activations quantized per token, per calling thread and reused across calls (a decode step
 // allocates nothing here but its output).
@@ -265,19 +250,8 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       for (int64_t m = begin; m < end; ++m)
         for (int64_t n = 0; n < N; ++n) a.y[m * N + n] = epilogue(a, ap[m * N + n], m, n);
     });
-  } else if (M > 0 && N > 0) {
-    // one pass over the weights: output blocks in parallel, each taking every chunk of rows of x
-    const int64_t chunk = isa == Isa::Avx512Vnni ? 8 : 4;
-    int64_t nr = 0;
-    const BlockFn fn = pick(isa, std::min(M, chunk), nr);
-    const int64_t blocks = (N + nr - 1) / nr;
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, nr * K));  // >= 64 KiB
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t n0 = blk * nr, nrows = std::min(nr, N - n0);
-        for (int64_t m0 = 0; m0 < M; m0 += chunk) fn(a, m0, std::min(chunk, M - m0), n0, nrows);
-      }
-    });
+  } else {  // one pass over the weights (row_blocks.h)
+    run_row_blocks(a, M, N, K, isa, &block_scalar, kAvx512Blocks, kAvx2Blocks);
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;

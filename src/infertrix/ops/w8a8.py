@@ -30,6 +30,12 @@ MAX_ROWS = 32  # the compiled kernel's own loop up to this many rows (csrc/cpu/w
 MAX_IN_FEATURES = (2**31 - 1) // (127 * 127)  # |acc| <= 127 * 127 * K must fit int32
 
 
+def check_codes(qweight: Tensor, name: str = "w8a8_linear: weight") -> None:
+    """Raise if ``qweight`` holds the int8 code -128 (the kernel negates weights; see above)."""
+    if bool((qweight == -128).any()):
+        raise ValueError(f"{name} holds the int8 code -128; W8A8 weight codes must lie in [-127, 127] (symmetric)")
+
+
 def w8a8_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = (acc * x_scale) * scale (+ bias), acc the int32 product of per-token int8 x and int8 weights."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -39,8 +45,7 @@ def w8a8_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tenso
     n, k = qweight.shape
     if x.shape[-1] != k:
         raise ValueError(f"w8a8_linear: last dimension of x must be in_features={k}, got {tuple(x.shape)}")
-    if bool((qweight == -128).any()):
-        raise ValueError("w8a8_linear: weight codes must lie in [-127, 127] (symmetric int8); -128 found")
+    check_codes(qweight)
     if k > MAX_IN_FEATURES:
         raise ValueError(f"w8a8_linear: in_features={k} could overflow the int32 sum (at most {MAX_IN_FEATURES})")
     if scale.dtype != torch.float32 or scale.shape != (n,):

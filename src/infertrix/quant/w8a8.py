@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
+from ..ops.w8a8 import check_codes
 from .gptq import inverse_hessian_factor
 from .transform import QuantTransform
 
@@ -60,8 +61,9 @@ class W8A8Linear(nn.Module):
     @classmethod
     def from_weight(cls, q: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> W8A8Linear:
         """From symmetric int8 codes ``q`` [N, K] (in -127..127, the range the kernel multiplies exactly)."""
-        if q.dtype != torch.int8 or bool((q == -128).any()):
-            raise ValueError("W8A8Linear needs int8 codes in [-127, 127] (symmetric quantization)")
+        if q.dtype != torch.int8:
+            raise ValueError(f"W8A8Linear needs int8 codes in [-127, 127] (symmetric quantization), got {q.dtype}")
+        check_codes(q, "W8A8Linear.from_weight: q")
         mod = cls(q.shape[1], q.shape[0], bias is not None, dtype)
         mod.qweight.copy_(q)
         mod.scale.copy_(scale)
@@ -72,8 +74,8 @@ class W8A8Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the compiled kernel multiplies exactly only codes in [-127, 127] (it negates weights)
         q = state_dict.get(prefix + "qweight")
-        if q is not None and q.dtype == torch.int8 and bool((q == -128).any()):
-            raise ValueError(f"{prefix}qweight holds the int8 code -128; W8A8Linear needs codes in [-127, 127]")
+        if q is not None and q.dtype == torch.int8:
+            check_codes(q, f"{prefix}qweight")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:

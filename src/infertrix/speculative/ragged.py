@@ -90,7 +90,8 @@ class RaggedKV:
         """Drop the logical rows ``done`` from the cache for good (they must never be fed again);
         a no-op when nothing new is done, when it would empty the batch, or when the cache cannot."""
         present = self.present if self.present is not None else list(range(self.batch))
-        keep = [i for i, b in enumerate(present) if b not in set(done)]
+        done = set(done)
+        keep = [i for i, b in enumerate(present) if b not in done]
         if len(keep) == len(present) or not keep or not self.can_retire():
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
@@ -174,10 +175,7 @@ class RaggedKV:
     def keep_fed(self, kept: list[int]) -> None:
         """Keep the first ``kept[b]`` of the tokens the last ``extend`` fed to logical row b
         (``rollback`` in terms of that feed; retired rows are ignored)."""
-        kept_t = torch.as_tensor(kept, dtype=torch.long, device=self.mask.device)
-        if self.present is not None:
-            kept_t = kept_t[torch.tensor(self.present, device=kept_t.device)]
-        self.rollback(self._fed_from + kept_t)
+        self._rollback(self._fed_from + self._present_rows(kept))
 
     def _holes(self, widths: list[int]) -> bool:
         """Whether some row has a masked slot after its first real token (now or after this step)."""
@@ -186,14 +184,21 @@ class RaggedKV:
         started = self.mask.cumsum(-1) > 0
         return bool((started & (self.mask == 0)).any())
 
+    def _present_rows(self, values: list[int] | Tensor) -> Tensor:
+        """One value per logical row -> the values of the rows still in the cache, in cache order."""
+        values = torch.as_tensor(values, dtype=torch.long, device=self.mask.device)
+        if self.present is None:
+            return values
+        return values[torch.tensor(self.present, device=values.device)]
+
     def rollback(self, counts: list[int] | Tensor) -> None:
-        """Keep only the first ``counts[b]`` real tokens of row b; crop the cache to the longest.
-        Call it after every ``extend`` (with the unchanged positions to keep everything). After a
-        retirement ``counts`` may name every logical row (retired ones are ignored) or the rows
-        still present."""
-        counts = torch.as_tensor(counts, dtype=torch.long, device=self.mask.device)
-        if self.present is not None and counts.shape[0] == self.batch:  # one count per logical row
-            counts = counts[torch.tensor(self.present, device=counts.device)]
+        """Keep only the first ``counts[b]`` real tokens of row b (one count per row of the batch;
+        a retired row's is ignored); crop the cache to the longest. Call it after every ``extend``
+        (with the unchanged positions to keep everything)."""
+        self._rollback(self._present_rows(counts))
+
+    def _rollback(self, counts: Tensor) -> None:
+        """``rollback`` with one count per row still in the cache."""
         if bool((counts > self.pos).any()):
             raise ValueError("RaggedKV.rollback cannot keep more tokens than a row has")
         if bool((counts == self.pos).all()):
