@@ -145,6 +145,8 @@ def test_plain_forward_warns_once_per_model():
         assert len(caught) == 1 and "SnapKV" in str(caught[0].message)
         other = _optimized("snapkv:0.5")
         assert len(_plain_forward_warnings(lambda: other(ids))) == 1
+        ix.restore(other)  # the hook goes with the policy
+        assert not other._forward_pre_hooks
 
 
 def test_no_warning_inside_generate_scoring_or_single_tokens():

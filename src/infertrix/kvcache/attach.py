@@ -196,7 +196,7 @@ class KVCacheSetup:
             return None
         self.warned_plain_forward = True
         warnings.warn(
-            f"infertrix: {' and '.join(names)} act(s) only on the KV cache, and this forward of {seq.shape[1]} "
+            f"infertrix: {' and '.join(names)} {'acts' if len(names) == 1 else 'act'} only on the KV cache, and this forward of {seq.shape[1]} "
             "tokens has no cache: its logits are the unoptimized model's (log-likelihood harnesses such as "
             "lm-eval score this way). To score with the compressed cache use "
             "infertrix.eval.loglikelihood(model, tok, context, continuation), or run the harness inside "
