@@ -1,6 +1,8 @@
-"""What users decide by: quality (perplexity, agreement, passkey retrieval), speed, memory."""
+"""What users decide by: quality (perplexity, agreement, passkey retrieval, log-likelihood through a
+compressed KV cache), speed, memory."""
 
 from .agreement import greedy_agreement, greedy_tokens, token_agreement
+from .loglikelihood import compressed_scoring, loglikelihood, loglikelihood_tokens
 from .memory import current_rss, kv_cache_bytes, peak_rss
 from .passkey import passkey_accuracy, passkey_prompt
 from .perplexity import perplexity, token_windows
@@ -10,11 +12,14 @@ from .text import body_text, load_text
 __all__ = [
     "SpeedResult",
     "body_text",
+    "compressed_scoring",
     "current_rss",
     "greedy_agreement",
     "greedy_tokens",
     "kv_cache_bytes",
     "load_text",
+    "loglikelihood",
+    "loglikelihood_tokens",
     "measure_speed",
     "passkey_accuracy",
     "passkey_prompt",

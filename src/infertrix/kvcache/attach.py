@@ -10,11 +10,15 @@ compose: evict, then store the kept tokens in few bits). While either is applied
   policy after the layer's attention: queries are recomputed from the module's input, the layer is
   compressed, quantized tokens are flushed). Hooks read only the attention module's public forward
   arguments (``hidden_states``, ``position_embeddings``, ``attention_mask``, the cache),
-  and do nothing unless the cache is a ``PolicyCache``.
+  and do nothing unless the cache is a ``PolicyCache``;
+- the model carries a forward pre-hook that warns, once per model, when a plain forward (several
+  tokens, no cache passed: what log-likelihood harnesses run) bypasses the transforms, naming the
+  honest ways to score (``infertrix.eval.loglikelihood``, ``infertrix.eval.compressed_scoring``).
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -108,6 +112,8 @@ class KVCacheSetup:
         self.remove_generate = None
         self.last_cache_ref = None
         self.last_stats: dict[str, Any] | None = None
+        self.scoring: int | None = None  # chunk length while infertrix.eval.compressed_scoring is active
+        self.warned_plain_forward = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -120,6 +126,7 @@ class KVCacheSetup:
             mod = mods[idx]
             self.handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post_hook, with_kwargs=True))
+        self.handles.append(model.register_forward_pre_hook(self._plain_forward_hook, with_kwargs=True))
         self.remove_generate = add_generate_hook(model, self._generate_hook, order=int(Stage.CACHE))
 
     def _uninstall_if_empty(self) -> None:
@@ -171,6 +178,34 @@ class KVCacheSetup:
         return args, kwargs
 
     # -- hooks -------------------------------------------------------------------------------------------
+    def bypassed_transforms(self) -> list[str]:
+        """The applied transforms a forward without a cache leaves out (a no-op policy changes nothing)."""
+        names = [] if self.policy is None or self.policy.is_noop else [type(self.policy).__name__]
+        return names + ([type(self.quant).__name__] if self.quant is not None else [])
+
+    def _plain_forward_hook(self, model, args, kwargs):
+        if self.warned_plain_forward or self.scoring is not None or cache_argument(kwargs) is not None:
+            return None
+        seq = kwargs.get("input_ids", args[0] if args else None)
+        if seq is None:
+            seq = kwargs.get("inputs_embeds")
+        if not isinstance(seq, Tensor) or seq.dim() < 2 or seq.shape[1] <= 1 or len(args) > 3:
+            return None  # one token (a decoding step), or a cache passed by position
+        names = self.bypassed_transforms()
+        if not names:
+            return None
+        self.warned_plain_forward = True
+        warnings.warn(
+            f"infertrix: {' and '.join(names)} {'acts' if len(names) == 1 else 'act'} only on the KV cache, and this forward of {seq.shape[1]} "
+            "tokens has no cache: its logits are the unoptimized model's (log-likelihood harnesses such as "
+            "lm-eval score this way). To score with the compressed cache use "
+            "infertrix.eval.loglikelihood(model, tok, context, continuation), or run the harness inside "
+            "`with infertrix.eval.compressed_scoring(model):` (docs/evaluation.md). Warned once per model.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
+
     @staticmethod
     def _layer_of(module, kwargs):
         cache = cache_argument(kwargs)
