@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .model import model_type, tensor_bytes
+from .model import model_type, require_causal_lm, tensor_bytes
 from .recipe import parse_recipe
 from .transform import Applied, ConflictError, Stage, Transform
 
@@ -30,6 +30,15 @@ class OptimizationState:
     applied: list[Applied] = field(default_factory=list)
     generate_hooks: list[tuple[int, Callable]] = field(default_factory=list)
     original_bytes: int = 0
+
+
+def _check_is_model(model: Any, verb: str) -> None:
+    if not isinstance(model, nn.Module):
+        hint = " (the model comes first: optimize(model, 'w4a8,pld'))" if isinstance(model, str | Transform) else ""
+        raise TypeError(
+            f"{verb}() takes a PyTorch model (a torch.nn.Module, e.g. from "
+            f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}{hint}"
+        )
 
 
 def _state(model: nn.Module, create: bool = False) -> OptimizationState | None:
@@ -86,14 +95,19 @@ def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
     """Apply ``transforms`` (objects or recipe strings) to ``model`` in place and return it.
 
     Raises ConfigError / ConflictError / UnsupportedModelError before changing anything when the
-    combination or the model is not supported. If a transform fails while applying, the ones this
+    combination or the model is not supported (cache and decoding transforms need a model that
+    can ``generate``; TypeError when ``model`` is not a torch module). If a transform fails while applying, the ones this
     call already applied are undone (where they can be) before the error propagates.
     """
+    _check_is_model(model, "optimize")
     new = sorted(_as_transforms(transforms), key=lambda t: int(t.stage))
     st = _state(model)
     _check_conflicts([a.transform for a in st.applied] if st else [], new)
     for t in new:
+        if t.stage.acts_through_generate:
+            require_causal_lm(model, t.name)
         t.check_model(model)
+    fresh = _state(model) is None
     st = _state(model, create=True)
     done: list[Applied] = []
     try:
@@ -108,6 +122,8 @@ def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
             st.applied.remove(a)
             if a.undo is not None:
                 a.undo()
+        if fresh and not st.applied and not st.generate_hooks:  # leave no empty record behind
+            model.__dict__.pop(STATE_ATTR, None)
         raise
     return model
 
@@ -146,6 +162,7 @@ class Description:
 
 def describe(model: nn.Module) -> Description:
     """Report what was applied: each transform's parameters and its live figures."""
+    _check_is_model(model, "describe")
     st = _state(model)
     now = tensor_bytes(model)
     entries = []
@@ -179,6 +196,7 @@ def restore(model: nn.Module, strict: bool = False) -> RestoreReport:
     returned report and in a warning (or, with ``strict=True``, a RuntimeError raised before
     anything is undone).
     """
+    _check_is_model(model, "restore")
     st = _state(model)
     if st is None:
         return RestoreReport([], {})
