@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+import itertools
+from collections.abc import Iterable
+
+from torch import Tensor, nn
 
 from .transform import UnsupportedModelError
 
@@ -62,10 +65,11 @@ def require_model_type(model: nn.Module, supported: tuple[str, ...], what: str) 
         )
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``module``, counting shared (tied) storage once."""
+def tensor_bytes(module: nn.Module, extra: Iterable[Tensor] = ()) -> int:
+    """Bytes of the parameters and buffers of ``module`` and the tensors ``extra``, counting shared
+    (tied) storage once."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers(), extra):
         if t.device.type == "meta":
             continue
         key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)
