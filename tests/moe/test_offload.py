@@ -187,8 +187,12 @@ def test_recipe_and_describe():
     assert isinstance(t, ExpertOffload) and t.budget == 0.5 and t.policy == "lfu"
     model = make_moe("olmoe")
     ix.optimize(model, "offload:0.5")
-    text = str(ix.describe(model))
+    d = ix.describe(model)
+    text = str(d)
     assert "[experts] offload(budget=0.5" in text and "4/8 experts per layer" in text
+    report = d.transforms[0]["report"]  # bytes in the data, MiB with two decimals in the text
+    assert report["store_bytes"] > report["budget_bytes"] > 0
+    assert f"store_bytes: {report['store_bytes'] / 2**20:.2f} MiB" in text
 
 
 def test_store_dir_reused(tmp_path):

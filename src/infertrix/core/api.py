@@ -9,6 +9,7 @@ conflicting combinations before changing anything, and keeps a record on the mod
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .model import model_type, tensor_bytes
+from .model import model_type, require_causal_lm, tensor_bytes
 from .recipe import parse_recipe
 from .transform import Applied, ConflictError, Stage, Transform
 
@@ -30,6 +31,15 @@ class OptimizationState:
     applied: list[Applied] = field(default_factory=list)
     generate_hooks: list[tuple[int, Callable]] = field(default_factory=list)
     original_bytes: int = 0
+
+
+def _check_is_model(model: Any, verb: str) -> None:
+    if not isinstance(model, nn.Module):
+        hint = " (the model comes first: optimize(model, 'w4a8,pld'))" if isinstance(model, str | Transform) else ""
+        raise TypeError(
+            f"{verb}() takes a PyTorch model (a torch.nn.Module, e.g. from "
+            f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}{hint}"
+        )
 
 
 def _state(model: nn.Module, create: bool = False) -> OptimizationState | None:
@@ -86,14 +96,19 @@ def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
     """Apply ``transforms`` (objects or recipe strings) to ``model`` in place and return it.
 
     Raises ConfigError / ConflictError / UnsupportedModelError before changing anything when the
-    combination or the model is not supported. If a transform fails while applying, the ones this
+    combination or the model is not supported (cache and decoding transforms need a model that
+    can ``generate``; TypeError when ``model`` is not a torch module). If a transform fails while applying, the ones this
     call already applied are undone (where they can be) before the error propagates.
     """
+    _check_is_model(model, "optimize")
     new = sorted(_as_transforms(transforms), key=lambda t: int(t.stage))
     st = _state(model)
     _check_conflicts([a.transform for a in st.applied] if st else [], new)
     for t in new:
+        if t.stage.acts_through_generate:
+            require_causal_lm(model, t.name)
         t.check_model(model)
+    fresh = _state(model) is None
     st = _state(model, create=True)
     done: list[Applied] = []
     try:
@@ -108,58 +123,95 @@ def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
             st.applied.remove(a)
             if a.undo is not None:
                 a.undo()
+        if fresh and not st.applied and not st.generate_hooks:  # leave no empty record behind
+            model.__dict__.pop(STATE_ATTR, None)
         raise
     return model
 
 
+_BYTES_KEY = re.compile(r"(^|_)bytes($|_)", re.I)
+
+
+def mib(n: int) -> str:
+    """A byte count as ``describe``'s text shows every one: MiB with two decimals."""
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _shown(key: str, value: Any) -> Any:
+    """A report value for the text form: byte counts (keys with a ``bytes`` word) in MiB."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(str(k), v)}" for k, v in value.items()) + "}"
+    if _BYTES_KEY.search(key) and isinstance(value, int | float) and not isinstance(value, bool):
+        return mib(value)
+    return value
+
+
 @dataclass
 class Description:
-    """What infertrix did to a model; ``str()`` gives a readable table, ``to_dict()`` the data."""
+    """What infertrix did to a model; ``str()`` gives a readable table, ``to_dict()`` the data.
+
+    Byte counts are in bytes here and in MiB (two decimals) in the text. ``bytes_now`` counts every
+    tensor the model keeps alive: its modules' and what transforms hold outside them
+    (``bytes_held``: float layers kept for ``restore``, a quantized draft's weights). Each
+    transform's ``params`` lists all its fields and ``changed_params`` those that differ from the
+    defaults (what the text shows).
+    """
 
     model_type: str
     bytes_before: int
     bytes_now: int
     transforms: list[dict[str, Any]]
+    bytes_held: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_type": self.model_type,
             "bytes_before": self.bytes_before,
             "bytes_now": self.bytes_now,
+            "bytes_held": self.bytes_held,
             "transforms": self.transforms,
         }
 
     def __str__(self) -> str:
-        mb = 1 / 2**20
-        lines = [
-            f"{self.model_type}: weights {self.bytes_before * mb:.1f} MiB -> {self.bytes_now * mb:.1f} MiB",
-        ]
+        head = f"{self.model_type}: weights {mib(self.bytes_before)} -> {mib(self.bytes_now)}"
+        if self.bytes_held:
+            head += f" (of which {mib(self.bytes_held)} held outside the model's modules)"
+        lines = [head]
         if not self.transforms:
             lines.append("  no transforms applied")
         for t in self.transforms:
-            params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
+            params = ", ".join(f"{k}={v}" for k, v in t["changed_params"].items())
             lines.append(f"  [{t['stage']}] {t['name']}({params})" + ("" if t["reversible"] else "  (irreversible)"))
+            if t["held_bytes"]:
+                lines.append(f"      held outside the model: {mib(t['held_bytes'])}")
             for k, v in t["report"].items():
-                lines.append(f"      {k}: {v}")
+                lines.append(f"      {k}: {_shown(k, v)}")
         return "\n".join(lines)
 
 
 def describe(model: nn.Module) -> Description:
-    """Report what was applied: each transform's parameters and its live figures."""
+    """Report what was applied: each transform's parameters, its live figures and the bytes the
+    model keeps alive (its tensors and those transforms hold for it)."""
+    _check_is_model(model, "describe")
     st = _state(model)
-    now = tensor_bytes(model)
-    entries = []
+    own = tensor_bytes(model)
+    entries, held = [], []
     for a in st.applied if st else []:
+        kept = list(a.held())
+        held.extend(kept)
         entries.append(
             {
                 "name": a.transform.name,
                 "stage": a.transform.stage.name.lower(),
                 "params": a.transform.params(),
+                "changed_params": a.transform.changed_params(),
                 "reversible": a.reversible,
+                "held_bytes": tensor_bytes(model, kept) - own,
                 "report": a.report(),
             }
         )
-    return Description(model_type(model), st.original_bytes if st else now, now, entries)
+    now = tensor_bytes(model, held)
+    return Description(model_type(model), st.original_bytes if st else now, now, entries, bytes_held=now - own)
 
 
 @dataclass
@@ -179,6 +231,7 @@ def restore(model: nn.Module, strict: bool = False) -> RestoreReport:
     returned report and in a warning (or, with ``strict=True``, a RuntimeError raised before
     anything is undone).
     """
+    _check_is_model(model, "restore")
     st = _state(model)
     if st is None:
         return RestoreReport([], {})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+import itertools
+from collections.abc import Iterable
+
+from torch import Tensor, nn
 
 from .transform import UnsupportedModelError
 
@@ -31,6 +34,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def require_causal_lm(model: nn.Module, what: str) -> None:
+    """Raise UnsupportedModelError unless ``model`` is a decoder-only language model that can
+    ``generate`` (what cache policies, decoding loops and draft models act through)."""
+    can = getattr(model, "can_generate", None)
+    generates = callable(getattr(type(model), "generate", None)) and (can() if callable(can) else True)
+    config = getattr(model, "config", None)
+    if generates and not getattr(config, "is_encoder_decoder", False):
+        return
+    reason = (
+        "is an encoder-decoder model" if generates
+        else "has no generate() (an encoder, or a base model without its causal language-model head)"
+    )
+    raise UnsupportedModelError(
+        f"{what} works through model.generate of a decoder-only language model, and {type(model).__name__} "
+        f"{reason}; load the model with AutoModelForCausalLM.from_pretrained (or infertrix.models.load)"
+    )
+
+
 def model_type(model: nn.Module) -> str:
     return getattr(text_config(model), "model_type", type(model).__name__)
 
@@ -44,10 +65,11 @@ def require_model_type(model: nn.Module, supported: tuple[str, ...], what: str) 
         )
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``module``, counting shared (tied) storage once."""
+def tensor_bytes(module: nn.Module, extra: Iterable[Tensor] = ()) -> int:
+    """Bytes of the parameters and buffers of ``module`` and the tensors ``extra``, counting shared
+    (tied) storage once."""
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers(), extra):
         if t.device.type == "meta":
             continue
         key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)

@@ -2,8 +2,9 @@
 
 Grammar: transforms separated by commas; each is ``name``, ``name:value`` (sets the transform's
 primary field, e.g. ``snapkv:0.5``), ``name(key=value, ...)``, or ``name:value(key=value, ...)``.
-Values are read as int, float, true/false, none, or else a string. ``baseline`` (or an empty
-string) is the empty list.
+Values are read as int, float, true/false, none, or else a string (a field that takes a string
+gets the text as written). ``baseline`` (or an empty string) is the empty list. Unknown names and
+fields are refused with the closest known ones suggested.
 
     parse_recipe("w4a8(group_size=64),snapkv:0.5") -> [W4A8(group_size=64), SnapKV(compression=0.5)]
 """
@@ -14,8 +15,8 @@ import dataclasses
 import re
 from typing import Any
 
-from .registry import get_transform
-from .transform import ConfigError, Transform
+from .registry import did_you_mean, get_transform
+from .transform import ConfigError, Transform, plain_field_types
 
 _ITEM = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?::\s*([^()]+?))?\s*(?:\((.*)\))?\s*$", re.S)
 
@@ -55,6 +56,14 @@ def parse_value(text: str) -> Any:
     return t.strip("'\"")
 
 
+def _field_value(allowed: tuple[type, ...] | None, text: str) -> Any:
+    """``parse_value``, except that a field taking a string (and no number) gets the text itself."""
+    v = parse_value(text)
+    if isinstance(v, bool | int | float) and allowed and str in allowed and not {bool, int, float} & set(allowed):
+        return text.strip().strip("'\"")  # a name that looks like a number stays a name
+    return v
+
+
 def parse_recipe(recipe: str) -> list[Transform]:
     """Parse a recipe string into transform objects (validated like direct construction)."""
     if recipe is None or recipe.strip().lower() in ("", "baseline", "none"):
@@ -68,19 +77,22 @@ def parse_recipe(recipe: str) -> list[Transform]:
             raise ConfigError(f"cannot parse recipe item {item!r}; expected name, name:value or name(key=value)")
         name, primary_value, kwargs_text = m.groups()
         cls = get_transform(name)
+        types = plain_field_types(cls)
         kwargs: dict[str, Any] = {}
         if primary_value is not None:
             if cls.primary is None:
                 raise ConfigError(f"{name} takes no ':value'; use {name}(key=value) with one of its fields")
-            kwargs[cls.primary] = parse_value(primary_value)
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+            kwargs[cls.primary] = _field_value(types.get(cls.primary), primary_value)
+        fields = [f.name for f in dataclasses.fields(cls) if f.init]
         for kv in _split_top(kwargs_text or ""):
             if "=" not in kv:
                 raise ConfigError(f"recipe argument {kv!r} of {name} must be key=value")
-            key, value = (s.strip() for s in kv.split("=", 1))
+            key, text = (s.strip() for s in kv.split("=", 1))
             if key not in fields:
-                raise ConfigError(f"{name} has no field {key!r}; its fields are {sorted(fields)}")
-            kwargs[key] = parse_value(value)
+                raise ConfigError(
+                    f"{name} has no field {key!r}{did_you_mean(key, fields)}; its fields are {sorted(fields)}"
+                )
+            kwargs[key] = _field_value(types.get(key), text)
         try:
             out.append(cls(**kwargs))
         except TypeError as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 from .transform import ConfigError, Transform
 
 _REGISTRY: dict[str, type[Transform]] = {}
@@ -28,8 +31,17 @@ def get_transform(name: str) -> type[Transform]:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        known = ", ".join(sorted(available())) or "(none registered)"
-        raise ConfigError(f"unknown transform {name!r}; available: {known}") from None
+        known = ", ".join(sorted(n for n in available() if not n.startswith("_"))) or "(none registered)"
+        hint = did_you_mean(name.lower(), [n for n in _REGISTRY if not n.startswith("_")])
+        raise ConfigError(f"unknown transform {name!r}{hint}; available: {known}") from None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` (empty when none is close)."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 
 def available() -> dict[str, type[Transform]]:

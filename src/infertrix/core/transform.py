@@ -10,12 +10,16 @@ what is specific to it (the pattern of kvpress's presses and torchao's configs).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import numbers
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class Stage(IntEnum):
@@ -27,6 +31,11 @@ class Stage(IntEnum):
     LAYERS = 3  # which layers/sublayers run (skipping)
     CACHE = 4  # the KV cache policy used by generate
     DECODING = 5  # the decoding loop (speculative decoding)
+
+    @property
+    def acts_through_generate(self) -> bool:
+        """Cache policies and decoding loops change ``model.generate``; a model needs one."""
+        return self >= Stage.CACHE
 
 
 class InfertrixError(ValueError):
@@ -51,13 +60,17 @@ class Applied:
 
     ``undo`` restores the model exactly; when it is None, ``irreversible_reason`` says why the
     transform cannot be undone. ``report`` returns live figures for ``describe`` (bytes
-    before/after, kernel backend in use, hit rates...).
+    before/after, kernel backend in use, hit rates...); report byte counts in bytes, under keys
+    ending in ``bytes`` (``describe``'s text shows them in MiB). ``held`` returns the tensors the
+    transform keeps alive outside the model's modules (float layers kept for ``restore``, a draft
+    model's weights), which ``describe`` counts in the model's bytes.
     """
 
     transform: Transform
     undo: Callable[[], None] | None = None
     irreversible_reason: str | None = None
     report: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    held: Callable[[], Iterable[Tensor]] = field(default=lambda: ())
 
     @property
     def reversible(self) -> bool:
@@ -85,6 +98,7 @@ class Transform:
     primary: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -106,6 +120,14 @@ class Transform:
             out[f.name] = v if isinstance(v, int | float | str | bool | type(None)) else repr(v)
         return out
 
+    def changed_params(self) -> dict[str, Any]:
+        """The hyper-parameters that differ from the defaults (what ``describe``'s text lists)."""
+        out = self.params()
+        for f in dataclasses.fields(self):
+            if f.name in out and _default(f) is not dataclasses.MISSING and _same(getattr(self, f.name), _default(f)):
+                del out[f.name]
+        return out
+
     def recipe(self) -> str:
         """The recipe string that rebuilds this transform (round-trips through parse_recipe)."""
         args = []
@@ -113,9 +135,68 @@ class Transform:
             if not f.init or not f.repr:
                 continue
             v = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
-            )
-            if v != default and isinstance(v, int | float | str | bool | type(None)):
+            if not _same(v, _default(f)) and isinstance(v, int | float | str | bool | type(None)):
                 args.append(f"{f.name}={v}")
         return self.name + (f"({','.join(args)})" if args else "")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a tensor, or an object without a plain ==
+        return a is b
+
+
+# --- field types: a config's plain fields (int, float, bool, str, or None) are checked on construction
+_PLAIN = (int, float, bool, str, type(None))
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "None"}
+
+
+def plain_field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Field name -> the plain types its annotation allows (``float | None`` -> (float, NoneType)),
+    for the fields annotated with plain types only (others, ``Any`` or a callable, are left out)."""
+    out: dict[str, tuple[type, ...]] = {}
+    for f in dataclasses.fields(cls):
+        ann = f.type
+        if isinstance(ann, str):  # `from __future__ import annotations`: resolve in the declaring module
+            owner = next((c for c in cls.__mro__ if f.name in getattr(c, "__annotations__", {})), cls)
+            try:
+                ann = eval(ann, dict(vars(sys.modules[owner.__module__])))  # noqa: S307 (our own annotations)
+            except Exception:
+                continue
+        args = typing.get_args(ann) if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union else (ann,)
+        if args and all(a in _PLAIN for a in args):
+            out[f.name] = tuple(args)
+    return out
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, but true/false is no count or fraction
+        return bool in allowed
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, numbers.Integral):
+        return int in allowed or float in allowed or (bool in allowed and value in (0, 1))
+    if isinstance(value, numbers.Real):
+        return float in allowed
+    if isinstance(value, str):
+        return str in allowed
+    return True  # another object (a Path, a torch.device): the transform's validate() judges it
+
+
+def check_field_types(config: Transform) -> None:
+    """Raise ConfigError naming the field and what it takes when a plain field holds another kind
+    of value (``snapkv:abc``, ``PromptLookup(num_tokens=2.5)``)."""
+    for name, allowed in plain_field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _fits(value, allowed):
+            want = " or ".join(_KIND[t] for t in allowed)
+            raise ConfigError(f"{type(config).__name__}.{name} takes {want}, got {value!r}")

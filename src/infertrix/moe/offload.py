@@ -231,13 +231,14 @@ def _check_store(store: ExpertStore, layers: list[MoELayer]) -> None:
 def _report(runtime: OffloadRuntime) -> dict[str, Any]:
     cache = runtime.cache
     total = cache.stats()
-    mib = 1 / 2**20
     per_layer = {i: f"{s.hit_rate:.1%} ({s.hits}/{s.requests})" for i, s in cache.layer_stats().items()}
     pf = runtime.prefetcher
-    return {
-        "store": f"{cache.store.path} ({cache.store.tier}, {cache.store.total_bytes * mib:.1f} MiB)",
-        "resident": f"{cache.capacity}/{cache.store.num_experts} experts per layer, "
-        f"budget {cache.budget_bytes * mib:.1f} MiB, in use {cache.resident_bytes() * mib:.1f} MiB",
+    return {  # byte counts in bytes (describe's text shows them in MiB)
+        "store": f"{cache.store.path} ({cache.store.tier})",
+        "store_bytes": cache.store.total_bytes,
+        "resident": f"{cache.capacity}/{cache.store.num_experts} experts per layer",
+        "budget_bytes": cache.budget_bytes,
+        "resident_bytes": cache.resident_bytes(),
         "policy": cache.policy,
         "prefetch": "off" if pf is None else ("running" if pf.alive else f"stopped ({pf.error!r})"),
         "miss_policy": f"{cache.miss_policy.mode} {cache.miss_policy.costs()}",

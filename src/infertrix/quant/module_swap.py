@@ -8,9 +8,10 @@ the embedding's float weight untouched, so the embedding keeps working.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.model import decoder_layers
 from ..core.transform import UnsupportedModelError
@@ -86,6 +87,11 @@ class ModuleSwapper:
     def save_attr(self, obj: object, name: str) -> None:
         """Remember ``obj.<name>`` before it is changed (rotation unties the config's embeddings)."""
         self.saved_attrs.append((obj, name, getattr(obj, name)))
+
+    def held(self) -> list[Tensor]:
+        """The tensors kept for ``undo`` (the original layers' and the saved copies), for describe."""
+        kept = [t for m in self.originals.values() for t in itertools.chain(m.parameters(), m.buffers())]
+        return kept + [data for _, data in self.saved_params]
 
     def undo(self) -> None:
         for name, old in reversed(list(self.originals.items())):

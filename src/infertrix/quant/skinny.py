@@ -62,18 +62,26 @@ class Skinny(Transform):
     include_lm_head: bool = True
 
     def check_model(self, model: nn.Module) -> None:
-        layers = self._layers(model)
-        if not layers:
-            raise UnsupportedModelError(
-                "Skinny: no float32 nn.Linear layer left to swap (the model is not float32, or every layer is "
-                "already quantized); load the model in float32 or drop skinny_linear"
-            )
-
-    def _layers(self, model: nn.Module) -> dict[str, nn.Linear]:
         try:
             chosen = select_linears(model, self.filter_fn, self.include_lm_head)
-        except UnsupportedModelError:
-            return {}
+        except UnsupportedModelError as exc:  # no decoder layers, or no nn.Linear left in them
+            raise UnsupportedModelError(f"skinny_linear: {exc}") from None
+        if self._layers(model):
+            return
+        plain = [m for m in chosen.values() if type(m) is nn.Linear]
+        if not plain:
+            raise UnsupportedModelError(
+                "skinny_linear: every chosen linear layer is already replaced (quantized, or a SkinnyLinear); "
+                "drop skinny_linear or restore(model) first"
+            )
+        dtypes = sorted({str(m.weight.dtype).removeprefix("torch.") for m in plain})
+        raise UnsupportedModelError(
+            f"skinny_linear runs float32 weights only, and this model's linear layers are {', '.join(dtypes)}; "
+            "load the model in float32 (dtype=torch.float32) or drop skinny_linear"
+        )
+
+    def _layers(self, model: nn.Module) -> dict[str, nn.Linear]:
+        chosen = select_linears(model, self.filter_fn, self.include_lm_head)
         return {n: m for n, m in chosen.items() if type(m) is nn.Linear and m.weight.dtype == torch.float32}
 
     def apply(self, model: nn.Module) -> Applied:
@@ -84,5 +92,6 @@ class Skinny(Transform):
         return Applied(
             self,
             undo=swapper.undo,
+            held=swapper.held,  # the original layers share their tensors: nothing extra in practice
             report=lambda: {"kernel": "infertrix::skinny_linear", "layers": len(layers)},
         )

@@ -190,7 +190,8 @@ class QuantTransform(Transform):
             swapper.forget()
             return Applied(self, undo=None, irreversible_reason="keep_original=False freed the float layers",
                            report=report)
-        return Applied(self, undo=undo, report=report)
+        # the float layers kept for restore() stay in memory: describe counts them
+        return Applied(self, undo=undo, report=report, held=swapper.held)
 
 
 def _module_bytes(mod: nn.Module) -> int:

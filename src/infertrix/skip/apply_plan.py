@@ -43,4 +43,4 @@ class ApplySkipPlan(Transform):
     def apply(self, model: nn.Module) -> Applied:
         plan = self.resolved()
         handle = plan.apply(model)
-        return Applied(self, undo=handle.undo, report=lambda: plan_report(model, plan))
+        return Applied(self, undo=handle.undo, held=handle.held, report=lambda: plan_report(model, plan))

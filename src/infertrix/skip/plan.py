@@ -19,6 +19,7 @@ layer, so those *anchor* layers never have their attention skipped; validation s
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.model import decoder_layers, model_type, text_config
 from ..core.transform import ConfigError, UnsupportedModelError
@@ -338,6 +339,12 @@ class SkipHandle:
     plan: SkipPlan
     swaps: list[tuple[nn.Module, str, nn.Module]]
     undone: bool = False
+
+    def held(self) -> list[Tensor]:
+        """The tensors of the modules swapped out (kept for ``undo``), for describe."""
+        if self.undone:
+            return []
+        return [t for _, _, m in self.swaps for t in itertools.chain(m.parameters(), m.buffers())]
 
     def undo(self) -> None:
         """Put back the original modules (the same objects), newest swap first. Idempotent."""

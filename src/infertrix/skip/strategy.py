@@ -88,4 +88,4 @@ class SkipStrategy(Transform):
         plan = self.plan(model)
         handle = plan.apply(model)
         self.last_plan = plan
-        return Applied(self, undo=handle.undo, report=lambda: plan_report(model, plan))
+        return Applied(self, undo=handle.undo, held=handle.held, report=lambda: plan_report(model, plan))

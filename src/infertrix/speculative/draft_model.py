@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.model import require_causal_lm
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.growing import GrowingCache
@@ -267,6 +268,7 @@ class DraftModel(SpeculativeDecoding):
             raise ConfigError(f"DraftModel.draft must be a model or a model name, got {type(self.draft).__name__}")
 
     def check_model(self, model: nn.Module) -> None:
+        require_causal_lm(self.draft, "DraftModel's draft")
         check_same_vocabulary(model, self.draft)
 
     def drafter_report(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
@@ -152,8 +152,14 @@ class QuantizedSelf(SpeculativeDecoding):
             "draft": (f"this model under W4A8 (group {self.group_size}{', mse clip' if self.mse_clip else ''}, "
                       if self.weight_bits == 4 else "this model under W8A8 (") + "lm_head "
             f"{'quantized' if self.quantize_lm_head else 'float'}), embeddings and norms shared",
-            "draft weights MiB (extra memory)": round(sizes[-1] / 2**20, 1) if sizes else None,
+            "draft_bytes": sizes[-1] if sizes else None,  # its own tensors: the extra memory
         }
+
+    def held_tensors(self, model: nn.Module) -> list[Tensor]:
+        if id(model) not in self._drafts:
+            return []
+        draft = self._drafts[id(model)][0]
+        return list(itertools.chain(draft.parameters(), draft.buffers()))
 
     def make_drafter(self, model: nn.Module) -> Drafter:
         return DraftModelDrafter(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.attention import use_packed_sdpa
 from ..core.generation import add_generate_hook
@@ -38,6 +38,10 @@ class SpeculativeDecoding(Transform):
 
     def drafter_report(self) -> dict[str, Any]:
         return {}
+
+    def held_tensors(self, model: nn.Module) -> list[Tensor]:
+        """Tensors the drafter keeps alive for ``model`` (a draft's own weights), for describe."""
+        return []
 
     def apply(self, model: nn.Module) -> Applied:
         record = StatsRecord()
@@ -64,7 +68,8 @@ class SpeculativeDecoding(Transform):
             remove()
             model.__dict__.pop(STATS_ATTR, None)
 
-        return Applied(self, undo=undo, report=lambda: {**self.drafter_report(), **record.report()})
+        return Applied(self, undo=undo, report=lambda: {**self.drafter_report(), **record.report()},
+                       held=lambda: self.held_tensors(model))
 
 
 def speculative_stats(model: nn.Module) -> StatsRecord:
