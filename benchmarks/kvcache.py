@@ -130,7 +130,7 @@ def greedy_from(model, cache, first: torch.Tensor, mask: torch.Tensor, steps: in
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = mask.sum(-1, keepdim=True) - 1
-        out = model(toks[-1], attention_mask=mask, position_ids=pos, past_key_values=cache)
+        out = model(toks[-1], attention_mask=mask, position_ids=pos, cache=cache)
         toks.append(out.logits[:, -1:].argmax(-1))
     return torch.cat(toks, 1)
 
@@ -186,7 +186,7 @@ def run_context(
         kv_bytes = ixe.kv_cache_bytes(cache) / len(samples)
         mask = torch.ones(2, context + cont, dtype=torch.long)
         with applied(model, policy, quant):
-            out = model(target, attention_mask=mask, past_key_values=cache)
+            out = model(target, attention_mask=mask, cache=cache)
         logits = torch.cat([rec.logits[:, None], out.logits[:, :-1]], 1).float()
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
@@ -232,7 +232,7 @@ def decode_speed(model, tok, context: int, grid, steps: int, rounds: int, log) -
                         tokn,
                         attention_mask=m,
                         position_ids=m.sum(-1, keepdim=True) - 1,
-                        past_key_values=cache,
+                        cache=cache,
                     )
                     tokn = o.logits[:, -1:].argmax(-1)
                     if i >= 2:

@@ -165,7 +165,7 @@ class _Run:
             t0 = time.perf_counter()
             out = model(self.ids[:, : spec["prompt"]], use_cache=True, logits_to_keep=1)
             self.prefill_s = time.perf_counter() - t0
-        self.past = out.past_key_values
+        self.past = out.cache
         self.logits_file.write(out.logits[0, -1].numpy().tobytes())
         if self.rt is not None:
             self.rt.cache.reset_stats()
@@ -176,12 +176,12 @@ class _Run:
         tok = self.ids[:, pos : pos + 1]
         with torch.no_grad():
             t0, c0 = time.perf_counter(), time.process_time()
-            out = self.model(tok, past_key_values=self.past, use_cache=True, logits_to_keep=1)
+            out = self.model(tok, cache=self.past, use_cache=True, logits_to_keep=1)
             dt = time.perf_counter() - t0
             self.cpu += time.process_time() - c0
         self.wall += dt
         self.steps += 1
-        self.past = out.past_key_values
+        self.past = out.cache
         self.logits_file.write(out.logits[0, -1].numpy().tobytes())
         return dt
 

@@ -83,7 +83,7 @@ def continuation_perplexity(model, tok, max_tokens: int, window: int = 512, cont
     for i in range(0, len(wins), batch):
         x = wins[i : i + batch]
         pre = model(input_ids=x[:, :context], use_cache=True)
-        cont = model(input_ids=x[:, context:-1], past_key_values=pre.past_key_values, use_cache=True)
+        cont = model(input_ids=x[:, context:-1], cache=pre.cache, use_cache=True)
         logits = torch.cat([pre.logits[:, -1:], cont.logits], dim=1).float()
         target = x[:, context:]
         logp = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1))
@@ -96,10 +96,10 @@ def continuation_perplexity(model, tok, max_tokens: int, window: int = 512, cont
 def decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
     """Seconds for ``steps`` greedy decode steps after prefilling ``ids`` (the prefill is not timed)."""
     out = model(input_ids=ids, use_cache=True)
-    cache, x = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, x = out.cache, out.logits[:, -1:].argmax(-1)
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        out = model(input_ids=x, cache=cache, use_cache=True)
         x = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - t
 
@@ -114,12 +114,12 @@ def alternating_decode(full, optimized, ids: torch.Tensor, steps: int) -> tuple[
     caches, tokens, spent = [], [], [0.0, 0.0]
     for m in (full, optimized):
         out = m(input_ids=ids, use_cache=True)
-        caches.append(out.past_key_values)
+        caches.append(out.cache)
         tokens.append(out.logits[:, -1:].argmax(-1))
     for _ in range(steps):
         for k, m in enumerate((full, optimized)):
             t = time.perf_counter()
-            out = m(input_ids=tokens[k], past_key_values=caches[k], use_cache=True)
+            out = m(input_ids=tokens[k], cache=caches[k], use_cache=True)
             tokens[k] = out.logits[:, -1:].argmax(-1)
             spent[k] += time.perf_counter() - t
     return spent[0], spent[1]

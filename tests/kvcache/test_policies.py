@@ -138,12 +138,12 @@ def test_generate_equals_manual_loop_with_positions(policy):
     seq, logits = greedy(model, ids, max_new_tokens=10)
     cache = new_cache(model)
     n = ids.shape[1]
-    out = model(ids, past_key_values=cache, position_ids=torch.arange(n)[None])
+    out = model(ids, cache=cache, position_ids=torch.arange(n)[None])
     tokens, manual_logits = [], [out.logits[:, -1]]
     for step in range(9):
         tok = manual_logits[-1].argmax(-1, keepdim=True)
         tokens.append(tok)
-        out = model(tok, past_key_values=cache, position_ids=torch.tensor([[n + step]]))
+        out = model(tok, cache=cache, position_ids=torch.tensor([[n + step]]))
         manual_logits.append(out.logits[:, -1])
     tokens.append(manual_logits[-1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, 1), seq[:, n:])
@@ -157,13 +157,13 @@ def test_generate_equals_manual_loop_with_positions(policy):
 def manual_generate(model, cache, ids, new_tokens):
     """Greedy decoding the way generate feeds a reused cache: only tokens the cache has not seen."""
     seen = cache.get_seq_length()
-    out = model(ids[:, seen:], past_key_values=cache)
+    out = model(ids[:, seen:], cache=cache)
     toks = []
     for _ in range(new_tokens):
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(tok)
         if len(toks) < new_tokens:
-            out = model(tok, past_key_values=cache)
+            out = model(tok, cache=cache)
     return torch.cat([ids, *toks], 1)
 
 
@@ -182,9 +182,9 @@ def test_cache_reuse_across_two_generate_calls(policy):
     ix.optimize(model, *([policy] if policy else [KIVI(bits=4, group_size=4, residual_length=4)]))
     first, more = ids_of(3, 20, 12)
     cache = new_cache(model)
-    out1 = model.generate(first, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    out1 = model.generate(first, cache=cache, max_new_tokens=5, do_sample=False)
     ids2 = torch.cat([out1, more], 1)
-    out2 = model.generate(ids2, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    out2 = model.generate(ids2, cache=cache, max_new_tokens=5, do_sample=False)
     assert cache.get_seq_length() == ids2.shape[1] + 4
 
     ref_cache = new_cache(model)
@@ -200,9 +200,9 @@ def test_chunked_prefill_keeps_positions_and_budget():
     ix.optimize(model, SnapKV(window_size=4, compression=0.5))
     (ids,) = ids_of(4, 40)
     cache = new_cache(model)
-    model(ids[:, :24], past_key_values=cache)
+    model(ids[:, :24], cache=cache)
     assert cache.get_seq_length() == 24 and cache.stored_lengths()[0] == 12
-    out = model(ids[:, 24:], past_key_values=cache)
+    out = model(ids[:, 24:], cache=cache)
     assert cache.get_seq_length() == 40 and cache.stored_lengths()[0] == 20
     assert out.logits.shape == (1, 16, 128) and torch.isfinite(out.logits).all()
     # ratio 0 chunked == one shot
@@ -211,8 +211,8 @@ def test_chunked_prefill_keeps_positions_and_budget():
     one = model(ids).logits
     cache = new_cache(model)
     parts = [
-        model(ids[:, :24], past_key_values=cache).logits,
-        model(ids[:, 24:], past_key_values=cache).logits,
+        model(ids[:, :24], cache=cache).logits,
+        model(ids[:, 24:], cache=cache).logits,
     ]
     torch.testing.assert_close(torch.cat(parts, 1), one, atol=1e-5, rtol=1e-5)
 
@@ -223,7 +223,7 @@ def test_gqa_stores_per_kv_head_and_really_shrinks(kv_heads):
     ix.optimize(model, SnapKV(window_size=4, compression=0.75))
     (ids,) = ids_of(5, 64)
     cache = new_cache(model)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     for layer in cache.layers:
         assert layer.keys.shape == (1, kv_heads, 16, 16)
         assert (
@@ -239,7 +239,7 @@ def test_sliding_layers_left_alone_in_gemma3():
     ix.optimize(model, SnapKV(window_size=4, compression=0.5))
     (ids,) = ids_of(6, 30)
     cache = new_cache(model)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     kinds = [type(layer) for layer in cache.layers]
     assert kinds == [DynamicSlidingWindowLayer, PolicyLayer] * 2
     assert cache.layers[0].keys.shape[-2] == 7  # stock sliding window (8 - 1)
@@ -252,7 +252,7 @@ def test_decode_time_compression_bounds_the_cache():
     ix.optimize(model, KNorm(budget=10, decode_interval=4))
     (ids,) = ids_of(7, 20)
     cache = new_cache(model)
-    model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    model.generate(ids, cache=cache, max_new_tokens=20, do_sample=False)
     assert cache.get_seq_length() == 39
     assert all(10 <= s < 14 for s in cache.stored_lengths())
 
@@ -262,7 +262,7 @@ def test_pyramid_budgets_differ_per_layer_and_average_to_the_budget():
     ix.optimize(model, PyramidKV(window_size=4, kernel_size=3, compression=0.5, beta=4))
     (ids,) = ids_of(8, 40)
     cache = new_cache(model)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     lengths = cache.stored_lengths()
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
     assert sum(lengths) == 4 * 20
@@ -285,7 +285,7 @@ def test_merge_changes_kept_states_not_their_number():
         ix.restore(model)
         ix.optimize(model, policy)
         cache = new_cache(model)
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
         caches.append(cache)
     a, b = caches[0].layers[0], caches[1].layers[0]
     assert a.keys.shape == b.keys.shape
@@ -297,19 +297,19 @@ def test_crop_rolls_back_exactly_when_tokens_are_stored():
     ix.optimize(model, SnapKV(window_size=8, compression=0.5))
     (ids,) = ids_of(10, 30)
     cache = new_cache(model)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     draft = torch.tensor([[5, 6, 7]])
-    first = model(draft, past_key_values=cache).logits
+    first = model(draft, cache=cache).logits
     stored = cache.stored_lengths()
     cache.crop(-3)
     assert cache.get_seq_length() == 30 and cache.stored_lengths() == [s - 3 for s in stored]
-    again = model(draft, past_key_values=cache).logits
+    again = model(draft, cache=cache).logits
     assert torch.equal(first, again)
 
     ix.restore(model)
     ix.optimize(model, KNorm(compression=0.5))
     cache = new_cache(model)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     with pytest.raises(CacheCropError, match="only the last .* tokens are still stored exactly"):
         cache.crop(-3)
 
@@ -347,9 +347,9 @@ def test_generate_gets_a_fresh_policy_cache_unless_given_one():
     ix.optimize(model, SnapKV(window_size=4, compression=0.5))
     (ids,) = ids_of(12, 20)
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, PolicyCache)
+    assert isinstance(out.cache, PolicyCache)
     out2 = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert out2.past_key_values is not out.past_key_values
+    assert out2.cache is not out.cache
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
@@ -391,7 +391,7 @@ def test_right_padding_is_a_clear_error():
     mask = torch.ones_like(ids)
     mask[1, 15:] = 0
     with pytest.raises(ConfigError, match="needs left padding"):
-        model(ids, attention_mask=mask, past_key_values=new_cache(model))
+        model(ids, attention_mask=mask, cache=new_cache(model))
 
 
 def merge_all_pairs(keys, values, keep, visible, threshold):
@@ -443,12 +443,12 @@ def test_policy_layers_append_in_place():
     model = make_tiny("llama")
     ix.optimize(model, SnapKV(window_size=4, compression=0.5))
     cache = new_cache(model)
-    model(torch.randint(3, 128, (2, 40)), past_key_values=cache)
+    model(torch.randint(3, 128, (2, 40)), cache=cache)
     layer = cache.layers[0]
     assert layer.kbuf is None and layer.keys.shape[-2] == 20
     ptrs = set()
     for _ in range(20):
-        model(torch.randint(3, 128, (2, 1)), past_key_values=cache)
+        model(torch.randint(3, 128, (2, 1)), cache=cache)
         ptrs.add(layer.keys.data_ptr())
     # one buffer for the prompt, one after the eviction, then in place
     assert len(ptrs) == 1 and layer.reallocations == 2

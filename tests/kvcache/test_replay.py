@@ -40,7 +40,7 @@ def test_replay_equals_real_prefill(arch, policy):
     ix.optimize(model, policy, KIVI(bits=4, group_size=4, residual_length=4))
     real = new_cache(model)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=real)
+        model(ids, attention_mask=mask, cache=real)
     rec = record_prefill(model, ids, mask)
     cache = replay(model, rec, policy, KVQuantSpec(4, 4, 4))
     assert cache.stored_lengths() == real.stored_lengths()
@@ -49,6 +49,6 @@ def test_replay_equals_real_prefill(arch, policy):
     nxt = torch.tensor([[5], [6]])
     mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
-        x = model(nxt, attention_mask=mask2, past_key_values=real).logits
-        y = model(nxt, attention_mask=mask2, past_key_values=cache).logits
+        x = model(nxt, attention_mask=mask2, cache=real).logits
+        y = model(nxt, attention_mask=mask2, cache=cache).logits
     assert torch.equal(x, y)

@@ -119,11 +119,11 @@ def test_equals_plan_entered_by_hand_on_quantized_model_with_kv(method, kv):
 def greedy(model, x: torch.Tensor, steps: int, decode_plan: SkipPlan | None = None) -> list[torch.Tensor]:
     """Logits of a greedy loop over a cache from the model's KV-cache transform, ``decode_plan`` after prefill."""
     cache = new_cache(model)
-    logits = [model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1]]
+    logits = [model(input_ids=x, cache=cache, use_cache=True).logits[:, -1]]
     with skipping(model, decode_plan):
         for _ in range(steps - 1):
             nxt = logits[-1].argmax(-1, keepdim=True)
-            logits.append(model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1])
+            logits.append(model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1])
     return logits
 
 
@@ -156,7 +156,7 @@ def test_dropped_attention_stores_no_kv_under_a_kv_transform(method, kv):
     caches = []
     for model in (a, b):
         cache = new_cache(model)
-        model.generate(x, past_key_values=cache, max_new_tokens=NEW, do_sample=False)
+        model.generate(x, cache=cache, max_new_tokens=NEW, do_sample=False)
         caches.append(cache)
     got = [layer.kv_bytes() for layer in caches[0].layers]
     ref = [layer.kv_bytes() for layer in caches[1].layers]

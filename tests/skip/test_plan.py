@@ -109,10 +109,10 @@ def test_restore_brings_back_the_same_modules(arch):
 def test_dropped_attention_stores_no_kv(arch):
     m = make_tiny(arch, num_hidden_layers=6, layer_types=None) if arch == "llama" else make_tiny(arch, num_hidden_layers=6)
     x = ids(length=6)
-    full = m.generate(x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True).past_key_values
+    full = m.generate(x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True).cache
     plan = SkipPlan.of(attention=[2, 4], layers=[5]) if arch == "llama" else SkipPlan.of(attention=[3, 5])
     with plan.active(m):
-        part = m.generate(x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True).past_key_values
+        part = m.generate(x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True).cache
     for i, layer in enumerate(part.layers):
         assert layer.is_initialized == (not plan.skips_attention(i)), i
     # every layer of these tiny models stores the same number of bytes (no sliding window crops at 8 tokens)
@@ -125,15 +125,15 @@ def test_toggle_per_forward_shares_the_cache():
     plan = SkipPlan.of(layers=[2], attention=[1])
     x = ids(batch=1, length=8)
     out = m(x, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     tok = out.logits[:, -1:].argmax(-1)
     with plan.active(m):
-        draft = m(tok, past_key_values=cache, use_cache=True)
+        draft = m(tok, cache=cache, use_cache=True)
     lengths = [layer.get_seq_length() for layer in cache.layers]
     assert lengths == [9, 8, 8, 9]  # skipped layers' entries untouched
     rollback_cache(cache, 8)
     assert [layer.get_seq_length() for layer in cache.layers] == [8] * 4
-    full_step = m(tok, past_key_values=cache, use_cache=True).logits
+    full_step = m(tok, cache=cache, use_cache=True).logits
     assert torch.allclose(full_step, m(torch.cat([x, tok], 1)).logits[:, -1:], atol=1e-5)
     assert not torch.allclose(draft.logits, full_step)
     with skipping(m, None):
@@ -219,7 +219,7 @@ def test_smollm2_plan(smollm2):
     ref = model(x).logits
     with SkipPlan.of(layers=[12, 14], attention=range(16, 24)).active(model):
         out = model.generate(x, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-        assert not out.past_key_values.layers[12].is_initialized
+        assert not out.cache.layers[12].is_initialized
     assert torch.equal(model(x).logits, ref)
     with pytest.raises(ConfigError, match=r"skips layers \[30\].*30 decoder layers \(0..29\)"):
         SkipPlan.of(layers=[30]).apply(model)

@@ -108,7 +108,7 @@ def test_attention_drop_picks_most_similar_and_refuses_too_much():
         AttentionDrop(fraction=0.5, calibration_ids=calib(), progress=False).plan(m)
     with AttentionDrop(count=3, similarities=ad.similarities).plan(m).active(m):
         out = m.generate(calib(8).unsqueeze(0), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert sum(layer.is_initialized for layer in out.past_key_values.layers) == 7
+    assert sum(layer.is_initialized for layer in out.cache.layers) == 7
 
 
 def test_skipdecode_schedule_is_monotonic_and_batch_uniform():
@@ -134,10 +134,10 @@ def test_skipdecode_teacher_forcing_equals_incremental_decoding():
     full_pass = m(x).logits
     out = m(x[:, :2], use_cache=True)
     steps = [out.logits]
-    cache = out.past_key_values
+    cache = out.cache
     calls.update({1: 0, 2: 0, 3: 0})  # count decode-step calls only (thresholds 6, 9, 12)
     for t in range(2, 16):
-        out = m(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = m(x[:, t : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
     inc = torch.cat(steps, dim=1)
     assert torch.allclose(full_pass, inc, atol=1e-5)
@@ -157,7 +157,7 @@ def test_skipdecode_same_depth_for_every_row():
     mask[1, :2] = 0  # left padding: row 1's positions lag row 0's
     out = m.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                      return_dict_in_generate=True)
-    lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+    lengths = [layer.get_seq_length() for layer in out.cache.layers]
     # layer 1 stops at position 2, layer 2 at 4 (both rows alike): their caches hold the prompt only
     assert lengths[1] == lengths[2] == 6 and lengths[0] == 9
 
@@ -230,5 +230,5 @@ def test_smollm2_strategies(smollm2, tmp_path):
         out = model.generate(**x, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     finally:
         ix.restore(model)
-    lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+    lengths = [layer.get_seq_length() for layer in out.cache.layers]
     assert lengths[0] == x["input_ids"].shape[1] + 5 and min(lengths) < lengths[0]

@@ -1,4 +1,8 @@
-"""One registry of transforms by recipe name; families register their classes on import."""
+"""One registry of transforms by recipe name; families register their classes on import.
+
+``import infertrix`` loads the families lazily (so the CLI starts fast); lookups here load them
+first, so the registry is complete even for code that imports ``infertrix.core`` directly.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +26,21 @@ def register_transform(name: str, *aliases: str):
                 raise ValueError(f"transform name {key!r} is already taken by {_REGISTRY[key].__name__}")
             _REGISTRY[key] = cls
         cls.name = name.lower()
+        cls.aliases = tuple(a.lower() for a in aliases)
         return cls
 
     return deco
 
 
+def _load_families() -> None:
+    from .. import _load_all
+
+    _load_all()
+
+
 def get_transform(name: str) -> type[Transform]:
+    """The transform class registered as ``name`` or one of its aliases (case-insensitive)."""
+    _load_families()
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
@@ -45,5 +58,6 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 
 def available() -> dict[str, type[Transform]]:
-    """Registered transforms by their canonical name (aliases left out)."""
+    """Registered transforms by their canonical name (aliases left out: see ``cls.aliases``)."""
+    _load_families()
     return {cls.name: cls for cls in _REGISTRY.values()}

@@ -94,6 +94,7 @@ class Transform:
 
     stage: ClassVar[Stage]
     name: ClassVar[str] = ""  # set by register_transform
+    aliases: ClassVar[tuple[str, ...]] = ()  # set by register_transform
     conflict_group: ClassVar[str | None] = None
     primary: ClassVar[str | None] = None
 
