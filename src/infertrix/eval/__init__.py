@@ -1,15 +1,16 @@
 """What users decide by: quality (perplexity, agreement, passkey retrieval), speed, memory."""
 
 from .agreement import greedy_agreement, greedy_tokens, token_agreement
-from .memory import current_rss, kv_cache_bytes, peak_rss
-from .passkey import passkey_accuracy, passkey_prompt
-from .perplexity import perplexity, token_windows
+from .memory import current_rss, kv_cache_bytes, peak_rss, trimmed_rss
+from .passkey import passkey_accuracy, passkey_prompt, passkey_trials
+from .perplexity import continuation_perplexity, perplexity, token_windows
 from .speed import SpeedResult, measure_speed, pinned_threads, prompt_ids
 from .text import body_text, load_text
 
 __all__ = [
     "SpeedResult",
     "body_text",
+    "continuation_perplexity",
     "current_rss",
     "greedy_agreement",
     "greedy_tokens",
@@ -18,10 +19,12 @@ __all__ = [
     "measure_speed",
     "passkey_accuracy",
     "passkey_prompt",
+    "passkey_trials",
     "peak_rss",
     "perplexity",
     "pinned_threads",
     "prompt_ids",
     "token_agreement",
     "token_windows",
+    "trimmed_rss",
 ]
