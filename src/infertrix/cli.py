@@ -35,7 +35,7 @@ def _recipes(args) -> list[str]:
     return recipes
 
 
-def bench(args):
+def bench(args: argparse.Namespace) -> workloads.MainJobReport:
     """Run the main job: the baseline and the recipes, each family on its workload
     (:func:`infertrix.eval.workloads.run_main_job`)."""
     return workloads.run_main_job(args.model, _recipes(args), args)
