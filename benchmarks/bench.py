@@ -1,6 +1,9 @@
-"""The main job's table in BENCHMARKS.md: `infertrix bench` on SmolLM2, baseline and recipes.
+"""The main job's tables in BENCHMARKS.md: `infertrix bench` on SmolLM2, each family on its workload.
 
     python -m benchmarks.bench --recipe baseline --all-recipes [any other `infertrix bench` flag]
+
+The measurement is ``infertrix.eval.workloads`` (``infertrix bench`` prints the same tables); this
+script also records them in the "bench" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -11,22 +14,16 @@ import torch
 
 from benchmarks.report import write_section
 from infertrix import cli
+from infertrix.eval import workloads
 
 
 def main(argv: list[str]) -> None:
     args = cli.parse_args(["bench", "--model", "smollm2", *argv])
-    rows = cli.bench(args)
-    table = cli.format_table(rows)
-    print(table)
-    cli.write_outputs(rows, args)
-    settings = (
-        f"Perplexity: {args.ppl_tokens} tokens of *Pride and Prejudice* in {args.ppl_window}-token windows. "
-        f"Agreement: greedy tokens equal to the baseline's over {len(cli.AGREEMENT_PROMPTS)} prompts x "
-        f"{args.agree_tokens} tokens. Speed: greedy generate, {args.prompt_tokens}-token prompt, "
-        f"{args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats}. "
-        "Peak RSS: the whole process during the speed runs (it only grows across rows). Perplexity scores full windows without a cache, so KV-cache policies leave it unchanged: see the kvcache section for their quality."
-    )
-    write_section("bench", "infertrix bench: SmolLM2-135M-Instruct, baseline and recipes", settings + "\n\n" + table + "\n")
+    report = cli.bench(args)
+    body = workloads.format_report(report)
+    print(body)
+    workloads.write_outputs(report, args)
+    write_section("bench", "infertrix bench: SmolLM2-135M-Instruct, each family on its workload", body)
 
 
 if __name__ == "__main__":

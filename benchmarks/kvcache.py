@@ -15,6 +15,7 @@ For each prompt length (1k, 2k, 4k tokens) and each cell (full cache; every poli
 - KV bytes per sequence (``infertrix.eval.kv_cache_bytes``: every tensor the cache holds);
 - at the longest length: decode tokens/s (batch 1, median step time) and the peak RSS of decoding.
 
+The measurements are ``infertrix.eval.long_context`` (shared with the main job, ``infertrix bench``).
 A policy does not change the prefill itself (each layer attends to the whole prompt and is compressed
 after), so every micro-batch of prompts is prefilled once and each cell's cache is built from it by
 ``infertrix.kvcache.replay`` - the very steps ``generate`` runs, checked identical to a real prefill
@@ -25,12 +26,7 @@ in tests/kvcache/test_replay.py. The script also cross-checks one cell against
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import math
-import random
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,10 +37,11 @@ import infertrix as ix
 from benchmarks.report import markdown_table, write_section
 from infertrix import eval as ixe
 from infertrix import kvcache as kv
-from infertrix.kvcache.replay import record_prefill, replay
+from infertrix.eval.long_context import KVCell, passkey_and_perplexity
+from infertrix.eval.long_context import decode_speed as long_context_decode
+from infertrix.eval.passkey import DEPTHS
 from infertrix.models import load
 
-DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 PLOT = Path(__file__).resolve().parent / "kvcache_passkey_vs_kv_bytes.png"
 
 
@@ -83,171 +80,21 @@ def cells(ratios, h2o_window: int | None, methods: list[str] | None = None):
     return out
 
 
-class applied:
-    """Apply a cell's transform for the duration of a block: installs the attention hooks that give
-    layers of different lengths (PyramidKV) their slice of the mask and compress later prompt chunks."""
-
-    def __init__(self, model, policy, quant):
-        self.model, self.items = (
-            model,
-            [
-                t
-                for t in (
-                    policy,
-                    quant and kv.KIVI(quant.bits, quant.group_size, quant.residual_length),
-                )
-                if t
-            ],
-        )
-
-    def __enter__(self):
-        if self.items:
-            ix.optimize(self.model, *self.items)
-
-    def __exit__(self, *exc):
-        if self.items:
-            ix.restore(self.model)
-
-
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-@torch.no_grad()
-def greedy_from(model, cache, first: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
-    """Decode ``steps`` more tokens after ``first`` [B, 1] from a prompt cache (as generate does)."""
-    toks = [first]
-    for _ in range(steps):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        pos = mask.sum(-1, keepdim=True) - 1
-        out = model(toks[-1], attention_mask=mask, position_ids=pos, cache=cache)
-        toks.append(out.logits[:, -1:].argmax(-1))
-    return torch.cat(toks, 1)
-
-
-def passkey_prompts(tok, context: int, trials: int, seed: int = 0):
-    """The prompts and keys of ``infertrix.eval.passkey_accuracy`` (same RNG sequence)."""
-    rng = random.Random(seed)
+def kv_cells(grid) -> list[KVCell]:
+    """The cells of ``infertrix.eval.long_context`` for a grid of :func:`cells` tuples."""
     out = []
-    for i in range(trials):
-        depth = DEPTHS[i % len(DEPTHS)]
-        key = rng.randint(10000, 99999)
-        prompt = ixe.passkey_prompt(tok, context, depth, key, offset=rng.randint(0, 10**6))
-        out.append((tok(prompt).input_ids, key))
-    return out
-
-
-@torch.no_grad()
-def run_context(
-    model, tok, context: int, grid, trials: int, micro_batch: int, log, first_trial: int = 0
-) -> dict[str, dict]:
-    res = {label: {"correct": 0, "n": 0} for label, *_ in grid}
-    prompts = passkey_prompts(tok, context, first_trial + trials)[first_trial:]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for start in range(0, trials, micro_batch):
-        chunk = prompts[start : start + micro_batch]
-        ids, mask = left_pad([p for p, _ in chunk], pad)
-        t = time.time()
-        rec = record_prefill(model, ids, mask, position_ids=positions(mask))
-        first = rec.logits.argmax(-1, keepdim=True)
-        log(
-            f"  {context} tokens: prefill of trials {start}-{start + len(chunk) - 1} in {time.time() - t:.1f}s"
-        )
-        t = time.time()
-        for label, _, _, policy, quant in grid:
-            with applied(model, policy, quant):
-                cache = replay(model, rec, policy, quant)
-                gen = greedy_from(model, cache, first, mask, 6)
-            for row, (_, key) in enumerate(chunk):
-                found = re.findall(r"\d+", tok.decode(gen[row]))
-                res[label]["correct"] += str(key) in found
-                res[label]["n"] += 1
-        log(f"  {context} tokens: {len(grid)} cells decoded in {time.time() - t:.1f}s")
-        del rec
-    # perplexity of a 128-token continuation of prose, 2 samples, and KV bytes per sequence
-    text_ids = tok(ixe.body_text()[: (context + 200) * 2 * 8], add_special_tokens=False).input_ids
-    cont = 128
-    samples = [text_ids[o : o + context + cont] for o in (0, context + cont)]
-    ids = torch.tensor(samples)
-    prompt, target = ids[:, :context], ids[:, context:]
-    rec = record_prefill(model, prompt, torch.ones_like(prompt))
     for label, _, _, policy, quant in grid:
-        cache = replay(model, rec, policy, quant)
-        kv_bytes = ixe.kv_cache_bytes(cache) / len(samples)
-        mask = torch.ones(2, context + cont, dtype=torch.long)
-        with applied(model, policy, quant):
-            out = model(target, attention_mask=mask, cache=cache)
-        logits = torch.cat([rec.logits[:, None], out.logits[:, :-1]], 1).float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-        )
-        res[label].update(ppl=math.exp(nll.item()), kv_bytes=kv_bytes)
-    return res
-
-
-def trimmed_rss() -> int:
-    """Resident bytes now, after handing freed heap back to the OS (so a later peak is comparable)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    return ixe.current_rss()
-
-
-@torch.no_grad()
-def decode_speed(model, tok, context: int, grid, steps: int, rounds: int, log) -> dict[str, dict]:
-    """Decode tokens/s at ``context`` tokens, batch 1: ``rounds`` rounds, each running ``steps``
-    steps of every cell in turn (interleaved, so slow phases of a shared machine hit every cell), on
-    a fresh cache each round; the median step time of all rounds (first two steps of a round
-    dropped). Memory: the peak RSS of building the cell's cache and decoding, above the RSS before."""
-    ids = torch.tensor(
-        [tok(ixe.body_text()[: context * 8], add_special_tokens=False).input_ids[:context]]
-    )
-    mask = torch.ones_like(ids)
-    rec = record_prefill(model, ids, mask)
-    first = rec.logits.argmax(-1, keepdim=True)
-    out = {label: {"times": [], "peak": 0} for label, *_ in grid}
-    for rnd in range(rounds):
-        for label, _, _, policy, quant in grid:
-            times = out[label]["times"]
-
-            def run(policy=policy, quant=quant, times=times):
-                cache = replay(model, rec, policy, quant)
-                m, tokn = mask, first
-                for i in range(steps):
-                    m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-                    t = time.perf_counter()
-                    o = model(
-                        tokn,
-                        attention_mask=m,
-                        position_ids=m.sum(-1, keepdim=True) - 1,
-                        cache=cache,
-                    )
-                    tokn = o.logits[:, -1:].argmax(-1)
-                    if i >= 2:
-                        times.append(time.perf_counter() - t)
-                return ixe.kv_cache_bytes(cache), getattr(cache, "scratch_bytes", lambda: 0)()
-
-            base = trimmed_rss()
-            with applied(model, policy, quant):
-                (kv_bytes, scratch), peak = ixe.peak_rss(run)
-            d = out[label]
-            d.update(kv_bytes=kv_bytes, scratch=scratch, peak=max(d["peak"], peak - base))
-            if rnd == rounds - 1:
-                d["decode_tok_s"] = 1.0 / statistics.median(d["times"])
-                log(f"  decode at {context}: {label}: {d['decode_tok_s']:.1f} tok/s")
+        kivi = quant and kv.KIVI(quant.bits, quant.group_size, quant.residual_length)
+        out.append(KVCell(label, tuple(t for t in (policy, kivi) if t)))
     return out
+
+
+def run_context(model, tok, context: int, grid, trials: int, micro_batch: int, log, first_trial: int = 0):
+    return passkey_and_perplexity(model, tok, context, kv_cells(grid), trials, micro_batch, log, first_trial)
+
+
+def decode_speed(model, tok, context: int, grid, steps: int, rounds: int, log):
+    return long_context_decode(model, tok, context, kv_cells(grid), steps, rounds, log)
 
 
 def kv_expected(context: int, compression: float) -> float:
@@ -397,25 +244,10 @@ def main(argv: list[str]) -> None:
 
 
 def single_cell_accuracy(model, tok, context, trials, policy):
-    grid = [("cell", "", 0.5, policy, None)]
-    res = run_context_passkey_only(model, tok, context, grid, trials)
-    return res["cell"]["correct"] / res["cell"]["n"], res
-
-
-@torch.no_grad()
-def run_context_passkey_only(model, tok, context, grid, trials):
-    res = {label: {"correct": 0, "n": 0} for label, *_ in grid}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for ids_list, key in passkey_prompts(tok, context, trials):
-        ids, mask = left_pad([ids_list], pad)
-        rec = record_prefill(model, ids, mask)
-        first = rec.logits.argmax(-1, keepdim=True)
-        for label, _, _, policy, quant in grid:
-            with applied(model, policy, quant):
-                gen = greedy_from(model, replay(model, rec, policy, quant), first, mask, 6)
-            res[label]["correct"] += str(key) in re.findall(r"\d+", tok.decode(gen[0]))
-            res[label]["n"] += 1
-    return res
+    """Passkey accuracy of one policy cell through the replay path, one trial at a time."""
+    (cell,) = kv_cells([("cell", "", 0.5, policy, None)])
+    res = passkey_and_perplexity(model, tok, context, [cell], trials, micro_batch=1, samples=0)["cell"]
+    return res["correct"] / res["n"], res
 
 
 def plot(tables, grid, path: Path = PLOT) -> None:

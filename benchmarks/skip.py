@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ import torch
 import infertrix as ix
 from infertrix import eval as ixe
 from infertrix import models
+from infertrix.eval import continuation_perplexity
 from infertrix.skip import (
     AdaSkip,
     AttentionDrop,
@@ -73,23 +73,6 @@ LABELS = {
     "skipdecode_bi": "SkipDecode (block-influence order)",
     "adaskip": "AdaSkip (on-the-fly sublayers)",
 }
-
-
-@torch.no_grad()
-def continuation_perplexity(model, tok, max_tokens: int, window: int = 512, context: int = 128, batch: int = 4) -> float:
-    """Perplexity of tokens ``context+1 .. window-1`` of each window, the first ``context`` prefilled."""
-    wins = ixe.token_windows(tok, None, max_tokens, window)
-    nll, count = 0.0, 0
-    for i in range(0, len(wins), batch):
-        x = wins[i : i + batch]
-        pre = model(input_ids=x[:, :context], use_cache=True)
-        cont = model(input_ids=x[:, context:-1], cache=pre.cache, use_cache=True)
-        logits = torch.cat([pre.logits[:, -1:], cont.logits], dim=1).float()
-        target = x[:, context:]
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1))
-        nll -= logp.sum().item()
-        count += target.numel()
-    return math.exp(nll / count)
 
 
 @torch.no_grad()

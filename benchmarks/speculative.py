@@ -18,6 +18,9 @@ to its eos and the prefill time is the median time of ``generate(max_new_tokens=
 record whether the output is token-identical to plain ``generate`` (it must be). Mean accepted
 length = tokens emitted per row per verification forward (1.0 = no gain).
 
+The prompts and the interleaved measurement are ``infertrix.eval.decoding`` (shared with the main
+job, ``infertrix bench``); this script adds batches, sampling and the Skinny rows.
+
 Rows accumulate in ``--results`` (JSON), so the matrix can be measured in several short locked
 runs; every run rewrites the BENCHMARKS.md section from all rows gathered so far.
 """
@@ -26,87 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import infertrix as ix
 from benchmarks.report import markdown_table, write_section
-from infertrix import eval as ixe
-
-REWRITE_STARTS = [
-    "It is a truth universally acknowledged",
-    "Mr. Bennet was among the earliest of those who waited on Mr. Bingley",
-    "Within a short walk of Longbourn lived a family",
-    "Elizabeth, feeling really anxious, was determined to go to her",
-]
-STORIES = [
-    "The lighthouse keeper had not seen a ship in eleven days when the storm finally broke.",
-    "On the morning of her seventieth birthday, Margaret found a key she did not recognise.",
-    "The train stopped in the middle of the forest, and the conductor walked off without a word.",
-    "Every night at nine, the dog next door began to bark at exactly the same tree.",
-]
-QUESTIONS = [
-    "What causes the seasons on Earth? Explain clearly.",
-    "How does a refrigerator keep food cold?",
-    "What are the main differences between a virus and a bacterium?",
-    "Why do leaves change colour in autumn?",
-]
-
-
-def passage(start: str, chars: int = 900) -> str:
-    """A passage of the shipped prose from ``start``, whole sentences, line breaks joined."""
-    text = ixe.text.body_text()
-    i = text.find(start)
-    if i < 0:
-        raise ValueError(f"passage start {start!r} not found in the shipped text")
-    chunk = text[i : i + chars]
-    return " ".join(chunk[: chunk.rfind(".") + 1].split())
-
-
-def misspell(text: str, every: int = 9) -> str:
-    """Swap two inner letters of every ``every``-th long word (deterministic typos to correct)."""
-    words = text.split(" ")
-    for j in range(3, len(words), every):
-        w = words[j]
-        if len(w) > 4 and w.isalpha():
-            words[j] = w[:2] + w[3] + w[2] + w[4:]
-    return " ".join(words)
-
-
-def prompts(kind: str) -> list[str]:
-    if kind == "rewrite":
-        return [
-            "Correct the spelling mistakes in the following passage. Reply with the corrected passage only."
-            f"\n\n{misspell(passage(s))}"
-            for s in REWRITE_STARTS
-        ]
-    if kind == "story":
-        return [f"Continue this story:\n\n{s}" for s in STORIES]
-    if kind == "question":
-        return QUESTIONS
-    raise ValueError(kind)
-
-
-def encode(tok, kind: str, batch: int):
-    texts = [
-        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts(kind)[:batch]
-    ]
-    return tok(texts, return_tensors="pt", padding=True)
-
-
-def real_tokens(out: torch.Tensor, prompt_len: int, eos: set[int]) -> int:
-    n = 0
-    for row in out[:, prompt_len:].tolist():
-        for t in row:
-            n += 1
-            if t in eos:
-                break
-    return n
+from infertrix.eval.decoding import compare_decoding
 
 
 def drafters(names: list[str]) -> dict[str, tuple]:
@@ -140,69 +70,25 @@ def render(rows: list[dict], args) -> str:
     return markdown_table(rows)
 
 
-def measure(model, tok, transforms, kind, batch, mode, args, eos) -> list[dict]:
-    enc = encode(tok, kind, batch)
-    plen = enc.input_ids.shape[1]
-    prefill = []
-    for _ in range(args.repeats + 1):
-        t0 = time.perf_counter()
-        model.generate(**enc, max_new_tokens=1, do_sample=False)
-        prefill.append(time.perf_counter() - t0)
-    t_prefill = statistics.median(prefill[1:])
-    sample = mode == "sample"
-    kw = dict(max_new_tokens=args.new_tokens, do_sample=sample)
-    if sample:
-        kw.update(temperature=0.7, top_k=0, top_p=1.0)
-    variants = {"plain": (), **transforms}
-    res: dict[str, dict] = {v: {"t": [], "tok": [], "mal": [], "out": None} for v in variants}
-    for r in range(args.repeats + 1):  # round 0 warms up with a short call
-        for name, t in variants.items():
-            if t:
-                ix.optimize(model, *t)
-            torch.manual_seed(1000 + r)
-            t0 = time.perf_counter()
-            out = model.generate(**enc, **(kw if r else {**kw, "max_new_tokens": args.warmup_tokens}))
-            dt = time.perf_counter() - t0
-            if t:
-                if r and "speculative_stats" in model.__dict__:
-                    res[name]["mal"].append(model.speculative_stats.last.mean_accepted_length)
-                ix.restore(model)
-            if r == 0:
-                continue
-            if r == 1:
-                res[name]["out"] = out
-            res[name]["t"].append(dt)
-            res[name]["tok"].append(real_tokens(out, plen, eos))
-    rows = []
-    tps_of = {
-        name: statistics.median((n - batch) / max(t - t_prefill, 1e-9) for n, t in zip(d["tok"], d["t"], strict=True))
-        for name, d in res.items()
-    }
-    base = tps_of["plain"]
-    for name in variants:
-        d = res[name]
-        tps = tps_of[name]
-        row = {
-            "prompts": kind,
-            "batch": batch,
-            "mode": "greedy" if not sample else "T=0.7",
-            "method": name,
-            "decode tok/s": round(tps, 2),
-            "speed-up": round(tps / base, 3),
-            # the drafters' own share where the Skinny kernels also speed up plain decoding
-            "vs plain + skinny": round(tps / tps_of["skinny_linear"], 3)
-            if name.endswith("+skinny") and "skinny_linear" in tps_of
-            else "",
-            "mean accepted length": round(statistics.median(d["mal"]), 2) if d["mal"] else "",
-            "tokens": statistics.median(d["tok"]),
-            "identical to plain": ("yes" if torch.equal(d["out"], res["plain"]["out"]) else "NO")
-            if not sample and name != "plain"
-            else "",
-            "run": time.strftime("%Y-%m-%d", time.gmtime()),  # a row's speed-up is against its own run's plain
-        }
-        rows.append(row)
+def measure(model, tok, transforms, kind, batch, mode, args) -> list[dict]:
+    """``infertrix.eval.decoding.compare_decoding`` plus the 'vs plain + skinny' column: a drafter's
+    own gain where the Skinny kernels also speed up plain decoding."""
+    rows = compare_decoding(model, tok, transforms, kind, batch, mode, new_tokens=args.new_tokens,
+                            repeats=args.repeats, warmup_tokens=args.warmup_tokens)
+    tps_of = {r["method"]: r["decode tok/s"] for r in rows}
+    out = []
+    for r in rows:
+        name = r["method"]
+        skinny = (round(r["decode tok/s"] / tps_of["skinny_linear"], 3)
+                  if name.endswith("+skinny") and "skinny_linear" in tps_of else "")
+        row = {}
+        for k, v in r.items():
+            row[k] = v
+            if k == "speed-up":
+                row["vs plain + skinny"] = skinny
+        out.append(row)
         print(row, flush=True)
-    return rows
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -237,10 +123,9 @@ def main(argv: list[str]) -> None:
     if not args.render_only:
         model, tok = ix.models.load("smollm2")
         tok.padding_side = "left"
-        eos = {int(t) for t in torch.as_tensor(model.generation_config.eos_token_id).flatten().tolist()}
         transforms = drafters(args.drafters)
         for kind, batch, mode in blocks:
-            new = measure(model, tok, transforms, kind, batch, mode, args, eos)
+            new = measure(model, tok, transforms, kind, batch, mode, args)
             keys = {(r["prompts"], r["batch"], r["mode"], r["method"]) for r in new}
             rows = [r for r in rows if (r["prompts"], r["batch"], r["mode"], r["method"]) not in keys] + new
             path.parent.mkdir(parents=True, exist_ok=True)

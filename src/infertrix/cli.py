@@ -4,11 +4,12 @@
     infertrix list        # the transforms, their aliases and recipe ':value' fields
     infertrix status      # which kernel backend each op uses
 
-Every recipe is measured on a freshly loaded copy of the model with the same prompts: perplexity
-on the shipped novel, greedy agreement with the baseline, prefill/decode tokens/s (threads
-pinned, warm-up, median of repeats), peak resident memory, weight bytes; each figure is also
-given as a ratio to the baseline row. Every recipe is parsed and its transforms constructed
-(validated) before any model is loaded.
+Each recipe is measured on the workload of its family (:mod:`infertrix.eval.workloads`): quant and
+skip on perplexity, agreement with the baseline and decode speed; KV-cache policies at a long
+prompt (passkey retrieval, KV bytes, decode speed there); speculative decoding on copy-heavy and
+open prompts against plain ``generate``. One markdown table per family, each figure also given as
+a ratio to the baseline measured on the same workload. Every recipe is parsed and its transforms
+constructed (validated) before any model is loaded.
 
 Building the parser imports neither torch nor transformers (``--help`` and ``--version`` answer
 at once); the commands import what they need.
@@ -18,21 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import re
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from . import __version__
-
-AGREEMENT_PROMPTS = [
-    "It is a truth universally acknowledged, that",
-    "The quickest way to learn a new language is",
-    "Question: What is the capital of France?\nAnswer:",
-]
 
 
 def _recipes(args) -> list[str]:
@@ -51,118 +43,18 @@ def _recipes(args) -> list[str]:
     return recipes
 
 
-def _measure(model, tok, recipe: str, args, reference: list[list[int]] | None) -> dict:
-    from . import describe, optimize
-    from . import eval as ixe
+def bench(args: argparse.Namespace):
+    """Run the main job: the baseline and the recipes, each family on its workload
+    (:func:`infertrix.eval.workloads.run_main_job`); returns its report."""
+    from .eval import workloads
 
-    row: dict = {"recipe": recipe}
-    t = time.perf_counter()
-    optimize(model, recipe)
-    row["apply_s"] = time.perf_counter() - t
-    d = describe(model)
-    row["weight_MiB"] = d.bytes_now / 2**20
-    with ixe.pinned_threads(args.threads):
-        row["perplexity"] = ixe.perplexity(
-            model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window, progress=True
-        )
-        tokens = ixe.greedy_tokens(model, tok, AGREEMENT_PROMPTS, max_new_tokens=args.agree_tokens, progress=True)
-    row["agreement"] = ixe.token_agreement(tokens, reference) if reference is not None else 1.0
-    speed, peak = ixe.peak_rss(
-        lambda: ixe.measure_speed(
-            model, tok, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads
-        )
-    )
-    row["prefill_tok_s"] = speed.prefill_tokens_per_s
-    row["decode_tok_s"] = speed.decode_tokens_per_s
-    row["peak_rss_MiB"] = peak / 2**20
-    row["_tokens"] = tokens
-    row["describe"] = d.to_dict()
-    return row
-
-
-def bench(args) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from . import models
-
-    recipes = _recipes(args)
-    rows: list[dict] = []
-    reference = None
-    for recipe in tqdm(recipes, desc="recipes"):
-        gc.collect()
-        model, tok = models.load(args.model)
-        try:
-            row = _measure(model, tok, recipe, args, reference)
-        except Exception as exc:  # noqa: BLE001 - one failing recipe must not hide the others
-            if recipe == "baseline":
-                raise
-            row = {"recipe": recipe, "error": f"{type(exc).__name__}: {exc}"}
-        if recipe == "baseline":
-            reference = row["_tokens"]
-        rows.append(row)
-        del model
-    base = rows[0]
-    for r in rows:
-        if "error" in r:
-            continue
-        r["ppl_ratio"] = r["perplexity"] / base["perplexity"]
-        r["decode_speedup"] = r["decode_tok_s"] / base["decode_tok_s"]
-        r["prefill_speedup"] = r["prefill_tok_s"] / base["prefill_tok_s"]
-        r["memory_ratio"] = r["peak_rss_MiB"] / base["peak_rss_MiB"]
-    return rows
-
-
-COLUMNS = [
-    ("recipe", "recipe", "{}"),
-    ("perplexity", "ppl", "{:.3f}"),
-    ("ppl_ratio", "ppl x", "{:.3f}"),
-    ("agreement", "agree", "{:.1%}"),
-    ("decode_tok_s", "decode tok/s", "{:.1f}"),
-    ("decode_speedup", "decode x", "{:.2f}"),
-    ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
-    ("prefill_speedup", "prefill x", "{:.2f}"),
-    ("peak_rss_MiB", "peak RSS MiB", "{:.0f}"),
-    ("weight_MiB", "weights MiB", "{:.1f}"),
-]
-
-
-def format_table(rows: list[dict]) -> str:
-    header = [c[1] for c in COLUMNS]
-    body = []
-    for r in rows:
-        if "error" in r:
-            body.append([r["recipe"], "error: " + r["error"]] + [""] * (len(COLUMNS) - 2))
-            continue
-        body.append([fmt.format(r[k]) if k in r else "" for k, _, fmt in COLUMNS])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'infertrix[bench]'") from exc
-    ok = [r for r in rows if "error" not in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in ok:
-        ax.scatter(r["decode_speedup"], r["perplexity"])
-        ax.annotate(r["recipe"], (r["decode_speedup"], r["perplexity"]), fontsize=8)
-    ax.set_xlabel("decode speed-up over baseline (x)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("quality against speed")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    return workloads.run_main_job(args.model, _recipes(args), args)
 
 
 # --quick: small settings for a smoke run; options given explicitly still win.
-QUICK = {"prompt_tokens": 32, "new_tokens": 8, "repeats": 1, "ppl_tokens": 256, "ppl_window": 128, "agree_tokens": 8}
+QUICK = {"prompt_tokens": 32, "new_tokens": 8, "repeats": 1, "ppl_tokens": 256, "ppl_window": 128, "agree_tokens": 8,
+         "kv_context": 512, "kv_trials": 2, "kv_decode_steps": 4, "kv_decode_rounds": 1,
+         "spec_new_tokens": 16, "spec_repeats": 1, "spec_warmup_tokens": 8}
 
 BENCH_EPILOG = """\
 recipes: transforms joined by commas, each 'name', 'name:value' or 'name(key=value, ...)',
@@ -198,7 +90,7 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
     b.add_argument("--recipe", action="append", metavar="RECIPE", help="a recipe string; repeat for several rows; the 'baseline' row always runs first (default: only the baseline)")
     b.add_argument("--all-recipes", action="store_true", help="also run every registered transform with its default bench recipe (default: off)")
     b.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON here (default: not written)")
-    b.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of perplexity against decode speed-up here; needs matplotlib (default: not written)")
+    b.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of quality against speed, one panel per family, here; needs matplotlib (default: not written)")
     b.add_argument("--threads", type=int, metavar="N", help="torch threads while measuring (default: torch's own setting, i.e. OMP_NUM_THREADS or the core count)")
     b.add_argument("--prompt-tokens", type=int, default=256, metavar="N", help="prompt length of the speed runs (default: %(default)s)")
     b.add_argument("--new-tokens", type=int, default=64, metavar="N", help="tokens generated per speed run (default: %(default)s)")
@@ -206,6 +98,18 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
     b.add_argument("--ppl-tokens", type=int, default=4096, metavar="N", help="tokens of prose scored for perplexity (default: %(default)s)")
     b.add_argument("--ppl-window", type=int, default=512, metavar="N", help="length of the independent windows perplexity is scored in (default: %(default)s)")
     b.add_argument("--agree-tokens", type=int, default=64, metavar="N", help="greedy tokens compared with the baseline per prompt (default: %(default)s)")
+    g = b.add_argument_group("workloads (kvcache and speculative families)")
+    g.add_argument("--kv-context", type=int, default=2048, metavar="N", help="prompt tokens of the KV-cache workload (default: %(default)s)")
+    g.add_argument("--kv-trials", type=int, default=10, metavar="N", help="passkey trials at --kv-context (default: %(default)s)")
+    g.add_argument("--kv-decode-steps", type=int, default=12, metavar="N", help="decode steps per round timed at --kv-context (default: %(default)s)")
+    g.add_argument("--kv-decode-rounds", type=int, default=3, metavar="N", help="interleaved rounds of those steps (default: %(default)s)")
+    g.add_argument("--spec-prompts", nargs="+", default=["rewrite", "story"], metavar="KIND",
+                   help="prompt kinds of the speculative workload: rewrite (copy-heavy), story, question (open) (default: %(default)s)")
+    g.add_argument("--spec-new-tokens", type=int, default=128, metavar="N", help="tokens per speculative run (default: %(default)s)")
+    g.add_argument("--spec-repeats", type=int, default=2, metavar="N", help="interleaved repeats per prompt (default: %(default)s)")
+    g.add_argument("--spec-warmup-tokens", type=int, default=40, metavar="N",
+                   help="tokens of the warm-up round; a self-speculative plan search finishes in it (default: %(default)s)")
+    b.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables (markdown, for BENCHMARKS.md) here (default: not written)")
     quick_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
     b.add_argument("--quick", action="store_true", help=f"small settings for a smoke run: {quick_flags}; options given explicitly still win (default: off)")
     if quick:
@@ -232,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         import torch
 
         args.threads = torch.get_num_threads()
+    from .eval.decoding import KINDS
+
+    unknown = [k for k in args.spec_prompts if k not in KINDS]
+    if unknown:
+        parser.error(f"--spec-prompts: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     problems = recipe_problems(_recipes(args))
     if problems:
         parser.error("invalid recipe(s), nothing was run:\n  " + "\n  ".join(problems))
@@ -320,27 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print(format_transform_list())
         return 0
-    rows = bench(args)
-    table = format_table(rows)
-    print(table)
-    write_outputs(rows, args)
-    failed = [r["recipe"] for r in rows if "error" in r]
+    from .eval import workloads
+
+    report = bench(args)
+    print(workloads.format_report(report))
+    workloads.write_outputs(report, args)
+    failed = [r["recipe"] for r in report.rows if "error" in r]
     if failed:
         print(f"infertrix bench: {len(failed)} recipe(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
-    """Write the --json and --plot files the arguments ask for."""
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-        args.json.write_text(json.dumps({"model": args.model, "threads": args.threads, "rows": clean}, indent=2, default=str))
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        plot(rows, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

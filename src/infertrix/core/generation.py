@@ -34,6 +34,12 @@ def cache_argument(kwargs: dict[str, Any]) -> Any:
     return None
 
 
+def output_cache(out: Any) -> Any:
+    """The cache a forward returned, under this transformers version's name for it."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def cache_argument_name(model: nn.Module) -> str:
     """The keyword this transformers version's ``forward`` takes the cache as."""
     return (

@@ -88,6 +88,8 @@ class Transform:
       - ``primary``: the field a recipe's ``name:value`` sets (``"snapkv:0.5"``).
       - ``bench_recipe`` (optional): the recipe ``infertrix bench --all-recipes`` runs for this
         transform (default: its name with default fields; None: skip, e.g. it needs a draft model).
+      - ``use_when``: one line saying when to reach for this transform (the benchmark tables print
+        it beside the figures that back it).
     Methods a subclass overrides: ``validate`` (raise :class:`ConfigError` naming the fix),
     ``check_model`` (raise :class:`UnsupportedModelError`), and ``apply``.
     """
@@ -97,6 +99,7 @@ class Transform:
     aliases: ClassVar[tuple[str, ...]] = ()  # set by register_transform
     conflict_group: ClassVar[str | None] = None
     primary: ClassVar[str | None] = None
+    use_when: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         check_field_types(self)

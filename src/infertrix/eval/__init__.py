@@ -3,9 +3,9 @@ compressed KV cache), speed, memory."""
 
 from .agreement import greedy_agreement, greedy_tokens, token_agreement
 from .loglikelihood import compressed_scoring, loglikelihood, loglikelihood_tokens
-from .memory import current_rss, kv_cache_bytes, peak_rss
-from .passkey import passkey_accuracy, passkey_prompt
-from .perplexity import perplexity, token_windows
+from .memory import current_rss, kv_cache_bytes, peak_rss, trimmed_rss
+from .passkey import passkey_accuracy, passkey_prompt, passkey_trials
+from .perplexity import continuation_perplexity, perplexity, token_windows
 from .speed import SpeedResult, measure_speed, pinned_threads, prompt_ids
 from .text import body_text, load_text
 
@@ -13,6 +13,7 @@ __all__ = [
     "SpeedResult",
     "body_text",
     "compressed_scoring",
+    "continuation_perplexity",
     "current_rss",
     "greedy_agreement",
     "greedy_tokens",
@@ -23,10 +24,12 @@ __all__ = [
     "measure_speed",
     "passkey_accuracy",
     "passkey_prompt",
+    "passkey_trials",
     "peak_rss",
     "perplexity",
     "pinned_threads",
     "prompt_ids",
     "token_agreement",
     "token_windows",
+    "trimmed_rss",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +28,17 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def trimmed_rss() -> int:
+    """Resident bytes now, after a garbage collection and handing freed heap back to the OS
+    (glibc ``malloc_trim``), so that a later peak is comparable."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return current_rss()
 
 
 def peak_rss(fn: Callable[[], Any]) -> tuple[Any, int]:

@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..core.generation import cache_argument_name, output_cache
 from .text import body_text
 
 
@@ -48,5 +49,37 @@ def perplexity(
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = batch[:, 1:]
         nll -= logp.gather(-1, target.unsqueeze(-1)).sum().item()
+        count += target.numel()
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def continuation_perplexity(
+    model,
+    tok,
+    max_tokens: int = 2048,
+    window: int = 512,
+    context: int = 128,
+    batch_size: int = 4,
+    text: str | None = None,
+) -> float:
+    """Perplexity of tokens ``context+1 .. window-1`` of each window of ``text`` (default: *Pride and
+    Prejudice*), the first ``context`` prefilled into the cache and the rest fed as one continuation
+    pass over it and scored: transforms that act on cached decoding (AdaSkip measures on the prefill,
+    SkipDecode skips by position, cache policies) are scored as they run in generation, which the
+    full-window :func:`perplexity` (no cache) does not see."""
+    if not 0 < context < window - 1:
+        raise ValueError(f"context must be in [1, window - 2] = [1, {window - 2}], got {context}")
+    wins = token_windows(tok, text, max_tokens, window)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(wins), batch_size):
+        x = wins[i : i + batch_size].to(device)
+        pre = model(input_ids=x[:, :context], use_cache=True)
+        cont = model(input_ids=x[:, context:-1], **{cache_argument_name(model): output_cache(pre)}, use_cache=True)
+        logits = torch.cat([pre.logits[:, -1:], cont.logits], dim=1).float()
+        target = x[:, context:]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1))
+        nll -= logp.sum().item()
         count += target.numel()
     return math.exp(nll / count)

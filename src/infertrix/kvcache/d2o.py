@@ -61,5 +61,6 @@ class D2O(H2O):
     """H2O's heavy hitters + recent window, with evicted tokens merged into their nearest kept token
     (cosine similarity of keys >= ``merge_threshold``). Lossy, but keeps some information of every
     token; same memory as H2O."""
+    use_when = "as H2O, with evicted tokens merged into similar kept ones instead of dropped"
 
     merge: bool = True

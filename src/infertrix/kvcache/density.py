@@ -71,6 +71,7 @@ class DensityKV(SnapKV):
     - ``mass``: share of the attention the density counts tokens for (ZigZagKV uses 0.9).
     - ``min_ratio``: floor of a layer's budget as a fraction of the average budget.
     """
+    use_when = "layers that differ in how much context they need: SnapKV's total budget spread over layers by attention density"
 
     mass: float = 0.9
     min_ratio: float = 0.2

@@ -122,6 +122,7 @@ class GrowingKV(Transform):
     - ``headroom``: extra capacity, as a fraction of the tokens held, allocated when a buffer grows.
     - ``min_headroom``: at least this many extra token slots per growth.
     """
+    use_when = "always, with the full cache: exact, removes transformers' copy of the whole cache per decoded token"
 
     stage: ClassVar[Stage] = Stage.CACHE
     conflict_group: ClassVar[str | None] = "kv cache storage"

@@ -29,6 +29,7 @@ class H2O(KVPolicy):
     - ``observation_window``: None accumulates over every prompt query (the paper); a number only
       over the last that many prompt queries (cheaper prefill on long prompts).
     """
+    use_when = "long generations whose important tokens change as decoding goes: accumulated attention"
 
     observes_every_step = True
     recent_ratio: float = 0.5

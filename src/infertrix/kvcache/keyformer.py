@@ -29,6 +29,7 @@ class Keyformer(KVPolicy):
     - ``temperature``: softmax temperature of the regularised scores (the paper anneals 1 -> 2).
     - ``seed``: seed of the Gumbel noise.
     """
+    use_when = "as TOVA/H2O with noise-regularised scores that spread the budget over more key tokens"
 
     window_size: int = 32
     recent_ratio: float = 0.25

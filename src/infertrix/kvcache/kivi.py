@@ -89,6 +89,7 @@ class KIVI(Transform):
     - ``group_size``: tokens per key group and channels per value group (capped at head_dim).
     - ``residual_length``: recent tokens always in full precision (the paper: 32-128).
     """
+    use_when = "the KV cache is the memory limit: every token kept in 2 or 4 bits; composes with an eviction policy"
 
     stage: ClassVar[Stage] = Stage.CACHE
     conflict_group: ClassVar[str | None] = None

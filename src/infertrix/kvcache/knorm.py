@@ -19,6 +19,7 @@ from .policy import KVPolicy, ScoreContext
 class KNorm(KVPolicy):
     """Low key norm correlates with high attention; scores need no queries, so it works with any
     attention implementation detail and costs one norm per key. Lossy."""
+    use_when = "any attention kernel (no queries needed): the cheapest content-aware eviction"
 
     def score(self, ctx: ScoreContext) -> Tensor:
         return -ctx.keys.float().norm(dim=-1)

@@ -24,6 +24,7 @@ class PyramidKV(SnapKV):
 
     - ``beta``: steepness of the pyramid (the paper: 20).
     """
+    use_when = "as SnapKV with the same KV bytes, more of the budget in the lower layers"
 
     beta: float = 20.0
 

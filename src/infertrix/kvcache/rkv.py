@@ -29,6 +29,7 @@ class RKV(ObservationWindowPolicy):
     - ``kernel_size``: pooling width of the importance scores.
     - ``lam``: weight of importance against redundancy (the paper: 0.1).
     """
+    use_when = "long, repetitive outputs (reasoning traces): importance minus redundancy"
 
     lam: float = 0.1
 

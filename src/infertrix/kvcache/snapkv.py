@@ -25,6 +25,7 @@ class SnapKV(ObservationWindowPolicy):
     - ``window_size``: observation window (the paper uses 32); the prompt must be at least this long.
     - ``kernel_size``: odd pooling width that keeps neighbours of important tokens (the paper: 7).
     """
+    use_when = "long prompts with a short answer (documents, retrieval, QA): keeps what the prompt's last tokens attend to"
 
     def score(self, ctx: ScoreContext) -> Tensor:
         scores, w = self.window_scores(ctx)

@@ -23,6 +23,7 @@ class StreamingLLM(KVPolicy):
     - ``sink_tokens``: first real tokens of each row always kept (the paper uses 4).
     Every other kept token is the most recent; the budget fixes the window length.
     """
+    use_when = "endless streams where only recent context matters: the cheapest policy, no attention scores"
 
     sink_tokens: int = 4
 

@@ -21,6 +21,7 @@ class TOVA(KVPolicy):
     head). A decode-time policy: with ``decode_interval=1`` it evicts at every step like the paper.
     Costs one query's attention per layer and step. Lossy.
     """
+    use_when = "high compression: keeps the tokens the newest query attends to most"
 
     query_tokens = 1
     head_average: bool = True

@@ -77,6 +77,7 @@ class ExpertOffload(Transform):
         else created. None: a temporary folder, deleted by ``restore``.
       device: device of the cache (default: where the experts are).
     """
+    use_when = "an MoE model's experts do not fit the fast memory: a budget of experts cached, the rest streamed"
 
     stage = Stage.EXPERTS
     conflict_group = "expert placement"

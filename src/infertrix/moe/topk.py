@@ -49,6 +49,7 @@ class ReduceTopK(Transform):
     LOSSY (outputs change). Saves ``1 - top_k / k`` of the expert compute and, offloaded, of the
     expert reads. Fields: ``top_k`` (>= 1, at most the model's top-k; the recipe value, ``topk:1``).
     """
+    use_when = "an MoE model whose quality holds with fewer experts per token: less compute, lossy"
 
     stage = Stage.EXPERTS
     conflict_group = "expert routing"

@@ -54,6 +54,7 @@ class Skinny(Transform):
       filter_fn: ``filter_fn(module, qualified_name) -> bool`` picks the layers (default: all).
       include_lm_head: also the output projection (on SmolLM2 a fifth of the weights read per token).
     """
+    use_when = "the float model must stay exact: faster float32 kernels for small batches, same weights, same results"
 
     stage: ClassVar[Stage] = Stage.KERNELS
     conflict_group: ClassVar[str | None] = "float kernels"

@@ -111,6 +111,7 @@ class W4A16(QuantTransform):
     divides in_features); symmetric: no zero points; mse_clip: search each group's clipping range;
     act_order: with gptq, quantize columns by decreasing activation energy (GPTQ's desc_act).
     """
+    use_when = "weight memory matters and activations must stay float: 4-bit weights dequantized per call; gptq=true for quality"
 
     primary: ClassVar[str | None] = "group_size"
 

@@ -39,6 +39,7 @@ class W4A8(QuantTransform):
         https://arxiv.org/abs/2306.07629): keep this fraction of the largest-magnitude weights
         (e.g. 0.005) exactly, in a float sparse side matrix added after the int kernel; 0 = off.
     """
+    use_when = "decode speed and weight memory matter most on a CPU with int8 dot products: 4-bit weights, int8 activations; calibrate (gptq=true, rotate=true) to keep perplexity within a few percent"
 
     primary: ClassVar[str | None] = "group_size"
     kernel_op: ClassVar[str] = "w4a8_linear"

@@ -101,6 +101,7 @@ class W8A8(QuantTransform):
 
     Fields: those of QuantTransform; ``smooth_alpha`` defaults to 0.5 here (None: plain W8A8, no data).
     """
+    use_when = "quality first with smaller, faster weights: int8 weights and activations after SmoothQuant, about 1% perplexity"
 
     primary: ClassVar[str | None] = "smooth_alpha"
     kernel_op: ClassVar[str] = "quantize_per_token_int8"

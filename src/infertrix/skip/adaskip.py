@@ -115,6 +115,7 @@ class AdaSkip(SkipStrategy):
     fraction: share of decoder compute (weights) skipped while decoding.
     protect_last: never skip the last layer's sublayers.
     """
+    use_when = "no calibration data and a per-prompt choice is wanted: sublayers picked from similarities measured on the prompt"
 
     protect_last: bool = True
 

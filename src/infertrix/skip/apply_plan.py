@@ -21,6 +21,7 @@ class ApplySkipPlan(Transform):
     path: a JSON file written by ``SkipPlan.save`` (the recipe ``skip_plan:plan.json``).
     plan: a SkipPlan object instead of ``path``.
     """
+    use_when = "a plan calibrated once (ShortGPT, attention drop) is to be reused without recalibrating"
 
     stage: ClassVar[Stage] = Stage.LAYERS
     conflict_group: ClassVar[str | None] = "layer skipping"

@@ -29,6 +29,7 @@ class AttentionDrop(CalibratedStrategy):
     fraction / count: share of decoder compute to skip, or the number of attention sublayers.
     (calibration fields: see CalibratedStrategy)
     """
+    use_when = "attention sublayers are redundant: drops the most similar ones, saving their compute and KV cache"
 
     def plan(self, model: nn.Module) -> SkipPlan:
         n = len(decoder_layers(model))

@@ -27,6 +27,7 @@ class ShortGPT(CalibratedStrategy):
     fraction / count: share of decoder compute (= of layers) to skip, or the number of layers.
     (calibration fields: see CalibratedStrategy)
     """
+    use_when = "a few whole layers can go: calibrated on text, the lowest perplexity per share of compute skipped"
 
     def plan(self, model: nn.Module) -> SkipPlan:
         n = len(decoder_layers(model))

@@ -87,6 +87,7 @@ class SkipDecode(CalibratedStrategy):
     order: which layers go first: "lower", "block_influence" or "uniform".
     (calibration fields, used by order="block_influence": see CalibratedStrategy)
     """
+    use_when = "long generations that tolerate a quality loss: fewer layers as the position grows, batch-friendly"
 
     start_position: int = 0
     ramp_tokens: int = 128

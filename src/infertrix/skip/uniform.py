@@ -27,6 +27,7 @@ class UniformSkip(SkipStrategy):
     keep_first: bottom layers never skipped (at least 1: layer 0 anchors the KV cache).
     keep_last: top layers never skipped.
     """
+    use_when = "a quick lossy speed-up with no calibration data, on tasks that tolerate a large quality loss"
 
     keep_first: int = 1
     keep_last: int = 1

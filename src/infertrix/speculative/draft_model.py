@@ -241,6 +241,7 @@ class DraftModel(SpeculativeDecoding):
       confidence: stop drafting a row when the draft's top probability falls below this
         (0 disables).
     """
+    use_when = "a much smaller model with the same tokenizer exists: lossless"
 
     primary = "num_tokens"
     bench_recipe: ClassVar[str | None] = None  # needs a model object, not a recipe string

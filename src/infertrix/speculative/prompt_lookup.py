@@ -112,6 +112,7 @@ class PromptLookup(SpeculativeDecoding):
         verifying. False: always draft the whole match, up to ``num_tokens``.
       table_bits: log2 of the hash-table slots per row and n-gram size.
     """
+    use_when = "outputs copy from the prompt (rewrite, edit, extract, code changes): lossless, no draft model"
 
     primary = "num_tokens"
     num_tokens: int = 10

@@ -103,6 +103,7 @@ class QuantizedSelf(SpeculativeDecoding):
         continuation took 2.42 s at 0.3, 1.95 s at 0.1 and 2.02 s at 0 (plain: 2.20 s), a
         question's answer 4.07, 3.70 and 4.14 s (plain: 5.11 s).
     """
+    use_when = "no draft model: drafts with the model's own int8 copy; lossless, costs the copy's memory"
 
     primary: ClassVar[str | None] = "num_tokens"
     bench_recipe: ClassVar[str | None] = "quantized_self"

@@ -124,6 +124,7 @@ class SelfSpeculative(SpeculativeDecoding):
       num_tokens, adaptive, max_tokens, confidence: as in :class:`~.draft_model.DraftModel`
         (``num_tokens`` is also the draft length while searching).
     """
+    use_when = "open-ended output and no draft model: drafts with the model's own layer-skip plan; lossless"
 
     primary = "num_tokens"
     bench_recipe: ClassVar[str | None] = "self_speculative"

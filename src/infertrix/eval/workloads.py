@@ -1,0 +1,495 @@
+"""The main job (``infertrix bench``): each family of transforms measured on the workload it is for.
+
+A recipe belongs to the family of its transform of the latest stage (decoding > cache > layers >
+kernels > experts > weights), so ``"w4a8,pld"`` is measured as speculative decoding on its quantized
+model and ``"w4a8,snapkv:0.5"`` as a KV-cache policy on it. Every family's table starts with the
+baseline measured on the same workload, and every row carries the transform's ``use_when`` line.
+
+- **quant** (weights, kernels) and **moe**: perplexity of full windows of *Pride and Prejudice*,
+  greedy agreement with the baseline, prefill/decode tokens/s through ``generate`` at a short prompt
+  (:func:`infertrix.eval.measure_speed`), weight bytes, apply time (calibration included).
+- **skip**: the same, with continuation perplexity (:func:`infertrix.eval.continuation_perplexity`)
+  so that prompt- and position-dependent skipping (AdaSkip, SkipDecode) is scored as it runs.
+- **kvcache**: at a long prompt (``--kv-context``, 2048 tokens): passkey retrieval, perplexity of a
+  continuation held in the compressed cache, KV bytes per sequence and decode tokens/s at that
+  length (:mod:`infertrix.eval.long_context`: one recorded prefill, every cell's cache replayed).
+- **speculative**: copy-heavy rewrite prompts and open prompts (:mod:`infertrix.eval.decoding`):
+  decode speed against the baseline's plain ``generate``, interleaved, and token identity with it.
+
+Quant, moe and skip recipes each run on a freshly loaded model; kvcache and speculative recipes
+share one model per family (transforms applied and restored around each measurement), except a
+KV recipe with non-cache transforms, which gets its own model with them applied. A recipe that
+fails is reported as an error row; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..core.api import describe, optimize, restore
+from ..core.recipe import parse_recipe
+from ..core.transform import Stage, Transform
+from .agreement import greedy_tokens, token_agreement
+from .decoding import compare_decoding
+from .long_context import KVCell, decode_speed, passkey_and_perplexity
+from .memory import peak_rss
+from .perplexity import continuation_perplexity, perplexity
+from .speed import measure_speed, pinned_threads
+
+AGREEMENT_PROMPTS = [
+    "It is a truth universally acknowledged, that",
+    "The quickest way to learn a new language is",
+    "Question: What is the capital of France?\nAnswer:",
+]
+FAMILY_OF_STAGE = {
+    Stage.WEIGHTS: "quant",
+    Stage.KERNELS: "quant",
+    Stage.EXPERTS: "moe",
+    Stage.LAYERS: "skip",
+    Stage.CACHE: "kvcache",
+    Stage.DECODING: "speculative",
+}
+FAMILIES = ("quant", "skip", "kvcache", "speculative", "moe")
+Log = Callable[[str], None]
+
+
+def family_of(transforms: list[Transform]) -> str:
+    """The family whose workload measures a recipe: that of its latest-stage transform."""
+    if not transforms:
+        return "baseline"
+    return FAMILY_OF_STAGE[max(t.stage for t in transforms)]
+
+
+def use_when(transforms: list[Transform]) -> str:
+    """The ``use_when`` line of the transform that decides a recipe's family."""
+    if not transforms:
+        return "the reference: the model as loaded"
+    t = max(transforms, key=lambda t: int(t.stage))
+    return type(t).use_when or (type(t).__doc__ or "").strip().split("\n")[0]
+
+
+@dataclass
+class MainJobReport:
+    model: str
+    settings: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)  # every row has "family" and "recipe"
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each family's section
+
+    def family(self, name: str) -> list[dict]:
+        return [r for r in self.rows if r["family"] == name]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows]
+        return {"model": self.model, "settings": self.settings, "seconds": self.seconds, "rows": rows}
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def measure_general(model, tok, recipe: str, args, reference: list[list[int]] | None, family: str) -> dict:
+    """Apply ``recipe`` and measure the quant/skip/moe row: perplexity (continuation perplexity for
+    skip), agreement with ``reference``, speed through generate, weight bytes, apply time."""
+    row: dict = {"family": family, "recipe": recipe}
+    t = time.perf_counter()
+    optimize(model, recipe)
+    row["apply_s"] = time.perf_counter() - t
+    d = describe(model)
+    row["weight_MiB"] = d.bytes_now / 2**20
+    with pinned_threads(args.threads):
+        if family == "skip":
+            row["perplexity"] = continuation_perplexity(model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window,
+                                                        context=min(128, args.ppl_window // 4))
+        else:
+            row["perplexity"] = perplexity(model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window, progress=True)
+        tokens = greedy_tokens(model, tok, AGREEMENT_PROMPTS, max_new_tokens=args.agree_tokens, progress=True)
+    row["agreement"] = token_agreement(tokens, reference) if reference is not None else 1.0
+    speed, peak = peak_rss(lambda: measure_speed(model, tok, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                                 repeats=args.repeats, threads=args.threads))
+    row["prefill_tok_s"] = speed.prefill_tokens_per_s
+    row["decode_tok_s"] = speed.decode_tokens_per_s
+    row["peak_rss_MiB"] = peak / 2**20
+    row["_tokens"] = tokens
+    row["describe"] = d.to_dict()
+    return row
+
+
+def _relative(rows: list[dict], base: dict, pairs: dict[str, str]) -> None:
+    for r in rows:
+        for key, out in pairs.items():
+            if key in r and key in base and base[key]:
+                r[out] = r[key] / base[key]
+
+
+def run_general(load, recipes: list[tuple[str, list[Transform], str]], args, log: Log) -> list[dict]:
+    """Baseline and the quant/moe/skip recipes, each on a freshly loaded model."""
+    families = {f for _, _, f in recipes}
+    model, tok = load()
+    log("quant: baseline")
+    base = measure_general(model, tok, "baseline", args, None, "quant")
+    rows = [base]
+    if "moe" in families:
+        rows.append({**base, "family": "moe"})
+    if "skip" in families:  # the skip baseline differs only in how perplexity is scored
+        with pinned_threads(args.threads):
+            ppl = continuation_perplexity(model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window,
+                                          context=min(128, args.ppl_window // 4))
+        rows.append({**base, "family": "skip", "perplexity": ppl})
+    del model
+    for recipe, _, fam in recipes:
+        if fam not in ("quant", "moe", "skip"):
+            continue
+        log(f"{fam}: {recipe}")
+        gc.collect()
+        model, tok = load()
+        try:
+            row = measure_general(model, tok, recipe, args, base["_tokens"], fam)
+        except Exception as exc:  # noqa: BLE001 - one failing recipe must not hide the others
+            row = {"family": fam, "recipe": recipe, "error": _error(exc)}
+        rows.append(row)
+        del model
+    for fam in ("quant", "moe", "skip"):
+        mine = [r for r in rows if r["family"] == fam]
+        if mine:
+            _relative(mine, mine[0], {"perplexity": "ppl_ratio", "decode_tok_s": "decode_speedup",
+                                      "prefill_tok_s": "prefill_speedup", "weight_MiB": "weight_ratio"})
+    return rows
+
+
+def _kv_cells_measure(model, tok, cells: list[KVCell], args, log: Log) -> dict[str, dict]:
+    res = passkey_and_perplexity(model, tok, args.kv_context, cells, args.kv_trials, micro_batch=5, log=log)
+    speed = decode_speed(model, tok, args.kv_context, cells, args.kv_decode_steps, args.kv_decode_rounds, log)
+    for label, d in res.items():
+        d["decode_tok_s"] = speed[label]["decode_tok_s"]
+    return res
+
+
+def run_kvcache(load, recipes: list[tuple[str, list[Transform], str]], args, log: Log) -> list[dict]:
+    """The full cache and each KV recipe at ``args.kv_context`` tokens (see the module docstring)."""
+    mine = [(r, ts) for r, ts, f in recipes if f == "kvcache"]
+    pure = [(r, ts) for r, ts in mine if all(t.stage == Stage.CACHE for t in ts)]
+    composed = [(r, ts) for r, ts in mine if (r, ts) not in pure]
+    results: dict[str, dict] = {}
+    with pinned_threads(args.threads):
+        model, tok = load()
+        cells = [KVCell("baseline")] + [KVCell(r, tuple(ts)) for r, ts in pure]
+        log(f"kvcache: {len(cells)} cells at {args.kv_context} tokens")
+        try:
+            results.update(_kv_cells_measure(model, tok, cells, args, log))
+        except Exception:  # noqa: BLE001 - find the failing cells: measure each alone
+            log("kvcache: a cell failed; measuring each cell alone")
+            for cell in cells:
+                try:
+                    results.update(_kv_cells_measure(model, tok, [cell], args, log))
+                except Exception as exc:  # noqa: BLE001
+                    if cell.label == "baseline":
+                        raise
+                    results[cell.label] = {"error": _error(exc)}
+        del model
+        for recipe, ts in composed:
+            log(f"kvcache: {recipe} (own model)")
+            gc.collect()
+            model, tok = load()
+            try:
+                optimize(model, *[t for t in ts if t.stage != Stage.CACHE])
+                cell = KVCell(recipe, tuple(t for t in ts if t.stage == Stage.CACHE))
+                results.update(_kv_cells_measure(model, tok, [cell], args, log))
+            except Exception as exc:  # noqa: BLE001
+                results[recipe] = {"error": _error(exc)}
+            del model
+    rows = []
+    for label in ["baseline"] + [r for r, _ in mine]:
+        d = results[label]
+        row = {"family": "kvcache", "recipe": label}
+        if "error" in d:
+            rows.append({**row, "error": d["error"]})
+            continue
+        row.update(passkey=d["correct"] / d["n"], passkey_trials=d["n"], ppl=d["ppl"], kv_MiB=d["kv_bytes"] / 2**20,
+                   decode_tok_s=d["decode_tok_s"])
+        rows.append(row)
+    _relative(rows, rows[0], {"kv_MiB": "kv_ratio", "decode_tok_s": "decode_speedup", "ppl": "ppl_ratio"})
+    return rows
+
+
+def run_speculative(load, recipes: list[tuple[str, list[Transform], str]], args, log: Log) -> list[dict]:
+    """Plain generate and each speculative recipe on the ``--spec-prompts`` kinds (batch 1, greedy)."""
+    mine = [(r, ts) for r, ts, f in recipes if f == "speculative"]
+    model, tok = load()
+    tok.padding_side = "left"
+    rows = {r: {"family": "speculative", "recipe": r} for r in ["baseline"] + [r for r, _ in mine]}
+    variants: dict[str, tuple] = {}
+    for recipe, ts in mine:  # a short probe, so that one failing recipe does not stop the others
+        try:
+            optimize(model, *ts)
+            enc = tok("Hello", return_tensors="pt")
+            model.generate(**enc, max_new_tokens=4, do_sample=False)
+            variants[recipe] = tuple(ts)
+        except Exception as exc:  # noqa: BLE001
+            rows[recipe]["error"] = _error(exc)
+        finally:
+            restore(model)
+    with pinned_threads(args.threads):
+        for kind in args.spec_prompts:
+            log(f"speculative: {kind} prompts, {len(variants)} recipes")
+            for r in compare_decoding(model, tok, variants, kind, batch=1, mode="greedy", new_tokens=args.spec_new_tokens,
+                                      repeats=args.spec_repeats, warmup_tokens=args.spec_warmup_tokens):
+                row = rows["baseline" if r["method"] == "plain" else r["method"]]
+                row[f"{kind}_tok_s"] = r["decode tok/s"]
+                row[f"{kind}_speedup"] = r["speed-up"]
+                row[f"{kind}_accepted"] = r["mean accepted length"] if r["mean accepted length"] != "" else None
+                row[f"{kind}_identical"] = r["identical to plain"] or None
+    del model
+    return list(rows.values())
+
+
+def run_main_job(model_name: str, recipes: list[str], args: argparse.Namespace, log: Log | None = None) -> MainJobReport:
+    """Measure the baseline and ``recipes`` on ``model_name``, each family on its workload."""
+    from .. import models
+
+    start = time.time()
+    log = log or (lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", file=sys.stderr, flush=True))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+                if k not in ("command", "recipe", "json", "plot", "markdown")}
+    report = MainJobReport(model_name, settings)
+    parsed: list[tuple[str, list[Transform], str]] = []
+    for recipe in recipes:
+        if recipe == "baseline":
+            continue
+        try:
+            ts = parse_recipe(recipe)
+            parsed.append((recipe, ts, family_of(ts)))
+        except Exception as exc:  # noqa: BLE001 - an unknown name is reported as a row, not a crash
+            report.rows.append({"family": "error", "recipe": recipe, "error": _error(exc)})
+
+    def load():
+        return models.load(model_name)
+
+    sections = [("general", run_general)]
+    if any(f == "kvcache" for *_, f in parsed):
+        sections.append(("kvcache", run_kvcache))
+    if any(f == "speculative" for *_, f in parsed):
+        sections.append(("speculative", run_speculative))
+    for name, run in tqdm(sections, desc="sections"):
+        t = time.time()
+        report.rows.extend(run(load, parsed, args, log))
+        report.seconds[name] = time.time() - t
+        gc.collect()
+    for r in report.rows:
+        ts = next((ts for rec, ts, _ in parsed if rec == r["recipe"]), [])
+        r["use_when"] = use_when(ts)
+    report.seconds["total"] = time.time() - start
+    return report
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return spec.format(v) if not isinstance(v, str) else v
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        if "error" in r:
+            cells = [r["recipe"], "error: " + r["error"]] + [""] * (len(columns) - 2)
+        else:
+            cells = [_fmt(r.get(k), spec) for k, _, spec in columns]
+        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+GENERAL_COLUMNS = [
+    ("recipe", "recipe", "{}"),
+    ("perplexity", "ppl", "{:.2f}"),
+    ("ppl_ratio", "ppl x", "{:.3f}"),
+    ("agreement", "agree", "{:.1%}"),
+    ("decode_tok_s", "decode tok/s", "{:.1f}"),
+    ("decode_speedup", "decode x", "{:.2f}"),
+    ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
+    ("weight_MiB", "weights MiB", "{:.1f}"),
+    ("apply_s", "apply s", "{:.1f}"),
+    ("use_when", "use when", "{}"),
+]
+KV_COLUMNS = [
+    ("recipe", "recipe", "{}"),
+    ("passkey", "passkey", "{:.0%}"),
+    ("ppl", "continuation ppl", "{:.2f}"),
+    ("kv_MiB", "KV MiB/seq", "{:.1f}"),
+    ("kv_ratio", "KV x", "{:.2f}"),
+    ("decode_tok_s", "decode tok/s", "{:.1f}"),
+    ("decode_speedup", "decode x", "{:.2f}"),
+    ("use_when", "use when", "{}"),
+]
+
+
+def _spec_columns(kinds: list[str]) -> list[tuple[str, str, str]]:
+    cols = [("recipe", "recipe", "{}")]
+    for k in kinds:
+        cols += [(f"{k}_tok_s", f"{k} tok/s", "{:.1f}"), (f"{k}_speedup", f"{k} x", "{:.2f}"),
+                 (f"{k}_accepted", f"{k} accepted", "{:.2f}"), (f"{k}_identical", f"{k} identical", "{}")]
+    return cols + [("use_when", "use when", "{}")]
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "error" not in r and r["recipe"] != "baseline"]
+
+
+def _reading(family: str, rows: list[dict], kinds: list[str]) -> str:
+    """One line saying what the table shows, from its figures."""
+    ok = _ok(rows)
+    if not ok:
+        return ""
+    if family in ("quant", "skip", "moe"):
+        fast = max(ok, key=lambda r: r["decode_speedup"])
+        faster = [r for r in ok if r["decode_speedup"] > 1.0]
+        best = min(faster, key=lambda r: r["perplexity"]) if faster else None
+        line = f"Fastest decode: `{fast['recipe']}` ({fast['decode_speedup']:.2f}x, perplexity x{fast['ppl_ratio']:.2f})."
+        if best is not None:
+            line += f" Lowest perplexity among recipes faster than the baseline: `{best['recipe']}` (x{best['ppl_ratio']:.2f}, {best['decode_speedup']:.2f}x)."
+        return line
+    if family == "kvcache":
+        smaller = [r for r in ok if r.get("kv_ratio", 1) < 0.99]
+        parts = []
+        if smaller:
+            best = max(smaller, key=lambda r: (r["passkey"], -r["kv_MiB"]))
+            parts.append(f"Best retrieval with a smaller cache: `{best['recipe']}` (passkey {best['passkey']:.0%} with "
+                         f"{best['kv_ratio']:.2f}x the KV bytes; full cache {rows[0].get('passkey', float('nan')):.0%}).")
+        fast = max(ok, key=lambda r: r["decode_speedup"])
+        parts.append(f"Fastest decode at this length: `{fast['recipe']}` ({fast['decode_speedup']:.2f}x).")
+        return " ".join(parts)
+    if family == "speculative":
+        parts = []
+        for k in kinds:
+            have = [r for r in ok if f"{k}_speedup" in r]
+            if have:
+                fast = max(have, key=lambda r: r[f"{k}_speedup"])
+                parts.append(f"on {k} prompts `{fast['recipe']}` ({fast[f'{k}_speedup']:.2f}x)")
+        differs = sorted({r["recipe"] for r in ok for k in kinds if r.get(f"{k}_identical") == "NO"})
+        line = ("Fastest: " + "; ".join(parts) + ".") if parts else ""
+        return line + (f" Output differs from plain generate: {', '.join(differs)}." if differs
+                       else " Every greedy output is token-identical to plain generate.")
+    return ""
+
+
+def format_report(report: MainJobReport) -> str:
+    """The main job's markdown: one table per family, with its workload and a reading line."""
+    s = report.settings
+    kinds = list(s.get("spec_prompts", []))
+    out = []
+    general = (f"perplexity: {s.get('ppl_tokens')} tokens of *Pride and Prejudice* in {s.get('ppl_window')}-token windows; "
+               f"agreement: greedy tokens equal to the baseline's over {len(AGREEMENT_PROMPTS)} prompts x "
+               f"{s.get('agree_tokens')} tokens; speed: greedy generate, {s.get('prompt_tokens')}-token prompt, "
+               f"{s.get('new_tokens')} new tokens, batch 1, median of {s.get('repeats')}; apply s: time of optimize "
+               "(calibration included)")
+    sections = {
+        "quant": ("quant: weights and kernels", general + ".", GENERAL_COLUMNS),
+        "moe": ("moe: experts", general + ".", GENERAL_COLUMNS),
+        "skip": ("skip: layers", general.replace("perplexity:", "continuation perplexity (the first quarter of each window, "
+                 "at most 128 tokens, prefilled, the rest scored over the cache):") + ".", GENERAL_COLUMNS),
+        "kvcache": (f"kvcache: {s.get('kv_context')}-token prompts",
+                    f"passkey: {s.get('kv_trials')} trials of a 5-digit key hidden at depths 0.1-0.9 of *Pride and Prejudice*, "
+                    f"greedy answer must contain it; continuation ppl: the next 128 tokens of prose after a "
+                    f"{s.get('kv_context')}-token prompt held in the cell's cache; KV MiB/seq: every tensor the cache "
+                    f"holds per sequence after that prompt; decode: batch 1 at {s.get('kv_context')} tokens, "
+                    f"{s.get('kv_decode_rounds')} interleaved rounds of {s.get('kv_decode_steps')} steps, median step. "
+                    "Every cell's cache is built from one recorded prefill (infertrix.eval.long_context).", KV_COLUMNS),
+        "speculative": ("speculative: decoding loops",
+                        f"prompt kinds {', '.join(kinds)} (rewrite: correct the spelling of a passage, copy-heavy; story, "
+                        f"question: open-ended), chat template, batch 1, greedy, {s.get('spec_new_tokens')} new tokens, "
+                        f"median of {s.get('spec_repeats')} rounds interleaved with plain generate; x: decode speed over "
+                        "plain generate; accepted: tokens per verification forward; identical: output token-identical "
+                        "to plain generate (it must be).", _spec_columns(kinds)),
+    }
+    for fam in FAMILIES:
+        rows = report.family(fam)
+        title, how, cols = sections[fam]
+        if fam == "moe" and not _ok(rows) and not [r for r in rows if "error" in r]:
+            from ..core.registry import available
+
+            names = sorted(n for n, c in available().items() if c.stage == Stage.EXPERTS)
+            out.append(f"### {title}\n\nNot measured: no moe recipe was given ({', '.join(names)} act on models with "
+                       f"MoE layers; {report.model} is dense unless it has them). benchmarks/moe.py measures expert "
+                       "offloading on SmolLM2 upcycled to 8 experts.")
+            continue
+        if not rows:
+            continue
+        secs = report.seconds.get(fam if fam in ("kvcache", "speculative") else "general")
+        timing = f" Section time: {secs / 60:.1f} min." if secs and fam in ("kvcache", "speculative") else ""
+        reading = _reading(fam, rows, kinds)
+        out.append(f"### {title}\n\n{how}{timing}\n\n{_table(rows, cols)}" + (f"\n\n{reading}" if reading else ""))
+    errors = report.family("error")
+    if errors:
+        out.append("### recipes that could not be parsed\n\n" + _table(errors, [("recipe", "recipe", "{}"), ("error", "error", "{}")]))
+    total = report.seconds.get("total")
+    threads = s.get("threads")
+    out.append(f"Model {report.model}, {threads} threads" + (f"; total time {total / 60:.1f} min." if total else "."))
+    return "\n\n".join(out) + "\n"
+
+
+def plot_report(report: MainJobReport, path: Path) -> None:
+    """Quality against speed, one panel per family measured."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'infertrix[bench]'") from exc
+    kinds = list(report.settings.get("spec_prompts", []))
+    panels = [f for f in FAMILIES if any("error" not in r for r in report.family(f))]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4.2), squeeze=False)
+    for ax, fam in zip(axes[0], panels, strict=False):
+        rows = [r for r in report.family(fam) if "error" not in r]
+        if fam in ("quant", "skip", "moe"):
+            pts = [(r.get("decode_speedup"), r.get("perplexity")) for r in rows]
+            ax.set_xlabel("decode speed-up over baseline (x)")
+            ax.set_ylabel("perplexity (lower is better)" if fam != "skip" else "continuation perplexity")
+            if any(p[1] and p[1] > 100 for p in pts):
+                ax.set_yscale("log")
+        elif fam == "kvcache":
+            pts = [(r.get("kv_MiB"), 100 * r["passkey"] if "passkey" in r else None) for r in rows]
+            ax.set_xlabel(f"KV MiB per sequence at {report.settings.get('kv_context')} tokens")
+            ax.set_ylabel("passkey accuracy (%)")
+        else:
+            a, b = (kinds + kinds)[:2]
+            pts = [(r.get(f"{a}_speedup"), r.get(f"{b}_speedup")) for r in rows]
+            ax.set_xlabel(f"speed-up on {a} prompts (x)")
+            ax.set_ylabel(f"speed-up on {b} prompts (x)")
+        for r, (x, y) in zip(rows, pts, strict=True):
+            if x is None or y is None:
+                continue
+            ax.scatter(x, y, marker="*" if r["recipe"] == "baseline" else "o")
+            ax.annotate(r["recipe"], (x, y), fontsize=7)
+        ax.set_title(fam)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def write_outputs(report: MainJobReport, args: argparse.Namespace) -> None:
+    """Write the --json, --markdown and --plot files the arguments ask for."""
+    if getattr(args, "json", None):
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if getattr(args, "markdown", None):
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(format_report(report))
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    if getattr(args, "plot", None):
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)

@@ -1,0 +1,71 @@
+"""The main job (`infertrix bench`): each family measured on its workload, end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import byte_tokenizer, make_tiny
+
+from infertrix import available, cli
+from infertrix.core.recipe import parse_recipe
+from infertrix.eval import workloads
+
+
+@pytest.mark.parametrize(
+    "recipe, family",
+    [
+        ("baseline", "baseline"),
+        ("w4a8", "quant"),
+        ("skinny_linear", "quant"),
+        ("uniform_skip:0.25", "skip"),
+        ("kivi:4", "kvcache"),
+        ("w4a8,snapkv:0.5", "kvcache"),
+        ("w8a8,prompt_lookup", "speculative"),
+        ("snapkv:0.5,prompt_lookup", "speculative"),
+    ],
+)
+def test_a_recipe_is_measured_by_its_latest_stage(recipe, family):
+    assert workloads.family_of(parse_recipe(recipe)) == family
+
+
+def test_every_registered_transform_says_when_to_use_it():
+    missing = [name for name, cls in available().items() if not cls.use_when.strip()]
+    assert not missing
+    assert len({cls.use_when for cls in available().values()}) == len(available())
+
+
+def test_main_job_runs_every_family_on_its_workload(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    make_tiny("llama", vocab_size=259).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    md, js = tmp_path / "out.md", tmp_path / "out.json"
+    recipes = ["skinny_linear", "uniform_skip:0.25", "streamingllm:0.5", "pyramidkv:0.99", "prompt_lookup"]
+    argv = ["bench", "--model", str(folder), "--quick", "--threads", "1", "--kv-context", "200",
+            "--spec-prompts", "rewrite", "--markdown", str(md), "--json", str(js)]
+    for r in recipes:
+        argv += ["--recipe", r]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for heading in ("### quant", "### skip", "### kvcache: 200-token prompts", "### speculative", "### moe"):
+        assert heading in out
+    assert md.read_text() == out.rstrip("\n") + "\n"
+    rows = json.loads(js.read_text())["rows"]
+    by = {(r["family"], r["recipe"]): r for r in rows}
+    assert {f for f, _ in by} == {"quant", "skip", "kvcache", "speculative"}
+    # every family has its own baseline, measured on its workload
+    assert by["kvcache", "baseline"]["kv_ratio"] == 1.0 and by["kvcache", "baseline"]["decode_tok_s"] > 0
+    assert by["speculative", "baseline"]["rewrite_speedup"] == 1.0
+    # the KV workload sees the policy: half the tokens evicted, half the bytes
+    assert 0.4 < by["kvcache", "streamingllm:0.5"]["kv_ratio"] < 0.6
+    assert 0.0 <= by["kvcache", "streamingllm:0.5"]["passkey"] <= 1.0
+    # a policy that cannot run at this length is an error row; the others are still measured
+    assert "PyramidKV" in by["kvcache", "pyramidkv:0.99"]["error"]
+    assert "| pyramidkv:0.99 | error: " in out
+    # speculative decoding is lossless: token-identical to plain generate
+    assert by["speculative", "prompt_lookup"]["rewrite_identical"] == "yes"
+    assert by["speculative", "prompt_lookup"]["rewrite_accepted"] >= 1.0
+    # quant and skip rows carry quality, agreement and speed against the same baseline
+    assert by["quant", "skinny_linear"]["agreement"] == 1.0
+    assert by["skip", "uniform_skip:0.25"]["weight_MiB"] < by["skip", "baseline"]["weight_MiB"]
+    assert all(r["use_when"] for r in rows)
