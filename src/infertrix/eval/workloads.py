@@ -106,7 +106,7 @@ def measure_general(model, tok, recipe: str, args, reference: list[list[int]] | 
     optimize(model, recipe)
     row["apply_s"] = time.perf_counter() - t
     d = describe(model)
-    row["weight_MiB"] = d.bytes_now / 2**20
+    row["weight_MiB"] = (d.bytes_now - d.bytes_held) / 2**20  # the weights in use, not what restore keeps
     with pinned_threads(args.threads):
         if family == "skip":
             row["perplexity"] = continuation_perplexity(model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window,
