@@ -3,6 +3,7 @@
     import infertrix as ix
     ix.optimize(model, "w4a8,snapkv:0.5")   # or transform objects
     print(ix.describe(model))
+    model.save_pretrained(path)   # AutoModelForCausalLM.from_pretrained(path) rebuilds it (infertrix imported)
     ix.restore(model)
 """
 
@@ -24,6 +25,11 @@ from .core import (
 )
 
 __version__ = "0.1.0"
+
+# transformers' from_pretrained loads infertrix checkpoints once infertrix is imported
+from .quant.hf_quantizer import register as _register_hf_quantizer  # noqa: E402
+
+_register_hf_quantizer()
 
 __all__ = [
     "Applied",
