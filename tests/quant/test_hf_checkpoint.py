@@ -143,6 +143,21 @@ def test_restore_removes_the_record(tmp_path):
     assert "quantization_config" not in raw and "fusion_config" not in raw
 
 
+def test_record_replaces_only_a_gguf_quantization_config():
+    model = make_tiny("llama")
+    gguf = {"quant_method": "gguf"}  # what from_pretrained(gguf_file=...) leaves: the weights are float
+    model.config.quantization_config = gguf
+    ix.optimize(model, W4A8(group_size=32))
+    assert isinstance(model.config.quantization_config, InfertrixConfig)
+    assert "_replaced" not in model.config.to_dict()["quantization_config"]
+    ix.restore(model)
+    assert model.config.quantization_config is gguf
+    model.config.quantization_config = {"quant_method": "bitsandbytes_4bit"}
+    with pytest.raises(ix.ConfigError, match="bitsandbytes_4bit"):
+        ix.optimize(model, W4A8(group_size=32))
+    assert ix.describe(model).transforms == [] and type(model.model.layers[0].mlp.up_proj) is nn.Linear
+
+
 def test_skinny_linear_saves_a_plain_float_checkpoint(tmp_path):
     model = make_tiny("llama")
     ids = torch.randint(3, 128, (2, 9))

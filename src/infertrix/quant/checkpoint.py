@@ -60,12 +60,14 @@ def _record(model: nn.Module, create: bool) -> InfertrixConfig | None:
         return cfg
     if not create:
         return None
-    if cfg is not None:
+    replaced = cfg
+    if cfg is not None and _method(cfg) != "gguf":  # transformers de-quantizes GGUF files to float on load
         raise ConfigError(
             f"this model already carries a transformers quantization_config ({_method(cfg)}); infertrix cannot "
             "record its own into it: load the float model without that quantization"
         )
     cfg = InfertrixConfig()
+    cfg._replaced = replaced  # put back by erase
     config.quantization_config = cfg
     add_marker(config)
     return cfg
@@ -98,7 +100,11 @@ def erase(model: nn.Module, part: str = "quant") -> None:
         return
     setattr(cfg, part, None)
     if cfg.empty:
-        del model.config.quantization_config
+        replaced = getattr(cfg, "_replaced", None)
+        if replaced is not None:
+            model.config.quantization_config = replaced
+        else:
+            del model.config.quantization_config
         remove_marker(model.config)
 
 

@@ -22,6 +22,7 @@ transformers.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers.quantizers.auto import (
@@ -47,8 +48,7 @@ class InfertrixConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of an infertrix checkpoint (also the live record on an optimized model).
 
     quant: ``{"recipe": str, "modules": {qualified name: module spec}}`` of the weight transform.
-    skip: ``{"recipe": str, "plan": SkipPlan.to_dict()}`` of a static skip plan.
-    refuse: why this model cannot be saved (a transform whose modules a checkpoint cannot describe).
+    skip: ``{"recipe": str, "plan": SkipPlan.to_dict(), "schedule": SkipDecode's or None}``.
     """
 
     def __init__(
@@ -56,7 +56,6 @@ class InfertrixConfig(QuantizationConfigMixin):
         format: int = FORMAT,
         quant: dict[str, Any] | None = None,
         skip: dict[str, Any] | None = None,
-        refuse: str | None = None,
         infertrix_version: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -66,12 +65,17 @@ class InfertrixConfig(QuantizationConfigMixin):
         self.format = format
         self.quant = quant
         self.skip = skip
-        self.refuse = refuse
         self.infertrix_version = infertrix_version or __version__
 
     @property
     def empty(self) -> bool:
-        return self.quant is None and self.skip is None and self.refuse is None
+        return self.quant is None and self.skip is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __iter__(self):
+        yield from self.to_dict().items()
 
 
 class InfertrixHfQuantizer(HfQuantizer):
@@ -95,8 +99,6 @@ class InfertrixHfQuantizer(HfQuantizer):
                 f"infertrix checkpoint format {cfg.format} (saved by infertrix {cfg.infertrix_version}) is not the "
                 f"format {FORMAT} this infertrix reads; load it with that infertrix version"
             )
-        if cfg.refuse:
-            raise ConfigError(f"this checkpoint cannot be loaded: {cfg.refuse}")
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
             raise ConfigError("infertrix checkpoints load on one device; drop device_map (or give a single device)")
