@@ -156,6 +156,11 @@ class QuantTransform(Transform):
                     model, targets, batches, on_layer, hessian=self.gptq,
                     lm_head_name=head if head in targets else None, progress=self.progress,
                 )
+            config = getattr(model, "config", None)
+            if head in swapper.originals and getattr(config, "tie_word_embeddings", False):
+                # the quantized head is its own copy now: saved and loaded as such, not re-tied
+                swapper.save_attr(config, "tie_word_embeddings")
+                config.tie_word_embeddings = False
             checkpoint.record(model, self.recipe(), {n: model.get_submodule(n) for n in swapper.originals})
         except BaseException:
             swapper.undo()

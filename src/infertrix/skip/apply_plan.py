@@ -10,7 +10,7 @@ from torch import nn
 from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError, Stage, Transform
 from .plan import SkipPlan
-from .strategy import plan_report
+from .strategy import plan_report, recorded
 
 
 @register_transform("skip_plan", "skipplan")
@@ -44,4 +44,4 @@ class ApplySkipPlan(Transform):
     def apply(self, model: nn.Module) -> Applied:
         plan = self.resolved()
         handle = plan.apply(model)
-        return Applied(self, undo=handle.undo, held=handle.held, report=lambda: plan_report(model, plan))
+        return Applied(self, undo=recorded(model, self, plan, handle), held=handle.held, report=lambda: plan_report(model, plan))

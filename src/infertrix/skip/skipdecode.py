@@ -130,11 +130,16 @@ class SkipDecode(CalibratedStrategy):
         for i, t in sched:
             layers[i] = ScheduledLayer(originals[i], t)
 
+        plan = self.plan(model)
+        from ..quant import checkpoint
+
+        checkpoint.record_skip(model, self.recipe(), plan, schedule=sched)  # save_pretrained carries it
+
         def undo() -> None:
             for i, layer in originals.items():
                 layers[i] = layer
+            checkpoint.erase(model, "skip")
 
-        plan = self.plan(model)
         return Applied(
             self,
             undo=undo,

@@ -10,6 +10,7 @@ units.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..core.model import decoder_layers
 from ..core.transform import Applied, ConfigError, Stage, Transform
-from .plan import SkipPlan, SublayerCosts, anchor_layers
+from .plan import SkipHandle, SkipPlan, SublayerCosts, anchor_layers
 
 
 def units_for_budget(
@@ -43,6 +44,20 @@ def skippable(model: nn.Module, sublayer: str, protect_last: bool = True) -> lis
     if protect_last:
         blocked = blocked | {n - 1}
     return [i for i in range(n) if i not in blocked]
+
+
+def recorded(model: nn.Module, transform: Transform, plan: SkipPlan, handle: SkipHandle) -> Callable[[], None]:
+    """Record ``plan`` in ``model.config`` for ``save_pretrained`` (re-applied by ``from_pretrained``);
+    returns the undo that reverts both."""
+    from ..quant import checkpoint
+
+    checkpoint.record_skip(model, transform.recipe(), plan)
+
+    def undo() -> None:
+        handle.undo()
+        checkpoint.erase(model, "skip")
+
+    return undo
 
 
 def plan_report(model: nn.Module, plan: SkipPlan | None) -> dict[str, Any]:
@@ -88,4 +103,4 @@ class SkipStrategy(Transform):
         plan = self.plan(model)
         handle = plan.apply(model)
         self.last_plan = plan
-        return Applied(self, undo=handle.undo, held=handle.held, report=lambda: plan_report(model, plan))
+        return Applied(self, undo=recorded(model, self, plan, handle), held=handle.held, report=lambda: plan_report(model, plan))
