@@ -30,9 +30,10 @@ def test_a_recipe_is_measured_by_its_latest_stage(recipe, family):
 
 
 def test_every_registered_transform_says_when_to_use_it():
-    missing = [name for name, cls in available().items() if not cls.use_when.strip()]
+    shipped = {name: cls for name, cls in available().items() if not name.startswith("_")}  # not tests' own
+    missing = [name for name, cls in shipped.items() if not cls.use_when.strip()]
     assert not missing
-    assert len({cls.use_when for cls in available().values()}) == len(available())
+    assert len({cls.use_when for cls in shipped.values()}) == len(shipped)
 
 
 def test_main_job_runs_every_family_on_its_workload(tmp_path, capsys):
