@@ -24,7 +24,7 @@ from ..core import Stage, UnsupportedModelError
 from ..core.attention import SDPA_ATTENTION
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
-from .cache import KVQuantSpec, PolicyCache, PolicyLayer
+from .cache import CompressionLog, KVQuantSpec, PolicyCache, PolicyLayer
 
 SETUP_ATTR = "_infertrix_kvcache"
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
@@ -108,6 +108,7 @@ class KVCacheSetup:
         self.remove_generate = None
         self.last_cache_ref = None
         self.last_stats: dict[str, Any] | None = None
+        self.log = CompressionLog()  # counted over every cache handed out, for describe()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -137,6 +138,7 @@ class KVCacheSetup:
 
     def set_policy(self, policy):
         self.policy = policy
+        self.log = CompressionLog()
         self._install()
 
         def undo() -> None:
@@ -161,7 +163,7 @@ class KVCacheSetup:
         return None if q is None else KVQuantSpec(q.bits, q.group_size, q.residual_length)
 
     def new_cache(self) -> PolicyCache:
-        cache = PolicyCache(self.model_ref().config, policy=self.policy, quant=self.quant_spec())
+        cache = PolicyCache(self.model_ref().config, self.policy, self.quant_spec(), self.log)
         self.last_cache_ref = weakref.ref(cache)
         return cache
 
@@ -248,6 +250,7 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
         if len(set(stored)) == 1
         else f"{min(stored)}..{max(stored)} (per layer)",
     }
+    out.update(cache.log.report())
     if cache.state_bytes():
         out["policy_state_bytes"] = cache.state_bytes()
     if cache.scratch_bytes():
