@@ -25,6 +25,7 @@ from ..core.attention import SDPA_ATTENTION
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
 from .cache import CompressionLog, KVQuantSpec, PolicyCache, PolicyLayer
+from .compile_guard import EagerWhileCompressing
 
 SETUP_ATTR = "_infertrix_kvcache"
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
@@ -121,6 +122,7 @@ class KVCacheSetup:
             mod = mods[idx]
             self.handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post_hook, with_kwargs=True))
+        self.handles.extend(EagerWhileCompressing().install(model))  # torch.compile: see compile_guard
         self.remove_generate = add_generate_hook(model, self._generate_hook, order=int(Stage.CACHE))
 
     def _uninstall_if_empty(self) -> None:
