@@ -77,6 +77,9 @@ def test_every_prompt_length_generates_and_reports_keeping_more(name):
     if isinstance(transform, KVPolicy):
         assert kept_more_count(model) > 0  # lengths 9-15 at least are kept whole
         text = str(ix.describe(model))
+        line = ix.describe(model).to_dict()["transforms"][0]["report"]["kept_more_than_budget"]
+        kept_more, _, steps = line.split()[:3]
+        assert int(kept_more) <= int(steps), line  # counted in the same units
         assert "kept_more_than_budget" in text
         if transform.fixed_part()[0] > MIN_BUDGET:
             assert f"window_size={transform.window_size}" in text
@@ -132,3 +135,21 @@ def test_budget_errors_name_the_fix():
     with pytest.raises(ConfigError, match=r"\(the attention sinks, sink_tokens=12\); use budget >= 12 or fewer sink_tokens"):
         ix.kvcache.StreamingLLM(sink_tokens=12, budget=10)
     assert ix.kvcache.SnapKV(window_size=4, budget=MIN_BUDGET).min_budget() == MIN_BUDGET
+
+
+def test_kept_more_is_counted_per_layer_step_with_its_reason():
+    model = tiny()
+    ix.optimize(model, "snapkv:0.5")
+    g = torch.Generator().manual_seed(3)
+    report = lambda: ix.describe(model).to_dict()["transforms"][0]["report"]  # noqa: E731
+    model.generate(torch.randint(3, 128, (1, 10), generator=g), max_new_tokens=1, pad_token_id=0)
+    line = report()["kept_more_than_budget"]
+    assert line.startswith("2 of 2 layer compression steps since optimize")
+    assert "prompts shorter than prefill_min_tokens=16 are not compressed" in line
+    model.generate(torch.randint(3, 128, (1, 40), generator=g), max_new_tokens=1, pad_token_id=0)
+    line = report()["kept_more_than_budget"]
+    assert line.startswith("4 of 4 layer compression steps")
+    assert "SnapKV always keeps 32 tokens (the observation window, window_size=32)" in line
+    model.generate(torch.randint(3, 128, (1, 64), generator=g), max_new_tokens=1, pad_token_id=0)
+    assert report()["kept_more_than_budget"].startswith("4 of 6 layer compression steps")
+    assert report()["tokens_stored"] == 32

@@ -53,9 +53,10 @@ class KVQuantSpec:
 
 @dataclass
 class CompressionLog:
-    """How many layer compressions a policy ran and why some kept more than the requested budget
-    (a short prompt under a window the method always keeps, say). Shared by the layers of a
-    :class:`PolicyCache`, and by every cache one model's ``generate`` receives: ``describe()`` shows it."""
+    """How many layer compression steps a policy ran (prompts too short to compress included) and why
+    some kept more than the requested budget (a short prompt under a window the method always keeps,
+    say). Shared by the layers of a :class:`PolicyCache`, and by every cache one model's ``generate``
+    receives: ``describe()`` shows it."""
 
     steps: int = 0
     kept_more: dict[str, int] = field(default_factory=dict)  # reason -> layer compressions
@@ -68,7 +69,7 @@ class CompressionLog:
             return {}
         n = sum(self.kept_more.values())
         why = "; ".join(f"{count}x {reason}" for reason, count in self.kept_more.items())
-        return {"kept_more_than_budget": f"{n} layer compressions of {self.steps} since optimize ({why})"}
+        return {"kept_more_than_budget": f"{n} of {self.steps} layer compression steps since optimize ({why})"}
 
 
 class CacheCropError(RuntimeError):

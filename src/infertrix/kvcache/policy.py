@@ -281,6 +281,7 @@ class KVPolicy(Transform):
         )  # prefill chunks compress; shorter forwards count as decoding
         if not due and layer.cumulative_length == n and self.requested(n) < n:
             # a whole prompt shorter than prefill_min_tokens is kept as it is: say so
+            layer.log.steps += 1
             layer.log.note(
                 f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed"
             )
