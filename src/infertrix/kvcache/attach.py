@@ -28,7 +28,8 @@ from ..core import Stage, UnsupportedModelError
 from ..core.attention import SDPA_ATTENTION
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
-from .cache import KVQuantSpec, PolicyCache, PolicyLayer
+from .cache import CompressionLog, KVQuantSpec, PolicyCache, PolicyLayer
+from .compile_guard import EagerWhileCompressing
 
 SETUP_ATTR = "_infertrix_kvcache"
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
@@ -114,6 +115,7 @@ class KVCacheSetup:
         self.last_stats: dict[str, Any] | None = None
         self.scoring: int | None = None  # chunk length while infertrix.eval.compressed_scoring is active
         self.warned_plain_forward = False
+        self.log = CompressionLog()  # counted over every cache handed out, for describe()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -127,6 +129,7 @@ class KVCacheSetup:
             self.handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post_hook, with_kwargs=True))
         self.handles.append(model.register_forward_pre_hook(self._plain_forward_hook, with_kwargs=True))
+        self.handles.extend(EagerWhileCompressing().install(model))  # torch.compile: see compile_guard
         self.remove_generate = add_generate_hook(model, self._generate_hook, order=int(Stage.CACHE))
 
     def _uninstall_if_empty(self) -> None:
@@ -144,6 +147,7 @@ class KVCacheSetup:
 
     def set_policy(self, policy):
         self.policy = policy
+        self.log = CompressionLog()
         self._install()
 
         def undo() -> None:
@@ -168,7 +172,7 @@ class KVCacheSetup:
         return None if q is None else KVQuantSpec(q.bits, q.group_size, q.residual_length)
 
     def new_cache(self) -> PolicyCache:
-        cache = PolicyCache(self.model_ref().config, policy=self.policy, quant=self.quant_spec())
+        cache = PolicyCache(self.model_ref().config, self.policy, self.quant_spec(), self.log)
         self.last_cache_ref = weakref.ref(cache)
         return cache
 
@@ -283,6 +287,7 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
         if len(set(stored)) == 1
         else f"{min(stored)}..{max(stored)} (per layer)",
     }
+    out.update(cache.log.report())
     if cache.state_bytes():
         out["policy_state_bytes"] = cache.state_bytes()
     if cache.scratch_bytes():

@@ -27,7 +27,7 @@ attention pre-hook gives each layer the suffix of the mask that matches its own 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -49,6 +49,27 @@ class KVQuantSpec:
     bits: int = 4
     group_size: int = 32  # keys: tokens per per-channel group; values: channels per per-token group
     residual_length: int = 32  # most recent tokens kept in full precision
+
+
+@dataclass
+class CompressionLog:
+    """How many layer compression steps a policy ran (prompts too short to compress included) and why
+    some kept more than the requested budget (a short prompt under a window the method always keeps,
+    say). Shared by the layers of a :class:`PolicyCache`, and by every cache one model's ``generate``
+    receives: ``describe()`` shows it."""
+
+    steps: int = 0
+    kept_more: dict[str, int] = field(default_factory=dict)  # reason -> layer compressions
+
+    def note(self, reason: str) -> None:
+        self.kept_more[reason] = self.kept_more.get(reason, 0) + 1
+
+    def report(self) -> dict[str, str]:
+        if not self.kept_more:
+            return {}
+        n = sum(self.kept_more.values())
+        why = "; ".join(f"{count}x {reason}" for reason, count in self.kept_more.items())
+        return {"kept_more_than_budget": f"{n} of {self.steps} layer compression steps since optimize ({why})"}
 
 
 class CacheCropError(RuntimeError):
@@ -95,6 +116,7 @@ class PolicyLayer(GrowingLayer):
         self.scratch: dict[str, Tensor] = {}
         self.siblings: list[PolicyLayer] = [self]  # the cache's policy layers (set by PolicyCache)
         self.pending = None  # scores of a compression deferred to the forward's last layer (DensityKV)
+        self.log = CompressionLog()  # shared with the cache's other layers (set by PolicyCache)
         # set by the attention pre-hook for one decoding step whose attention reads the quantized
         # tokens from their codes (KIVI's attention function): update then returns only the residual
         # window, dequantizes nothing, and leaves the flush to the post-hook (after attention)
@@ -370,13 +392,20 @@ class PolicyCache(Cache):
     """A ``Cache`` built from a model config whose full-attention layers follow a KV policy.
 
     ``policy`` is an eviction/merging policy (a :class:`~infertrix.kvcache.policy.KVPolicy`) or None;
-    ``quant`` a :class:`KVQuantSpec` or None. Other layer types (sliding window, chunked, linear
+    ``quant`` a :class:`KVQuantSpec` or None; ``log`` the :class:`CompressionLog` to count into (a
+    new one when None). Other layer types (sliding window, chunked, linear
     attention, hybrid) are transformers' stock layers. Use it like any cache: ``generate`` receives
     one automatically after ``optimize``; for manual loops get one from
     :func:`infertrix.kvcache.new_cache`.
     """
 
-    def __init__(self, config, policy=None, quant: KVQuantSpec | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        policy=None,
+        quant: KVQuantSpec | None = None,
+        log: CompressionLog | None = None,
+    ) -> None:
         text_config = (
             config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         )
@@ -384,17 +413,20 @@ class PolicyCache(Cache):
         layers = []
         scratch: dict[str, Tensor] = {}  # one set of dequantization buffers for all layers
         siblings: list[PolicyLayer] = []
+        log = CompressionLog() if log is None else log
         for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True):
             if layer_type == "full_attention":
                 layer = PolicyLayer(quant=quant)
                 layer.flush_in_update = policy is None
                 layer.scratch = scratch
                 layer.siblings = siblings
+                layer.log = log
                 siblings.append(layer)
                 layers.append(layer)
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
+        self.log = log
         self.policy = policy
         self.quant = quant
         self.policy_layer_indices = [

@@ -103,8 +103,8 @@ class DensityKV(SnapKV):
         for lay, target in zip(todo, targets, strict=True):
             scores, visible, _ = lay.pending
             lay.pending = None
+            self.log_step(lay)
             if lay.stored_length > target:
-                self.check_budget(lay, target)
                 self.evict(lay, scores, target, visible)
             elif self.decode_interval == 0:
                 lay.queries = None

@@ -127,6 +127,12 @@ def pool1d(scores: Tensor, kernel: int, visible: Tensor | None = None) -> Tensor
 
 FORCE_KEEP = 1e30  # added to the score of tokens a method always keeps (windows, sinks)
 
+# The fewest tokens any policy keeps per row and KV head. Fewer lose both the attention sinks (StreamingLLM
+# keeps 4 first tokens) and a recent window, and greedy decoding degenerates into repeating one token
+# (H2O with budget=1 on SmolLM2: "looked looked looked ..."). A fixed budget below it is refused; a ratio
+# that falls below it on a short prompt keeps it instead and says so in describe().
+MIN_BUDGET = 8
+
 
 @dataclass
 class KVPolicy(Transform):
@@ -135,7 +141,8 @@ class KVPolicy(Transform):
     - ``compression``: fraction of the tokens to evict, in [0, 1); 0 keeps everything and is
       bit-identical to the unoptimized model. The budget is ``ceil((1 - compression) * seen)`` tokens
       per row and KV head, ``seen`` counting left padding (every row gets the same budget).
-    - ``budget``: a token count instead of a ratio (overrides ``compression`` when set).
+    - ``budget``: a token count instead of a ratio (overrides ``compression`` when set); at least
+      :meth:`min_budget` (``MIN_BUDGET`` = 8 tokens, or the window a method always keeps).
     - ``decode_interval``: 0 compresses only after prefill chunks; N > 0 also compresses back to the
       budget every N decoded tokens (long generations).
     - ``prefill_min_tokens``: a forward of at least this many new tokens is a prefill chunk and
@@ -189,27 +196,57 @@ class KVPolicy(Transform):
                 f"{name}.merge_threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}"
             )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # a fixed budget that cannot hold the method's fixed parts would fail or degenerate on every
+        # call: refuse it here, before optimize changes the model
+        least = self.min_budget()
+        if self.budget is not None and self.budget < least:
+            tokens, what, fix = self.fixed_part()
+            why = (
+                f"the {tokens} tokens it always keeps ({what})"
+                if tokens >= MIN_BUDGET
+                else f"the minimum of {MIN_BUDGET} tokens (fewer degenerate into repeating one token)"
+            )
+            fix = f" or {fix}" if tokens >= MIN_BUDGET and fix else ""
+            raise ConfigError(
+                f"{type(self).__name__}.budget={self.budget} cannot hold {why}; use budget >= {least}{fix}, "
+                "or a compression ratio"
+            )
+
     @property
     def is_noop(self) -> bool:
         return self.budget is None and self.compression == 0
 
-    def target(self, seen: int) -> int:
-        """Tokens kept per row and KV head after ``seen`` tokens (uniform budget)."""
+    def requested(self, seen: int) -> int:
+        """The budget as configured after ``seen`` tokens: ``budget``, or the ``compression`` ratio."""
         if self.budget is not None:
             return min(seen, self.budget)
         return min(seen, max(1, math.ceil((1.0 - float(self.compression)) * seen - 1e-9)))
+
+    def target(self, seen: int) -> int:
+        """Tokens kept per row and KV head after ``seen`` tokens (uniform budget): the requested budget,
+        raised to :meth:`min_budget` (never above ``seen``) when a short prompt brings it lower."""
+        return max(self.requested(seen), min(seen, self.min_budget()))
 
     def layer_target(self, seen: int, layer_rank: int, num_layers: int) -> int:
         """Per-layer budget; uniform here, PyramidKV overrides it."""
         return self.target(seen)
 
-    def forced_tokens(self) -> int:
-        """Most recent tokens a method always keeps (checked against the budget)."""
-        return 0
+    def fixed_part(self) -> tuple[int, str, str]:
+        """(tokens a method always keeps, what they are, how to keep fewer): a window, sinks; none here."""
+        return 0, "", ""
 
-    def min_prompt_tokens(self) -> int:
-        """Prompt tokens needed before the first compression (a query window, say)."""
-        return 0
+    def min_budget(self) -> int:
+        """The fewest tokens kept per row and KV head: ``MIN_BUDGET`` or the method's fixed part."""
+        return max(MIN_BUDGET, self.fixed_part()[0])
+
+    def budget_shortfall(self) -> str:
+        """Why a compression kept more than the requested budget (for describe())."""
+        tokens, what, _ = self.fixed_part()
+        if tokens >= MIN_BUDGET:
+            return f"{type(self).__name__} always keeps {tokens} tokens ({what}), more than a short prompt's budget"
+        return f"a short prompt's budget is below the minimum of {MIN_BUDGET} tokens"
 
     def query_buffer(self) -> int:
         """Recent queries to keep per layer for scoring."""
@@ -242,6 +279,12 @@ class KVPolicy(Transform):
         due = (
             n >= self.prefill_min_tokens
         )  # prefill chunks compress; shorter forwards count as decoding
+        if not due and layer.cumulative_length == n and self.requested(n) < n:
+            # a whole prompt shorter than prefill_min_tokens is kept as it is: say so
+            layer.log.steps += 1
+            layer.log.note(
+                f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed"
+            )
         if not due:
             layer.steps_since_compress += n
             due = bool(self.decode_interval) and layer.steps_since_compress >= self.decode_interval
@@ -289,28 +332,21 @@ class KVPolicy(Transform):
 
     def compress_layer(self, layer, ctx: ScoreContext) -> None:
         """Compress one layer back to its budget (after a prefill chunk, or every decode_interval)."""
+        self.log_step(layer)
         target = self.layer_target(layer.cumulative_length, ctx.layer_rank, ctx.num_layers)
         if ctx.keys.shape[-2] <= target:
             if self.decode_interval == 0:
                 layer.queries = None  # kept tokens only: drop the scoring state as evict does
             return
-        self.check_budget(layer, target)
         ctx.target = target
         self.evict(layer, self.score(ctx), target, ctx.visible, ctx.keys, ctx.values)
 
-    def check_budget(self, layer, target: int) -> None:
-        name = type(self).__name__
-        need = self.min_prompt_tokens()
-        if layer.cumulative_length < need:
-            raise ConfigError(
-                f"{name} needs at least {need} prompt tokens before it can compress, got {layer.cumulative_length}; "
-                "lower its window_size or use StreamingLLM/KNorm"
-            )
-        if self.forced_tokens() > target:
-            raise ConfigError(
-                f"{name} always keeps {self.forced_tokens()} tokens but its budget here is {target} "
-                f"({layer.cumulative_length} tokens seen); lower window_size/sink_tokens or the compression"
-            )
+    def log_step(self, layer) -> None:
+        """Count one compression step of ``layer`` and whether its budget was raised to min_budget."""
+        seen = layer.cumulative_length
+        layer.log.steps += 1
+        if self.requested(seen) < self.target(seen):
+            layer.log.note(self.budget_shortfall())
 
     def evict(
         self,

@@ -50,17 +50,19 @@ def _setup_of(model: nn.Module) -> KVCacheSetup:
 
 def min_chunk_tokens(setup: KVCacheSetup, num_layers: int) -> int:
     """The shortest chunk after which the applied policy can compress: at least its
-    ``prefill_min_tokens`` (shorter forwards count as decoding) and its prompt minimum, with every
-    layer's budget holding the tokens it always keeps. KIVI alone: one quantization group."""
+    ``prefill_min_tokens`` (shorter forwards count as decoding), with the requested budget holding
+    the policy's minimum and every layer's budget the tokens it always keeps. KIVI alone: one quantization group."""
     policy = setup.policy
     if policy is None or policy.is_noop:
         return setup.quant.group_size if setup.quant is not None else policy.prefill_min_tokens
-    lowest = max(policy.prefill_min_tokens, policy.min_prompt_tokens())
-    forced = policy.forced_tokens()
-    for c in range(lowest, 1 << 20):
-        if all(policy.layer_target(c, r, num_layers) >= forced for r in range(num_layers)):
+    forced, fixed = policy.min_budget(), policy.fixed_part()[0]
+    for c in range(policy.prefill_min_tokens, 1 << 20):
+        # the requested budget itself holds what the method always keeps (no "kept more" step)
+        if policy.requested(c) >= forced and all(
+            policy.layer_target(c, r, num_layers) >= fixed for r in range(num_layers)
+        ):
             return c
-    raise ConfigError(f"{type(policy).__name__}'s budget never holds its {forced} forced tokens")
+    raise ConfigError(f"{type(policy).__name__}'s budget never holds its {forced} always-kept tokens")
 
 
 def _forward_with_cache(model: nn.Module, ids: Tensor, cache, seen: int, **kwargs: Any):

@@ -22,7 +22,8 @@ class SnapKV(ObservationWindowPolicy):
     head's query group, smoothed by average pooling; the window itself is always kept. Costs one
     ``window_size x prompt`` attention per layer at prefill. Lossy.
 
-    - ``window_size``: observation window (the paper uses 32); the prompt must be at least this long.
+    - ``window_size``: observation window (the paper uses 32), always kept (a shorter prompt is kept
+      whole; ``describe()`` counts prompts whose budget is below the window).
     - ``kernel_size``: odd pooling width that keeps neighbours of important tokens (the paper: 7).
     """
     use_when = "long prompts with a short answer (documents, retrieval, QA): keeps what the prompt's last tokens attend to"

@@ -32,6 +32,9 @@ class StreamingLLM(KVPolicy):
         if self.sink_tokens < 0:
             raise ConfigError(f"StreamingLLM.sink_tokens must be >= 0, got {self.sink_tokens}")
 
+    def fixed_part(self) -> tuple[int, str, str]:
+        return self.sink_tokens, f"the attention sinks, sink_tokens={self.sink_tokens}", "fewer sink_tokens"
+
     def score(self, ctx: ScoreContext) -> Tensor:
         b, h, s, _ = ctx.keys.shape
         slot = torch.arange(s, device=ctx.keys.device, dtype=torch.float32)

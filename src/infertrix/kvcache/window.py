@@ -20,7 +20,9 @@ from .policy import KVPolicy, ScoreContext, pool1d
 class ObservationWindowPolicy(KVPolicy):
     """Base (not registered): the window's queries are buffered and always kept.
 
-    - ``window_size``: observation window (the paper uses 32); the prompt must be at least this long.
+    - ``window_size``: observation window (the paper uses 32), always kept: a prompt of fewer than
+      ``window_size / (1 - compression)`` tokens keeps the window (the whole prompt when shorter), more than
+      its budget, and ``describe()`` counts it under ``kept_more_than_budget``.
     - ``kernel_size``: odd pooling width that keeps neighbours of important tokens (the paper: 7).
     """
 
@@ -39,11 +41,9 @@ class ObservationWindowPolicy(KVPolicy):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError(f"{name}.kernel_size must be odd and >= 1, got {self.kernel_size}")
 
-    def forced_tokens(self) -> int:
-        return self.window_size
-
-    def min_prompt_tokens(self) -> int:
-        return self.window_size
+    def fixed_part(self) -> tuple[int, str, str]:
+        # a prompt shorter than the window is its own window: kept whole
+        return self.window_size, f"the observation window, window_size={self.window_size}", "a smaller window_size"
 
     def window_scores(self, ctx: ScoreContext) -> tuple[Tensor, int]:
         """([B, H_kv, S] pooled mean attention of the last ``w`` queries, ``w``); the window's own
