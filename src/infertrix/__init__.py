@@ -104,10 +104,8 @@ _HF_REGISTRY = "transformers.quantizers.auto"
 
 
 def _register_hf_quantizer() -> None:
-    try:
-        from .quant.hf_quantizer import register
-
-        register()
+    try:  # the module registers itself when imported (it may be mid-import already: then it finishes)
+        importlib.import_module(".quant.hf_quantizer", __name__)
     except Exception as exc:  # noqa: BLE001 - never break transformers' own import
         warnings.warn(f"infertrix could not register its checkpoint loader with transformers: {exc}", stacklevel=2)
 

@@ -267,3 +267,25 @@ def test_float_checkpoint_loads_untouched_with_infertrix_imported(tmp_path):
     assert getattr(loaded, "hf_quantizer", None) is None and ix.describe(loaded).transforms == []
     ids = torch.randint(3, 128, (1, 5))
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import infertrix; from transformers import AutoModelForCausalLM",
+        "from transformers import AutoModelForCausalLM; import infertrix",
+        "import transformers.quantizers.auto; import infertrix",
+        # a submodule first: infertrix.quant imports the quantizer module, which imports transformers'
+        # registry, whose import hook then finds that module half-imported (it registers when done)
+        "import torch; from infertrix.quant.transform import QuantTransform; import transformers",
+    ],
+)
+def test_quantizer_is_registered_whatever_the_import_order(imports):
+    code = (
+        f"import warnings; warnings.simplefilter('always')\n{imports}\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
+        "assert 'infertrix' in AUTO_QUANTIZER_MAPPING and 'infertrix' in AUTO_QUANTIZATION_CONFIG_MAPPING\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "could not register" not in res.stderr

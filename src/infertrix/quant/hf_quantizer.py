@@ -149,8 +149,12 @@ def remove_marker(config: Any) -> None:
 
 
 def register() -> None:
-    """Register the config and quantizer with transformers (idempotent; done by ``import infertrix``)."""
+    """Register the config and quantizer with transformers (idempotent; done when this module is
+    imported, which ``import infertrix`` arranges as soon as transformers' quantizer registry loads)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(InfertrixConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(InfertrixHfQuantizer)
+
+
+register()
