@@ -402,13 +402,129 @@ def decode_ratio(outdir: Path, threads_list: list[int], rounds: int) -> tuple[li
                   for k, vals in raw.items()]
 
 
+# --- defaults: what `w4a8` should mean (issue #16). Every config is spelled out in full here, so
+# the table keeps meaning the same thing when W4A8's defaults change.
+RTN_G128 = dict(group_size=128, symmetric=False, mse_clip=False, rotate=False)  # the default until 2026-12
+
+
+def defaults_configs() -> list[tuple[str, dict]]:
+    """(name, W4A8 fields); quantize_lm_head is measured both ways on one quantized model."""
+    gptq = dict(group_size=32, gptq=True, act_order=True, mse_clip=True, rotate=True)
+    return [
+        ("RTN g128 (old default)", RTN_G128),
+        ("RTN g32", dict(RTN_G128, group_size=32)),
+        ("RTN g32 mse_clip", dict(RTN_G128, group_size=32, mse_clip=True)),
+        ("RTN g128 rotate", dict(RTN_G128, rotate=True)),
+        ("RTN g32 rotate", dict(RTN_G128, group_size=32, rotate=True)),
+        ("RTN g32 rotate mse_clip", dict(RTN_G128, group_size=32, rotate=True, mse_clip=True)),
+        ("GPTQ g32 act_order mse_clip rotate, 8x256", dict(gptq, num_samples=8, seq_len=256)),
+        ("GPTQ g32 act_order mse_clip rotate, 16x256", dict(gptq, num_samples=16, seq_len=256)),
+    ]
+
+
+PARIS = ("The capital of France is", " Paris")
+
+
+@torch.no_grad()
+def continuation_logprob(model, tok, prompt: str, continuation: str) -> float:
+    """log P(continuation | prompt), summed over the continuation's tokens (no chat template)."""
+    p = tok(prompt, add_special_tokens=False).input_ids
+    c = tok(prompt + continuation, add_special_tokens=False).input_ids[len(p):]
+    ids = torch.tensor([p + c])
+    logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
+    return sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
+
+
+def float_head_for(model, emb: torch.Tensor, norm_weight: torch.Tensor, rotation_seed: int | None):
+    """The float output projection that computes what the original tied head did on this (possibly
+    rotated) model: the embedding, times the final norm weight and Q when rotated (rotation folds
+    the final norm into the head and sets the norm to 1; infertrix.quant.rotation)."""
+    from infertrix.quant.rotation import random_orthogonal
+
+    w = emb.double()
+    if rotation_seed is not None:
+        w = (w * norm_weight.double()[None, :]) @ random_orthogonal(w.shape[1], rotation_seed)
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    head.weight.data.copy_(w.float())
+    return head
+
+
+def defaults_rows(max_tokens: int, only: list[str] | None, save) -> None:
+    """Each config quantized once with lm_head (the calibration time includes the head's), then
+    measured with the quantized head and again with the exact float head put back."""
+    import infertrix as ix
+    from infertrix import eval as ixe
+    from infertrix.quant import W4A8
+    from infertrix.quant.calibration import final_norm
+
+    def measure(model, tok) -> tuple[float, float]:
+        return ixe.perplexity(model, tok, max_tokens=max_tokens), continuation_logprob(model, tok, *PARIS)
+
+    for name, fields in [("fp32", None), *defaults_configs()]:
+        if only and not any(o in name for o in only):
+            continue
+        model, tok = ix.models.load("smollm2")
+        row: dict = {"config": name, "load avg (1 min)": _loadavg(), "threads": torch.get_num_threads()}
+        if fields is None:
+            row["ppl, lm_head float"], row["log P(Paris), lm_head float"] = measure(model, tok)
+        else:
+            emb = model.get_input_embeddings().weight.detach().clone()
+            norm_w = final_norm(model).weight.detach().clone()
+            t = W4A8(**fields, quantize_lm_head=True, progress=True, keep_original=False, tokenizer=tok)
+            t0, c0 = time.perf_counter(), time.process_time()
+            ix.optimize(model, t)
+            row["quantize s (wall)"] = time.perf_counter() - t0
+            row["quantize s (CPU)"] = time.process_time() - c0  # less dependent on the machine's load
+            row["ppl, lm_head int4"], row["log P(Paris), lm_head int4"] = measure(model, tok)
+            model.lm_head = float_head_for(model, emb, norm_w, t.rotation_seed if t.rotate else None)
+            row["ppl, lm_head float"], row["log P(Paris), lm_head float"] = measure(model, tok)
+        row["load avg (1 min)"] = f"{row['load avg (1 min)']:.1f}-{_loadavg():.1f}"
+        save(row)
+        print(row, flush=True)
+        gc.collect()
+
+
+def _loadavg() -> float:
+    import os
+
+    return os.getloadavg()[0]
+
+
+def defaults_table(saved: dict, max_tokens: int) -> str:
+    base = saved.get("fp32", {}).get("ppl, lm_head float")
+    order = ["fp32"] + [n for n, _ in defaults_configs()]
+    rows = []
+    for name in order:
+        r = dict(saved.get(name, {}))
+        if not r:
+            continue
+        for head in ("int4", "float"):
+            if base and f"ppl, lm_head {head}" in r:
+                r[f"ppl vs fp32, lm_head {head}"] = f"{100 * (r[f'ppl, lm_head {head}'] / base - 1):+.1f}%"
+        rows.append(r)
+    cols = ["config", "ppl, lm_head int4", "ppl vs fp32, lm_head int4", "log P(Paris), lm_head int4",
+            "ppl, lm_head float", "ppl vs fp32, lm_head float", "log P(Paris), lm_head float", "quantize s (wall)",
+            "quantize s (CPU)", "threads", "load avg (1 min)"]
+    return ("### W4A8 defaults on SmolLM2-135M-Instruct: cheap (no data) and calibrated candidates\n\n"
+            f"Perplexity on the first {max_tokens} tokens of *Pride and Prejudice* (512-token windows); "
+            "log P(\" Paris\" | \"The capital of France is\") without chat template. Each config is quantized "
+            "once with `quantize_lm_head=True` (its time includes the head: RTN, or GPTQ on the head too) "
+            "and measured with the int4 head, then with the exact float head put back (the tied embedding; "
+            "rotated by the same Q when `rotate`). Calibration: windows from the END of the book "
+            "(`num_samples x seq_len` tokens). `quantize s`: wall time of `optimize` (model already loaded; "
+            "torch threads as shown); this 2-core machine is shared, so times are as measured under the load "
+            "shown (1-minute load average before-after; 2.0 = both cores busy); `quantize s (CPU)`: the process's "
+            "CPU time, steadier under load (blank: measured before it was recorded).\n\n" + markdown_table(rows, cols))
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["kernels", "skinny", "quality", "speed", "table", "ratio"], default="kernels",
+    ap.add_argument("--part", choices=["kernels", "skinny", "quality", "speed", "table", "ratio", "defaults",
+                                                 "defaults-table"], default="kernels",
                     help="kernels: the kernel table (locked); quality: quantize, perplexity and save the "
                     "models (niced, unlocked); speed: end-to-end decode speed of the saved models (locked); "
                     "table: write the end-to-end section from results.json")
@@ -418,6 +534,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--only", nargs="*", help="configs whose name contains one of these")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads for the end-to-end decode")
     ap.add_argument("--rounds", type=int, default=5, help="ratio: interleaved rounds")
+    ap.add_argument("--tokens", type=int, default=2048, help="defaults: perplexity tokens")
     args = ap.parse_args(argv)
     import infertrix
 
@@ -468,6 +585,17 @@ def main(argv: list[str]) -> None:
 
     if args.part == "quality":
         e2e_quality(outdir, args.only, save)
+        return
+    if args.part in ("defaults", "defaults-table"):  # measure (rows appended), or only print/write
+        results = outdir / f"defaults-{args.tokens}.json"
+        if args.part == "defaults":
+            defaults_rows(args.tokens, args.only, save)
+        text = defaults_table(json.loads(results.read_text()), args.tokens)
+        print(text)
+        if not args.no_write:
+            write_section("quant-defaults", "quant: W4A8 defaults (cheap and calibrated)", text,
+                          command=f"python -m benchmarks.quant --part defaults --tokens {args.tokens} [--only NAME] "
+                          "(rows gathered in the results file, one config per run), then --part defaults-table")
         return
     if args.part == "ratio":
         rows, raw = decode_ratio(outdir, args.threads, args.rounds)

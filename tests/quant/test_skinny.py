@@ -36,7 +36,10 @@ def test_same_function_same_weights(arch):
 
 
 def test_composes_with_quantization_in_any_order():
-    for order in (("skinny_linear", W4A8(group_size=32)), (W4A8(group_size=32), "skinny_linear")):
+    def w4a8():  # the head stays float, for the Skinny kernel
+        return W4A8(group_size=32, quantize_lm_head=False)
+
+    for order in (("skinny_linear", w4a8()), (w4a8(), "skinny_linear")):
         model = make_tiny("llama")
         head = model.lm_head.weight
         ix.optimize(model, *order)  # applied by stage: weights first, then kernels

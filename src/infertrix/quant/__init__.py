@@ -1,8 +1,8 @@
 """Weight (and activation) quantization: module swaps of ``nn.Linear`` (W4A8 and its relatives).
 
     import infertrix as ix
-    ix.optimize(model, ix.quant.W4A8(group_size=128))                       # round-to-nearest
-    ix.optimize(model, ix.quant.W4A8(group_size=64, gptq=True, tokenizer=tok))  # calibrated
+    ix.optimize(model, "w4a8")                    # no data: RTN g32, MSE clip, lm_head int4
+    ix.optimize(model, ix.quant.W4A8(gptq=True))  # calibrated: GPTQ act_order + rotation
 """
 
 from .checkpoint import load_quantized

@@ -1,5 +1,8 @@
 """Calibration data and the layer-by-layer pass that quantizes a model with it.
 
+``find_tokenizer`` finds the model's own tokenizer when the user passed none (a recipe string
+cannot pass one): the one ``infertrix.models.load`` returned with it, else the folder or hub id the
+model was loaded from (``name_or_path``; a GGUF folder through its one ``.gguf`` file).
 ``calibration_inputs`` cuts a few token windows out of real text (by default the END of the shipped
 Pride and Prejudice, so that the perplexity measured on its beginning is not calibrated on).
 ``sequential_quantize`` captures the inputs of the first decoder layer (and every layer's keyword
@@ -16,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +38,33 @@ def shipped_text(name: str = "prideprejudice") -> str:
         return load_text(name)
     except ImportError:
         return (resources.files("infertrix") / "data" / f"{name}.txt").read_text(encoding="utf-8")
+
+
+def find_tokenizer(model: nn.Module) -> tuple[Any | None, str]:
+    """``(tokenizer, where it came from)``, or ``(None, why none was found)``."""
+    from ..models import tokenizer_of
+
+    tok = tokenizer_of(model)
+    if tok is not None:
+        return tok, "returned with the model by infertrix.models.load"
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        return None, "the model records no name_or_path to load its tokenizer from (built from a config?)"
+    attempts: list[dict[str, str]] = [{}]
+    folder = Path(str(path))
+    if folder.is_dir():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:  # a GGUF folder: the tokenizer lives in the .gguf file
+            attempts.append({"gguf_file": ggufs[0].name})
+    failure = ""
+    for kwargs in attempts:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(path), **kwargs), f"loaded from {path}"
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ImportError...: reported to the user
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None, f"no tokenizer loads from the model's name_or_path {str(path)!r} ({failure})"
 
 
 def calibration_inputs(

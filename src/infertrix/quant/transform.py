@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..core.model import decoder_layers
 from ..core.transform import Applied, ConfigError, Stage, Transform, UnsupportedModelError
 from . import checkpoint
-from .calibration import InputStats, calibration_inputs, sequential_quantize
+from .calibration import InputStats, calibration_inputs, find_tokenizer, sequential_quantize
 from .module_swap import FilterFn, ModuleSwapper, output_projection_name, select_linears
 from .rotation import check_rotatable, rotate_residual
 from .smoothing import apply_smoothing, smoothing_groups
@@ -44,7 +44,10 @@ class QuantTransform(Transform):
       rotate: rotate the residual stream by a random orthogonal matrix first (QuaRot/SpinQuant R1,
         see ``infertrix.quant.rotation``): exact in float, spreads outlier channels before
         quantizing; needs no data. Unties a tied ``lm_head`` (one more float copy of it unless
-        ``quantize_lm_head``). ``rotation_seed`` picks the matrix.
+        ``quantize_lm_head``). ``rotation_seed`` picks the matrix. ``"auto"``: rotate only with
+        ``gptq=True`` (measured on SmolLM2: rotation helps GPTQ and hurts round-to-nearest) and
+        where the architecture allows it (Llama-style pre-norm decoders); otherwise quantize
+        unrotated, and ``describe()`` says which and why (Gemma's norms, MoE blocks).
       progress: show a tqdm progress bar while calibrating.
       keep_original: keep the float layers so ``restore`` can undo the transform (default). False
         frees them (the memory saving is then real) and makes the transform irreversible.
@@ -64,7 +67,7 @@ class QuantTransform(Transform):
     num_samples: int = 16
     seq_len: int = 256
     damp: float = 0.01
-    rotate: bool = False
+    rotate: bool | str = False
     rotation_seed: int = 0
     progress: bool = True
     keep_original: bool = True
@@ -76,6 +79,8 @@ class QuantTransform(Transform):
             raise ConfigError(f"need num_samples >= 1 and seq_len >= 8, got {self.num_samples} and {self.seq_len}")
         if not 0.0 <= self.damp < 1.0:
             raise ConfigError(f"damp must be in [0, 1) (GPTQ uses 0.01), got {self.damp}")
+        if self.rotate not in (True, False, "auto"):
+            raise ConfigError(f"rotate must be true, false or 'auto', got {self.rotate!r}")
 
     @property
     def calibrated(self) -> bool:
@@ -83,8 +88,10 @@ class QuantTransform(Transform):
 
     def check_model(self, model: nn.Module) -> None:
         decoder_layers(model)
-        if self.rotate:
+        if self.rotate is True:
             check_rotatable(model)
+        if self.calibrated and self.calibration_data is None:
+            self._tokenizer(model)
         for name, mod in select_linears(model, self.filter_fn, self.quantize_lm_head).items():
             try:
                 check_linear(mod)
@@ -99,32 +106,48 @@ class QuantTransform(Transform):
         return {}
 
     # --- shared
+    def _tokenizer(self, model: nn.Module) -> Any:
+        """The tokenizer for calibration text: ``tokenizer=``, else the model's own, else a ConfigError
+        that names the fixes (raised from ``check_model``, before anything changes)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        tok, why = find_tokenizer(model)
+        if tok is None:
+            no_data = ", ".join(([] if not self.gptq else ["gptq=false"])
+                                + ([] if self.smooth_alpha is None else ["smooth_alpha=none"]))
+            raise ConfigError(
+                f"{type(self).__name__} calibrates on text ({self._calibration_name()}) and needs the model's "
+                f"tokenizer: {why}. Pass it: optimize(model, {type(self).__name__}(..., tokenizer=tok)) (or "
+                f"calibration_data=[token id tensors]); load the model with infertrix.models.load, which records "
+                f"it; or quantize without data: recipe '{self.name}({no_data})'"
+            )
+        return tok
+
+    def _calibration_name(self) -> str:
+        return "+".join(([] if not self.gptq else ["GPTQ"])
+                        + ([] if self.smooth_alpha is None else [f"SmoothQuant smooth_alpha={self.smooth_alpha}"]))
+
     def _batches(self, model: nn.Module) -> list[Tensor]:
         if self.calibration_data is not None:
             return [torch.as_tensor(b).long().reshape(1, -1) if torch.as_tensor(b).dim() < 2 else torch.as_tensor(b)
                     for b in self.calibration_data]
-        tok = self.tokenizer
-        if tok is None:
-            path = getattr(getattr(model, "config", None), "_name_or_path", None)
-            try:
-                from transformers import AutoTokenizer
-
-                tok = AutoTokenizer.from_pretrained(path) if path else None
-            except (OSError, ValueError):
-                tok = None
-            if tok is None:
-                raise ConfigError(
-                    f"{type(self).__name__}(gptq/smooth_alpha) needs calibration text and a tokenizer; pass "
-                    "tokenizer=tok (or calibration_data=[token id tensors])"
-                )
-        return calibration_inputs(tok, self.calibration_texts, self.num_samples, self.seq_len)
+        return calibration_inputs(self._tokenizer(model), self.calibration_texts, self.num_samples, self.seq_len)
 
     def apply(self, model: nn.Module) -> Applied:
         swapper = ModuleSwapper(model)
         smoothed: list[str] = []
+        rotation = "off"
+        if self.rotate == "auto" and not self.gptq:
+            rotation = "off (rotate='auto' rotates only with gptq=True: round-to-nearest loses more with it)"
+        elif self.rotate == "auto":
+            try:
+                check_rotatable(model)
+            except UnsupportedModelError as exc:
+                rotation = f"skipped (rotate='auto'): {exc}"
         try:
-            if self.rotate:  # before choosing layers: it unties a tied lm_head
-                rotate_residual(model, swapper, self.rotation_seed)
+            if self.rotate is True or (self.rotate == "auto" and rotation == "off"):
+                rotate_residual(model, swapper, self.rotation_seed)  # before choosing layers: unties lm_head
+                rotation = f"residual stream rotated (seed {self.rotation_seed})"
             targets = select_linears(model, self.filter_fn, self.quantize_lm_head)
             head = output_projection_name(model)
             before = sum(_module_bytes(m) for m in targets.values())
@@ -186,7 +209,8 @@ class QuantTransform(Transform):
                 "kernel": f"{self.kernel_op}: {ops.status()[self.kernel_op]['cpu']}" if self.kernel_op else "torch",
                 "calibration": ("gptq" if self.gptq else "rtn")
                 + (f"+smooth(alpha={self.smooth_alpha}, {len(smoothed)} layers)" if self.smooth_alpha is not None else "")
-                + ("+rotated" if self.rotate else ""),
+                + ("+rotated" if rotation.startswith("residual") else ""),
+                "rotation": rotation,
             }
             out.update(self.extra_report())
             return out

@@ -139,7 +139,8 @@ class QuantizedSelf(SpeculativeDecoding):
                 quant = W8A8(smooth_alpha=None, quantize_lm_head=self.quantize_lm_head, progress=False,
                              keep_original=False)
             else:
-                quant = W4A8(group_size=self.group_size, mse_clip=self.mse_clip,
+                # rotate=False: rotation folds into the embedding and norms, which the copy shares
+                quant = W4A8(group_size=self.group_size, mse_clip=self.mse_clip, rotate=False,
                              quantize_lm_head=self.quantize_lm_head, progress=False, keep_original=False)
             self._drafts[id(model)] = quantized_copy(model, quant)
         return self._drafts[id(model)][0]
