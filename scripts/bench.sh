@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 infertrix bench --model smollm2 --recipe baseline --all-recipes \
-  --recipe "w4a8(group_size=32,gptq=true,rotate=true,quantize_lm_head=true)" \
+  --recipe "w4a8(gptq=true)" \
   --threads 2 --json bench-out/bench.json --markdown bench-out/bench.md --plot bench-out/bench.png "$@"
