@@ -45,14 +45,18 @@ def main(recipe: str = README_RECIPE) -> None:
 
     # 3. a left-padded batch of 2; each row equals the same prompt run alone
     tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = ["Question: What is the capital of France?\nAnswer:", "Once upon a time"]
     batch = tok(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    out = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=pad)
+    width = batch.input_ids.shape[1]
     for row, prompt in enumerate(prompts):
         alone = tok(prompt, return_tensors="pt")
-        one = model.generate(**alone, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        assert out[row, -12:].tolist() == one[0, -12:].tolist(), (prompt, tok.decode(out[row, -12:]), tok.decode(one[0, -12:]))
-    print("batch 2:", [tok.decode(o[-12:], skip_special_tokens=True) for o in out])
+        one = model.generate(**alone, max_new_tokens=12, do_sample=False, pad_token_id=pad)
+        new_alone = one[0, alone.input_ids.shape[1]:].tolist()
+        new_batch = out[row, width:].tolist()[: len(new_alone)]  # a row that stopped early is padded after
+        assert new_batch == new_alone, (prompt, tok.decode(new_batch), tok.decode(new_alone))
+    print("batch 2:", [tok.decode(o[width:], skip_special_tokens=True) for o in out])
 
     # 4. lm-evaluation-harness on hand-made requests
     try:

@@ -94,7 +94,7 @@ def test_restore_on_a_loaded_model_keeps_it_and_says_why(tmp_path):
 
 def test_loaded_model_saves_again_and_takes_runtime_transforms(tmp_path):
     model = make_tiny("qwen2")
-    ix.optimize(model, W4A8(group_size=32))
+    ix.optimize(model, W4A8(group_size=32, quantize_lm_head=False))  # a float lm_head for skinny_linear below
     ids = torch.randint(3, 128, (2, 8))
     ref = logits(model, ids)
     model.save_pretrained(tmp_path / "a")
