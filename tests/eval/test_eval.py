@@ -68,6 +68,24 @@ def test_greedy_tokens_equal_manual_argmax_loop(byte_model, byte_tok):
     assert ixe.greedy_agreement(byte_model, byte_tok, [prompt], [want], max_new_tokens=6) == 1.0
 
 
+def test_next_token_agreement_is_teacher_forced(byte_model, byte_tok):
+    prompt = "Once upon"
+    torch.manual_seed(3)
+    reference = torch.randint(3, 259, (8,)).tolist()  # a continuation the model would not choose
+    ids = byte_tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():  # the model's argmax at each position, fed the reference prefix
+        logits = byte_model(torch.cat([ids, torch.tensor([reference])], 1)).logits[0]
+    choices = logits[ids.shape[1] - 1 : -1].argmax(-1).tolist()
+    want = sum(a == b for a, b in zip(choices, reference, strict=True)) / len(reference)
+    assert ixe.next_token_agreement(byte_model, byte_tok, [prompt], [reference]) == pytest.approx(want)
+    # against its own greedy output the model agrees everywhere; with one early change, still on the
+    # positions after it whose choice does not change, unlike position-wise agreement
+    (own,) = ixe.greedy_tokens(byte_model, byte_tok, [prompt], max_new_tokens=8)
+    assert ixe.next_token_agreement(byte_model, byte_tok, [prompt], [own]) == 1.0
+    forced = [choices[0] if choices[0] != own[0] else (own[0] + 1) % 259, *own[1:]]
+    assert ixe.next_token_agreement(byte_model, byte_tok, [prompt], [forced]) <= 7 / 8
+
+
 def test_passkey_prompt_places_needle_at_depth(byte_tok):
     for depth in (0.0, 0.5, 1.0):
         p = ixe.passkey_prompt(byte_tok, 2000, depth, 12345)

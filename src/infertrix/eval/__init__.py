@@ -1,7 +1,7 @@
 """What users decide by: quality (perplexity, agreement, passkey retrieval, log-likelihood through a
 compressed KV cache), speed, memory."""
 
-from .agreement import greedy_agreement, greedy_tokens, token_agreement
+from .agreement import greedy_agreement, greedy_tokens, next_token_agreement, token_agreement
 from .loglikelihood import compressed_scoring, loglikelihood, loglikelihood_tokens
 from .memory import current_rss, kv_cache_bytes, peak_rss, trimmed_rss
 from .passkey import passkey_accuracy, passkey_prompt, passkey_trials
@@ -22,6 +22,7 @@ __all__ = [
     "loglikelihood",
     "loglikelihood_tokens",
     "measure_speed",
+    "next_token_agreement",
     "passkey_accuracy",
     "passkey_prompt",
     "passkey_trials",

@@ -31,6 +31,46 @@ def token_agreement(tokens: list[list[int]], reference: list[list[int]]) -> floa
     return same / total if total else 1.0
 
 
+class _ForceAndRecord:
+    """A logits processor that records the model's greedy choice at each step, then forces the
+    reference token, so every step is scored on the reference prefix (teacher forcing)."""
+
+    def __init__(self, reference: list[int], prompt_len: int):
+        self.reference, self.prompt_len, self.choices = reference, prompt_len, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        self.choices.append(int(scores[0].argmax()))
+        forced = torch.full_like(scores, float("-inf"))
+        forced[0, self.reference[step]] = 0.0
+        return forced
+
+
+@torch.no_grad()
+def next_token_agreement(model, tok, prompts: list[str], reference: list[list[int]], progress: bool = False) -> float:
+    """Fraction of the reference's positions where ``model``'s greedy next token equals the
+    reference token, the model being fed the reference prefix (teacher forcing) through its own
+    ``generate``, so every transform that acts in decoding (cache policies, skip schedules) is in the
+    path. Unlike :func:`token_agreement`, one early difference does not make every later position
+    count as wrong: it measures how often the optimized model picks the same next token."""
+    from transformers import LogitsProcessorList
+
+    if len(prompts) != len(reference):
+        raise ValueError(f"{len(prompts)} prompts for {len(reference)} references")
+    device = next(model.parameters()).device
+    same = total = 0
+    for p, ref in tqdm(list(zip(prompts, reference, strict=True)), desc="next-token", disable=not progress, leave=False):
+        if not ref:
+            continue
+        enc = tok(p, return_tensors="pt").to(device)
+        rec = _ForceAndRecord(ref, enc.input_ids.shape[1])
+        model.generate(**enc, max_new_tokens=len(ref), min_new_tokens=len(ref), do_sample=False,
+                       pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([rec]))
+        same += sum(a == b for a, b in zip(rec.choices, ref, strict=False))
+        total += len(ref)
+    return same / total if total else 1.0
+
+
 def greedy_agreement(model, tok, prompts: list[str], reference_tokens: list[list[int]], max_new_tokens: int = 128) -> float:
     """Position-wise agreement of ``model``'s greedy output with ``reference_tokens``
     (from :func:`greedy_tokens` on the unoptimized model)."""

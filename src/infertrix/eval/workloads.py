@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ..core.api import describe, optimize, restore
 from ..core.recipe import parse_recipe
 from ..core.transform import Stage, Transform
-from .agreement import greedy_tokens, token_agreement
+from .agreement import greedy_tokens, next_token_agreement, token_agreement
 from .decoding import compare_decoding
 from .long_context import KVCell, decode_speed, passkey_and_perplexity
 from .memory import peak_rss
@@ -114,6 +114,8 @@ def measure_general(model, tok, recipe: str, args, reference: list[list[int]] | 
         else:
             row["perplexity"] = perplexity(model, tok, max_tokens=args.ppl_tokens, window=args.ppl_window, progress=True)
         tokens = greedy_tokens(model, tok, AGREEMENT_PROMPTS, max_new_tokens=args.agree_tokens, progress=True)
+        row["next_agreement"] = (next_token_agreement(model, tok, AGREEMENT_PROMPTS, reference, progress=True)
+                                 if reference is not None else 1.0)
     row["agreement"] = token_agreement(tokens, reference) if reference is not None else 1.0
     speed, peak = peak_rss(lambda: measure_speed(model, tok, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                                  repeats=args.repeats, threads=args.threads))
@@ -316,6 +318,7 @@ GENERAL_COLUMNS = [
     ("perplexity", "ppl", "{:.2f}"),
     ("ppl_ratio", "ppl x", "{:.3f}"),
     ("agreement", "agree", "{:.1%}"),
+    ("next_agreement", "next-token agree", "{:.1%}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("decode_speedup", "decode x", "{:.2f}"),
     ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
@@ -390,8 +393,10 @@ def format_report(report: MainJobReport) -> str:
     kinds = list(s.get("spec_prompts", []))
     out = []
     general = (f"perplexity: {s.get('ppl_tokens')} tokens of *Pride and Prejudice* in {s.get('ppl_window')}-token windows; "
-               f"agreement: greedy tokens equal to the baseline's over {len(AGREEMENT_PROMPTS)} prompts x "
-               f"{s.get('agree_tokens')} tokens; speed: greedy generate, {s.get('prompt_tokens')}-token prompt, "
+               f"agree: greedy tokens equal to the baseline's, position by position, over {len(AGREEMENT_PROMPTS)} "
+               f"prompts x {s.get('agree_tokens')} tokens (one early difference shifts the rest); next-token agree: "
+               "the same positions with the baseline's tokens fed back (teacher forcing through generate), how often "
+               "the recipe picks the baseline's next token; speed: greedy generate, {s.get('prompt_tokens')}-token prompt, "
                f"{s.get('new_tokens')} new tokens, batch 1, median of {s.get('repeats')}; apply s: time of optimize "
                "(calibration included)")
     sections = {
