@@ -51,6 +51,7 @@ def test_main_job_runs_every_family_on_its_workload(tmp_path, capsys):
     for heading in ("### quant", "### skip", "### kvcache: 200-token prompts", "### speculative", "### moe"):
         assert heading in out
     assert md.read_text() == out.rstrip("\n") + "\n"
+    assert "s.get(" not in out and "-token prompt" in out  # every workload line is rendered
     rows = json.loads(js.read_text())["rows"]
     by = {(r["family"], r["recipe"]): r for r in rows}
     assert {f for f, _ in by} == {"quant", "skip", "kvcache", "speculative", "moe"}

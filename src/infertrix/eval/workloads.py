@@ -396,7 +396,7 @@ def format_report(report: MainJobReport) -> str:
                f"agree: greedy tokens equal to the baseline's, position by position, over {len(AGREEMENT_PROMPTS)} "
                f"prompts x {s.get('agree_tokens')} tokens (one early difference shifts the rest); next-token agree: "
                "the same positions with the baseline's tokens fed back (teacher forcing through generate), how often "
-               "the recipe picks the baseline's next token; speed: greedy generate, {s.get('prompt_tokens')}-token prompt, "
+               f"the recipe picks the baseline's next token; speed: greedy generate, {s.get('prompt_tokens')}-token prompt, "
                f"{s.get('new_tokens')} new tokens, batch 1, median of {s.get('repeats')}; apply s: time of optimize "
                "(calibration included)")
     sections = {
