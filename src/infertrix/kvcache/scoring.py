@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..core import ConfigError, UnsupportedModelError
-from ..core.generation import cache_argument_name
+from ..core.generation import cache_argument, cache_argument_name
 from ..core.model import text_config
 from .attach import KVCacheSetup, kv_setup
 from .cache import PolicyCache
@@ -125,7 +125,7 @@ class _ChunkedForward:
         a = dict(bound.arguments)
         a.update(a.pop("kwargs", {}))
         seq = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
-        if any(a.get(n) is not None for n in ("cache", "past_key_values")) or seq is None or seq.shape[1] <= 1:
+        if cache_argument(a) is not None or seq is None or seq.shape[1] <= 1:
             return self.inner(*args, **kwargs)  # generate's steps, decoding: the policy acts already
         for flag in ("output_attentions", "output_hidden_states"):
             if a.get(flag):
