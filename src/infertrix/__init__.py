@@ -43,6 +43,7 @@ __all__ = [
     "eval",
     "models",
     "kvcache",
+    "linear",
     "moe",
     "ops",
     "optimize",
@@ -54,10 +55,10 @@ __all__ = [
     "speculative",
 ]
 # The submodules among them; loading them all registers every transform.
-_SUBMODULES = ("eval", "kvcache", "models", "moe", "ops", "quant", "skip", "speculative")
+_SUBMODULES = ("eval", "kvcache", "linear", "models", "moe", "ops", "quant", "skip", "speculative")
 
 if TYPE_CHECKING:  # what static tools see
-    from . import eval, kvcache, models, moe, ops, quant, skip, speculative
+    from . import eval, kvcache, linear, models, moe, ops, quant, skip, speculative
     from .core import (
         Applied,
         ConfigError,

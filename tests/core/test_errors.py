@@ -12,7 +12,7 @@ from conftest import make_tiny
 
 import infertrix as ix
 from infertrix.core import ConfigError, InfertrixError, Stage, Transform, UnsupportedModelError
-from infertrix.quant import Skinny
+from infertrix.linear import Skinny
 from infertrix.skip import SkipPlan
 from infertrix.speculative import DraftModel, PromptLookup
 

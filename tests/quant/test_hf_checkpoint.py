@@ -15,17 +15,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import infertrix as ix
+from infertrix.linear import SkinnyLinear
 from infertrix.quant import (
     W4A8,
     W4A16,
     W8A8,
-    SkinnyLinear,
     W4A8Linear,
     W4A16Linear,
     W8A8Linear,
     load_quantized,
 )
-from infertrix.quant.hf_quantizer import REFUSAL_MARKER, InfertrixConfig
+from infertrix.quant.hf_config import REFUSAL_MARKER, InfertrixConfig
 from infertrix.skip import ApplySkipPlan, SkipEntry, SkipPlan
 
 

@@ -8,9 +8,9 @@ from conftest import ARCHS, make_tiny
 from torch import nn
 
 import infertrix as ix
+from infertrix.linear.swap import select_linears
 from infertrix.quant import W4A8, W4A8Linear, quantize_int4
 from infertrix.quant.int4 import group_index
-from infertrix.quant.module_swap import select_linears
 
 
 def logits(model, ids):

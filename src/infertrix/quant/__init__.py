@@ -3,11 +3,17 @@
     import infertrix as ix
     ix.optimize(model, "w4a8")                    # no data: RTN g32, MSE clip, lm_head int4
     ix.optimize(model, ix.quant.W4A8(gptq=True))  # calibrated: GPTQ act_order + rotation
+
+Every quantized module is a :class:`QuantizedLinear` of a registered kind (``"w4a8"``, ``"w8a8"``,
+``"w4a16"``). ``Skinny`` and ``SkinnyLinear`` (float kernels, no quantization) live in
+:mod:`infertrix.linear`; the names here are aliases of those, for code written before the move.
 """
 
+from ..linear.skinny import Skinny, SkinnyLinear  # aliases: see the docstring
+from . import hf_quantizer  # noqa: F401 - registers the checkpoint loader with transformers
 from .checkpoint import load_quantized
 from .int4 import Int4Weights, quantize_int4
-from .skinny import Skinny, SkinnyLinear
+from .linear_base import QuantizedLinear
 from .transform import QuantTransform
 from .w4a8 import W4A8
 from .w4a8_linear import W4A8Linear
@@ -20,6 +26,7 @@ __all__ = [
     "W8A8",
     "Int4Weights",
     "QuantTransform",
+    "QuantizedLinear",
     "Skinny",
     "SkinnyLinear",
     "W4A8Linear",

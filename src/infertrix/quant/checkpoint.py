@@ -8,9 +8,11 @@
 Quantized modules keep everything in plain buffers, so ``save_pretrained`` writes them to
 safetensors unchanged. What the tensors alone do not say is recorded in ``model.config`` as it is
 applied and written to ``config.json`` by ``save_pretrained``: ``quantization_config`` (an
-:class:`~.hf_quantizer.InfertrixConfig`, ``quant_method: "infertrix"``) holds the quantized
-modules' constructor arguments (type and shapes) and a static skip plan, and a marker makes
-transformers refuse the folder when infertrix is not imported (see :mod:`.hf_quantizer`).
+:class:`~.hf_config.InfertrixConfig`, ``quant_method: "infertrix"``) holds the quantized
+modules' specs (kind and constructor arguments, :meth:`~.linear_base.QuantizedLinear.spec`) and a
+static skip plan, and a marker makes transformers refuse the folder when infertrix is not imported
+(see :mod:`.hf_config`). Loading rebuilds each module from its kind in the registry of
+:class:`~.linear_base.QuantizedLinear`, so a new kind needs no edit here.
 
 What a checkpoint carries:
   - weight quantization (W4A8, W4A16, W8A8; GPTQ and round-to-nearest share the format, an
@@ -36,18 +38,11 @@ import torch
 from torch import nn
 
 from ..core.transform import Applied, ConfigError
-from .hf_quantizer import FORMAT, QUANT_METHOD, InfertrixConfig, add_marker, remove_marker
+from ..linear.swap import output_projection_name, set_submodule
+from .hf_config import FORMAT, QUANT_METHOD, InfertrixConfig, add_marker, remove_marker
+from .linear_base import QuantizedLinear
 
 LOADED = "loaded from an infertrix checkpoint (the float weights are not in it)"
-
-
-def module_types() -> dict[str, type[nn.Module]]:
-    """Quantized module classes by name (each has ``spec()`` and ``from_spec(dict)``)."""
-    from .w4a8_linear import W4A8Linear
-    from .w4a16 import W4A16Linear
-    from .w8a8 import W8A8Linear
-
-    return {"W4A8Linear": W4A8Linear, "W4A16Linear": W4A16Linear, "W8A8Linear": W8A8Linear}
 
 
 # --- the live record on an optimized model ----------------------------------------------------
@@ -81,7 +76,8 @@ def record(model: nn.Module, recipe: str, modules: dict[str, nn.Module]) -> None
     """Record a weight transform's quantized modules in ``model.config`` (undone by :func:`erase`)."""
     cfg = _record(model, create=True)
     if cfg is not None:
-        cfg.quant = {"recipe": recipe, "modules": {n: m.spec() for n, m in modules.items() if hasattr(m, "spec")}}
+        cfg.quant = {"recipe": recipe,
+                     "modules": {n: m.spec() for n, m in modules.items() if isinstance(m, QuantizedLinear)}}
 
 
 def record_skip(model: nn.Module, recipe: str, plan: Any, schedule: list[tuple[int, int]] | None = None) -> None:
@@ -111,15 +107,13 @@ def erase(model: nn.Module, part: str = "quant") -> None:
 # --- loading (called by the quantizer in from_pretrained) --------------------------------------
 def rebuild(model: nn.Module, cfg: InfertrixConfig) -> None:
     """Put the recorded modules into the (meta, empty) ``model`` and apply the skip plan, before loading."""
-    from .module_swap import set_submodule
-
     if cfg.quant:
-        types = module_types()
         for name, spec in cfg.quant["modules"].items():
-            cls = types.get(spec.get("type"))
+            cls = QuantizedLinear.lookup(spec.get("type"))
             if cls is None:
-                raise ConfigError(f"unknown quantized module type {spec.get('type')!r} for {name}; "
-                                  "load this checkpoint with the infertrix version that saved it")
+                raise ConfigError(f"unknown quantized module type {spec.get('type')!r} for {name} (known: "
+                                  f"{', '.join(sorted(QuantizedLinear.kinds()))}); load this checkpoint with the "
+                                  "infertrix version that saved it, or import the module that defines that kind")
             try:
                 model.get_submodule(name)
             except AttributeError:
@@ -139,9 +133,8 @@ def rebuild(model: nn.Module, cfg: InfertrixConfig) -> None:
         SkipPlan.from_dict(cfg.skip["plan"]).apply(model)
 
 
-def _quantized(model: nn.Module) -> dict[str, nn.Module]:
-    types = tuple(module_types().values())
-    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
+def _quantized(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
 def check_checkpoint_keys(model: nn.Module, files: list[str]) -> None:
@@ -168,14 +161,10 @@ def attach_loaded(model: nn.Module, cfg: InfertrixConfig, source: str) -> None:
     from .. import ops
     from ..core.api import _state
     from ..core.recipe import parse_recipe
-    from ..ops.w8a8 import check_codes
-    from .module_swap import output_projection_name
-    from .w8a8 import W8A8Linear
 
     quantized = _quantized(model)
     for name, mod in quantized.items():
-        if isinstance(mod, W8A8Linear):
-            check_codes(mod.qweight, f"{name}.qweight")
+        mod.check_loaded(name)
     st = _state(model, create=True)
     if cfg.quant:
         transform = parse_recipe(cfg.quant["recipe"])[0]
@@ -186,7 +175,7 @@ def attach_loaded(model: nn.Module, cfg: InfertrixConfig, source: str) -> None:
             return {
                 "layers": len(quantized),
                 "lm_head": "quantized" if head in quantized else "float",
-                "bytes_after": sum(t.numel() * t.element_size() for m in quantized.values() for t in m.buffers()),
+                "bytes_after": sum(m.storage_bytes() for m in quantized.values()),
                 "kernel": f"{kernel_op}: {ops.status()[kernel_op]['cpu']}" if kernel_op else "torch",
                 "loaded_from": source,
             }
@@ -218,9 +207,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str | None = None, **k
     """
     from transformers import AutoModelForCausalLM
 
-    from .hf_quantizer import register
-
-    register()
     path = Path(path)
     config_file = path / "config.json"
     if not path.is_dir():

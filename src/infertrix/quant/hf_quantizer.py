@@ -1,28 +1,18 @@
-"""transformers' own loader for infertrix checkpoints: a registered quantization config and quantizer.
+"""transformers' own loader for infertrix checkpoints: the quantizer, registered for ``quant_method: "infertrix"``.
 
 ``model.save_pretrained(d)`` after ``optimize`` writes ``quantization_config`` into ``config.json``
-(``quant_method: "infertrix"``: the quantized modules' constructor arguments, a skip plan), and
+(an :class:`~.hf_config.InfertrixConfig`: the quantized modules' specs, a skip plan), and
 ``AutoModelForCausalLM.from_pretrained(d)`` then rebuilds the same model through transformers'
 extension points for quantization methods (``register_quantization_config`` /
 ``register_quantizer``, registered when ``infertrix`` is imported): the quantizer swaps the
 recorded modules into the empty (meta) model before transformers loads the tensors, re-applies the
-skip plan, checks the result, and records the transforms for ``infertrix.describe``.
-
-Without infertrix imported, transformers only *warns* about an unknown ``quant_method`` and would
-load the float architecture with random weights where the quantized tensors are. So the record
-also puts a marker into ``config.json``'s ``fusion_config`` (transformers reads it after the
-quantizer has seen the config, and raises ``Unknown fusion type: <name>`` for a name it does not
-know); the marker's name says to install and import infertrix. The quantizer removes the marker
-before transformers reads it, and puts it back on the loaded model's config so that saving the
-loaded model again keeps the checkpoint self-describing. (``transformers_weights``, the other
-setting read at that point, is deleted by ``PretrainedConfig.save_pretrained``.) The subprocess
-test in ``tests/quant/test_hf_checkpoint.py`` checks that refusal against the installed
-transformers.
+skip plan, checks the result, and records the transforms for ``infertrix.describe`` (the work is
+:mod:`.checkpoint`'s). Without infertrix imported transformers refuses the folder: see the marker
+in :mod:`.hf_config`.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from transformers.quantizers.auto import (
@@ -32,50 +22,10 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.transform import ConfigError
-
-QUANT_METHOD = "infertrix"
-FORMAT = 2
-REFUSAL_MARKER = (
-    "infertrix (this checkpoint was saved by infertrix: pip install infertrix, then `import infertrix` "
-    "before from_pretrained)"
-)
-
-
-class InfertrixConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of an infertrix checkpoint (also the live record on an optimized model).
-
-    quant: ``{"recipe": str, "modules": {qualified name: module spec}}`` of the weight transform.
-    skip: ``{"recipe": str, "plan": SkipPlan.to_dict(), "schedule": SkipDecode's or None}``.
-    """
-
-    def __init__(
-        self,
-        format: int = FORMAT,
-        quant: dict[str, Any] | None = None,
-        skip: dict[str, Any] | None = None,
-        infertrix_version: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from .. import __version__
-
-        self.quant_method = QUANT_METHOD
-        self.format = format
-        self.quant = quant
-        self.skip = skip
-        self.infertrix_version = infertrix_version or __version__
-
-    @property
-    def empty(self) -> bool:
-        return self.quant is None and self.skip is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __iter__(self):
-        yield from self.to_dict().items()
+from .checkpoint import attach_loaded, check_checkpoint_keys, rebuild
+from .hf_config import FORMAT, QUANT_METHOD, InfertrixConfig, add_marker, remove_marker
 
 
 class InfertrixHfQuantizer(HfQuantizer):
@@ -110,15 +60,11 @@ class InfertrixHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> None:
-        from .checkpoint import check_checkpoint_keys, rebuild
-
         rebuild(model, self.quantization_config)
         if checkpoint_files:
             check_checkpoint_keys(model, checkpoint_files)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:
-        from .checkpoint import attach_loaded
-
         add_marker(model.config)
         attach_loaded(model, self.quantization_config, str(getattr(model.config, "_name_or_path", "")))
 
@@ -128,24 +74,6 @@ class InfertrixHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
-
-
-def add_marker(config: Any) -> None:
-    """Make transformers refuse this config without infertrix imported (see the module docstring)."""
-    fusions = dict(getattr(config, "fusion_config", None) or {})
-    fusions[REFUSAL_MARKER] = True
-    config.fusion_config = fusions
-
-
-def remove_marker(config: Any) -> None:
-    fusions = getattr(config, "fusion_config", None)
-    if not isinstance(fusions, dict) or REFUSAL_MARKER not in fusions:
-        return
-    rest = {k: v for k, v in fusions.items() if k != REFUSAL_MARKER}
-    if rest:
-        config.fusion_config = rest
-    else:
-        delattr(config, "fusion_config")
 
 
 def register() -> None:

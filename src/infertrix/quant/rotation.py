@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from ..core.model import decoder_layers
 from ..core.transform import UnsupportedModelError
+from ..linear.swap import ModuleSwapper, output_projection_name
 from .calibration import final_norm
-from .module_swap import ModuleSwapper, output_projection_name
 
 READERS = {"input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
            "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj"))}

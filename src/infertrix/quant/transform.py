@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 from ..core.model import decoder_layers
 from ..core.transform import Applied, ConfigError, Stage, Transform, UnsupportedModelError
+from ..linear.swap import FilterFn, ModuleSwapper, output_projection_name, select_linears
 from . import checkpoint
 from .calibration import InputStats, calibration_inputs, find_tokenizer, sequential_quantize
-from .module_swap import FilterFn, ModuleSwapper, output_projection_name, select_linears
+from .linear_base import QuantizedLinear, check_linear
 from .rotation import check_rotatable, rotate_residual
 from .smoothing import apply_smoothing, smoothing_groups
-from .w4a8_linear import check_linear
 
 
 @dataclass
@@ -99,7 +99,7 @@ class QuantTransform(Transform):
                 raise UnsupportedModelError(f"{type(self).__name__} cannot quantize {name}: {exc}") from None
 
     # --- what a subclass provides
-    def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
+    def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> QuantizedLinear:
         raise NotImplementedError
 
     def extra_report(self) -> dict[str, Any]:
@@ -136,16 +136,9 @@ class QuantTransform(Transform):
     def apply(self, model: nn.Module) -> Applied:
         swapper = ModuleSwapper(model)
         smoothed: list[str] = []
-        rotation = "off"
-        if self.rotate == "auto" and not self.gptq:
-            rotation = "off (rotate='auto' rotates only with gptq=True: round-to-nearest loses more with it)"
-        elif self.rotate == "auto":
-            try:
-                check_rotatable(model)
-            except UnsupportedModelError as exc:
-                rotation = f"skipped (rotate='auto'): {exc}"
+        rotation = self._rotation_plan(model)
         try:
-            if self.rotate is True or (self.rotate == "auto" and rotation == "off"):
+            if rotation == "rotate":
                 rotate_residual(model, swapper, self.rotation_seed)  # before choosing layers: unties lm_head
                 rotation = f"residual stream rotated (seed {self.rotation_seed})"
             targets = select_linears(model, self.filter_fn, self.quantize_lm_head)
@@ -155,30 +148,7 @@ class QuantTransform(Transform):
                 for name, lin in targets.items():
                     swapper.swap(name, self.quantize_linear(lin, lin.weight.detach().float(), None))
             else:
-                batches = self._batches(model)
-
-                def on_layer(index, linears: dict[str, nn.Module], stats: dict[str, InputStats]) -> None:
-                    weights = {n: m.weight.detach().float().clone() for n, m in linears.items()}
-                    if self.smooth_alpha is not None and index != "lm_head":
-                        layer = decoder_layers(model)[index]
-                        prefix = next(iter(linears)).rsplit(".", 2)[0] + "."
-                        scales = apply_smoothing(
-                            smoothing_groups(layer, prefix), weights, stats, self.smooth_alpha, swapper.save_param
-                        )
-                        for n, s in scales.items():
-                            st = stats[n]
-                            if st.hessian is not None:
-                                st.hessian /= s.double()[:, None] * s.double()[None, :]
-                            st.absmax /= s
-                        smoothed.extend(scales)
-                    for n, lin in linears.items():
-                        h = stats[n].hessian if n in stats else None
-                        swapper.swap(n, self.quantize_linear(lin, weights[n], h))
-
-                sequential_quantize(
-                    model, targets, batches, on_layer, hessian=self.gptq,
-                    lm_head_name=head if head in targets else None, progress=self.progress,
-                )
+                smoothed = self._quantize_calibrated(model, swapper, targets, head)
             config = getattr(model, "config", None)
             if head in swapper.originals and getattr(config, "tie_word_embeddings", False):
                 # the quantized head is its own copy now: saved and loaded as such, not re-tied
@@ -197,23 +167,7 @@ class QuantTransform(Transform):
             checkpoint.erase(model)
 
         def report() -> dict[str, Any]:
-            from .. import ops
-
-            after = sum(_module_bytes(mod) for mod in quantized.values())
-            out = {
-                "layers": len(quantized),
-                "lm_head": "quantized (separate copy; the tied embedding stays float)"
-                if head in quantized else "float",
-                "bytes_before": before,
-                "bytes_after": after,
-                "kernel": f"{self.kernel_op}: {ops.status()[self.kernel_op]['cpu']}" if self.kernel_op else "torch",
-                "calibration": ("gptq" if self.gptq else "rtn")
-                + (f"+smooth(alpha={self.smooth_alpha}, {len(smoothed)} layers)" if self.smooth_alpha is not None else "")
-                + ("+rotated" if rotation.startswith("residual") else ""),
-                "rotation": rotation,
-            }
-            out.update(self.extra_report())
-            return out
+            return self._report(quantized, head, before, smoothed, rotation)
 
         if not self.keep_original:
             swapper.forget()
@@ -221,6 +175,69 @@ class QuantTransform(Transform):
                            report=report)
         # the float layers kept for restore() stay in memory: describe counts them
         return Applied(self, undo=undo, report=report, held=swapper.held)
+
+    def _rotation_plan(self, model: nn.Module) -> str:
+        """``"rotate"``, or why the residual stream stays as it is (shown by ``describe``)."""
+        if self.rotate is True:
+            return "rotate"
+        if self.rotate == "auto" and not self.gptq:
+            return "off (rotate='auto' rotates only with gptq=True: round-to-nearest loses more with it)"
+        if self.rotate == "auto":
+            try:
+                check_rotatable(model)
+            except UnsupportedModelError as exc:
+                return f"skipped (rotate='auto'): {exc}"
+            return "rotate"
+        return "off"
+
+    def _quantize_calibrated(self, model: nn.Module, swapper: ModuleSwapper, targets: dict[str, nn.Linear],
+                             head: str | None) -> list[str]:
+        """Quantize ``targets`` layer by layer on calibration data (smoothing first when asked);
+        return the names of the smoothed layers."""
+        smoothed: list[str] = []
+        batches = self._batches(model)
+
+        def on_layer(index, linears: dict[str, nn.Module], stats: dict[str, InputStats]) -> None:
+            weights = {n: m.weight.detach().float().clone() for n, m in linears.items()}
+            if self.smooth_alpha is not None and index != "lm_head":
+                layer = decoder_layers(model)[index]
+                prefix = next(iter(linears)).rsplit(".", 2)[0] + "."
+                scales = apply_smoothing(
+                    smoothing_groups(layer, prefix), weights, stats, self.smooth_alpha, swapper.save_param
+                )
+                for n, s in scales.items():
+                    st = stats[n]
+                    if st.hessian is not None:
+                        st.hessian /= s.double()[:, None] * s.double()[None, :]
+                    st.absmax /= s
+                smoothed.extend(scales)
+            for n, lin in linears.items():
+                h = stats[n].hessian if n in stats else None
+                swapper.swap(n, self.quantize_linear(lin, weights[n], h))
+
+        sequential_quantize(
+            model, targets, batches, on_layer, hessian=self.gptq,
+            lm_head_name=head if head in targets else None, progress=self.progress,
+        )
+        return smoothed
+
+    def _report(self, quantized: dict[str, QuantizedLinear], head: str | None, before: int, smoothed: list[str],
+                rotation: str) -> dict[str, Any]:
+        from .. import ops
+
+        out = {
+            "layers": len(quantized),
+            "lm_head": "quantized (separate copy; the tied embedding stays float)" if head in quantized else "float",
+            "bytes_before": before,
+            "bytes_after": sum(mod.storage_bytes() for mod in quantized.values()),
+            "kernel": f"{self.kernel_op}: {ops.status()[self.kernel_op]['cpu']}" if self.kernel_op else "torch",
+            "calibration": ("gptq" if self.gptq else "rtn")
+            + (f"+smooth(alpha={self.smooth_alpha}, {len(smoothed)} layers)" if self.smooth_alpha is not None else "")
+            + ("+rotated" if rotation.startswith("residual") else ""),
+            "rotation": rotation,
+        }
+        out.update(self.extra_report())
+        return out
 
 
 def _module_bytes(mod: nn.Module) -> int:

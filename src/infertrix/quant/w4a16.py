@@ -26,6 +26,7 @@ from ..core.registry import register_transform
 from ..core.transform import ConfigError
 from .gptq import gptq_int4
 from .int4 import Int4Weights, quantize_int4
+from .linear_base import QuantizedLinear
 from .transform import QuantTransform
 
 TORCH_GROUPS = (256, 128, 64, 32)
@@ -45,12 +46,17 @@ def layer_group_size(in_features: int, group_size: int) -> int:
     )
 
 
-class W4A16Linear(nn.Module):
-    """int4 weights (torch's CPU int4pack layout) x float activations."""
+class W4A16Linear(QuantizedLinear, kind="w4a16"):
+    """int4 weights (torch's CPU int4pack layout) x float activations.
+
+    Buffers: ``qweight`` uint8 ``[N, K/2]`` (``aten._convert_weight_to_int4pack_for_cpu``'s
+    layout), ``scales_and_zeros`` bfloat16 ``[K/group_size, N, 2]`` (scale and offset: w = (q - 8)
+    x scale + offset), ``bias``."""
+
+    kernel = "aten::_weight_int4pack_mm_for_cpu"
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
         if group_size not in TORCH_GROUPS or in_features % group_size:
             raise ConfigError(f"W4A16Linear: group_size must be one of {TORCH_GROUPS} dividing in_features")
         if out_features % 8 or in_features % (INNER_K_TILES * 16):
@@ -58,13 +64,12 @@ class W4A16Linear(nn.Module):
                 f"W4A16Linear needs out_features % 8 == 0 and in_features % 32 == 0 (torch's int4 kernel), got "
                 f"{out_features}x{in_features}; exclude this layer with filter_fn or use W4A8"
             )
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.dtype = dtype  # of the original layer (and of the bias)
+        super().__init__(in_features, out_features, bias, dtype)
+        self.group_size = group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer(
             "scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=COMPUTE_DTYPE)
         )
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
     def from_int4(cls, w: Int4Weights, bias: Tensor | None, dtype: torch.dtype) -> W4A16Linear:
@@ -88,18 +93,8 @@ class W4A16Linear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def spec(self) -> dict:
-        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
-                "group_size": self.group_size, "bias": self.bias is not None,
-                "dtype": str(self.dtype).removeprefix("torch.")}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> W4A16Linear:
-        return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec["bias"],
-                   dtype=getattr(torch, spec["dtype"]))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+    def extra_spec(self) -> dict:
+        return {"group_size": self.group_size}
 
 
 @register_transform("w4a16")

@@ -1,6 +1,7 @@
 """``W4A8Linear``: a drop-in ``nn.Linear`` with 4-bit weights and per-token int8 activations.
 
-Storage (plain buffers, so ``state_dict``, safetensors and ``torch.compile`` just work):
+Storage (plain buffers, so ``state_dict``, safetensors and ``torch.compile`` just work; the kind
+``"w4a8"`` of :class:`~.linear_base.QuantizedLinear`, whose ``kernel_buffers()`` gives these):
 
 - ``qweight`` uint8 ``[ceil(N/16), ceil(K/8), 64]``: the 4-bit codes, two per byte, already in the
   order the kernel streams them (``infertrix.ops.w4a8.pack_int4``; one copy of the weights, no
@@ -8,7 +9,9 @@ Storage (plain buffers, so ``state_dict``, safetensors and ``torch.compile`` jus
 - ``scale`` float32 ``[N]``: the per-output-channel float scale;
 - ``group_scale`` uint8 ``[G, 16 ceil(N/16)]``: the small integer scale of each group;
 - ``zero`` uint8 (same shape) when ``symmetric=False``;
-- ``bias`` in the original dtype, when the original layer had one.
+- ``bias`` in the original dtype, when the original layer had one;
+- ``outlier_rows``, ``outlier_cols`` int64 and ``outlier_values`` float32 ``[nnz]`` with
+  ``outliers=nnz`` (SqueezeLLM's sparse side, added after the kernel).
 
 That is 4 bits per weight plus 8 (16 with zero points) bits per group and 32 bits per channel:
 4.13 bits per weight at group 128 (4.25 with zero points). The forward pass is one op,
@@ -19,18 +22,23 @@ depends on the other rows of its batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from ..core.transform import ConfigError
 from ..ops import w4a8 as w4ops
 from .int4 import Int4Weights, check_group_size
+from .linear_base import QuantizedLinear, check_linear
 
 _w4a8_linear = torch.ops.infertrix.w4a8_linear.default  # resolved once: forward runs ~200 times a token
 
 
-class W4A8Linear(nn.Module):
+class W4A8Linear(QuantizedLinear, kind="w4a8"):
     """4-bit weights (two-level scales), int8 per-token activations, int32 accumulation."""
+
+    kernel = "infertrix::w4a8_linear"
 
     def __init__(
         self,
@@ -43,12 +51,10 @@ class W4A8Linear(nn.Module):
         device: torch.device | str | None = None,
         outliers: int = 0,
     ) -> None:
-        super().__init__()
         check_group_size(group_size)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"W4A8Linear computes in float32, bfloat16 or float16, got {dtype}")
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, dtype, device)
         self.group_size = group_size
         self.symmetric = symmetric
         groups = w4ops.num_groups(in_features, group_size)
@@ -59,7 +65,6 @@ class W4A8Linear(nn.Module):
         self.register_buffer(
             "zero", None if symmetric else torch.full((groups, p * 16), 8, dtype=torch.uint8, device=device)
         )
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         # SqueezeLLM's dense-and-sparse option: the largest weights kept in float, as (row, col, value)
         for name, dt in (("outlier_rows", torch.int64), ("outlier_cols", torch.int64), ("outlier_values", torch.float32)):
             self.register_buffer(name, torch.zeros(outliers, dtype=dt, device=device) if outliers else None)
@@ -111,23 +116,25 @@ class W4A8Linear(nn.Module):
         y2 = y2.index_add(1, self.outlier_rows, x2[:, self.outlier_cols] * self.outlier_values)
         return y2.reshape(y.shape).to(y.dtype)
 
-    def spec(self) -> dict:
-        """Constructor arguments, recorded in config.json for :func:`infertrix.quant.load_quantized`."""
-        return {
-            "type": type(self).__name__,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "bias": self.bias is not None,
-            "dtype": str(self.bias.dtype if self.bias is not None else torch.float32).removeprefix("torch."),
-            "outliers": 0 if self.outlier_values is None else self.outlier_values.numel(),
-        }
+    def extra_spec(self) -> dict:
+        return {"group_size": self.group_size, "symmetric": self.symmetric,
+                "outliers": 0 if self.outlier_values is None else self.outlier_values.numel()}
 
     @classmethod
-    def from_spec(cls, spec: dict) -> W4A8Linear:
-        return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec["symmetric"], spec["bias"],
-                   dtype=getattr(torch, spec["dtype"]), outliers=spec.get("outliers", 0))
+    def _fused(cls, mods: Sequence[W4A8Linear]) -> W4A8Linear | None:
+        """One group size and scheme, no sparse outliers, output sizes in whole 16-row panels."""
+        first = mods[0]
+        if any(m.has_outliers or m.group_size != first.group_size or m.symmetric != first.symmetric
+               or m.out_features % 16 for m in mods):
+            return None
+        fused = cls(first.in_features, sum(m.out_features for m in mods), first.group_size, first.symmetric,
+                    first.bias is not None, dtype=first.dtype)
+        fused.group_scale = torch.cat([m.group_scale for m in mods], dim=1)
+        if not first.symmetric:
+            fused.zero = torch.cat([m.zero for m in mods], dim=1)
+        fused._share_rows(mods, "qweight", 16)  # packed in panels of 16 output channels
+        fused._share_rows(mods, "scale")
+        return fused
 
     def int4_weights(self) -> Int4Weights:
         """The codes and scales in plain [N, K] / [N, G] form."""
@@ -147,13 +154,6 @@ class W4A8Linear(nn.Module):
             w = w.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values, accumulate=True)
         return w
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"symmetric={self.symmetric}, bias={self.bias is not None}"
-            + ("" if self.outlier_values is None else f", outliers={self.outlier_values.numel()}")
-        )
-
 
 def split_outliers(w: Tensor, fraction: float) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """SqueezeLLM's dense-and-sparse split (Kim et al. 2024, https://arxiv.org/abs/2306.07629).
@@ -171,14 +171,3 @@ def split_outliers(w: Tensor, fraction: float) -> tuple[Tensor, tuple[Tensor, Te
     dense = w.clone()
     dense[rows, cols] = 0
     return dense, (rows, cols, vals)
-
-
-def check_linear(linear: nn.Module) -> None:
-    """Raise a clear error for layers the int kernels cannot take."""
-    if not isinstance(linear, nn.Linear):
-        raise ConfigError(f"expected an nn.Linear, got {type(linear).__name__}")
-    w = linear.weight
-    if w.device.type == "meta":
-        raise ConfigError("the layer's weights are on the meta device; load the model's weights before quantizing")
-    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ConfigError(f"cannot quantize a {w.dtype} linear layer; it must be float32, bfloat16 or float16")

@@ -12,6 +12,7 @@ calibration samples (``smooth_alpha=None`` needs none). Lossy; 8 bits per weight
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ from ..core.registry import register_transform
 from ..core.transform import ConfigError
 from ..ops.w8a8 import check_codes
 from .gptq import inverse_hessian_factor
+from .linear_base import QuantizedLinear
 from .transform import QuantTransform
 
 
@@ -48,15 +50,18 @@ def quantize_int8_per_channel(w: Tensor, hessian: Tensor | None = None, damp: fl
     return q, scale
 
 
-class W8A8Linear(nn.Module):
-    """int8 weights (per channel) x int8 per-token activations, int32 accumulation."""
+class W8A8Linear(QuantizedLinear, kind="w8a8"):
+    """int8 weights (per channel) x int8 per-token activations, int32 accumulation.
+
+    Buffers: ``qweight`` int8 ``[N, K]`` (codes in [-127, 127], row-major as the float weight),
+    ``scale`` float32 ``[N]``, ``bias``."""
+
+    kernel = "infertrix::w8a8_linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, dtype)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
     def from_weight(cls, q: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> W8A8Linear:
@@ -81,17 +86,16 @@ class W8A8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.infertrix.w8a8_linear.default(x, self.qweight, self.scale, self.bias)
 
-    def spec(self) -> dict:
-        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None,
-                "dtype": str(self.bias.dtype if self.bias is not None else torch.float32).removeprefix("torch.")}
+    def check_loaded(self, name: str) -> None:
+        check_codes(self.qweight, f"{name}.qweight")
 
     @classmethod
-    def from_spec(cls, spec: dict) -> W8A8Linear:
-        return cls(spec["in_features"], spec["out_features"], spec["bias"], dtype=getattr(torch, spec["dtype"]))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+    def _fused(cls, mods: Sequence[W8A8Linear]) -> W8A8Linear:
+        first = mods[0]
+        fused = cls(first.in_features, sum(m.out_features for m in mods), first.bias is not None, dtype=first.dtype)
+        fused._share_rows(mods, "qweight")
+        fused._share_rows(mods, "scale")
+        return fused
 
 
 @register_transform("w8a8", "smoothquant")

@@ -89,49 +89,14 @@ def _rms_norm(x: Tensor, norm: nn.Module, eps: float) -> Tensor:
 
 def fuse_quantized(mods: list[nn.Module]) -> nn.Module | None:
     """One quantized linear computing ``cat([m(x) for m in mods], -1)``, whose weights the given
-    modules then view (so nothing is duplicated): all :class:`~infertrix.quant.W4A8Linear` (one
-    group size and scheme, output sizes in whole 16-row panels) or all
-    :class:`~infertrix.quant.W8A8Linear`, of one input size, all with or all without a bias.
-    Each output row is computed exactly as by its own module (activations are quantized per
-    token, weights per output channel). None when they cannot be fused."""
-    from ..quant.w4a8_linear import W4A8Linear
-    from ..quant.w8a8 import W8A8Linear
+    modules then view (so nothing is duplicated), when they are quantized modules of one kind that
+    can fuse (:meth:`~infertrix.quant.QuantizedLinear.fuse`: W8A8, and W4A8 of one group size and
+    scheme in whole 16-row panels). Each output row is computed exactly as by its own module
+    (activations are quantized per token, weights per output channel). None when they cannot be fused."""
+    from ..quant.linear_base import QuantizedLinear
 
     first = mods[0]
-    kind = type(first)
-    if kind not in (W4A8Linear, W8A8Linear) or any(
-        type(m) is not kind or m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
-        for m in mods
-    ):
-        return None
-    n = sum(m.out_features for m in mods)
-    dtype = first.bias.dtype if first.bias is not None else torch.float32
-    if kind is W8A8Linear:
-        fused = W8A8Linear(first.in_features, n, first.bias is not None, dtype=dtype)
-        rows_per_weight_row = 1
-    else:
-        if any(
-            m.has_outliers or m.group_size != first.group_size or m.symmetric != first.symmetric or m.out_features % 16
-            for m in mods
-        ):
-            return None
-        fused = W4A8Linear(first.in_features, n, first.group_size, first.symmetric, first.bias is not None,
-                           dtype=dtype)
-        fused.group_scale = torch.cat([m.group_scale for m in mods], dim=1)
-        if not first.symmetric:
-            fused.zero = torch.cat([m.zero for m in mods], dim=1)
-        rows_per_weight_row = 16  # qweight is packed in panels of 16 output channels
-    fused.qweight = torch.cat([m.qweight for m in mods])
-    fused.scale = torch.cat([m.scale for m in mods])
-    if first.bias is not None:
-        fused.bias = torch.cat([m.bias for m in mods])
-    start = 0
-    for m in mods:  # the originals read the fused buffers (row slices of contiguous tensors)
-        end = start + m.out_features
-        m.qweight = fused.qweight[start // rows_per_weight_row : end // rows_per_weight_row]
-        m.scale = fused.scale[start:end]
-        start = end
-    return fused
+    return type(first).fuse(mods) if isinstance(first, QuantizedLinear) else None
 
 
 class _Layer:

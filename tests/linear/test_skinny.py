@@ -9,7 +9,8 @@ from torch import nn
 
 import infertrix as ix
 from infertrix.core import UnsupportedModelError
-from infertrix.quant import W4A8, Skinny, SkinnyLinear, W4A8Linear
+from infertrix.linear import Skinny, SkinnyLinear
+from infertrix.quant import W4A8, W4A8Linear
 
 
 def logits(model, ids):

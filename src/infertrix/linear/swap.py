@@ -1,4 +1,5 @@
-"""Shared machinery of the quant family: choosing linear layers and swapping them, reversibly.
+"""Choosing a model's linear layers and swapping them, reversibly: shared by every module swap
+(the quant family's quantized layers, :mod:`~infertrix.linear.skinny`'s float kernels).
 
 Which layers: every ``nn.Linear`` inside the decoder layers, filtered by ``filter_fn(module, name)``
 (torchao's convention); the output projection (``lm_head``) only when asked, since on SmolLM2 it is

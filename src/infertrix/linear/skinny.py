@@ -10,6 +10,10 @@ layers that remain after any quantization, sharing their weight tensors (no copy
 memory). Results equal ``F.linear`` to float32 rounding (another summation order), so greedy
 outputs can differ from the unoptimized model's only where two tokens' logits tie to within
 rounding. Rows beyond 32 (prefill) and non-float32 inputs run ``F.linear`` itself.
+
+It lives in ``infertrix.linear``, not in the quant family, because it changes no number format:
+the same float weights run on another kernel (stage ``kernels``, after quantization). It was
+``infertrix.quant.Skinny`` before; that name stays as an alias.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from torch import Tensor, nn
 
 from ..core.registry import register_transform
 from ..core.transform import Applied, Stage, Transform, UnsupportedModelError
-from .module_swap import FilterFn, ModuleSwapper, select_linears
+from ..ops import skinny_linear as _declared  # noqa: F401 - declares the op (and loads its kernel) first
+from .swap import FilterFn, ModuleSwapper, select_linears
 
-_skinny_linear = torch.ops.infertrix.skinny_linear.default
+_skinny_linear = torch.ops.infertrix.skinny_linear.default  # resolved once: forward runs ~200 times a token
 
 
 class SkinnyLinear(nn.Linear):
