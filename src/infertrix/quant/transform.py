@@ -1,8 +1,8 @@
 """The shared base of the quant family's transforms (W4A8, W4A16, W8A8).
 
 A subclass only says how one linear layer becomes its quantized module (``quantize_linear``, given
-the float weight after any smoothing and, when calibrating, the input Hessian) and which kernel
-runs it. Everything else lives here once: choosing layers (``filter_fn``, ``quantize_lm_head``),
+the float weight after any smoothing and, when calibrating, the input Hessian; it returns a
+:class:`~.linear_base.QuantizedLinear`) and which kernel runs it. Everything else lives here once: choosing layers (``filter_fn``, ``quantize_lm_head``),
 calibration (SmoothQuant smoothing folded into norms, GPTQ's sequential layer pass, on a few real
 text samples with a progress bar), swapping modules reversibly, and the ``describe`` report.
 """
