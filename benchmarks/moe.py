@@ -40,7 +40,7 @@ import torch
 
 ROOT = Path(os.environ.get("INFERTRIX_CACHE", Path.home() / ".cache" / "infertrix")) / "moe"
 THREADS = 2
-CALIB_TOKENS = 2048
+CALIB_WINDOWS, WINDOW_TOKENS = 4, 512  # the router's calibration: the first 2048 tokens of the shipped text
 
 
 def _rss() -> int:
@@ -56,10 +56,12 @@ def _read_bytes() -> int:
 def _prose_ids(n: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
+    from infertrix.core.calibration import token_windows
+
     tok = AutoTokenizer.from_pretrained(ROOT / "smollm2-8x-split")
-    text = (Path(__file__).resolve().parent.parent / "src/infertrix/data/prideprejudice.txt").read_text()
-    ids = tok(text[: (CALIB_TOKENS + n) * 8], return_tensors="pt").input_ids
-    return ids[:, CALIB_TOKENS : CALIB_TOKENS + n]  # after the router's calibration text
+    calib = CALIB_WINDOWS * WINDOW_TOKENS
+    ids = token_windows(tok, windows=1, window_tokens=calib + n, start=0.0)
+    return ids[:, calib:]  # after the router's calibration text
 
 
 # -- model preparation (main process) ----------------------------------------------------------
@@ -68,10 +70,12 @@ def build_real() -> Path:
     if (out / "config.json").exists():
         return out
     from infertrix import models
-    from infertrix.moe.upcycle import calibration_ids, upcycle
+    from infertrix.core.calibration import token_windows
+    from infertrix.moe.upcycle import upcycle
 
     dense, tok = models.load("smollm2")
-    moe = upcycle(dense, 8, 2, "split", calibration_ids=calibration_ids(tok, CALIB_TOKENS))
+    windows = token_windows(tok, windows=CALIB_WINDOWS, window_tokens=WINDOW_TOKENS, start=0.0)
+    moe = upcycle(dense, 8, 2, "split", calibration_ids=windows)
     moe.save_pretrained(out)
     tok.save_pretrained(out)
     return out

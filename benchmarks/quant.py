@@ -417,8 +417,8 @@ def defaults_configs() -> list[tuple[str, dict]]:
         ("RTN g128 rotate", dict(RTN_G128, rotate=True)),
         ("RTN g32 rotate", dict(RTN_G128, group_size=32, rotate=True)),
         ("RTN g32 rotate mse_clip", dict(RTN_G128, group_size=32, rotate=True, mse_clip=True)),
-        ("GPTQ g32 act_order mse_clip rotate, 8x256", dict(gptq, num_samples=8, seq_len=256)),
-        ("GPTQ g32 act_order mse_clip rotate, 16x256", dict(gptq, num_samples=16, seq_len=256)),
+        ("GPTQ g32 act_order mse_clip rotate, 8x256", dict(gptq, calibration_windows=8, window_tokens=256)),
+        ("GPTQ g32 act_order mse_clip rotate, 16x256", dict(gptq, calibration_windows=16, window_tokens=256)),
     ]
 
 
@@ -511,7 +511,7 @@ def defaults_table(saved: dict, max_tokens: int) -> str:
             "once with `quantize_lm_head=True` (its time includes the head: RTN, or GPTQ on the head too) "
             "and measured with the int4 head, then with the exact float head put back (the tied embedding; "
             "rotated by the same Q when `rotate`). Calibration: windows from the END of the book "
-            "(`num_samples x seq_len` tokens). `quantize s`: wall time of `optimize` (model already loaded; "
+            "(`calibration_windows x window_tokens` tokens). `quantize s`: wall time of `optimize` (model already loaded; "
             "torch threads as shown); this 2-core machine is shared, so times are as measured under the load "
             "shown (1-minute load average before-after; 2.0 = both cores busy); `quantize s (CPU)`: the process's "
             "CPU time, steadier under load (blank: measured before it was recorded).\n\n" + markdown_table(rows, cols))

@@ -80,8 +80,8 @@ def test_calibration_improves_over_rtn_on_tiny_model():
     errs = {}
     for name, t in {
         "rtn": W4A8(group_size=32),
-        "gptq": W4A8(group_size=32, gptq=True, calibration_data=calib(8), progress=False),
-        "gptq_act_order": W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, calibration_data=calib(8),
+        "gptq": W4A8(group_size=32, gptq=True, calibration_ids=calib(8), progress=False),
+        "gptq_act_order": W4A8(group_size=32, gptq=True, act_order=True, mse_clip=True, calibration_ids=calib(8),
                                progress=False),
     }.items():
         ix.optimize(model, t)
@@ -97,7 +97,7 @@ def test_smoothing_is_folded_and_undone(arch):
     ids = torch.randint(3, 128, (2, 16))
     ref = logits(model, ids)
     norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
-    t = W4A8(group_size=32, smooth_alpha=0.5, gptq=True, calibration_data=calib(4), progress=False,
+    t = W4A8(group_size=32, smooth_alpha=0.5, gptq=True, calibration_ids=calib(4), progress=False,
              quantize_lm_head=False)  # the layers' error only (a random tiny head quantizes badly)
     ix.optimize(model, t)
     rep = ix.describe(model).transforms[0]["report"]
@@ -115,7 +115,7 @@ def test_smoothing_alone_preserves_the_float_function():
     model = make_tiny("llama")
     ids = torch.randint(3, 128, (2, 16))
     ref = logits(model, ids)
-    ix.optimize(model, FloatCopy(smooth_alpha=0.8, calibration_data=calib(2), progress=False))
+    ix.optimize(model, FloatCopy(smooth_alpha=0.8, calibration_ids=calib(2), progress=False))
     torch.testing.assert_close(logits(model, ids), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -139,7 +139,7 @@ def test_gptq_beats_rtn_on_smollm2(smollm2):
     losses = {}
     for name, t in {
         "rtn": W4A8(group_size=64),
-        "gptq": W4A8(group_size=64, gptq=True, tokenizer=tok, num_samples=4, seq_len=256, progress=False),
+        "gptq": W4A8(group_size=64, gptq=True, tokenizer=tok, calibration_windows=4, window_tokens=256, progress=False),
     }.items():
         ix.optimize(model, t)
         losses[name] = nll()

@@ -10,13 +10,13 @@ import torch
 from conftest import make_tiny
 
 import infertrix as ix
+from infertrix.core import calibration as calibration_mod
 from infertrix.core.recipe import parse_recipe
 from infertrix.quant import W4A8, W8A8, W8A8Linear
-from infertrix.quant import calibration as calibration_mod
 
 W4A8_DEFAULTS = dict(
     group_size=32, symmetric=False, mse_clip=True, rotate="auto", quantize_lm_head=True,
-    gptq=False, act_order=True, smooth_alpha=None, num_samples=8, seq_len=256, damp=0.01,
+    gptq=False, act_order=True, smooth_alpha=None, calibration_windows=8, window_tokens=256, damp=0.01,
     outlier_fraction=0.0, keep_original=True, progress=True,
 )
 
@@ -53,7 +53,7 @@ def rotation_report(model, transform) -> str:
 
 def test_rotate_auto_rotates_only_with_gptq_where_supported_and_says_so():
     assert rotation_report(make_tiny("llama"), W4A8()).startswith("off (rotate='auto' rotates only with gptq")
-    gptq = dict(gptq=True, calibration_data=calib(), progress=False)
+    gptq = dict(gptq=True, calibration_ids=calib(), progress=False)
     assert rotation_report(make_tiny("llama"), W4A8(**gptq)).startswith("residual stream rotated")
     gemma = make_tiny("gemma3")  # its (1 + weight) norms cannot be rotated: quantized unrotated
     why = rotation_report(gemma, W4A8(**gptq))
@@ -76,7 +76,7 @@ def word_tokenizer(words: int = 125):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-RECIPE = "w8a8(num_samples=2, seq_len=32)"  # SmoothQuant: calibrates on text
+RECIPE = "w8a8(calibration_windows=2, window_tokens=32)"  # SmoothQuant: calibrates on text
 
 
 def test_w8a8_recipe_finds_the_tokenizer_in_the_models_folder(tmp_path):
@@ -130,7 +130,7 @@ def test_calibration_without_a_tokenizer_is_refused_at_optimize_time_with_the_fi
     with pytest.raises(ix.ConfigError, match="tokenizer") as err:
         ix.optimize(model, recipe)
     msg = str(err.value)
-    assert "tokenizer=tok" in msg and "calibration_data=" in msg and f"'{name}({no_data})'" in msg
+    assert "tokenizer=tok" in msg and "calibration_ids=" in msg and f"'{name}({no_data})'" in msg
     assert "no name_or_path" in msg
     assert not hasattr(model, "_infertrix") or not ix.describe(model).transforms
     after = model.state_dict()

@@ -49,8 +49,8 @@ KINDS = {
     "w4a8_head": (lambda: W4A8(group_size=32, quantize_lm_head=True), W4A8Linear),
     "w4a8_rotate_head": (lambda: W4A8(group_size=32, rotate=True, quantize_lm_head=True), W4A8Linear),
     "w4a8_rotate": (lambda: W4A8(group_size=-1, symmetric=True, rotate=True), W4A8Linear),
-    "w4a8_gptq": (lambda: W4A8(group_size=32, gptq=True, calibration_data=calib(), progress=False), W4A8Linear),
-    "w8a8_smooth": (lambda: W8A8(calibration_data=calib(), progress=False, quantize_lm_head=True), W8A8Linear),
+    "w4a8_gptq": (lambda: W4A8(group_size=32, gptq=True, calibration_ids=calib(), progress=False), W4A8Linear),
+    "w8a8_smooth": (lambda: W8A8(calibration_ids=calib(), progress=False, quantize_lm_head=True), W8A8Linear),
     "w4a16_head": (lambda: W4A16(group_size=32, quantize_lm_head=True), W4A16Linear),
 }
 

@@ -49,7 +49,7 @@ def test_w4a16_transform(tmp_path, gptq):
     model = make_tiny("llama")
     ids = torch.randint(3, 128, (2, 10))
     ref = logits(model, ids)
-    kw = dict(gptq=True, calibration_data=calib(), progress=False) if gptq else {}
+    kw = dict(gptq=True, calibration_ids=calib(), progress=False) if gptq else {}
     ix.optimize(model, W4A16(group_size=32, **kw))
     assert isinstance(model.model.layers[0].mlp.down_proj, W4A16Linear)
     out = logits(model, ids)
@@ -65,7 +65,7 @@ def test_w8a8_transform(tmp_path, alpha):
     model = make_tiny("qwen2")
     ids = torch.randint(3, 128, (2, 10))
     ref = logits(model, ids)
-    ix.optimize(model, W8A8(smooth_alpha=alpha, calibration_data=calib(), progress=False))
+    ix.optimize(model, W8A8(smooth_alpha=alpha, calibration_ids=calib(), progress=False))
     assert isinstance(model.model.layers[1].self_attn.q_proj, W8A8Linear)
     out = logits(model, ids)
     assert (out - ref).norm() / ref.norm() < 0.05  # int8 is close to float

@@ -48,7 +48,7 @@ def test_similarities_match_hidden_states():
     """ShortGPT's BI from the hooks equals 1 - cos between consecutive output_hidden_states."""
     m = tiny10()
     ids = calib(64)
-    sims = measure_similarities(m, ids, window=64, progress=False)
+    sims = measure_similarities(m, ids, window_tokens=64, progress=False)
     hs = m(ids.unsqueeze(0), output_hidden_states=True).hidden_states
     for i in range(9):  # the last entry of hidden_states is after the final norm
         cos = torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1).mean().item()
@@ -60,7 +60,7 @@ def test_similarities_match_hidden_states():
 def test_attention_similarity_is_cos_with_residual(arch):
     m = make_tiny(arch)
     ids = calib(32)
-    sims = measure_similarities(m, ids, window=32, progress=False)
+    sims = measure_similarities(m, ids, window_tokens=32, progress=False)
     # recompute layer 2's attention criterion by hand: cos(X, X + post(attn(norm(X))))
     captured = {}
     layer = decoder_layers(m)[2]
@@ -77,7 +77,7 @@ def test_attention_similarity_is_cos_with_residual(arch):
 
 def test_shortgpt_picks_lowest_block_influence():
     m = tiny10()
-    sg = ShortGPT(fraction=0.3, calibration_ids=calib(), window=48, progress=False)
+    sg = ShortGPT(fraction=0.3, calibration_ids=calib(), window_tokens=48, progress=False)
     plan = sg.plan(m)
     bi = {i: 1 - s for i, s in enumerate(sg.similarities.layer)}
     cands = [i for i in range(1, 9)]
@@ -98,7 +98,7 @@ def test_shortgpt_needs_text_when_no_tokenizer():
 
 def test_attention_drop_picks_most_similar_and_refuses_too_much():
     m = tiny10()
-    ad = AttentionDrop(count=4, calibration_ids=calib(), window=48, progress=False)
+    ad = AttentionDrop(count=4, calibration_ids=calib(), window_tokens=48, progress=False)
     plan = ad.plan(m)
     sims = ad.similarities.attention
     assert sorted(plan.indices("attention")) == sorted(sorted(range(1, 9), key=lambda i: -sims[i])[:4])
@@ -216,7 +216,7 @@ def test_skip_plan_transform_from_file(tmp_path):
 @pytest.mark.smollm2
 def test_smollm2_strategies(smollm2, tmp_path):
     model, tok = smollm2
-    sg = ShortGPT(fraction=0.2, tokenizer=tok, calibration_tokens=256, window=256, progress=False)
+    sg = ShortGPT(fraction=0.2, tokenizer=tok, calibration_windows=1, window_tokens=256, progress=False)
     plan = sg.plan(model)
     assert len(plan) == 6 and not {0, 29} & set(plan.indices("layer"))
     assert plan.compute_fraction(model) == pytest.approx(0.2)

@@ -15,6 +15,7 @@ import dataclasses
 import re
 from typing import Any
 
+from .calibration import RENAMED_FIELDS
 from .registry import did_you_mean, get_transform
 from .transform import ConfigError, Transform, plain_field_types
 
@@ -89,9 +90,9 @@ def parse_recipe(recipe: str) -> list[Transform]:
                 raise ConfigError(f"recipe argument {kv!r} of {name} must be key=value")
             key, text = (s.strip() for s in kv.split("=", 1))
             if key not in fields:
-                raise ConfigError(
-                    f"{name} has no field {key!r}{did_you_mean(key, fields)}; its fields are {sorted(fields)}"
-                )
+                renamed, note = RENAMED_FIELDS.get(key, ("", ""))
+                hint = f" (renamed: use {renamed!r}{note})" if renamed in fields else did_you_mean(key, fields)
+                raise ConfigError(f"{name} has no field {key!r}{hint}; its fields are {sorted(fields)}")
             kwargs[key] = _field_value(types.get(key), text)
         try:
             out.append(cls(**kwargs))

@@ -7,21 +7,20 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..core import calibration
 from ..core.generation import cache_argument_name, output_cache
 from .text import body_text
 
 
 def token_windows(tok, text: str | None, max_tokens: int, window: int) -> torch.Tensor:
-    """``[n_windows, window]`` token ids from the start of ``text`` (default: the shipped novel)."""
+    """``[n_windows, window]`` token ids from the start of ``text`` (default: the shipped novel's
+    body), cut by the calibration reader (:func:`infertrix.core.calibration.token_windows`)."""
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
-    text = body_text() if text is None else text
-    # ~4 characters a token in English prose; take enough text, then cut to whole windows
-    ids = tok(text[: max_tokens * 8], return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = min(len(ids), max_tokens) // window
-    if n == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
-    return ids[: n * window].view(n, window)
+    if max_tokens < window:
+        raise ValueError(f"max_tokens={max_tokens} is fewer than one window of {window}")
+    return calibration.token_windows(tok, body_text() if text is None else text, windows=max_tokens // window,
+                                     window_tokens=window)
 
 
 @torch.no_grad()

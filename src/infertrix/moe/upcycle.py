@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.calibration import run_windows, token_windows
 from ..core.transform import ConfigError, UnsupportedModelError
 
 
@@ -70,8 +71,8 @@ def fit_router(inputs: torch.Tensor, importance: torch.Tensor, scale: float = 0.
     return (w.T * (scale / logits.std().clamp_min(1e-12))).to(inputs.dtype)
 
 
-def mlp_inputs(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> list[torch.Tensor]:
-    """Each layer's MLP inputs [N, H] on ``input_ids`` [1, N] (the dense model, windows of ``window``)."""
+def mlp_inputs(model: nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's MLP inputs [N, H] on token ``windows`` [n, L] (the dense model)."""
     layers = model.model.layers
     got: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [
@@ -79,41 +80,21 @@ def mlp_inputs(model: nn.Module, input_ids: torch.Tensor, window: int = 512) -> 
         for i, layer in enumerate(layers)
     ]
     try:
-        with torch.no_grad():
-            for s in range(0, input_ids.shape[1], window):
-                model(input_ids[:, s : s + window])
+        run_windows(model, windows, progress=False)
     finally:
         for h in hooks:
             h.remove()
     return [torch.cat(g) for g in got]
 
 
-def upcycle(
-    model: nn.Module,
-    num_experts: int = 8,
-    top_k: int = 2,
-    mode: str = "split",
-    seed: int = 0,
-    calibration_ids: torch.Tensor | None = None,
-) -> nn.Module:
-    """A ``MixtralForCausalLM`` built from a dense Llama-style causal LM (see the module docstring).
+def mixtral_config(cfg, num_experts: int, top_k: int, intermediate_size: int):
+    """The ``MixtralConfig`` of a dense Llama-style ``cfg`` with ``num_experts`` experts per layer."""
+    from transformers import MixtralConfig
 
-    With ``calibration_ids`` ([1, N] tokens of prose) the router is fitted by least squares to
-    predict each expert's output norm on those tokens (:func:`fit_router`); without, router row
-    ``e`` is the mean ``gate_proj`` row of expert ``e``'s neurons.
-    """
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    if mode not in ("split", "copy"):
-        raise ConfigError(f"mode must be 'split' or 'copy', got {mode!r}")
-    cfg = model.config
-    if getattr(cfg, "model_type", None) not in ("llama", "mistral"):
-        raise UnsupportedModelError(f"upcycle expects a Llama/Mistral-style dense model, got {cfg.model_type!r}")
-    inter = cfg.intermediate_size // num_experts if mode == "split" else cfg.intermediate_size
-    mcfg = MixtralConfig(
+    return MixtralConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=inter,
+        intermediate_size=intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads,
@@ -131,37 +112,68 @@ def upcycle(
         pad_token_id=cfg.pad_token_id,
         router_aux_loss_coef=0.0,
     )
+
+
+def layer_experts(
+    mlp: nn.Module, num_experts: int, top_k: int, mode: str, seed: int, inputs: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gate_up_proj, down_proj, router weight)`` of one layer's experts, from its dense ``mlp``."""
+    wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [I,H],[I,H],[H,I]
+    groups = balanced_kmeans(wg, num_experts, seed=seed)
+    idx = [torch.nonzero(groups == e).flatten() for e in range(num_experts)]
+    if mode == "split":
+        gate_up = torch.stack([torch.cat([wg[j], wu[j]], 0) for j in idx])
+        down = torch.stack([wd[:, j] * top_k for j in idx])
+    else:
+        gate_up = torch.cat([wg, wu], 0).expand(num_experts, -1, -1).clone()
+        down = wd.expand(num_experts, -1, -1).clone()
+    if inputs is None:
+        return gate_up, down, torch.stack([wg[j].mean(0) for j in idx])
+    # each neuron group's share of the MLP output on real text
+    act = torch.nn.functional.silu(inputs @ wg.T) * (inputs @ wu.T)  # [N, I]
+    importance = torch.stack([(act[:, j] @ wd[:, j].T).norm(dim=-1) for j in idx], dim=1)
+    return gate_up, down, fit_router(inputs, importance)
+
+
+def upcycle(
+    model: nn.Module,
+    num_experts: int = 8,
+    top_k: int = 2,
+    mode: str = "split",
+    seed: int = 0,
+    calibration_ids: torch.Tensor | None = None,
+    window_tokens: int = 512,
+) -> nn.Module:
+    """A ``MixtralForCausalLM`` built from a dense Llama-style causal LM (see the module docstring).
+
+    With ``calibration_ids`` (token windows [n, L], or 1-D ids cut into windows of
+    ``window_tokens``: :func:`infertrix.core.calibration.token_windows`) the router is fitted by
+    least squares to predict each expert's output norm on those tokens (:func:`fit_router`);
+    without, router row ``e`` is the mean ``gate_proj`` row of expert ``e``'s neurons.
+    """
+    from transformers import MixtralForCausalLM
+
+    if mode not in ("split", "copy"):
+        raise ConfigError(f"mode must be 'split' or 'copy', got {mode!r}")
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in ("llama", "mistral"):
+        raise UnsupportedModelError(f"upcycle expects a Llama/Mistral-style dense model, got {cfg.model_type!r}")
+    inter = cfg.intermediate_size // num_experts if mode == "split" else cfg.intermediate_size
+    mcfg = mixtral_config(cfg, num_experts, top_k, inter)
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         moe = MixtralForCausalLM(mcfg)
     moe = moe.to_empty(device="cpu").to(dtype)
     dense_sd = model.state_dict()
-    sd = {}
-    for name in moe.state_dict():
-        if ".mlp." not in name and name in dense_sd:
-            sd[name] = dense_sd[name]
-    inputs = mlp_inputs(model, calibration_ids) if calibration_ids is not None else None
+    sd = {name: dense_sd[name] for name in moe.state_dict() if ".mlp." not in name and name in dense_sd}
+    inputs = None
+    if calibration_ids is not None:
+        inputs = mlp_inputs(model, token_windows(ids=calibration_ids, window_tokens=window_tokens))
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
-            mlp = layer.mlp
-            wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [I,H],[I,H],[H,I]
-            if mode == "split":
-                groups = balanced_kmeans(wg, num_experts, seed=seed + i)
-                idx = [torch.nonzero(groups == e).flatten() for e in range(num_experts)]
-                gate_up = torch.stack([torch.cat([wg[j], wu[j]], 0) for j in idx])
-                down = torch.stack([wd[:, j] * top_k for j in idx])
-            else:
-                groups = balanced_kmeans(wg, num_experts, seed=seed + i)
-                idx = [torch.nonzero(groups == e).flatten() for e in range(num_experts)]
-                gate_up = torch.cat([wg, wu], 0).expand(num_experts, -1, -1).clone()
-                down = wd.expand(num_experts, -1, -1).clone()
-            if inputs is None:
-                router = torch.stack([wg[j].mean(0) for j in idx])
-            else:  # each neuron group's share of the MLP output on real text
-                x = inputs[i]
-                act = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)  # [N, I]
-                importance = torch.stack([(act[:, j] @ wd[:, j].T).norm(dim=-1) for j in idx], dim=1)
-                router = fit_router(x, importance)
+            gate_up, down, router = layer_experts(
+                layer.mlp, num_experts, top_k, mode, seed + i, None if inputs is None else inputs[i]
+            )
             sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up
             sd[f"model.layers.{i}.mlp.experts.down_proj"] = down
             sd[f"model.layers.{i}.mlp.gate.weight"] = router
@@ -176,27 +188,21 @@ def upcycle(
     return moe.eval()
 
 
-def calibration_ids(tokenizer, n_tokens: int) -> torch.Tensor | None:
-    """The first ``n_tokens`` tokens of the shipped Pride and Prejudice text (benchmarks measure
-    on text after them)."""
-    if n_tokens <= 0:
-        return None
-    text = (Path(__file__).resolve().parent.parent / "data" / "prideprejudice.txt").read_text()
-    return tokenizer(text[: n_tokens * 8], return_tensors="pt").input_ids[:, :n_tokens]
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for the upcycled checkpoint")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--mode", choices=("split", "copy"), default="split")
-    ap.add_argument("--calibration-tokens", type=int, default=2048, help="0: router from weights only")
+    ap.add_argument("--calibration-windows", type=int, default=4,
+                    help="windows of 512 tokens from the start of the shipped text; 0: router from weights only")
     args = ap.parse_args(argv)
     from .. import models
 
     dense, tok = models.load("smollm2")
-    moe = upcycle(dense, args.experts, args.top_k, args.mode, calibration_ids=calibration_ids(tok, args.calibration_tokens))
+    n = args.calibration_windows  # from the start of the text: benchmarks/moe.py decodes the prose after it
+    ids = token_windows(tok, windows=n, window_tokens=512, start=0.0) if n > 0 else None
+    moe = upcycle(dense, args.experts, args.top_k, args.mode, calibration_ids=ids)
     out = Path(args.out).expanduser()
     moe.save_pretrained(out)
     tok.save_pretrained(out)

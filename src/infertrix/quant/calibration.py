@@ -1,10 +1,7 @@
-"""Calibration data and the layer-by-layer pass that quantizes a model with it.
+"""The layer-by-layer pass that quantizes a model on calibration windows.
 
-``find_tokenizer`` finds the model's own tokenizer when the user passed none (a recipe string
-cannot pass one): the one ``infertrix.models.load`` returned with it, else the folder or hub id the
-model was loaded from (``name_or_path``; a GGUF folder through its one ``.gguf`` file).
-``calibration_inputs`` cuts a few token windows out of real text (by default the END of the shipped
-Pride and Prejudice, so that the perplexity measured on its beginning is not calibrated on).
+The windows come from :mod:`infertrix.core.calibration` (by default the END of the shipped Pride
+and Prejudice, so that the perplexity measured on its beginning is not calibrated on).
 ``sequential_quantize`` captures the inputs of the first decoder layer (and every layer's keyword
 arguments: masks, rotary embeddings) in one float forward pass, then walks the layers in order:
 for each it records the statistics of its linear layers' inputs (per-channel absmax for
@@ -16,77 +13,15 @@ scheme). A tqdm progress bar shows the layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..core.calibration import run_windows
 from ..core.generation import CACHE_KWARGS
 from ..core.model import decoder_layers
-from ..core.transform import ConfigError
-
-
-def shipped_text(name: str = "prideprejudice") -> str:
-    """The prose shipped with infertrix (``infertrix.eval.load_text`` once that lands)."""
-    try:
-        from ..eval import load_text  # type: ignore[attr-defined]
-
-        return load_text(name)
-    except ImportError:
-        return (resources.files("infertrix") / "data" / f"{name}.txt").read_text(encoding="utf-8")
-
-
-def find_tokenizer(model: nn.Module) -> tuple[Any | None, str]:
-    """``(tokenizer, where it came from)``, or ``(None, why none was found)``."""
-    from ..models import tokenizer_of
-
-    tok = tokenizer_of(model)
-    if tok is not None:
-        return tok, "returned with the model by infertrix.models.load"
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not path:
-        return None, "the model records no name_or_path to load its tokenizer from (built from a config?)"
-    attempts: list[dict[str, str]] = [{}]
-    folder = Path(str(path))
-    if folder.is_dir():
-        ggufs = sorted(folder.glob("*.gguf"))
-        if len(ggufs) == 1:  # a GGUF folder: the tokenizer lives in the .gguf file
-            attempts.append({"gguf_file": ggufs[0].name})
-    failure = ""
-    for kwargs in attempts:
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(path), **kwargs), f"loaded from {path}"
-        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ImportError...: reported to the user
-            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return None, f"no tokenizer loads from the model's name_or_path {str(path)!r} ({failure})"
-
-
-def calibration_inputs(
-    tokenizer, texts: Sequence[str] | str | None = None, num_samples: int = 8, seq_len: int = 256
-) -> list[Tensor]:
-    """``num_samples`` token windows [1, seq_len]; from the end of the shipped text by default."""
-    if tokenizer is None:
-        raise ConfigError(
-            "calibration needs a tokenizer: pass tokenizer=... to the transform (or calibration_data= token ids)"
-        )
-    if texts is None:
-        texts = [shipped_text()]
-        from_end = True
-    else:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        from_end = False
-    ids = torch.cat([torch.as_tensor(tokenizer(t)["input_ids"], dtype=torch.long).flatten() for t in texts])
-    need = num_samples * seq_len
-    if ids.numel() < seq_len:
-        raise ConfigError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; pass more text")
-    ids = ids[-need:] if from_end else ids[:need]
-    return [w.unsqueeze(0) for w in ids.split(seq_len) if w.numel() == seq_len]
 
 
 @dataclass
@@ -128,10 +63,6 @@ def collect_stats(modules: dict[str, nn.Module], run: Callable[[], None], hessia
     return stats
 
 
-class _Stop(Exception):
-    pass
-
-
 def _layer_output(out):
     return out[0] if isinstance(out, tuple | list) else out
 
@@ -144,13 +75,13 @@ LayerCallback = Callable[[int | str, dict[str, nn.Module], dict[str, InputStats]
 def sequential_quantize(
     model: nn.Module,
     targets: dict[str, nn.Module],
-    batches: list[Tensor],
+    windows: Tensor,
     callback: LayerCallback,
     hessian: bool,
     lm_head_name: str | None = None,
     progress: bool = True,
 ) -> None:
-    """Walk the decoder layers with calibration inputs, calling ``callback`` for each layer's targets."""
+    """Walk the decoder layers with calibration ``windows`` [n, L], calling ``callback`` for each layer's targets."""
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
@@ -169,8 +100,7 @@ def sequential_quantize(
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for ids in batches:
-            model(input_ids=ids, use_cache=False)
+        run_windows(model, windows, progress, desc="calibration inputs")
     finally:
         for h in handles:
             h.remove()

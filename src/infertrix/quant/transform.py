@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
+from ..core import calibration
 from ..core.model import decoder_layers
 from ..core.transform import Applied, ConfigError, Stage, Transform, UnsupportedModelError
 from ..linear.swap import FilterFn, ModuleSwapper, output_projection_name, select_linears
 from . import checkpoint
-from .calibration import InputStats, calibration_inputs, find_tokenizer, sequential_quantize
+from .calibration import InputStats, sequential_quantize
 from .linear_base import QuantizedLinear, check_linear
 from .rotation import check_rotatable, rotate_residual
 from .smoothing import apply_smoothing, smoothing_groups
@@ -36,10 +36,9 @@ class QuantTransform(Transform):
         the embedding keeps its float weight; the quantized head is a separate copy).
       smooth_alpha: SmoothQuant migration strength in [0, 1]; None = no smoothing. Needs data.
       gptq: GPTQ error compensation instead of round-to-nearest. Needs data.
-      tokenizer: tokenizes the calibration text (default: loaded from the model's folder).
-      calibration_texts: texts to calibrate on (default: the end of the shipped Pride and Prejudice).
-      calibration_data: token ids (tensors [1, T]) instead of texts.
-      num_samples, seq_len: calibration windows (default 16 x 256 tokens).
+      tokenizer, calibration_text, calibration_ids, calibration_windows, window_tokens: the
+        calibration fields of every family (see ``infertrix.core.calibration``); default 16
+        windows x 256 tokens from the end of the shipped Pride and Prejudice.
       damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal.
       rotate: rotate the residual stream by a random orthogonal matrix first (QuaRot/SpinQuant R1,
         see ``infertrix.quant.rotation``): exact in float, spreads outlier channels before
@@ -62,10 +61,10 @@ class QuantTransform(Transform):
     smooth_alpha: float | None = None
     gptq: bool = False
     tokenizer: Any = field(default=None, repr=False)
-    calibration_texts: Any = field(default=None, repr=False)
-    calibration_data: Any = field(default=None, repr=False)
-    num_samples: int = 16
-    seq_len: int = 256
+    calibration_text: Any = field(default=None, repr=False)
+    calibration_ids: Any = field(default=None, repr=False)
+    calibration_windows: int = 16
+    window_tokens: int = 256
     damp: float = 0.01
     rotate: bool | str = False
     rotation_seed: int = 0
@@ -75,8 +74,9 @@ class QuantTransform(Transform):
     def validate(self) -> None:
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"smooth_alpha must be in [0, 1] (SmoothQuant uses 0.5), got {self.smooth_alpha}")
-        if self.num_samples < 1 or self.seq_len < 8:
-            raise ConfigError(f"need num_samples >= 1 and seq_len >= 8, got {self.num_samples} and {self.seq_len}")
+        if self.calibration_windows < 1 or self.window_tokens < 8:
+            raise ConfigError(f"need calibration_windows >= 1 and window_tokens >= 8, "
+                              f"got {self.calibration_windows} and {self.window_tokens}")
         if not 0.0 <= self.damp < 1.0:
             raise ConfigError(f"damp must be in [0, 1) (GPTQ uses 0.01), got {self.damp}")
         if self.rotate not in (True, False, "auto"):
@@ -90,8 +90,8 @@ class QuantTransform(Transform):
         decoder_layers(model)
         if self.rotate is True:
             check_rotatable(model)
-        if self.calibrated and self.calibration_data is None:
-            self._tokenizer(model)
+        if self.calibrated and self.calibration_ids is None:
+            calibration.require_tokenizer(model, self, self._no_data(), f" ({self._calibration_name()})")
         for name, mod in select_linears(model, self.filter_fn, self.quantize_lm_head).items():
             try:
                 check_linear(mod)
@@ -106,32 +106,15 @@ class QuantTransform(Transform):
         return {}
 
     # --- shared
-    def _tokenizer(self, model: nn.Module) -> Any:
-        """The tokenizer for calibration text: ``tokenizer=``, else the model's own, else a ConfigError
-        that names the fixes (raised from ``check_model``, before anything changes)."""
-        if self.tokenizer is not None:
-            return self.tokenizer
-        tok, why = find_tokenizer(model)
-        if tok is None:
-            no_data = ", ".join(([] if not self.gptq else ["gptq=false"])
-                                + ([] if self.smooth_alpha is None else ["smooth_alpha=none"]))
-            raise ConfigError(
-                f"{type(self).__name__} calibrates on text ({self._calibration_name()}) and needs the model's "
-                f"tokenizer: {why}. Pass it: optimize(model, {type(self).__name__}(..., tokenizer=tok)) (or "
-                f"calibration_data=[token id tensors]); load the model with infertrix.models.load, which records "
-                f"it; or quantize without data: recipe '{self.name}({no_data})'"
-            )
-        return tok
+    def _no_data(self) -> str:
+        """The recipe that quantizes without data, for the error when no tokenizer is found."""
+        no_data = ", ".join(([] if not self.gptq else ["gptq=false"])
+                            + ([] if self.smooth_alpha is None else ["smooth_alpha=none"]))
+        return f", or quantize without data: recipe '{self.name}({no_data})'"
 
     def _calibration_name(self) -> str:
         return "+".join(([] if not self.gptq else ["GPTQ"])
                         + ([] if self.smooth_alpha is None else [f"SmoothQuant smooth_alpha={self.smooth_alpha}"]))
-
-    def _batches(self, model: nn.Module) -> list[Tensor]:
-        if self.calibration_data is not None:
-            return [torch.as_tensor(b).long().reshape(1, -1) if torch.as_tensor(b).dim() < 2 else torch.as_tensor(b)
-                    for b in self.calibration_data]
-        return calibration_inputs(self._tokenizer(model), self.calibration_texts, self.num_samples, self.seq_len)
 
     def apply(self, model: nn.Module) -> Applied:
         swapper = ModuleSwapper(model)
@@ -195,7 +178,8 @@ class QuantTransform(Transform):
         """Quantize ``targets`` layer by layer on calibration data (smoothing first when asked);
         return the names of the smoothed layers."""
         smoothed: list[str] = []
-        batches = self._batches(model)
+        # the END of the shipped text: the perplexity benchmarks read its beginning
+        batches = calibration.windows_for(model, self, None, self._no_data(), f" ({self._calibration_name()})")
 
         def on_layer(index, linears: dict[str, nn.Module], stats: dict[str, InputStats]) -> None:
             weights = {n: m.weight.detach().float().clone() for n, m in linears.items()}

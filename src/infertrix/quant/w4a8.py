@@ -50,7 +50,7 @@ class W4A8(QuantTransform):
         the head float (SmolLM2: perplexity +22% instead of +29% without data).
       act_order: with gptq, quantize columns by decreasing activation energy (GPTQ's desc_act;
         default True, no effect without gptq).
-      num_samples: calibration windows of seq_len tokens (default 8 x 256 here).
+      calibration_windows: windows of window_tokens tokens to calibrate on (default 8 x 256 here).
       outlier_fraction: SqueezeLLM's dense-and-sparse option (Kim et al. 2024,
         https://arxiv.org/abs/2306.07629): keep this fraction of the largest-magnitude weights
         (e.g. 0.005) exactly, in a float sparse side matrix added after the int kernel; 0 = off.
@@ -68,7 +68,7 @@ class W4A8(QuantTransform):
     outlier_fraction: float = 0.0
     rotate: bool | str = "auto"
     quantize_lm_head: bool = True
-    num_samples: int = 8
+    calibration_windows: int = 8
 
     def validate(self) -> None:
         super().validate()

@@ -114,8 +114,8 @@ class W8A8(QuantTransform):
 
     def validate(self) -> None:
         super().validate()
-        if self.seq_len < 8:
-            raise ConfigError("seq_len must be at least 8")
+        if self.window_tokens < 8:
+            raise ConfigError("window_tokens must be at least 8")
 
     def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
         q, scale = quantize_int8_per_channel(weight, hessian, self.damp)

@@ -11,7 +11,7 @@
 from .adaskip import AdaSkip
 from .apply_plan import ApplySkipPlan
 from .attention_drop import AttentionDrop
-from .calibration import Similarities, SimilarityRecorder, calibration_ids, measure_similarities
+from .calibration import Similarities, SimilarityRecorder, measure_similarities
 from .modules import SkippedAttention, SkippedLayer, SkippedMLP
 from .plan import (
     SUBLAYERS,
@@ -48,7 +48,6 @@ __all__ = [
     "SublayerCosts",
     "UniformSkip",
     "anchor_layers",
-    "calibration_ids",
     "measure_similarities",
     "rollback_cache",
     "skipping",

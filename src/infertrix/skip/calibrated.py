@@ -5,66 +5,49 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
+from ..core.calibration import windows_for
 from ..core.transform import ConfigError
-from .calibration import Similarities, calibration_ids, measure_similarities
+from .calibration import Similarities, measure_similarities
 from .strategy import SkipStrategy
-
-
-def _tokenizer_for(model: nn.Module, who: str) -> Any:
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
-    if path:
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            pass
-    raise ConfigError(
-        f"{who} calibrates on text but cannot find a tokenizer for this model; pass tokenizer=..., "
-        "calibration_ids=... (1-D token ids) or similarities=... (from measure_similarities)"
-    )
 
 
 @dataclass
 class CalibratedStrategy(SkipStrategy):
     """A strategy ranking units by input/output similarity measured on calibration text.
 
-    calibration_tokens: tokens of the shipped prose (tail half of Pride and Prejudice) to measure on.
-    window: tokens per forward pass during calibration.
+    tokenizer, calibration_text, calibration_ids, calibration_windows, window_tokens: the
+      calibration fields of every family (see ``infertrix.core.calibration``); default 2 windows x
+      512 tokens from the middle of the shipped Pride and Prejudice.
     protect_last: never choose the last decoder layer (it writes the logits' features directly).
     progress: show a tqdm progress bar while calibrating.
-    tokenizer: the model's tokenizer (found from the model's folder when None).
-    calibration_ids: 1-D token ids to calibrate on instead of the shipped prose.
     similarities: precomputed :class:`Similarities` (skips calibration; lets several budgets share one run).
     """
 
-    calibration_tokens: int = 1024
-    window: int = 512
+    calibration_windows: int = 2
+    window_tokens: int = 512
     protect_last: bool = True
     progress: bool = True
     tokenizer: Any = field(default=None, repr=False, compare=False)
-    calibration_ids: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    calibration_text: Any = field(default=None, repr=False, compare=False)
+    calibration_ids: Any = field(default=None, repr=False, compare=False)
     similarities: Similarities | None = field(default=None, repr=False, compare=False)
 
     def validate(self) -> None:
         super().validate()
-        if self.calibration_tokens < 1 or self.window < 1:
+        if self.calibration_windows < 1 or self.window_tokens < 1:
             raise ConfigError(
-                f"{type(self).__name__}: calibration_tokens and window must be >= 1, "
-                f"got {self.calibration_tokens} and {self.window}"
+                f"{type(self).__name__}: calibration_windows and window_tokens must be >= 1, "
+                f"got {self.calibration_windows} and {self.window_tokens}"
             )
 
     def measure(self, model: nn.Module) -> Similarities:
         """Similarities of every layer and sublayer of ``model`` (cached on this config)."""
         if self.similarities is None:
-            ids = self.calibration_ids
-            if ids is None:
-                tok = self.tokenizer if self.tokenizer is not None else _tokenizer_for(model, type(self).__name__)
-                ids = calibration_ids(tok, self.calibration_tokens)
+            # the middle of the shipped text: the perplexity benchmarks read its beginning
+            windows = windows_for(model, self, 0.5, " or similarities=... (from measure_similarities)")
             self.similarities = measure_similarities(
-                model, ids, window=self.window, progress=self.progress, desc=f"{self.name} calibration"
+                model, windows, progress=self.progress, desc=f"{self.name} calibration"
             )
         return self.similarities

@@ -4,46 +4,20 @@ ShortGPT's block influence, the attention-dropping criterion of He et al. and Ad
 importance all reduce to one figure: the cosine similarity between the residual stream entering a
 unit and the residual stream leaving it (``cos(h, h + f(h))``). :class:`SimilarityRecorder`
 measures all three granularities (whole layer, attention, MLP) in one forward pass with forward
-hooks on the model's own modules (removed on exit), so strategies share it.
-
-Calibration text: by default the tail half of the shipped *Pride and Prejudice*, so that
-perplexity measured on the start of the book is not measured on the calibration tokens.
+hooks on the model's own modules (removed on exit), so strategies share it. The calibration
+windows come from :mod:`infertrix.core.calibration`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.calibration import run_windows, token_windows
 from ..core.model import decoder_layers
-from ..core.transform import ConfigError
-
-
-def load_calibration_text(name: str = "prideprejudice") -> str:
-    """The shipped text ``name`` (``infertrix.eval.load_text`` when available)."""
-    try:
-        from ..eval import load_text  # type: ignore[attr-defined]
-
-        return load_text(name)
-    except ImportError:
-        return resources.files("infertrix").joinpath(f"data/{name}.txt").read_text(encoding="utf-8")
-
-
-def calibration_ids(tokenizer: Any, tokens: int = 2048, start: float = 0.5) -> torch.Tensor:
-    """``tokens`` token ids of the shipped prose, starting at fraction ``start`` of the text."""
-    if not 0 <= start < 1:
-        raise ConfigError(f"calibration start must be in [0, 1), got {start}")
-    text = load_calibration_text()
-    begin = int(len(text) * start)
-    chunk = text[begin : begin + tokens * 8]  # ~4 characters per token in English prose, with margin
-    ids = tokenizer(chunk, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if ids.numel() < tokens:
-        raise ConfigError(f"only {ids.numel()} calibration tokens available after start={start}; lower tokens")
-    return ids[:tokens]
 
 
 @dataclass
@@ -164,20 +138,13 @@ class SimilarityRecorder:
 def measure_similarities(
     model: nn.Module,
     input_ids: torch.Tensor,
-    window: int = 512,
+    window_tokens: int = 512,
     progress: bool = True,
     desc: str = "calibrating",
 ) -> Similarities:
-    """Run ``input_ids`` (1-D) through ``model`` in windows of ``window`` tokens and measure."""
-    from tqdm.auto import tqdm
-
-    ids = input_ids.reshape(-1)
-    if ids.numel() == 0:
-        raise ConfigError("calibration needs at least one token")
-    device = next(model.parameters()).device
-    starts = list(range(0, ids.numel(), window))
+    """Run ``input_ids`` through ``model`` and measure: windows [n, L] as they are, 1-D ids cut
+    into windows of ``window_tokens`` (:func:`infertrix.core.calibration.token_windows`)."""
+    windows = token_windows(ids=input_ids, window_tokens=window_tokens)
     with SimilarityRecorder(model) as rec:
-        for s in tqdm(starts, desc=desc, unit="window", disable=not progress, leave=False):
-            # logits of the last position only: the vocabulary projection is not needed here
-            model(input_ids=ids[s : s + window].unsqueeze(0).to(device), use_cache=False, logits_to_keep=1)
+        run_windows(model, windows, progress, desc)
     return rec.result()
