@@ -50,6 +50,7 @@ from infertrix.skip import (
     SkipDecode,
     SublayerCosts,
     UniformSkip,
+    skip_state,
 )
 
 from .report import markdown_table, write_section
@@ -178,7 +179,7 @@ def quality_part(model, tok, args, store: dict) -> None:
         try:
             ppl = continuation_perplexity(model, tok, args.ppl_tokens)
             agree = (greedy_batch(model, prompts, 128) == reference).float().mean().item()
-            plan = t.controller.plan if isinstance(t, AdaSkip) else t.plan(model)  # AdaSkip: last batch's
+            plan = skip_state(model).controller.plan if isinstance(t, AdaSkip) else t.plan(model)  # AdaSkip: last batch's
             row.update(skipped=f"{plan.compute_fraction(model):.1%}", units=len(plan), perplexity=ppl, agreement=agree,
                        plan=repr(plan))
         finally:

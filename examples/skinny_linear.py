@@ -31,7 +31,7 @@ def main() -> None:
     ids = tok(text + "of a good fortune, must be in want of a wife.\n", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=40, do_sample=False)
     print(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
-    print(model.speculative_stats.last)
+    print(ix.speculative.speculative_stats(model).last)
     ix.restore(model)
 
 

@@ -34,7 +34,7 @@ def main() -> None:
     print(tok.decode(fast[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
     print(f"\nidentical to plain generate: {torch.equal(plain, fast)}")
     print(f"plain {t_plain:.2f} s, quantized self-draft {t_fast:.2f} s")
-    print(model.speculative_stats.last)
+    print(ix.speculative.speculative_stats(model).last)
     print(ix.describe(model))
     ix.restore(model)
 

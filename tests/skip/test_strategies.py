@@ -79,7 +79,7 @@ def test_shortgpt_picks_lowest_block_influence():
     m = tiny10()
     sg = ShortGPT(fraction=0.3, calibration_ids=calib(), window_tokens=48, progress=False)
     plan = sg.plan(m)
-    bi = {i: 1 - s for i, s in enumerate(sg.similarities.layer)}
+    bi = {i: 1 - s for i, s in enumerate(sg.measure(m).layer)}  # measured once, kept on m
     cands = [i for i in range(1, 9)]
     assert sorted(plan.indices("layer")) == sorted(sorted(cands, key=bi.get)[:3])
     assert all(e.score == pytest.approx(bi[e.layer], abs=1e-6) for e in plan)
@@ -100,13 +100,13 @@ def test_attention_drop_picks_most_similar_and_refuses_too_much():
     m = tiny10()
     ad = AttentionDrop(count=4, calibration_ids=calib(), window_tokens=48, progress=False)
     plan = ad.plan(m)
-    sims = ad.similarities.attention
+    sims = ad.measure(m).attention
     assert sorted(plan.indices("attention")) == sorted(sorted(range(1, 9), key=lambda i: -sims[i])[:4])
     assert plan.indices("layer") == [] and plan.indices("mlp") == []
     # attention is 12288 of 30720 weights per tiny layer: 8 skippable = 32% of compute at most
     with pytest.raises(ConfigError, match=r"only 8 that may be skipped \(at most 32% of its decoder compute\)"):
         AttentionDrop(fraction=0.5, calibration_ids=calib(), progress=False).plan(m)
-    with AttentionDrop(count=3, similarities=ad.similarities).plan(m).active(m):
+    with AttentionDrop(count=3, similarities=ad.measure(m)).plan(m).active(m):
         out = m.generate(calib(8).unsqueeze(0), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert sum(layer.is_initialized for layer in out.cache.layers) == 7
 
@@ -174,7 +174,7 @@ def test_adaskip_measures_prefill_and_skips_while_decoding():
             mod.register_forward_hook(lambda *a, key=(i, name): calls.__setitem__(key, calls[key] + 1))
     x = calib(10).unsqueeze(0)
     m.generate(x, max_new_tokens=5, do_sample=False)
-    plan = t.controller.plan
+    plan = ix.skip.skip_state(m).controller.plan
     assert plan is not None and 0 < plan.compute_fraction(m) <= 0.2
     assert {e.sublayer for e in plan} <= {"attention", "mlp"}
     for key, n in calls.items():
@@ -183,7 +183,7 @@ def test_adaskip_measures_prefill_and_skips_while_decoding():
     assert min(e.score for e in plan) >= 0
     # a new prompt is measured afresh, with every sublayer back in place for its prefill
     m.generate(calib(7, seed=9).unsqueeze(0), max_new_tokens=2, do_sample=False)
-    assert t.controller.prefills == 2
+    assert ix.skip.skip_state(m).controller.prefills == 2
     ix.restore(m)
     assert all(not isinstance(layer.self_attn, torch.nn.Module) or type(layer.self_attn).__name__.endswith("Attention")
                and "Skipped" not in type(layer.self_attn).__name__ for layer in layers)
@@ -222,7 +222,7 @@ def test_smollm2_strategies(smollm2, tmp_path):
     assert plan.compute_fraction(model) == pytest.approx(0.2)
     again = SkipPlan.load(plan.save(tmp_path / "sg.json"))
     assert again == plan
-    ad = AttentionDrop(fraction=0.1, similarities=sg.similarities).plan(model)
+    ad = AttentionDrop(fraction=0.1, similarities=sg.measure(model)).plan(model)
     assert len(ad) == 12 and ad.indices("attention") and 0 not in ad.indices("attention")
     x = tok("It is a truth universally acknowledged", return_tensors="pt")
     ix.optimize(model, SkipDecode(fraction=0.2, ramp_tokens=4))

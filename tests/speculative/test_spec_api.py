@@ -39,7 +39,7 @@ def test_streamer_receives_what_plain_generate_sends(batch):
     ix.optimize(model, PromptLookup(num_tokens=5))
     out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=15, streamer=spec_stream)
     assert torch.equal(ref, out)
-    assert model.speculative_stats.last.accepted > 0
+    assert ix.speculative.speculative_stats(model).last.accepted > 0
     assert spec_stream.ended == ref_stream.ended == 1
     assert len(spec_stream.calls) == len(ref_stream.calls)
     for a, b in zip(spec_stream.calls, ref_stream.calls, strict=True):
@@ -80,7 +80,7 @@ def test_stats_and_describe():
     ix.optimize(model, "pld:4")
     model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
     model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
-    rec = model.speculative_stats
+    rec = ix.speculative.speculative_stats(model)
     assert rec.total.calls == 2 and rec.last.calls == 1
     assert rec.total.tokens == 2 * rec.last.tokens == 48
     assert rec.last.accepted <= rec.last.drafted
@@ -96,9 +96,11 @@ def test_restore_and_recipes():
     ix.optimize(model, "pld:6(max_ngram=4)")
     (t,) = ix.core.api.applied_transforms(model)
     assert isinstance(t, PromptLookup) and t.num_tokens == 6 and t.max_ngram == 4
-    assert "generate" in model.__dict__ and hasattr(model, "speculative_stats")
+    assert "generate" in model.__dict__ and ix.speculative.speculative_stats(model).total.calls == 0
     ix.restore(model)
-    assert "generate" not in model.__dict__ and not hasattr(model, "speculative_stats")
+    assert "generate" not in model.__dict__ and "_infertrix" not in model.__dict__
+    with pytest.raises(ValueError, match="no speculative transform is applied"):
+        ix.speculative.speculative_stats(model)
     assert ix.parse_recipe("copyspec")[0].name == "prompt_lookup"
 
 
@@ -115,7 +117,7 @@ def test_caller_custom_generate_and_assistant_bypass():
     ids, mask = prompts(1)
     ix.optimize(model, "pld")
     model.generate(ids, attention_mask=mask, max_new_tokens=4, assistant_model=make_tiny("llama", seed=3))
-    assert model.speculative_stats.total.calls == 0  # transformers' own assisted path ran
+    assert ix.speculative.speculative_stats(model).total.calls == 0  # transformers' own assisted path ran
 
 
 def test_errors():
@@ -191,11 +193,11 @@ def test_draft_confidence_stops_drafting():
     draft = make_tiny("llama", seed=4, num_hidden_layers=1)
     ix.optimize(model, DraftModel(draft=draft, num_tokens=6, adaptive=False, confidence=0.0))
     model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
-    eager = model.speculative_stats.last
+    eager = ix.speculative.speculative_stats(model).last
     ix.restore(model)
     # a random tiny draft is never 99% sure: it stops after one token each step
     ix.optimize(model, DraftModel(draft=draft, num_tokens=6, adaptive=False, confidence=0.99))
     model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
-    shy = model.speculative_stats.last
+    shy = ix.speculative.speculative_stats(model).last
     assert shy.drafted <= shy.steps  # at most one draft token per verification
     assert eager.drafted > eager.steps

@@ -45,7 +45,7 @@ def plain_and_spec(model, transform, ids, mask, **kw):
     ix.optimize(model, transform)
     try:
         out = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
-        stats = model.speculative_stats.last
+        stats = ix.speculative.speculative_stats(model).last
     finally:
         ix.restore(model)
     return ref, out, stats
@@ -157,9 +157,12 @@ def test_self_speculative_plan_search():
     ids, mask = padded_batch(2, seed=8)
     plans = [SkipPlan.of(layers=[1, 2, 3]), SkipPlan.of(mlp=[3]), UniformSkip(count=1)]
     t = SelfSpeculative(plan=plans, search_steps=3)
-    ref, out, stats = plain_and_spec(model, t, ids, mask, max_new_tokens=40)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40)
+    ix.optimize(model, t)
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40)
+    search = t.plan_search(model)  # kept in the model's record while applied
+    ix.restore(model)
     assert torch.equal(ref, out)
-    search = t.search
     assert len(search.names) == 3 and search.best in (0, 1, 2)
     assert all(s > 0 for s in search.seconds) and all(n > 0 for n in search.tokens)
     assert search.rates()[search.best] == max(search.rates())

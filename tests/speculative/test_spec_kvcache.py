@@ -27,7 +27,7 @@ def test_greedy_identity_with_cache_policy(policy, drafter):
     ix.optimize(model, policy, spec)
     try:
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40)
-        stats = model.speculative_stats.last
+        stats = ix.speculative.speculative_stats(model).last
     finally:
         ix.restore(model)
     assert torch.equal(ref, out)

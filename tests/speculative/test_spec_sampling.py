@@ -112,7 +112,7 @@ def test_sampled_sequences_follow_model_distribution(make):
     t = PromptLookup(num_tokens=3, adaptive=False) if make == "pld" else DraftModel(draft=_small_model(seed=5), num_tokens=3, confidence=0.0)
     ix.optimize(model, t)
     counts = sample_counts(model, PROMPT, calls=2, rows=1000, **kw)
-    st = model.speculative_stats.total
+    st = ix.speculative.speculative_stats(model).total
     assert st.drafted > 300 and 0 < st.accepted < st.drafted  # both branches of the rule ran
     stat, df = chi2(counts, exact)
     assert stat < chi2_critical(df), (stat, df)

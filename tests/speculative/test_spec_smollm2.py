@@ -33,7 +33,7 @@ def test_prompt_lookup_greedy_identity(smollm2, batch):
     ix.optimize(model, ix.speculative.PromptLookup(num_tokens=8))
     try:
         out = model.generate(**enc, max_new_tokens=24, do_sample=False)
-        stats = model.speculative_stats.last
+        stats = ix.speculative.speculative_stats(model).last
     finally:
         ix.restore(model)
     assert torch.equal(ref, out)
@@ -50,7 +50,7 @@ def test_draft_model_greedy_identity(smollm2):
     ix.optimize(model, ix.speculative.DraftModel(draft=draft, num_tokens=3))
     try:
         out = model.generate(**enc, max_new_tokens=16, do_sample=False)
-        assert model.speculative_stats.last.drafted > 0
+        assert ix.speculative.speculative_stats(model).last.drafted > 0
     finally:
         ix.restore(model)
     assert torch.equal(ref, out)
@@ -66,7 +66,7 @@ def test_pipeline_runs_unchanged(smollm2):
     ix.optimize(model, "pld")
     try:
         out = pipe(chat, max_new_tokens=16, do_sample=False)[0]["generated_text"][-1]["content"]
-        assert model.speculative_stats.total.calls == 1
+        assert ix.speculative.speculative_stats(model).total.calls == 1
     finally:
         ix.restore(model)
     assert out == ref

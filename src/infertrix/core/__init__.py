@@ -4,6 +4,7 @@ from .api import Description, RestoreReport, applied_transforms, describe, optim
 from .generation import add_generate_hook
 from .recipe import parse_recipe
 from .registry import available, get_transform, register_transform
+from .state import ModelState, state
 from .transform import (
     Applied,
     ConfigError,
@@ -20,6 +21,7 @@ __all__ = [
     "ConflictError",
     "Description",
     "InfertrixError",
+    "ModelState",
     "RestoreReport",
     "Stage",
     "Transform",
@@ -33,4 +35,5 @@ __all__ = [
     "parse_recipe",
     "register_transform",
     "restore",
+    "state",
 ]

@@ -3,34 +3,23 @@
 ``optimize(model, *transforms)`` changes the model in place and returns it, so it drops into
 scripts, notebooks, ``pipeline(...)`` and evaluation harnesses that take a model object. It
 applies transforms by stage (weights -> experts -> kernels -> layers -> cache -> decoding), refuses
-conflicting combinations before changing anything, and keeps a record on the model
-(``model._infertrix``) that ``describe`` reads and ``restore`` unwinds.
+conflicting combinations before changing anything, and keeps what it applied in the model's one
+run-time record (:mod:`.state`) that ``describe`` reads and ``restore`` unwinds.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .model import model_type, require_causal_lm, tensor_bytes
 from .recipe import parse_recipe
+from .state import STATE_ATTR, state
 from .transform import Applied, ConflictError, Stage, Transform
-
-STATE_ATTR = "_infertrix"
-
-
-@dataclass
-class OptimizationState:
-    """The record ``optimize`` keeps on a model."""
-
-    applied: list[Applied] = field(default_factory=list)
-    generate_hooks: list[tuple[int, Callable]] = field(default_factory=list)
-    original_bytes: int = 0
 
 
 def _check_is_model(model: Any, verb: str) -> None:
@@ -42,16 +31,8 @@ def _check_is_model(model: Any, verb: str) -> None:
         )
 
 
-def _state(model: nn.Module, create: bool = False) -> OptimizationState | None:
-    st = model.__dict__.get(STATE_ATTR)
-    if st is None and create:
-        st = OptimizationState(original_bytes=tensor_bytes(model))
-        model.__dict__[STATE_ATTR] = st
-    return st
-
-
 def applied_transforms(model: nn.Module) -> list[Transform]:
-    st = _state(model)
+    st = state(model)
     return [a.transform for a in st.applied] if st else []
 
 
@@ -102,16 +83,16 @@ def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
     """
     _check_is_model(model, "optimize")
     new = sorted(_as_transforms(transforms), key=lambda t: int(t.stage))
-    st = _state(model)
+    st = state(model)
+    fresh = st is None
     _check_conflicts([a.transform for a in st.applied] if st else [], new)
-    for t in new:
-        if t.stage.acts_through_generate:
-            require_causal_lm(model, t.name)
-        t.check_model(model)
-    fresh = _state(model) is None
-    st = _state(model, create=True)
     done: list[Applied] = []
     try:
+        for t in new:
+            if t.stage.acts_through_generate:
+                require_causal_lm(model, t.name)
+            t.check_model(model)  # may fill the model's record (a draft built once for it)
+        st = state(model, create=True)
         for t in new:
             applied = t.apply(model)
             if not isinstance(applied, Applied):
@@ -119,11 +100,12 @@ def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
             done.append(applied)
             st.applied.append(applied)
     except BaseException:
+        st = state(model)
         for a in reversed(done):
             st.applied.remove(a)
             if a.undo is not None:
                 a.undo()
-        if fresh and not st.applied and not st.generate_hooks:  # leave no empty record behind
+        if fresh and st is not None and not st.applied and not st.generate_hooks:  # leave no record behind
             model.__dict__.pop(STATE_ATTR, None)
         raise
     return model
@@ -193,7 +175,7 @@ def describe(model: nn.Module) -> Description:
     """Report what was applied: each transform's parameters, its live figures and the bytes the
     model keeps alive (its tensors and those transforms hold for it)."""
     _check_is_model(model, "describe")
-    st = _state(model)
+    st = state(model)
     own = tensor_bytes(model)
     entries, held = [], []
     for a in st.applied if st else []:
@@ -232,7 +214,7 @@ def restore(model: nn.Module, strict: bool = False) -> RestoreReport:
     anything is undone).
     """
     _check_is_model(model, "restore")
-    st = _state(model)
+    st = state(model)
     if st is None:
         return RestoreReport([], {})
     stuck = {a.transform.name: a.irreversible_reason or "no undo" for a in st.applied if not a.reversible}

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .api import _state
+from .state import GENERATE_ATTR, state
 
 GenerateHook = Callable[[nn.Module, tuple, dict[str, Any]], tuple[tuple, dict[str, Any]]]
 
@@ -51,11 +51,11 @@ def cache_argument_name(model: nn.Module) -> str:
 
 def add_generate_hook(model: nn.Module, hook: GenerateHook, order: int = 0) -> Callable[[], None]:
     """Register ``hook`` on ``model.generate``; returns a function that removes it."""
-    st = _state(model, create=True)
+    st = state(model, create=True)
     entry = (order, hook)
     st.generate_hooks.append(entry)
     st.generate_hooks.sort(key=lambda e: e[0])
-    if "generate" not in model.__dict__:
+    if GENERATE_ATTR not in model.__dict__:
         unbound = type(model).generate
 
         @functools.wraps(unbound)
@@ -64,12 +64,12 @@ def add_generate_hook(model: nn.Module, hook: GenerateHook, order: int = 0) -> C
                 args, kwargs = h(model, args, kwargs)
             return unbound(model, *args, **kwargs)
 
-        model.__dict__["generate"] = generate
+        model.__dict__[GENERATE_ATTR] = generate
 
     def remove() -> None:
         if entry in st.generate_hooks:
             st.generate_hooks.remove(entry)
         if not st.generate_hooks:
-            model.__dict__.pop("generate", None)
+            model.__dict__.pop(GENERATE_ATTR, None)
 
     return remove

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.api import optimize, restore
 from ..core.transform import Transform
+from ..speculative.state import speculative_state
 from .text import body_text
 
 REWRITE_STARTS = [
@@ -170,8 +171,9 @@ def compare_decoding(
             out = model.generate(**enc, **(kw if r else {**kw, "max_new_tokens": warmup_tokens}))
             dt = time.perf_counter() - t0
             if t:
-                if r and "speculative_stats" in model.__dict__:
-                    res[name]["mal"].append(model.speculative_stats.last.mean_accepted_length)
+                spec = speculative_state(model)
+                if r and spec is not None and spec.stats is not None:
+                    res[name]["mal"].append(spec.stats.last.mean_accepted_length)
                 restore(model)
             if r == 0:
                 continue

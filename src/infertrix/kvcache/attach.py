@@ -28,10 +28,10 @@ from ..core import Stage, UnsupportedModelError
 from ..core.attention import SDPA_ATTENTION
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
+from ..core.state import family_state, state
 from .cache import CompressionLog, KVQuantSpec, PolicyCache, PolicyLayer
 from .compile_guard import EagerWhileCompressing
 
-SETUP_ATTR = "_infertrix_kvcache"
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
 # except for decoding steps over quantized tokens, which it reads from their codes
 KIVI_ATTENTION = "infertrix_kivi"
@@ -142,8 +142,9 @@ class KVCacheSetup:
             self.remove_generate()
             self.remove_generate = None
         model = self.model_ref()
-        if model is not None:
-            model.__dict__.pop(SETUP_ATTR, None)
+        st = state(model) if model is not None else None
+        if st is not None:
+            st.kvcache = None
 
     def set_policy(self, policy):
         self.policy = policy
@@ -296,11 +297,8 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
 
 
 def kv_setup(model: nn.Module, create: bool = False) -> KVCacheSetup | None:
-    setup = model.__dict__.get(SETUP_ATTR)
-    if setup is None and create:
-        setup = KVCacheSetup(model)
-        model.__dict__[SETUP_ATTR] = setup
-    return setup
+    """The model's KV-cache setup: its slot of the run-time record (:mod:`infertrix.core.state`)."""
+    return family_state(model, "kvcache", (lambda: KVCacheSetup(model)) if create else None)
 
 
 def new_cache(model: nn.Module) -> PolicyCache:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.state import state
 from ..core.transform import Applied, ConfigError
 from ..linear.swap import output_projection_name, set_submodule
 from .hf_config import FORMAT, QUANT_METHOD, InfertrixConfig, add_marker, remove_marker
@@ -159,13 +160,12 @@ def check_checkpoint_keys(model: nn.Module, files: list[str]) -> None:
 def attach_loaded(model: nn.Module, cfg: InfertrixConfig, source: str) -> None:
     """Check the loaded tensors and record the checkpoint's transforms for ``describe`` (irreversible)."""
     from .. import ops
-    from ..core.api import _state
     from ..core.recipe import parse_recipe
 
     quantized = _quantized(model)
     for name, mod in quantized.items():
         mod.check_loaded(name)
-    st = _state(model, create=True)
+    st = state(model, create=True)
     if cfg.quant:
         transform = parse_recipe(cfg.quant["recipe"])[0]
         head = output_projection_name(model)

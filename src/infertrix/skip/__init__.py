@@ -25,6 +25,7 @@ from .plan import (
 )
 from .shortgpt import ShortGPT
 from .skipdecode import ScheduledLayer, SkipDecode
+from .state import SkipState, skip_state
 from .strategy import SkipStrategy
 from .uniform import UniformSkip
 
@@ -41,6 +42,7 @@ __all__ = [
     "SkipEntry",
     "SkipHandle",
     "SkipPlan",
+    "SkipState",
     "SkipStrategy",
     "SkippedAttention",
     "SkippedLayer",
@@ -50,5 +52,6 @@ __all__ = [
     "anchor_layers",
     "measure_similarities",
     "rollback_cache",
+    "skip_state",
     "skipping",
 ]

@@ -13,6 +13,7 @@ from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError, UnsupportedModelError
 from .calibration import Similarities, SimilarityRecorder
 from .plan import SkipEntry, SkipHandle, SkipPlan, SublayerCosts
+from .state import skip_state
 from .strategy import SkipStrategy, plan_report, skippable
 
 
@@ -130,9 +131,14 @@ class AdaSkip(SkipStrategy):
 
     def apply(self, model: nn.Module) -> Applied:
         ctl = _AdaSkipController(model, self)
-        self.controller = ctl
+        skip_state(model, create=True).controller = ctl
+
+        def undo() -> None:
+            ctl.remove()
+            skip_state(model).controller = None
+
         return Applied(
             self,
-            undo=ctl.remove,
+            undo=undo,
             report=lambda: {**plan_report(model, ctl.plan), "prompts_measured": ctl.prefills},
         )

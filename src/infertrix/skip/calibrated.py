@@ -10,6 +10,7 @@ from torch import nn
 from ..core.calibration import windows_for
 from ..core.transform import ConfigError
 from .calibration import Similarities, measure_similarities
+from .state import measured_once
 from .strategy import SkipStrategy
 
 
@@ -43,11 +44,15 @@ class CalibratedStrategy(SkipStrategy):
             )
 
     def measure(self, model: nn.Module) -> Similarities:
-        """Similarities of every layer and sublayer of ``model`` (cached on this config)."""
-        if self.similarities is None:
-            # the middle of the shipped text: the perplexity benchmarks read its beginning
-            windows = windows_for(model, self, 0.5, " or similarities=... (from measure_similarities)")
-            self.similarities = measure_similarities(
-                model, windows, progress=self.progress, desc=f"{self.name} calibration"
-            )
-        return self.similarities
+        """Similarities of every layer and sublayer of ``model``: ``similarities`` when given, else
+        measured once per model and kept in the model's run-time record (never on this config)."""
+        if self.similarities is not None:
+            return self.similarities
+        inputs = (self.calibration_ids, self.calibration_text, self.tokenizer, self.calibration_windows,
+                  self.window_tokens)
+        return measured_once(model, inputs, lambda: self._measure(model))
+
+    def _measure(self, model: nn.Module) -> Similarities:
+        # the middle of the shipped text: the perplexity benchmarks read its beginning
+        windows = windows_for(model, self, 0.5, " or similarities=... (from measure_similarities)")
+        return measure_similarities(model, windows, progress=self.progress, desc=f"{self.name} calibration")

@@ -102,5 +102,4 @@ class SkipStrategy(Transform):
     def apply(self, model: nn.Module) -> Applied:
         plan = self.plan(model)
         handle = plan.apply(model)
-        self.last_plan = plan
         return Applied(self, undo=recorded(model, self, plan, handle), held=handle.held, report=lambda: plan_report(model, plan))

@@ -3,7 +3,7 @@
     import infertrix as ix
     ix.optimize(model, ix.speculative.PromptLookup(num_tokens=10))
     model.generate(**inputs, max_new_tokens=200)      # same tokens as without it (greedy)
-    print(model.speculative_stats.last.mean_accepted_length)
+    print(ix.speculative.speculative_stats(model).last.mean_accepted_length)
 
 See docs/speculative.md.
 """

@@ -33,6 +33,7 @@ from .budget import AcceptanceRate, best_length
 from .drafter import Draft, DraftContext, Drafter
 from .lean import LeanDecoder, lean_supported
 from .ragged import RaggedKV
+from .state import speculative_state
 from .transform import SpeculativeDecoding
 
 
@@ -63,18 +64,17 @@ def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "Draf
 
 
 PROBE_EVERY = 8  # plain steps in a row after which a 1-token draft re-measures acceptance
-LEAN_ATTR = "_infertrix_lean"
 
 
 def lean_decoder(draft: nn.Module) -> LeanDecoder | None:
-    """The draft's :class:`~.lean.LeanDecoder` (built once and kept on the module; rebuilt if its
-    modules were replaced since), or None when the model is not supported."""
+    """The draft's :class:`~.lean.LeanDecoder` (built once and kept in the draft's run-time record;
+    rebuilt if its modules were replaced since), or None when the model is not supported."""
     signature = tuple(id(m) for m in draft.modules())
-    kept = draft.__dict__.get(LEAN_ATTR)
-    if kept is not None and kept[0] == signature:
-        return kept[1]
+    st = speculative_state(draft, create=True)
+    if st.lean is not None and st.lean[0] == signature:
+        return st.lean[1]
     lean = LeanDecoder(draft) if lean_supported(draft) is None else None
-    draft.__dict__[LEAN_ATTR] = (signature, lean)  # building it replaces no module
+    st.lean = (signature, lean)  # building it replaces no module
     return lean
 
 
@@ -272,7 +272,7 @@ class DraftModel(SpeculativeDecoding):
         require_causal_lm(self.draft, "DraftModel's draft")
         check_same_vocabulary(model, self.draft)
 
-    def drafter_report(self) -> dict[str, Any]:
+    def drafter_report(self, model: nn.Module) -> dict[str, Any]:
         return {"draft model": f"{type(self.draft).__name__} ({sum(p.numel() for p in self.draft.parameters()):,} parameters)"}
 
     def make_drafter(self, model: nn.Module) -> Drafter:

@@ -26,22 +26,20 @@ open-ended text.
 
 from __future__ import annotations
 
-import copy
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..core.registry import register_transform
+from ..core.state import copy_without_state
 from ..core.transform import ConfigError
 from .draft_model import DraftModelDrafter
 from .drafter import Drafter
+from .state import prepared, prepared_for
 from .transform import SpeculativeDecoding
-
-# what an infertrix model carries in its __dict__ that a draft copy must not inherit
-_INSTANCE_STATE = ("_infertrix", "generate", "speculative_stats")
 
 
 def _fingerprint(t) -> tuple[float, float]:
@@ -60,9 +58,7 @@ def quantized_copy(model: nn.Module, quant) -> tuple[nn.Module, int]:
 
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     before = {i: (t.data_ptr(), t._version, _fingerprint(t)) for i, t in shared.items()}
-    draft = copy.deepcopy(model, memo=dict(shared))
-    for key in _INSTANCE_STATE:
-        draft.__dict__.pop(key, None)
+    draft = copy_without_state(model, memo=shared)
     optimize(draft, quant)
     draft.eval()
     changed = [i for i, t in shared.items() if (t.data_ptr(), t._version, _fingerprint(t)) != before[i]]
@@ -115,7 +111,6 @@ class QuantizedSelf(SpeculativeDecoding):
     adaptive: bool = True
     max_tokens: int = 10
     confidence: float = 0.1
-    _drafts: dict[int, tuple[nn.Module, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         from ..quant.int4 import check_group_size
@@ -131,37 +126,36 @@ class QuantizedSelf(SpeculativeDecoding):
             raise ConfigError(f"QuantizedSelf confidence must be in [0, 1), got {self.confidence}")
 
     def draft_for(self, model: nn.Module) -> nn.Module:
-        """The quantized copy of ``model`` (built once per model and kept by this transform)."""
-        if id(model) not in self._drafts:
-            from ..quant import W4A8, W8A8
+        """The quantized copy of ``model`` (built once per model and kept in its run-time record)."""
+        return self._draft(model)[0]
 
-            if self.weight_bits == 8:
-                quant = W8A8(smooth_alpha=None, quantize_lm_head=self.quantize_lm_head, progress=False,
-                             keep_original=False)
-            else:
-                # rotate=False: rotation folds into the embedding and norms, which the copy shares
-                quant = W4A8(group_size=self.group_size, mse_clip=self.mse_clip, rotate=False,
-                             quantize_lm_head=self.quantize_lm_head, progress=False, keep_original=False)
-            self._drafts[id(model)] = quantized_copy(model, quant)
-        return self._drafts[id(model)][0]
+    def _draft(self, model: nn.Module) -> tuple[nn.Module, int]:
+        return prepared_for(model, self, lambda: quantized_copy(model, self._quantizer()))
+
+    def _quantizer(self):
+        from ..quant import W4A8, W8A8
+
+        if self.weight_bits == 8:
+            return W8A8(smooth_alpha=None, quantize_lm_head=self.quantize_lm_head, progress=False,
+                        keep_original=False)
+        # rotate=False: rotation folds into the embedding and norms, which the copy shares
+        return W4A8(group_size=self.group_size, mse_clip=self.mse_clip, rotate=False,
+                    quantize_lm_head=self.quantize_lm_head, progress=False, keep_original=False)
 
     def check_model(self, model: nn.Module) -> None:
         self.draft_for(model)  # fails here, before anything is applied, if the quantizer cannot
 
-    def drafter_report(self) -> dict[str, Any]:
-        sizes = [b for _, b in self._drafts.values()]
+    def drafter_report(self, model: nn.Module) -> dict[str, Any]:
         return {
             "draft": (f"this model under W4A8 (group {self.group_size}{', mse clip' if self.mse_clip else ''}, "
                       if self.weight_bits == 4 else "this model under W8A8 (") + "lm_head "
             f"{'quantized' if self.quantize_lm_head else 'float'}), embeddings and norms shared",
-            "draft_bytes": sizes[-1] if sizes else None,  # its own tensors: the extra memory
+            "draft_bytes": kept[1] if (kept := prepared(model, self)) else None,  # its own tensors: the extra memory
         }
 
     def held_tensors(self, model: nn.Module) -> list[Tensor]:
-        if id(model) not in self._drafts:
-            return []
-        draft = self._drafts[id(model)][0]
-        return list(itertools.chain(draft.parameters(), draft.buffers()))
+        kept = prepared(model, self)
+        return list(itertools.chain(kept[0].parameters(), kept[0].buffers())) if kept else []
 
     def make_drafter(self, model: nn.Module) -> Drafter:
         return DraftModelDrafter(

@@ -38,6 +38,7 @@ from ..core.transform import ConfigError
 from ..skip import AttentionDrop, ShortGPT, SkipPlan, SkipStrategy
 from .draft_model import DraftModelDrafter
 from .drafter import Draft, Drafter
+from .state import prepared, prepared_for
 from .transform import SpeculativeDecoding
 
 Plan = Callable[[nn.Module], AbstractContextManager]
@@ -45,8 +46,8 @@ Plan = Callable[[nn.Module], AbstractContextManager]
 
 @dataclass
 class PlanSearch:
-    """Scores of the candidate plans (tokens per second while each was drafting); kept on the
-    transform so that later calls start from the best plan."""
+    """Scores of the candidate plans (tokens per second while each was drafting); kept in the
+    model's run-time record so that later calls start from the best plan."""
 
     names: list[str]
     tokens: list[float] = field(default_factory=list)
@@ -151,8 +152,6 @@ class SelfSpeculative(SpeculativeDecoding):
             raise ConfigError(f"SelfSpeculative confidence must be in [0, 1), got {self.confidence}")
         if self.search_steps < 1:
             raise ConfigError(f"SelfSpeculative search_steps must be >= 1, got {self.search_steps}")
-        self._resolved: list[tuple[str, Plan]] | None = None
-        self._search = PlanSearch([])
 
     def plans(self) -> list[Any]:
         if self.plan is None:
@@ -163,35 +162,39 @@ class SelfSpeculative(SpeculativeDecoding):
     def check_model(self, model: nn.Module) -> None:
         self.resolve(model)
 
-    def resolve(self, model: nn.Module) -> list[tuple[str, Plan]]:
-        """(name, plan callable) for each candidate; skip strategies calibrate here, once."""
-        if self._resolved is None:
-            out: list[tuple[str, Plan]] = []
-            for i, p in enumerate(self.plans()):
-                if isinstance(p, SkipStrategy):
-                    p = p.plan(model)
-                if isinstance(p, SkipPlan):
-                    p.validate(model)
-                    units = ", ".join(f"{e.layer}:{e.sublayer}" for e in p)
-                    out.append((f"{p.method} {p.compute_fraction(model):.0%} [{units}]", p.active))
-                else:
-                    out.append((getattr(p, "__name__", f"plan{i}"), p))
-            self._resolved = out
-            self._search = PlanSearch([name for name, _ in out])
-            if len(out) == 1:
-                self._search.best = 0
-        return self._resolved
+    def resolve(self, model: nn.Module) -> tuple[list[tuple[str, Plan]], PlanSearch]:
+        """(name, plan callable) for each candidate, and their search, for ``model``; skip strategies
+        calibrate here, once per model (kept in its run-time record)."""
+        return prepared_for(model, self, lambda: self._resolve(model))
 
-    @property
-    def search(self) -> PlanSearch:
-        return self._search
+    def _resolve(self, model: nn.Module) -> tuple[list[tuple[str, Plan]], PlanSearch]:
+        out: list[tuple[str, Plan]] = []
+        for i, p in enumerate(self.plans()):
+            if isinstance(p, SkipStrategy):
+                p = p.plan(model)
+            if isinstance(p, SkipPlan):
+                p.validate(model)
+                units = ", ".join(f"{e.layer}:{e.sublayer}" for e in p)
+                out.append((f"{p.method} {p.compute_fraction(model):.0%} [{units}]", p.active))
+            else:
+                out.append((getattr(p, "__name__", f"plan{i}"), p))
+        search = PlanSearch([name for name, _ in out])
+        if len(out) == 1:
+            search.best = 0
+        return out, search
 
-    def drafter_report(self) -> dict[str, Any]:
-        return self._search.report()
+    def plan_search(self, model: nn.Module) -> PlanSearch | None:
+        """The scores of the candidate plans on ``model`` while this transform is applied."""
+        kept = prepared(model, self)
+        return kept[1] if kept else None
+
+    def drafter_report(self, model: nn.Module) -> dict[str, Any]:
+        return (self.plan_search(model) or PlanSearch([])).report()
 
     def make_drafter(self, model: nn.Module) -> Drafter:
+        plans, search = self.resolve(model)
         return SelfSpeculativeDrafter(
-            model, [fn for _, fn in self.resolve(model)], self._search, self.search_steps,
+            model, [fn for _, fn in plans], search, self.search_steps,
             num_tokens=self.num_tokens, confidence=self.confidence, adaptive=self.adaptive,
             max_tokens=self.max_tokens,
         )

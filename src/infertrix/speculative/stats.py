@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class SpeculativeStats:
-    """Figures of one ``generate`` call (``model.speculative_stats.last``) or of all calls since the
+    """Figures of one ``generate`` call (``speculative_stats(model).last``) or of all calls since the
     transform was applied (``.total``).
 
     ``drafted``/``accepted`` count draft tokens; ``steps`` counts verification forwards and
@@ -49,7 +49,7 @@ class SpeculativeStats:
 
 @dataclass
 class StatsRecord:
-    """``model.speculative_stats``: the last call's figures and the running total."""
+    """``speculative_stats(model)``: the last call's figures and the running total."""
 
     last: SpeculativeStats = field(default_factory=SpeculativeStats)
     total: SpeculativeStats = field(default_factory=SpeculativeStats)

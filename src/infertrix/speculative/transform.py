@@ -4,8 +4,8 @@ speculative loop through transformers' ``custom_generate`` seam.
 A subclass is a dataclass config that only says how to build its :class:`~.drafter.Drafter`;
 this base registers the generate hook, switches an sdpa model to ``infertrix_sdpa``
 (:mod:`infertrix.core.attention`: a masked verification window attends without copying grouped
-keys and values; results unchanged), keeps the statistics on ``model.speculative_stats``
-(also shown by ``describe(model)``) and undoes both on ``restore``. A ``generate`` call that
+keys and values; results unchanged), keeps the statistics in the model's run-time record (read
+with :func:`speculative_stats`, also shown by ``describe(model)``) and undoes both on ``restore``. A ``generate`` call that
 passes its own ``custom_generate`` or ``assistant_model`` runs unchanged.
 """
 
@@ -18,12 +18,12 @@ from torch import Tensor, nn
 
 from ..core.attention import use_packed_sdpa
 from ..core.generation import add_generate_hook
+from ..core.state import state
 from ..core.transform import Applied, Stage, Transform
 from .drafter import Drafter
 from .loop import SpeculativeGenerate
+from .state import speculative_state
 from .stats import StatsRecord
-
-STATS_ATTR = "speculative_stats"
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SpeculativeDecoding(Transform):
     def make_drafter(self, model: nn.Module) -> Drafter:
         raise NotImplementedError(f"{type(self).__name__}.make_drafter")
 
-    def drafter_report(self) -> dict[str, Any]:
+    def drafter_report(self, model: nn.Module) -> dict[str, Any]:
         return {}
 
     def held_tensors(self, model: nn.Module) -> list[Tensor]:
@@ -59,22 +59,31 @@ class SpeculativeDecoding(Transform):
             return args, kwargs
 
         remove = add_generate_hook(model, hook, order=int(self.stage))
-        model.__dict__[STATS_ATTR] = record
+        speculative_state(model, create=True).stats = record
         # verification forwards are masked query windows: no per-step copies of grouped keys/values
         undo_attention = use_packed_sdpa(model)
 
         def undo() -> None:
             undo_attention()
             remove()
-            model.__dict__.pop(STATS_ATTR, None)
+            drop_speculative_state(model)
 
-        return Applied(self, undo=undo, report=lambda: {**self.drafter_report(), **record.report()},
+        return Applied(self, undo=undo, report=lambda: {**self.drafter_report(model), **record.report()},
                        held=lambda: self.held_tensors(model))
 
 
+def drop_speculative_state(model: nn.Module) -> None:
+    """Forget what the speculative family kept for ``model`` (its statistics, a prepared draft)."""
+    st = state(model)
+    if st is not None:
+        st.speculative = None
+
+
 def speculative_stats(model: nn.Module) -> StatsRecord:
-    """The statistics record of a model with a speculative transform applied."""
-    record = model.__dict__.get(STATS_ATTR)
+    """The statistics of a model with a speculative transform applied: ``.last`` (the last
+    ``generate`` call) and ``.total`` (all calls since it was applied)."""
+    st = speculative_state(model)
+    record = st.stats if st is not None else None
     if record is None:
         raise ValueError("no speculative transform is applied to this model; optimize(model, PromptLookup()) first")
     return record
