@@ -75,7 +75,7 @@ def cells(ratios, h2o_window: int | None, methods: list[str] | None = None):
     for bits in (4, 2):
         if methods is None or f"KIVI-{bits}" in methods:
             out.append(
-                (f"kivi:{bits}", f"KIVI {bits}-bit", 0.0, None, kv.KVQuantSpec(bits, 32, 32))
+                (f"kivi:{bits}", f"KIVI {bits}-bit", 0.0, None, kv.KIVI(bits=bits, group_size=32, residual_length=32))
             )
     return out
 
@@ -84,8 +84,7 @@ def kv_cells(grid) -> list[KVCell]:
     """The cells of ``infertrix.eval.long_context`` for a grid of :func:`cells` tuples."""
     out = []
     for label, _, _, policy, quant in grid:
-        kivi = quant and kv.KIVI(quant.bits, quant.group_size, quant.residual_length)
-        out.append(KVCell(label, tuple(t for t in (policy, kivi) if t)))
+        out.append(KVCell(label, tuple(t for t in (policy, quant) if t)))
     return out
 
 

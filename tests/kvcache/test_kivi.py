@@ -31,7 +31,7 @@ def test_kivi_stores_few_bits_behind_a_residual_window(bits):
     layer = cache.layers[0]
     # 51 tokens: 40 quantized in blocks of 8, 11 in full precision (8 <= residual < 8 + 8)
     assert layer.n_quantized == 40 and layer.residual_len == 11 and cache.get_seq_length() == 51
-    assert layer.qkeys[0].dtype == torch.uint8 and layer.qkeys[0].shape == (
+    assert layer.codes.keys[0].dtype == torch.uint8 and layer.codes.keys[0].shape == (
         2,
         2,
         5,
@@ -125,14 +125,14 @@ def test_dequantized_view_is_one_buffer_shared_by_the_layers():
     )
     ix.optimize(model, KIVI(bits=4, group_size=8, residual_length=8))
     cache, _ = run(model, torch.randint(3, 128, (2, 50)))
-    layers = cache.policy_layers
-    assert all(layer.scratch is layers[0].scratch for layer in layers)
+    layers = cache.evicting_layers
+    assert all(layer.codes.scratch is layers[0].codes.scratch for layer in layers)
     for layer in layers:
         k, v = layer.full_keys_values()
-        assert torch.equal(k, torch.cat([layer._dequant_keys(), layer.keys], dim=-2))
-        assert torch.equal(v, torch.cat([layer._dequant_values(), layer.values], dim=-2))
+        assert torch.equal(k, torch.cat([layer.codes.dequantize_keys(k.dtype), layer.keys], dim=-2))
+        assert torch.equal(v, torch.cat([layer.codes.dequantize_values(v.dtype), layer.values], dim=-2))
         assert (
-            k.untyped_storage().data_ptr() == layers[0].scratch["keys"].untyped_storage().data_ptr()
+            k.untyped_storage().data_ptr() == layers[0].codes.scratch["keys"].untyped_storage().data_ptr()
         )
     # the buffer holds one layer's worth of tokens (rounded up), not the whole cache
     stored = layers[0].stored_length

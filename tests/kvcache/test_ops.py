@@ -144,7 +144,7 @@ def test_status_reports_the_ops():
 
 
 def kivi_case(b, h, g, d, nblk, t, r, bits, vgroup, padded=False, dtype=torch.float32, seed=0):
-    """Arguments of kivi_decode_attention for random KV quantized the way PolicyLayer stores it."""
+    """Arguments of kivi_decode_attention for random KV quantized the way KIVIStore stores it."""
     gen = torch.Generator().manual_seed(seed)
     s = nblk * t
     keys = torch.randn(b, h, s, d, generator=gen) * 2

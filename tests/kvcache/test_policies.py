@@ -17,16 +17,16 @@ from infertrix.kvcache import (
     TOVA,
     CacheCropError,
     DensityKV,
+    EvictingLayer,
     Keyformer,
     KNorm,
     PolicyCache,
-    PolicyLayer,
     PyramidKV,
     SnapKV,
     StreamingLLM,
     new_cache,
 )
-from infertrix.kvcache.cache import POLICY_HEADROOM
+from infertrix.kvcache.cache import EVICTING_HEADROOM
 
 
 def policies(**kw):
@@ -241,7 +241,7 @@ def test_sliding_layers_left_alone_in_gemma3():
     cache = new_cache(model)
     model(ids, cache=cache)
     kinds = [type(layer) for layer in cache.layers]
-    assert kinds == [DynamicSlidingWindowLayer, PolicyLayer] * 2
+    assert kinds == [DynamicSlidingWindowLayer, EvictingLayer] * 2
     assert cache.layers[0].keys.shape[-2] == 7  # stock sliding window (8 - 1)
     assert cache.layers[1].keys.shape[-2] == 15  # compressed full-attention layer
     assert cache.get_seq_length() == 30
@@ -410,7 +410,7 @@ def merge_all_pairs(keys, values, keep, visible, threshold):
 def test_merge_of_evicted_tokens_only_equals_all_pairs(seed, threshold):
     """merge_evicted scores only the evicted tokens against the kept ones: same result as scoring
     every stored token (kept tokens and pads never merge), on random shapes, budgets and padding."""
-    from infertrix.kvcache.d2o import merge_evicted
+    from infertrix.kvcache.merge import merge_evicted
 
     g = torch.Generator().manual_seed(seed)
     b, h, s, d = 2, 3, int(torch.randint(5, 70, (1,), generator=g)), 16
@@ -443,4 +443,4 @@ def test_policy_layers_append_in_place():
         ptrs.add(layer.keys.data_ptr())
     # one buffer for the prompt, one after the eviction, then in place
     assert len(ptrs) == 1 and layer.reallocations == 2
-    assert layer.keys.shape[-2] == 40 and layer.kbuf.shape[-2] == 21 + POLICY_HEADROOM
+    assert layer.keys.shape[-2] == 40 and layer.kbuf.shape[-2] == 21 + EVICTING_HEADROOM

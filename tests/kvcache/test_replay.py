@@ -11,7 +11,6 @@ from infertrix.kvcache import (
     H2O,
     KIVI,
     DensityKV,
-    KVQuantSpec,
     PyramidKV,
     SnapKV,
     StreamingLLM,
@@ -42,7 +41,7 @@ def test_replay_equals_real_prefill(arch, policy):
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=real)
     rec = record_prefill(model, ids, mask)
-    cache = replay(model, rec, policy, KVQuantSpec(4, 4, 4))
+    cache = replay(model, rec, policy, KIVI(bits=4, group_size=4, residual_length=4))
     assert cache.stored_lengths() == real.stored_lengths()
     for a, b in zip(cache.layers, real.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

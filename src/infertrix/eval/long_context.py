@@ -51,10 +51,9 @@ class KVCell:
 
     @property
     def quant(self):
-        from ..kvcache import KIVI, KVQuantSpec
+        from ..kvcache import KIVI
 
-        k = next((t for t in self.transforms if isinstance(t, KIVI)), None)
-        return None if k is None else KVQuantSpec(k.bits, k.group_size, k.residual_length)
+        return next((t for t in self.transforms if isinstance(t, KIVI)), None)
 
     @property
     def growing(self):

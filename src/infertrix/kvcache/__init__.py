@@ -9,15 +9,27 @@ See docs/kvcache.md.
 """
 
 from .attach import new_cache
-from .cache import CacheCropError, KVQuantSpec, PolicyCache, PolicyLayer
-from .d2o import D2O, merge_evicted
+from .cache import (
+    CacheCapabilities,
+    CacheCropError,
+    EvictingCache,
+    EvictingLayer,
+    GrowingCache,
+    GrowingLayer,
+    capabilities,
+    full_attention_layers,
+)
+from .d2o import D2O
 from .density import DensityKV
-from .growing import GrowingCache, GrowingKV, GrowingLayer, growing_cache
+from .growing import GrowingKV, growing_cache
 from .h2o import H2O
 from .keyformer import Keyformer
 from .kivi import KIVI
+from .kivi_store import KIVIStore
 from .knorm import KNorm
+from .merge import merge_evicted
 from .policy import KVPolicy, ScoreContext
+from .policy_cache import LayerState, PolicyCache
 from .pyramidkv import PyramidKV
 from .rkv import RKV
 from .snapkv import SnapKV
@@ -27,19 +39,22 @@ from .tova import TOVA
 POLICIES = (StreamingLLM, KNorm, SnapKV, H2O, TOVA, Keyformer, RKV, PyramidKV, D2O, DensityKV)
 
 __all__ = [
+    "CacheCapabilities",
     "D2O",
     "DensityKV",
+    "EvictingCache",
+    "EvictingLayer",
     "GrowingCache",
     "GrowingKV",
     "GrowingLayer",
     "H2O",
     "KIVI",
+    "KIVIStore",
     "KNorm",
     "KVPolicy",
-    "KVQuantSpec",
+    "LayerState",
     "POLICIES",
     "PolicyCache",
-    "PolicyLayer",
     "PyramidKV",
     "RKV",
     "CacheCropError",
@@ -48,6 +63,8 @@ __all__ = [
     "StreamingLLM",
     "TOVA",
     "Keyformer",
+    "capabilities",
+    "full_attention_layers",
     "merge_evicted",
     "new_cache",
     "growing_cache",

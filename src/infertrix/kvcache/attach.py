@@ -3,12 +3,12 @@
 ``KVCacheSetup`` is the per-model record shared by the eviction policy and KV quantization (they
 compose: evict, then store the kept tokens in few bits). While either is applied:
 
-- ``generate`` gets a fresh :class:`PolicyCache` whenever the caller passes no ``past_key_values``
+- ``generate`` gets a fresh :class:`~.policy_cache.PolicyCache` whenever the caller passes no ``past_key_values``
   (through :func:`infertrix.core.generation.add_generate_hook`; nothing in transformers is patched);
 - each full-attention module carries a forward pre-hook (gives a layer that holds fewer tokens than
   the longest one the suffix of the shared 4D mask that matches it) and a forward hook (runs the
-  policy after the layer's attention: queries are recomputed from the module's input, the layer is
-  compressed, quantized tokens are flushed). Hooks read only the attention module's public forward
+  policy after the layer's attention through :meth:`PolicyCache.after_attention`: queries are
+  recomputed from the module's input, the layer is compressed, quantized tokens are flushed). Hooks read only the attention module's public forward
   arguments (``hidden_states``, ``position_embeddings``, ``attention_mask``, the cache),
   and do nothing unless the cache is a ``PolicyCache``;
 - the model carries a forward pre-hook that warns, once per model, when a plain forward (several
@@ -29,8 +29,9 @@ from ..core.attention import SDPA_ATTENTION
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
 from ..core.state import family_state, state
-from .cache import CompressionLog, KVQuantSpec, PolicyCache, PolicyLayer
+from .cache import EvictingLayer, full_attention_layers
 from .compile_guard import EagerWhileCompressing
+from .policy_cache import CompressionLog, PolicyCache
 
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
 # except for decoding steps over quantized tokens, which it reads from their codes
@@ -76,11 +77,11 @@ def check_supported_model(model: nn.Module, transform, needs_queries: bool) -> N
             f"{name} supports attn_implementation 'sdpa' or 'eager', the model uses {impl!r}; load it with "
             "attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))"
         )
-    cache = PolicyCache(model.config)
-    if not cache.policy_layer_indices:
+    full = full_attention_layers(model.config)
+    if not full:
         raise UnsupportedModelError(f"{name}: the model has no full-attention layer to compress")
     mods = _attention_modules(model)
-    for i in cache.policy_layer_indices:
+    for i in full:
         attn = mods[i]
         if not stores_kv(attn):  # e.g. a layer skipped by infertrix.skip: nothing to compress there
             continue
@@ -122,9 +123,8 @@ class KVCacheSetup:
         if self.handles:
             return
         model = self.model_ref()
-        cache = PolicyCache(model.config)
         mods = _attention_modules(model)
-        for idx in cache.policy_layer_indices:
+        for idx in full_attention_layers(model.config):
             mod = mods[idx]
             self.handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post_hook, with_kwargs=True))
@@ -168,12 +168,8 @@ class KVCacheSetup:
         return undo
 
     # -- caches ------------------------------------------------------------------------------------------
-    def quant_spec(self) -> KVQuantSpec | None:
-        q = self.quant
-        return None if q is None else KVQuantSpec(q.bits, q.group_size, q.residual_length)
-
     def new_cache(self) -> PolicyCache:
-        cache = PolicyCache(self.model_ref().config, self.policy, self.quant_spec(), self.log)
+        cache = PolicyCache(self.model_ref().config, self.policy, self.quant, self.log)
         self.last_cache_ref = weakref.ref(cache)
         return cache
 
@@ -217,7 +213,7 @@ class KVCacheSetup:
         if not isinstance(cache, PolicyCache) or not stores_kv(module):
             return None, None
         layer = cache.layers[module.layer_idx]
-        return (cache, layer) if isinstance(layer, PolicyLayer) else (None, None)
+        return (cache, layer) if isinstance(layer, EvictingLayer) else (None, None)
 
     def _pre_hook(self, module, args, kwargs):
         cache, layer = self._layer_of(module, kwargs)
@@ -227,13 +223,13 @@ class KVCacheSetup:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         n = hidden.shape[1] if hidden is not None else 0
         # one decoding step over KIVI codes: KIVI's attention function reads them in place
-        layer.attend_codes = (
+        layer.residual_only = (
             n == 1
             and layer.n_quantized > 0
             and getattr(getattr(module, "config", None), "_attn_implementation", None)
             == KIVI_ATTENTION
         )
-        if layer.attend_codes:
+        if layer.residual_only:
             kwargs["kivi_layer"] = layer
         if isinstance(mask, Tensor) and mask.dim() == 4 and hidden is not None:
             want = layer.stored_length + n
@@ -245,24 +241,12 @@ class KVCacheSetup:
         cache, layer = self._layer_of(module, kwargs)
         if layer is None:
             return None
-        policy = cache.policy
-        rank = cache.policy_layer_indices.index(module.layer_idx)
-        read_codes, layer.attend_codes = layer.attend_codes, False
-        if policy is None and read_codes:
-            layer.flush()  # update left it for after the attention, which read the residual window
-        if policy is not None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            policy.after_attention(
-                module,
-                layer,
-                hidden,
-                kwargs.get("position_embeddings"),
-                kwargs.get("attention_mask"),
-                rank,
-                len(cache.policy_layer_indices),
-            )
-            layer.flush()
-        if rank == len(cache.policy_layer_indices) - 1:
+        layer.residual_only = False
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cache.after_attention(
+            module, module.layer_idx, hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask")
+        )
+        if module.layer_idx == cache.evicting_indices[-1]:
             self.last_stats = cache_stats(cache)  # describe() reports the last forward's cache
         return None
 
@@ -283,7 +267,7 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
         "kv_bytes": now,
         "kv_bytes_uncompressed": full,
         "kv_fraction": round(now / full, 4) if full else 1.0,
-        "tokens_seen": cache.layers[cache.policy_layer_indices[0]].cumulative_length,
+        "tokens_seen": cache.evicting_layers[0].cumulative_length,
         "tokens_stored": stored[0]
         if len(set(stored)) == 1
         else f"{min(stored)}..{max(stored)} (per layer)",

@@ -1,135 +1,233 @@
-"""``PolicyCache``: a transformers 5.x ``Cache`` whose full-attention layers can evict, merge and quantize.
+"""KV storage: the growing layer and cache, and the evicting layer and cache (storage only).
 
-The cache is built from the model config exactly like ``DynamicCache(config=...)``: sliding-window,
-chunked, linear-attention and hybrid layers get transformers' own stock layer classes and are left
-alone; only plain ``full_attention`` layers become :class:`PolicyLayer`, a ``DynamicLayer`` subclass
-(through :class:`~infertrix.kvcache.growing.GrowingLayer`: tokens are appended in place into buffers
-with room for ``POLICY_HEADROOM`` more, one group for a KIVI residual, not concatenated per step) that overrides the minimum:
+In the style of transformers' ``cache_utils.py``, each layer class overrides the minimum of
+``DynamicLayer``; a cache is a list of layers built from the model config. Nothing here knows about
+eviction policies' scores (their per-layer state lives with the attachment, see
+:mod:`~infertrix.kvcache.policy_cache`).
 
-- ``get_seq_length`` reports every token ever seen (``cumulative_length``), so rotary positions and
-  ``generate``'s input slicing stay right after eviction;
-- ``get_mask_sizes`` reports the stored length plus its offset (``cumulative - stored``), as
-  ``DynamicSlidingWindowLayer`` does, so the causal and padding masks line up with the compact cache;
-- ``compress(index)`` keeps the given tokens per batch row and KV head, copying them into new,
-  smaller tensors (``infertrix::kv_gather``): memory really shrinks, nothing is masked;
-- with a :class:`KVQuantSpec` the stored tokens live KIVI-style in 2/4-bit codes (keys per channel,
-  values per token) behind a full-precision residual window of recent tokens; attention over them
-  dequantizes into a shared buffer, except decoding steps under KIVI's attention function, which
-  read the codes directly (:meth:`PolicyLayer.attend_quantized`).
+- :class:`GrowingLayer`: tokens appended in place into buffers with headroom instead of
+  ``torch.cat`` per step; :class:`GrowingCache` is ``DynamicCache`` with those layers.
+- :class:`EvictingLayer`: a growing layer whose tokens can be evicted (``compress`` keeps given
+  tokens per row and KV head, copying them into compact tensors with ``infertrix::kv_gather``: memory
+  really shrinks, nothing is masked), optionally with a :class:`~.kivi_store.KIVIStore` for its older
+  tokens. ``get_seq_length`` reports every token ever seen (rotary positions and ``generate``'s
+  input slicing stay right); ``get_mask_sizes`` the stored length plus its offset, as
+  ``DynamicSlidingWindowLayer`` does. :class:`EvictingCache` gives every ``full_attention`` layer of
+  the config one; sliding, chunked and linear-attention layers keep transformers' stock classes.
 
-Why the padding masks stay right: stored tokens are kept in position order and pads are evicted
-first, so with left padding the kept pads of a row are its first stored slots, exactly as many as the
-zeros in the right-aligned window ``[cumulative - stored, cumulative)`` of that row's 2D attention
+Storage contract (what a decode engine may read and write):
+
+- ``keys``/``values``: [batch, kv_heads, S, head_dim], the layer's full-precision tokens in position
+  order (with a KIVI store: the residual window after ``codes.length`` quantized tokens). While
+  ``kbuf``/``vbuf`` are set, ``keys``/``values`` are their ``[:, :, :S]`` prefix views, and the buffers
+  ([batch, kv_heads, capacity, head_dim], contiguous) have room up to ``capacity``. After an eviction,
+  flush or batch reordering they are None and ``keys``/``values`` are compact tensors of their own.
+- To append ``n`` tokens in place: ``reserve(n, key_like, value_like)`` (returns ``S``; the buffers
+  then exist and hold at least ``S + n``), write ``kbuf[:, :, S:S+n]`` and ``vbuf[:, :, S:S+n]``, then
+  ``commit(n)``, which moves the views and (evicting layers) counts ``cumulative_length``/``recent``.
+- Evicting layers: ``cumulative_length`` (tokens ever seen: positions), ``stored_length``, ``recent``
+  (trailing stored tokens guaranteed to be the most recent in every row and head: what ``crop`` can
+  undo), ``codes`` (None, or the KIVI store: ``codes.keys``/``codes.values`` code tuples). Read-only
+  for an engine; ``compress``, ``flush`` and ``crop`` change them.
+
+Why the padding masks stay right after eviction: stored tokens are kept in position order and pads
+are evicted first, so with left padding the kept pads of a row are its first stored slots, exactly as
+many as the zeros in the right-aligned window ``[cumulative - stored, cumulative)`` of that row's 2D
 mask. Layers may hold different lengths (PyramidKV); the cache then reports the longest one and the
 attention pre-hook gives each layer the suffix of the mask that matches its own length.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
+    DynamicCache,
+    DynamicLayer,
     get_layer_types_and_kwargs,
 )
 
-from ..ops.kivi_attention import kivi_decode_attention
-from ..ops.kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quantize
-from .growing import GrowingLayer
+from ..ops.kv_cache_ops import kv_gather
+from .kivi_store import KIVIStore
 
+if TYPE_CHECKING:
+    from .kivi import KIVI
 
-@dataclass(frozen=True)
-class KVQuantSpec:
-    """How a :class:`PolicyLayer` stores KV in few bits (see :class:`infertrix.kvcache.KIVI`)."""
-
-    bits: int = 4
-    group_size: int = 32  # keys: tokens per per-channel group; values: channels per per-token group
-    residual_length: int = 32  # most recent tokens kept in full precision
-
-
-@dataclass
-class CompressionLog:
-    """How many layer compression steps a policy ran (prompts too short to compress included) and why
-    some kept more than the requested budget (a short prompt under a window the method always keeps,
-    say). Shared by the layers of a :class:`PolicyCache`, and by every cache one model's ``generate``
-    receives: ``describe()`` shows it."""
-
-    steps: int = 0
-    kept_more: dict[str, int] = field(default_factory=dict)  # reason -> layer compressions
-
-    def note(self, reason: str) -> None:
-        self.kept_more[reason] = self.kept_more.get(reason, 0) + 1
-
-    def report(self) -> dict[str, str]:
-        if not self.kept_more:
-            return {}
-        n = sum(self.kept_more.values())
-        why = "; ".join(f"{count}x {reason}" for reason, count in self.kept_more.items())
-        return {"kept_more_than_budget": f"{n} of {self.steps} layer compression steps since optimize ({why})"}
+EVICTING_HEADROOM = 32  # token slots an EvictingLayer allocates ahead of its stored tokens
 
 
 class CacheCropError(RuntimeError):
     """``crop`` cannot roll the cache back exactly (the tokens to remove were evicted or quantized)."""
 
 
-POLICY_HEADROOM = 32  # token slots a PolicyLayer allocates ahead of its stored tokens
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-class PolicyLayer(GrowingLayer):
-    """One full-attention layer of a :class:`PolicyCache` (see the module docstring).
+def full_attention_layers(config) -> list[int]:
+    """Indices of the decoder's plain ``full_attention`` layers (those an EvictingCache evicts in)."""
+    layer_types, _ = get_layer_types_and_kwargs(_text_config(config))
+    return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
 
-    ``keys``/``values`` hold the full-precision tokens ([B, H_kv, S, D]); with quantization they are
-    the residual window and ``qkeys``/``qvalues`` hold the older tokens. New tokens are appended in
-    place into buffers with headroom (:class:`GrowingLayer`, no copy of the layer per step); a
-    compression, flush or batch reordering stores new tensors and the next append re-buffers them.
-    ``aux`` holds per-token policy state ([B, H_kv, S], e.g. H2O's accumulated attention) that
-    follows every eviction, ``queries`` the most recent post-rotary queries ([B, H_q, w, D])
-    attention-based policies score with, and ``recent`` how many trailing stored tokens are
-    guaranteed to be the most recent ones in every row and head (the queries' own keys; what
-    ``crop`` can remove).
+
+@dataclass(frozen=True)
+class CacheCapabilities:
+    """What a cache can undo, for callers that roll back (speculative decoding).
+
+    - ``rollback``: ``"any"``: ``crop`` removes any number of trailing tokens exactly; ``"recent"``:
+      only those still stored exactly (``EvictingLayer.recent``), else :class:`CacheCropError`;
+      ``"none"``: the cache cannot crop.
+    - ``select_rows``: ``batch_select_indices`` drops finished rows exactly.
+    - ``ragged_rows``: rows may hold masked slots between their tokens, not only left padding.
+    """
+
+    rollback: str
+    select_rows: bool
+    ragged_rows: bool
+
+
+def capabilities(cache: Any) -> CacheCapabilities:
+    """The cache's own ``capabilities()``, or what a stock transformers cache supports."""
+    own = getattr(cache, "capabilities", None)
+    if callable(own):
+        return own()
+    layers = list(getattr(cache, "layers", ()))
+    croppable = bool(layers) and all(getattr(layer, "is_croppable", False) for layer in layers)
+    # exact layer types: subclasses (quantized layers) keep state that batch selection misses
+    plain = isinstance(cache, DynamicCache) and bool(layers)
+    plain = plain and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in layers)
+    return CacheCapabilities("any" if croppable else "none", select_rows=plain, ragged_rows=True)
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose tokens live in buffers with headroom (``ceil(need * (1 + headroom))``,
+    at least ``min_headroom`` tokens more), written in place; see :mod:`~infertrix.kvcache.growing`."""
+
+    def __init__(self, headroom: float = 0.25, min_headroom: int = 128) -> None:
+        super().__init__()
+        self.headroom = headroom
+        self.min_headroom = min_headroom
+        self.kbuf: Tensor | None = None
+        self.vbuf: Tensor | None = None
+        self.reallocations = 0
+
+    def _held(self) -> int:
+        return self.keys.shape[-2] if self.keys is not None and self.keys.dim() == 4 else 0
+
+    def _owns_prefix(self) -> bool:
+        """True while ``keys``/``values`` are still the prefix views of the buffers (not replaced by
+        ``batch_select_indices``, ``reorder_cache``, ``batch_repeat_interleave`` or a caller)."""
+        k, v, kb, vb = self.keys, self.values, self.kbuf, self.vbuf
+        return (
+            kb is not None
+            and k.dim() == 4
+            and k.data_ptr() == kb.data_ptr()
+            and v.data_ptr() == vb.data_ptr()
+            and k.stride() == kb.stride()
+            and v.stride() == vb.stride()
+            and k.shape[:2] == kb.shape[:2]
+        )
+
+    def reserve(self, n: int, key_states: Tensor, value_states: Tensor) -> int:
+        """Make the buffers hold the stored tokens with room for ``n`` more shaped like
+        ``key_states``/``value_states``; returns the stored count (where the new tokens go)."""
+        held = self._held()
+        need = held + n
+        kb = self.kbuf
+        fits = (
+            kb is not None
+            and need <= kb.shape[-2]
+            and kb.shape[:2] == key_states.shape[:2]
+            and kb.dtype == key_states.dtype
+            and (held == 0 or self._owns_prefix())
+        )
+        if not fits:
+            cap = max(math.ceil(need * (1 + self.headroom)), need + self.min_headroom)
+            kb = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
+            vb = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
+            if held:
+                kb[:, :, :held].copy_(self.keys)
+                vb[:, :, :held].copy_(self.values)
+            self.kbuf, self.vbuf = kb, vb
+            self.reallocations += 1
+        return held
+
+    def commit(self, n: int) -> None:
+        """Make the ``n`` tokens written after the stored ones (see ``reserve``) part of the layer."""
+        s = self._held() + n
+        self.keys = self.kbuf[:, :, :s]
+        self.values = self.vbuf[:, :, :s]
+
+    def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new tokens after the held ones (in place while the buffers have room) and
+        return ``keys``, ``values``: views of the buffers' filled prefix."""
+        n = key_states.shape[-2]
+        held = self.reserve(n, key_states, value_states)
+        self.kbuf[:, :, held : held + n].copy_(key_states)
+        self.vbuf[:, :, held : held + n].copy_(value_states)
+        self.commit(n)
+        return self.keys, self.values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.append(key_states, value_states)
+
+    def reset(self) -> None:
+        self.kbuf = self.vbuf = None
+        super().reset()
+
+    def reserved_bytes(self) -> int:
+        """Bytes the buffers hold, headroom included."""
+        return sum(t.numel() * t.element_size() for t in (self.kbuf, self.vbuf) if t is not None)
+
+
+class GrowingCache(DynamicCache):
+    """``DynamicCache`` whose full-attention layers are :class:`GrowingLayer` (needs the model config)."""
+
+    def __init__(self, config, headroom: float = 0.25, min_headroom: int = 128) -> None:
+        super().__init__(config=config)
+        self.layers = [
+            GrowingLayer(headroom, min_headroom) if type(layer) is DynamicLayer else layer for layer in self.layers
+        ]
+
+
+class EvictingLayer(GrowingLayer):
+    """A full-attention layer whose tokens can be evicted (see the module docstring).
+
+    With a KIVI config its tokens beyond the full-precision window move into ``codes`` on ``flush``.
+    ``residual_only`` (set by the attention pre-hook for one decoding step whose attention reads the
+    codes itself, KIVI's attention function): ``update`` then returns only the residual window.
     """
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, quant: KVQuantSpec | None = None, **kwargs) -> None:
-        # room for POLICY_HEADROOM more tokens (a quantized residual: one group, all it grows between
+    def __init__(self, quant: KIVI | None = None, scratch: dict[str, Tensor] | None = None) -> None:
+        # room for EVICTING_HEADROOM more tokens (a quantized residual: one group, all it grows between
         # flushes); no proportional headroom, so an evicting policy's memory stays within ~1% of its
         # budget (kv_bytes counts the headroom) while a buffer is copied only every 32 tokens
-        super().__init__(headroom=0.0, min_headroom=quant.group_size if quant else POLICY_HEADROOM)
-        self.quant = quant
+        super().__init__(headroom=0.0, min_headroom=quant.group_size if quant else EVICTING_HEADROOM)
         self.cumulative_length = 0
-        self.qkeys: tuple[Tensor, Tensor, Tensor] | None = None
-        self.qvalues: tuple[Tensor, Tensor, Tensor] | None = None
-        self.n_quantized = 0
-        self.aux: dict[str, Tensor] = {}
-        self.queries: Tensor | None = None
         self.recent = 0
-        self.steps_since_compress = 0
-        self.flush_in_update = True  # the policy's hook flushes itself, after it has compressed
-        # float32 buffers the quantized tokens are dequantized into for attention, shared by all the
-        # layers of a PolicyCache (layers run one after another): set by PolicyCache, else per layer
-        self.scratch: dict[str, Tensor] = {}
-        self.siblings: list[PolicyLayer] = [self]  # the cache's policy layers (set by PolicyCache)
-        self.pending = None  # scores of a compression deferred to the forward's last layer (DensityKV)
-        self.log = CompressionLog()  # shared with the cache's other layers (set by PolicyCache)
-        # set by the attention pre-hook for one decoding step whose attention reads the quantized
-        # tokens from their codes (KIVI's attention function): update then returns only the residual
-        # window, dequantizes nothing, and leaves the flush to the post-hook (after attention)
-        self.attend_codes = False
+        self.codes = None if quant is None else KIVIStore(quant, scratch)
+        self.residual_only = False
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
     def residual_len(self) -> int:
-        return (
-            0
-            if not self.is_initialized or self.keys is None or self.keys.dim() < 4
-            else self.keys.shape[-2]
-        )
+        return self._held() if self.is_initialized else 0
+
+    @property
+    def n_quantized(self) -> int:
+        return self.codes.length if self.codes is not None else 0
 
     @property
     def stored_length(self) -> int:
@@ -148,84 +246,31 @@ class PolicyLayer(GrowingLayer):
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
 
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
-    ) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
+    def commit(self, n: int) -> None:
+        super().commit(n)
         self.cumulative_length += n
         self.recent += n
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
         self.append(key_states, value_states)
-        for name, t in self.aux.items():
-            self.aux[name] = torch.cat([t, t.new_zeros((*t.shape[:2], n))], dim=-1)
-        if self.attend_codes and n == 1 and self.n_quantized:
-            return self.keys, self.values  # see attend_quantized
-        if self.n_quantized:
-            k_all, v_all = self.full_keys_values()
-        else:
-            k_all, v_all = self.keys, self.values
-        if self.flush_in_update:
-            self.flush()
-        return k_all, v_all
+        if self.residual_only and key_states.shape[-2] == 1 and self.n_quantized:
+            return self.keys, self.values  # see KIVIStore.attend
+        return self.full_keys_values()
 
     def full_keys_values(self) -> tuple[Tensor, Tensor]:
-        """All stored tokens in full precision (dequantized where needed), [B, H, S, D].
-
-        With quantized tokens and float32 states these are views of the cache's shared scratch
-        buffers, overwritten by the next layer's call: consume them before then (attention does).
-        """
+        """All stored tokens in full precision (dequantized where needed), [B, H, S, D]; see
+        :meth:`KIVIStore.with_residual` for how long views of the scratch buffers stay valid."""
         if not self.n_quantized:
             return self.keys, self.values
-        if self.keys.dtype != torch.float32:
-            return (
-                torch.cat([self._dequant_keys(), self.keys], dim=-2),
-                torch.cat([self._dequant_values(), self.values], dim=-2),
-            )
-        q, nq = self.quant, self.n_quantized
-        k, v = self._scratch("keys"), self._scratch("values")
-        kv_dequantize_into(*self.qkeys, q.bits, q.group_size, True, k[:, :, :nq])
-        d = self.values.shape[-1]
-        kv_dequantize_into(*self.qvalues, q.bits, min(q.group_size, d), False, v[:, :, :nq])
-        k[:, :, nq:].copy_(self.keys)
-        v[:, :, nq:].copy_(self.values)
-        return k, v
+        return self.codes.with_residual(self.keys, self.values)
 
     def attend_quantized(self, query: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
-        """Softmax attention of one query token per row over every stored token, the quantized ones
-        read from their KIVI codes (``infertrix::kivi_decode_attention``; nothing is dequantized).
+        """One decoding step's attention over every stored token, read from the codes (KIVIStore.attend)."""
+        return self.codes.attend(query, self.keys, self.values, mask, scaling)
 
-        ``query`` [B, H_q, 1, D]; ``mask`` additive [B, stored] or None. Returns [B, 1, H_q, D], the
-        layout transformers' attention functions return. Cost: one pass over the codes (bits/32 of
-        a float32 cache) instead of writing and reading a dequantized copy.
-        """
-        q = self.quant
-        out = kivi_decode_attention(
-            query[:, :, 0], *self.qkeys, *self.qvalues, self.keys, self.values, mask, q.bits, scaling
-        )
-        return out.unsqueeze(1)
-
-    def _scratch(self, name: str) -> Tensor:
-        """A [B, H, stored, D] view of the shared buffer ``name``, grown in steps of 256 tokens."""
-        b, h, _, d = self.keys.shape
-        s = self.stored_length
-        buf = self.scratch.get(name)
-        if (
-            buf is None
-            or buf.shape[0] != b
-            or buf.shape[1] != h
-            or buf.shape[3] != d
-            or buf.shape[2] < s
-            or buf.device != self.keys.device
-        ):
-            cap = -(-(s + s // 8) // 256) * 256
-            buf = torch.empty(b, h, cap, d, dtype=torch.float32, device=self.keys.device)
-            self.scratch[name] = buf
-        return buf[:, :, :s]
-
-    def compress(
-        self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None
-    ) -> None:
+    def compress(self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None) -> None:
         """Keep tokens ``index`` ([B, H_kv, K] int64, ascending per row/head) and free the rest.
 
         ``keys``/``values`` optionally replace the full-precision stored states first (merging
@@ -236,60 +281,21 @@ class PolicyLayer(GrowingLayer):
             keys, values = self.full_keys_values()
         k = index.shape[-1]
         self._store(kv_gather(keys.contiguous(), index), kv_gather(values.contiguous(), index))
-        self.qkeys = self.qvalues = None
-        self.n_quantized = 0
-        for name, t in self.aux.items():
-            self.aux[name] = torch.gather(t, -1, index)
+        if self.codes is not None:
+            self.codes.clear()
         # how many trailing slots are still the most recent tokens in every row and head
         expect = torch.arange(old - k, old, device=index.device)
         run = torch.cumprod((index == expect).flip(-1).to(torch.int32), dim=-1).sum(-1)
         self.recent = min(self.recent, int(run.min()) if run.numel() else 0)
-        if self.queries is not None:
-            keep_q = min(self.queries.shape[-2], self.recent)
-            self.queries = self.queries[:, :, self.queries.shape[-2] - keep_q :]
-        self.steps_since_compress = 0
 
     def flush(self) -> None:
-        """Move residual tokens beyond the full-precision window into the quantized store."""
-        q = self.quant
-        if q is None or not self.is_initialized or self.pending is not None:
-            return  # (a pending compression flushes after it has evicted: no second rounding)
-        extra = self.residual_len - q.residual_length
-        nblk = extra // q.group_size if extra > 0 else 0
-        if nblk <= 0:
+        """Move residual tokens beyond the full-precision window into the KIVI store."""
+        if self.codes is None or not self.is_initialized:
             return
-        n = nblk * q.group_size
-        kb, vb = self.keys[:, :, :n], self.values[:, :, :n]
-        b, h, _, d = kb.shape
-        # keys per channel: rows are (block, channel), elements the block's tokens
-        kt = kb.reshape(b, h, nblk, q.group_size, d).transpose(-1, -2).contiguous()
-        qk = kv_quantize(kt, q.bits, q.group_size)
-        qv = kv_quantize(vb.contiguous(), q.bits, min(q.group_size, d))
-        self.qkeys = (
-            qk
-            if self.qkeys is None
-            else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qkeys, qk, strict=True))
-        )
-        self.qvalues = (
-            qv
-            if self.qvalues is None
-            else tuple(torch.cat([a, c], dim=2) for a, c in zip(self.qvalues, qv, strict=True))
-        )
-        self.n_quantized += n
-        self._store(self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous())
-
-    def _dequant_keys(self) -> Tensor:
-        q = self.quant
-        packed, scale, zero = self.qkeys
-        b, h, nblk, d, _ = packed.shape
-        kt = kv_dequantize(packed, scale, zero, q.bits, q.group_size)  # [B, H, nblk, D, G]
-        return kt.transpose(-1, -2).reshape(b, h, nblk * q.group_size, d).to(self.keys.dtype)
-
-    def _dequant_values(self) -> Tensor:
-        q = self.quant
-        packed, scale, zero = self.qvalues
-        d = packed.shape[-1] * 8 // q.bits
-        return kv_dequantize(packed, scale, zero, q.bits, min(q.group_size, d)).to(self.keys.dtype)
+        n = self.codes.flushable(self.residual_len)
+        if n:
+            self.codes.append(self.keys[:, :, :n], self.values[:, :, :n])
+            self._store(self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous())
 
     # -- rollback and batch bookkeeping ------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
@@ -313,10 +319,6 @@ class PolicyLayer(GrowingLayer):
             )
         self.keys = self.keys[:, :, :-n]
         self.values = self.values[:, :, :-n]
-        for name, t in self.aux.items():
-            self.aux[name] = t[..., :-n]
-        if self.queries is not None:
-            self.queries = self.queries[:, :, : max(0, self.queries.shape[-2] - n)]
         self.cumulative_length -= n
         self.recent -= n
 
@@ -325,40 +327,30 @@ class PolicyLayer(GrowingLayer):
         self.keys, self.values = keys, values
         self.kbuf = self.vbuf = None
 
-    def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+    def map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         if not self.is_initialized:
             return
         self._store(fn(self.keys), fn(self.values))
-        self.aux = {k: fn(v) for k, v in self.aux.items()}
-        if self.queries is not None:
-            self.queries = fn(self.queries)
-        if self.qkeys is not None:
-            self.qkeys = tuple(fn(t) for t in self.qkeys)
-            self.qvalues = tuple(fn(t) for t in self.qvalues)
+        if self.codes is not None:
+            self.codes.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
+        self.map_batch(lambda t: t[indices, ...])
 
     def reset(self) -> None:
-        self.keys = self.values = None
-        self.kbuf = self.vbuf = None
-        self.scratch.clear()
-        self.is_initialized = False
+        super().reset()
         self.cumulative_length = 0
-        self.qkeys = self.qvalues = None
-        self.n_quantized = 0
-        self.aux = {}
-        self.queries = None
         self.recent = 0
-        self.steps_since_compress = 0
-        self.pending = None
-        self.attend_codes = False
+        self.residual_only = False
+        if self.codes is not None:
+            self.codes.clear()
+            self.codes.scratch.clear()
 
     # -- accounting ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
@@ -366,19 +358,8 @@ class PolicyLayer(GrowingLayer):
         buffers' headroom included while the stored tokens live in them)."""
         if not self.is_initialized:
             return 0
-        if self._owns_prefix():
-            total = self.kbuf.nbytes + self.vbuf.nbytes
-        else:
-            total = self.keys.nbytes + self.values.nbytes
-        for store in (self.qkeys, self.qvalues):
-            if store is not None:
-                total += sum(t.nbytes for t in store)
-        return total
-
-    def state_bytes(self) -> int:
-        """Bytes of the policy's own per-token state (accumulated scores, recent queries)."""
-        total = sum(t.nbytes for t in self.aux.values())
-        return total + (self.queries.nbytes if self.queries is not None else 0)
+        held = self.kbuf.nbytes + self.vbuf.nbytes if self._owns_prefix() else self.keys.nbytes + self.values.nbytes
+        return held + (self.codes.nbytes() if self.codes is not None else 0)
 
     def full_kv_bytes(self) -> int:
         """Bytes a plain ``DynamicLayer`` would hold for the same tokens."""
@@ -388,94 +369,59 @@ class PolicyLayer(GrowingLayer):
         return 2 * b * h * d * self.cumulative_length * self.keys.element_size()
 
 
-class PolicyCache(Cache):
-    """A ``Cache`` built from a model config whose full-attention layers follow a KV policy.
+def _stock_bytes(layer) -> int:
+    if getattr(layer, "is_initialized", False) and isinstance(getattr(layer, "keys", None), Tensor):
+        return layer.keys.nbytes + layer.values.nbytes
+    return 0
 
-    ``policy`` is an eviction/merging policy (a :class:`~infertrix.kvcache.policy.KVPolicy`) or None;
-    ``quant`` a :class:`KVQuantSpec` or None; ``log`` the :class:`CompressionLog` to count into (a
-    new one when None). Other layer types (sliding window, chunked, linear
-    attention, hybrid) are transformers' stock layers. Use it like any cache: ``generate`` receives
-    one automatically after ``optimize``; for manual loops get one from
-    :func:`infertrix.kvcache.new_cache`.
-    """
 
-    def __init__(
-        self,
-        config,
-        policy=None,
-        quant: KVQuantSpec | None = None,
-        log: CompressionLog | None = None,
-    ) -> None:
-        text_config = (
-            config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        )
-        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(text_config)
-        layers = []
+class EvictingCache(Cache):
+    """A ``Cache`` built from a model config whose ``full_attention`` layers are :class:`EvictingLayer`
+    (with a KIVI store each when ``quant`` is a :class:`~infertrix.kvcache.KIVI` config); other layer
+    types (sliding window, chunked, linear attention, hybrid) are transformers' stock layers."""
+
+    def __init__(self, config, quant: KIVI | None = None) -> None:
+        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(_text_config(config))
         scratch: dict[str, Tensor] = {}  # one set of dequantization buffers for all layers
-        siblings: list[PolicyLayer] = []
-        log = CompressionLog() if log is None else log
-        for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True):
-            if layer_type == "full_attention":
-                layer = PolicyLayer(quant=quant)
-                layer.flush_in_update = policy is None
-                layer.scratch = scratch
-                layer.siblings = siblings
-                layer.log = log
-                siblings.append(layer)
-                layers.append(layer)
-            else:
-                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
-        super().__init__(layers=layers)
-        self.log = log
-        self.policy = policy
-        self.quant = quant
-        self.policy_layer_indices = [
-            i for i, layer in enumerate(layers) if isinstance(layer, PolicyLayer)
+        layers = [
+            EvictingLayer(quant, scratch) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            for kind, kwargs in zip(layer_types, per_layer_kwargs, strict=True)
         ]
+        super().__init__(layers=layers)
+        self.quant = quant
+        self.evicting_indices = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
 
     @property
-    def policy_layers(self) -> list[PolicyLayer]:
-        return [self.layers[i] for i in self.policy_layer_indices]
+    def evicting_layers(self) -> list[EvictingLayer]:
+        return [self.layers[i] for i in self.evicting_indices]
+
+    def capabilities(self) -> CacheCapabilities:
+        # rows evict as if their masked slots were left padding: no holes inside a row
+        return CacheCapabilities("recent", select_rows=False, ragged_rows=False)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], PolicyLayer):
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], EvictingLayer):
             layer = self.layers[layer_idx]
             # layers may hold different lengths (per-layer budgets): size the shared mask for the longest
-            stored = max(lay.stored_length for lay in self.policy_layers)
+            stored = max(lay.stored_length for lay in self.evicting_layers)
             return stored + query_length, layer.cumulative_length - stored
         return super().get_mask_sizes(query_length, layer_idx)
 
     def kv_bytes(self) -> int:
         """Bytes of all stored keys and values, stock layers included."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, PolicyLayer):
-                total += layer.kv_bytes()
-            elif getattr(layer, "is_initialized", False) and isinstance(
-                getattr(layer, "keys", None), Tensor
-            ):
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return sum(lay.kv_bytes() if isinstance(lay, EvictingLayer) else _stock_bytes(lay) for lay in self.layers)
 
     def full_kv_bytes(self) -> int:
         """Bytes the same tokens would take in a plain ``DynamicCache``."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, PolicyLayer):
-                total += layer.full_kv_bytes()
-            elif getattr(layer, "is_initialized", False) and isinstance(
-                getattr(layer, "keys", None), Tensor
-            ):
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
-
-    def state_bytes(self) -> int:
-        return sum(layer.state_bytes() for layer in self.policy_layers)
+        return sum(
+            lay.full_kv_bytes() if isinstance(lay, EvictingLayer) else _stock_bytes(lay) for lay in self.layers
+        )
 
     def scratch_bytes(self) -> int:
         """Bytes of the dequantization buffers the layers share (KIVI; 0 before any decoding)."""
-        layers = self.policy_layers
-        return sum(t.nbytes for t in layers[0].scratch.values()) if layers else 0
+        layers = self.evicting_layers
+        codes = layers[0].codes if layers else None
+        return sum(t.nbytes for t in codes.scratch.values()) if codes is not None else 0
 
     def stored_lengths(self) -> list[int]:
-        return [layer.stored_length for layer in self.policy_layers]
+        return [layer.stored_length for layer in self.evicting_layers]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.generation import cache_argument
-from .cache import PolicyCache
+from .cache import EvictingCache
 
 
 def _compiled(model: nn.Module) -> bool:
@@ -48,7 +48,7 @@ class EagerWhileCompressing:
         ]
 
     def enter(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if torch.compiler.is_compiling() or not isinstance(cache_argument(kwargs), PolicyCache):
+        if torch.compiler.is_compiling() or not isinstance(cache_argument(kwargs), EvictingCache):
             return
         if not self.warned and _compiled(model):
             self.warned = True

@@ -83,29 +83,29 @@ class DensityKV(SnapKV):
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ConfigError(f"DensityKV.min_ratio must be in [0, 1], got {self.min_ratio}")
 
-    def compress_layer(self, layer, ctx: ScoreContext) -> None:
+    def compress_layer(self, ctx: ScoreContext) -> None:
         scores, w = self.window_scores(ctx)
         density = tokens_for_mass(scores, self.mass)
         scores[..., -w:] += FORCE_KEEP
-        layer.pending = (scores, ctx.visible, density)
+        ctx.state.pending = (scores, ctx.visible, density)
         if ctx.layer_rank == ctx.num_layers - 1:
-            self.compress_all(layer.siblings)
+            self.compress_all(ctx.cache)
 
-    def compress_all(self, layers) -> None:
+    def compress_all(self, cache) -> None:
         """Allocate the budgets of the layers scored in this forward, then compress each of them."""
-        todo = [lay for lay in layers if lay.pending is not None]
+        todo = [(lay, st) for lay, st in zip(cache.evicting_layers, cache.states, strict=True) if st.pending is not None]
         if not todo:
             return
-        seen = todo[0].cumulative_length
+        seen = todo[0][0].cumulative_length
         avg = self.target(seen)
         low = min(seen, max(self.window_size, math.ceil(self.min_ratio * avg), 1))
-        targets = allocate([lay.pending[2] for lay in todo], avg * len(todo), low, seen)
-        for lay, target in zip(todo, targets, strict=True):
-            scores, visible, _ = lay.pending
-            lay.pending = None
-            self.log_step(lay)
+        targets = allocate([st.pending[2] for _, st in todo], avg * len(todo), low, seen)
+        for (lay, st), target in zip(todo, targets, strict=True):
+            scores, visible, _ = st.pending
+            st.pending = None
+            self.log_step(cache.log, lay.cumulative_length)
             if lay.stored_length > target:
-                self.evict(lay, scores, target, visible)
+                self.evict(lay, st, scores, target, visible)
             elif self.decode_interval == 0:
-                lay.queries = None
+                st.queries = None
             lay.flush()  # KIVI: quantize what is kept (held back while the compression was pending)

@@ -31,12 +31,10 @@ class H2O(KVPolicy):
     """
     use_when = "long generations whose important tokens change as decoding goes: accumulated attention"
 
-    observes_every_step = True
     recent_ratio: float = 0.5
     observation_window: int | None = None
 
-    @property
-    def query_tokens(self) -> int:  # type: ignore[override]
+    def observed_queries(self) -> int:
         return -1 if self.observation_window is None else self.observation_window
 
     def validate(self) -> None:
@@ -48,12 +46,8 @@ class H2O(KVPolicy):
                 f"{type(self).__name__}.recent_ratio must be in [0, 1], got {self.recent_ratio}"
             )
 
-    def query_buffer(self) -> int:
-        return 0  # accumulates as it goes; keeps no queries
-
     def observe(self, ctx: ScoreContext, new_queries: Tensor | None) -> None:
-        layer = ctx.layer
-        acc = layer.aux.get("h2o")
+        acc = ctx.state.aux.get("h2o")
         b, h, s, _ = ctx.keys.shape
         if acc is None or acc.shape[-1] != s:
             acc = torch.zeros(b, h, s, dtype=torch.float32, device=ctx.keys.device)
@@ -62,30 +56,14 @@ class H2O(KVPolicy):
             stop = min(n, start + QUERY_CHUNK)
             q = new_queries[:, :, start:stop]
             # the block's queries own slots s - n + start ... s - n + stop - 1; later keys are masked
-            probs = attention_probs(q, ctx_for_block(ctx, s - n + stop))
+            probs = attention_probs(q, ctx.upto(s - n + stop))
             acc[..., : s - n + stop] += probs.sum(dim=(2, 3))
-        layer.aux["h2o"] = acc
+        ctx.state.aux["h2o"] = acc
 
     def score(self, ctx: ScoreContext) -> Tensor:
-        scores = ctx.layer.aux["h2o"].clone()
+        scores = ctx.state.aux["h2o"].clone()
         recent = int(self.recent_ratio * ctx.target)
         if recent:
             scores[..., -recent:] += FORCE_KEEP
         return scores
 
-
-def ctx_for_block(ctx: ScoreContext, upto: int) -> ScoreContext:
-    """The context restricted to the first ``upto`` stored tokens (a query block's past)."""
-    vis = ctx.visible[:, :upto] if ctx.visible is not None else None
-    return ScoreContext(
-        ctx.module,
-        ctx.layer,
-        ctx.keys[:, :, :upto],
-        ctx.values[:, :, :upto],
-        None,
-        vis,
-        ctx.scaling,
-        ctx.layer_rank,
-        ctx.num_layers,
-        ctx.target,
-    )

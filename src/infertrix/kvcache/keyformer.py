@@ -36,8 +36,7 @@ class Keyformer(KVPolicy):
     temperature: float = 1.0
     seed: int = 0
 
-    @property
-    def query_tokens(self) -> int:  # type: ignore[override]
+    def score_queries(self) -> int:
         return self.window_size
 
     def validate(self) -> None:

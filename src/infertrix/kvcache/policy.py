@@ -5,7 +5,10 @@ ratio or a token count, uniform or per layer), when to compress (after every mul
 prefill chunks, and optionally every ``decode_interval`` decoding steps), GQA (score per query head,
 average over each KV head's group, keep per KV head), padding (pads score -inf, so they go first),
 optional D2O-style merging of evicted tokens, and the compact gather. A method's file holds a
-dataclass config citing its paper and one ``score(ctx) -> [B, H_kv, S]`` (higher = keep).
+dataclass config citing its paper and one ``score(ctx) -> [B, H_kv, S]`` (higher = keep); a method
+that reads recent queries says how many (``score_queries``), one that accumulates over every forward
+overrides ``observe`` and ``observed_queries`` (H2O), and budgets other than uniform override
+``layer_target`` (PyramidKV) or ``compress_layer`` (DensityKV). Nothing else is meant to be overridden.
 
 Where this departs from the design note: every method, attention-based or not, is run from the one
 forward hook on the attention module rather than score-only ones from the layer's ``update``, because
@@ -16,7 +19,7 @@ it sees the layer's input, from which attention-based methods recompute the few 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -24,6 +27,8 @@ from torch import Tensor, nn
 
 from ..core import Applied, ConfigError, Stage, Transform
 from .attach import check_supported_model, kv_setup
+from .merge import merge_evicted
+from .policy_cache import LayerState, PolicyCache
 
 
 @dataclass
@@ -31,15 +36,33 @@ class ScoreContext:
     """What a policy's ``score`` sees for one layer at one compression step."""
 
     module: nn.Module  # the attention module
-    layer: object  # the PolicyLayer
+    cache: PolicyCache
+    layer_rank: int  # index among the cache's full-attention layers
     keys: Tensor  # [B, H_kv, S, D] all stored keys (post-rotary), full precision
     values: Tensor  # [B, H_kv, S, D]
     queries: Tensor | None  # [B, H_q, w, D] recent post-rotary queries (w <= layer.recent), or None
     visible: Tensor | None  # [B, S] bool, False for padding; None when nothing is padded
     scaling: float  # the module's softmax scaling
-    layer_rank: int  # index among the cache's full-attention layers
-    num_layers: int  # number of full-attention layers
-    target: int  # tokens this layer keeps
+    target: int = 0  # tokens this layer keeps (set before ``score``)
+
+    @property
+    def layer(self):
+        """The layer's storage (an :class:`~infertrix.kvcache.EvictingLayer`)."""
+        return self.cache.evicting_layers[self.layer_rank]
+
+    @property
+    def state(self) -> LayerState:
+        """The policy's state of this layer (recent queries, per-token ``aux``)."""
+        return self.cache.states[self.layer_rank]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.cache.states)
+
+    def upto(self, n: int) -> ScoreContext:
+        """The context restricted to the first ``n`` stored tokens (a query block's past), no queries."""
+        vis = self.visible[:, :n] if self.visible is not None else None
+        return replace(self, keys=self.keys[:, :, :n], values=self.values[:, :, :n], queries=None, visible=vis)
 
     @property
     def num_groups(self) -> int:
@@ -156,10 +179,6 @@ class KVPolicy(Transform):
     stage: ClassVar[Stage] = Stage.CACHE
     conflict_group: ClassVar[str | None] = "kv cache policy"
     primary: ClassVar[str | None] = "compression"
-    query_tokens: ClassVar[int] = (
-        0  # queries a method needs from each forward: 0 none, k last k, -1 all
-    )
-    observes_every_step: ClassVar[bool] = False  # observe() must see every decoding step (H2O)
 
     compression: float = 0.5
     budget: int | None = None
@@ -248,21 +267,25 @@ class KVPolicy(Transform):
             return f"{type(self).__name__} always keeps {tokens} tokens ({what}), more than a short prompt's budget"
         return f"a short prompt's budget is below the minimum of {MIN_BUDGET} tokens"
 
-    def query_buffer(self) -> int:
-        """Recent queries to keep per layer for scoring."""
-        return max(self.query_tokens, 0)
-
     # -- the method ----------------------------------------------------------------------------------
     def score(self, ctx: ScoreContext) -> Tensor:
         """[B, H_kv, S] importance of each stored token (higher = keep)."""
         raise NotImplementedError
 
+    def score_queries(self) -> int:
+        """How many recent post-rotary queries ``score`` reads (``ctx.queries``); 0: none."""
+        return 0
+
+    def observed_queries(self) -> int:
+        """Queries of every forward ``observe`` needs (-1: all of them); 0: it does not observe."""
+        return 0
+
     def observe(self, ctx: ScoreContext, new_queries: Tensor | None) -> None:
-        """Called after every forward (H2O accumulates attention here)."""
+        """Called after every forward when ``observed_queries`` is not 0 (H2O accumulates attention here)."""
 
     # -- transform -----------------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
-        check_supported_model(model, self, needs_queries=self.query_tokens != 0)
+        check_supported_model(model, self, needs_queries=bool(self.score_queries() or self.observed_queries()))
 
     def apply(self, model: nn.Module) -> Applied:
         setup = kv_setup(model, create=True)
@@ -270,93 +293,72 @@ class KVPolicy(Transform):
         return Applied(self, undo=undo, report=setup.report)
 
     # -- called by the attention forward hook ------------------------------------------------------
-    def after_attention(
-        self, module, layer, hidden: Tensor, position_embeddings, mask, rank: int, nlayers: int
-    ):
+    def after_attention(self, module, cache: PolicyCache, rank: int, hidden: Tensor, position_embeddings, mask):
+        """Observe and, when due, compress layer ``rank`` of ``cache`` after its attention."""
         if self.is_noop:
             return
+        layer, state = cache.evicting_layers[rank], cache.states[rank]
+        state.extend(layer.stored_length)
         n = hidden.shape[1]
-        due = (
-            n >= self.prefill_min_tokens
-        )  # prefill chunks compress; shorter forwards count as decoding
+        due = n >= self.prefill_min_tokens  # prefill chunks compress; shorter forwards count as decoding
         if not due and layer.cumulative_length == n and self.requested(n) < n:
             # a whole prompt shorter than prefill_min_tokens is kept as it is: say so
-            layer.log.steps += 1
-            layer.log.note(
-                f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed"
-            )
+            cache.log.steps += 1
+            cache.log.note(f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed")
         if not due:
-            layer.steps_since_compress += n
-            due = bool(self.decode_interval) and layer.steps_since_compress >= self.decode_interval
-            if not due and not self.observes_every_step:
+            state.steps_since_compress += n
+            due = bool(self.decode_interval) and state.steps_since_compress >= self.decode_interval
+            if not due and not self.observed_queries():
                 if self.decode_interval == 0:
-                    layer.queries = (
-                        None  # not kept up to date while decoding: drop rather than go stale
-                    )
+                    state.queries = None  # not kept up to date while decoding: drop rather than go stale
                 return
-        new_q = None
-        if self.query_tokens != 0:
-            take = n if self.query_tokens < 0 else min(n, self.query_tokens)
-            new_q = compute_queries(module, hidden[:, -take:], position_embeddings)
-            keep = self.query_buffer()
-            if keep > 0:
-                buf = (
-                    new_q[:, :, -keep:]
-                    if layer.queries is None
-                    else torch.cat([layer.queries, new_q[:, :, -keep:]], 2)
-                )
-                layer.queries = buf[:, :, -min(keep, layer.recent) :].detach()
+        new_q = self._new_queries(module, layer.recent, state, hidden, position_embeddings)
         keys, values = layer.full_keys_values()
-        s = keys.shape[-2]
-        visible = visible_keys(mask, s)
+        visible = visible_keys(mask, keys.shape[-2])
         if visible is not None and bool((visible[:, 1:] < visible[:, :-1]).any()):
             raise ConfigError(
                 f"{type(self).__name__} needs left padding (pads before each row's tokens), but the attention "
                 "mask hides tokens after visible ones; set tokenizer.padding_side = 'left'"
             )
-        ctx = ScoreContext(
-            module,
-            layer,
-            keys,
-            values,
-            layer.queries,
-            visible,
-            float(module.scaling),
-            rank,
-            nlayers,
-            0,
-        )
+        ctx = ScoreContext(module, cache, rank, keys, values, state.queries, visible, float(module.scaling))
         self.observe(ctx, new_q)
         if due:
-            self.compress_layer(layer, ctx)
+            self.compress_layer(ctx)
 
-    def compress_layer(self, layer, ctx: ScoreContext) -> None:
+    def _new_queries(self, module, recent: int, state: LayerState, hidden: Tensor, position_embeddings):
+        """This forward's queries ``observe`` needs, after buffering the ones ``score`` reads."""
+        wanted = self.observed_queries() or self.score_queries()
+        if wanted == 0:
+            return None
+        n = hidden.shape[1]
+        take = n if wanted < 0 else min(n, wanted)
+        new_q = compute_queries(module, hidden[:, -take:], position_embeddings)
+        keep = self.score_queries()
+        if keep > 0:
+            buf = new_q[:, :, -keep:] if state.queries is None else torch.cat([state.queries, new_q[:, :, -keep:]], 2)
+            state.queries = buf[:, :, -min(keep, recent) :].detach()
+        return new_q
+
+    def compress_layer(self, ctx: ScoreContext) -> None:
         """Compress one layer back to its budget (after a prefill chunk, or every decode_interval)."""
-        self.log_step(layer)
+        layer = ctx.layer
+        self.log_step(ctx.cache.log, layer.cumulative_length)
         target = self.layer_target(layer.cumulative_length, ctx.layer_rank, ctx.num_layers)
         if ctx.keys.shape[-2] <= target:
             if self.decode_interval == 0:
-                layer.queries = None  # kept tokens only: drop the scoring state as evict does
+                ctx.state.queries = None  # kept tokens only: drop the scoring state as evict does
             return
         ctx.target = target
-        self.evict(layer, self.score(ctx), target, ctx.visible, ctx.keys, ctx.values)
+        self.evict(layer, ctx.state, self.score(ctx), target, ctx.visible, ctx.keys, ctx.values)
 
-    def log_step(self, layer) -> None:
-        """Count one compression step of ``layer`` and whether its budget was raised to min_budget."""
-        seen = layer.cumulative_length
-        layer.log.steps += 1
+    def log_step(self, log, seen: int) -> None:
+        """Count one layer compression step after ``seen`` tokens and whether its budget was raised."""
+        log.steps += 1
         if self.requested(seen) < self.target(seen):
-            layer.log.note(self.budget_shortfall())
+            log.note(self.budget_shortfall())
 
-    def evict(
-        self,
-        layer,
-        scores: Tensor,
-        target: int,
-        visible: Tensor | None,
-        keys: Tensor | None = None,
-        values: Tensor | None = None,
-    ) -> None:
+    def evict(self, layer, state: LayerState, scores: Tensor, target: int, visible: Tensor | None,
+              keys: Tensor | None = None, values: Tensor | None = None) -> None:
         """Keep the ``target`` highest-scoring tokens of ``layer`` (pads out first), merged or not;
         ``keys``/``values`` are the layer's full-precision states (read from it when None)."""
         if keys is None:
@@ -366,12 +368,11 @@ class KVPolicy(Transform):
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
         keep = scores.topk(target, dim=-1).indices.sort(dim=-1).values
         if self.merge:
-            from .d2o import merge_evicted
-
             keys, values = merge_evicted(keys, values, keep, visible, self.merge_threshold)
         layer.compress(keep, keys, values)
+        state.keep(keep, layer.recent)
         if self.decode_interval == 0:
-            layer.queries = None  # no compression before the next prompt chunk, which brings its own queries
+            state.queries = None  # no compression before the next prompt chunk, which brings its own queries
 
 
 def visible_keys(mask, s: int) -> Tensor | None:

@@ -4,7 +4,7 @@ A policy never changes the prefill itself: each layer attends to all prompt toke
 only after its attention has run, so the hidden states of a prefill are the same under every policy.
 ``record_prefill`` runs it once with a plain ``DynamicCache`` and records each full-attention module's
 inputs; ``replay`` then builds the cache a policy would have produced, by calling the very same
-``update``, ``after_attention`` and ``flush`` steps the hooks call during ``generate``
+``update`` and ``PolicyCache.after_attention`` steps the hooks call during ``generate``
 (``tests/kvcache/test_replay.py`` checks the result is identical to a real prefill).
 """
 
@@ -19,7 +19,9 @@ from transformers.cache_utils import DynamicCache
 
 from ..core.generation import cache_argument_name
 from ..core.model import decoder_layers
-from .cache import KVQuantSpec, PolicyCache, PolicyLayer
+from .cache import EvictingLayer, full_attention_layers
+from .kivi import KIVI
+from .policy_cache import PolicyCache
 
 
 @dataclass
@@ -41,9 +43,8 @@ def record_prefill(
     """Run the prefill once with a plain cache and record what each full-attention module saw."""
     cache = DynamicCache(config=model.config)
     rec = PrefillRecording(cache, torch.empty(0))
-    full = [i for i, t in enumerate(PolicyCache(model.config).layers) if isinstance(t, PolicyLayer)]
     handles = []
-    for i in full:
+    for i in full_attention_layers(model.config):
         attn = decoder_layers(model)[i].self_attn
 
         def hook(module, args, kwargs, output, i=i):
@@ -72,28 +73,17 @@ def record_prefill(
 
 @torch.no_grad()
 def replay(
-    model: nn.Module, rec: PrefillRecording, policy=None, quant: KVQuantSpec | None = None
+    model: nn.Module, rec: PrefillRecording, policy=None, quant: KIVI | None = None
 ) -> PolicyCache:
-    """The cache ``policy`` (and ``quant``) would hold after the recorded prefill."""
+    """The cache ``policy`` (and ``quant``, a KIVI config) would hold after the recorded prefill."""
     cache = PolicyCache(model.config, policy=policy, quant=quant)
     layers = decoder_layers(model)
-    n = len(cache.policy_layer_indices)
     for i, layer in enumerate(cache.layers):
         src = rec.cache.layers[i]
-        if not isinstance(layer, PolicyLayer):
+        if not isinstance(layer, EvictingLayer):
             cache.layers[i] = copy.deepcopy(src)
             continue
         layer.update(src.keys, src.values)
-        if policy is not None:
-            hidden, pos, mask = rec.inputs[i]
-            policy.after_attention(
-                layers[i].self_attn,
-                layer,
-                hidden,
-                pos,
-                mask,
-                cache.policy_layer_indices.index(i),
-                n,
-            )
-            layer.flush()
+        hidden, pos, mask = rec.inputs[i]
+        cache.after_attention(layers[i].self_attn, i, hidden, pos, mask)
     return cache

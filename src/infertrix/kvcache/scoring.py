@@ -32,7 +32,7 @@ from ..core import ConfigError, UnsupportedModelError
 from ..core.generation import cache_argument, cache_argument_name
 from ..core.model import text_config
 from .attach import KVCacheSetup, kv_setup
-from .cache import PolicyCache
+from .cache import full_attention_layers
 
 # forward arguments that come along with the sequence and are cut into chunks with it
 _SEQUENCE_ARGS = ("input_ids", "inputs_embeds", "position_ids")
@@ -204,7 +204,7 @@ def compressed_scoring(model: nn.Module, chunk_tokens: int | None = None) -> Ite
     Yields the model.
     """
     setup = _setup_of(model)
-    need = min_chunk_tokens(setup, len(PolicyCache(model.config).policy_layer_indices))
+    need = min_chunk_tokens(setup, len(full_attention_layers(model.config)))
     if chunk_tokens is None:
         chunk_tokens = need
     elif not isinstance(chunk_tokens, int) or chunk_tokens < need:

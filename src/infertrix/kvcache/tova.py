@@ -23,8 +23,10 @@ class TOVA(KVPolicy):
     """
     use_when = "high compression: keeps the tokens the newest query attends to most"
 
-    query_tokens = 1
     head_average: bool = True
+
+    def score_queries(self) -> int:
+        return 1
 
     def score(self, ctx: ScoreContext) -> Tensor:
         probs = ctx.attention(last=1)  # [B, Hkv, G, 1, S]

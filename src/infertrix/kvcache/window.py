@@ -29,8 +29,7 @@ class ObservationWindowPolicy(KVPolicy):
     window_size: int = 32
     kernel_size: int = 7
 
-    @property
-    def query_tokens(self) -> int:  # type: ignore[override]
+    def score_queries(self) -> int:
         return self.window_size
 
     def validate(self) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from ..core.model import require_causal_lm
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
-from ..kvcache.growing import GrowingCache
+from ..kvcache.cache import GrowingCache
 from .budget import AcceptanceRate, best_length
 from .drafter import Draft, DraftContext, Drafter
 from .lean import LeanDecoder, lean_supported

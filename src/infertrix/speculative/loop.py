@@ -32,8 +32,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 
 from ..core.generation import cache_argument
 from ..core.transform import ConfigError, UnsupportedModelError
-from ..kvcache import PolicyCache
-from ..kvcache.growing import GrowingCache
+from ..kvcache.cache import GrowingCache, capabilities
 from .budget import VerifyCost
 from .drafter import DraftContext, Drafter
 from .ragged import RaggedKV
@@ -136,7 +135,7 @@ class SpeculativeGenerate:
         cache = cache_argument(model_kwargs)
         if cache is None:
             cache = GrowingCache(model.config)  # in-place appends: no torch.cat of the cache per step
-        if batch > 1 and isinstance(cache, PolicyCache):
+        if batch > 1 and not capabilities(cache).ragged_rows:
             raise UnsupportedModelError(
                 "speculative decoding with a KV-cache policy (PolicyCache) works at batch size 1 only: at batch > 1 "
                 "rows keep different numbers of draft tokens, which leaves masked holes inside rows, and a "

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..core.generation import cache_argument_name
 from ..core.transform import UnsupportedModelError
+from ..kvcache.cache import capabilities
 
 
 def sliding_window(model: nn.Module) -> int | None:
@@ -71,20 +72,9 @@ class RaggedKV:
         self._fed_from: Tensor | None = None  # pos before the last extend
 
     def can_retire(self) -> bool:
-        """Whether finished rows can leave this cache: a plain full-attention DynamicCache (or
-        infertrix's GrowingCache), whose layers select batch rows exactly."""
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        from ..kvcache.growing import GrowingLayer
-
-        # exact layer types: subclasses (quantized layers, policies) keep state batch selection misses
-        layers = getattr(self.cache, "layers", None)
-        return (
-            self.window is None
-            and isinstance(self.cache, DynamicCache)
-            and bool(layers)
-            and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in layers)
-        )
+        """Whether finished rows can leave this cache: the model has no sliding window and the cache
+        selects batch rows exactly (a plain full-attention DynamicCache or GrowingCache)."""
+        return self.window is None and capabilities(self.cache).select_rows
 
     def retire(self, done: list[int]) -> None:
         """Drop the logical rows ``done`` from the cache for good (they must never be fed again);
@@ -215,7 +205,7 @@ class RaggedKV:
 def _trim_sliding(cache) -> None:
     """Let sliding-window layers drop the past they kept for a possible rollback (transformers'
     ``crop(0)``). Only those layers: other layer classes may read 0 as "keep 0 tokens" (the
-    kvcache family's ``PolicyLayer`` treats a non-negative argument as the length to keep)."""
+    kvcache family's ``EvictingLayer`` treats a non-negative argument as the length to keep)."""
     for layer in getattr(cache, "layers", ()):
         if getattr(layer, "sliding_window", None):
             layer.crop(0)

@@ -1,0 +1,142 @@
+"""``PolicyCache``: the evicting storage plus each full-attention layer's scoring state.
+
+The storage (:class:`~.cache.EvictingCache`) knows nothing of how a policy scores; what a policy keeps
+between forwards (recent queries, per-token scores, a deferred compression) is a :class:`LayerState`
+per full-attention layer, owned here, next to the layers, so it follows them through ``crop`` and
+batch reordering. ``generate`` receives a fresh ``PolicyCache`` after ``optimize`` (see
+:mod:`~.attach`); for manual loops get one from :func:`infertrix.kvcache.new_cache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .cache import EvictingCache, EvictingLayer
+
+if TYPE_CHECKING:
+    from .kivi import KIVI
+
+
+@dataclass
+class CompressionLog:
+    """How many layer compression steps a policy ran (prompts too short to compress included) and why
+    some kept more than the requested budget (a short prompt under a window the method always keeps,
+    say). Shared by every cache one model's ``generate`` receives: ``describe()`` shows it."""
+
+    steps: int = 0
+    kept_more: dict[str, int] = field(default_factory=dict)  # reason -> layer compressions
+
+    def note(self, reason: str) -> None:
+        self.kept_more[reason] = self.kept_more.get(reason, 0) + 1
+
+    def report(self) -> dict[str, str]:
+        if not self.kept_more:
+            return {}
+        n = sum(self.kept_more.values())
+        why = "; ".join(f"{count}x {reason}" for reason, count in self.kept_more.items())
+        return {"kept_more_than_budget": f"{n} of {self.steps} layer compression steps since optimize ({why})"}
+
+
+@dataclass
+class LayerState:
+    """What a policy keeps for one layer between forwards.
+
+    ``queries``: the most recent post-rotary queries [B, H_q, w, D] attention-based policies score
+    with (never more than the layer's ``recent`` tokens); ``aux``: per-token state [B, H_kv, S]
+    (H2O's accumulated attention) that follows every eviction; ``pending``: the scores of a
+    compression deferred to the forward's last layer (DensityKV).
+    """
+
+    queries: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    steps_since_compress: int = 0
+    pending: tuple | None = None
+
+    def extend(self, stored: int) -> None:
+        """Give the tokens stored since the last call (new ones at the end) zero ``aux`` state."""
+        for name, t in self.aux.items():
+            if t.shape[-1] < stored:
+                self.aux[name] = torch.cat([t, t.new_zeros((*t.shape[:2], stored - t.shape[-1]))], dim=-1)
+
+    def keep(self, index: Tensor, recent: int) -> None:
+        """Follow an eviction that kept ``index`` [B, H_kv, K] and left ``recent`` trailing recent tokens."""
+        self.aux = {name: torch.gather(t, -1, index) for name, t in self.aux.items()}
+        if self.queries is not None:
+            keep_q = min(self.queries.shape[-2], recent)
+            self.queries = self.queries[:, :, self.queries.shape[-2] - keep_q :]
+        self.steps_since_compress = 0
+
+    def crop(self, n: int) -> None:
+        """Follow the removal of the last ``n`` tokens."""
+        if n <= 0:
+            return
+        self.aux = {name: t[..., :-n] for name, t in self.aux.items()}
+        if self.queries is not None:
+            self.queries = self.queries[:, :, : max(0, self.queries.shape[-2] - n)]
+
+    def map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.aux = {name: fn(t) for name, t in self.aux.items()}
+        if self.queries is not None:
+            self.queries = fn(self.queries)
+
+    def nbytes(self) -> int:
+        total = sum(t.nbytes for t in self.aux.values())
+        return total + (self.queries.nbytes if self.queries is not None else 0)
+
+
+class PolicyCache(EvictingCache):
+    """An :class:`EvictingCache` whose full-attention layers follow ``policy`` (a
+    :class:`~infertrix.kvcache.KVPolicy`, or None for KIVI alone), with ``states[r]`` the scoring state
+    of ``evicting_layers[r]``. ``quant``: a :class:`~infertrix.kvcache.KIVI` config or None; ``log``:
+    the :class:`CompressionLog` to count into (a new one when None)."""
+
+    def __init__(self, config, policy=None, quant: KIVI | None = None, log: CompressionLog | None = None) -> None:
+        super().__init__(config, quant)
+        self.policy = policy
+        self.log = CompressionLog() if log is None else log
+        self.states = [LayerState() for _ in self.evicting_indices]
+
+    def after_attention(self, module, layer_idx: int, hidden: Tensor, position_embeddings: Any, mask: Any) -> None:
+        """Run the policy on layer ``layer_idx`` after its attention, then quantize what is due (KIVI)."""
+        rank = self.evicting_indices.index(layer_idx)
+        if self.policy is not None:
+            self.policy.after_attention(module, self, rank, hidden, position_embeddings, mask)
+        if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
+            self.layers[layer_idx].flush()
+
+    def crop(self, max_length: int) -> None:
+        rank = {i: r for r, i in enumerate(self.evicting_indices)}
+        for i, layer in enumerate(self.layers):
+            seen = layer.get_seq_length()
+            layer.crop(max_length)
+            if i in rank:
+                self.states[rank[i]].crop(seen - layer.get_seq_length())
+
+    def _map_states(self, fn: Callable[[Tensor], Tensor]) -> None:
+        for state in self.states:
+            state.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_states(lambda t: t[indices, ...])
+
+    def reset(self) -> None:
+        super().reset()
+        self.states = [LayerState() for _ in self.evicting_indices]
+
+    def state_bytes(self) -> int:
+        """Bytes of the policy's own per-token state (accumulated scores, recent queries)."""
+        return sum(state.nbytes() for state in self.states)
