@@ -1,9 +1,7 @@
 """KV storage: the growing layer and cache, and the evicting layer and cache (storage only).
 
-In the style of transformers' ``cache_utils.py``, each layer class overrides the minimum of
-``DynamicLayer``; a cache is a list of layers built from the model config. Nothing here knows about
-eviction policies' scores (their per-layer state lives with the attachment, see
-:mod:`~infertrix.kvcache.policy_cache`).
+As transformers' ``cache_utils.py``: layer classes override the minimum of ``DynamicLayer``; a cache
+is a list of layers built from the config. Policies' scoring state lives in :mod:`.policy_cache`.
 
 - :class:`GrowingLayer`: tokens appended in place into buffers with headroom instead of
   ``torch.cat`` per step; :class:`GrowingCache` is ``DynamicCache`` with those layers.
@@ -46,13 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import (
-    DYNAMIC_LAYER_TYPE_MAPPING,
-    Cache,
-    DynamicCache,
-    DynamicLayer,
-    get_layer_types_and_kwargs,
-)
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING as STOCK_LAYERS
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
 from ..ops.kv_cache_ops import kv_gather
 from .kivi_store import KIVIStore
@@ -67,13 +60,14 @@ class CacheCropError(RuntimeError):
     """``crop`` cannot roll the cache back exactly (the tokens to remove were evicted or quantized)."""
 
 
-def _text_config(config):
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+def _layer_types(config) -> tuple[list[str], list[dict]]:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return get_layer_types_and_kwargs(text)
 
 
 def full_attention_layers(config) -> list[int]:
     """Indices of the decoder's plain ``full_attention`` layers (those an EvictingCache evicts in)."""
-    layer_types, _ = get_layer_types_and_kwargs(_text_config(config))
+    layer_types, _ = _layer_types(config)
     return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
 
 
@@ -81,9 +75,8 @@ def full_attention_layers(config) -> list[int]:
 class CacheCapabilities:
     """What a cache can undo, for callers that roll back (speculative decoding).
 
-    - ``rollback``: ``"any"``: ``crop`` removes any number of trailing tokens exactly; ``"recent"``:
-      only those still stored exactly (``EvictingLayer.recent``), else :class:`CacheCropError`;
-      ``"none"``: the cache cannot crop.
+    - ``rollback``: ``"any"``: ``crop`` removes any trailing tokens exactly; ``"recent"``: only those
+      still stored exactly (``EvictingLayer.recent``), else :class:`CacheCropError`; ``"none"``.
     - ``select_rows``: ``batch_select_indices`` drops finished rows exactly.
     - ``ragged_rows``: rows may hold masked slots between their tokens, not only left padding.
     """
@@ -107,8 +100,7 @@ def capabilities(cache: Any) -> CacheCapabilities:
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose tokens live in buffers with headroom (``ceil(need * (1 + headroom))``,
-    at least ``min_headroom`` tokens more), written in place; see :mod:`~infertrix.kvcache.growing`."""
+    """A ``DynamicLayer`` whose tokens are written in place into buffers with headroom (growing.py)."""
 
     def __init__(self, headroom: float = 0.25, min_headroom: int = 128) -> None:
         super().__init__()
@@ -125,30 +117,17 @@ class GrowingLayer(DynamicLayer):
         """True while ``keys``/``values`` are still the prefix views of the buffers (not replaced by
         ``batch_select_indices``, ``reorder_cache``, ``batch_repeat_interleave`` or a caller)."""
         k, v, kb, vb = self.keys, self.values, self.kbuf, self.vbuf
-        return (
-            kb is not None
-            and k.dim() == 4
-            and k.data_ptr() == kb.data_ptr()
-            and v.data_ptr() == vb.data_ptr()
-            and k.stride() == kb.stride()
-            and v.stride() == vb.stride()
-            and k.shape[:2] == kb.shape[:2]
+        return kb is not None and k.dim() == 4 and k.shape[:2] == kb.shape[:2] and all(
+            t.data_ptr() == b.data_ptr() and t.stride() == b.stride() for t, b in ((k, kb), (v, vb))
         )
 
     def reserve(self, n: int, key_states: Tensor, value_states: Tensor) -> int:
         """Make the buffers hold the stored tokens with room for ``n`` more shaped like
         ``key_states``/``value_states``; returns the stored count (where the new tokens go)."""
-        held = self._held()
+        held, kb = self._held(), self.kbuf
         need = held + n
-        kb = self.kbuf
-        fits = (
-            kb is not None
-            and need <= kb.shape[-2]
-            and kb.shape[:2] == key_states.shape[:2]
-            and kb.dtype == key_states.dtype
-            and (held == 0 or self._owns_prefix())
-        )
-        if not fits:
+        fits = kb is not None and need <= kb.shape[-2] and kb.shape[:2] == key_states.shape[:2]
+        if not (fits and kb.dtype == key_states.dtype and (held == 0 or self._owns_prefix())):
             cap = max(math.ceil(need * (1 + self.headroom)), need + self.min_headroom)
             kb = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
             vb = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
@@ -203,12 +182,9 @@ class EvictingLayer(GrowingLayer):
     """A full-attention layer whose tokens can be evicted (see the module docstring).
 
     With a KIVI config its tokens beyond the full-precision window move into ``codes`` on ``flush``.
-    ``residual_only`` (set by the attention pre-hook for one decoding step whose attention reads the
-    codes itself, KIVI's attention function): ``update`` then returns only the residual window.
+    ``residual_only``: the next one-token ``update`` returns only the full-precision window, for an
+    attention that reads the codes itself (KIVI's; set and cleared by the attention hooks).
     """
-
-    is_sliding = False
-    is_croppable = True
 
     def __init__(self, quant: KIVI | None = None, scratch: dict[str, Tensor] | None = None) -> None:
         # room for EVICTING_HEADROOM more tokens (a quantized residual: one group, all it grows between
@@ -222,11 +198,11 @@ class EvictingLayer(GrowingLayer):
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
-    def residual_len(self) -> int:
+    def residual_len(self) -> int:  # full-precision tokens
         return self._held() if self.is_initialized else 0
 
     @property
-    def n_quantized(self) -> int:
+    def n_quantized(self) -> int:  # tokens in the KIVI store
         return self.codes.length if self.codes is not None else 0
 
     @property
@@ -256,7 +232,7 @@ class EvictingLayer(GrowingLayer):
             self.lazy_initialization(key_states, value_states)
         self.append(key_states, value_states)
         if self.residual_only and key_states.shape[-2] == 1 and self.n_quantized:
-            return self.keys, self.values  # see KIVIStore.attend
+            return self.keys, self.values  # the caller attends with KIVIStore.attend
         return self.full_keys_values()
 
     def full_keys_values(self) -> tuple[Tensor, Tensor]:
@@ -265,10 +241,6 @@ class EvictingLayer(GrowingLayer):
         if not self.n_quantized:
             return self.keys, self.values
         return self.codes.with_residual(self.keys, self.values)
-
-    def attend_quantized(self, query: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
-        """One decoding step's attention over every stored token, read from the codes (KIVIStore.attend)."""
-        return self.codes.attend(query, self.keys, self.values, mask, scaling)
 
     def compress(self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None) -> None:
         """Keep tokens ``index`` ([B, H_kv, K] int64, ascending per row/head) and free the rest.
@@ -313,9 +285,9 @@ class EvictingLayer(GrowingLayer):
         exact = min(self.recent, self.residual_len)  # quantized tokens cannot be restored exactly
         if n > exact:
             raise CacheCropError(
-                f"cannot crop {n} tokens: only the last {exact} tokens are still stored exactly (older ones "
-                "were evicted, merged or quantized); keep a recent window at least as long as the rollback "
-                "(e.g. window_size >= the number of draft tokens) or use a larger KIVI residual_length"
+                f"cannot crop {n} tokens: only the last {exact} tokens are still stored exactly (older ones were "
+                "evicted, merged or quantized); keep a recent window at least as long as the rollback (e.g. "
+                "window_size >= the number of draft tokens) or use a larger KIVI residual_length"
             )
         self.keys = self.keys[:, :, :-n]
         self.values = self.values[:, :, :-n]
@@ -369,7 +341,10 @@ class EvictingLayer(GrowingLayer):
         return 2 * b * h * d * self.cumulative_length * self.keys.element_size()
 
 
-def _stock_bytes(layer) -> int:
+def _layer_bytes(layer, full: bool) -> int:
+    """An evicting layer's (full: uncompressed) KV bytes, or a stock layer's."""
+    if isinstance(layer, EvictingLayer):
+        return layer.full_kv_bytes() if full else layer.kv_bytes()
     if getattr(layer, "is_initialized", False) and isinstance(getattr(layer, "keys", None), Tensor):
         return layer.keys.nbytes + layer.values.nbytes
     return 0
@@ -381,10 +356,10 @@ class EvictingCache(Cache):
     types (sliding window, chunked, linear attention, hybrid) are transformers' stock layers."""
 
     def __init__(self, config, quant: KIVI | None = None) -> None:
-        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(_text_config(config))
+        layer_types, per_layer_kwargs = _layer_types(config)
         scratch: dict[str, Tensor] = {}  # one set of dequantization buffers for all layers
         layers = [
-            EvictingLayer(quant, scratch) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            EvictingLayer(quant, scratch) if kind == "full_attention" else STOCK_LAYERS[kind](**kwargs)
             for kind, kwargs in zip(layer_types, per_layer_kwargs, strict=True)
         ]
         super().__init__(layers=layers)
@@ -409,13 +384,11 @@ class EvictingCache(Cache):
 
     def kv_bytes(self) -> int:
         """Bytes of all stored keys and values, stock layers included."""
-        return sum(lay.kv_bytes() if isinstance(lay, EvictingLayer) else _stock_bytes(lay) for lay in self.layers)
+        return sum(_layer_bytes(layer, full=False) for layer in self.layers)
 
     def full_kv_bytes(self) -> int:
         """Bytes the same tokens would take in a plain ``DynamicCache``."""
-        return sum(
-            lay.full_kv_bytes() if isinstance(lay, EvictingLayer) else _stock_bytes(lay) for lay in self.layers
-        )
+        return sum(_layer_bytes(layer, full=True) for layer in self.layers)
 
     def scratch_bytes(self) -> int:
         """Bytes of the dequantization buffers the layers share (KIVI; 0 before any decoding)."""

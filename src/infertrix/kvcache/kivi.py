@@ -64,7 +64,7 @@ def kivi_attention(
         )
         if ok and not unmodelled:
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-            return layer.attend_quantized(query, mask, scale), None
+            return layer.codes.attend(query, layer.keys, layer.values, mask, scale), None
         key, value = layer.full_keys_values()
     return sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

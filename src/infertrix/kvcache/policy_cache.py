@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .cache import EvictingCache, EvictingLayer
+from .cache import EvictingCache
 
 if TYPE_CHECKING:
     from .kivi import KIVI
