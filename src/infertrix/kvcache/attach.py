@@ -3,14 +3,16 @@
 ``KVCacheSetup`` is the per-model record shared by the eviction policy and KV quantization (they
 compose: evict, then store the kept tokens in few bits). While either is applied:
 
-- ``generate`` gets a fresh :class:`~.policy_cache.PolicyCache` whenever the caller passes no ``past_key_values``
-  (through :func:`infertrix.core.generation.add_generate_hook`; nothing in transformers is patched);
+- ``generate`` gets a fresh :class:`~.policy_cache.PolicyCache` whenever the caller passes no
+  ``past_key_values`` (through :func:`infertrix.core.generation.add_generate_hook`; nothing in
+  transformers is patched);
 - each full-attention module carries a forward pre-hook (gives a layer that holds fewer tokens than
   the longest one the suffix of the shared 4D mask that matches it) and a forward hook (runs the
   policy after the layer's attention through :meth:`PolicyCache.after_attention`: queries are
-  recomputed from the module's input, the layer is compressed, quantized tokens are flushed). Hooks read only the attention module's public forward
-  arguments (``hidden_states``, ``position_embeddings``, ``attention_mask``, the cache),
-  and do nothing unless the cache is a ``PolicyCache``;
+  recomputed from the module's input, the layer is compressed, quantized tokens are flushed). Hooks
+  read only the attention module's public forward arguments (``hidden_states``,
+  ``position_embeddings``, ``attention_mask``, the cache), and do nothing unless the cache is a
+  ``PolicyCache``;
 - the model carries a forward pre-hook that warns, once per model, when a plain forward (several
   tokens, no cache passed: what log-likelihood harnesses run) bypasses the transforms, naming the
   honest ways to score (``infertrix.eval.loglikelihood``, ``infertrix.eval.compressed_scoring``).
@@ -223,13 +225,14 @@ class KVCacheSetup:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         n = hidden.shape[1] if hidden is not None else 0
         # one decoding step over KIVI codes: KIVI's attention function reads them in place
-        layer.residual_only = (
+        state = cache.states[cache.rank[module.layer_idx]]
+        state.attend_codes = (
             n == 1
             and layer.n_quantized > 0
             and getattr(getattr(module, "config", None), "_attn_implementation", None)
             == KIVI_ATTENTION
         )
-        if layer.residual_only:
+        if state.attend_codes:
             kwargs["kivi_layer"] = layer
         if isinstance(mask, Tensor) and mask.dim() == 4 and hidden is not None:
             want = layer.stored_length + n
@@ -241,7 +244,6 @@ class KVCacheSetup:
         cache, layer = self._layer_of(module, kwargs)
         if layer is None:
             return None
-        layer.residual_only = False
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cache.after_attention(
             module, module.layer_idx, hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask")

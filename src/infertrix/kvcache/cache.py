@@ -182,8 +182,6 @@ class EvictingLayer(GrowingLayer):
     """A full-attention layer whose tokens can be evicted (see the module docstring).
 
     With a KIVI config its tokens beyond the full-precision window move into ``codes`` on ``flush``.
-    ``residual_only``: the next one-token ``update`` returns only the full-precision window, for an
-    attention that reads the codes itself (KIVI's; set and cleared by the attention hooks).
     """
 
     def __init__(self, quant: KIVI | None = None, scratch: dict[str, Tensor] | None = None) -> None:
@@ -194,7 +192,6 @@ class EvictingLayer(GrowingLayer):
         self.cumulative_length = 0
         self.recent = 0
         self.codes = None if quant is None else KIVIStore(quant, scratch)
-        self.residual_only = False
 
     # -- sizes ---------------------------------------------------------------------------------------
     @property
@@ -231,8 +228,6 @@ class EvictingLayer(GrowingLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.append(key_states, value_states)
-        if self.residual_only and key_states.shape[-2] == 1 and self.n_quantized:
-            return self.keys, self.values  # the caller attends with KIVIStore.attend
         return self.full_keys_values()
 
     def full_keys_values(self) -> tuple[Tensor, Tensor]:
@@ -319,7 +314,6 @@ class EvictingLayer(GrowingLayer):
         super().reset()
         self.cumulative_length = 0
         self.recent = 0
-        self.residual_only = False
         if self.codes is not None:
             self.codes.clear()
             self.codes.scratch.clear()

@@ -49,13 +49,16 @@ class LayerState:
     ``queries``: the most recent post-rotary queries [B, H_q, w, D] attention-based policies score
     with (never more than the layer's ``recent`` tokens); ``aux``: per-token state [B, H_kv, S]
     (H2O's accumulated attention) that follows every eviction; ``pending``: the scores of a
-    compression deferred to the forward's last layer (DensityKV).
+    compression deferred to the forward's last layer (DensityKV); ``attend_codes``: this one-token
+    step's attention reads the layer's KIVI codes itself (KIVI's attention function), so ``update``
+    returns only the full-precision window.
     """
 
     queries: Tensor | None = None
     aux: dict[str, Tensor] = field(default_factory=dict)
     steps_since_compress: int = 0
     pending: tuple | None = None
+    attend_codes: bool = False
 
     def extend(self, stored: int) -> None:
         """Give the tokens stored since the last call (new ones at the end) zero ``aux`` state."""
@@ -100,22 +103,29 @@ class PolicyCache(EvictingCache):
         self.policy = policy
         self.log = CompressionLog() if log is None else log
         self.states = [LayerState() for _ in self.evicting_indices]
+        self.rank = {i: r for r, i in enumerate(self.evicting_indices)}  # layer index -> states index
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        rank = self.rank.get(layer_idx)
+        if rank is not None and self.states[rank].attend_codes:
+            return self.layers[layer_idx].append(key_states, value_states)  # no dequantized copy
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def after_attention(self, module, layer_idx: int, hidden: Tensor, position_embeddings: Any, mask: Any) -> None:
         """Run the policy on layer ``layer_idx`` after its attention, then quantize what is due (KIVI)."""
-        rank = self.evicting_indices.index(layer_idx)
+        rank = self.rank[layer_idx]
+        self.states[rank].attend_codes = False
         if self.policy is not None:
             self.policy.after_attention(module, self, rank, hidden, position_embeddings, mask)
         if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
             self.layers[layer_idx].flush()
 
     def crop(self, max_length: int) -> None:
-        rank = {i: r for r, i in enumerate(self.evicting_indices)}
         for i, layer in enumerate(self.layers):
             seen = layer.get_seq_length()
             layer.crop(max_length)
-            if i in rank:
-                self.states[rank[i]].crop(seen - layer.get_seq_length())
+            if i in self.rank:
+                self.states[self.rank[i]].crop(seen - layer.get_seq_length())
 
     def _map_states(self, fn: Callable[[Tensor], Tensor]) -> None:
         for state in self.states:
