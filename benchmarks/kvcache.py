@@ -26,6 +26,8 @@ in tests/kvcache/test_replay.py. The script also cross-checks one cell against
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
 import sys
 import time
@@ -47,21 +49,14 @@ PLOT = Path(__file__).resolve().parent / "kvcache_passkey_vs_kv_bytes.png"
 
 def cells(ratios, h2o_window: int | None, methods: list[str] | None = None):
     """(label, method, compression, policy, quant) for every cell of a table: the full cache always,
-    then every method of ``methods`` (None: all; names as in ``METHODS`` plus KIVI-4 and KIVI-2)."""
+    then every method of ``methods`` (None: all; class names of the policies, KIVI-4 and KIVI-2)."""
     out = [("full cache", "full", 0.0, None, None)]
-    h2o_kw = {"observation_window": h2o_window} if h2o_window else {}
-    makers = {
-        "StreamingLLM": lambda r: kv.StreamingLLM(compression=r),
-        "KNorm": lambda r: kv.KNorm(compression=r),
-        "SnapKV": lambda r: kv.SnapKV(compression=r),
-        "PyramidKV": lambda r: kv.PyramidKV(compression=r),
-        "H2O": lambda r: kv.H2O(compression=r, **h2o_kw),
-        "D2O": lambda r: kv.D2O(compression=r, **h2o_kw),
-        "TOVA": lambda r: kv.TOVA(compression=r),
-        "Keyformer": lambda r: kv.Keyformer(compression=r),
-        "R-KV": lambda r: kv.RKV(compression=r),
-        "DensityKV": lambda r: kv.DensityKV(compression=r),
-    }
+    makers = {}  # every registered eviction policy by class name: the registry is the list
+    for cls in ix.available("kvcache").values():
+        if issubclass(cls, kv.KVPolicy):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            kw = {"observation_window": h2o_window} if h2o_window and "observation_window" in fields else {}
+            makers[cls.__name__] = functools.partial(cls, **kw)
     known = [*makers, "KIVI-4", "KIVI-2"]
     unknown = sorted(set(methods or []) - set(known))
     if unknown:
@@ -70,7 +65,7 @@ def cells(ratios, h2o_window: int | None, methods: list[str] | None = None):
         if methods is not None and name not in methods:
             continue
         for r in ratios:
-            p = make(r)
+            p = make(compression=r)
             out.append((f"{p.recipe()}", name, r, p, None))
     for bits in (4, 2):
         if methods is None or f"KIVI-{bits}" in methods:

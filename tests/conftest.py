@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -63,6 +65,23 @@ class FloatCopy(QuantTransform):
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+
+# windows small enough for the tiny models' short prompts, set on every method that has the field
+SMALL_WINDOWS = {"sink_tokens": 2, "window_size": 4, "kernel_size": 3, "beta": 4}
+
+
+def small(cls, **kw):
+    """``cls`` configured with :data:`SMALL_WINDOWS` where it has those fields, plus ``kw``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in SMALL_WINDOWS.items() if k in names}, **kw)
+
+
+def kv_policies(**kw) -> list:
+    """One configured instance of every registered KV eviction policy (the registry is the list)."""
+    import infertrix as ix
+    from infertrix.kvcache import KVPolicy
+
+    return [small(cls, **kw) for cls in ix.available("kvcache").values() if issubclass(cls, KVPolicy)]
 
 
 @pytest.fixture(params=ARCHS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import kv_policies, make_tiny
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import infertrix as ix
@@ -13,12 +13,10 @@ from infertrix.kvcache import (
     D2O,
     H2O,
     KIVI,
-    RKV,
     TOVA,
     CacheCropError,
     DensityKV,
     EvictingLayer,
-    Keyformer,
     KNorm,
     PolicyCache,
     PyramidKV,
@@ -27,22 +25,6 @@ from infertrix.kvcache import (
     new_cache,
 )
 from infertrix.kvcache.cache import EVICTING_HEADROOM
-
-
-def policies(**kw):
-    """One configured instance of every policy (small windows for tiny prompts)."""
-    return [
-        StreamingLLM(sink_tokens=2, **kw),
-        KNorm(**kw),
-        SnapKV(window_size=4, kernel_size=3, **kw),
-        H2O(**kw),
-        TOVA(**kw),
-        Keyformer(window_size=4, **kw),
-        RKV(window_size=4, kernel_size=3, **kw),
-        PyramidKV(window_size=4, kernel_size=3, beta=4, **kw),
-        D2O(**kw),
-        DensityKV(window_size=4, kernel_size=3, **kw),
-    ]
 
 
 def ids_of(seed: int, *lengths: int) -> list[torch.Tensor]:
@@ -63,7 +45,7 @@ def greedy(model, ids, **kw):
     return out.sequences, torch.stack(out.logits, 1)
 
 
-RATIO_ZERO_CASES = [("llama", p) for p in policies(compression=0.0)] + [
+RATIO_ZERO_CASES = [("llama", p) for p in kv_policies(compression=0.0)] + [
     (arch, p)
     for arch in ("qwen2", "mistral", "gemma3")
     for p in (SnapKV(window_size=4, compression=0.0), H2O(compression=0.0))
@@ -89,7 +71,7 @@ def test_ratio_zero_is_bit_identical(arch, policy):
 # tokens, so its rows are all longer than that (budgets follow the padded length, the same for all rows)
 # DensityKV's layer budgets follow the batch's attention density, so a padded row is not its row alone
 PADDED_CASES = [
-    ("llama", p) for p in policies(budget=12) if not isinstance(p, PyramidKV | DensityKV)
+    ("llama", p) for p in kv_policies(budget=12) if not isinstance(p, PyramidKV | DensityKV)
 ] + [
     ("llama", PyramidKV(window_size=4, kernel_size=3, beta=4, budget=12)),
     ("llama", SnapKV(window_size=4, budget=12, decode_interval=3)),

@@ -14,9 +14,7 @@ from infertrix.kvcache import KVPolicy, PolicyCache
 from infertrix.kvcache.policy import MIN_BUDGET
 
 # from the registry, not a hand list: a newly registered kvcache transform is tested too
-KV_FAMILY = {
-    name: cls for name, cls in ix.available().items() if cls.__module__.startswith("infertrix.kvcache.")
-}
+KV_FAMILY = ix.available("kvcache")
 KV_POLICIES = {name: cls for name, cls in KV_FAMILY.items() if issubclass(cls, KVPolicy)}
 
 

@@ -57,7 +57,25 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 
-def available() -> dict[str, type[Transform]]:
-    """Registered transforms by their canonical name (aliases left out: see ``cls.aliases``)."""
+def available(family: str | None = None) -> dict[str, type[Transform]]:
+    """Registered transforms by their canonical name (aliases left out: see ``cls.aliases``).
+
+    ``family`` (``"kvcache"``, ``"quant"``...) keeps one family's (see :func:`family_of`). This is
+    the one list of methods: tests, benchmarks and docs checks read it, so a new method is its file
+    and the import line in its family's ``__init__``.
+    """
     _load_families()
-    return {cls.name: cls for cls in _REGISTRY.values()}
+    out = {cls.name: cls for cls in _REGISTRY.values()}
+    if family is not None:
+        out = {name: cls for name, cls in out.items() if family_of(cls) == family}
+    return out
+
+
+def family_of(cls: type[Transform]) -> str | None:
+    """The family package (``kvcache``, ``skip``...) of ``cls`` or of its nearest infertrix base, so a
+    method defined outside the package (a user's, a test's ``KVPolicy`` subclass) joins its base's family."""
+    for klass in cls.__mro__:
+        parts = klass.__module__.split(".")
+        if parts[0] == "infertrix" and len(parts) > 2 and parts[1] != "core":
+            return parts[1]
+    return None

@@ -8,6 +8,10 @@
 See docs/kvcache.md.
 """
 
+# A method is one import line here, ``from .x import X as X``: importing its file registers it
+# (``infertrix.available("kvcache")`` is the one list of methods) and ``as X`` marks the re-export,
+# so no second list has to name it.
+from ..core import Transform
 from .attach import new_cache
 from .cache import (
     CacheCapabilities,
@@ -19,53 +23,41 @@ from .cache import (
     capabilities,
     full_attention_layers,
 )
-from .d2o import D2O
-from .density import DensityKV
-from .growing import GrowingKV, growing_cache
-from .h2o import H2O
-from .keyformer import Keyformer
-from .kivi import KIVI
+from .d2o import D2O as D2O
+from .density import DensityKV as DensityKV
+from .growing import GrowingKV as GrowingKV
+from .growing import growing_cache
+from .h2o import H2O as H2O
+from .keyformer import Keyformer as Keyformer
+from .kivi import KIVI as KIVI
 from .kivi_store import KIVIStore
-from .knorm import KNorm
+from .knorm import KNorm as KNorm
 from .merge import merge_evicted
 from .policy import KVPolicy, ScoreContext
 from .policy_cache import LayerState, PolicyCache
-from .pyramidkv import PyramidKV
-from .rkv import RKV
-from .snapkv import SnapKV
-from .streaming_llm import StreamingLLM
-from .tova import TOVA
-
-POLICIES = (StreamingLLM, KNorm, SnapKV, H2O, TOVA, Keyformer, RKV, PyramidKV, D2O, DensityKV)
+from .pyramidkv import PyramidKV as PyramidKV
+from .rkv import RKV as RKV
+from .snapkv import SnapKV as SnapKV
+from .streaming_llm import StreamingLLM as StreamingLLM
+from .tova import TOVA as TOVA
 
 __all__ = [
     "CacheCapabilities",
-    "D2O",
-    "DensityKV",
+    "CacheCropError",
     "EvictingCache",
     "EvictingLayer",
     "GrowingCache",
-    "GrowingKV",
     "GrowingLayer",
-    "H2O",
-    "KIVI",
     "KIVIStore",
-    "KNorm",
     "KVPolicy",
     "LayerState",
-    "POLICIES",
     "PolicyCache",
-    "PyramidKV",
-    "RKV",
-    "CacheCropError",
     "ScoreContext",
-    "SnapKV",
-    "StreamingLLM",
-    "TOVA",
-    "Keyformer",
     "capabilities",
     "full_attention_layers",
+    "growing_cache",
     "merge_evicted",
     "new_cache",
-    "growing_cache",
+    # and every method imported above
+    *sorted(n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, Transform) and v.name),
 ]
