@@ -122,6 +122,15 @@ def byte_tok():
     return byte_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory):
+    """A tiny Llama saved with the byte tokenizer: loaded from here, a model finds its tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    make_tiny("llama", vocab_size=259).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 CPU_ISAS = ["scalar", "avx2", "avx512_vnni"]
 
 
