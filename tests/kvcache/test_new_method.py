@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from benchmarks.kvcache import cells
 from conftest import kv_policies, make_tiny
 from contract import check_contract, contract_names
 
 import infertrix as ix
-from benchmarks.kvcache import cells
 from infertrix import cli
 from infertrix.core import registry
 
