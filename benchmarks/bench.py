@@ -14,15 +14,15 @@ import torch
 
 from benchmarks.report import write_section
 from infertrix import cli
-from infertrix.eval import workloads
+from infertrix.eval import bench_report
 
 
 def main(argv: list[str]) -> None:
     args = cli.parse_args(["bench", "--model", "smollm2", *argv])
     report = cli.bench(args)
-    body = workloads.format_report(report)
+    body = bench_report.format_report(report)
     print(body)
-    workloads.write_outputs(report, args)
+    bench_report.write_outputs(report, args)
     write_section("bench", "infertrix bench: SmolLM2-135M-Instruct, each family on its workload", body)
 
 

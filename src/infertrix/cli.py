@@ -229,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print(format_transform_list())
         return 0
-    from .eval import workloads
+    from .eval import bench_report
 
     report = bench(args)
-    print(workloads.format_report(report))
-    workloads.write_outputs(report, args)
+    print(bench_report.format_report(report))
+    bench_report.write_outputs(report, args)
     failed = [r["recipe"] for r in report.rows if "error" in r]
     if failed:
         print(f"infertrix bench: {len(failed)} recipe(s) failed: {', '.join(failed)}", file=sys.stderr)

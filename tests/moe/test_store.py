@@ -10,7 +10,7 @@ from moe_models import make_moe
 
 from infertrix.core import ConfigError, UnsupportedModelError
 from infertrix.moe import ExpertStore, find_moe_layers
-from infertrix.moe.store import ALIGN, aligned_empty
+from infertrix.moe.expert_files import ALIGN, aligned_empty
 
 
 def _experts(model):

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+# what the main job (infertrix bench) checks greedy agreement on
+AGREEMENT_PROMPTS = [
+    "It is a truth universally acknowledged, that",
+    "The quickest way to learn a new language is",
+    "Question: What is the capital of France?\nAnswer:",
+]
+
 
 @torch.no_grad()
 def greedy_tokens(model, tok, prompts: list[str], max_new_tokens: int = 128, progress: bool = False) -> list[list[int]]:

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from ..core.transform import ConfigError
+from .expert_files import aligned_empty
 from .miss_policy import MissPolicy
-from .store import ExpertStore, aligned_empty
+from .store import ExpertStore
 
 POLICIES = ("lru", "lfu")
 

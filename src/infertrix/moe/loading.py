@@ -17,8 +17,9 @@ from torch import nn
 
 from ..core.api import optimize
 from ..core.transform import ConfigError, UnsupportedModelError
+from .expert_files import MANIFEST, read_safetensors
 from .offload import ExpertOffload
-from .store import MANIFEST, ExpertStore, read_safetensors
+from .store import ExpertStore
 
 _EXPERT_KEY = re.compile(r".*\.experts\.(\d+\.)?[\w.]+$")
 # checkpoint names -> transformers 5 module names (the only rename among the supported models)

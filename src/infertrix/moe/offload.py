@@ -25,10 +25,11 @@ from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError, Stage, Transform
 from .cache import POLICIES, ExpertCache
 from .discovery import MoELayer, find_moe_layers
+from .expert_files import MANIFEST
 from .experts import OffloadedExperts, OffloadRuntime
 from .miss_policy import MODES, MissPolicy
 from .prefetch import Prefetcher
-from .store import MANIFEST, ExpertStore
+from .store import ExpertStore
 
 
 def capacity_for(

@@ -27,149 +27,28 @@ Stores are created from a loaded model (``from_model``) or from a checkpoint fol
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import re
-import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..core.transform import ConfigError, UnsupportedModelError
-
-MANIFEST = "manifest.json"
-FORMAT = "infertrix-expert-store/1"
-
-_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-}
-_DTYPES_BACK = {v: k for k, v in _DTYPES.items()}
-_HAS_FADVISE = hasattr(os, "posix_fadvise")
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-ALIGN = 4096  # expert data offsets in the file, and the cache slots in memory, are multiples of this
-
-
-def layer_file(index: int) -> str:
-    return f"layer_{index:03d}.safetensors"
-
-
-def _key(expert: int, part: str) -> str:
-    return f"e{expert:04d}.{part}"
-
-
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor."""
-    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
-
-
-def write_layer_file(path: Path, experts: Any, num_experts: int) -> None:
-    """Write one layer's experts; ``experts(j) -> (gate_up [2I,H], down [H,I])`` is called once per
-    expert, in order, so only one expert is materialised at a time."""
-    first_gu, first_dn = experts(0)
-    dtype = _DTYPES.get(first_gu.dtype)
-    if dtype is None:
-        raise ConfigError(f"ExpertStore cannot store dtype {first_gu.dtype}; use one of {sorted(map(str, _DTYPES))}")
-    gu_bytes = first_gu.numel() * first_gu.element_size()
-    dn_bytes = first_dn.numel() * first_dn.element_size()
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": FORMAT}}
-    off = 0
-    for j in range(num_experts):  # gate_up then down of each expert: one contiguous range per expert
-        header[_key(j, "gate_up")] = {"dtype": dtype, "shape": list(first_gu.shape), "data_offsets": [off, off + gu_bytes]}
-        off += gu_bytes
-        header[_key(j, "down")] = {"dtype": dtype, "shape": list(first_dn.shape), "data_offsets": [off, off + dn_bytes]}
-        off += dn_bytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGN)  # data starts page-aligned (for O_DIRECT reads)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for j in range(num_experts):
-            gu, dn = (first_gu, first_dn) if j == 0 else experts(j)
-            if tuple(gu.shape) != tuple(first_gu.shape) or tuple(dn.shape) != tuple(first_dn.shape):
-                raise UnsupportedModelError("experts of one layer must share one shape")
-            f.write(_as_bytes(gu.detach().to("cpu", first_gu.dtype)))
-            f.write(_as_bytes(dn.detach().to("cpu", first_dn.dtype)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass
-class _Entry:
-    offset: int  # absolute file offset of the expert's first byte
-    gu_bytes: int
-    dn_bytes: int
-
-
-class _LayerFile:
-    """One layer file: offsets from its header, a file descriptor and a lazy read-only mmap."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        base = 8 + n
-        self.entries: dict[int, _Entry] = {}
-        shapes: dict[str, tuple[list[int], str]] = {}
-        for key, meta in header.items():
-            m = re.fullmatch(r"e(\d+)\.(gate_up|down)", key)
-            if m is None:
-                continue
-            j, part = int(m.group(1)), m.group(2)
-            start, end = meta["data_offsets"]
-            e = self.entries.setdefault(j, _Entry(0, 0, 0))
-            if part == "gate_up":
-                e.offset, e.gu_bytes = base + start, end - start
-            else:
-                e.dn_bytes = end - start
-                dn_start = base + start
-            shapes[part] = (meta["shape"], meta["dtype"])
-            if part == "down" and e.gu_bytes and dn_start != e.offset + e.gu_bytes:
-                raise ConfigError(f"{path}: expert {j}'s tensors are not adjacent; rebuild the store")
-        self.gate_up_shape = tuple(shapes["gate_up"][0])
-        self.down_shape = tuple(shapes["down"][0])
-        self.dtype = _DTYPES_BACK[shapes["gate_up"][1]]
-        self.fd = os.open(path, os.O_RDONLY)
-        self.direct_fd = -1  # O_DIRECT descriptor, when every expert's bytes are page-aligned
-        aligned = all(e.offset % ALIGN == 0 and e.gu_bytes % ALIGN == 0 and e.dn_bytes % ALIGN == 0
-                      for e in self.entries.values())
-        if aligned and _O_DIRECT:
-            try:
-                self.direct_fd = os.open(path, os.O_RDONLY | _O_DIRECT)
-            except OSError:  # a file system without O_DIRECT (e.g. older tmpfs)
-                self.direct_fd = -1
-        self._mmap: mmap.mmap | None = None
-
-    @property
-    def mm(self) -> mmap.mmap:
-        if self._mmap is None:
-            self._mmap = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-        return self._mmap
-
-    def close(self) -> None:
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # a zero-copy view is still alive; the GC closes it later
-                pass
-            self._mmap = None
-        for fd in (self.fd, self.direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.direct_fd = -1
+from .expert_files import (
+    ALIGN,
+    HAS_FADVISE,
+    MANIFEST,
+    FileEntry,
+    LayerFile,
+    dtype_size,
+    layer_file,
+    writable_bytes,
+    write_layer_file,
+    write_manifest,
+)
 
 
 class ExpertStore:
@@ -192,7 +71,7 @@ class ExpertStore:
         self.manifest = json.loads(manifest.read_text())
         self.tier = tier
         self.layers: list[int] = [int(i) for i in self.manifest["layers"]]
-        self._files = {i: _LayerFile(self.path / layer_file(i)) for i in self.layers}
+        self._files = {i: LayerFile(self.path / layer_file(i)) for i in self.layers}
         f0 = self._files[self.layers[0]]
         self.num_experts = len(f0.entries)
         self.gate_up_shape, self.down_shape, self.dtype = f0.gate_up_shape, f0.down_shape, f0.dtype
@@ -218,7 +97,7 @@ class ExpertStore:
         for layer in layers:
             gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
             write_layer_file(path / layer_file(layer.index), lambda j, gu=gu, dn=dn: (gu[j], dn[j]), layer.num_experts)
-        _write_manifest(path, [layer.index for layer in layers], source="model")
+        write_manifest(path, [layer.index for layer in layers], source="model")
         return cls(path, **kwargs)
 
     @classmethod
@@ -270,7 +149,7 @@ class ExpertStore:
                     return torch.cat([get("gate"), get("up")], dim=0), get("down")
 
                 write_layer_file(path / layer_file(index), expert, n)
-        _write_manifest(path, sorted(where), source=str(checkpoint))
+        write_manifest(path, sorted(where), source=str(checkpoint))
         return cls(path, **kwargs)
 
     @classmethod
@@ -281,7 +160,7 @@ class ExpertStore:
     def _read(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
         lf = self._files[layer]
         e = lf.entries[expert]
-        bufs = [_as_writable(gate_up), _as_writable(down)]
+        bufs = [writable_bytes(gate_up), writable_bytes(down)]
         want = e.gu_bytes + e.dn_bytes
         if lf.direct_fd >= 0 and gate_up.data_ptr() % ALIGN == 0 and down.data_ptr() % ALIGN == 0:
             try:  # one syscall, disk -> slot, the page cache bypassed
@@ -322,7 +201,7 @@ class ExpertStore:
             return gu[expert], dn[expert]
         lf = self._files[layer]
         e = lf.entries[expert]
-        size = _itemsize(self.dtype)
+        size = dtype_size(self.dtype)
         with warnings.catch_warnings():  # read-only map: the tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
             gu = torch.frombuffer(lf.mm, dtype=self.dtype, count=e.gu_bytes // size, offset=e.offset)
@@ -345,13 +224,13 @@ class ExpertStore:
         self._drop(lf, e)
 
     @staticmethod
-    def _drop(lf: _LayerFile, e: _Entry) -> None:
-        if _HAS_FADVISE:
+    def _drop(lf: LayerFile, e: FileEntry) -> None:
+        if HAS_FADVISE:
             os.posix_fadvise(lf.fd, e.offset, e.gu_bytes + e.dn_bytes, os.POSIX_FADV_DONTNEED)
 
     def drop_page_cache(self) -> None:
         """Drop every store file's pages from the page cache (for honest cold reads)."""
-        if _HAS_FADVISE:
+        if HAS_FADVISE:
             for lf in self._files.values():
                 os.posix_fadvise(lf.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -377,53 +256,3 @@ class ExpertStore:
             f"ExpertStore({str(self.path)!r}, tier={self.tier!r}, layers={len(self.layers)}, "
             f"experts={self.num_experts}, {self.total_bytes / 2**20:.1f} MiB)"
         )
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor whose data starts on an ``ALIGN``-byte boundary (``O_DIRECT``
-    reads need page-aligned destinations; torch's allocator aligns to 64 bytes)."""
-    nbytes = math.prod(shape) * _itemsize(dtype)
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    start = -raw.data_ptr() % ALIGN
-    return raw[start : start + nbytes].view(dtype).view(shape)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _as_writable(t: torch.Tensor) -> np.ndarray:
-    if not t.is_contiguous() or t.device.type != "cpu":
-        raise ValueError("read_into needs contiguous CPU tensors")
-    return t.view(-1).view(torch.uint8).numpy()
-
-
-def read_safetensors(path: str | os.PathLike, keep) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file whose name ``keep(name)`` accepts, read with ``preadv``
-    into fresh tensors, the file's pages dropped after each: unlike a memory map, it never holds
-    a second copy of the weights (mapped pages count in resident memory until unmapped)."""
-    extra = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "BOOL": torch.bool}
-    out: dict[str, torch.Tensor] = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        header = json.loads(os.pread(fd, n, 8))
-        header.pop("__metadata__", None)
-        for name, meta in header.items():
-            if not keep(name):
-                continue
-            start, end = meta["data_offsets"]
-            dtype = _DTYPES_BACK.get(meta["dtype"]) or extra[meta["dtype"]]
-            t = torch.empty(meta["shape"], dtype=dtype)
-            if end > start and os.preadv(fd, [_as_writable(t)], 8 + n + start) != end - start:
-                raise OSError(f"short read of {name} from {path}")
-            if _HAS_FADVISE:
-                os.posix_fadvise(fd, 8 + n + start, end - start, os.POSIX_FADV_DONTNEED)
-            out[name] = t
-    finally:
-        os.close(fd)
-    return out
-
-
-def _write_manifest(path: Path, layers: list[int], source: str) -> None:
-    (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "layers": layers, "source": source}, indent=1))
