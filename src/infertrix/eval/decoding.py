@@ -121,6 +121,17 @@ def _quiet(row: dict) -> None:
 
 
 @torch.no_grad()
+def _prefill_seconds(model: nn.Module, enc, repeats: int) -> float:
+    """Median time of a one-token ``generate`` (the prefill), after one warm-up; decode speeds
+    subtract it."""
+    prefill = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model.generate(**enc, max_new_tokens=1, do_sample=False)
+        prefill.append(time.perf_counter() - t0)
+    return statistics.median(prefill[1:])
+
+
 def compare_decoding(
     model: nn.Module,
     tok,
@@ -148,12 +159,7 @@ def compare_decoding(
     eos = eos_ids(model)
     enc = encode_chat(tok, kind, batch)
     plen = enc.input_ids.shape[1]
-    prefill = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        model.generate(**enc, max_new_tokens=1, do_sample=False)
-        prefill.append(time.perf_counter() - t0)
-    t_prefill = statistics.median(prefill[1:])
+    t_prefill = _prefill_seconds(model, enc, repeats)
     sample = mode == "sample"
     kw = dict(max_new_tokens=new_tokens, do_sample=sample)
     if sample:
