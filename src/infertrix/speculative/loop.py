@@ -122,6 +122,7 @@ class SpeculativeGenerate:
             raise ConfigError("speculative decoding needs input_ids, not inputs_embeds")
 
     def _run(self, model, input_ids, processors, criteria, cfg, streamer, model_kwargs, stats) -> Tensor:
+        """Prefill and pick the first token, then draft-verify rounds until every row has stopped."""
         batch, prompt_len = input_ids.shape
         pad = cfg._pad_token_tensor
         pad_id = int(pad.flatten()[0]) if pad is not None else 0
