@@ -40,6 +40,7 @@ __all__ = [
     "UnsupportedModelError",
     "available",
     "describe",
+    "engine",
     "eval",
     "models",
     "kvcache",
@@ -55,10 +56,10 @@ __all__ = [
     "speculative",
 ]
 # The submodules among them; loading them all registers every transform.
-_SUBMODULES = ("eval", "kvcache", "linear", "models", "moe", "ops", "quant", "skip", "speculative")
+_SUBMODULES = ("engine", "eval", "kvcache", "linear", "models", "moe", "ops", "quant", "skip", "speculative")
 
 if TYPE_CHECKING:  # what static tools see
-    from . import eval, kvcache, linear, models, moe, ops, quant, skip, speculative
+    from . import engine, eval, kvcache, linear, models, moe, ops, quant, skip, speculative
     from .core import (
         Applied,
         ConfigError,

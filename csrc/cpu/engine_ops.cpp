@@ -1,0 +1,380 @@
+// The decode engine's CPU kernels (src/infertrix/ops/engine.py declares the ops and their
+// references): RMSNorm (with the residual add), SiLU-gated product, rotary embedding from
+// precomputed tables, KV append into preallocated storage, and grouped-query attention over a
+// contiguous cache.
+//
+// Invariance: each output row is computed by one fixed sequence of operations that depends only
+// on the model's shapes and the row's own data. Reductions (norms, dot products, softmax sums)
+// run in an order fixed by their length; attention splits each query's keys into blocks of
+// kKvBlock keys counted from the row's first valid slot (so left padding does not move them),
+// computes the blocks in parallel and combines them in block order. So a token's result is the
+// same bits in a 1-token step, a k-token window, a padded batch row or at any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu_isa.h"
+
+// Separate multiplies and adds (no FMA contraction) where the code says so, as the references do.
+#pragma GCC optimize("fp-contract=off")
+
+namespace infertrix {
+namespace {
+
+constexpr int64_t kKvBlock = 64;  // keys per attention block (the split points of the softmax)
+
+namespace scalar {
+#define ENGINE_TARGET
+struct V {
+  using F = float;
+  static constexpr int64_t kLanes = 1;
+  static F zero() { return 0.0f; }
+  static F set1(float v) { return v; }
+  static F load(const float* p) { return *p; }
+  static F load_n(const float* p, int64_t) { return *p; }
+  static void store(float* p, F v) { *p = v; }
+  static void store_n(float* p, F v, int64_t) { *p = v; }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F div(F a, F b) { return a / b; }
+  static F max(F a, F b) { return a > b ? a : b; }
+  static F fmadd(F a, F b, F c) { return a * b + c; }
+  static float reduce_add(F a) { return a; }
+  static F round(F a) { return std::nearbyint(a); }
+  static F ldexp2(F p, F n) { return std::ldexp(p, static_cast<int>(n)); }
+};
+#include "engine_kernels.inc"
+#undef ENGINE_TARGET
+}  // namespace scalar
+
+#if INFERTRIX_X86
+namespace avx512 {
+#define ENGINE_TARGET INFERTRIX_TARGET_AVX512
+struct V {
+  using F = __m512;
+  static constexpr int64_t kLanes = 16;
+  ENGINE_TARGET static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  ENGINE_TARGET static F zero() { return _mm512_setzero_ps(); }
+  ENGINE_TARGET static F set1(float v) { return _mm512_set1_ps(v); }
+  ENGINE_TARGET static F load(const float* p) { return _mm512_loadu_ps(p); }
+  ENGINE_TARGET static F load_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  ENGINE_TARGET static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  ENGINE_TARGET static void store_n(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  ENGINE_TARGET static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  ENGINE_TARGET static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  ENGINE_TARGET static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  ENGINE_TARGET static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  ENGINE_TARGET static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  ENGINE_TARGET static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  ENGINE_TARGET static float reduce_add(F a) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+  }
+  ENGINE_TARGET static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  ENGINE_TARGET static F ldexp2(F p, F n) {
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  }
+};
+#include "engine_kernels.inc"
+#undef ENGINE_TARGET
+}  // namespace avx512
+
+namespace avx2 {
+#define ENGINE_TARGET INFERTRIX_TARGET_AVX2
+struct V {
+  using F = __m256;
+  static constexpr int64_t kLanes = 8;
+  ENGINE_TARGET static __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  ENGINE_TARGET static F zero() { return _mm256_setzero_ps(); }
+  ENGINE_TARGET static F set1(float v) { return _mm256_set1_ps(v); }
+  ENGINE_TARGET static F load(const float* p) { return _mm256_loadu_ps(p); }
+  ENGINE_TARGET static F load_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask(n)); }
+  ENGINE_TARGET static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  ENGINE_TARGET static void store_n(float* p, F v, int64_t n) { _mm256_maskstore_ps(p, mask(n), v); }
+  ENGINE_TARGET static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  ENGINE_TARGET static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  ENGINE_TARGET static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  ENGINE_TARGET static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  ENGINE_TARGET static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  ENGINE_TARGET static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  ENGINE_TARGET static float reduce_add(F a) {
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+  }
+  ENGINE_TARGET static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  ENGINE_TARGET static F ldexp2(F p, F n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+};
+#include "engine_kernels.inc"
+#undef ENGINE_TARGET
+}  // namespace avx2
+#endif
+
+// Calls the ISA's version of a row kernel: DISPATCH(fn, args...).
+#if INFERTRIX_X86
+#define ENGINE_DISPATCH(isa, fn, ...)                              \
+  do {                                                             \
+    if (isa == Isa::Avx512Vnni) avx512::fn(__VA_ARGS__);           \
+    else if (isa == Isa::Avx2) avx2::fn(__VA_ARGS__);              \
+    else scalar::fn(__VA_ARGS__);                                  \
+  } while (0)
+#else
+#define ENGINE_DISPATCH(isa, fn, ...) scalar::fn(__VA_ARGS__)
+#endif
+
+void check_float_rows(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, op, ": expected float32 input, got ", x.scalar_type(),
+              " ", x.sizes());
+}
+
+// Rows of at least ~16 KiB of work per task: small calls stay on the calling thread.
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n)); }
+
+at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
+  check_float_rows(x_in, "rms_norm");
+  const int64_t n = x_in.size(-1);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 1 && weight.size(0) == n,
+              "rms_norm: weight must be float32 [", n, "], got ", weight.scalar_type(), " ", weight.sizes());
+  const at::Tensor x = x_in.contiguous(), w = weight.contiguous();
+  auto out = at::empty_like(x);
+  const int64_t rows = n ? x.numel() / n : 0;
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Isa isa = active_isa();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t b, int64_t end) {
+    for (int64_t r = b; r < end; ++r) ENGINE_DISPATCH(isa, rms_norm_row, xp + r * n, wp, op + r * n, n, e);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& res_in,
+                                                    const at::Tensor& weight, double eps) {
+  check_float_rows(x_in, "add_rms_norm");
+  TORCH_CHECK(res_in.sizes() == x_in.sizes() && res_in.scalar_type() == at::kFloat,
+              "add_rms_norm: residual must be float32 with x's shape ", x_in.sizes(), ", got ", res_in.sizes());
+  const int64_t n = x_in.size(-1);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 1 && weight.size(0) == n,
+              "add_rms_norm: weight must be float32 [", n, "], got ", weight.sizes());
+  const at::Tensor x = x_in.contiguous(), res = res_in.contiguous(), w = weight.contiguous();
+  auto sum = at::empty_like(x), out = at::empty_like(x);
+  const int64_t rows = n ? x.numel() / n : 0;
+  const float *xp = x.const_data_ptr<float>(), *rp = res.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *op = out.data_ptr<float>();
+  const Isa isa = active_isa();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t b, int64_t end) {
+    for (int64_t r = b; r < end; ++r)
+      ENGINE_DISPATCH(isa, add_rms_norm_row, xp + r * n, rp + r * n, wp, sp + r * n, op + r * n, n, e);
+  });
+  return {sum, out};
+}
+
+at::Tensor silu_mul_cpu(const at::Tensor& gu_in) {
+  check_float_rows(gu_in, "silu_mul");
+  const int64_t n2 = gu_in.size(-1);
+  TORCH_CHECK(n2 % 2 == 0, "silu_mul: the last dimension holds gate and up halves, got odd size ", n2);
+  const int64_t n = n2 / 2;
+  const at::Tensor gu = gu_in.contiguous();
+  auto sizes = gu.sizes().vec();
+  sizes.back() = n;
+  auto out = at::empty(sizes, gu.options());
+  const int64_t rows = n ? gu.numel() / n2 : 0;
+  const float* gp = gu.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Isa isa = active_isa();
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t b, int64_t end) {
+    for (int64_t r = b; r < end; ++r) ENGINE_DISPATCH(isa, silu_mul_row, gp + r * n2, gp + r * n2 + n, op + r * n, n);
+  });
+  return out;
+}
+
+// x [B, T, N, D] (any strides, last dimension contiguous), tables [P, D], positions [B, T].
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1,
+              "rope: x must be float32 [B, T, heads, head_dim] with a contiguous last dimension, got ", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), N = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0, "rope: head_dim must be even, got ", D);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 2 && cos.size(1) == D && cos.is_contiguous() &&
+                  sin.sizes() == cos.sizes() && sin.is_contiguous() && sin.scalar_type() == at::kFloat,
+              "rope: cos and sin must be contiguous float32 [positions, ", D, "], got ", cos.sizes(), " and ",
+              sin.sizes());
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == B &&
+                  positions.size(1) == T,
+              "rope: positions must be int64 [", B, ", ", T, "], got ", positions.scalar_type(), " ", positions.sizes());
+  const at::Tensor pos = positions.contiguous();
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
+  const int64_t P = cos.size(0);
+  for (int64_t i = 0; i < B * T; ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < P, "rope: position ", pp[i], " outside the tables' ", P, " positions");
+  auto out = at::empty({B, T, N, D}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const float *cp = cos.const_data_ptr<float>(), *sp = sin.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), h = D / 2;
+  at::parallel_for(0, B * T, row_grain(N * D), [&](int64_t b0, int64_t end) {
+    for (int64_t bt = b0; bt < end; ++bt) {
+      const float* c = cp + pp[bt] * D;
+      const float* s = sp + pp[bt] * D;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* xr = xp + (bt / T) * s0 + (bt % T) * s1 + n * s2;
+        float* o = op + (bt * N + n) * D;
+        // x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1): the reference's operations
+        for (int64_t i = 0; i < h; ++i) o[i] = xr[i] * c[i] - xr[i + h] * s[i];
+        for (int64_t i = h; i < D; ++i) o[i] = xr[i] * c[i] + xr[i - h] * s[i];
+      }
+    }
+  });
+  return out;
+}
+
+// k/v [B, T, KV, D] (any strides, last dimension contiguous) into cache slots index.. of [B, KV, C, D].
+void kv_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v, int64_t index) {
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->scalar_type() == at::kFloat && c->dim() == 4 && c->is_contiguous(),
+                "kv_append: caches must be contiguous float32 [B, kv_heads, capacity, head_dim], got ", c->sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "kv_append: k and v caches differ in shape");
+  const int64_t B = k_cache.size(0), KV = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 4 && t->size(0) == B && t->size(2) == KV &&
+                    t->size(3) == D && t->stride(3) == 1,
+                "kv_append: new keys/values must be float32 [", B, ", T, ", KV, ", ", D, "], got ", t->sizes());
+  const int64_t T = k.size(1);
+  TORCH_CHECK(v.size(1) == T, "kv_append: keys and values differ in length");
+  TORCH_CHECK(index >= 0 && index + T <= C, "kv_append: slots [", index, ", ", index + T, ") outside capacity ", C);
+  for (int which = 0; which < 2; ++which) {
+    const at::Tensor& src = which ? v : k;
+    float* dst = (which ? v_cache : k_cache).data_ptr<float>();
+    const float* sp = src.const_data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < KV; ++h)
+          std::memcpy(dst + ((b * KV + h) * C + index + t) * D,
+                      sp + b * src.stride(0) + t * src.stride(1) + h * src.stride(2), D * sizeof(float));
+  }
+}
+
+// q [B, T, H, D] (last dimension contiguous); query t of row b sits in cache slot index + t and
+// sees slots [max(start[b], index + t - window + 1), index + t] (window <= 0: no lower limit).
+at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& start, int64_t index, double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.stride(3) == 1,
+              "gqa_attention: q must be float32 [B, T, heads, head_dim] with a contiguous last dimension, got ",
+              q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->scalar_type() == at::kFloat && c->dim() == 4 && c->is_contiguous() && c->size(0) == B &&
+                    c->size(3) == D && c->sizes() == k_cache.sizes(),
+                "gqa_attention: caches must be contiguous float32 [", B, ", kv_heads, capacity, ", D, "], got ",
+                c->sizes());
+  const int64_t KV = k_cache.size(1), C = k_cache.size(2);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "gqa_attention: ", H, " query heads do not group over ", KV, " kv heads");
+  TORCH_CHECK(index >= 0 && index + T <= C, "gqa_attention: queries in slots [", index, ", ", index + T,
+              ") outside capacity ", C);
+  TORCH_CHECK(start.scalar_type() == at::kLong && start.dim() == 1 && start.size(0) == B,
+              "gqa_attention: start must be int64 [", B, "], got ", start.sizes());
+  const at::Tensor st = start.contiguous();
+  const int64_t* sp = st.const_data_ptr<int64_t>();
+  int64_t first = index + T;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0, "gqa_attention: negative start ", sp[b]);
+    first = std::min(first, sp[b]);
+  }
+  const int64_t NB = std::max<int64_t>(1, (index + T - first + kKvBlock - 1) / kKvBlock);
+  const int64_t stride = D + 2;  // m, l, acc[D]
+  const int64_t units = B * T * H;
+  std::vector<float> parts(units * NB * stride);
+  const float* qp = q.const_data_ptr<float>();
+  const float *kp = k_cache.const_data_ptr<float>(), *vp = v_cache.const_data_ptr<float>();
+  const int64_t g = H / KV;
+  const float sc = static_cast<float>(scale);
+  const Isa isa = active_isa();
+  auto out = at::empty({B, T, H, D}, q.options());
+  float* op = out.data_ptr<float>();
+  // unit u = ((b * T + t) * H + h); its visible slots [lo, hi]
+  auto bounds = [&](int64_t u, int64_t& lo, int64_t& hi) {
+    const int64_t b = u / (T * H), t = (u / H) % T;
+    hi = index + t;
+    lo = sp[b];
+    if (window > 0) lo = std::max(lo, hi - window + 1);
+  };
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kKvBlock * D));
+  at::parallel_for(0, units * NB, grain, [&](int64_t b0, int64_t end) {
+    alignas(64) float s[kKvBlock];
+    for (int64_t i = b0; i < end; ++i) {
+      const int64_t u = i / NB, blk = i % NB;
+      float* part = parts.data() + i * stride;
+      int64_t lo, hi;
+      bounds(u, lo, hi);
+      const int64_t b = u / (T * H), t = (u / H) % T, h = u % H;
+      const int64_t j0 = std::max(lo, sp[b] + blk * kKvBlock), j1 = std::min(hi + 1, sp[b] + (blk + 1) * kKvBlock);
+      if (j0 >= j1) {
+        part[0] = -INFINITY;
+        part[1] = 0.0f;
+        continue;
+      }
+      const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
+      const int64_t kv = ((b * KV + h / g) * C) * D;
+      ENGINE_DISPATCH(isa, attend_block, qr, kp + kv, vp + kv, j0, j1, D, sc, s, part);
+    }
+  });
+  // combine each query's blocks in block order
+  at::parallel_for(0, units, std::max<int64_t>(1, 256 / std::max<int64_t>(1, NB)), [&](int64_t b0, int64_t end) {
+    for (int64_t u = b0; u < end; ++u) {
+      const float* pu = parts.data() + u * NB * stride;
+      float m = -INFINITY;
+      for (int64_t blk = 0; blk < NB; ++blk)
+        if (pu[blk * stride + 1] > 0.0f) m = std::max(m, pu[blk * stride]);
+      float* o = op + u * D;
+      std::fill(o, o + D, 0.0f);
+      if (m == -INFINITY) continue;  // a padding query: no visible key
+      float l = 0.0f;
+      for (int64_t blk = 0; blk < NB; ++blk) {
+        const float* pb = pu + blk * stride;
+        if (!(pb[1] > 0.0f)) continue;
+        const float f = std::exp(pb[0] - m);
+        l = l + f * pb[1];
+        for (int64_t d = 0; d < D; ++d) o[d] = o[d] + f * pb[2 + d];
+      }
+      const float inv = 1.0f / l;
+      for (int64_t d = 0; d < D; ++d) o[d] = o[d] * inv;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("add_rms_norm", &add_rms_norm_cpu);
+  m.impl("silu_mul", &silu_mul_cpu);
+  m.impl("rope", &rope_cpu);
+  m.impl("kv_append", &kv_append_cpu);
+  m.impl("gqa_attention", &gqa_attention_cpu);
+}
+
+// No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
+// (see w4a8_gemm.cpp).
+TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
+  for (const char* name : {"rms_norm", "add_rms_norm", "silu_mul", "rope", "kv_append", "gqa_attention"})
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace infertrix

@@ -1,0 +1,108 @@
+"""How the engine calls each linear kind: the one place that reads quantized modules' buffers.
+
+Every call here is row-invariant (a row's output depends only on that row): float32 layers run
+``infertrix::skinny_linear`` in chunks of at most ``skinny_linear.MAX_ROWS`` rows (above that the
+op would hand over to torch's GEMM, whose blocking depends on the batch); W4A8 and W8A8 layers
+quantize each token on its own and accumulate in exact int32. ``fuse`` joins same-kind quantized
+projections (q/k/v, gate/up) into one call; the original modules then view the fused buffers, so
+no weight is stored twice (as ``speculative.lean`` does for drafts). When quant/ grows a common
+quantized-linear base class, this module is what changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.skinny_linear import MAX_ROWS
+
+_skinny = torch.ops.infertrix.skinny_linear.default
+_w4a8 = torch.ops.infertrix.w4a8_linear.default
+_w8a8 = torch.ops.infertrix.w8a8_linear.default
+
+Linear = Callable[[Tensor], Tensor]  # x [M, K] -> [M, N]
+
+
+def kind(module: nn.Module) -> str | None:
+    """'fp32', 'w4a8' or 'w8a8' for a linear the engine can run, else None."""
+    from ..quant.w4a8_linear import W4A8Linear
+    from ..quant.w8a8 import W8A8Linear
+
+    if type(module) is W4A8Linear:
+        return None if module.has_outliers or module.scale.dtype != torch.float32 else "w4a8"
+    if type(module) is W8A8Linear:
+        return "w8a8"
+    if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32 and not module._forward_hooks:
+        return "fp32"
+    return None
+
+
+def why_not(module: nn.Module, name: str) -> str | None:
+    """None when the engine can run ``module``, else the reason."""
+    if kind(module) is not None:
+        return None
+    if isinstance(module, nn.Linear):
+        return f"{name} is a {module.weight.dtype} nn.Linear (the engine runs float32)"
+    return f"{name} is a {type(module).__name__} (the engine runs float32 nn.Linear, W4A8Linear, W8A8Linear)"
+
+
+def linear(module: nn.Module) -> Linear:
+    """The engine's call for one linear module."""
+    k = kind(module)
+    if k == "w4a8":
+        m = module
+        return lambda x: _w4a8(x, m.qweight, m.scale, m.group_scale, m.zero, m.in_features, m.group_size, m.bias)
+    if k == "w8a8":
+        m = module
+        return lambda x: _w8a8(x, m.qweight, m.scale, m.bias)
+    w, b = module.weight, module.bias
+
+    def fp32(x: Tensor) -> Tensor:
+        if x.shape[0] <= MAX_ROWS:
+            return _skinny(x, w, b)
+        return torch.cat([_skinny(x[i : i + MAX_ROWS], w, b) for i in range(0, x.shape[0], MAX_ROWS)])
+
+    return fp32
+
+
+def fuse(mods: list[nn.Module]) -> Linear | None:
+    """One call computing ``cat([m(x) for m in mods], -1)`` for same-kind quantized modules (the
+    outputs are per channel, so each equals its own module's bit for bit); None when they differ
+    or are float32 (fusing those would copy the weights)."""
+    from ..quant.w4a8_linear import W4A8Linear
+    from ..quant.w8a8 import W8A8Linear
+
+    kinds = {kind(m) for m in mods}
+    first = mods[0]
+    if len(kinds) != 1 or kinds == {"fp32"} or None in kinds:
+        return None
+    if any(m.in_features != first.in_features or (m.bias is None) != (first.bias is None) for m in mods):
+        return None
+    bias = torch.cat([m.bias for m in mods]) if first.bias is not None else None
+    n = sum(m.out_features for m in mods)
+    if kinds == {"w8a8"}:
+        fused = W8A8Linear(first.in_features, n, bias is not None, dtype=bias.dtype if bias is not None else torch.float32)
+        per_row = 1
+    else:
+        if any(m.group_size != first.group_size or m.symmetric != first.symmetric or m.out_features % 16 for m in mods):
+            return None
+        fused = W4A8Linear(first.in_features, n, first.group_size, first.symmetric, bias is not None,
+                           dtype=bias.dtype if bias is not None else torch.float32)
+        fused.group_scale = torch.cat([m.group_scale for m in mods], dim=1)
+        if not first.symmetric:
+            fused.zero = torch.cat([m.zero for m in mods], dim=1)
+        per_row = 16  # qweight is packed in panels of 16 output channels
+    fused.qweight = torch.cat([m.qweight for m in mods])
+    fused.scale = torch.cat([m.scale for m in mods])
+    fused.bias = bias
+    start = 0
+    for m in mods:  # the originals view the fused buffers (row slices of contiguous tensors)
+        end = start + m.out_features
+        m.qweight = fused.qweight[start // per_row : end // per_row]
+        m.scale = fused.scale[start:end]
+        if bias is not None:
+            m.bias = fused.bias[start:end]
+        start = end
+    return linear(fused)

@@ -1,0 +1,136 @@
+"""Which models the engine runs, and the per-layer plan it runs them with.
+
+Supported: decoder-only ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` models (RMSNorm, rotary
+attention with grouped heads, optional per-head query/key norms, optional sliding windows, a
+SiLU-gated MLP) in float32 whose linear layers are float32 ``nn.Linear``, ``W4A8Linear`` or
+``W8A8Linear`` (``linears.kind``). :func:`why_unsupported` names the first thing that is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core.model import decoder_layers, model_type, text_config
+from . import linears
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _eps(norm: nn.Module | None) -> float | None:
+    for name in ("variance_epsilon", "eps"):
+        v = getattr(norm, name, None)
+        if isinstance(v, float):
+            return v
+    return None
+
+
+def _norm_problem(norm: nn.Module | None, name: str) -> str | None:
+    if norm is None or _eps(norm) is None or getattr(norm, "weight", None) is None:
+        return f"{name} is not an RMSNorm with a weight"
+    if norm.weight.dtype != torch.float32 or type(norm).__name__ not in (
+        "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+    ):
+        return f"{name} is a {type(norm).__name__} (the engine runs the float32 Llama-style RMSNorm)"
+    return None
+
+
+def why_unsupported(model: nn.Module) -> str | None:
+    """None when the engine can run ``model``, else why not (shown by ``describe``)."""
+    try:
+        mt = model_type(model)
+        layers = decoder_layers(model)
+    except Exception as e:  # noqa: BLE001 - any failure to find the structure is "not supported"
+        return str(e)
+    if mt not in SUPPORTED:
+        return f"model type {mt!r} (the engine runs {', '.join(SUPPORTED)})"
+    cfg = text_config(model)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
+        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} (its tables depend on the length)"
+    if str(getattr(cfg, "hidden_act", "silu")) not in ("silu", "swish"):
+        return f"activation {cfg.hidden_act!r}"
+    inner = getattr(model, "model", None)
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        if getattr(inner, name, None) is None:
+            return f"no model.{name}"
+    if inner.embed_tokens.weight.dtype != torch.float32:
+        return f"{inner.embed_tokens.weight.dtype} weights (the engine runs float32 models)"
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            return f"layer {i} has no self_attn / mlp (a skip plan, or another architecture)"
+        names = {f"self_attn.{n}": getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        names |= {f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
+        for name, mod in names.items():
+            if mod is None:
+                return f"layer {i} has no {name} (MoE or another architecture)"
+            why = linears.why_not(mod, f"layer {i} {name}")
+            if why:
+                return why
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            why = _norm_problem(getattr(layer, name, None), f"layer {i} {name}")
+            if why:
+                return why
+        for name in ("q_norm", "k_norm"):
+            if getattr(attn, name, None) is not None and (why := _norm_problem(getattr(attn, name), f"layer {i} {name}")):
+                return why
+    if why := _norm_problem(inner.norm, "the final norm"):
+        return why
+    head = model.get_output_embeddings()
+    if head is None:
+        return "no lm_head"
+    return linears.why_not(head, "lm_head")
+
+
+@dataclass
+class LayerPlan:
+    in_norm: Tensor
+    in_eps: float
+    post_norm: Tensor
+    post_eps: float
+    qkv: linears.Linear | None  # fused q/k/v, or None: q, k, v separately
+    q: linears.Linear
+    k: linears.Linear
+    v: linears.Linear
+    q_norm: tuple[Tensor, float] | None
+    k_norm: tuple[Tensor, float] | None
+    o: linears.Linear
+    gate_up: linears.Linear | None
+    gate: linears.Linear
+    up: linears.Linear
+    down: linears.Linear
+    scaling: float
+    window: int  # sliding window (0: none)
+
+
+def _norm(norm: nn.Module | None) -> tuple[Tensor, float] | None:
+    return None if norm is None else (norm.weight, _eps(norm))
+
+
+def layer_plan(model: nn.Module, i: int, layer: nn.Module) -> LayerPlan:
+    attn, mlp = layer.self_attn, layer.mlp
+    cfg = text_config(model)
+    if model_type(model) == "mistral":
+        window = getattr(cfg, "sliding_window", None) or 0
+    else:
+        window = getattr(attn, "sliding_window", None) or 0
+    return LayerPlan(
+        in_norm=layer.input_layernorm.weight, in_eps=_eps(layer.input_layernorm),
+        post_norm=layer.post_attention_layernorm.weight, post_eps=_eps(layer.post_attention_layernorm),
+        qkv=linears.fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+        q=linears.linear(attn.q_proj), k=linears.linear(attn.k_proj), v=linears.linear(attn.v_proj),
+        q_norm=_norm(getattr(attn, "q_norm", None)), k_norm=_norm(getattr(attn, "k_norm", None)),
+        o=linears.linear(attn.o_proj),
+        gate_up=linears.fuse([mlp.gate_proj, mlp.up_proj]),
+        gate=linears.linear(mlp.gate_proj), up=linears.linear(mlp.up_proj), down=linears.linear(mlp.down_proj),
+        scaling=float(getattr(attn, "scaling", attn.head_dim**-0.5)),
+        window=int(window),
+    )
+
+
+def fingerprint(model: nn.Module) -> tuple[int, ...]:
+    """Identities of the modules a plan reads: a plan is stale when any was swapped."""
+    return tuple(id(m) for m in model.modules())

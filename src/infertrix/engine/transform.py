@@ -1,0 +1,237 @@
+"""``engine``: run ``generate`` (and any forward given an :class:`EngineCache`) through the decode
+engine on supported models, the module path otherwise, and say which ran and why.
+
+Applying it wraps the model instance's ``forward`` (never its class) and adds a ``generate``
+hook that passes a fresh :class:`EngineCache` when the caller passes no cache (a cache policy's
+own cache, or one the caller passes, keeps the module path). Each forward then takes the engine
+when everything it is asked for is supported, else the model's own forward with the same cache;
+``describe`` reports the counts of each path and every reason a forward fell back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..core import Applied, Stage, Transform, register_transform
+from ..core.generation import CACHE_KWARGS, add_generate_hook, cache_argument, cache_argument_name
+from .cache import EngineCache
+from .plan import fingerprint, why_unsupported
+from .runner import Runner
+
+_OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_HANDLED = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "use_cache", "return_dict",
+            "cache_position", "output_attentions", "output_hidden_states", *CACHE_KWARGS}
+
+
+def user_hooks(model: nn.Module) -> str | None:
+    """The first module with forward hooks (the engine would not call them), or None."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "global forward hooks are registered"
+    for name, mod in model.named_modules():
+        if mod is model:
+            continue
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return f"forward hooks on {name}"
+    return None
+
+
+def left_padding_start(mask: Tensor, length: int) -> Tensor | None:
+    """Row b's first valid slot when ``mask`` [B, length] is zeros then ones in every row, else None."""
+    if mask.dim() != 2 or mask.shape[1] != length:
+        return None
+    m = mask.to(torch.long)
+    start = m.argmax(1)
+    if not bool((m.sum(1) == length - start).all()):
+        return None
+    return start
+
+
+class EngineRuntime:
+    """The engine's state on one model: its runner, and which path each forward took."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.runner: Runner | None = None
+        self.unsupported: str | None = None
+        self.hooks: str | None = None
+        self.checked: tuple[int, ...] | None = None
+        self.counts: Counter[str] = Counter()
+        self.last = "none yet"
+
+    def _check_model(self) -> str | None:
+        """Why the model cannot take the engine now (re-checked when its modules change)."""
+        fp = fingerprint(self.model)
+        if fp != self.checked:
+            self.checked = fp
+            self.unsupported = why_unsupported(self.model)
+            self.runner = None
+            if self.unsupported is None:
+                self.runner = Runner(self.model)
+                self.checked = fingerprint(self.model)
+        self.hooks = user_hooks(self.model)
+        return self.unsupported or self.hooks
+
+    def supported(self) -> bool:
+        return self._check_model() is None
+
+    def why_module(self, kwargs: dict[str, Any]) -> str | None:
+        cache = cache_argument(kwargs)
+        cfg = self.model.config
+        if cache is None:
+            return "no cache passed (generate passes an EngineCache)"
+        if not isinstance(cache, EngineCache):
+            return f"the cache is a {type(cache).__name__}, not an EngineCache"
+        if kwargs.get("use_cache") is False:
+            return "use_cache=False"
+        if kwargs.get("input_ids") is None:
+            return "no input_ids (inputs_embeds)"
+        if kwargs.get("output_attentions", getattr(cfg, "output_attentions", False)):
+            return "output_attentions requested"
+        if kwargs.get("output_hidden_states", getattr(cfg, "output_hidden_states", False)):
+            return "output_hidden_states requested"
+        if kwargs.get("return_dict") is False:
+            return "return_dict=False"
+        extra = sorted(k for k, v in kwargs.items() if k not in _HANDLED and v is not None)
+        if extra:
+            return f"arguments {extra}"
+        if self.model.training:
+            return "training mode"
+        if torch.is_grad_enabled():
+            return "autograd is on (the engine's ops have no backward; run under torch.no_grad)"
+        if cache.get_seq_length() == 0 or self.runner is None:
+            why = self._check_model()
+            if why:
+                return why
+        elif self.hooks:
+            return self.hooks
+        ids = kwargs["input_ids"]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            return f"input_ids of shape {tuple(ids.shape)}"
+        buf = cache.layers[0].kbuf
+        if cache.get_seq_length() and (buf is None or buf.shape[0] != ids.shape[0]):
+            return "the cache holds another batch size"
+        return None
+
+    def forward(self, inner, args: tuple, kwargs: dict[str, Any]):
+        if args:
+            if len(args) == 1 and "input_ids" not in kwargs:
+                kwargs = {**kwargs, "input_ids": args[0]}
+            else:
+                return self._module("positional arguments", inner, args, kwargs)
+        why = self.why_module(kwargs)
+        if why is not None:
+            return self._module(why, inner, (), kwargs)
+        ids = kwargs["input_ids"]
+        cache = cache_argument(kwargs)
+        b, t = ids.shape
+        index = cache.get_seq_length()
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            start = torch.zeros(b, dtype=torch.long, device=ids.device)
+        else:
+            start = left_padding_start(mask, index + t)
+            if start is None:
+                return self._module("an attention mask that is not left padding", inner, (), kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = (torch.arange(index, index + t, device=ids.device)[None] - start[:, None]).clamp_min(0)
+        elif positions.shape != (b, t):
+            if positions.dim() != 2 or positions.shape[1] != t or positions.shape[0] != 1:
+                return self._module(f"position_ids of shape {tuple(positions.shape)}", inner, (), kwargs)
+            positions = positions.expand(b, t)
+        logits = self.runner.forward(ids, start, positions.contiguous(), cache, kwargs.get("logits_to_keep", 0))
+        self.counts["engine"] += 1
+        self.last = "engine"
+        return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache})
+
+    def _module(self, why: str, inner, args: tuple, kwargs: dict[str, Any]):
+        self.counts[f"module: {why}"] += 1
+        self.last = f"module ({why})"
+        return inner(*args, **kwargs)
+
+    def report(self) -> dict[str, Any]:
+        engine = self.counts.get("engine", 0)
+        return {
+            "model": "supported" if self.supported() else f"module path only: {self.unsupported or self.hooks}",
+            "last_forward": self.last,
+            "engine_forwards": engine,
+            "module_forwards": sum(self.counts.values()) - engine,
+            "fallbacks": {k.removeprefix("module: "): v for k, v in self.counts.items() if k != "engine"},
+        }
+
+
+@register_transform("engine")
+@dataclass
+class Engine(Transform):
+    """The decode engine (``infertrix.engine``): ``generate`` runs a supported model's whole
+    decoder stack as a few fused kernels per layer, with logits that do not depend on the batch,
+    the window of tokens or the thread count; anything unsupported runs the module path.
+
+    - ``enabled``: false keeps the module path everywhere (the opt-out).
+
+    Lossless in the sense of the module path's arithmetic to float32 rounding (another summation
+    order; quantized layers are the same kernels). No extra weight memory (fused projections view
+    one buffer); the KV cache is preallocated with doubling.
+    """
+
+    use_when = "llama / mistral / qwen2 / qwen3 models in float32, W8A8 or W4A8: faster decoding, batch-invariant logits"
+
+    stage: ClassVar[Stage] = Stage.DECODING
+    primary: ClassVar[str | None] = "enabled"
+
+    enabled: bool = True
+
+    def apply(self, model: nn.Module) -> Applied:
+        runtime = EngineRuntime(model)
+        if not self.enabled:
+            return Applied(self, undo=lambda: None, report=lambda: {"path": "module (engine disabled)"})
+        had_own = "forward" in model.__dict__
+        inner = model.__dict__["forward"] if had_own else type(model).forward.__get__(model)
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any):
+            return runtime.forward(inner, args, kwargs)
+
+        model.__dict__["forward"] = forward
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            gen_cfg = kwargs.get("generation_config") or getattr(m, "generation_config", None)
+            if (
+                cache_argument(kwargs) is None
+                and kwargs.get("use_cache", True) is not False
+                and getattr(gen_cfg, "cache_implementation", None) is None
+                and "cache_implementation" not in kwargs
+                and runtime.supported()
+            ):
+                kwargs[cache_argument_name(m)] = EngineCache(m.config)
+            return args, kwargs
+
+        remove = add_generate_hook(model, hook, order=99)  # last: a policy's own cache comes first
+
+        def undo() -> None:
+            remove()
+            if had_own:
+                model.__dict__["forward"] = inner
+            else:
+                model.__dict__.pop("forward", None)
+
+        return Applied(self, undo=undo, report=runtime.report)
+
+
+def engine_runtime(model: nn.Module) -> EngineRuntime | None:
+    """The runtime the ``engine`` transform keeps on ``model`` (None when it is not applied)."""
+    from ..core.api import _state
+
+    st = _state(model)
+    for a in st.applied if st else []:
+        owner = getattr(a.report, "__self__", None)
+        if isinstance(a.transform, Engine) and isinstance(owner, EngineRuntime):
+            return owner
+    return None

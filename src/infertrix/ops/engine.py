@@ -1,0 +1,125 @@
+"""The decode engine's ops (``infertrix.engine``): RMSNorm, the SiLU-gated product, rotary
+embedding from tables, KV append into preallocated storage and grouped-query attention.
+
+Each op's body is its PyTorch reference; ``csrc/cpu/engine_ops.cpp`` registers the CPU kernels
+(AVX-512 / AVX2 / scalar). The kernels' guarantee is *invariance*: every reduction runs in an order
+fixed by the model's shapes, so a row's result is the same bits whatever the batch, the window of
+tokens or the thread count. Attention splits a query's keys into blocks of ``KV_BLOCK`` slots
+counted from the row's first valid slot and combines them in block order (the split-KV scheme of
+Flash-Decoding, Dao et al. 2023, with split points that never move). Kernels equal the references
+to float32 rounding; ``rope`` and ``kv_append`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import register_op
+
+KV_BLOCK = 64  # keys per attention block (csrc/cpu/engine_ops.cpp kKvBlock)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dimension, in float32 (transformers' RMSNorm)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + residual, rms_norm(x + residual)): a decoder layer's residual add and the next norm."""
+    s = x + residual
+    return s, rms_norm_reference(s, weight, eps)
+
+
+def silu_mul_reference(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for gate_up = cat(gate, up) along the last dimension (the SwiGLU product)."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin for x [B, T, heads, D], tables [P, D] gathered at positions [B, T]."""
+    c, s = cos[positions][:, :, None], sin[positions][:, :, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * c + rotated * s
+
+
+def kv_append_reference(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, index: int) -> None:
+    """Write k, v [B, T, kv_heads, D] into cache slots [index, index + T) of [B, kv_heads, capacity, D]."""
+    t = k.shape[1]
+    if index < 0 or index + t > k_cache.shape[2]:
+        raise ValueError(f"kv_append: slots [{index}, {index + t}) outside capacity {k_cache.shape[2]}")
+    k_cache[:, :, index : index + t] = k.transpose(1, 2)
+    v_cache[:, :, index : index + t] = v.transpose(1, 2)
+
+
+def gqa_attention_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, index: int, scale: float, window: int
+) -> Tensor:
+    """Grouped-query attention of q [B, T, H, D] over cache slots [start[b], index + t] of row b.
+
+    Query t of row b sits in slot ``index + t`` (causal); ``window > 0`` also hides slots at or
+    before ``index + t - window`` (sliding-window attention). A query with no visible slot (a
+    padding token) gets zeros. Returns [B, T, H, D]."""
+    b, t, h, d = q.shape
+    kvh = k_cache.shape[1]
+    n = index + t
+    k = k_cache[:, :, :n].repeat_interleave(h // kvh, dim=1).float()
+    v = v_cache[:, :, :n].repeat_interleave(h // kvh, dim=1).float()
+    scores = torch.einsum("bthd,bhnd->bhtn", q.float(), k) * scale
+    j = torch.arange(n, device=q.device)
+    i = index + torch.arange(t, device=q.device)
+    visible = (j[None, None, :] >= start[:, None, None]) & (j[None, None, :] <= i[None, :, None])
+    if window > 0:
+        visible = visible & (j[None, None, :] > i[None, :, None] - window)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhtn,bhnd->bthd", p, v).to(q.dtype)
+
+
+rms_norm = torch.library.custom_op("infertrix::rms_norm", mutates_args=())(rms_norm_reference)
+add_rms_norm = torch.library.custom_op("infertrix::add_rms_norm", mutates_args=())(add_rms_norm_reference)
+silu_mul = torch.library.custom_op("infertrix::silu_mul", mutates_args=())(silu_mul_reference)
+rope = torch.library.custom_op("infertrix::rope", mutates_args=())(rope_reference)
+kv_append = torch.library.custom_op("infertrix::kv_append", mutates_args=("k_cache", "v_cache"))(kv_append_reference)
+gqa_attention = torch.library.custom_op("infertrix::gqa_attention", mutates_args=())(gqa_attention_reference)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.float32)
+
+
+@silu_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@rope.register_fake
+def _(x, cos, sin, positions):
+    return x.new_empty(x.shape)
+
+
+@kv_append.register_fake
+def _(k_cache, v_cache, k, v, index):
+    return None
+
+
+@gqa_attention.register_fake
+def _(q, k_cache, v_cache, start, index, scale, window):
+    return q.new_empty(q.shape)
+
+
+for _op in (
+    rms_norm_reference, add_rms_norm_reference, silu_mul_reference, rope_reference, kv_append_reference,
+    gqa_attention_reference,
+):
+    register_op(_op.__name__.removesuffix("_reference"), _op)
