@@ -66,7 +66,8 @@ def why_unsupported(model: nn.Module) -> str | None:
         names |= {f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
         for name, mod in names.items():
             if mod is None:
-                return f"layer {i} has no {name} (MoE or another architecture)"
+                owner = attn if name.startswith("self_attn") else mlp
+                return f"layer {i} has no {name} (its {name.split('.')[0]} is a {type(owner).__name__}: a skip plan, MoE or another architecture)"
             why = linears.why_not(mod, f"layer {i} {name}")
             if why:
                 return why

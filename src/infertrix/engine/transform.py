@@ -30,14 +30,18 @@ _HANDLED = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "us
             "cache_position", "output_attentions", "output_hidden_states", *CACHE_KWARGS}
 
 
+def _foreign(hooks: dict) -> bool:
+    # transformers installs output-capturing hooks once outputs are requested; they record only
+    # while a forward asks for attentions / hidden states, which takes the module path anyway
+    return any(not getattr(fn, "__module__", "").startswith("transformers.") for fn in hooks.values())
+
+
 def user_hooks(model: nn.Module) -> str | None:
     """The first module with forward hooks (the engine would not call them), or None."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks are registered"
     for name, mod in model.named_modules():
-        if mod is model:
-            continue
-        if mod._forward_hooks or mod._forward_pre_hooks:
+        if mod is not model and (_foreign(mod._forward_hooks) or _foreign(mod._forward_pre_hooks)):
             return f"forward hooks on {name}"
     return None
 
@@ -84,9 +88,11 @@ class EngineRuntime:
     def why_module(self, kwargs: dict[str, Any]) -> str | None:
         cache = cache_argument(kwargs)
         cfg = self.model.config
-        if cache is None:
-            return "no cache passed (generate passes an EngineCache)"
         if not isinstance(cache, EngineCache):
+            if self.unsupported:
+                return self.unsupported
+            if cache is None:
+                return "no cache passed (generate passes an EngineCache)"
             return f"the cache is a {type(cache).__name__}, not an EngineCache"
         if kwargs.get("use_cache") is False:
             return "use_cache=False"

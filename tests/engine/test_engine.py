@@ -1,0 +1,203 @@
+"""The decode engine on tiny random models of every architecture it claims: logits against the
+module path, bitwise invariance (window, padded batch, threads, prefill), generate, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from conftest import TINY_COMMON, make_tiny
+
+import infertrix as ix
+from infertrix.engine import EngineCache, engine_runtime
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+KINDS = ["fp32", "w8a8", "w4a8"]
+# engine logits vs the module path's, max |diff| over the logits' std: the float kernels sum in
+# another order (fp32: rounding only); on quantized layers a rounding difference can flip an int8
+# activation code, which moves the logits by a quantization step
+TOLERANCE = {"fp32": 1e-5, "w8a8": 1e-3, "w4a8": 1e-3}
+
+
+def build(arch: str, kind: str = "fp32", seed: int = 0, engine: bool = True):
+    if arch in ("llama", "qwen2"):
+        model = make_tiny(arch, seed)
+    else:
+        torch.manual_seed(seed)
+        if arch == "qwen3":
+            model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**TINY_COMMON, head_dim=16)).eval()
+        else:  # mistral with a sliding window shorter than the tests' sequences
+            model = tf.MistralForCausalLM(tf.MistralConfig(**TINY_COMMON, sliding_window=7)).eval()
+    recipe = {"fp32": [], "w8a8": ["w8a8(smooth_alpha=none)"], "w4a8": ["w4a8"]}[kind]
+    ix.optimize(model, *recipe, *(["engine"] if engine else []))
+    return model
+
+
+def run(model, ids, mask=None, cache=None, keep=0):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=keep, use_cache=True).logits
+
+
+def tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_module_path(arch, kind):
+    model = build(arch, kind)
+    ids = tokens(20, 1)
+    cache = EngineCache(model.config)
+    got = torch.cat([run(model, ids[:, :12], cache=cache), run(model, ids[:, 12:17], cache=cache),
+                     run(model, ids[:, 17:], cache=cache)], 1)
+    assert engine_runtime(model).report()["engine_forwards"] == 3
+    want = run(build(arch, kind, engine=False), ids)
+    assert (got - want).abs().max() <= TOLERANCE[kind] * want.std(), (got - want).abs().max()
+
+
+def _windows_equal(model, ids, full, first: int, width: int) -> None:
+    cache = EngineCache(model.config)
+    parts = [run(model, ids[:, :first], cache=cache)]
+    for s in range(first, ids.shape[1], width):
+        parts.append(run(model, ids[:, s : s + width], cache=cache))
+    assert torch.equal(torch.cat(parts, 1), full), (first, width)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["fp32", "w4a8"])
+def test_window_and_thread_invariance(arch, kind):
+    """Every position's logits are the same bits in the prompt, in 1-token steps, in windows of
+    2..12 tokens, and at 1 or 2 threads."""
+    model = build(arch, kind)
+    ids = tokens(40, 2)
+    full = run(model, ids, cache=EngineCache(model.config))
+    threads = torch.get_num_threads()
+    try:
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            for width in range(1, 13):
+                _windows_equal(model, ids, full, first=3 + width, width=width)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["fp32", "w8a8", "w4a8"])
+def test_padded_batch_rows_equal_single_rows(arch, kind):
+    model = build(arch, kind)
+    lengths = [9, 4, 13, 1, 7]
+    for batch in range(1, 6):
+        rows = [tokens(n, 10 + i)[0] for i, n in enumerate(lengths[:batch])]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
+        cache = EngineCache(model.config)
+        prompt = run(model, ids, mask, cache)
+        nxt = torch.randint(3, 128, (batch, 3), generator=torch.Generator().manual_seed(batch))
+        steps = [run(model, nxt[:, j : j + 1], torch.cat([mask, torch.ones(batch, j + 1, dtype=torch.long)], 1), cache)
+                 for j in range(3)]
+        for i, r in enumerate(rows):
+            single = run(model, torch.cat([r[None], nxt[i : i + 1]], 1), cache=EngineCache(model.config))
+            assert torch.equal(prompt[i, width - len(r) :], single[0, : len(r)]), (batch, i)
+            for j in range(3):
+                assert torch.equal(steps[j][i, 0], single[0, len(r) + j]), (batch, i, j)
+
+
+def _generate(model, ids, mask=None, n=24):
+    return model.generate(input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["w4a8", "w8a8"])
+def test_prompt_lookup_is_token_identical_on_quantized_targets(arch, kind):
+    """Speculative verification windows compute the same logits as 1-token steps, so greedy PLD
+    equals plain greedy decoding on a quantized target."""
+    ids = torch.cat([tokens(10, 3)] * 3, 1)  # repetition for the drafter to find
+    plain = build(arch, kind)
+    want = _generate(plain, ids)
+    spec = build(arch, kind)
+    ix.optimize(spec, "pld")
+    got = _generate(spec, ids)
+    assert torch.equal(got, want)
+    assert engine_runtime(spec).report()["module_forwards"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_generate_batch_rows_equal_single_rows(arch):
+    model = build(arch, "w4a8")
+    rows = [tokens(6, 20)[0], tokens(11, 21)[0], tokens(3, 22)[0]]
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 11 - len(r) :], mask[i, 11 - len(r) :] = r, 1
+    batch = _generate(model, ids, mask, n=12)
+    for i, r in enumerate(rows):
+        assert torch.equal(batch[i, 11:], _generate(model, r[None], n=12)[0, len(r) :])
+    report = ix.describe(model).to_dict()["transforms"][-1]["report"]
+    assert report["last_forward"] == "engine" and report["module_forwards"] == 0
+
+
+def test_generate_uses_engine_and_matches_module_greedy():
+    model = build("llama")
+    ids = tokens(12, 4)
+    got = _generate(model, ids)
+    rt = engine_runtime(model)
+    assert rt.report()["engine_forwards"] == 24 and rt.report()["module_forwards"] == 0
+    ix.restore(model)
+    assert torch.equal(got, _generate(model, ids))
+
+
+def _fallback(model, why: str, **kwargs):
+    rt = engine_runtime(model)
+    before = rt.report()["module_forwards"]
+    with torch.no_grad():
+        model(input_ids=tokens(5, 0), cache=EngineCache(model.config), **kwargs)
+    report = rt.report()
+    assert report["module_forwards"] == before + 1
+    assert any(why in k for k in report["fallbacks"]), report
+    assert why in str(ix.describe(model)) or why in report["last_forward"]
+
+
+def test_fallbacks_run_the_module_path_and_say_why():
+    model = build("llama")
+    _fallback(model, "output_attentions", output_attentions=True)
+    _fallback(model, "output_hidden_states", output_hidden_states=True)
+    _fallback(model, "not left padding", attention_mask=torch.tensor([[1, 0, 1, 1, 1]]))
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    _fallback(model, "forward hooks on model.layers.1.mlp")
+    handle.remove()
+    with torch.no_grad():  # the module path keeps working on the engine's cache, and the engine after it
+        cache = EngineCache(model.config)
+        mixed = torch.cat([run(model, tokens(6, 7)[:, :4], cache=cache),
+                           model(input_ids=tokens(6, 7)[:, 4:5], cache=cache, output_attentions=True).logits,
+                           run(model, tokens(6, 7)[:, 5:], cache=cache)], 1)
+    torch.testing.assert_close(mixed, run(model, tokens(6, 7), cache=EngineCache(model.config)), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_models_and_caches_are_reported():
+    gemma = make_tiny("gemma3")
+    ix.optimize(gemma, "engine")
+    _generate(gemma, tokens(5, 1), n=3)
+    report = engine_runtime(gemma).report()
+    assert "gemma3" in report["model"] and report["engine_forwards"] == 0
+    policy = build("llama")
+    ix.restore(policy)
+    ix.optimize(policy, "snapkv:0.5", "engine")
+    _generate(policy, tokens(40, 2), n=3)
+    assert any("PolicyCache" in k for k in engine_runtime(policy).report()["fallbacks"])
+    skipped = make_tiny("llama")
+    ix.optimize(skipped, "uniform_skip(count=1)", "engine")
+    _generate(skipped, tokens(5, 1), n=3)
+    report = engine_runtime(skipped).report()
+    assert report["model"].startswith("module path only: layer") and report["engine_forwards"] == 0
+
+
+def test_opt_out_keeps_the_module_path():
+    model = build("llama", engine=False)
+    ix.optimize(model, "engine(enabled=false)")
+    assert "forward" not in model.__dict__
+    assert "disabled" in str(ix.describe(model))
