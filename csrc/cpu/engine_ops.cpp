@@ -11,12 +11,15 @@
 // same bits in a 1-token step, a k-token window, a padded batch row or at any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -359,6 +362,86 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   return out;
 }
 
+// ---------------------------------------------------------------- one decoder layer in one call
+// The packed layout of infertrix::engine_layer (src/infertrix/ops/engine.py engine_layer_reference
+// documents it and is the reference): tensors = [post_norm, next_norm, q_norm?, k_norm?] then five
+// per linear slot (fp32: weight, -, -, -, bias; w4a8: qweight, scale, group_scale, zero?, bias;
+// w8a8: qweight, scale, -, -, bias); ints = [heads, kv_heads, head_dim, n_qkv, n_gu, window] then
+// (kind, in_features, group_size) per slot; floats = [scaling, post_eps, next_eps, qn_eps, kn_eps].
+// The linear kernels are reached through the dispatcher (their own files register them).
+constexpr int64_t kSkinnyMaxRows = 32;  // ops/skinny_linear.py MAX_ROWS: larger calls leave the kernel
+
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor call_linear(int64_t kind, int64_t in_features, int64_t group_size, const c10::List<OptTensor>& t,
+                       int64_t base, const at::Tensor& x) {
+  auto get = [&](int64_t i) -> OptTensor { return t.get(base + i); };
+  if (kind == 1) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("infertrix::w4a8_linear", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const OptTensor&, c10::SymInt, c10::SymInt, const OptTensor&)>();
+    return op.call(x, *get(0), *get(1), *get(2), get(3), c10::SymInt(in_features), c10::SymInt(group_size), get(4));
+  }
+  if (kind == 2) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("infertrix::w8a8_linear", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+    return op.call(x, *get(0), *get(1), get(4));
+  }
+  TORCH_CHECK(kind == 0, "engine_layer: unknown linear kind ", kind);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("infertrix::skinny_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+  const int64_t M = x.size(0);
+  if (M <= kSkinnyMaxRows) return op.call(x, *get(0), get(4));
+  std::vector<at::Tensor> parts;
+  for (int64_t i = 0; i < M; i += kSkinnyMaxRows)
+    parts.push_back(op.call(x.slice(0, i, std::min(M, i + kSkinnyMaxRows)), *get(0), get(4)));
+  return at::cat(parts);
+}
+
+// slots [first, first + n) applied to x, outputs side by side
+at::Tensor call_group(const c10::List<OptTensor>& t, at::IntArrayRef ints, int64_t first, int64_t n,
+                      const at::Tensor& x) {
+  std::vector<at::Tensor> outs;
+  for (int64_t s = first; s < first + n; ++s)
+    outs.push_back(call_linear(ints[6 + 3 * s], ints[7 + 3 * s], ints[8 + 3 * s], t, 4 + 5 * s, x));
+  return n == 1 ? outs[0] : at::cat(outs, -1);
+}
+
+std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const at::Tensor& a,
+                                                    const c10::List<OptTensor>& t, at::IntArrayRef ints,
+                                                    at::ArrayRef<double> floats, at::Tensor& k_cache,
+                                                    at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
+                                                    const at::Tensor& positions, const at::Tensor& start,
+                                                    int64_t index, int64_t batch) {
+  TORCH_CHECK(ints.size() >= 6 && floats.size() == 5, "engine_layer: malformed ints/floats");
+  const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3], n_gu = ints[4], window = ints[5];
+  const int64_t slots = n_qkv + n_gu + 2;
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) == 6 + 3 * slots && static_cast<int64_t>(t.size()) == 4 + 5 * slots,
+              "engine_layer: ", slots, " linear slots need ", 6 + 3 * slots, " ints and ", 4 + 5 * slots, " tensors");
+  const int64_t M = a.size(0), T = M / batch;
+  const at::Tensor qkv = call_group(t, ints, 0, n_qkv, a).view({batch, T, H + 2 * KV, D});
+  at::Tensor q, k;
+  const OptTensor qn = t.get(2), kn = t.get(3);
+  if (qn.has_value()) {
+    q = rope_cpu(rms_norm_cpu(qkv.slice(2, 0, H), *qn, floats[3]), cos, sin, positions);
+    k = rope_cpu(rms_norm_cpu(qkv.slice(2, H, H + KV), *kn, floats[4]), cos, sin, positions);
+  } else {
+    const at::Tensor qk = rope_cpu(qkv.slice(2, 0, H + KV), cos, sin, positions);
+    q = qk.slice(2, 0, H);
+    k = qk.slice(2, H, H + KV);
+  }
+  kv_append_cpu(k_cache, v_cache, k, qkv.slice(2, H + KV, H + 2 * KV), index);
+  const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window);
+  const at::Tensor attn = call_group(t, ints, n_qkv, 1, o.view({M, H * D}));
+  auto [h2, a2] = add_rms_norm_cpu(attn, h, *t.get(0), floats[1]);
+  const at::Tensor mlp = call_group(t, ints, n_qkv + 1 + n_gu, 1,
+                                    silu_mul_cpu(call_group(t, ints, n_qkv + 1, n_gu, a2)));
+  return add_rms_norm_cpu(mlp, h2, *t.get(1), floats[2]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
@@ -368,12 +451,13 @@ TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("rope", &rope_cpu);
   m.impl("kv_append", &kv_append_cpu);
   m.impl("gqa_attention", &gqa_attention_cpu);
+  m.impl("engine_layer", &engine_layer_cpu);
 }
 
 // No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
 // (see w4a8_gemm.cpp).
 TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
-  for (const char* name : {"rms_norm", "add_rms_norm", "silu_mul", "rope", "kv_append", "gqa_attention"})
+  for (const char* name : {"rms_norm", "add_rms_norm", "silu_mul", "rope", "kv_append", "gqa_attention", "engine_layer"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }
 

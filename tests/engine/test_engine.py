@@ -201,3 +201,32 @@ def test_opt_out_keeps_the_module_path():
     ix.optimize(model, "engine(enabled=false)")
     assert "forward" not in model.__dict__
     assert "disabled" in str(ix.describe(model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_kernel_equals_its_reference(arch, kind):
+    """The C++ engine_layer is the reference's sequence of ops, bit for bit (opcheck included)."""
+    from infertrix.engine.runner import Runner
+    from infertrix.ops import engine as E
+
+    model = build(arch, kind)
+    runner = Runner(model)
+    lp = runner.layers[1]
+    b, t, index = 2, 37, 5  # more rows than the float kernel's chunk
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(b * t, 64, generator=g)
+    a = E.rms_norm(h, lp.in_norm, lp.in_eps)
+    runner._tables(64, h)
+    pos = torch.arange(index, index + t)[None].expand(b, t).contiguous()
+    start = torch.tensor([0, 3])
+    caches = [torch.randn(b, 2, index + t, 16, generator=g) for _ in range(2)]
+    args = (lp.tensors, lp.ints, lp.floats)
+    kc, vc = caches[0].clone(), caches[1].clone()
+    got = E.engine_layer(h, a, *args, kc, vc, runner.cos_table, runner.sin_table, pos, start, index, b)
+    kr, vr = caches[0].clone(), caches[1].clone()
+    want = E.engine_layer_reference(h, a, *args, kr, vr, runner.cos_table, runner.sin_table, pos, start, index, b)
+    assert all(torch.equal(x, y) for x, y in zip(got + (kc, vc), want + (kr, vr), strict=True))
+    if kind == "fp32":
+        torch.library.opcheck(E.engine_layer, (h[:6], a[:6], *args, kc, vc, runner.cos_table, runner.sin_table,
+                                               pos[:, :3], start, index, b))

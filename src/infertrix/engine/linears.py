@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..ops.engine import LINEAR_KINDS
 from ..ops.skinny_linear import MAX_ROWS
 
 _skinny = torch.ops.infertrix.skinny_linear.default
@@ -67,8 +68,21 @@ def linear(module: nn.Module) -> Linear:
     return fp32
 
 
-def fuse(mods: list[nn.Module]) -> Linear | None:
-    """One call computing ``cat([m(x) for m in mods], -1)`` for same-kind quantized modules (the
+def slot(module: nn.Module) -> tuple[list[int], list[Tensor | None]]:
+    """``module`` in ``infertrix::engine_layer``'s packed layout: (kind, in_features, group_size)
+    and its five tensors (see ``ops/engine.py``)."""
+    k = kind(module)
+    m = module
+    if k == "w4a8":
+        return [LINEAR_KINDS[k], m.in_features, m.group_size], [m.qweight, m.scale, m.group_scale, m.zero, m.bias]
+    if k == "w8a8":
+        return [LINEAR_KINDS[k], m.in_features, 0], [m.qweight, m.scale, None, None, m.bias]
+    return [LINEAR_KINDS["fp32"], m.in_features, 0], [m.weight.detach(), None, None, None,
+                                                      None if m.bias is None else m.bias.detach()]
+
+
+def fuse(mods: list[nn.Module]) -> nn.Module | None:
+    """One module computing ``cat([m(x) for m in mods], -1)`` for same-kind quantized modules (the
     outputs are per channel, so each equals its own module's bit for bit); None when they differ
     or are float32 (fusing those would copy the weights)."""
     from ..quant.w4a8_linear import W4A8Linear
@@ -105,4 +119,4 @@ def fuse(mods: list[nn.Module]) -> Linear | None:
         if bias is not None:
             m.bias = fused.bias[start:end]
         start = end
-    return linear(fused)
+    return fused

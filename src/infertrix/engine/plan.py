@@ -88,48 +88,46 @@ def why_unsupported(model: nn.Module) -> str | None:
 
 @dataclass
 class LayerPlan:
+    """One decoder layer in ``infertrix::engine_layer``'s packed layout (``ops/engine.py``)."""
+
     in_norm: Tensor
     in_eps: float
-    post_norm: Tensor
-    post_eps: float
-    qkv: linears.Linear | None  # fused q/k/v, or None: q, k, v separately
-    q: linears.Linear
-    k: linears.Linear
-    v: linears.Linear
-    q_norm: tuple[Tensor, float] | None
-    k_norm: tuple[Tensor, float] | None
-    o: linears.Linear
-    gate_up: linears.Linear | None
-    gate: linears.Linear
-    up: linears.Linear
-    down: linears.Linear
-    scaling: float
-    window: int  # sliding window (0: none)
+    tensors: list[Tensor | None]
+    ints: list[int]
+    floats: list[float]
 
 
 def _norm(norm: nn.Module | None) -> tuple[Tensor, float] | None:
-    return None if norm is None else (norm.weight, _eps(norm))
+    return None if norm is None else (norm.weight.detach(), _eps(norm))
 
 
-def layer_plan(model: nn.Module, i: int, layer: nn.Module) -> LayerPlan:
+def layer_plan(model: nn.Module, layer: nn.Module, next_norm: tuple[Tensor, float]) -> LayerPlan:
+    """Pack ``layer`` (``next_norm``: the following layer's input norm, or the final norm)."""
     attn, mlp = layer.self_attn, layer.mlp
     cfg = text_config(model)
     if model_type(model) == "mistral":
         window = getattr(cfg, "sliding_window", None) or 0
     else:
         window = getattr(attn, "sliding_window", None) or 0
-    return LayerPlan(
-        in_norm=layer.input_layernorm.weight, in_eps=_eps(layer.input_layernorm),
-        post_norm=layer.post_attention_layernorm.weight, post_eps=_eps(layer.post_attention_layernorm),
-        qkv=linears.fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
-        q=linears.linear(attn.q_proj), k=linears.linear(attn.k_proj), v=linears.linear(attn.v_proj),
-        q_norm=_norm(getattr(attn, "q_norm", None)), k_norm=_norm(getattr(attn, "k_norm", None)),
-        o=linears.linear(attn.o_proj),
-        gate_up=linears.fuse([mlp.gate_proj, mlp.up_proj]),
-        gate=linears.linear(mlp.gate_proj), up=linears.linear(mlp.up_proj), down=linears.linear(mlp.down_proj),
-        scaling=float(getattr(attn, "scaling", attn.head_dim**-0.5)),
-        window=int(window),
-    )
+    qkv = linears.fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up = linears.fuse([mlp.gate_proj, mlp.up_proj])
+    group_qkv = [qkv] if qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+    group_gu = [gate_up] if gate_up is not None else [mlp.gate_proj, mlp.up_proj]
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    qn, kn = _norm(getattr(attn, "q_norm", None)), _norm(getattr(attn, "k_norm", None))
+    post = _norm(layer.post_attention_layernorm)
+    tensors = [post[0], next_norm[0], qn[0] if qn else None, kn[0] if kn else None]
+    ints = [heads, kv_heads, head_dim, len(group_qkv), len(group_gu), int(window)]
+    for mod in [*group_qkv, attn.o_proj, *group_gu, mlp.down_proj]:
+        i, t = linears.slot(mod)
+        ints += i
+        tensors += t
+    scaling = float(getattr(attn, "scaling", attn.head_dim**-0.5))
+    floats = [scaling, post[1], next_norm[1], qn[1] if qn else 0.0, kn[1] if kn else 0.0]
+    ln = _norm(layer.input_layernorm)
+    return LayerPlan(ln[0], ln[1], tensors, ints, floats)
 
 
 def fingerprint(model: nn.Module) -> tuple[int, ...]:

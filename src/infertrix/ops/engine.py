@@ -118,8 +118,73 @@ def _(q, k_cache, v_cache, start, index, scale, window):
     return q.new_empty(q.shape)
 
 
+LINEAR_KINDS = {"fp32": 0, "w4a8": 1, "w8a8": 2}
+SKINNY_MAX_ROWS = 32  # ops/skinny_linear.py MAX_ROWS
+
+
+def _linear(kind: int, in_features: int, group_size: int, t: list[Tensor | None], x: Tensor) -> Tensor:
+    """One linear slot of the packed layout (see engine_layer_reference); row-invariant."""
+    ops = torch.ops.infertrix
+    if kind == 1:
+        return ops.w4a8_linear(x, t[0], t[1], t[2], t[3], in_features, group_size, t[4])
+    if kind == 2:
+        return ops.w8a8_linear(x, t[0], t[1], t[4])
+    # float32: the skinny kernel in chunks it keeps (torch's GEMM above them depends on the batch)
+    return torch.cat([ops.skinny_linear(x[i : i + SKINNY_MAX_ROWS], t[0], t[4])
+                      for i in range(0, x.shape[0], SKINNY_MAX_ROWS)])
+
+
+def _group(tensors: list[Tensor | None], ints: list[int], first: int, n: int, x: Tensor) -> Tensor:
+    outs = [_linear(*ints[6 + 3 * s : 9 + 3 * s], tensors[4 + 5 * s : 9 + 5 * s], x) for s in range(first, first + n)]
+    return outs[0] if n == 1 else torch.cat(outs, dim=-1)
+
+
+def engine_layer_reference(
+    h: Tensor, a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], k_cache: Tensor,
+    v_cache: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, start: Tensor, index: int, batch: int,
+) -> tuple[Tensor, Tensor]:
+    """One Llama-style decoder layer on M = batch x T token rows: returns (h', next_norm(h')).
+
+    ``h`` is the residual stream [M, C] and ``a`` its input norm. Packed layout:
+    ``tensors`` = [post_norm, next_norm, q_norm or None, k_norm or None] then five per linear slot
+    (fp32: weight, None, None, None, bias; w4a8: qweight, scale, group_scale, zero, bias; w8a8:
+    qweight, scale, None, None, bias); the slots are the q/k/v group (``n_qkv`` slots whose
+    outputs are concatenated), o_proj, the gate/up group (``n_gu`` slots), down_proj. ``ints`` =
+    [heads, kv_heads, head_dim, n_qkv, n_gu, window] then (kind, in_features, group_size) per slot
+    (kinds: ``LINEAR_KINDS``); ``floats`` = [scaling, post_eps, next_eps, q_norm_eps, k_norm_eps].
+    New keys and values go to cache slots [index, index + T)."""
+    heads, kvh, d, n_qkv, n_gu, window = ints[:6]
+    m = a.shape[0]
+    t = m // batch
+    qkv = _group(tensors, ints, 0, n_qkv, a).view(batch, t, heads + 2 * kvh, d)
+    if tensors[2] is not None:
+        q = rope(rms_norm(qkv[:, :, :heads], tensors[2], floats[3]), cos, sin, positions)
+        k = rope(rms_norm(qkv[:, :, heads : heads + kvh], tensors[3], floats[4]), cos, sin, positions)
+    else:
+        qk = rope(qkv[:, :, : heads + kvh], cos, sin, positions)
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+    kv_append(k_cache, v_cache, k, qkv[:, :, heads + kvh :], index)
+    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window)
+    h2, a2 = add_rms_norm(_group(tensors, ints, n_qkv, 1, o.reshape(m, heads * d)), h, tensors[0], floats[1])
+    mlp = _group(tensors, ints, n_qkv + 1 + n_gu, 1, silu_mul(_group(tensors, ints, n_qkv + 1, n_gu, a2)))
+    return add_rms_norm(mlp, h2, tensors[1], floats[2])
+
+
+engine_layer = torch.library.custom_op(
+    "infertrix::engine_layer", mutates_args=("k_cache", "v_cache"),
+    schema="(Tensor h, Tensor a, Tensor?[] tensors, int[] ints, float[] floats, Tensor(a!) k_cache, "
+           "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor positions, Tensor start, int index, int batch) "
+           "-> (Tensor, Tensor)",
+)(engine_layer_reference)
+
+
+@engine_layer.register_fake
+def _(h, a, tensors, ints, floats, k_cache, v_cache, cos, sin, positions, start, index, batch):
+    return torch.empty_like(h), torch.empty_like(a)
+
+
 for _op in (
-    rms_norm_reference, add_rms_norm_reference, silu_mul_reference, rope_reference, kv_append_reference,
+    engine_layer_reference, rms_norm_reference, add_rms_norm_reference, silu_mul_reference, rope_reference, kv_append_reference,
     gqa_attention_reference,
 ):
     register_op(_op.__name__.removesuffix("_reference"), _op)
