@@ -1,0 +1,48 @@
+"""The engine on the real SmolLM2-135M: W4A8 + prompt lookup token-identical to plain W4A8, and
+batch rows identical to single rows (the issue's failures on the module path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infertrix as ix
+from infertrix.engine import engine_runtime
+
+pytestmark = pytest.mark.smollm2
+RECIPE = "w4a8(quantize_lm_head=true),engine"
+
+
+@pytest.fixture(scope="module")
+def loaded(smollm2):
+    _, tok = smollm2
+    plain, _ = ix.models.load("smollm2")
+    ix.optimize(plain, RECIPE)
+    spec, _ = ix.models.load("smollm2")
+    ix.optimize(spec, RECIPE, "pld")
+    return plain, spec, tok
+
+
+def _gen(model, ids, mask, n=48):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+
+
+def test_w4a8_prompt_lookup_is_token_identical(loaded):
+    plain, spec, tok = loaded
+    text = "The cat sat on the mat. The dog sat on the rug. The cat sat on the"
+    enc = tok(text, return_tensors="pt")
+    assert torch.equal(_gen(spec, enc.input_ids, enc.attention_mask), _gen(plain, enc.input_ids, enc.attention_mask))
+    assert engine_runtime(spec).report()["module_forwards"] == 0
+
+
+def test_w4a8_batch_rows_equal_single_rows(loaded):
+    plain, _, tok = loaded
+    texts = ["Once upon a time", "The capital of France is a city that", "List three colours:"]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    batch = _gen(plain, enc.input_ids, enc.attention_mask, n=24)
+    for i, text in enumerate(texts):
+        one = tok(text, return_tensors="pt")
+        alone = _gen(plain, one.input_ids, one.attention_mask, n=24)
+        assert torch.equal(batch[i, enc.input_ids.shape[1] :], alone[0, one.input_ids.shape[1] :]), text
