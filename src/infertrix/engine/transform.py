@@ -233,9 +233,9 @@ class Engine(Transform):
 
 def engine_runtime(model: nn.Module) -> EngineRuntime | None:
     """The runtime the ``engine`` transform keeps on ``model`` (None when it is not applied)."""
-    from ..core.api import _state
+    from ..core.state import state
 
-    st = _state(model)
+    st = state(model)
     for a in st.applied if st else []:
         owner = getattr(a.report, "__self__", None)
         if isinstance(a.transform, Engine) and isinstance(owner, EngineRuntime):
