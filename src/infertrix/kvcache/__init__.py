@@ -23,11 +23,13 @@ from .cache import (
     capabilities,
     full_attention_layers,
 )
+from .chunkkv import ChunkKV as ChunkKV
 from .d2o import D2O as D2O
 from .density import DensityKV as DensityKV
 from .growing import GrowingKV as GrowingKV
 from .growing import growing_cache
 from .h2o import H2O as H2O
+from .keydiff import KeyDiff as KeyDiff
 from .keyformer import Keyformer as Keyformer
 from .kivi import KIVI as KIVI
 from .kivi_store import KIVIStore

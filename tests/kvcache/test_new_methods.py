@@ -1,0 +1,92 @@
+"""What makes each of the newer KV methods that method, and that each decodes a left-padded batch of 4
+exactly as its rows alone, also when it compresses during decoding (``decode_interval``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny, small
+
+import infertrix as ix
+from infertrix.core import ConfigError
+from infertrix.kvcache import ChunkKV, KeyDiff, ScoreContext
+
+NEW_METHODS = [KeyDiff, ChunkKV]
+
+
+def context(keys: torch.Tensor, queries: torch.Tensor | None = None, visible=None) -> ScoreContext:
+    return ScoreContext(None, None, 0, keys, keys.clone(), queries, visible, 1.0)
+
+
+def kept(policy, ctx: ScoreContext, target: int) -> list[int]:
+    ctx.target = target
+    scores = policy.score(ctx)
+    if ctx.visible is not None:
+        scores = scores.masked_fill(~ctx.visible[:, None, :], float("-inf"))
+    return sorted(scores.topk(target, dim=-1).indices[0, 0].tolist())
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean():
+    keys = torch.zeros(1, 1, 10, 4)
+    keys[..., 0] = 1.0  # eight keys along one direction (and of different norms) ...
+    keys[0, 0, :, 0] *= torch.arange(1, 11).float()
+    keys[0, 0, 3] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # ... and two that point elsewhere
+    keys[0, 0, 7] = torch.tensor([-1.0, 0.0, 1.0, 0.0])
+    assert kept(KeyDiff(), context(keys), 2) == [3, 7]
+    # pads are left out of the mean: a padded row scores exactly as alone
+    padded = torch.cat([torch.randn(1, 1, 3, 4) * 100, keys], dim=2)
+    visible = torch.tensor([[False] * 3 + [True] * 10])
+    alone = KeyDiff().score(context(keys))
+    torch.testing.assert_close(KeyDiff().score(context(padded, visible=visible))[..., 3:], alone)
+
+
+def test_chunkkv_keeps_whole_chunks_aligned_to_the_row_start():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 1, 24, 8, generator=g)
+    queries = torch.zeros(1, 1, 2, 8)
+    queries[..., 0] = 50.0
+    keys[0, 0, :, 0] = -1.0
+    keys[0, 0, 5, 0] = 1.0  # one token the window attends to, in chunk 1 (tokens 4-7)
+    policy = ChunkKV(window_size=2, kernel_size=1, chunk_size=4)
+    # the window (22, 23) and all of chunk 1, never the attended token alone
+    assert kept(policy, context(keys, queries), 6) == [4, 5, 6, 7, 22, 23]
+    # a budget that cuts a chunk keeps its first tokens
+    assert kept(policy, context(keys, queries), 4) == [4, 5, 22, 23]
+    # three left pads shift the slots but not the chunks
+    padded = torch.cat([torch.randn(1, 1, 3, 8, generator=g), keys], dim=2)
+    visible = torch.tensor([[False] * 3 + [True] * 24])
+    assert kept(policy, context(padded, queries, visible), 6) == [7, 8, 9, 10, 25, 26]
+
+
+def test_chunkkv_refuses_a_bad_chunk_size():
+    with pytest.raises(ConfigError, match="chunk_size"):
+        ChunkKV(chunk_size=0)
+
+
+@pytest.mark.parametrize("decode_interval", [0, 3])
+@pytest.mark.parametrize("cls", NEW_METHODS, ids=lambda c: c.__name__)
+def test_left_padded_batch_of_four_decodes_as_its_rows_alone(cls, decode_interval):
+    model = make_tiny("llama")
+    ix.optimize(model, small(cls, budget=12, decode_interval=decode_interval))
+    g = torch.Generator().manual_seed(4)
+    # every row is a prefill (>= prefill_min_tokens): a shorter row alone is not compressed at prefill
+    # and so reaches decode_interval on another schedule than in the batch (rows shorter than the
+    # budget, padded, are covered by test_policies.py)
+    rows = [torch.randint(3, 128, (1, n), generator=g) for n in (28, 17, 22, 19)]
+    width = max(r.shape[1] for r in rows)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, r in enumerate(rows):
+        batch[i, width - r.shape[1] :] = r[0]
+        mask[i, width - r.shape[1] :] = 1
+
+    def greedy(ids, **kw):
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True, **kw)
+        return out.sequences, torch.stack(out.logits, 1)
+
+    seq, logits = greedy(batch, attention_mask=mask)
+    for i, r in enumerate(rows):
+        alone_seq, alone_logits = greedy(r)
+        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1] :]), f"row {i}"
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4, msg=f"row {i}")
