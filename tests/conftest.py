@@ -67,7 +67,7 @@ class FloatCopy(QuantTransform):
 ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
 
 # windows small enough for the tiny models' short prompts, set on every method that has the field
-SMALL_WINDOWS = {"sink_tokens": 2, "window_size": 4, "kernel_size": 3, "beta": 4}
+SMALL_WINDOWS = {"sink_tokens": 2, "window_size": 4, "kernel_size": 3, "beta": 4, "lag_size": 4}
 
 
 def small(cls, **kw):

@@ -9,9 +9,9 @@ from conftest import make_tiny, small
 
 import infertrix as ix
 from infertrix.core import ConfigError
-from infertrix.kvcache import ChunkKV, KeyDiff, ScoreContext
+from infertrix.kvcache import ChunkKV, KeyDiff, LagKV, ScoreContext
 
-NEW_METHODS = [KeyDiff, ChunkKV]
+NEW_METHODS = [KeyDiff, ChunkKV, LagKV]
 
 
 def context(keys: torch.Tensor, queries: torch.Tensor | None = None, visible=None) -> ScoreContext:
@@ -58,9 +58,29 @@ def test_chunkkv_keeps_whole_chunks_aligned_to_the_row_start():
     assert kept(policy, context(padded, queries, visible), 6) == [7, 8, 9, 10, 25, 26]
 
 
-def test_chunkkv_refuses_a_bad_chunk_size():
+def test_lagkv_scores_against_the_next_chunk_and_keeps_sinks_and_the_tail():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.rand(1, 1, 14, 4, generator=g)  # sink 2, chunks 2-5, 6-9 scored; 10-13 is the tail
+    keys[0, 0, 3] = torch.tensor([5.0, -5.0, 5.0, -5.0])  # far outside chunk 6-9's per-channel range
+    keys[0, 0, 8] = torch.tensor([0.0, 9.0, 0.0, 9.0])  # ... and token 8 outside the tail's
+    policy = LagKV(sink_tokens=2, lag_size=4)
+    scores = policy.score(context(keys))[0, 0]
+    assert bool((scores[[0, 1, 10, 11, 12, 13]] >= 1e29).all())  # sinks and tail always kept
+    assert int(scores[2:6].argmax()) == 1 and int(scores[6:10].argmax()) == 2  # tokens 3 and 8
+    assert kept(policy, context(keys), 8) == [0, 1, 3, 8, 10, 11, 12, 13]
+    # left pads shift the slots but not the chunks
+    padded = torch.cat([torch.randn(1, 1, 3, 4, generator=g), keys], dim=2)
+    visible = torch.tensor([[False] * 3 + [True] * 14])
+    torch.testing.assert_close(policy.score(context(padded, visible=visible))[..., 3:], policy.score(context(keys)))
+
+
+def test_bad_fields_are_refused():
     with pytest.raises(ConfigError, match="chunk_size"):
         ChunkKV(chunk_size=0)
+    with pytest.raises(ConfigError, match="lag_size"):
+        LagKV(lag_size=1)
+    with pytest.raises(ConfigError, match="smaller lag_size"):
+        LagKV(lag_size=8, budget=12)
 
 
 @pytest.mark.parametrize("decode_interval", [0, 3])

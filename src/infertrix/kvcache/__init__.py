@@ -34,6 +34,7 @@ from .keyformer import Keyformer as Keyformer
 from .kivi import KIVI as KIVI
 from .kivi_store import KIVIStore
 from .knorm import KNorm as KNorm
+from .lagkv import LagKV as LagKV
 from .merge import merge_evicted
 from .policy import KVPolicy, ScoreContext
 from .policy_cache import LayerState, PolicyCache
