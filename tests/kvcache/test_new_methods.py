@@ -9,7 +9,9 @@ from conftest import make_tiny, small
 
 import infertrix as ix
 from infertrix.core import ConfigError
-from infertrix.kvcache import ChunkKV, KeyDiff, LagKV, ScoreContext
+from infertrix.kvcache import CAKE, ChunkKV, KeyDiff, LagKV, ScoreContext
+from infertrix.kvcache.cake import layer_preference
+from infertrix.kvcache.density import allocate
 
 NEW_METHODS = [KeyDiff, ChunkKV, LagKV]
 
@@ -81,6 +83,46 @@ def test_bad_fields_are_refused():
         LagKV(lag_size=1)
     with pytest.raises(ConfigError, match="smaller lag_size"):
         LagKV(lag_size=8, budget=12)
+    with pytest.raises(ConfigError, match="tau1"):
+        CAKE(tau1=0)
+
+
+def padded_batch(seed: int, *lengths: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, 128, (1, n), generator=g) for n in lengths]
+    width = max(lengths)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, r in enumerate(rows):
+        batch[i, width - r.shape[1] :] = r[0]
+        mask[i, width - r.shape[1] :] = 1
+    return batch, mask, rows
+
+
+def test_cake_prefers_layers_whose_attention_is_spread_and_shifting():
+    s = 16
+    fixed = torch.zeros(1, 1, 4, s)
+    fixed[..., 0] = 1.0  # every query attends one token: no dispersion, no shift
+    spread_still = torch.full((1, 1, 4, s), 1 / s)  # dispersed but the same for every query
+    shifting = torch.eye(s)[None, None, :4] * 0.5 + 0.5 / s  # dispersed and shifting
+    prefs = [layer_preference(p, 1.0, 1.0) for p in (fixed, spread_still, shifting)]
+    assert prefs[0] == 0 and prefs[1] == 0 and prefs[2] > 0
+    # the budgets then follow the preferences (DensityKV's allocation)
+    assert allocate([0.0, 1.0, 3.0], 36, 4, 30) == [4, 10, 22]
+
+
+def test_cake_spreads_the_total_budget_over_layers_and_decodes_a_padded_batch():
+    model = make_tiny("llama", num_hidden_layers=4)
+    ix.optimize(model, small(CAKE, budget=12, decode_interval=3))
+    batch, mask, _ = padded_batch(5, 40, 17, 33, 26)
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    stored = out.past_key_values.stored_lengths()  # after prefill, plus the one decoded token
+    assert sum(stored) == 12 * len(stored)  # the uniform total (spread by preference)
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True)
+    assert out.sequences.shape == (4, 52)
+    assert all(n <= 12 * 4 for n in out.past_key_values.stored_lengths())  # recompressed while decoding
 
 
 @pytest.mark.parametrize("decode_interval", [0, 3])
@@ -88,17 +130,11 @@ def test_bad_fields_are_refused():
 def test_left_padded_batch_of_four_decodes_as_its_rows_alone(cls, decode_interval):
     model = make_tiny("llama")
     ix.optimize(model, small(cls, budget=12, decode_interval=decode_interval))
-    g = torch.Generator().manual_seed(4)
     # every row is a prefill (>= prefill_min_tokens): a shorter row alone is not compressed at prefill
     # and so reaches decode_interval on another schedule than in the batch (rows shorter than the
     # budget, padded, are covered by test_policies.py)
-    rows = [torch.randint(3, 128, (1, n), generator=g) for n in (28, 17, 22, 19)]
-    width = max(r.shape[1] for r in rows)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for i, r in enumerate(rows):
-        batch[i, width - r.shape[1] :] = r[0]
-        mask[i, width - r.shape[1] :] = 1
+    batch, mask, rows = padded_batch(4, 28, 17, 22, 19)
+    width = batch.shape[1]
 
     def greedy(ids, **kw):
         out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,

@@ -23,6 +23,7 @@ from .cache import (
     capabilities,
     full_attention_layers,
 )
+from .cake import CAKE as CAKE
 from .chunkkv import ChunkKV as ChunkKV
 from .d2o import D2O as D2O
 from .density import DensityKV as DensityKV
