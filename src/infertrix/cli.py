@@ -205,7 +205,8 @@ def format_transform_list(width: int = 100) -> str:
             head, recipe = heads[cls], _value_field(cls)
             fits = len(head) + 2 <= column and column + len(recipe) <= width
             lines.append(head.ljust(column) + recipe if fits else head + "\n" + " " * column + recipe)
-            lines += textwrap.wrap(_first_sentence(cls.__doc__), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            lines += textwrap.wrap(_first_sentence(cls.__doc__), width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                   break_on_hyphens=False)
     lines.append("")
     lines.append(
         textwrap.fill(
