@@ -118,7 +118,7 @@ def _w4a16(m: QuantizedLinear) -> Converted:
         zero = torch.round(8 - offset / step).clamp(0, 15)
         t["weight_zero_point"] = _pack(zero - 8, packed_dim=0)
     return Converted({"weights": _args(4, symmetric, m.group_size)}, "pack-quantized", _with_bias(m, t),
-                     exact=symmetric and m.dtype == torch.float32)
+                     exact=symmetric and m.dtype in (torch.float32, torch.bfloat16))  # bf16 steps
 
 
 def _w4a8(m: QuantizedLinear, name: str) -> Converted:

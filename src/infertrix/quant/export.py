@@ -27,7 +27,7 @@ from ..core.state import state
 from ..core.transform import ConfigError
 from ..linear.swap import output_projection_name
 from .compressed_tensors import Converted, convert
-from .hf_config import InfertrixConfig, remove_marker
+from .hf_config import REFUSAL_MARKER, InfertrixConfig
 from .linear_base import QuantizedLinear
 from .transform import QuantTransform
 
@@ -131,13 +131,9 @@ def _write_config(model: nn.Module, folder: Path, quantization_config: dict[str,
     config = model.config
     data = config.to_dict()
     data.pop("quantization_config", None)
-    marker_holder = type("C", (), {})()
-    marker_holder.fusion_config = data.get("fusion_config")
-    remove_marker(marker_holder)
-    if getattr(marker_holder, "fusion_config", None):
-        data["fusion_config"] = marker_holder.fusion_config
-    else:
-        data.pop("fusion_config", None)
+    fusions = {k: v for k, v in (data.pop("fusion_config", None) or {}).items() if k != REFUSAL_MARKER}
+    if fusions:  # infertrix's refusal marker belongs to its own format only
+        data["fusion_config"] = fusions
     data["quantization_config"] = quantization_config
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     gen = getattr(model, "generation_config", None)
