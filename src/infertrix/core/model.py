@@ -78,3 +78,37 @@ def tensor_bytes(module: nn.Module, extra: Iterable[Tensor] = ()) -> int:
         seen.add(key)
         total += t.untyped_storage().nbytes() if t.numel() else 0
     return total
+
+
+def norm_eps(norm: nn.Module | None) -> float | None:
+    """An RMSNorm's epsilon (``variance_epsilon`` or ``eps``), or None when ``norm`` has none."""
+    for name in ("variance_epsilon", "eps"):
+        v = getattr(norm, name, None)
+        if isinstance(v, float):
+            return v
+    return None
+
+
+def llama_shape_problem(model: nn.Module, supported: tuple[str, ...], runner: str) -> str | None:
+    """Why ``model`` is not a Llama-shaped decoder that ``runner`` (a hand-written forward: the
+    decode engine, lean drafting) can run, as far as its config and top-level modules tell: model
+    type, length-dependent rotary scaling, activation, embedding / final norm / rotary modules.
+    None when nothing there rules it out; the caller then checks its layers."""
+    try:
+        mt = model_type(model)
+        decoder_layers(model)
+    except Exception as e:  # noqa: BLE001 - any failure to find the structure is "not supported"
+        return str(e)
+    if mt not in supported:
+        return f"model type {mt!r} ({runner} {', '.join(supported)})"
+    cfg = text_config(model)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} (its tables depend on the length)"
+    if str(getattr(cfg, "hidden_act", "silu")) not in ("silu", "swish"):
+        return f"activation {cfg.hidden_act!r}"
+    inner = getattr(model, "model", None)
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        if getattr(inner, name, None) is None:
+            return f"no model.{name}"
+    return None

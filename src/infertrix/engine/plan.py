@@ -13,22 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core.model import decoder_layers, model_type, text_config
+from ..core.model import decoder_layers, llama_shape_problem, model_type, norm_eps, text_config
 from . import linears
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _eps(norm: nn.Module | None) -> float | None:
-    for name in ("variance_epsilon", "eps"):
-        v = getattr(norm, name, None)
-        if isinstance(v, float):
-            return v
-    return None
-
-
 def _norm_problem(norm: nn.Module | None, name: str) -> str | None:
-    if norm is None or _eps(norm) is None or getattr(norm, "weight", None) is None:
+    if norm is None or norm_eps(norm) is None or getattr(norm, "weight", None) is None:
         return f"{name} is not an RMSNorm with a weight"
     if norm.weight.dtype != torch.float32 or type(norm).__name__ not in (
         "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
@@ -39,23 +31,9 @@ def _norm_problem(norm: nn.Module | None, name: str) -> str | None:
 
 def why_unsupported(model: nn.Module) -> str | None:
     """None when the engine can run ``model``, else why not (shown by ``describe``)."""
-    try:
-        mt = model_type(model)
-        layers = decoder_layers(model)
-    except Exception as e:  # noqa: BLE001 - any failure to find the structure is "not supported"
-        return str(e)
-    if mt not in SUPPORTED:
-        return f"model type {mt!r} (the engine runs {', '.join(SUPPORTED)})"
-    cfg = text_config(model)
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
-        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} (its tables depend on the length)"
-    if str(getattr(cfg, "hidden_act", "silu")) not in ("silu", "swish"):
-        return f"activation {cfg.hidden_act!r}"
-    inner = getattr(model, "model", None)
-    for name in ("embed_tokens", "norm", "rotary_emb"):
-        if getattr(inner, name, None) is None:
-            return f"no model.{name}"
+    if why := llama_shape_problem(model, SUPPORTED, "the engine runs"):
+        return why
+    layers, inner = decoder_layers(model), model.model
     if inner.embed_tokens.weight.dtype != torch.float32:
         return f"{inner.embed_tokens.weight.dtype} weights (the engine runs float32 models)"
     for i, layer in enumerate(layers):
@@ -98,7 +76,7 @@ class LayerPlan:
 
 
 def _norm(norm: nn.Module | None) -> tuple[Tensor, float] | None:
-    return None if norm is None else (norm.weight.detach(), _eps(norm))
+    return None if norm is None else (norm.weight.detach(), norm_eps(norm))
 
 
 def layer_plan(model: nn.Module, layer: nn.Module, next_norm: tuple[Tensor, float]) -> LayerPlan:

@@ -30,32 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.model import decoder_layers, model_type, text_config
+from ..core.model import decoder_layers, llama_shape_problem, model_type, norm_eps, text_config
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
 def lean_supported(model: nn.Module) -> str | None:
     """None when :class:`LeanDecoder` can run ``model``, else why not."""
-    try:
-        mt = model_type(model)
-        layers = decoder_layers(model)
-    except Exception as e:  # noqa: BLE001 - any failure to find the structure is "not supported"
-        return str(e)
-    if mt not in SUPPORTED:
-        return f"model type {mt!r} (lean drafting supports {', '.join(SUPPORTED)})"
+    if why := llama_shape_problem(model, SUPPORTED, "lean drafting supports"):
+        return why
     cfg = text_config(model)
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", mt == "mistral"):
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", model_type(model) == "mistral"):
         return "sliding-window attention"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
-        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} (its tables depend on the length)"
-    if str(getattr(cfg, "hidden_act", "silu")) not in ("silu", "swish"):
-        return f"activation {cfg.hidden_act!r}"
-    inner = getattr(model, "model", None)
-    for name in ("embed_tokens", "norm", "rotary_emb"):
-        if getattr(inner, name, None) is None:
-            return f"no model.{name}"
+    layers, inner = decoder_layers(model), model.model
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
@@ -67,18 +54,10 @@ def lean_supported(model: nn.Module) -> str | None:
         if any(getattr(mlp, n, None) is None for n in ("gate_proj", "up_proj", "down_proj")):
             return "an MLP without gate/up/down projections"
         for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)):
-            if norm is None or getattr(norm, "weight", None) is None or _eps(norm) is None:
+            if norm is None or getattr(norm, "weight", None) is None or norm_eps(norm) is None:
                 return "a layer norm that is not an RMSNorm with a weight"
-    if _eps(inner.norm) is None:
+    if norm_eps(inner.norm) is None:
         return "a final norm that is not an RMSNorm"
-    return None
-
-
-def _eps(norm: nn.Module) -> float | None:
-    for name in ("variance_epsilon", "eps"):
-        v = getattr(norm, name, None)
-        if isinstance(v, float):
-            return v
     return None
 
 
@@ -103,7 +82,7 @@ class _Layer:
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.in_eps, self.post_eps = _eps(self.in_norm), _eps(self.post_norm)
+        self.in_eps, self.post_eps = norm_eps(self.in_norm), norm_eps(self.post_norm)
         self.qkv = fuse_quantized([attn.q_proj, attn.k_proj, attn.v_proj])
         self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.gate_up = fuse_quantized([mlp.gate_proj, mlp.up_proj])
@@ -127,7 +106,7 @@ class LeanDecoder:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.final_eps = _eps(self.inner.norm)
+        self.final_eps = norm_eps(self.inner.norm)
         self.lm_head = model.get_output_embeddings()
         self.length = 0
         p = next(model.parameters())
