@@ -1,7 +1,7 @@
 // The decode engine's CPU kernels (src/infertrix/ops/engine.py declares the ops and their
-// references): RMSNorm (with the residual add), SiLU-gated product, rotary embedding from
-// precomputed tables, KV append into preallocated storage, and grouped-query attention over a
-// contiguous cache.
+// references): RMSNorm (with the residual add), SiLU- and GELU(tanh)-gated products, rotary
+// embedding from precomputed tables, KV append into preallocated storage, and grouped-query
+// attention over a contiguous cache.
 //
 // Invariance: each output row is computed by one fixed sequence of operations that depends only
 // on the model's shapes and the row's own data. Reductions (norms, dot products, softmax sums)
@@ -189,10 +189,11 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, cons
   return {sum, out};
 }
 
-at::Tensor silu_mul_cpu(const at::Tensor& gu_in) {
-  check_float_rows(gu_in, "silu_mul");
+// act(gate) * up for gate_up = [gate | up] rows: SiLU, or gelu_pytorch_tanh when `gelu`.
+at::Tensor gated_product(const at::Tensor& gu_in, bool gelu, const char* name) {
+  check_float_rows(gu_in, name);
   const int64_t n2 = gu_in.size(-1);
-  TORCH_CHECK(n2 % 2 == 0, "silu_mul: the last dimension holds gate and up halves, got odd size ", n2);
+  TORCH_CHECK(n2 % 2 == 0, name, ": the last dimension holds gate and up halves, got odd size ", n2);
   const int64_t n = n2 / 2;
   const at::Tensor gu = gu_in.contiguous();
   auto sizes = gu.sizes().vec();
@@ -203,10 +204,16 @@ at::Tensor silu_mul_cpu(const at::Tensor& gu_in) {
   float* op = out.data_ptr<float>();
   const Isa isa = active_isa();
   at::parallel_for(0, rows, row_grain(n), [&](int64_t b, int64_t end) {
-    for (int64_t r = b; r < end; ++r) ENGINE_DISPATCH(isa, silu_mul_row, gp + r * n2, gp + r * n2 + n, op + r * n, n);
+    for (int64_t r = b; r < end; ++r) {
+      if (gelu) ENGINE_DISPATCH(isa, gelu_tanh_mul_row, gp + r * n2, gp + r * n2 + n, op + r * n, n);
+      else ENGINE_DISPATCH(isa, silu_mul_row, gp + r * n2, gp + r * n2 + n, op + r * n, n);
+    }
   });
   return out;
 }
+
+at::Tensor silu_mul_cpu(const at::Tensor& gu) { return gated_product(gu, false, "silu_mul"); }
+at::Tensor gelu_tanh_mul_cpu(const at::Tensor& gu) { return gated_product(gu, true, "gelu_tanh_mul"); }
 
 // x [B, T, N, D] (any strides, last dimension contiguous), tables [P, D], positions [B, T].
 at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions) {
@@ -364,11 +371,14 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
 
 // ---------------------------------------------------------------- one decoder layer in one call
 // The packed layout of infertrix::engine_layer (src/infertrix/ops/engine.py engine_layer_reference
-// documents it and is the reference): tensors = [post_norm, next_norm, q_norm?, k_norm?] then five
-// per linear slot (fp32: weight, -, -, -, bias; w4a8: qweight, scale, group_scale, zero?, bias;
-// w8a8: qweight, scale, -, -, bias); ints = [heads, kv_heads, head_dim, n_qkv, n_gu, window] then
-// (kind, in_features, group_size) per slot; floats = [scaling, post_eps, next_eps, qn_eps, kn_eps].
+// documents it and is the reference): tensors = [mlp_norm, next_norm, q_norm?, k_norm?,
+// attn_out_norm?, mlp_out_norm?] then five per linear slot (fp32: weight, -, -, -, bias; w4a8:
+// qweight, scale, group_scale, zero?, bias; w8a8: qweight, scale, -, -, bias); ints = [heads,
+// kv_heads, head_dim, n_qkv, n_gu, window, gelu] then (kind, in_features, group_size) per slot;
+// floats = [scaling, mlp_eps, next_eps, qn_eps, kn_eps, attn_out_eps, mlp_out_eps]. The optional
+// output norms and `gelu` are Gemma 3's layer (Llama-style layers leave them out).
 // The linear kernels are reached through the dispatcher (their own files register them).
+constexpr int64_t kLayerInts = 7, kLayerTensors = 6, kLayerFloats = 7;  // before the slots
 constexpr int64_t kSkinnyMaxRows = 32;  // ops/skinny_linear.py MAX_ROWS: larger calls leave the kernel
 
 using OptTensor = std::optional<at::Tensor>;
@@ -406,7 +416,8 @@ at::Tensor call_group(const c10::List<OptTensor>& t, at::IntArrayRef ints, int64
                       const at::Tensor& x) {
   std::vector<at::Tensor> outs;
   for (int64_t s = first; s < first + n; ++s)
-    outs.push_back(call_linear(ints[6 + 3 * s], ints[7 + 3 * s], ints[8 + 3 * s], t, 4 + 5 * s, x));
+    outs.push_back(call_linear(ints[kLayerInts + 3 * s], ints[kLayerInts + 1 + 3 * s], ints[kLayerInts + 2 + 3 * s], t,
+                               kLayerTensors + 5 * s, x));
   return n == 1 ? outs[0] : at::cat(outs, -1);
 }
 
@@ -416,11 +427,14 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
                                                     at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
                                                     const at::Tensor& positions, const at::Tensor& start,
                                                     int64_t index, int64_t batch) {
-  TORCH_CHECK(ints.size() >= 6 && floats.size() == 5, "engine_layer: malformed ints/floats");
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) >= kLayerInts && static_cast<int64_t>(floats.size()) == kLayerFloats,
+              "engine_layer: malformed ints/floats");
   const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3], n_gu = ints[4], window = ints[5];
   const int64_t slots = n_qkv + n_gu + 2;
-  TORCH_CHECK(static_cast<int64_t>(ints.size()) == 6 + 3 * slots && static_cast<int64_t>(t.size()) == 4 + 5 * slots,
-              "engine_layer: ", slots, " linear slots need ", 6 + 3 * slots, " ints and ", 4 + 5 * slots, " tensors");
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) == kLayerInts + 3 * slots &&
+                  static_cast<int64_t>(t.size()) == kLayerTensors + 5 * slots,
+              "engine_layer: ", slots, " linear slots need ", kLayerInts + 3 * slots, " ints and ",
+              kLayerTensors + 5 * slots, " tensors");
   const int64_t M = a.size(0), T = M / batch;
   const at::Tensor qkv = call_group(t, ints, 0, n_qkv, a).view({batch, T, H + 2 * KV, D});
   at::Tensor q, k;
@@ -435,10 +449,12 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
   }
   kv_append_cpu(k_cache, v_cache, k, qkv.slice(2, H + KV, H + 2 * KV), index);
   const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window);
-  const at::Tensor attn = call_group(t, ints, n_qkv, 1, o.view({M, H * D}));
+  at::Tensor attn = call_group(t, ints, n_qkv, 1, o.view({M, H * D}));
+  if (const OptTensor n = t.get(4); n.has_value()) attn = rms_norm_cpu(attn, *n, floats[5]);
   auto [h2, a2] = add_rms_norm_cpu(attn, h, *t.get(0), floats[1]);
-  const at::Tensor mlp = call_group(t, ints, n_qkv + 1 + n_gu, 1,
-                                    silu_mul_cpu(call_group(t, ints, n_qkv + 1, n_gu, a2)));
+  const at::Tensor gu = call_group(t, ints, n_qkv + 1, n_gu, a2);
+  at::Tensor mlp = call_group(t, ints, n_qkv + 1 + n_gu, 1, ints[6] ? gelu_tanh_mul_cpu(gu) : silu_mul_cpu(gu));
+  if (const OptTensor n = t.get(5); n.has_value()) mlp = rms_norm_cpu(mlp, *n, floats[6]);
   return add_rms_norm_cpu(mlp, h2, *t.get(1), floats[2]);
 }
 
@@ -448,6 +464,7 @@ TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("add_rms_norm", &add_rms_norm_cpu);
   m.impl("silu_mul", &silu_mul_cpu);
+  m.impl("gelu_tanh_mul", &gelu_tanh_mul_cpu);
   m.impl("rope", &rope_cpu);
   m.impl("kv_append", &kv_append_cpu);
   m.impl("gqa_attention", &gqa_attention_cpu);
@@ -457,7 +474,8 @@ TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
 // No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
 // (see w4a8_gemm.cpp).
 TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
-  for (const char* name : {"rms_norm", "add_rms_norm", "silu_mul", "rope", "kv_append", "gqa_attention", "engine_layer"})
+  for (const char* name : {"rms_norm", "add_rms_norm", "silu_mul", "gelu_tanh_mul", "rope", "kv_append", "gqa_attention",
+                           "engine_layer"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }
 

@@ -11,7 +11,7 @@ from conftest import TINY_COMMON, make_tiny
 import infertrix as ix
 from infertrix.engine import EngineCache, engine_runtime
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
 KINDS = ["fp32", "w8a8", "w4a8"]
 # engine logits vs the module path's, max |diff| over the logits' std: the float kernels sum in
 # another order (fp32: rounding only); on quantized layers a rounding difference can flip an int8
@@ -19,9 +19,22 @@ KINDS = ["fp32", "w8a8", "w4a8"]
 TOLERANCE = {"fp32": 1e-5, "w8a8": 1e-3, "w4a8": 1e-3}
 
 
+def tiny_gemma3(seed: int = 0, **overrides):
+    """Gemma 3 text with sliding (window 8) and global layers, a local rotary base and a query
+    scalar of its own, and random norm weights (they start at 0, where 1 + w hides the offset)."""
+    model = make_tiny("gemma3", seed, query_pre_attn_scalar=24, rope_local_base_freq=100.0, **overrides)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.normal_(0.0, 0.3, generator=g)
+    return model
+
+
 def build(arch: str, kind: str = "fp32", seed: int = 0, engine: bool = True):
     if arch in ("llama", "qwen2"):
         model = make_tiny(arch, seed)
+    elif arch == "gemma3":
+        model = tiny_gemma3(seed)
     else:
         torch.manual_seed(seed)
         if arch == "qwen3":
@@ -126,7 +139,7 @@ def test_prompt_lookup_is_token_identical_on_quantized_targets(arch, kind):
     assert engine_runtime(spec).report()["module_forwards"] == 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_generate_batch_rows_equal_single_rows(arch):
     model = build(arch, "w4a8")
     rows = [tokens(6, 20)[0], tokens(11, 21)[0], tokens(3, 22)[0]]
@@ -136,13 +149,16 @@ def test_generate_batch_rows_equal_single_rows(arch):
         ids[i, 11 - len(r) :], mask[i, 11 - len(r) :] = r, 1
     batch = _generate(model, ids, mask, n=12)
     for i, r in enumerate(rows):
-        assert torch.equal(batch[i, 11:], _generate(model, r[None], n=12)[0, len(r) :])
+        single = _generate(model, r[None], n=12)[0, len(r) :]  # shorter when the row ends with EOS
+        assert torch.equal(batch[i, 11 : 11 + len(single)], single)
+        assert not batch[i, 11 + len(single) :].any()  # padding after it
     report = ix.describe(model).to_dict()["transforms"][-1]["report"]
     assert report["last_forward"] == "engine" and report["module_forwards"] == 0
 
 
-def test_generate_uses_engine_and_matches_module_greedy():
-    model = build("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_generate_uses_engine_and_matches_module_greedy(arch):
+    model = build(arch)
     ids = tokens(12, 4)
     got = _generate(model, ids)
     rt = engine_runtime(model)
@@ -162,28 +178,37 @@ def _fallback(model, why: str, **kwargs):
     assert why in str(ix.describe(model)) or why in report["last_forward"]
 
 
-def test_fallbacks_run_the_module_path_and_say_why():
-    model = build("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fallbacks_run_the_module_path_and_say_why(arch):
+    model = build(arch)
     _fallback(model, "output_attentions", output_attentions=True)
     _fallback(model, "output_hidden_states", output_hidden_states=True)
     _fallback(model, "not left padding", attention_mask=torch.tensor([[1, 0, 1, 1, 1]]))
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
     _fallback(model, "forward hooks on model.layers.1.mlp")
     handle.remove()
+    ids = tokens(16, 7)  # longer than gemma3's sliding window
     with torch.no_grad():  # the module path keeps working on the engine's cache, and the engine after it
         cache = EngineCache(model.config)
-        mixed = torch.cat([run(model, tokens(6, 7)[:, :4], cache=cache),
-                           model(input_ids=tokens(6, 7)[:, 4:5], cache=cache, output_attentions=True).logits,
-                           run(model, tokens(6, 7)[:, 5:], cache=cache)], 1)
-    torch.testing.assert_close(mixed, run(model, tokens(6, 7), cache=EngineCache(model.config)), rtol=1e-4, atol=1e-5)
+        mixed = torch.cat([run(model, ids[:, :10], cache=cache),
+                           model(input_ids=ids[:, 10:13], cache=cache, output_attentions=True).logits,
+                           run(model, ids[:, 13:], cache=cache)], 1)
+    torch.testing.assert_close(mixed, run(model, ids, cache=EngineCache(model.config)), rtol=1e-4, atol=1e-5)
 
 
 def test_unsupported_models_and_caches_are_reported():
-    gemma = make_tiny("gemma3")
-    ix.optimize(gemma, "engine")
-    _generate(gemma, tokens(5, 1), n=3)
-    report = engine_runtime(gemma).report()
-    assert "gemma3" in report["model"] and report["engine_forwards"] == 0
+    torch.manual_seed(0)
+    gemma2 = tf.Gemma2ForCausalLM(tf.Gemma2Config(**TINY_COMMON, head_dim=16)).eval()
+    ix.optimize(gemma2, "engine")
+    _generate(gemma2, tokens(5, 1), n=3)
+    report = engine_runtime(gemma2).report()
+    assert "gemma2" in report["model"] and report["engine_forwards"] == 0
+    for option in ("attn_logit_softcapping", "final_logit_softcapping"):
+        capped = tiny_gemma3(**{option: 30.0})
+        ix.optimize(capped, "engine")
+        _generate(capped, tokens(5, 1), n=3)
+        report = engine_runtime(capped).report()
+        assert option in report["model"] and report["engine_forwards"] == 0
     policy = build("llama")
     ix.restore(policy)
     ix.optimize(policy, "snapkv:0.5", "engine")
@@ -203,7 +228,7 @@ def test_opt_out_keeps_the_module_path():
     assert "disabled" in str(ix.describe(model))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_kernel_equals_its_reference(arch, kind):
     """The C++ engine_layer is the reference's sequence of ops, bit for bit (opcheck included)."""
@@ -212,21 +237,21 @@ def test_layer_kernel_equals_its_reference(arch, kind):
 
     model = build(arch, kind)
     runner = Runner(model)
-    lp = runner.layers[1]
     b, t, index = 2, 37, 5  # more rows than the float kernel's chunk
     g = torch.Generator().manual_seed(0)
     h = torch.randn(b * t, 64, generator=g)
-    a = E.rms_norm(h, lp.in_norm, lp.in_eps)
     runner._tables(64, h)
     pos = torch.arange(index, index + t)[None].expand(b, t).contiguous()
     start = torch.tensor([0, 3])
-    caches = [torch.randn(b, 2, index + t, 16, generator=g) for _ in range(2)]
-    args = (lp.tensors, lp.ints, lp.floats)
-    kc, vc = caches[0].clone(), caches[1].clone()
-    got = E.engine_layer(h, a, *args, kc, vc, runner.cos_table, runner.sin_table, pos, start, index, b)
-    kr, vr = caches[0].clone(), caches[1].clone()
-    want = E.engine_layer_reference(h, a, *args, kr, vr, runner.cos_table, runner.sin_table, pos, start, index, b)
-    assert all(torch.equal(x, y) for x, y in zip(got + (kc, vc), want + (kr, vr), strict=True))
-    if kind == "fp32":
-        torch.library.opcheck(E.engine_layer, (h[:6], a[:6], *args, kc, vc, runner.cos_table, runner.sin_table,
-                                               pos[:, :3], start, index, b))
+    for lp in runner.layers[:2]:  # gemma3: a sliding layer (local rotary base, window) and a global one
+        a = E.rms_norm(h, lp.in_norm, lp.in_eps)
+        caches = [torch.randn(b, 2, index + t, 16, generator=g) for _ in range(2)]
+        args = (lp.tensors, lp.ints, lp.floats)
+        tables = runner.tables[lp.rope]
+        kc, vc = caches[0].clone(), caches[1].clone()
+        got = E.engine_layer(h, a, *args, kc, vc, *tables, pos, start, index, b)
+        kr, vr = caches[0].clone(), caches[1].clone()
+        want = E.engine_layer_reference(h, a, *args, kr, vr, *tables, pos, start, index, b)
+        assert all(torch.equal(x, y) for x, y in zip(got + (kc, vc), want + (kr, vr), strict=True))
+        if kind == "fp32":
+            torch.library.opcheck(E.engine_layer, (h[:6], a[:6], *args, kc, vc, *tables, pos[:, :3], start, index, b))

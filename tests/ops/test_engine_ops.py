@@ -14,7 +14,7 @@ def _g(seed: int) -> torch.Generator:
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 17), (4, 64), (1, 576), (7, 33)])
-def test_norms_and_silu_match_reference(isa, shape):
+def test_norms_and_gated_products_match_reference(isa, shape):
     g = _g(sum(shape))
     x, r = torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g)
     w = torch.randn(shape[-1], generator=g)
@@ -25,6 +25,14 @@ def test_norms_and_silu_match_reference(isa, shape):
     torch.testing.assert_close(n, n_ref, rtol=2e-6, atol=2e-6)
     gu = torch.cat([x * 4, r], -1)
     torch.testing.assert_close(E.silu_mul(gu), E.silu_mul_reference(gu), rtol=3e-6, atol=3e-6)
+    torch.testing.assert_close(E.gelu_tanh_mul(gu), E.gelu_tanh_mul_reference(gu), rtol=3e-6, atol=3e-6)
+
+
+def test_gelu_tanh_mul_saturates(isa):
+    """Far from 0 the GELU is 0 or the identity: no overflow in its exponential."""
+    g = torch.tensor([-1e4, -200.0, -90.0, -20.0, 20.0, 90.0, 1e4] * 3)
+    out = E.gelu_tanh_mul(torch.cat([g, torch.full_like(g, 2.0)])[None])[0]
+    torch.testing.assert_close(out, E.gelu_tanh_mul_reference(torch.cat([g, torch.full_like(g, 2.0)])[None])[0])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3, 8), (2, 5, 4, 16), (3, 2, 1, 64), (1, 7, 9, 6)])
@@ -100,10 +108,12 @@ def test_rows_are_invariant():
     full = E.rms_norm(x, w, 1e-6)
     s_full, n_full = E.add_rms_norm(x, r, w, 1e-6)
     silu_full = E.silu_mul(torch.cat([x, r], -1))
+    gelu_full = E.gelu_tanh_mul(torch.cat([x, r], -1))
     for i in range(9):
         assert torch.equal(E.rms_norm(x[i : i + 1], w, 1e-6)[0], full[i])
         assert torch.equal(E.add_rms_norm(x[i : i + 1], r[i : i + 1], w, 1e-6)[1][0], n_full[i])
         assert torch.equal(E.silu_mul(torch.cat([x[i : i + 1], r[i : i + 1]], -1))[0], silu_full[i])
+        assert torch.equal(E.gelu_tanh_mul(torch.cat([x[i : i + 1], r[i : i + 1]], -1))[0], gelu_full[i])
 
 
 def test_opcheck():
@@ -112,6 +122,7 @@ def test_opcheck():
     torch.library.opcheck(E.rms_norm, (x, w, 1e-6))
     torch.library.opcheck(E.add_rms_norm, (x, x * 2, w, 1e-6))
     torch.library.opcheck(E.silu_mul, (x,))
+    torch.library.opcheck(E.gelu_tanh_mul, (x,))
     cos, sin, pos = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.tensor([[0, 5, 7]] * 2)
     torch.library.opcheck(E.rope, (x.view(2, 3, 1, 16), cos, sin, pos))
     kc, vc = torch.zeros(2, 1, 6, 16), torch.zeros(2, 1, 6, 16)

@@ -89,10 +89,13 @@ def norm_eps(norm: nn.Module | None) -> float | None:
     return None
 
 
-def llama_shape_problem(model: nn.Module, supported: tuple[str, ...], runner: str) -> str | None:
+def llama_shape_problem(
+    model: nn.Module, supported: tuple[str, ...], runner: str, activations: tuple[str, ...] = ("silu", "swish")
+) -> str | None:
     """Why ``model`` is not a Llama-shaped decoder that ``runner`` (a hand-written forward: the
     decode engine, lean drafting) can run, as far as its config and top-level modules tell: model
-    type, length-dependent rotary scaling, activation, embedding / final norm / rotary modules.
+    type, length-dependent rotary scaling (per layer type where the config has several, as Gemma 3
+    does), an MLP activation outside ``activations``, embedding / final norm / rotary modules.
     None when nothing there rules it out; the caller then checks its layers."""
     try:
         mt = model_type(model)
@@ -103,10 +106,13 @@ def llama_shape_problem(model: nn.Module, supported: tuple[str, ...], runner: st
         return f"model type {mt!r} ({runner} {', '.join(supported)})"
     cfg = text_config(model)
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
-        return f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} (its tables depend on the length)"
-    if str(getattr(cfg, "hidden_act", "silu")) not in ("silu", "swish"):
-        return f"activation {cfg.hidden_act!r}"
+    ropes = ([r for r in rope.values() if isinstance(r, dict)] or [rope]) if isinstance(rope, dict) else []
+    for r in ropes:
+        if r.get("rope_type", r.get("type")) in ("dynamic", "longrope"):
+            return f"rotary scaling {r.get('rope_type', r.get('type'))!r} (its tables depend on the length)"
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    if str(act) not in activations:
+        return f"activation {act!r}"
     inner = getattr(model, "model", None)
     for name in ("embed_tokens", "norm", "rotary_emb"):
         if getattr(inner, name, None) is None:

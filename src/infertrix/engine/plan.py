@@ -2,8 +2,11 @@
 
 Supported: decoder-only ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` models (RMSNorm, rotary
 attention with grouped heads, optional per-head query/key norms, optional sliding windows, a
-SiLU-gated MLP) in float32 whose linear layers are float32 ``nn.Linear``, ``W4A8Linear`` or
-``W8A8Linear`` (``linears.kind``). :func:`why_unsupported` names the first thing that is not.
+SiLU-gated MLP) and Gemma 3 text models (``gemma3_text``: sliding and global layers with their own
+rotary tables, Gemma's RMSNorm ``x * (1 + w)``, norms on the attention and MLP outputs, q/k norms,
+``query_pre_attn_scalar`` scaling, the scaled embedding, a gelu_pytorch_tanh-gated MLP) in float32
+whose linear layers are float32 ``nn.Linear``, ``W4A8Linear`` or ``W8A8Linear`` (``linears.kind``).
+:func:`why_unsupported` names the first thing that is not.
 """
 
 from __future__ import annotations
@@ -16,46 +19,70 @@ from torch import Tensor, nn
 from ..core.model import decoder_layers, llama_shape_problem, model_type, norm_eps, text_config
 from . import linears
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+GEMMA = "gemma3_text"
+_LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+_GEMMA_NORMS = ("Gemma3RMSNorm",)  # weight * normalised x with weight = 1 + w
+# a layer's norms besides q/k: Llama-style layers, and Gemma 3's with norms on the sublayer outputs
+_LAYER_NORMS = {
+    False: ("input_layernorm", "post_attention_layernorm"),
+    True: ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
 
 
 def _norm_problem(norm: nn.Module | None, name: str) -> str | None:
     if norm is None or norm_eps(norm) is None or getattr(norm, "weight", None) is None:
         return f"{name} is not an RMSNorm with a weight"
-    if norm.weight.dtype != torch.float32 or type(norm).__name__ not in (
-        "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
-    ):
-        return f"{name} is a {type(norm).__name__} (the engine runs the float32 Llama-style RMSNorm)"
+    if norm.weight.dtype != torch.float32 or type(norm).__name__ not in _LLAMA_NORMS + _GEMMA_NORMS:
+        return f"{name} is a {type(norm).__name__} (the engine runs the float32 Llama and Gemma 3 RMSNorms)"
+    return None
+
+
+def _gemma_problem(model: nn.Module) -> str | None:
+    """Gemma 3 options the engine does not run (its attention has no softcap, its head no tanh)."""
+    cfg = text_config(model)
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, name, None) is not None:
+            return f"{name}={getattr(cfg, name)} (the engine does not softcap)"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention (the engine's attention is causal)"
+    return None
+
+
+def _layer_problem(i: int, layer: nn.Module, gemma: bool) -> str | None:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None:
+        return f"layer {i} has no self_attn / mlp (a skip plan, or another architecture)"
+    names = {f"self_attn.{n}": getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    names |= {f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
+    for name, mod in names.items():
+        if mod is None:
+            owner = attn if name.startswith("self_attn") else mlp
+            return f"layer {i} has no {name} (its {name.split('.')[0]} is a {type(owner).__name__}: a skip plan, MoE or another architecture)"
+        if why := linears.why_not(mod, f"layer {i} {name}"):
+            return why
+    for name in _LAYER_NORMS[gemma]:
+        if why := _norm_problem(getattr(layer, name, None), f"layer {i} {name}"):
+            return why
+    for name in ("q_norm", "k_norm"):
+        if getattr(attn, name, None) is not None and (why := _norm_problem(getattr(attn, name), f"layer {i} {name}")):
+            return why
     return None
 
 
 def why_unsupported(model: nn.Module) -> str | None:
     """None when the engine can run ``model``, else why not (shown by ``describe``)."""
-    if why := llama_shape_problem(model, SUPPORTED, "the engine runs"):
+    if why := llama_shape_problem(model, SUPPORTED, "the engine runs", ("silu", "swish", "gelu_pytorch_tanh")):
+        return why
+    gemma = model_type(model) == GEMMA
+    if gemma and (why := _gemma_problem(model)):
         return why
     layers, inner = decoder_layers(model), model.model
     if inner.embed_tokens.weight.dtype != torch.float32:
         return f"{inner.embed_tokens.weight.dtype} weights (the engine runs float32 models)"
     for i, layer in enumerate(layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None:
-            return f"layer {i} has no self_attn / mlp (a skip plan, or another architecture)"
-        names = {f"self_attn.{n}": getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        names |= {f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
-        for name, mod in names.items():
-            if mod is None:
-                owner = attn if name.startswith("self_attn") else mlp
-                return f"layer {i} has no {name} (its {name.split('.')[0]} is a {type(owner).__name__}: a skip plan, MoE or another architecture)"
-            why = linears.why_not(mod, f"layer {i} {name}")
-            if why:
-                return why
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            why = _norm_problem(getattr(layer, name, None), f"layer {i} {name}")
-            if why:
-                return why
-        for name in ("q_norm", "k_norm"):
-            if getattr(attn, name, None) is not None and (why := _norm_problem(getattr(attn, name), f"layer {i} {name}")):
-                return why
+        if why := _layer_problem(i, layer, gemma):
+            return why
     if why := _norm_problem(inner.norm, "the final norm"):
         return why
     head = model.get_output_embeddings()
@@ -66,23 +93,31 @@ def why_unsupported(model: nn.Module) -> str | None:
 
 @dataclass
 class LayerPlan:
-    """One decoder layer in ``infertrix::engine_layer``'s packed layout (``ops/engine.py``)."""
+    """One decoder layer in ``infertrix::engine_layer``'s packed layout (``ops/engine.py``);
+    ``rope``: which rotary tables it reads (Gemma 3's layer type, else None: the model's one)."""
 
     in_norm: Tensor
     in_eps: float
     tensors: list[Tensor | None]
     ints: list[int]
     floats: list[float]
+    rope: str | None = None
 
 
 def _norm(norm: nn.Module | None) -> tuple[Tensor, float] | None:
-    return None if norm is None else (norm.weight.detach(), norm_eps(norm))
+    """(weight, eps) in the engine's ``weight * normalised x`` form: Gemma's 1 + w (the same float32
+    sum its forward computes each call) or the weight itself."""
+    if norm is None:
+        return None
+    w = norm.weight.detach()
+    return (1.0 + w.float() if type(norm).__name__ in _GEMMA_NORMS else w), norm_eps(norm)
 
 
 def layer_plan(model: nn.Module, layer: nn.Module, next_norm: tuple[Tensor, float]) -> LayerPlan:
     """Pack ``layer`` (``next_norm``: the following layer's input norm, or the final norm)."""
     attn, mlp = layer.self_attn, layer.mlp
     cfg = text_config(model)
+    gemma = model_type(model) == GEMMA
     if model_type(model) == "mistral":
         window = getattr(cfg, "sliding_window", None) or 0
     else:
@@ -95,17 +130,21 @@ def layer_plan(model: nn.Module, layer: nn.Module, next_norm: tuple[Tensor, floa
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     qn, kn = _norm(getattr(attn, "q_norm", None)), _norm(getattr(attn, "k_norm", None))
-    post = _norm(layer.post_attention_layernorm)
-    tensors = [post[0], next_norm[0], qn[0] if qn else None, kn[0] if kn else None]
-    ints = [heads, kv_heads, head_dim, len(group_qkv), len(group_gu), int(window)]
+    # Gemma 3: post_attention_layernorm normalises the attention output, pre_feedforward the MLP input
+    mid = _norm(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm)
+    attn_out = _norm(layer.post_attention_layernorm) if gemma else None
+    mlp_out = _norm(layer.post_feedforward_layernorm) if gemma else None
+    tensors = [mid[0], next_norm[0]] + [n[0] if n else None for n in (qn, kn, attn_out, mlp_out)]
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    ints = [heads, kv_heads, head_dim, len(group_qkv), len(group_gu), int(window), int(act == "gelu_pytorch_tanh")]
     for mod in [*group_qkv, attn.o_proj, *group_gu, mlp.down_proj]:
         i, t = linears.slot(mod)
         ints += i
         tensors += t
     scaling = float(getattr(attn, "scaling", attn.head_dim**-0.5))
-    floats = [scaling, post[1], next_norm[1], qn[1] if qn else 0.0, kn[1] if kn else 0.0]
+    floats = [scaling, mid[1], next_norm[1]] + [n[1] if n else 0.0 for n in (qn, kn, attn_out, mlp_out)]
     ln = _norm(layer.input_layernorm)
-    return LayerPlan(ln[0], ln[1], tensors, ints, floats)
+    return LayerPlan(ln[0], ln[1], tensors, ints, floats, getattr(attn, "layer_type", None) if gemma else None)
 
 
 def fingerprint(model: nn.Module) -> tuple[int, ...]:

@@ -3,8 +3,8 @@
 One ``infertrix::engine_layer`` call per decoder layer (C++: the q/k/v projection, fused into
 one call on quantized models, optional per-head q/k norms, rotary embedding from tables, the KV
 append, grouped-query attention over the cache, o_proj, the residual add fused with the next
-norm, the gate/up projection, the SiLU-gated product and down_proj), then the LM head on the kept
-positions only: about 35 dispatches per token on a 30-layer model instead of transformers'
+norm, the gate/up projection, the SiLU- or GELU-gated product and down_proj; Gemma 3's output
+norms), then the LM head on the kept positions only: about 35 dispatches per token on a 30-layer model instead of transformers'
 thousands of small ops.
 
 Every step is row-invariant (``ops/engine.py``, ``linears.py``), so a token's logits are the same
@@ -41,24 +41,28 @@ class Runner:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.cos: list[Tensor] = []
-        self.sin: list[Tensor] = []
-        self.cos_table = self.sin_table = None
+        # rotary tables per LayerPlan.rope key (Gemma 3: one per layer type, local and global bases)
+        self.rope_keys = sorted({lp.rope for lp in self.layers}, key=str)
+        self.cos: dict[str | None, list[Tensor]] = {key: [] for key in self.rope_keys}
+        self.sin: dict[str | None, list[Tensor]] = {key: [] for key in self.rope_keys}
+        self.tables: dict[str | None, tuple[Tensor, Tensor]] = {}
         self.fingerprint = fingerprint(model)
 
     def _tables(self, need: int, like: Tensor) -> None:
-        """cos/sin for positions [0, need), by the model's own rotary module, TABLE_BLOCK at a time."""
-        have = len(self.cos) * TABLE_BLOCK
+        """cos/sin for positions [0, need), by the model's own rotary module, TABLE_BLOCK at a time
+        (one pair of tables per ``rope_keys`` entry, all the same length)."""
+        have = len(self.cos[self.rope_keys[0]]) * TABLE_BLOCK
         if have >= need:
             return
         while have < need:
             ids = torch.arange(have, have + TABLE_BLOCK, device=like.device)[None]
-            cos, sin = self.rotary(like, ids)
-            self.cos.append(cos[0].float())
-            self.sin.append(sin[0].float())
+            for key in self.rope_keys:
+                cos, sin = self.rotary(like, ids) if key is None else self.rotary(like, ids, key)
+                self.cos[key].append(cos[0].float())
+                self.sin[key].append(sin[0].float())
             have += TABLE_BLOCK
-        self.cos_table = torch.cat(self.cos).contiguous()
-        self.sin_table = torch.cat(self.sin).contiguous()
+        self.tables = {key: (torch.cat(self.cos[key]).contiguous(), torch.cat(self.sin[key]).contiguous())
+                       for key in self.rope_keys}
 
     @torch.no_grad()
     def forward(self, ids: Tensor, start: Tensor, positions: Tensor, cache: EngineCache, keep: int | Tensor) -> Tensor:
@@ -70,12 +74,11 @@ class Runner:
         need = index + t
         x = self.embed(ids).reshape(b * t, -1)
         self._tables(int(positions.max()) + 1, x)
-        cos, sin = self.cos_table, self.sin_table
         a = _ops.rms_norm(x, self.layers[0].in_norm, self.layers[0].in_eps)
         h = x
         for store, lp in zip(cache.layers, self.layers, strict=True):
             store.reserve(x, b, kv, need, d)
-            h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, store.kbuf, store.vbuf, cos, sin,
+            h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, store.kbuf, store.vbuf, *self.tables[lp.rope],
                                      positions, start, index, b)
             store.length = need
         a = a.view(b, t, -1)

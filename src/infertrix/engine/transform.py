@@ -187,7 +187,7 @@ class Engine(Transform):
     one buffer); the KV cache is preallocated with doubling.
     """
 
-    use_when = "llama / mistral / qwen2 / qwen3 models in float32, W8A8 or W4A8: faster decoding, batch-invariant logits"
+    use_when = "llama / mistral / qwen2 / qwen3 / gemma3 text models in float32, W8A8 or W4A8: faster decoding, batch-invariant logits"
 
     stage: ClassVar[Stage] = Stage.DECODING
     primary: ClassVar[str | None] = "enabled"

@@ -10,7 +10,7 @@ block, and a parity test against the reference in ``tests/ops/``.
 """
 
 from . import _extension
-from .engine import add_rms_norm, gqa_attention, kv_append, rms_norm, rope, silu_mul  # noqa: F401  (engine/)
+from .engine import add_rms_norm, gelu_tanh_mul, gqa_attention, kv_append, rms_norm, rope, silu_mul  # noqa: F401  (engine/)
 from .kivi_attention import kivi_decode_attention  # noqa: F401  (declares the fused KIVI decode attention)
 from .kv_cache_ops import kv_dequantize, kv_dequantize_into, kv_gather, kv_quantize  # noqa: F401  (declares the KV-cache ops)
 from .ngram_index import ngram_index_update, ngram_lookup  # noqa: F401  (speculative/)

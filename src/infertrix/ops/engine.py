@@ -1,5 +1,6 @@
-"""The decode engine's ops (``infertrix.engine``): RMSNorm, the SiLU-gated product, rotary
-embedding from tables, KV append into preallocated storage and grouped-query attention.
+"""The decode engine's ops (``infertrix.engine``): RMSNorm, the SiLU- and GELU(tanh)-gated
+products, rotary embedding from tables, KV append into preallocated storage and grouped-query
+attention.
 
 Each op's body is its PyTorch reference; ``csrc/cpu/engine_ops.cpp`` registers the CPU kernels
 (AVX-512 / AVX2 / scalar). The kernels' guarantee is *invariance*: every reduction runs in an order
@@ -37,6 +38,12 @@ def silu_mul_reference(gate_up: Tensor) -> Tensor:
     """silu(gate) * up for gate_up = cat(gate, up) along the last dimension (the SwiGLU product)."""
     g, u = gate_up.chunk(2, dim=-1)
     return F.silu(g) * u
+
+
+def gelu_tanh_mul_reference(gate_up: Tensor) -> Tensor:
+    """gelu_tanh(gate) * up for gate_up = cat(gate, up) (Gemma's ``gelu_pytorch_tanh`` gated MLP)."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return F.gelu(g, approximate="tanh") * u
 
 
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
@@ -83,6 +90,7 @@ def gqa_attention_reference(
 rms_norm = torch.library.custom_op("infertrix::rms_norm", mutates_args=())(rms_norm_reference)
 add_rms_norm = torch.library.custom_op("infertrix::add_rms_norm", mutates_args=())(add_rms_norm_reference)
 silu_mul = torch.library.custom_op("infertrix::silu_mul", mutates_args=())(silu_mul_reference)
+gelu_tanh_mul = torch.library.custom_op("infertrix::gelu_tanh_mul", mutates_args=())(gelu_tanh_mul_reference)
 rope = torch.library.custom_op("infertrix::rope", mutates_args=())(rope_reference)
 kv_append = torch.library.custom_op("infertrix::kv_append", mutates_args=("k_cache", "v_cache"))(kv_append_reference)
 gqa_attention = torch.library.custom_op("infertrix::gqa_attention", mutates_args=())(gqa_attention_reference)
@@ -99,6 +107,7 @@ def _(x, residual, weight, eps):
 
 
 @silu_mul.register_fake
+@gelu_tanh_mul.register_fake
 def _(gate_up):
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
@@ -120,6 +129,7 @@ def _(q, k_cache, v_cache, start, index, scale, window):
 
 LINEAR_KINDS = {"fp32": 0, "w4a8": 1, "w8a8": 2}
 SKINNY_MAX_ROWS = 32  # ops/skinny_linear.py MAX_ROWS
+LAYER_INTS, LAYER_TENSORS = 7, 6  # engine_layer's leading ints / tensors, before the linear slots
 
 
 def _linear(kind: int, in_features: int, group_size: int, t: list[Tensor | None], x: Tensor) -> Tensor:
@@ -135,7 +145,8 @@ def _linear(kind: int, in_features: int, group_size: int, t: list[Tensor | None]
 
 
 def _group(tensors: list[Tensor | None], ints: list[int], first: int, n: int, x: Tensor) -> Tensor:
-    outs = [_linear(*ints[6 + 3 * s : 9 + 3 * s], tensors[4 + 5 * s : 9 + 5 * s], x) for s in range(first, first + n)]
+    outs = [_linear(*ints[LAYER_INTS + 3 * s : LAYER_INTS + 3 + 3 * s], tensors[LAYER_TENSORS + 5 * s : LAYER_TENSORS + 5 + 5 * s], x)
+            for s in range(first, first + n)]
     return outs[0] if n == 1 else torch.cat(outs, dim=-1)
 
 
@@ -143,17 +154,20 @@ def engine_layer_reference(
     h: Tensor, a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], k_cache: Tensor,
     v_cache: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, start: Tensor, index: int, batch: int,
 ) -> tuple[Tensor, Tensor]:
-    """One Llama-style decoder layer on M = batch x T token rows: returns (h', next_norm(h')).
+    """One Llama- or Gemma-3-style decoder layer on M = batch x T token rows: returns
+    (h', next_norm(h')).
 
     ``h`` is the residual stream [M, C] and ``a`` its input norm. Packed layout:
-    ``tensors`` = [post_norm, next_norm, q_norm or None, k_norm or None] then five per linear slot
-    (fp32: weight, None, None, None, bias; w4a8: qweight, scale, group_scale, zero, bias; w8a8:
-    qweight, scale, None, None, bias); the slots are the q/k/v group (``n_qkv`` slots whose
-    outputs are concatenated), o_proj, the gate/up group (``n_gu`` slots), down_proj. ``ints`` =
-    [heads, kv_heads, head_dim, n_qkv, n_gu, window] then (kind, in_features, group_size) per slot
-    (kinds: ``LINEAR_KINDS``); ``floats`` = [scaling, post_eps, next_eps, q_norm_eps, k_norm_eps].
-    New keys and values go to cache slots [index, index + T)."""
-    heads, kvh, d, n_qkv, n_gu, window = ints[:6]
+    ``tensors`` = [mlp_norm, next_norm, q_norm, k_norm, attn_out_norm, mlp_out_norm] (the last
+    four may be None; Gemma 3 normalises the attention and MLP outputs before each residual add)
+    then five per linear slot (fp32: weight, None, None, None, bias; w4a8: qweight, scale,
+    group_scale, zero, bias; w8a8: qweight, scale, None, None, bias); the slots are the q/k/v
+    group (``n_qkv`` slots whose outputs are concatenated), o_proj, the gate/up group (``n_gu``
+    slots), down_proj. ``ints`` = [heads, kv_heads, head_dim, n_qkv, n_gu, window, gelu] (gelu:
+    1 for the gelu_pytorch_tanh MLP, 0 for SiLU) then (kind, in_features, group_size) per slot
+    (kinds: ``LINEAR_KINDS``); ``floats`` = [scaling, mlp_eps, next_eps, q_norm_eps, k_norm_eps,
+    attn_out_eps, mlp_out_eps]. New keys and values go to cache slots [index, index + T)."""
+    heads, kvh, d, n_qkv, n_gu, window, gelu = ints[:LAYER_INTS]
     m = a.shape[0]
     t = m // batch
     qkv = _group(tensors, ints, 0, n_qkv, a).view(batch, t, heads + 2 * kvh, d)
@@ -165,8 +179,14 @@ def engine_layer_reference(
         q, k = qk[:, :, :heads], qk[:, :, heads:]
     kv_append(k_cache, v_cache, k, qkv[:, :, heads + kvh :], index)
     o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window)
-    h2, a2 = add_rms_norm(_group(tensors, ints, n_qkv, 1, o.reshape(m, heads * d)), h, tensors[0], floats[1])
-    mlp = _group(tensors, ints, n_qkv + 1 + n_gu, 1, silu_mul(_group(tensors, ints, n_qkv + 1, n_gu, a2)))
+    attn = _group(tensors, ints, n_qkv, 1, o.reshape(m, heads * d))
+    if tensors[4] is not None:
+        attn = rms_norm(attn, tensors[4], floats[5])
+    h2, a2 = add_rms_norm(attn, h, tensors[0], floats[1])
+    gate_up = _group(tensors, ints, n_qkv + 1, n_gu, a2)
+    mlp = _group(tensors, ints, n_qkv + 1 + n_gu, 1, gelu_tanh_mul(gate_up) if gelu else silu_mul(gate_up))
+    if tensors[5] is not None:
+        mlp = rms_norm(mlp, tensors[5], floats[6])
     return add_rms_norm(mlp, h2, tensors[1], floats[2])
 
 
@@ -184,7 +204,7 @@ def _(h, a, tensors, ints, floats, k_cache, v_cache, cos, sin, positions, start,
 
 
 for _op in (
-    engine_layer_reference, rms_norm_reference, add_rms_norm_reference, silu_mul_reference, rope_reference, kv_append_reference,
-    gqa_attention_reference,
+    engine_layer_reference, rms_norm_reference, add_rms_norm_reference, silu_mul_reference, gelu_tanh_mul_reference,
+    rope_reference, kv_append_reference, gqa_attention_reference,
 ):
     register_op(_op.__name__.removesuffix("_reference"), _op)
