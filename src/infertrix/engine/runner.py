@@ -4,8 +4,8 @@ One ``infertrix::engine_layer`` call per decoder layer (C++: the q/k/v projectio
 one call on quantized models, optional per-head q/k norms, rotary embedding from tables, the KV
 append, grouped-query attention over the cache, o_proj, the residual add fused with the next
 norm, the gate/up projection, the SiLU- or GELU-gated product and down_proj; Gemma 3's output
-norms), then the LM head on the kept positions only: about 35 dispatches per token on a 30-layer model instead of transformers'
-thousands of small ops.
+norms), then the LM head on the kept positions only: about 35 dispatches per token on a 30-layer
+model instead of transformers' thousands of small ops.
 
 Every step is row-invariant (``ops/engine.py``, ``linears.py``), so a token's logits are the same
 bits in a 1-token step, inside a window of tokens, as a row of a left-padded batch, in the prompt,
@@ -78,7 +78,8 @@ class Runner:
         h = x
         for store, lp in zip(cache.layers, self.layers, strict=True):
             store.reserve(x, b, kv, need, d)
-            h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, store.kbuf, store.vbuf, *self.tables[lp.rope],
+            cos, sin = self.tables[lp.rope]
+            h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, store.kbuf, store.vbuf, cos, sin,
                                      positions, start, index, b)
             store.length = need
         a = a.view(b, t, -1)

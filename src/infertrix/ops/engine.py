@@ -145,8 +145,10 @@ def _linear(kind: int, in_features: int, group_size: int, t: list[Tensor | None]
 
 
 def _group(tensors: list[Tensor | None], ints: list[int], first: int, n: int, x: Tensor) -> Tensor:
-    outs = [_linear(*ints[LAYER_INTS + 3 * s : LAYER_INTS + 3 + 3 * s], tensors[LAYER_TENSORS + 5 * s : LAYER_TENSORS + 5 + 5 * s], x)
-            for s in range(first, first + n)]
+    outs = []
+    for s in range(first, first + n):
+        i, t = LAYER_INTS + 3 * s, LAYER_TENSORS + 5 * s
+        outs.append(_linear(*ints[i : i + 3], tensors[t : t + 5], x))
     return outs[0] if n == 1 else torch.cat(outs, dim=-1)
 
 
