@@ -10,7 +10,14 @@ import pytest
 import torch
 from conftest import make_tiny
 from test_spec_greedy_identity import padded_batch, plain_and_spec
-from test_spec_sampling import PROMPT, _small_model, chi2, chi2_critical, exact_distribution, sample_counts
+from test_spec_sampling import (
+    PROMPT,
+    _small_model,
+    chi2,
+    chi2_critical,
+    exact_distribution,
+    sample_counts,
+)
 
 import infertrix as ix
 from infertrix.speculative import Lookahead, NGramTrie, TokenTree

@@ -18,8 +18,8 @@ from .prompt_lookup import PromptLookup, PromptLookupDrafter
 from .quantized_self import QuantizedSelf, quantized_copy
 from .self_speculative import SelfSpeculative
 from .stats import SpeculativeStats, StatsRecord
-from .tree import TokenTree
 from .transform import SpeculativeDecoding, speculative_stats
+from .tree import TokenTree
 from .verify import verify_greedy, verify_sampling
 
 __all__ = [

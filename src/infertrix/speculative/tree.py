@@ -24,9 +24,8 @@ gets the tree's first branch, verified as a linear draft).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
