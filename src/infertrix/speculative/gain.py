@@ -9,8 +9,10 @@ plain steps (nothing drafted: one forward of one token per row), from one ``prop
 so everything a step costs is counted. When drafting loses, the next steps are plain; drafting is
 probed again after a hold that doubles after each probe that still loses (up to ``MAX_HOLD``
 steps) and resets when a probe wins. Plain steps are re-measured every ``REFRESH`` drafting steps,
-since a step's cost grows with the context. What was learnt is kept per batch size across the calls
-of one applied transform (the hold is shortened at the start of a call, whose prompt may differ).
+since a step's cost grows with the context. What was learnt is kept per model and batch size by the
+transform object, across its calls and across ``optimize``/``restore`` (plain and drafting costs
+belong to the model and the machine); at the start of a call the hold of a drafter that is cheap
+to probe (no draft model to catch up) is shortened, since the new prompt may suit it.
 
 Speculative decoding's break-even analysis is Leviathan et al. (ICML 2023,
 https://arxiv.org/abs/2211.17192, section 3.4); switching to plain steps when the measured gain is
@@ -28,7 +30,7 @@ from .drafter import Draft, DraftContext, Drafter
 
 BASE_HOLD = 8  # plain steps after drafting is first found to lose
 MAX_HOLD = 256  # longest hold between two probes
-CALL_START_HOLD = 16  # a new call probes within this many steps, whatever the last call decided
+CALL_START_HOLD = 16  # a new call of a cheap-to-probe drafter probes within this many steps
 REFRESH = 64  # drafting steps after which one plain step re-measures the plain cost
 SMOOTHING = 0.3  # weight of a new sample in the moving averages
 
@@ -82,11 +84,12 @@ class GainGuard(Drafter):
         super().start(model, ctx)
         self.inner.start(model, ctx)
         self.state = self.memory.states.setdefault(ctx.batch_size, GainState())
-        self.state.hold = min(self.state.hold, CALL_START_HOLD)
+        if not self.inner_catches_up():
+            self.state.hold = min(self.state.hold, CALL_START_HOLD)
         self.state.spec = None  # another prompt: drafting's gain is measured afresh
         self.samples = 0  # drafting steps measured in this call
         # the first drafting step of a call (or after a hold) pays a draft model's catch-up on the context
-        self.unmeasured = 1 if getattr(self.inner, "catches_up", False) else 0
+        self.unmeasured = 1 if self.inner_catches_up() else 0
         self.kind: str | None = None  # "plain" or "spec": what the step in flight is
         self.called_inner = False
         self.t0 = 0.0

@@ -44,9 +44,15 @@ class SpeculativeDecoding(Transform):
         """Tensors the drafter keeps alive for ``model`` (a draft's own weights), for describe."""
         return []
 
+    def gain_memory(self, model: nn.Module) -> GainMemory:
+        """What the never-slower guard (:mod:`.gain`) measured on ``model``: kept by this transform
+        object across calls and across optimize/restore (the costs belong to the model and machine)."""
+        kept = self.__dict__.setdefault("_gain_memories", {})
+        return kept.setdefault(id(model), GainMemory())
+
     def apply(self, model: nn.Module) -> Applied:
         record = StatsRecord()
-        memory = GainMemory()  # adaptive drafters fall back to plain steps when they lose (gain.py)
+        memory = self.gain_memory(model)  # adaptive drafters fall back to plain steps when they lose
         loop = SpeculativeGenerate(lambda: guarded(self.make_drafter(model), memory), record)
 
         def hook(m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
