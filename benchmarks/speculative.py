@@ -61,6 +61,7 @@ def drafters(names: list[str], model) -> dict[str, tuple]:
     ``skinny_linear`` alone is plain decoding on them."""
     make = {
         "lookahead": lambda: ix.speculative.Lookahead(),
+        "lookahead(per call)": lambda: ix.speculative.Lookahead(shared=False),
         "draft_model(truncated 20/30)": lambda: ix.speculative.DraftModel(draft=truncated_copy(model, 20)),
         "prompt_lookup": lambda: ix.speculative.PromptLookup(),
         "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),

@@ -8,8 +8,8 @@ continuations below the match form the draft tree: nodes are taken best first by
 probability of being reached (the product of count ratios along their path, scaled by how often
 predictions were accepted so far), as many as maximise expected tokens per second under the
 measured verification cost (:mod:`.budget`). Prompt lookup drafts one copied continuation; the
-trie offers the several continuations a phrase had, and it is shared by the calls of one applied
-transform (outputs of earlier calls are drafts for later ones) and by the rows of a batch.
+trie offers the several continuations a phrase had, and it is shared by the rows of a batch and by
+the calls of one transform object (outputs of earlier calls are drafts for later ones).
 Bounded: past ``max_nodes`` nodes every count is halved and nodes left at zero are dropped.
 Lossless through the tree verifier (:mod:`.tree`).
 """
@@ -24,7 +24,6 @@ from torch import nn
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
 from .drafter import Draft, DraftContext, Drafter
-from .state import prepared_for
 from .transform import SpeculativeDecoding
 from .tree import TokenTree
 
@@ -180,8 +179,8 @@ class Lookahead(SpeculativeDecoding):
       depth: tokens per trie window (matched prefix plus continuation).
       prefix: longest suffix of the row matched in the trie.
       max_trie_nodes: trie size past which counts are halved and rare n-grams dropped.
-      shared: keep the trie across calls (earlier outputs draft later calls); False starts each
-        call from its prompt alone.
+      shared: keep the trie across calls, and across optimize/restore of this transform object
+        (earlier outputs draft later calls); False starts each call from its prompt alone.
       adaptive: verify the number of nodes with the most expected tokens per second; False: all.
     """
     use_when = "repetitive or templated outputs, repeated queries, copies from the prompt: lossless, no draft model"
@@ -190,7 +189,7 @@ class Lookahead(SpeculativeDecoding):
     max_nodes: int = 24
     depth: int = 10
     prefix: int = 3
-    max_trie_nodes: int = 500_000
+    max_trie_nodes: int = 200_000
     shared: bool = True
     adaptive: bool = True
 
@@ -203,7 +202,12 @@ class Lookahead(SpeculativeDecoding):
             raise ConfigError(f"Lookahead max_trie_nodes must be >= 1000, got {self.max_trie_nodes}")
 
     def _memory(self, model: nn.Module) -> LookaheadMemory:
-        return prepared_for(model, self, lambda: LookaheadMemory(NGramTrie(self.depth, self.max_trie_nodes)))
+        """The trie for ``model``, kept by this transform object across calls and optimize/restore
+        (earlier outputs are what later calls draft from)."""
+        kept = self.__dict__.setdefault("_tries", {})
+        if id(model) not in kept:
+            kept[id(model)] = LookaheadMemory(NGramTrie(self.depth, self.max_trie_nodes))
+        return kept[id(model)]
 
     def drafter_report(self, model: nn.Module) -> dict[str, object]:
         mem = self._memory(model)
