@@ -8,7 +8,9 @@ measures the real thing: wall seconds per emitted token of the steps that drafte
 plain steps (nothing drafted: one forward of one token per row), from one ``propose`` to the next,
 so everything a step costs is counted. When drafting loses, the next steps are plain; drafting is
 probed again after a hold that doubles after each probe that still loses (up to ``MAX_HOLD``
-steps) and resets when a probe wins. Plain steps are re-measured every ``REFRESH`` drafting steps,
+steps) and resets when a probe wins; a hold is also long enough that the probe's extra seconds
+over plain steps (a draft model's catch-up on the context included) are at most ``PROBE_BUDGET``
+of it. Plain steps are re-measured every ``REFRESH`` drafting steps,
 since a step's cost grows with the context. What was learnt is kept per model and batch size by the
 transform object, across its calls and across ``optimize``/``restore`` (plain and drafting costs
 belong to the model and the machine); at the start of a call the hold of a drafter that is cheap
@@ -21,6 +23,7 @@ below 1 is what makes a drafter safe to leave on for every prompt kind.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +35,7 @@ BASE_HOLD = 8  # plain steps after drafting is first found to lose
 MAX_HOLD = 256  # longest hold between two probes
 CALL_START_HOLD = 16  # a new call of a cheap-to-probe drafter probes within this many steps
 REFRESH = 64  # drafting steps after which one plain step re-measures the plain cost
+PROBE_BUDGET = 0.02  # a losing probe's extra seconds are at most this share of the hold that follows
 SMOOTHING = 0.3  # weight of a new sample in the moving averages
 
 
@@ -94,6 +98,7 @@ class GainGuard(Drafter):
         self.called_inner = False
         self.t0 = 0.0
         self.tokens0 = 0
+        self.probe = [0.0, 0]  # seconds and tokens of the drafting steps since the last plain step
 
     def propose(self, seqs: list[list[int]], limits: list[int]) -> Draft:
         now = time.perf_counter()
@@ -126,10 +131,13 @@ class GainGuard(Drafter):
         if self.kind == "plain":
             st.plain = _ema(st.plain, seconds / tokens)
             st.since_plain = 0
+            self.probe = [0.0, 0]
             if not self.called_inner and self.inner_catches_up():
                 self.unmeasured = 1
             return
         st.since_plain += 1
+        self.probe[0] += seconds
+        self.probe[1] += tokens
         if self.unmeasured:
             self.unmeasured -= 1
             return
@@ -137,7 +145,9 @@ class GainGuard(Drafter):
         self.samples += 1
         # one unlucky step (nothing accepted) does not end drafting at the start of a call
         if st.plain is not None and st.spec > st.plain and (self.samples >= 2 or st.probes):
-            st.hold, st.backoff = st.backoff, min(2 * st.backoff, MAX_HOLD)
+            excess = self.probe[0] - self.probe[1] * st.plain  # what drafting since the last plain step cost
+            st.hold = max(st.backoff, min(math.ceil(excess / (PROBE_BUDGET * st.plain)), 4 * MAX_HOLD))
+            st.backoff = min(2 * st.backoff, MAX_HOLD)
             st.probes += 1
         else:
             st.backoff = BASE_HOLD
