@@ -32,6 +32,7 @@ from torch import nn
 from .drafter import Draft, DraftContext, Drafter
 
 BASE_HOLD = 8  # plain steps after drafting is first found to lose
+CATCH_UP_HOLD = 32  # the same for a draft model, whose probes first run it over the skipped tokens
 MAX_HOLD = 256  # longest hold between two probes
 CALL_START_HOLD = 16  # a new call of a cheap-to-probe drafter probes within this many steps
 REFRESH = 64  # drafting steps after which one plain step re-measures the plain cost
@@ -146,8 +147,9 @@ class GainGuard(Drafter):
         # one unlucky step (nothing accepted) does not end drafting at the start of a call
         if st.plain is not None and st.spec > st.plain and (self.samples >= 2 or st.probes):
             excess = self.probe[0] - self.probe[1] * st.plain  # what drafting since the last plain step cost
-            st.hold = max(st.backoff, min(math.ceil(excess / (PROBE_BUDGET * st.plain)), 4 * MAX_HOLD))
-            st.backoff = min(2 * st.backoff, MAX_HOLD)
+            base = CATCH_UP_HOLD if self.inner_catches_up() else BASE_HOLD
+            st.hold = max(st.backoff, base, min(math.ceil(excess / (PROBE_BUDGET * st.plain)), 4 * MAX_HOLD))
+            st.backoff = min(2 * max(st.backoff, base), MAX_HOLD)
             st.probes += 1
         else:
             st.backoff = BASE_HOLD
