@@ -56,7 +56,7 @@ def truncated_copy(model, keep: int):
 
 def drafters(names: list[str], model) -> dict[str, tuple]:
     """Transforms per variant name, reused across runs (self-speculation keeps its plan search, the
-    quantized self-draft its W4A8 copy, every adaptive drafter its never-slower measurements).
+    quantized self-draft its W4A8 copy).
     ``NAME+skinny`` adds the Skinny float kernels (``skinny_linear``) under the drafter;
     ``skinny_linear`` alone is plain decoding on them."""
     make = {

@@ -11,9 +11,8 @@ probed again after a hold that doubles after each probe that still loses (up to 
 steps) and resets when a probe wins; a hold is also long enough that the probe's extra seconds
 over plain steps (a draft model's catch-up on the context included) are at most ``PROBE_BUDGET``
 of it. Plain steps are re-measured every ``REFRESH`` drafting steps,
-since a step's cost grows with the context. What was learnt is kept per model and batch size by the
-transform object, across its calls and across ``optimize``/``restore`` (plain and drafting costs
-belong to the model and the machine); at the start of a call the hold of a drafter that is cheap
+since a step's cost grows with the context. What was learnt is kept per batch size in the model's
+run-time record, across the calls made while the transform is applied; at the start of a call the hold of a drafter that is cheap
 to probe (no draft model to catch up) is shortened, since the new prompt may suit it.
 
 Speculative decoding's break-even analysis is Leviathan et al. (ICML 2023,

@@ -9,7 +9,7 @@ probability of being reached (the product of count ratios along their path, scal
 predictions were accepted so far), as many as maximise expected tokens per second under the
 measured verification cost (:mod:`.budget`). Prompt lookup drafts one copied continuation; the
 trie offers the several continuations a phrase had, and it is shared by the rows of a batch and by
-the calls of one transform object (outputs of earlier calls are drafts for later ones).
+the calls made while the transform is applied (outputs of earlier calls are drafts for later ones).
 Bounded: past ``max_nodes`` nodes every count is halved and nodes left at zero are dropped.
 Lossless through the tree verifier (:mod:`.tree`).
 """
@@ -24,6 +24,7 @@ from torch import nn
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
 from .drafter import Draft, DraftContext, Drafter
+from .state import prepared_for
 from .transform import SpeculativeDecoding
 from .tree import TokenTree
 
@@ -179,8 +180,8 @@ class Lookahead(SpeculativeDecoding):
       depth: tokens per trie window (matched prefix plus continuation).
       prefix: longest suffix of the row matched in the trie.
       max_trie_nodes: trie size past which counts are halved and rare n-grams dropped.
-      shared: keep the trie across calls, and across optimize/restore of this transform object
-        (earlier outputs draft later calls); False starts each call from its prompt alone.
+      shared: keep the trie across the calls made while applied (earlier outputs draft later
+        calls); False starts each call from its prompt alone.
       adaptive: verify the number of nodes with the most expected tokens per second; False: all.
     """
     use_when = "repetitive or templated outputs, repeated queries, copies from the prompt: lossless, no draft model"
@@ -202,12 +203,9 @@ class Lookahead(SpeculativeDecoding):
             raise ConfigError(f"Lookahead max_trie_nodes must be >= 1000, got {self.max_trie_nodes}")
 
     def _memory(self, model: nn.Module) -> LookaheadMemory:
-        """The trie for ``model``, kept by this transform object across calls and optimize/restore
-        (earlier outputs are what later calls draft from)."""
-        kept = self.__dict__.setdefault("_tries", {})
-        if id(model) not in kept:
-            kept[id(model)] = LookaheadMemory(NGramTrie(self.depth, self.max_trie_nodes))
-        return kept[id(model)]
+        """The trie for ``model``, kept in its run-time record while applied (earlier outputs are
+        what later calls draft from)."""
+        return prepared_for(model, self, lambda: LookaheadMemory(NGramTrie(self.depth, self.max_trie_nodes)))
 
     def drafter_report(self, model: nn.Module) -> dict[str, object]:
         mem = self._memory(model)

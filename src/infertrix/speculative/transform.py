@@ -45,10 +45,12 @@ class SpeculativeDecoding(Transform):
         return []
 
     def gain_memory(self, model: nn.Module) -> GainMemory:
-        """What the never-slower guard (:mod:`.gain`) measured on ``model``: kept by this transform
-        object across calls and across optimize/restore (the costs belong to the model and machine)."""
-        kept = self.__dict__.setdefault("_gain_memories", {})
-        return kept.setdefault(id(model), GainMemory())
+        """What the never-slower guard (:mod:`.gain`) measured on ``model``, kept in its run-time
+        record across the calls made while the transform is applied."""
+        st = speculative_state(model, create=True)
+        if st.gain is None:
+            st.gain = GainMemory()
+        return st.gain
 
     def apply(self, model: nn.Module) -> Applied:
         record = StatsRecord()
