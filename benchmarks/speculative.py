@@ -8,8 +8,10 @@ through the instruct model's chat template: ``rewrite`` (correct the spelling of
 model copies most of the passage), ``story`` (continue a story opening), ``question`` (answer a
 question). Greedy and sampling at temperature 0.7. Drafters: prompt lookup (cost-aware adaptive
 length), self-speculation through skip-family plans (on-line search over attention-drop and
-ShortGPT plans), and the quantized self-draft (W4A8 copy). No draft model: SmolLM2-135M is the
-smallest model of its tokenizer, so there is no smaller sibling to draft with.
+ShortGPT plans), the quantized self-draft (W8A8 or W4A8 copy), Lookahead (n-gram trie, token-tree
+verification), and a draft model that is SmolLM2 truncated to its first 20 of 30 layers (SmolLM2-135M
+is the smallest model of its tokenizer; this draft loses to plain decoding, which the never-slower
+guard must catch).
 
 For each (kind, batch, mode) the runs are interleaved (plain, drafter, drafter..., plain, ...) so
 that load drift hits all alike; figures are medians of the repeats. Decode tokens/s = (generated
@@ -28,6 +30,7 @@ runs; every run rewrites the BENCHMARKS.md section from all rows gathered so far
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -39,11 +42,27 @@ from benchmarks.report import markdown_table, write_section
 from infertrix.eval.decoding import compare_decoding
 
 
-def drafters(names: list[str]) -> dict[str, tuple]:
+def truncated_copy(model, keep: int):
+    """The model without its last layers (its final norm and head kept): a same-tokenizer draft that
+    costs ``keep / layers`` of a step per token and agrees with the model far less, so drafting with
+    it loses to plain decoding; the never-slower guard must notice (gain.py)."""
+    draft = copy.deepcopy(model)
+    draft.model.layers = draft.model.layers[:keep]
+    draft.config.num_hidden_layers = keep
+    if getattr(draft.config, "layer_types", None):
+        draft.config.layer_types = draft.config.layer_types[:keep]
+    return draft.eval()
+
+
+def drafters(names: list[str], model) -> dict[str, tuple]:
     """Transforms per variant name, reused across runs (self-speculation keeps its plan search, the
-    quantized self-draft its W4A8 copy). ``NAME+skinny`` adds the Skinny float kernels
-    (``skinny_linear``) under the drafter; ``skinny_linear`` alone is plain decoding on them."""
+    quantized self-draft its W4A8 copy).
+    ``NAME+skinny`` adds the Skinny float kernels (``skinny_linear``) under the drafter;
+    ``skinny_linear`` alone is plain decoding on them."""
     make = {
+        "lookahead": lambda: ix.speculative.Lookahead(),
+        "lookahead(per call)": lambda: ix.speculative.Lookahead(shared=False),
+        "draft_model(truncated 20/30)": lambda: ix.speculative.DraftModel(draft=truncated_copy(model, 20)),
         "prompt_lookup": lambda: ix.speculative.PromptLookup(),
         "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),
         "self_speculative": lambda: ix.speculative.SelfSpeculative(),
@@ -123,7 +142,7 @@ def main(argv: list[str]) -> None:
     if not args.render_only:
         model, tok = ix.models.load("smollm2")
         tok.padding_side = "left"
-        transforms = drafters(args.drafters)
+        transforms = drafters(args.drafters, model)
         for kind, batch, mode in blocks:
             new = measure(model, tok, transforms, kind, batch, mode, args)
             keys = {(r["prompts"], r["batch"], r["mode"], r["method"]) for r in new}

@@ -11,12 +11,15 @@ See docs/speculative.md.
 from .budget import AcceptanceRate, VerifyCost, best_length, expected_tokens
 from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
 from .drafter import Draft, DraftContext, Drafter
+from .gain import GainGuard, GainMemory
+from .lookahead import Lookahead, LookaheadDrafter, NGramTrie
 from .loop import SpeculativeGenerate
 from .prompt_lookup import PromptLookup, PromptLookupDrafter
 from .quantized_self import QuantizedSelf, quantized_copy
 from .self_speculative import SelfSpeculative
 from .stats import SpeculativeStats, StatsRecord
 from .transform import SpeculativeDecoding, speculative_stats
+from .tree import TokenTree
 from .verify import verify_greedy, verify_sampling
 
 __all__ = [
@@ -26,6 +29,11 @@ __all__ = [
     "DraftModel",
     "DraftModelDrafter",
     "Drafter",
+    "GainGuard",
+    "GainMemory",
+    "Lookahead",
+    "LookaheadDrafter",
+    "NGramTrie",
     "PromptLookup",
     "PromptLookupDrafter",
     "QuantizedSelf",
@@ -34,6 +42,7 @@ __all__ = [
     "SpeculativeGenerate",
     "SpeculativeStats",
     "StatsRecord",
+    "TokenTree",
     "VerifyCost",
     "best_length",
     "check_same_vocabulary",

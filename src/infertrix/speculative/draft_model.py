@@ -102,6 +102,8 @@ class DraftModelDrafter(Drafter):
     """Drafts with ``draft`` (its own KV cache); ``context()``, when given, is entered around every
     draft forward (self-speculation: the target itself under a skip plan or another precision)."""
 
+    catches_up = True  # after plain steps its first draft also runs the draft over the skipped tokens
+
     def __init__(
         self,
         draft: nn.Module,

@@ -26,10 +26,13 @@ from .budget import VerifyCost
 class Draft:
     """Proposed tokens: ``tokens[b]`` for row b (possibly empty); ``probs[b]`` is a
     ``[len(tokens[b]), vocab]`` tensor of the distributions they were sampled from, or None
-    (point masses: greedy drafts, n-gram copies)."""
+    (point masses: greedy drafts, n-gram copies). ``trees[b]``, when given, is a
+    :class:`~.tree.TokenTree` of point-mass branches for row b, verified in one forward where the
+    cache allows (else ``tokens[b]``, its best branch, is verified)."""
 
     tokens: list[list[int]]
     probs: list[Tensor] | None = None
+    trees: list | None = None
 
 
 @dataclass

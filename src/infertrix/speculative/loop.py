@@ -37,6 +37,7 @@ from .drafter import DraftContext, Drafter
 from .ragged import RaggedKV
 from .rows import Rows, Stopper, emit
 from .stats import SpeculativeStats, StatsRecord
+from .tree import tree_capable, tree_step
 from .verify import verify_greedy, verify_sampling
 
 # Processors whose output depends only on the scores, never on the token history: they can be
@@ -222,6 +223,9 @@ class _Call:
         drafts = [list(draft.tokens[b][: limits[b]]) if live[b] else [] for b in range(batch)]
         t1 = time.perf_counter()
         self.stats.draft_seconds += t1 - t0
+        if draft.trees is not None and any(draft.trees) and tree_capable(self.ragged):
+            tree_step(self, rows, draft.trees, live, limits, t1)  # several branches in one forward
+            return
 
         self.ragged.retire([b for b in range(batch) if not live[b]])  # finished rows leave the forward
         feed = [[rows.gen[b][-1]] + drafts[b] if live[b] else [] for b in range(batch)]

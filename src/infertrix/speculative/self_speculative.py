@@ -98,6 +98,11 @@ class SelfSpeculativeDrafter(DraftModelDrafter):
             self.last_time = time.perf_counter()
         return super().propose(seqs, limits)
 
+    @property
+    def measuring(self) -> bool:
+        """While the plan search runs it drafts every step (a GainGuard lets it: it is measuring)."""
+        return self.search.best is None
+
     def length(self, limits: list[int]) -> int:
         if self.search.best is None:  # searching: every plan drafts the same fixed length
             return min(self.num_tokens, self.max_tokens)

@@ -21,10 +21,12 @@ class SpeculativeState:
     ``prepared``: what a transform built for this model once and its drafter reuses (QuantizedSelf's
     quantized copy, SelfSpeculative's resolved plans and their search), with the transform it was
     built for: another configuration builds afresh. ``lean``: on a draft model, its
-    :class:`~.lean.LeanDecoder` with the module ids it was built from.
+    :class:`~.lean.LeanDecoder` with the module ids it was built from. ``gain``: what the
+    never-slower guard measured (:class:`~.gain.GainMemory`), kept across calls while applied.
     """
 
     stats: StatsRecord | None = None
+    gain: Any = None
     prepared: tuple[Transform, Any] | None = None
     lean: tuple[tuple[int, ...], Any] | None = None
 

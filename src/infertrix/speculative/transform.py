@@ -21,6 +21,7 @@ from ..core.generation import add_generate_hook
 from ..core.state import state
 from ..core.transform import Applied, Stage, Transform
 from .drafter import Drafter
+from .gain import GainMemory, guarded
 from .loop import SpeculativeGenerate
 from .state import speculative_state
 from .stats import StatsRecord
@@ -43,9 +44,18 @@ class SpeculativeDecoding(Transform):
         """Tensors the drafter keeps alive for ``model`` (a draft's own weights), for describe."""
         return []
 
+    def gain_memory(self, model: nn.Module) -> GainMemory:
+        """What the never-slower guard (:mod:`.gain`) measured on ``model``, kept in its run-time
+        record across the calls made while the transform is applied."""
+        st = speculative_state(model, create=True)
+        if st.gain is None:
+            st.gain = GainMemory()
+        return st.gain
+
     def apply(self, model: nn.Module) -> Applied:
         record = StatsRecord()
-        loop = SpeculativeGenerate(lambda: self.make_drafter(model), record)
+        memory = self.gain_memory(model)  # adaptive drafters fall back to plain steps when they lose
+        loop = SpeculativeGenerate(lambda: guarded(self.make_drafter(model), memory), record)
 
         def hook(m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
             if kwargs.get("custom_generate") is not None or kwargs.get("assistant_model") is not None:
@@ -68,7 +78,11 @@ class SpeculativeDecoding(Transform):
             remove()
             drop_speculative_state(model)
 
-        return Applied(self, undo=undo, report=lambda: {**self.drafter_report(model), **record.report()},
+        def report() -> dict[str, Any]:
+            gain = {"drafting vs plain (measured)": memory.report()} if memory.states else {}
+            return {**self.drafter_report(model), **record.report(), **gain}
+
+        return Applied(self, undo=undo, report=report,
                        held=lambda: self.held_tensors(model))
 
 

@@ -1,0 +1,163 @@
+"""Never slower than plain decoding: a drafter that measures its own gain and stops drafting when it loses.
+
+A drafter's adaptive length (:mod:`.budget`) models the gain of one step from the acceptance rate
+and the verification cost; it misses what the model does not see (Python bookkeeping, a draft
+model's catch-up after plain steps, the draft's own forwards at batch > 1) and it keeps drafting
+as long as the modelled gain is positive. :class:`GainGuard` wraps any adaptive drafter and
+measures the real thing: wall seconds per emitted token of the steps that drafted against those of
+plain steps (nothing drafted: one forward of one token per row), from one ``propose`` to the next,
+so everything a step costs is counted. When drafting loses, the next steps are plain; drafting is
+probed again after a hold that doubles after each probe that still loses (up to ``MAX_HOLD``
+steps) and resets when a probe wins; a hold is also long enough that the probe's extra seconds
+over plain steps (a draft model's catch-up on the context included) are at most ``PROBE_BUDGET``
+of it. Plain steps are re-measured every ``REFRESH`` drafting steps,
+since a step's cost grows with the context. What was learnt is kept per batch size in the model's
+run-time record, across the calls made while the transform is applied; at the start of a call the hold of a drafter that is cheap
+to probe (no draft model to catch up) is shortened, since the new prompt may suit it.
+
+Speculative decoding's break-even analysis is Leviathan et al. (ICML 2023,
+https://arxiv.org/abs/2211.17192, section 3.4); switching to plain steps when the measured gain is
+below 1 is what makes a drafter safe to leave on for every prompt kind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .drafter import Draft, DraftContext, Drafter
+
+BASE_HOLD = 8  # plain steps after drafting is first found to lose
+CATCH_UP_HOLD = 32  # the same for a draft model, whose probes first run it over the skipped tokens
+MAX_HOLD = 256  # longest hold between two probes
+CALL_START_HOLD = 16  # a new call of a cheap-to-probe drafter probes within this many steps
+REFRESH = 64  # drafting steps after which one plain step re-measures the plain cost
+PROBE_BUDGET = 0.02  # a losing probe's extra seconds are at most this share of the hold that follows
+SMOOTHING = 0.3  # weight of a new sample in the moving averages
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else old + SMOOTHING * (new - old)
+
+
+@dataclass
+class GainState:
+    """What :class:`GainGuard` learnt at one batch size: seconds per emitted token of plain and of
+    drafting steps (moving averages), the plain steps left before the next probe and the next hold."""
+
+    plain: float | None = None
+    spec: float | None = None
+    hold: int = 0
+    backoff: int = BASE_HOLD
+    since_plain: int = 0
+    probes: int = 0  # probes that lost (each one started a hold)
+
+    @property
+    def gain(self) -> float | None:
+        """Measured speed of drafting steps relative to plain ones (None until both are measured)."""
+        if self.plain is None or self.spec is None:
+            return None
+        return self.plain / self.spec
+
+
+@dataclass
+class GainMemory:
+    """One :class:`GainState` per batch size, kept across the calls of one applied transform."""
+
+    states: dict[int, GainState] = field(default_factory=dict)
+
+    def report(self) -> dict[str, object]:
+        return {
+            f"batch {b}": {"drafting vs plain": None if s.gain is None else round(s.gain, 3), "losing probes": s.probes}
+            for b, s in sorted(self.states.items())
+        }
+
+
+class GainGuard(Drafter):
+    """Wraps ``inner`` (an adaptive drafter): drafts through it while drafting is measured to be
+    faster per emitted token than plain steps, plain steps otherwise (see the module docstring)."""
+
+    def __init__(self, inner: Drafter, memory: GainMemory):
+        self.inner = inner
+        self.memory = memory
+
+    def start(self, model: nn.Module, ctx: DraftContext) -> None:
+        super().start(model, ctx)
+        self.inner.start(model, ctx)
+        self.state = self.memory.states.setdefault(ctx.batch_size, GainState())
+        if not self.inner_catches_up():
+            self.state.hold = min(self.state.hold, CALL_START_HOLD)
+        self.state.spec = None  # another prompt: drafting's gain is measured afresh
+        self.samples = 0  # drafting steps measured in this call
+        # the first drafting step of a call (or after a hold) pays a draft model's catch-up on the context
+        self.unmeasured = 1 if self.inner_catches_up() else 0
+        self.kind: str | None = None  # "plain" or "spec": what the step in flight is
+        self.called_inner = False
+        self.t0 = 0.0
+        self.tokens0 = 0
+        self.probe = [0.0, 0]  # seconds and tokens of the drafting steps since the last plain step
+
+    def propose(self, seqs: list[list[int]], limits: list[int]) -> Draft:
+        now = time.perf_counter()
+        total = sum(len(s) for s in seqs)
+        if self.kind is not None and total > self.tokens0:
+            self._account(now - self.t0, total - self.tokens0)
+        self.t0, self.tokens0 = now, total
+        st = self.state
+        self.called_inner = False
+        if getattr(self.inner, "measuring", False):  # the drafter's own on-line search: let it run
+            self.kind = None
+            self.called_inner = True
+            return self.inner.propose(seqs, limits)
+        if st.hold > 0 or st.plain is None or st.since_plain >= REFRESH:
+            st.hold = max(st.hold - 1, 0)
+            self.kind = "plain"
+            return Draft([[] for _ in seqs])
+        draft = self.inner.propose(seqs, limits)
+        self.called_inner = True
+        self.kind = "spec" if any(draft.tokens) or getattr(draft, "trees", None) else "plain"
+        return draft
+
+    def observe(self, drafted: list[int], accepted: list[int]) -> None:
+        if self.called_inner:
+            self.inner.observe(drafted, accepted)
+
+    def _account(self, seconds: float, tokens: int) -> None:
+        """Book the finished step's seconds per token; after a drafting step, decide whether to hold."""
+        st = self.state
+        if self.kind == "plain":
+            st.plain = _ema(st.plain, seconds / tokens)
+            st.since_plain = 0
+            self.probe = [0.0, 0]
+            if not self.called_inner and self.inner_catches_up():
+                self.unmeasured = 1
+            return
+        st.since_plain += 1
+        self.probe[0] += seconds
+        self.probe[1] += tokens
+        if self.unmeasured:
+            self.unmeasured -= 1
+            return
+        st.spec = _ema(st.spec, seconds / tokens)
+        self.samples += 1
+        # one unlucky step (nothing accepted) does not end drafting at the start of a call
+        if st.plain is not None and st.spec > st.plain and (self.samples >= 2 or st.probes):
+            excess = self.probe[0] - self.probe[1] * st.plain  # what drafting since the last plain step cost
+            base = CATCH_UP_HOLD if self.inner_catches_up() else BASE_HOLD
+            st.hold = max(st.backoff, base, min(math.ceil(excess / (PROBE_BUDGET * st.plain)), 4 * MAX_HOLD))
+            st.backoff = min(2 * max(st.backoff, base), MAX_HOLD)
+            st.probes += 1
+        else:
+            st.backoff = BASE_HOLD
+
+    def inner_catches_up(self) -> bool:
+        return bool(getattr(self.inner, "catches_up", False))
+
+
+def guarded(drafter: Drafter, memory: GainMemory) -> Drafter:
+    """``drafter`` behind a :class:`GainGuard` when it adapts its length (``adaptive``); a drafter
+    told to draft a fixed length keeps doing so."""
+    return GainGuard(drafter, memory) if getattr(drafter, "adaptive", False) else drafter

@@ -1,0 +1,117 @@
+"""Never slower than plain decoding: the GainGuard switches a losing drafter to plain steps, probes
+back with a doubling hold, resumes when drafting wins, and keeps outputs identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+from test_spec_greedy_identity import padded_batch, plain_and_spec
+
+import infertrix as ix
+from infertrix.speculative import DraftModel, PromptLookup, gain
+from infertrix.speculative.drafter import Draft, DraftContext, Drafter
+from infertrix.speculative.gain import BASE_HOLD, GainGuard, GainMemory, guarded
+
+
+class Scripted(Drafter):
+    """Drafts 4 tokens whenever asked; counts its calls."""
+
+    adaptive = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, seqs, limits):
+        self.calls += 1
+        return Draft([[7] * 4 for _ in seqs])
+
+
+def run_steps(guard: GainGuard, clock: list[float], steps: int, spec_seconds: float, spec_tokens: int) -> list[str]:
+    """Drive the guard like the loop does: plain steps take 1 s for one token, drafting steps
+    ``spec_seconds`` for ``spec_tokens`` tokens. Returns the kind of each step."""
+    seq = [1, 2, 3]
+    kinds = []
+    for _ in range(steps):
+        draft = guard.propose([list(seq)], [10])
+        spec = bool(draft.tokens[0])
+        kinds.append("spec" if spec else "plain")
+        clock[0] += spec_seconds if spec else 1.0
+        n = spec_tokens if spec else 1
+        guard.observe([4 if spec else 0], [n - 1 if spec else 0])
+        seq.extend([5] * n)
+    return kinds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(gain.time, "perf_counter", lambda: now[0])
+    return now
+
+
+def start(guard: GainGuard) -> None:
+    guard.start(None, DraftContext(False, 1, 0, lambda x: x))
+
+
+def test_guard_holds_a_losing_drafter_with_doubling_probes(clock):
+    inner = Scripted()
+    guard = GainGuard(inner, GainMemory())
+    start(guard)
+    kinds = run_steps(guard, clock, 120, spec_seconds=3.0, spec_tokens=2)  # 1.5 s per token vs 1 s
+    spec_steps = [i for i, k in enumerate(kinds) if k == "spec"]
+    assert kinds[0] == "plain"  # the plain cost is measured first
+    assert len(spec_steps) <= 6  # 2 to decide, then one probe per hold
+    gaps = [b - a for a, b in zip(spec_steps[1:], spec_steps[2:], strict=False)]
+    assert gaps == sorted(gaps) and gaps[-1] >= 4 * BASE_HOLD  # the hold doubles
+    st = guard.memory.states[1]
+    assert st.gain is not None and st.gain < 1
+
+
+def test_guard_keeps_a_winning_drafter_and_resumes(clock):
+    memory = GainMemory()
+    guard = GainGuard(Scripted(), memory)
+    start(guard)
+    kinds = run_steps(guard, clock, 100, spec_seconds=1.5, spec_tokens=4)  # 0.375 s per token
+    assert kinds.count("plain") <= 1 + 100 // gain.REFRESH + 1  # only plain re-measurements
+    # the same memory, a prompt where drafting loses, then one where it wins again
+    losing = run_steps(guard, clock, 40, spec_seconds=4.0, spec_tokens=1)
+    assert losing.count("plain") > 30
+    guard2 = GainGuard(Scripted(), memory)
+    start(guard2)  # a new call of a cheap drafter probes within CALL_START_HOLD steps
+    kinds = run_steps(guard2, clock, 60, spec_seconds=1.5, spec_tokens=4)
+    assert kinds[gain.CALL_START_HOLD + 2 :].count("spec") > 30
+
+
+def test_only_adaptive_drafters_are_guarded():
+    assert isinstance(guarded(Scripted(), GainMemory()), GainGuard)
+    fixed = Scripted()
+    fixed.adaptive = False
+    assert guarded(fixed, GainMemory()) is fixed
+
+
+def truncated(model, keep):
+    import copy
+
+    draft = copy.deepcopy(model)
+    draft.model.layers = draft.model.layers[:keep]
+    draft.config.num_hidden_layers = keep
+    return draft
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_guarded_drafters_stay_identical_and_remember_across_calls(batch):
+    model = make_tiny("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(batch, seed=batch)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40)
+    t = DraftModel(draft=truncated(model, 2))
+    ix.optimize(model, t)
+    try:
+        for _ in range(2):
+            assert torch.equal(ref, model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40))
+        assert batch in t.gain_memory(model).states  # kept in the model's record across calls
+        assert "drafting vs plain (measured)" in ix.describe(model).transforms[0]["report"]
+    finally:
+        ix.restore(model)
+    ref2, out, _ = plain_and_spec(model, PromptLookup(), ids, mask, max_new_tokens=40)
+    assert torch.equal(ref2, out)
