@@ -5,6 +5,8 @@
     # in parts (each writes its own BENCHMARKS.md section):
     flock ... python -m benchmarks.kvcache --contexts 2048 --speed-context 0 --section kvcache-2k
     flock ... python -m benchmarks.kvcache --contexts --methods KIVI-4 --section kvcache-decode
+    # RULER (after bash benchmarks/setup_ruler.sh): benchmarks/kvcache_ruler.py
+    flock ... python -m benchmarks.kvcache --suite ruler --samples 10 --ratios 0.5
 
 For each prompt length (1k, 2k, 4k tokens) and each cell (full cache; every policy at compression
 0.25 / 0.5 / 0.75; KIVI 4 and 2 bits):
@@ -96,6 +98,14 @@ def kv_expected(context: int, compression: float) -> float:
 
 
 def main(argv: list[str]) -> None:
+    suite = argparse.ArgumentParser(add_help=False)
+    suite.add_argument("--suite", choices=["passkey", "ruler"], default="passkey")
+    chosen, argv = suite.parse_known_args(argv)
+    if chosen.suite == "ruler":  # RULER tasks: benchmarks/kvcache_ruler.py
+        from benchmarks.kvcache_ruler import main as ruler_main
+
+        cmd = "flock /tmp/infertrix-bench.lock python -m benchmarks.kvcache --suite ruler " + " ".join(argv)
+        return ruler_main(argv, cmd.strip())
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--quick",

@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny
 
 import infertrix as ix
+from infertrix.eval import kv_cache_bytes
 from infertrix.kvcache import KIVI, CacheCropError, SnapKV, new_cache
 
 
@@ -47,6 +48,7 @@ def test_kivi_stores_few_bits_behind_a_residual_window(bits):
     per_head = codes + groups * 2 * 4 + (11 + 8) * 32 * 4 * 2
     assert cache.kv_bytes() == 4 * 2 * 2 * per_head  # 4 layers, batch 2, 2 KV heads
     assert cache.kv_bytes() < cache.full_kv_bytes()
+    assert kv_cache_bytes(cache) == cache.kv_bytes()  # the codes are counted, not only the residual
 
 
 def test_kivi_4bit_is_closer_than_2bit():

@@ -9,11 +9,11 @@ from conftest import make_tiny, small
 
 import infertrix as ix
 from infertrix.core import ConfigError
-from infertrix.kvcache import CAKE, ChunkKV, KeyDiff, LagKV, ScoreContext
+from infertrix.kvcache import CAKE, ChunkKV, ExpectedAttention, KeyDiff, LagKV, ScoreContext
 from infertrix.kvcache.cake import layer_preference
 from infertrix.kvcache.density import allocate
 
-NEW_METHODS = [KeyDiff, ChunkKV, LagKV]
+NEW_METHODS = [KeyDiff, ChunkKV, LagKV, ExpectedAttention]
 
 
 def context(keys: torch.Tensor, queries: torch.Tensor | None = None, visible=None) -> ScoreContext:

@@ -62,6 +62,8 @@ def kv_cache_bytes(cache) -> int:
     other tensors a policy keeps), counting shared storage once."""
     if cache is None:
         return 0
+    from ..kvcache.kivi_store import KIVIStore
+
     seen, total = set(), 0
 
     def visit(obj):
@@ -79,6 +81,8 @@ def kv_cache_bytes(cache) -> int:
         elif isinstance(obj, dict):
             for o in obj.values():
                 visit(o)
+        elif isinstance(obj, KIVIStore):  # a layer's 2/4-bit codes, scales and zeros
+            visit(vars(obj))
 
     layers = getattr(cache, "layers", None)
     if layers is None:
