@@ -517,6 +517,51 @@ def defaults_table(saved: dict, max_tokens: int) -> str:
             "CPU time, steadier under load (blank: measured before it was recorded).\n\n" + markdown_table(rows, cols))
 
 
+def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], list[dict]]:
+    """FlattenQuant (per-tensor static int8 activations) against per-token W8A8, both SmoothQuant 0.5
+    calibrated on the same windows: perplexity, and every quantized layer of each model called in a
+    row (cold weights: 134+ MB) at M rows, the models alternating, ``rounds`` rounds, medians."""
+    import infertrix as ix
+    import infertrix.eval as ixe
+    from infertrix.quant import W8A8, FlattenLinear, FlattenQuant, W8A8Linear
+
+    torch.set_num_threads(1)
+    models, quality = {}, []
+    for name, config, kind in (("w8a8 (per-token)", W8A8(progress=False), W8A8Linear),
+                               ("flattenquant (per-tensor static)", FlattenQuant(progress=False), FlattenLinear)):
+        model, tok = ix.models.load("smollm2")
+        t0 = time.perf_counter()
+        ix.optimize(model, config)
+        took = time.perf_counter() - t0
+        layers = [m for m in model.modules() if isinstance(m, kind)]
+        extra = sum(getattr(m, "extra_channels", 0) * m.out_features for m in layers)
+        base = sum(m.in_features * m.out_features for m in layers)
+        ppl = ixe.perplexity(model, tok, max_tokens=tokens)
+        quality.append({"config": name, "perplexity": ppl, "extra weight columns %": 100 * extra / base,
+                        "int8 weight MiB": sum(m.qweight.numel() for m in layers) / 2**20, "calibrate s": took})
+        print(quality[-1], flush=True)
+        models[name] = layers
+    quality[1]["vs per-token %"] = 100 * (quality[1]["perplexity"] / quality[0]["perplexity"] - 1)
+    speed = []
+    with torch.inference_mode():
+        for m in ms:
+            xs = {n: [torch.randn(m, lin.in_features) for lin in layers] for n, layers in models.items()}
+            times: dict[str, list[float]] = {n: [] for n in models}
+            for _ in range(rounds):
+                for n, layers in models.items():
+                    t0 = time.perf_counter()
+                    for lin, x in zip(layers, xs[n], strict=True):
+                        lin(x)
+                    times[n].append(time.perf_counter() - t0)
+            med = {n: statistics.median(v) for n, v in times.items()}
+            ratios = [a / b for a, b in zip(*times.values(), strict=True)]
+            speed.append({"M": m, **{f"{n} ms": round(1e3 * t, 2) for n, t in med.items()},
+                          "speed-up (per-token / flattened), median of rounds": round(statistics.median(ratios), 3),
+                          "min-max": f"{min(ratios):.3f}-{max(ratios):.3f}"})
+            print(speed[-1], flush=True)
+    return quality, speed
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
@@ -524,7 +569,7 @@ def slug(name: str) -> str:
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["kernels", "skinny", "quality", "speed", "table", "ratio", "defaults",
-                                                 "defaults-table"], default="kernels",
+                                                 "defaults-table", "flatten"], default="kernels",
                     help="kernels: the kernel table (locked); quality: quantize, perplexity and save the "
                     "models (niced, unlocked); speed: end-to-end decode speed of the saved models (locked); "
                     "table: write the end-to-end section from results.json")
@@ -573,6 +618,20 @@ def main(argv: list[str]) -> None:
         print(text)
         if not args.no_write:
             write_section("quant-skinny", "quant: Skinny float32 kernel", text)
+        return
+    if args.part == "flatten":
+        quality, speed = flatten_rows(args.tokens, args.rounds, [1, 4, 16])
+        text = ("### FlattenQuant (per-tensor static int8 activations) against per-token W8A8, SmolLM2\n\n"
+                f"Both SmoothQuant alpha 0.5, calibrated on the same 16 x 256 tokens from the end of the book; "
+                f"perplexity on the first {args.tokens} tokens of *Pride and Prejudice* (512-token windows). Kernel: "
+                "every quantized layer of the model called once in a row on random activations of M rows (1 "
+                f"thread; 211 layers, cold weights), the two models alternating, {args.rounds} rounds, median; "
+                "the ratio is per round. The machine was shared with other jobs (2 cores).\n\n"
+                + markdown_table(quality, list(quality[1])) + "\n" + markdown_table(speed, list(speed[0])))
+        print(text)
+        if not args.no_write:
+            write_section("quant-flatten", "quant: FlattenQuant against per-token W8A8", text,
+                          command=f"python -m benchmarks.quant --part flatten --tokens {args.tokens} --rounds {args.rounds}")
         return
     # results.json gathers both parts, row by row (quality runs may go in parallel processes)
     results = outdir / "results.json"

@@ -27,7 +27,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -207,6 +209,23 @@ struct Activations {
   std::vector<float> sx;
 };
 
+// y = epilogue(x_q w^T) for activations already quantized into a.x / a.sx: one pass over the
+// weights for up to kMaxRows rows, at::_int_mm above (compute-bound there).
+void multiply(const Args& a, const at::Tensor& wc, Isa isa) {
+  const int64_t M = a.M, N = a.N, K = a.K;
+  if (M > kMaxRows) {
+    const at::Tensor xt = at::from_blob(const_cast<int8_t*>(a.x), {M, K}, at::TensorOptions().dtype(at::kChar));
+    const at::Tensor acc = at::_int_mm(xt, wc.t());
+    const int32_t* ap = acc.const_data_ptr<int32_t>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        for (int64_t n = 0; n < N; ++n) a.y[m * N + n] = epilogue(a, ap[m * N + n], m, n);
+    });
+  } else {  // one pass over the weights (row_blocks.h)
+    run_row_blocks(a, M, N, K, isa, &block_scalar, kAvx512Blocks, kAvx2Blocks);
+  }
+}
+
 at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
@@ -242,17 +261,94 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   });
   Args a{xq, sx, M, K, N, wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
          b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>()};
-  if (M > kMaxRows) {
-    const at::Tensor xt = at::from_blob(xq, {M, K}, at::TensorOptions().dtype(at::kChar));
-    const at::Tensor acc = at::_int_mm(xt, wc.t());
-    const int32_t* ap = acc.const_data_ptr<int32_t>();
-    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        for (int64_t n = 0; n < N; ++n) a.y[m * N + n] = epilogue(a, ap[m * N + n], m, n);
-    });
-  } else {  // one pass over the weights (row_blocks.h)
-    run_row_blocks(a, M, N, K, isa, &block_scalar, kAvx512Blocks, kAvx2Blocks);
+  multiply(a, wc, isa);
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  out = out.view(sizes);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+
+// ---------------------------------------------------------------- w8a8_flat_linear (FlattenQuant)
+// Static per-tensor activations (Zhang et al. 2024, arXiv:2402.17985): codes are
+// clamp(round(x * act_mult[k]), -127, 127) with the calibrated per-channel multiplier (1 / step,
+// divided by the channel's copy count), then the flattened channels' copies are appended. No max
+// search over the row: one pass instead of quantize_row_int8's two. Clamping before rounding
+// gives the reference's round-then-clamp result for the bounds +-127.
+template <typename T>
+void flat_row_scalar(const T* x, const float* mult, int64_t K, int8_t* q) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = std::min(127.f, std::max(-127.f, static_cast<float>(x[k]) * mult[k]));
+    q[k] = static_cast<int8_t>(std::nearbyint(v));
   }
+}
+
+#if INFERTRIX_X86
+INFERTRIX_TARGET_AVX512 void flat_row_avx512(const float* x, const float* mult, int64_t K, int8_t* q) {
+  const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (int64_t i = 0; i < K; i += 16) {
+    const int64_t n = std::min<int64_t>(16, K - i);
+    const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, mult + i));
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));  // rounds to nearest even
+  }
+}
+#endif
+
+template <typename T>
+void flat_row(Isa isa, const T* x, const float* mult, int64_t K, int8_t* q) {
+#if INFERTRIX_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa == Isa::Avx512Vnni) return flat_row_avx512(x, mult, K, q);
+  }
+#endif
+  flat_row_scalar(x, mult, K, q);
+}
+
+at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                const at::Tensor& act_mult, const at::Tensor& act_scale, const at::Tensor& flat_src,
+                                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2,
+              "w8a8_flat_linear: expected an int8 weight [N, K + E], got ", qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t N = qweight.size(0), KW = qweight.size(1), K = act_mult.numel(), E = flat_src.numel();
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && KW == K + E, "w8a8_flat_linear: x [..., ", K, "] and ", E,
+              " copies need a weight [N, ", K + E, "]; got x ", x.sizes(), ", weight ", qweight.sizes());
+  TORCH_CHECK(KW <= kMaxK, "w8a8_flat_linear: ", KW, " input channels could overflow the int32 sum");
+  TORCH_CHECK(act_mult.scalar_type() == at::kFloat && act_scale.scalar_type() == at::kFloat && act_scale.numel() == 1,
+              "w8a8_flat_linear: act_mult and act_scale must be float32 ([K] and [1])");
+  TORCH_CHECK(flat_src.scalar_type() == at::kLong, "w8a8_flat_linear: flat_src must be int64");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == N,
+              "w8a8_flat_linear: scale must be float32 [", N, "], got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "w8a8_flat_linear: bias must be [", N, "]");
+  const at::Tensor mult = act_mult.contiguous(), src = flat_src.contiguous();
+  const int64_t* sp = src.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK(sp[e] >= 0 && sp[e] < K, "w8a8_flat_linear: flat_src holds ", sp[e], ", outside [0, ", K, ")");
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous(), wc = qweight.contiguous(), sc = scale.contiguous();
+  at::Tensor b;
+  if (bias) b = bias->to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const Isa isa = active_isa();
+  thread_local Activations buffers;
+  Activations& act = buffers;
+  act.x.resize(M * KW);
+  act.sx.assign(M, act_scale.item<float>());
+  int8_t* xq = act.x.data();
+  const float* mp = mult.const_data_ptr<float>();
+  with_float_data(x2, "w8a8_flat_linear", [&](const auto* xp) {
+    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        int8_t* q = xq + m * KW;
+        flat_row(isa, xp + m * K, mp, K, q);
+        for (int64_t e = 0; e < E; ++e) q[K + e] = q[sp[e]];
+      }
+    });
+  });
+  Args a{xq, act.sx.data(), M, KW, N, wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
+         b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>()};
+  multiply(a, wc, isa);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   out = out.view(sizes);
@@ -261,12 +357,16 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(infertrix, CPU, m) { m.impl("w8a8_linear", &w8a8_linear_cpu); }
+TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
+  m.impl("w8a8_linear", &w8a8_linear_cpu);
+  m.impl("w8a8_flat_linear", &w8a8_flat_linear_cpu);
+}
 
 // No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
 // (about 10 us per call outside inference_mode; see w4a8_gemm.cpp).
 TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
   m.impl("w8a8_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("w8a8_flat_linear", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace infertrix

@@ -19,6 +19,7 @@ from .registry import OPS, OpInfo, OpsStatus, set_cpu_isa, status
 from .skinny_linear import skinny_linear  # noqa: F401  (speculative/ verification, decoding)
 from .w4a8 import w4a8_linear, w4a8_matmul_int32  # noqa: F401  (declares the W4A8 ops)
 from .w8a8 import w8a8_linear  # noqa: F401  (declares the W8A8 op)
+from .w8a8_flat import w8a8_flat_linear  # noqa: F401  (FlattenQuant: per-tensor static activations)
 
 _extension.load()
 

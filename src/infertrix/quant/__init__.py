@@ -12,6 +12,7 @@ Every quantized module is a :class:`QuantizedLinear` of a registered kind (``"w4
 from ..linear.skinny import Skinny, SkinnyLinear  # aliases: see the docstring
 from . import hf_quantizer  # noqa: F401 - registers the checkpoint loader with transformers
 from .checkpoint import load_quantized
+from .flattenquant import FlattenLinear, FlattenQuant
 from .int4 import Int4Weights, quantize_int4
 from .linear_base import QuantizedLinear
 from .transform import QuantTransform
@@ -21,6 +22,8 @@ from .w4a16 import W4A16, W4A16Linear
 from .w8a8 import W8A8, W8A8Linear
 
 __all__ = [
+    "FlattenLinear",
+    "FlattenQuant",
     "W4A8",
     "W4A16",
     "W8A8",

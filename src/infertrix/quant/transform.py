@@ -102,6 +102,11 @@ class QuantTransform(Transform):
     def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> QuantizedLinear:
         raise NotImplementedError
 
+    def quantize_with_stats(self, linear: nn.Linear, weight: Tensor, stats: InputStats | None) -> QuantizedLinear:
+        """``quantize_linear`` given the calibration statistics of the layer's inputs (a scheme that
+        reads more of them than the Hessian, such as FlattenQuant's per-channel maxima, overrides it)."""
+        return self.quantize_linear(linear, weight, None if stats is None else stats.hessian)
+
     def extra_report(self) -> dict[str, Any]:
         return {}
 
@@ -196,8 +201,7 @@ class QuantTransform(Transform):
                     st.absmax /= s
                 smoothed.extend(scales)
             for n, lin in linears.items():
-                h = stats[n].hessian if n in stats else None
-                swapper.swap(n, self.quantize_linear(lin, weights[n], h))
+                swapper.swap(n, self.quantize_with_stats(lin, weights[n], stats.get(n)))
 
         sequential_quantize(
             model, targets, batches, on_layer, hessian=self.gptq,

@@ -1,0 +1,90 @@
+"""FlattenQuant: per-tensor static int8 activations after flattening the large input channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import infertrix as ix
+from infertrix.core.recipe import parse_recipe
+from infertrix.quant import W8A8, FlattenLinear, FlattenQuant, load_quantized
+from infertrix.quant.flattenquant import flatten_plan
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def calib(n=4, t=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.cat([torch.randint(3, 128, (1, t), generator=g) for _ in range(n)])
+
+
+def test_flatten_plan_keeps_the_budget():
+    a = torch.ones(100)
+    a[3], a[50] = 40.0, 10.0
+    t, copies = flatten_plan(a, budget=0.1, max_copies=64)
+    assert int((copies - 1).sum()) <= 10 and copies[3] == torch.ceil(40 / torch.tensor(t))
+    assert copies.min() == 1 and (a / copies <= t * (1 + 1e-9)).all()
+    t0, c0 = flatten_plan(a, budget=0.0, max_copies=64)
+    assert t0 == pytest.approx(40.0) and int(c0.sum()) == 100  # no budget: the tensor's max, no copies
+    _, capped = flatten_plan(a, budget=1.0, max_copies=4)
+    assert capped.max() == 4
+
+
+def test_linear_flattens_and_beats_plain_per_tensor():
+    """A layer whose input has one huge channel: flattened per-tensor int8 is far closer to the float
+    product than per-tensor int8 without flattening (budget 0)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(50, 64, generator=g)
+    x[:, 5] *= 60
+    absmax = x.abs().amax(0)
+    ref = x @ w.t()
+    errs = []
+    for budget in (0.0, 0.25):
+        t, copies = flatten_plan(absmax, budget, 64)
+        mod = FlattenLinear.from_float(w, None, torch.float32, t, copies)
+        assert mod.qweight.shape == (32, 64 + int((copies - 1).sum()))
+        errs.append(((mod(x) - ref).norm() / ref.norm()).item())
+    assert errs[1] < errs[0] / 3 and errs[1] < 0.02
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transform_round_trip(tmp_path, arch):
+    model = make_tiny(arch)
+    ids = torch.randint(3, 128, (2, 10))
+    ref = logits(model, ids)
+    ix.optimize(model, FlattenQuant(calibration_ids=calib(), progress=False))
+    assert isinstance(model.model.layers[1].mlp.down_proj, FlattenLinear)
+    out = logits(model, ids)
+    assert (out - ref).norm() / ref.norm() < 0.1
+    assert "w8a8_flat_linear" in ix.describe(model).transforms[0]["report"]["kernel"]
+    model.save_pretrained(tmp_path)
+    assert torch.equal(logits(load_quantized(tmp_path), ids), out)
+    ix.restore(model)
+    assert torch.equal(logits(model, ids), ref)
+
+
+def test_rows_independent_and_close_to_per_token():
+    model = make_tiny("llama")
+    ids = torch.randint(3, 128, (3, 12))
+    ref = logits(model, ids)
+    per_token = ix.optimize(make_tiny("llama"), W8A8(calibration_ids=calib(), progress=False))
+    ix.optimize(model, FlattenQuant(calibration_ids=calib(), progress=False))
+    out = logits(model, ids)
+    for i in range(3):
+        assert torch.equal(logits(model, ids[i : i + 1])[0], out[i])
+    err = (out - ref).norm() / ref.norm()
+    assert err < 3 * (logits(per_token, ids) - ref).norm() / ref.norm() + 0.01
+
+
+def test_recipe_and_refusals():
+    (t,) = parse_recipe("flattenquant:0.05")
+    assert isinstance(t, FlattenQuant) and t.flatten_budget == 0.05
+    with pytest.raises(ix.ConfigError, match="flatten_budget"):
+        FlattenQuant(flatten_budget=2.0)
+    with pytest.raises(ix.ConfigError, match="max_copies"):
+        FlattenQuant(max_copies=0)
