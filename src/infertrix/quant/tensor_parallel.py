@@ -39,10 +39,11 @@ _STYLES = {
 }
 
 
-def chunk(size: int, tp: TensorParallel) -> tuple[int, int]:
-    """This rank's ``[start, end)`` of ``size`` features, as DTensor's ``Shard`` splits them (torch.chunk)."""
+def chunk(size: int, tp: TensorParallel, rank: int | None = None) -> tuple[int, int]:
+    """Rank ``rank``'s (default: this one's) ``[start, end)`` of ``size`` features, as DTensor's
+    ``Shard`` splits them (torch.chunk)."""
     step = -(-size // tp.world)
-    start = min(tp.rank * step, size)
+    start = min((tp.rank if rank is None else rank) * step, size)
     return start, min(start + step, size)
 
 
@@ -67,11 +68,13 @@ def shard_problem(name: str, style: str | None, in_features: int, group_size: in
         return None
     if style not in _STYLES:
         return f"{name} is sharded as {style!r}, which infertrix's quantized layers do not implement"
-    start, end = chunk(in_features, tp)
-    if _STYLES[style][0] == 1 and 0 < group_size < in_features and (start % group_size or end % group_size
-                                                                    and end != in_features):
-        return (f"{name}'s {in_features} input features split at {start}:{end} on rank {tp.rank}, not on a "
-                f"boundary of group_size={group_size}; choose a group size dividing {end - start} (or -1)")
+    if _STYLES[style][0] != 1 or not 0 < group_size < in_features:
+        return None
+    for rank in range(tp.world):  # every rank's cut: all ranks refuse together
+        start, end = chunk(in_features, tp, rank)
+        if start % group_size or (end % group_size and end != in_features):
+            return (f"{name}'s {in_features} input features split at {start}:{end} on rank {rank}, not on a "
+                    f"boundary of group_size={group_size}; choose a group size dividing {end - start} (or -1)")
     return None
 
 
