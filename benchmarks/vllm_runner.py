@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 
 def rate(llm, sp_cls, ids: list[int], batch: int, new_tokens: int) -> float:
@@ -36,8 +37,12 @@ def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str) -> None
     try:
         from vllm import LLM, SamplingParams
 
+        # vLLM CPU's int8 kernels take bfloat16 or half activations only ("int8_scaled_mm_with_quant:
+        # expect A to be bfloat16 or half"): quantized checkpoints run in bfloat16, float ones in float32
+        config = json.loads((Path(folder) / "config.json").read_text())
+        result["dtype"] = "bfloat16" if "quantization_config" in config else "float32"
         t0 = time.perf_counter()
-        llm = LLM(model=folder, tensor_parallel_size=tp, dtype="float32", max_model_len=512,
+        llm = LLM(model=folder, tensor_parallel_size=tp, dtype=result["dtype"], max_model_len=512,
                   enforce_eager=True, distributed_executor_backend="mp" if tp > 1 else None)
         result["load_s"] = time.perf_counter() - t0
         greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens)
