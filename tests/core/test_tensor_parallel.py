@@ -68,6 +68,7 @@ def sharded(monkeypatch: pytest.MonkeyPatch):
     ("w4a8(group_size=48)", "not on a boundary of group_size=48"),
     ("quantized_self", "bound to the original modules"),
     ("skinny", "load the model without tp_plan"),
+    ("self_speculative", "measured times"),
 ])
 def test_refused_under_tensor_parallelism_with_the_reason(sharded, recipe: str, reason: str) -> None:
     before = {k: v.clone() for k, v in sharded.state_dict().items()}

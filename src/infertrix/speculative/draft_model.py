@@ -270,6 +270,12 @@ class DraftModel(SpeculativeDecoding):
         if not isinstance(self.draft, nn.Module):
             raise ConfigError(f"DraftModel.draft must be a model or a model name, got {type(self.draft).__name__}")
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        if self.adaptive:
+            return ("adaptive draft lengths follow measured times, which differ between ranks (their "
+                    "forwards would stop matching); use adaptive=false")
+        return None
+
     def check_model(self, model: nn.Module) -> None:
         require_causal_lm(self.draft, "DraftModel's draft")
         check_same_vocabulary(model, self.draft)
