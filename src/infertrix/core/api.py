@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .model import model_type, require_causal_lm, tensor_bytes
+from .parallel import check_tensor_parallel
 from .recipe import parse_recipe
 from .state import STATE_ATTR, state
 from .transform import Applied, ConflictError, Stage, Transform
@@ -86,6 +87,7 @@ def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
     st = state(model)
     fresh = st is None
     _check_conflicts([a.transform for a in st.applied] if st else [], new)
+    check_tensor_parallel(model, new)
     done: list[Applied] = []
     try:
         for t in new:

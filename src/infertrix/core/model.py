@@ -70,6 +70,7 @@ def tensor_bytes(module: nn.Module, extra: Iterable[Tensor] = ()) -> int:
     (tied) storage once."""
     seen, total = set(), 0
     for t in itertools.chain(module.parameters(), module.buffers(), extra):
+        t = getattr(t, "_local_tensor", t)  # a tensor-parallel DTensor: this rank's shard is what it holds
         if t.device.type == "meta":
             continue
         key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else id(t)

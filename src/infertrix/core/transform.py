@@ -111,6 +111,12 @@ class Transform:
     def check_model(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError if this transform cannot act on ``model``."""
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        """Why this transform cannot act on ``model`` sharded by transformers' tensor parallelism
+        (``tp``: :class:`~infertrix.core.parallel.TensorParallel`), or None when it can. Asked only
+        of sharded models; a family that works on shards (tested under torchrun) overrides it."""
+        return "it has not been made to work on tensor-parallel shards; load the model without tp_plan"
+
     def apply(self, model: nn.Module) -> Applied:
         raise NotImplementedError(f"{type(self).__name__}.apply")
 

@@ -194,6 +194,12 @@ class Engine(Transform):
 
     enabled: bool = True
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        if not self.enabled:
+            return None
+        return ("the engine runs each decoder layer as one fused op over whole weights and heads, with no "
+                "all-reduce between ranks; use engine(enabled=false) or load the model without tp_plan")
+
     def apply(self, model: nn.Module) -> Applied:
         runtime = EngineRuntime(model)
         if not self.enabled:

@@ -13,7 +13,7 @@ is sdpa except for one-token steps of a layer that holds codes, where it calls
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +98,9 @@ class KIVI(Transform):
     bits: int = 4
     group_size: int = 32
     residual_length: int = 32
+
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        return None  # each rank quantizes its own KV heads
 
     def validate(self) -> None:
         if self.bits not in (2, 4):

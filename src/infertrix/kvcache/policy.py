@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -186,6 +186,9 @@ class KVPolicy(Transform):
     prefill_min_tokens: int = 16
     merge: bool = False
     merge_threshold: float = 0.5
+
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        return None  # each rank scores and evicts its own KV heads; budgets depend only on lengths
 
     # -- configuration -------------------------------------------------------------------------------
     def validate(self) -> None:

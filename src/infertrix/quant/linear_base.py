@@ -131,6 +131,20 @@ class QuantizedLinear(nn.Module):
             setattr(m, name, getattr(self, name)[start // rows_per_entry : end // rows_per_entry])
             start = end
 
+    # --- tensor parallelism (quant/tensor_parallel.py)
+    def shard(self, dim: int, start: int, end: int) -> QuantizedLinear | None:
+        """A module of this kind holding only output features (``dim=0``) or input features (``dim=1``)
+        ``[start, end)`` of this one, computing what this one computes there, without a bias when
+        ``dim=1`` (a row-parallel bias is added once, after the reduction); or None where the kind
+        cannot be cut there."""
+        return None
+
+    def int8_accumulators(self, x_q: Tensor) -> Tensor | None:
+        """For kinds with per-token int8 activations: the int32 products ``[M, out_features]`` of the
+        int8 codes ``x_q`` ``[M, in_features]`` with the weight codes, such that the forward is
+        ``acc * x_scale * self.scale (+ bias)``; None for other kinds (a row-parallel shard needs it)."""
+        return None
+
     def check_loaded(self, name: str) -> None:
         """Raise when tensors loaded into this module (as ``name``) break an invariant of its kernel."""
 
@@ -144,6 +158,10 @@ def check_linear(linear: nn.Module) -> None:
         raise ConfigError(f"expected an nn.Linear, got {type(linear).__name__}")
     w = linear.weight
     if w.device.type == "meta":
-        raise ConfigError("the layer's weights are on the meta device; load the model's weights before quantizing")
+        raise ConfigError(
+            "the layer's weights are on the meta device (not loaded, or offloaded by accelerate's device_map "
+            "to cpu/disk); load the model's weights before quantizing: load it on one device, optimize it, then "
+            "accelerate.dispatch_model(model, device_map)"
+        )
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"cannot quantize a {w.dtype} linear layer; it must be float32, bfloat16 or float16")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..core import calibration
 from ..core.model import decoder_layers
+from ..core.parallel import TensorParallel, tensor_parallel
 from ..core.transform import Applied, ConfigError, Stage, Transform, UnsupportedModelError
 from ..linear.swap import FilterFn, ModuleSwapper, output_projection_name, select_linears
 from . import checkpoint
@@ -23,6 +24,7 @@ from .calibration import InputStats, sequential_quantize
 from .linear_base import QuantizedLinear, check_linear
 from .rotation import check_rotatable, rotate_residual
 from .smoothing import apply_smoothing, smoothing_groups
+from .tensor_parallel import gathered_linear, shard_problem, shard_quantized
 
 
 @dataclass
@@ -110,12 +112,36 @@ class QuantTransform(Transform):
     def extra_report(self) -> dict[str, Any]:
         return {}
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: TensorParallel) -> str | None:
+        """Round-to-nearest on shards: each rank quantizes whole layers and keeps its slice
+        (:mod:`.tensor_parallel`); calibration and rotation are not made to work there."""
+        if self.calibrated:
+            return (f"calibration ({self._calibration_name()}) reads whole layer inputs, which row-parallel "
+                    f"layers see only a slice of; quantize without data: recipe '{self.name}({self._no_data_args()})'")
+        if self.rotate is True:
+            return "rotation rewrites the sharded embedding and every layer; use rotate=false"
+        group = getattr(self, "group_size", -1)
+        for name, lin in select_linears(model, self.filter_fn, self.quantize_lm_head).items():
+            problem = shard_problem(name, tp.style(name), lin.in_features, group, tp)
+            if problem:
+                return problem
+        return None
+
+    def _quantize_target(self, name: str, lin: nn.Linear, tp: TensorParallel | None) -> QuantizedLinear:
+        """``lin`` quantized (round-to-nearest); on a sharded model, this rank's part of the whole layer."""
+        if tp is None:
+            return self.quantize_linear(lin, lin.weight.detach().float(), None)
+        full = gathered_linear(lin)
+        return shard_quantized(self.quantize_linear(full, full.weight.float(), None), name, tp)
+
     # --- shared
+    def _no_data_args(self) -> str:
+        return ", ".join(([] if not self.gptq else ["gptq=false"])
+                         + ([] if self.smooth_alpha is None else ["smooth_alpha=none"]))
+
     def _no_data(self) -> str:
         """The recipe that quantizes without data, for the error when no tokenizer is found."""
-        no_data = ", ".join(([] if not self.gptq else ["gptq=false"])
-                            + ([] if self.smooth_alpha is None else ["smooth_alpha=none"]))
-        return f", or quantize without data: recipe '{self.name}({no_data})'"
+        return f", or quantize without data: recipe '{self.name}({self._no_data_args()})'"
 
     def _calibration_name(self) -> str:
         return "+".join(([] if not self.gptq else ["GPTQ"])
@@ -133,8 +159,9 @@ class QuantTransform(Transform):
             head = output_projection_name(model)
             before = sum(_module_bytes(m) for m in targets.values())
             if not self.calibrated:
+                tp = tensor_parallel(model)
                 for name, lin in targets.items():
-                    swapper.swap(name, self.quantize_linear(lin, lin.weight.detach().float(), None))
+                    swapper.swap(name, self._quantize_target(name, lin, tp))
             else:
                 smoothed = self._quantize_calibrated(model, swapper, targets, head)
             config = getattr(model, "config", None)
@@ -229,4 +256,5 @@ class QuantTransform(Transform):
 
 
 def _module_bytes(mod: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))
+    local = [getattr(t, "_local_tensor", t) for t in list(mod.parameters()) + list(mod.buffers())]  # shards
+    return sum(t.numel() * t.element_size() for t in local)

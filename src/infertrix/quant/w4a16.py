@@ -120,6 +120,11 @@ class W4A16(QuantTransform):
         if self.group_size not in (*TORCH_GROUPS, -1):
             raise ConfigError(f"W4A16 group_size must be one of {TORCH_GROUPS} or -1, got {self.group_size}")
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        return ("its weights live in torch's int4pack tiles, which infertrix does not cut into shards (and a "
+                "row-parallel shard of a float-activation kernel would all-reduce rounded bfloat16 partials); "
+                "use w4a8 or w8a8(smooth_alpha=none) under tp_plan")
+
     def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
         gs = layer_group_size(linear.in_features, self.group_size)
         if hessian is not None:

@@ -78,6 +78,11 @@ class W4A8(QuantTransform):
                 f"outlier_fraction must be in [0, 0.1) (SqueezeLLM keeps about 0.005), got {self.outlier_fraction}"
             )
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        if self.outlier_fraction > 0:
+            return "the sparse outliers (outlier_fraction > 0) are not cut into shards; use outlier_fraction=0"
+        return super().tensor_parallel_problem(model, tp)
+
     def quantize_linear(self, linear: nn.Linear, weight: Tensor, hessian: Tensor | None) -> nn.Module:
         weight, outliers = split_outliers(weight, self.outlier_fraction)
         if hessian is not None:

@@ -136,6 +136,29 @@ class W4A8Linear(QuantizedLinear, kind="w4a8"):
         fused._share_rows(mods, "scale")
         return fused
 
+    def shard(self, dim: int, start: int, end: int) -> W4A8Linear | None:
+        """Output rows anywhere; input columns only from a group boundary (whole groups). Not with
+        sparse outliers."""
+        g = self.group_size if self.group_size > 0 else 1 << 62  # -1: one group per row, cut anywhere
+        if self.has_outliers or (dim == 1 and g < self.in_features
+                                 and (start % g or (end % g and end != self.in_features))):
+            return None
+        w = self.int4_weights()
+        if dim == 0:
+            rows = slice(start, end)
+            part = Int4Weights(w.q[rows], w.scale[rows], w.group_scale[rows],
+                               None if w.zero is None else w.zero[rows], w.group_size)
+            return W4A8Linear.from_int4(part, None if self.bias is None else self.bias[rows], self.dtype)
+        groups = slice(start // g, -(-end // g)) if g < self.in_features else slice(0, 1)
+        part = Int4Weights(w.q[:, start:end], w.scale, w.group_scale[:, groups],
+                           None if w.zero is None else w.zero[:, groups], w.group_size)
+        return W4A8Linear.from_int4(part, None, self.dtype)
+
+    def int8_accumulators(self, x_q: Tensor) -> Tensor:
+        return torch.ops.infertrix.w4a8_matmul_int32.default(
+            x_q, self.qweight, self.group_scale, self.zero, self.in_features, self.out_features, self.group_size
+        )
+
     def int4_weights(self) -> Int4Weights:
         """The codes and scales in plain [N, K] / [N, G] form."""
         n = self.out_features

@@ -89,6 +89,15 @@ class W8A8Linear(QuantizedLinear, kind="w8a8"):
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
 
+    def shard(self, dim: int, start: int, end: int) -> W8A8Linear:
+        if dim == 0:
+            bias = None if self.bias is None else self.bias[start:end]
+            return W8A8Linear.from_weight(self.qweight[start:end], self.scale[start:end], bias, self.dtype)
+        return W8A8Linear.from_weight(self.qweight[:, start:end], self.scale, None, self.dtype)
+
+    def int8_accumulators(self, x_q: Tensor) -> Tensor:
+        return torch._int_mm(x_q, self.qweight.t())
+
     @classmethod
     def _fused(cls, mods: Sequence[W8A8Linear]) -> W8A8Linear:
         first = mods[0]

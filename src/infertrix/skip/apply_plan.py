@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -30,6 +30,9 @@ class ApplySkipPlan(Transform):
 
     path: str | None = None
     plan: SkipPlan | None = field(default=None, repr=False, compare=False)
+
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        return None  # the same layers are passed through on every rank
 
     def validate(self) -> None:
         if (self.path is None) == (self.plan is None):

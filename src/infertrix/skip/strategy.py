@@ -85,6 +85,9 @@ class SkipStrategy(Transform):
     fraction: float = 0.2
     count: int | None = None
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        return None  # plans are chosen from replicated hidden states: the same on every rank
+
     def validate(self) -> None:
         if not 0 <= self.fraction < 1:
             raise ConfigError(f"{type(self).__name__}: fraction must be in [0, 1), got {self.fraction}")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..core.model import require_causal_lm
+from ..core.parallel import tensor_parallel
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.cache import GrowingCache
@@ -73,7 +74,8 @@ def lean_decoder(draft: nn.Module) -> LeanDecoder | None:
     st = speculative_state(draft, create=True)
     if st.lean is not None and st.lean[0] == signature:
         return st.lean[1]
-    lean = LeanDecoder(draft) if lean_supported(draft) is None else None
+    # a sharded draft keeps transformers' forward: the lean decoder reads whole heads
+    lean = LeanDecoder(draft) if lean_supported(draft) is None and tensor_parallel(draft) is None else None
     st.lean = (signature, lean)  # building it replaces no module
     return lean
 
@@ -269,6 +271,12 @@ class DraftModel(SpeculativeDecoding):
             self.draft = models.load(self.draft)[0]
         if not isinstance(self.draft, nn.Module):
             raise ConfigError(f"DraftModel.draft must be a model or a model name, got {type(self.draft).__name__}")
+
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        if self.adaptive:
+            return ("adaptive draft lengths follow measured times, which differ between ranks (their "
+                    "forwards would stop matching); use adaptive=false")
+        return None
 
     def check_model(self, model: nn.Module) -> None:
         require_causal_lm(self.draft, "DraftModel's draft")

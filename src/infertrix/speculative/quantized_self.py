@@ -142,6 +142,10 @@ class QuantizedSelf(SpeculativeDecoding):
         return W4A8(group_size=self.group_size, mse_clip=self.mse_clip, rotate=False,
                     quantize_lm_head=self.quantize_lm_head, progress=False, keep_original=False)
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        return ("its draft is a copy of the model, and transformers' tensor-parallel forwards stay bound to "
+                "the original modules; use prompt lookup (pld) or a draft_model loaded in each process")
+
     def check_model(self, model: nn.Module) -> None:
         self.draft_for(model)  # fails here, before anything is applied, if the quantizer cannot
 

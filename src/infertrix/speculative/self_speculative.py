@@ -158,6 +158,12 @@ class SelfSpeculative(SpeculativeDecoding):
         if self.search_steps < 1:
             raise ConfigError(f"SelfSpeculative search_steps must be >= 1, got {self.search_steps}")
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        if self.adaptive or len(self.plans()) > 1:
+            return ("the plan search and adaptive draft lengths follow measured times, which differ between "
+                    "ranks (their forwards would stop matching); give one plan and adaptive=false")
+        return None
+
     def plans(self) -> list[Any]:
         if self.plan is None:
             return [AttentionDrop(fraction=0.1, progress=False), AttentionDrop(fraction=0.2, progress=False),

@@ -34,6 +34,9 @@ class SpeculativeDecoding(Transform):
     stage = Stage.DECODING
     conflict_group = "decoding"
 
+    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
+        return None  # drafts and verification read replicated token ids and logits: the same on every rank
+
     def make_drafter(self, model: nn.Module) -> Drafter:
         raise NotImplementedError(f"{type(self).__name__}.make_drafter")
 

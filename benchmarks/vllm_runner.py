@@ -1,0 +1,60 @@
+"""vLLM side of benchmarks/scale.py; runs inside benchmarks/.venv-vllm (benchmarks/setup_vllm.sh),
+never imported by the library or the tests:
+
+    python benchmarks/vllm_runner.py FOLDER TP OUT.json NEW_TOKENS IDS_JSON
+
+Loads FOLDER (a float or compressed-tensors checkpoint) with ``vllm.LLM(tensor_parallel_size=TP)``
+on the CPU, greedily continues each prompt of IDS_JSON (token ids, so both sides see the same
+prompt) by NEW_TOKENS tokens, and times decoding at batch 1 and 16 (EOS ignored; the time of a
+1-token generation subtracted as prefill). Writes the tokens and tokens/s, or the error vLLM raised.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def rate(llm, sp_cls, ids: list[int], batch: int, new_tokens: int) -> float:
+    prompts = [{"prompt_token_ids": ids}] * batch
+    one = sp_cls(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = sp_cls(temperature=0.0, max_tokens=new_tokens + 1, ignore_eos=True)
+    llm.generate(prompts, one, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    llm.generate(prompts, one, use_tqdm=False)
+    t1 = time.perf_counter()
+    llm.generate(prompts, many, use_tqdm=False)
+    t2 = time.perf_counter()
+    return batch * new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str) -> None:
+    prompts = json.loads(ids_json)
+    result: dict = {"folder": folder, "tp": tp}
+    try:
+        from vllm import LLM, SamplingParams
+
+        # vLLM CPU's int8 kernels take bfloat16 or half activations only ("int8_scaled_mm_with_quant:
+        # expect A to be bfloat16 or half"): quantized checkpoints run in bfloat16, float ones in float32
+        config = json.loads((Path(folder) / "config.json").read_text())
+        result["dtype"] = "bfloat16" if "quantization_config" in config else "float32"
+        t0 = time.perf_counter()
+        llm = LLM(model=folder, tensor_parallel_size=tp, dtype=result["dtype"], max_model_len=512,
+                  enforce_eager=True, distributed_executor_backend="mp" if tp > 1 else None)
+        result["load_s"] = time.perf_counter() - t0
+        greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        result["tok_s"] = {str(b): rate(llm, SamplingParams, prompts[0], b, 16) for b in (1, 16)}
+    except Exception as e:  # noqa: BLE001 - the benchmark records what vLLM refused, and why
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()[-3000:]
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
