@@ -96,6 +96,8 @@ class AlignedKV(RaggedKV):
             self._set_mask(end)
 
     def _extend(self, rows: list[list[int]], keep: int | None) -> Tensor:
+        """Feed each row its pending tokens and ``rows[r]``; logits ``[B, W, V]`` with row r's for its
+        new tokens first, or ``[B, 1, V]`` after each row's last token when ``keep`` is 1."""
         self._fed_from = self.pos
         device = self.mask.device
         if any(new and s + r < self.length for new, s, r in zip(rows, self.start, self.real, strict=True)):
@@ -117,14 +119,20 @@ class AlignedKV(RaggedKV):
             col = [len(f) - len(n) for f, n in zip(full, rows, strict=True)]
         positions = torch.tensor([[max(0, self.real[r] + j - (self.start[r] if self.length == 0 else 0))
                                    for j in range(width)] for r in range(len(rows))], dtype=torch.long, device=device)
-        old = self.length
-        self._set_mask(old + width)
-        logits = self._forward(torch.tensor(ids, dtype=torch.long, device=device), self.mask, positions, width)
+        self._set_mask(self.length + width)
+        last = [min(c + max(len(n), 1) - 1, width - 1) for c, n in zip(col, rows, strict=True)]
+        if keep == 1:  # each row's last token only: the head runs on those columns alone
+            cols = sorted(set(last))
+            logits = self._forward(torch.tensor(ids, dtype=torch.long, device=device), self.mask, positions,
+                                   torch.tensor(cols, dtype=torch.long, device=device))
+            idx = torch.tensor([[cols.index(c)] for c in last])
+        else:
+            logits = self._forward(torch.tensor(ids, dtype=torch.long, device=device), self.mask, positions, width)
+            most = max(len(n) for n in rows)  # row r's logits for its new tokens: columns col[r] ..
+            idx = (torch.tensor(col)[:, None] + torch.arange(most)[None, :]).clamp_max(width - 1)
         self.real = [r + len(f) for r, f in zip(self.real, full, strict=True)]
         self.pos = self.pos + torch.tensor([len(n) for n in rows], dtype=torch.long, device=device)
-        # row r's logits for its new tokens: columns col[r] .. col[r] + len(rows[r])
-        most = max(len(n) for n in rows)
-        idx = (torch.tensor(col)[:, None] + torch.arange(most)[None, :]).clamp_max(width - 1).to(device)
+        idx = idx.to(device)
         return logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
 
     def _rollback(self, counts: Tensor) -> None:

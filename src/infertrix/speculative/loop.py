@@ -139,6 +139,7 @@ class SpeculativeGenerate:
         self.record.verify_path = "aligned rows (engine cache)" if isinstance(kv, AlignedKV) else "ragged rows"
         call = _Call(kv, self.make_drafter(), processors, bool(cfg.do_sample), cost, stats)
         call.drafter.start(model, DraftContext(call.do_sample, batch, pad_id, call.warp, cost))
+        self.record.draft_path = getattr(call.drafter, "path", None)
         stopper = Stopper(criteria, input_ids, prompt_len, int(cfg.max_length))
         has_eos = any(hasattr(c, "eos_token_id") for c in criteria)
         rows = Rows(call.first_tokens(input_ids, mask), stopper, has_eos, int(cfg.max_length) - prompt_len)
