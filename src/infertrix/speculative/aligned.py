@@ -97,7 +97,10 @@ class AlignedKV(RaggedKV):
 
     def _extend(self, rows: list[list[int]], keep: int | None) -> Tensor:
         """Feed each row its pending tokens and ``rows[r]``; logits ``[B, W, V]`` with row r's for its
-        new tokens first, or ``[B, 1, V]`` after each row's last token when ``keep`` is 1."""
+        new tokens first, or ``[B, 1, V]`` after each row's last token when ``keep`` is 1 (rows end
+        in different columns, so RaggedKV's "the last ``keep`` columns" has no other meaning here)."""
+        if keep not in (None, 1):
+            raise ValueError(f"AlignedKV.extend takes keep=None or 1, got {keep}")
         self._fed_from = self.pos
         device = self.mask.device
         if any(new and s + r < self.length for new, s, r in zip(rows, self.start, self.real, strict=True)):
