@@ -1,5 +1,6 @@
-"""The engine on the real SmolLM2-135M: W4A8 + prompt lookup token-identical to plain W4A8, and
-batch rows identical to single rows (the issue's failures on the module path)."""
+"""The engine on the real SmolLM2-135M: W4A8 + prompt lookup, W4A8 + quantized self-speculation and
+W8A8 + prompt lookup token-identical to plain W4A8 / W8A8, and batch rows identical to single rows,
+with and without speculation (the issue's failures on the module path)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 import infertrix as ix
 from infertrix.engine import engine_runtime
+from infertrix.speculative import speculative_stats
 
 pytestmark = pytest.mark.smollm2
 RECIPE = "w4a8(quantize_lm_head=true),engine"
@@ -46,3 +48,41 @@ def test_w4a8_batch_rows_equal_single_rows(loaded):
         one = tok(text, return_tensors="pt")
         alone = _gen(plain, one.input_ids, one.attention_mask, n=24)
         assert torch.equal(batch[i, enc.input_ids.shape[1] :], alone[0, one.input_ids.shape[1] :]), text
+
+
+TEXTS = ["The cat sat on the mat. The dog sat on the rug. The cat sat on the",
+         "Once upon a time there was a little", "List three colours: red, green, blue. Again: red,"]
+
+
+def _alone(model, tok, text, n):
+    one = tok(text, return_tensors="pt")
+    return _gen(model, one.input_ids, one.attention_mask, n)[0, one.input_ids.shape[1] :]
+
+
+def test_w4a8_quantized_self_and_speculative_batches_are_token_identical(loaded, smollm2):
+    plain, spec, tok = loaded
+    model, _ = ix.models.load("smollm2")
+    ix.optimize(model, RECIPE, "quantized_self")
+    for text in TEXTS[:2]:
+        assert torch.equal(_alone(model, tok, text, 40), _alone(plain, tok, text, 40)), text
+    assert speculative_stats(model).report()["draft path"] == "engine"
+    tok.padding_side = "left"
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    alone = [_alone(plain, tok, text, 32) for text in TEXTS]
+    for m in (spec, model):  # prompt lookup and quantized self at batch 3: each row as alone, no fallback
+        batch = _gen(m, enc.input_ids, enc.attention_mask, 32)
+        for i, text in enumerate(TEXTS):
+            row = batch[i, enc.input_ids.shape[1] :]  # a row that ends early is padded after its eos
+            assert torch.equal(row[: len(alone[i])], alone[i]) and not row[len(alone[i]) :].any(), text
+        assert engine_runtime(m).report()["module_forwards"] == 0
+
+
+def test_w8a8_prompt_lookup_is_token_identical(smollm2):
+    _, tok = smollm2
+    plain, _ = ix.models.load("smollm2")
+    ix.optimize(plain, "w8a8,engine")
+    spec, _ = ix.models.load("smollm2")
+    ix.optimize(spec, "w8a8,engine", "pld")
+    for text in (TEXTS[0], TEXTS[2]):
+        assert torch.equal(_alone(spec, tok, text, 48), _alone(plain, tok, text, 48)), text
+    assert engine_runtime(spec).report()["module_forwards"] == 0

@@ -1,4 +1,4 @@
-"""The lean one-row draft forward (``speculative.lean``) computes what the model computes."""
+"""Engine drafts (``speculative.lean``) compute what the draft model computes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from conftest import make_tiny
 
 import infertrix as ix
 from infertrix.core.transform import Applied, Stage, Transform
-from infertrix.speculative.draft_model import DraftModelDrafter, _LeanKV, _RaggedDraftKV
+from infertrix.engine.linears import fuse as fuse_quantized
+from infertrix.speculative.draft_model import DraftModelDrafter, _RaggedDraftKV
 from infertrix.speculative.drafter import DraftContext
-from infertrix.speculative.lean import LeanDecoder, fuse_quantized, lean_supported
+from infertrix.speculative.lean import EngineDraftKV, draft_runner, engine_draft_kv, lean_supported
 from infertrix.speculative.quantized_self import quantized_copy
 
 
@@ -19,21 +20,27 @@ def full_logits(model, ids):
         return model(torch.tensor([ids])).logits[0]
 
 
+def _one_row(model) -> EngineDraftKV:
+    kv = engine_draft_kv(model, 1, 0)
+    assert kv is not None
+    return kv
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_lean_matches_the_model_step_by_step(arch):
     model = make_tiny(arch, num_key_value_heads=2, attention_bias=arch == "qwen2")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (29,), generator=g).tolist()
     ref = full_logits(model, ids)
-    lean = LeanDecoder(model, capacity=8)  # small: the cache grows (doubling) on the way
-    torch.testing.assert_close(lean.extend(ids[:11]), ref[10], rtol=0, atol=2e-5)
+    lean = _one_row(model)
+    torch.testing.assert_close(lean.last_logits([ids[:11]])[0], ref[10], rtol=0, atol=2e-5)
     for i in range(11, 20):  # one token at a time
-        torch.testing.assert_close(lean.extend([ids[i]]), ref[i], rtol=0, atol=2e-5)
-    lean.truncate(15)  # roll back, then a window of several tokens
-    assert lean.length == 15
-    torch.testing.assert_close(lean.extend(ids[15:29]), ref[28], rtol=0, atol=2e-5)
+        torch.testing.assert_close(lean.last_logits([[ids[i]]])[0], ref[i], rtol=0, atol=2e-5)
+    lean.rollback([15])  # roll back, then a window of several tokens
+    assert int(lean.pos[0]) == 15 and lean.cache.get_seq_length() == 15
+    torch.testing.assert_close(lean.last_logits([ids[15:29]])[0], ref[28], rtol=0, atol=2e-5)
     with pytest.raises(ValueError):
-        lean.truncate(30)
+        lean.rollback([30])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -44,14 +51,17 @@ def test_lean_on_a_quantized_copy_matches_its_own_forward_and_fusion_shares_code
     draft, _ = quantized_copy(model, quant)
     ids = torch.randint(3, 128, (13,), generator=torch.Generator().manual_seed(2)).tolist()
     before = full_logits(draft, ids)
-    lean = LeanDecoder(draft)
-    attn = draft.model.layers[0].self_attn
-    assert lean.layers[0].qkv is not None and lean.layers[0].gate_up is not None
+    attn, mlp = draft.model.layers[0].self_attn, draft.model.layers[0].mlp
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() != attn.q_proj.qweight.untyped_storage().data_ptr()
+    lean = _one_row(draft)
+    assert draft_runner(draft) is lean.runner  # built once per draft
     assert attn.k_proj.qweight.data_ptr() != attn.q_proj.qweight.data_ptr()
-    assert lean.layers[0].qkv.qweight.untyped_storage().data_ptr() == attn.q_proj.qweight.untyped_storage().data_ptr()
+    # q/k/v and gate/up are fused: the modules view one buffer each
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.q_proj.qweight.untyped_storage().data_ptr()
+    assert mlp.up_proj.qweight.untyped_storage().data_ptr() == mlp.gate_proj.qweight.untyped_storage().data_ptr()
     assert torch.equal(full_logits(draft, ids), before)  # the model's own forward is unchanged by fusion
-    lean.extend(ids[:-1])
-    torch.testing.assert_close(lean.extend(ids[-1:]), before[-1], rtol=0, atol=1e-4)
+    lean.last_logits([ids[:-1]])
+    torch.testing.assert_close(lean.last_logits([ids[-1:]])[0], before[-1], rtol=0, atol=1e-4)
 
 
 def test_fuse_refuses_what_it_cannot_fuse():
@@ -78,12 +88,11 @@ def test_fuse_refuses_what_it_cannot_fuse():
 
 def test_unsupported_models_are_named():
     assert lean_supported(make_tiny("llama")) is None
-    assert "model type" in lean_supported(make_tiny("gemma3"))
-    assert "sliding" in lean_supported(_sliding_mistral())
+    assert lean_supported(_sliding_mistral()) is None  # the engine runs sliding windows
+    assert "bfloat16" in lean_supported(make_tiny("llama").to(torch.bfloat16))
     dynamic = make_tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     assert "rotary scaling" in lean_supported(dynamic)
-    with pytest.raises(ValueError, match="does not support"):
-        LeanDecoder(make_tiny("gemma3"))
+    assert engine_draft_kv(dynamic, 1, 0) is None
 
 
 def _sliding_mistral():
@@ -93,11 +102,32 @@ def _sliding_mistral():
     return tf.MistralForCausalLM(tf.MistralConfig(**TINY_COMMON, sliding_window=16)).eval()
 
 
+def test_engine_draft_rows_equal_single_rows_across_rollbacks():
+    """Rows of an engine draft advance by different amounts (re-aligned by re-feeding) and still
+    compute each row's own logits, bit for bit."""
+    model = make_tiny("qwen2", seed=4)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (17, 6, 11)]
+    rows = engine_draft_kv(model, 3, 0)
+    alone = [_one_row(model) for _ in seqs]
+    feeds = [seqs[0][:9], seqs[1][:2], seqs[2][:5]]
+    for step in range(4):
+        got = rows.last_logits(feeds)
+        for r, f in enumerate(feeds):
+            if f:
+                assert torch.equal(got[r], alone[r].last_logits([f])[0]), (step, r)
+        keep = [max(0, int(rows.pos[r]) - (r + step) % 3) for r in range(3)]  # each row rolls back its own way
+        rows.rollback(keep)
+        for r in range(3):
+            alone[r].rollback([keep[r]])
+        feeds = [seqs[r][keep[r] : keep[r] + 1 + (r + step) % 2] if r != step % 3 else [] for r in range(3)]
+
+
 def _ctx(batch):
     return DraftContext(do_sample=False, batch_size=batch, pad_token_id=0, warp=lambda x: x)
 
 
-def test_drafter_uses_lean_for_one_row_only_and_times_single_token_forwards():
+def test_drafter_uses_the_engine_and_times_single_token_forwards():
     draft = make_tiny("llama", seed=3)
     prompt = torch.randint(3, 128, (40,)).tolist()
     single = DraftModelDrafter(draft, 1, 0.0, False, 1)
@@ -106,18 +136,19 @@ def test_drafter_uses_lean_for_one_row_only_and_times_single_token_forwards():
     assert single.token_seconds is None  # its only forward caught up on 40 tokens: not a draft token's cost
     one = DraftModelDrafter(draft, 3, 0.0, False, 3)
     one.start(draft, _ctx(1))
-    assert isinstance(one.kv, _LeanKV)
+    assert isinstance(one.kv, EngineDraftKV) and one.path == "engine"
     tokens = one.propose([prompt], [3]).tokens[0]
     assert len(tokens) == 3
     assert one.token_seconds is not None  # from the two one-token forwards
     four = DraftModelDrafter(draft, 3, 0.0, False, 3)
     four.start(draft, _ctx(2))
-    assert isinstance(four.kv, _RaggedDraftKV)
-    # the lean and the generic path draft the same greedy tokens
+    assert isinstance(four.kv, EngineDraftKV)
+    # one row alone and in a batch draft the same greedy tokens
     assert four.propose([prompt, prompt[:20]], [3, 3]).tokens[0] == tokens
     with_context = DraftModelDrafter(draft, 3, 0.0, False, 3, context=lambda: torch.no_grad())
     with_context.start(draft, _ctx(1))
     assert isinstance(with_context.kv, _RaggedDraftKV)  # a context changes the model: its own forward
+    assert with_context.path.startswith("module")
 
 
 class _ScaleNorm(Transform):

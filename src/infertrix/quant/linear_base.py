@@ -5,8 +5,7 @@ A quantized module is a subclass that names its *kind*, and defining the class r
     class W4A8Linear(QuantizedLinear, kind="w4a8"):
         kernel = "infertrix::w4a8_linear"
 
-Checkpoint loading (:mod:`.checkpoint`), lean drafting (:mod:`infertrix.speculative.lean`) and the
-decode engine find every kind through :meth:`QuantizedLinear.kinds` and ask the module what it
+Checkpoint loading (:mod:`.checkpoint`) and the decode engine (which also runs drafts) find every kind through :meth:`QuantizedLinear.kinds` and ask the module what it
 can do, so a new kind is its own file with no list to edit (the torchao handler-registry shape,
 applied to modules).
 

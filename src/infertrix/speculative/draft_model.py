@@ -26,15 +26,13 @@ import torch
 from torch import nn
 
 from ..core.model import require_causal_lm
-from ..core.parallel import tensor_parallel
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.cache import GrowingCache
 from .budget import AcceptanceRate, best_length
 from .drafter import Draft, DraftContext, Drafter
-from .lean import LeanDecoder, lean_supported
+from .lean import engine_draft_kv, lean_supported
 from .ragged import RaggedKV
-from .state import speculative_state
 from .transform import SpeculativeDecoding
 
 
@@ -67,33 +65,6 @@ def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "Draf
 PROBE_EVERY = 8  # plain steps in a row after which a 1-token draft re-measures acceptance
 
 
-def lean_decoder(draft: nn.Module) -> LeanDecoder | None:
-    """The draft's :class:`~.lean.LeanDecoder` (built once and kept in the draft's run-time record;
-    rebuilt if its modules were replaced since), or None when the model is not supported."""
-    signature = tuple(id(m) for m in draft.modules())
-    st = speculative_state(draft, create=True)
-    if st.lean is not None and st.lean[0] == signature:
-        return st.lean[1]
-    # a sharded draft keeps transformers' forward: the lean decoder reads whole heads
-    lean = LeanDecoder(draft) if lean_supported(draft) is None and tensor_parallel(draft) is None else None
-    st.lean = (signature, lean)  # building it replaces no module
-    return lean
-
-
-class _LeanKV:
-    """The one-row draft cache of a :class:`~.lean.LeanDecoder`, with RaggedKV's two calls."""
-
-    def __init__(self, lean: LeanDecoder):
-        self.lean = lean
-        lean.truncate(0)
-
-    def rollback(self, keep: list[int]) -> None:
-        self.lean.truncate(keep[0])
-
-    def last_logits(self, feed: list[list[int]]) -> torch.Tensor:
-        return self.lean.extend(feed[0])[None]
-
-
 class _RaggedDraftKV(RaggedKV):
     def last_logits(self, feed: list[list[int]]) -> torch.Tensor:
         logits = self.extend(feed)
@@ -103,8 +74,6 @@ class _RaggedDraftKV(RaggedKV):
 class DraftModelDrafter(Drafter):
     """Drafts with ``draft`` (its own KV cache); ``context()``, when given, is entered around every
     draft forward (self-speculation: the target itself under a skip plan or another precision)."""
-
-    catches_up = True  # after plain steps its first draft also runs the draft over the skipped tokens
 
     def __init__(
         self,
@@ -117,6 +86,7 @@ class DraftModelDrafter(Drafter):
     ):
         self.draft = draft
         self.lean = context is None  # a context changes the model: keep its own forward
+        self.path = "none yet"  # where drafts run: the engine, or the module path and why
         self.context = context
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens
@@ -152,10 +122,11 @@ class DraftModelDrafter(Drafter):
         dev = next(self.draft.parameters()).device
         batch = self.ctx.batch_size
         self.cached: list[list[int]] = [[] for _ in range(batch)]
-        lean = lean_decoder(self.draft) if self.lean and batch == 1 else None
-        if lean is not None:
-            self.kv = _LeanKV(lean)
+        kv = engine_draft_kv(self.draft, batch, self.ctx.pad_token_id) if self.lean else None
+        if kv is not None:
+            self.kv, self.path = kv, "engine"
             return
+        self.path = "module: " + ("a context changes the model" if not self.lean else lean_supported(self.draft))
         self.kv = _RaggedDraftKV(self.draft, GrowingCache(self.draft.config), self.ctx.pad_token_id)
         self.kv.mask = torch.zeros((batch, 0), dtype=torch.long, device=dev)
         self.kv.pos = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -271,12 +242,6 @@ class DraftModel(SpeculativeDecoding):
             self.draft = models.load(self.draft)[0]
         if not isinstance(self.draft, nn.Module):
             raise ConfigError(f"DraftModel.draft must be a model or a model name, got {type(self.draft).__name__}")
-
-    def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
-        if self.adaptive:
-            return ("adaptive draft lengths follow measured times, which differ between ranks (their "
-                    "forwards would stop matching); use adaptive=false")
-        return None
 
     def check_model(self, model: nn.Module) -> None:
         require_causal_lm(self.draft, "DraftModel's draft")

@@ -32,6 +32,7 @@ from transformers.generation import logits_process as lp
 from ..core.generation import cache_argument
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.cache import GrowingCache, capabilities
+from .aligned import AlignedKV, engine_rows
 from .budget import VerifyCost
 from .drafter import DraftContext, Drafter
 from .ragged import RaggedKV
@@ -135,8 +136,11 @@ class SpeculativeGenerate:
             streamer.put(input_ids.cpu())
 
         cost = self.costs.setdefault(batch, VerifyCost())
-        call = _Call(RaggedKV(model, cache, pad_id), self.make_drafter(), processors, bool(cfg.do_sample), cost, stats)
+        kv = (AlignedKV if engine_rows(cache, mask) else RaggedKV)(model, cache, pad_id)
+        self.record.verify_path = "aligned rows (engine cache)" if isinstance(kv, AlignedKV) else "ragged rows"
+        call = _Call(kv, self.make_drafter(), processors, bool(cfg.do_sample), cost, stats)
         call.drafter.start(model, DraftContext(call.do_sample, batch, pad_id, call.warp, cost))
+        self.record.draft_path = getattr(call.drafter, "path", None)
         stopper = Stopper(criteria, input_ids, prompt_len, int(cfg.max_length))
         has_eos = any(hasattr(c, "eos_token_id") for c in criteria)
         rows = Rows(call.first_tokens(input_ids, mask), stopper, has_eos, int(cfg.max_length) - prompt_len)

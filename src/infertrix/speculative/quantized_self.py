@@ -11,7 +11,7 @@ smoothing; the default) or :class:`~infertrix.quant.W4A8Linear` (int4 weights in
 everything else (embedding, norms, rotary tables) is the *same* tensors as the target's, so the
 extra memory is only the quantized weights (reported by ``describe``) plus the draft's KV cache.
 The draft keeps its own KV cache (:class:`~.draft_model.DraftModelDrafter`), since its keys and
-values differ from the target's, and drafts one row through :class:`~.lean.LeanDecoder`.
+values differ from the target's, and drafts on the decode engine (:mod:`.lean`).
 Lossless: the full-precision model verifies every token.
 
 Which precision: the draft pays only when it agrees with the target often. On SmolLM2-135M

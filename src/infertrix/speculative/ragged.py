@@ -207,5 +207,5 @@ def _trim_sliding(cache) -> None:
     ``crop(0)``). Only those layers: other layer classes may read 0 as "keep 0 tokens" (the
     kvcache family's ``EvictingLayer`` treats a non-negative argument as the length to keep)."""
     for layer in getattr(cache, "layers", ()):
-        if getattr(layer, "sliding_window", None):
+        if getattr(layer, "sliding_window", None) and getattr(layer, "is_initialized", True):  # not before any token
             layer.crop(0)

@@ -20,8 +20,8 @@ class SpeculativeState:
     ``stats``: the applied transform's counters (read with :func:`~.transform.speculative_stats`).
     ``prepared``: what a transform built for this model once and its drafter reuses (QuantizedSelf's
     quantized copy, SelfSpeculative's resolved plans and their search), with the transform it was
-    built for: another configuration builds afresh. ``lean``: on a draft model, its
-    :class:`~.lean.LeanDecoder` with the module ids it was built from. ``gain``: what the
+    built for: another configuration builds afresh. ``lean``: on a draft model, its engine
+    :class:`~infertrix.engine.runner.Runner` (or None) with the module ids it was built from. ``gain``: what the
     never-slower guard measured (:class:`~.gain.GainMemory`), kept across calls while applied.
     """
 

@@ -49,10 +49,15 @@ class SpeculativeStats:
 
 @dataclass
 class StatsRecord:
-    """``speculative_stats(model)``: the last call's figures and the running total."""
+    """``speculative_stats(model)``: the last call's figures and the running total, and how the last
+    call kept its rows (``verify_path``: aligned rows on the engine's cache, or ragged rows with
+    masked holes) and ran its draft (``draft_path``: the engine, or the draft's module path and why)."""
 
     last: SpeculativeStats = field(default_factory=SpeculativeStats)
     total: SpeculativeStats = field(default_factory=SpeculativeStats)
+    verify_path: str = "none yet"
+    draft_path: str | None = None
 
     def report(self) -> dict[str, object]:
-        return {"last call": self.last.as_dict(), "all calls": self.total.as_dict()}
+        paths = {"verify rows": self.verify_path} | ({"draft path": self.draft_path} if self.draft_path else {})
+        return {"last call": self.last.as_dict(), "all calls": self.total.as_dict(), **paths}

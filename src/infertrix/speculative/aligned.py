@@ -1,0 +1,148 @@
+"""Rows that advance by different amounts over a cache whose rows must stay left-padded.
+
+:class:`~.ragged.RaggedKV` lets each row keep a different number of tokens by leaving masked
+holes inside the shorter rows. The decode engine (:mod:`infertrix.engine`) takes left padding
+only, since its attention splits each row's keys at points counted from the row's first slot,
+which is what makes a token's logits the same bits in a window, a batch row or a 1-token step.
+:class:`AlignedKV` keeps every row hole-free instead: after a verification the cache is cut to
+the shortest row's kept end, and each longer row re-feeds the tokens it kept beyond that cut at
+the front of its next window (a row's window is ``[re-fed tokens, new tokens, padding]``, the
+padding at its end, where a crop removes it). Re-fed tokens compute the same keys, values and
+logits as the first time (the engine's invariance), so greedy verification stays token-identical
+to plain decoding; the price is a few recomputed positions per step instead of holes.
+
+Used for the target's verification when ``generate`` runs on an :class:`~infertrix.engine.EngineCache`,
+and for engine drafts (:mod:`.lean`). A row may carry junk (padding) at its end only until it
+is fed again; feeding it first re-aligns the rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.cache import EngineCache, EngineLayer
+from ..kvcache.cache import capabilities
+from .ragged import RaggedKV
+
+
+def engine_rows(cache, mask: Tensor | None) -> bool:
+    """Whether a speculative call on ``cache`` should keep its rows aligned (:class:`AlignedKV`):
+    an engine cache, and a prompt that is left-padded (or unpadded)."""
+    if not isinstance(cache, EngineCache):
+        return False
+    if mask is None:
+        return True
+    m = mask.to(torch.long)
+    return bool((m.cumsum(-1) > 0).long().sum(-1).eq(m.sum(-1)).all())
+
+
+class AlignedKV(RaggedKV):
+    """RaggedKV's calls (``prefill``, ``extend``, ``rollback``/``keep_fed``, ``retire``) over a
+    cache kept in left-padded form (see the module docstring). Per row r in the cache: ``pos[r]``
+    its logical tokens, ``seq[r]`` their ids, ``start[r]`` its first slot, ``real[r]`` the tokens
+    with keys and values in the cache from there (slots after ``start[r] + real[r]`` are junk)."""
+
+    def __init__(self, model: nn.Module, cache, pad_token_id: int):
+        super().__init__(model, cache, pad_token_id)
+        self.seq: list[list[int]] = []
+        self.start: list[int] = []
+        self.real: list[int] = []
+
+    def can_retire(self) -> bool:
+        # no holes, so sliding windows stay right after a row leaves
+        layers = getattr(self.cache, "layers", ())
+        return capabilities(self.cache).select_rows or (bool(layers) and all(type(ly) is EngineLayer for ly in layers))
+
+    def retire(self, done: list[int]) -> None:
+        before = self.present if self.present is not None else list(range(self.batch))
+        super().retire(done)
+        after = self.present if self.present is not None else list(range(self.batch))
+        if after != before:
+            keep = [before.index(b) for b in after]
+            self.seq = [self.seq[i] for i in keep]
+            self.start = [self.start[i] for i in keep]
+            self.real = [self.real[i] for i in keep]
+
+    def _set_mask(self, length: int) -> None:
+        """The left-padding mask over ``length`` slots (ones from each row's start)."""
+        cols = torch.arange(length, device=self.mask.device)[None, :]
+        self.mask = (cols >= torch.tensor(self.start, dtype=torch.long, device=self.mask.device)[:, None]).long()
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, keep: int = 1) -> Tensor:
+        logits = super().prefill(input_ids, attention_mask, keep)
+        self.seq = [input_ids[r][attention_mask[r].bool()].tolist() for r in range(input_ids.shape[0])]
+        self.real = [len(s) for s in self.seq]
+        self.start = [self.length - n for n in self.real]
+        return logits
+
+    def begin(self, batch: int, device: torch.device) -> None:
+        """An empty cache of ``batch`` rows (a draft's, filled by its first ``extend``)."""
+        self.mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.batch = batch
+        self.present = None
+        self.seq = [[] for _ in range(batch)]
+        self.start = [0] * batch
+        self.real = [0] * batch
+
+    def _realign(self) -> None:
+        """Cut the cache to the shortest row's real end; longer rows' extra tokens become pending."""
+        end = min((s + r for s, r in zip(self.start, self.real, strict=True)), default=0)
+        if end < self.length:
+            self.cache.crop(-(self.length - end))
+            self.start = [min(s, end) for s in self.start]
+            self.real = [end - s for s in self.start]
+            self._set_mask(end)
+
+    def _extend(self, rows: list[list[int]], keep: int | None) -> Tensor:
+        """Feed each row its pending tokens and ``rows[r]``; logits ``[B, W, V]`` with row r's for its
+        new tokens first, or ``[B, 1, V]`` after each row's last token when ``keep`` is 1 (rows end
+        in different columns, so RaggedKV's "the last ``keep`` columns" has no other meaning here)."""
+        if keep not in (None, 1):
+            raise ValueError(f"AlignedKV.extend takes keep=None or 1, got {keep}")
+        self._fed_from = self.pos
+        device = self.mask.device
+        if any(new and s + r < self.length for new, s, r in zip(rows, self.start, self.real, strict=True)):
+            self._realign()
+        full = []
+        for r, new in enumerate(rows):
+            self.seq[r] = self.seq[r][: int(self.pos[r])] + list(new)
+            full.append(self.seq[r][self.real[r]:] if new else [])
+        width = max(len(f) for f in full)
+        if width == 0:
+            raise ValueError("AlignedKV.extend needs at least one token in some row")
+        if self.length == 0:  # an empty cache: left-pad the window, as a prompt
+            # a row with nothing to feed still gets one (junk) slot, so that no row is all padding
+            self.start = [min(width - len(f), width - 1) for f in full]
+            ids = [[self.pad] * (width - len(f)) + f for f in full]
+            col = [width - len(n) for n in rows]
+        else:
+            ids = [f + [self.pad] * (width - len(f)) for f in full]
+            col = [len(f) - len(n) for f, n in zip(full, rows, strict=True)]
+        positions = torch.tensor([[max(0, self.real[r] + j - (self.start[r] if self.length == 0 else 0))
+                                   for j in range(width)] for r in range(len(rows))], dtype=torch.long, device=device)
+        self._set_mask(self.length + width)
+        last = [min(c + max(len(n), 1) - 1, width - 1) for c, n in zip(col, rows, strict=True)]
+        if keep == 1:  # each row's last token only: the head runs on those columns alone
+            cols = sorted(set(last))
+            logits = self._forward(torch.tensor(ids, dtype=torch.long, device=device), self.mask, positions,
+                                   torch.tensor(cols, dtype=torch.long, device=device))
+            idx = torch.tensor([[cols.index(c)] for c in last])
+        else:
+            logits = self._forward(torch.tensor(ids, dtype=torch.long, device=device), self.mask, positions, width)
+            most = max(len(n) for n in rows)  # row r's logits for its new tokens: columns col[r] ..
+            idx = (torch.tensor(col)[:, None] + torch.arange(most)[None, :]).clamp_max(width - 1)
+        self.real = [r + len(f) for r, f in zip(self.real, full, strict=True)]
+        self.pos = self.pos + torch.tensor([len(n) for n in rows], dtype=torch.long, device=device)
+        idx = idx.to(device)
+        return logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def _rollback(self, counts: Tensor) -> None:
+        if bool((counts > self.pos).any()):
+            raise ValueError("AlignedKV.rollback cannot keep more tokens than a row has")
+        kept = counts.tolist()
+        self.seq = [s[:k] for s, k in zip(self.seq, kept, strict=True)]
+        self.real = [min(r, k) for r, k in zip(self.real, kept, strict=True)]
+        self.pos = counts
+        self._realign()
