@@ -124,6 +124,34 @@ def test_growing_cache_runs_on_engine_bitwise():
     assert _counts(model) == (12, 0)
 
 
+@pytest.mark.parametrize("extra", [[], [SNAP]])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_steps_on_engine_match_module_path(bits, extra):
+    """One-token steps over KIVI codes run on the engine (kivi_decode_attention) with the module
+    path's logits to float32 rounding, alone or after a policy's eviction, at 1 and 2 threads alike."""
+    kivi = f"kivi(bits={bits},residual_length=8,group_size=8)"
+    ids, mask = padded([40, 33, 26], seed=5)
+    models = [with_policy("llama", "fp32", kivi, *extra), with_policy("llama", "fp32", kivi, *extra, engine=False)]
+    steps = torch.randint(3, 128, (3, 12), generator=torch.Generator().manual_seed(1))
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            caches = [new_cache(m) for m in models]
+            for m, c in zip(models, caches, strict=True):
+                run(m, ids, mask, c)
+            for j in range(12):
+                m_j = torch.cat([mask, torch.ones(3, j + 1, dtype=torch.long)], 1)
+                got, want = (run(m, steps[:, j : j + 1], m_j, c) for m, c in zip(models, caches, strict=True))
+                assert caches[0].layers[0].n_quantized == caches[1].layers[0].n_quantized > 0
+                assert (got - want).abs().max() <= 1e-5 * want.std(), (j, (got - want).abs().max())
+                outs.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(outs[:12], outs[12:], strict=True))
+    assert _counts(models[0]) == ((26, 0) if not extra else (24, 2))
+
+
 def _reason(model, why: str, at_least: int = 1) -> None:
     report = engine_runtime(model).report()
     hits = sum(v for k, v in report["fallbacks"].items() if why in k)
@@ -146,8 +174,10 @@ def test_fallbacks_with_policies_run_the_module_path_and_say_why():
     assert _counts(tova) == (6, 3)
 
     kivi = with_policy("llama", "fp32", "kivi(residual_length=8,group_size=8)")
-    _generate(kivi, ids, n=6)
-    _reason(kivi, "holds KIVI codes", 5)
+    cache = new_cache(kivi)
+    run(kivi, ids, torch.ones_like(ids), cache)
+    run(kivi, ids[:, :3], torch.ones(1, 53, dtype=torch.long), cache)
+    _reason(kivi, "a window of 3 tokens over layer 0's KIVI codes")
 
     sliding = make_tiny("qwen2", 0, use_sliding_window=True, sliding_window=16, max_window_layers=2)
     ix.optimize(sliding, "growing_kv", "engine")

@@ -116,8 +116,9 @@ class EngineCache(DynamicCache):
         return sum(t.numel() * t.element_size() for ly in self.layers for t in (ly.kbuf, ly.vbuf) if t is not None)
 
 
-def storage_problem(cache: object, batch: int | None = None) -> str | None:
-    """Why the engine cannot read and write ``cache``'s storage (for a batch of ``batch`` rows), or None."""
+def storage_problem(cache: object, batch: int | None = None, tokens: int = 1) -> str | None:
+    """Why the engine cannot read and write ``cache``'s storage (for ``tokens`` new tokens in each of
+    ``batch`` rows), or None."""
     if not isinstance(cache, EngineCache | GrowingCache | EvictingCache):
         return (f"the cache is a {type(cache).__name__} (the engine runs EngineCache, GrowingCache and the KV "
                 "policies' EvictingCache / PolicyCache)")
@@ -125,9 +126,9 @@ def storage_problem(cache: object, batch: int | None = None) -> str | None:
         if not isinstance(layer, EngineLayer | GrowingLayer):
             return (f"layer {i} of the {type(cache).__name__} is a {type(layer).__name__} (the engine writes "
                     "EngineLayer / GrowingLayer / EvictingLayer storage)")
-        if isinstance(layer, EvictingLayer) and layer.n_quantized:
-            return (f"layer {i} holds KIVI codes (the engine attends over full-precision storage; KIVI's "
-                    "decoding steps read the codes on the module path)")
+        if isinstance(layer, EvictingLayer) and layer.n_quantized and tokens > 1:
+            return (f"a window of {tokens} tokens over layer {i}'s KIVI codes (the engine reads codes one "
+                    "token per row, with kivi_decode_attention)")
         keys = layer.keys
         if batch is not None and keys is not None and keys.dim() == 4 and keys.shape[-2] and keys.shape[0] != batch:
             return "the cache holds another batch size"

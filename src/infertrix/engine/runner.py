@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..core.model import decoder_layers, text_config
 from . import linears
 from .cache import begin, commit
+from .kivi import kivi_step, reads_codes
 from .plan import _norm, fingerprint, layer_plan
 
 _ops = torch.ops.infertrix
@@ -73,6 +74,9 @@ class Runner:
         a = _ops.rms_norm(x, self.layers[0].in_norm, self.layers[0].in_eps)
         h = x
         for store, lp in zip(cache.layers, self.layers, strict=True):
+            if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem)
+                h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
+                continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
             h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions, start,
                                      index, b)

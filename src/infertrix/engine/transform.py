@@ -124,7 +124,7 @@ class EngineRuntime:
         ids = kwargs["input_ids"]
         if ids.dim() != 2 or ids.shape[1] == 0:
             return f"input_ids of shape {tuple(ids.shape)}"
-        if why := storage_problem(cache, ids.shape[0]):
+        if why := storage_problem(cache, ids.shape[0], ids.shape[1]):
             return why
         if isinstance(cache, PolicyCache):
             return cache.engine_refusal(ids.shape[1])
