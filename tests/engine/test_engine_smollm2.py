@@ -86,3 +86,22 @@ def test_w8a8_prompt_lookup_is_token_identical(smollm2):
     for text in (TEXTS[0], TEXTS[2]):
         assert torch.equal(_alone(spec, tok, text, 48), _alone(plain, tok, text, 48)), text
     assert engine_runtime(spec).report()["module_forwards"] == 0
+def test_w4a8_snapkv_prompt_lookup_is_token_identical(smollm2):
+    """`w4a8,snapkv:0.5,pld` equals `w4a8,snapkv:0.5` (engine in both): SnapKV compresses the prompt on
+    the module path, then steps and verification windows run on the engine over its evicted cache."""
+    _, tok = smollm2
+    models = []
+    for extra in ([], ["pld"]):
+        model, _ = ix.models.load("smollm2")
+        ix.optimize(model, "w4a8(quantize_lm_head=true)", "snapkv:0.5", *extra, "engine")
+        models.append(model)
+    text = ("The cat sat on the mat. The dog sat on the rug. The bird sat on the branch. " * 4
+            + "Where did the cat sit? The cat sat on the")
+    enc = tok(text, return_tensors="pt")
+    outs = [_gen(m, enc.input_ids, enc.attention_mask) for m in models]
+    assert torch.equal(outs[1], outs[0])
+    for m in models:
+        report = engine_runtime(m).report()
+        assert report["module_forwards"] == 1, report  # the prompt, which SnapKV scores
+    kv = [t["report"] for t in ix.describe(models[1]).to_dict()["transforms"] if "tokens_stored" in t["report"]][0]
+    assert kv["tokens_stored"] < kv["tokens_seen"]

@@ -7,6 +7,12 @@ filled prefix), so a forward that falls back mid-generation reads and extends th
 Rolling back (``crop``, what speculative decoding does after a rejection) only moves the length.
 Every layer keeps all tokens; sliding-window layers get their window from the attention mask
 (module path) or the engine's attention bound, not from dropping storage.
+
+The engine also runs on the KV-cache transforms' storage (``kvcache/cache.py``'s contract:
+``reserve`` -> write -> ``commit``): :class:`~infertrix.kvcache.GrowingCache` and the policies'
+``EvictingCache`` / ``PolicyCache``, whose layers may hold fewer tokens than they have seen (evicted)
+and different counts per layer (PyramidKV). :func:`begin` gives the runner one layer's buffers, the
+slot its new tokens go to and each row's first valid slot; rotary positions stay the true ones.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any
 
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ..kvcache.cache import EvictingCache, EvictingLayer, GrowingCache, GrowingLayer
 
 
 class EngineLayer(DynamicLayer):
@@ -108,4 +116,49 @@ class EngineCache(DynamicCache):
         return sum(t.numel() * t.element_size() for ly in self.layers for t in (ly.kbuf, ly.vbuf) if t is not None)
 
 
-__all__ = ["EngineCache", "EngineLayer"]
+def storage_problem(cache: object, batch: int | None = None, tokens: int = 1) -> str | None:
+    """Why the engine cannot read and write ``cache``'s storage (for ``tokens`` new tokens in each of
+    ``batch`` rows), or None."""
+    if not isinstance(cache, EngineCache | GrowingCache | EvictingCache):
+        return (f"the cache is a {type(cache).__name__} (the engine runs EngineCache, GrowingCache and the KV "
+                "policies' EvictingCache / PolicyCache)")
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, EngineLayer | GrowingLayer):
+            return (f"layer {i} of the {type(cache).__name__} is a {type(layer).__name__} (the engine writes "
+                    "EngineLayer / GrowingLayer / EvictingLayer storage)")
+        if isinstance(layer, EvictingLayer) and layer.n_quantized and tokens > 1:
+            return (f"a window of {tokens} tokens over layer {i}'s KIVI codes (the engine reads codes one "
+                    "token per row, with kivi_decode_attention)")
+        keys = layer.keys
+        if batch is not None and keys is not None and keys.dim() == 4 and keys.shape[-2] and keys.shape[0] != batch:
+            return "the cache holds another batch size"
+    return None
+
+
+def begin(layer: DynamicLayer, like: Tensor, batch: int, kv_heads: int, t: int, head_dim: int,
+          pads: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
+    """Room for ``t`` new tokens in ``layer``: (key buffer, value buffer, the slot they go to, each
+    row's first valid slot). ``pads`` [B]: each row's left padding in position space; an evicting
+    layer evicts pads first and keeps the rest in order, so its first ``pads - evicted`` slots are
+    the kept pads (kvcache/cache.py's module docstring)."""
+    if isinstance(layer, EngineLayer):
+        index = layer.length
+        layer.reserve(like, batch, kv_heads, index + t, head_dim)
+        return layer.kbuf, layer.vbuf, index, pads
+    empty = like.new_empty(batch, kv_heads, 0, head_dim)
+    if not layer.is_initialized:
+        layer.lazy_initialization(empty, empty)
+    index = layer.reserve(t, empty, empty)
+    evicted = layer.cumulative_length - index if isinstance(layer, EvictingLayer) else 0
+    return layer.kbuf, layer.vbuf, index, (pads - evicted).clamp_min(0) if evicted else pads
+
+
+def commit(layer: DynamicLayer, t: int) -> None:
+    """Make the ``t`` tokens the engine wrote after :func:`begin` part of ``layer``."""
+    if isinstance(layer, EngineLayer):
+        layer.length += t
+    else:
+        layer.commit(t)
+
+
+__all__ = ["EngineCache", "EngineLayer", "begin", "commit", "storage_problem"]

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..core.model import decoder_layers, text_config
 from . import linears
-from .cache import EngineCache
+from .cache import begin, commit
+from .kivi import kivi_step, reads_codes
 from .plan import _norm, fingerprint, layer_plan
 
 _ops = torch.ops.infertrix
@@ -65,23 +66,25 @@ class Runner:
                        for key in self.rope_keys}
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, start: Tensor, positions: Tensor, cache: EngineCache, keep: int | Tensor) -> Tensor:
-        """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache``; row b's valid slots
-        begin at ``start[b]`` (left padding), its tokens sit at rotary ``positions`` [B, T]."""
+    def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor) -> Tensor:
+        """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache`` (an ``EngineCache`` or
+        a storage ``cache.storage_problem`` accepts); row b has ``pads[b]`` left-padding tokens, its
+        tokens sit at rotary ``positions`` [B, T]."""
         b, t = ids.shape
         kv, d = self.kv_heads, self.head_dim
-        index = cache.layers[0].length
-        need = index + t
         x = self.embed(ids).reshape(b * t, -1)
         self._tables(int(positions.max()) + 1, x)
         a = _ops.rms_norm(x, self.layers[0].in_norm, self.layers[0].in_eps)
         h = x
         for store, lp in zip(cache.layers, self.layers, strict=True):
-            store.reserve(x, b, kv, need, d)
             cos, sin = self.tables[lp.rope]
-            h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, store.kbuf, store.vbuf, cos, sin,
-                                     positions, start, index, b)
-            store.length = need
+            if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem)
+                h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
+                continue
+            kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
+            h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions, start,
+                                     index, b)
+            commit(store, t)
         a = a.view(b, t, -1)
         if isinstance(keep, Tensor):
             a = a[:, keep]

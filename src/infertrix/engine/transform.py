@@ -2,10 +2,11 @@
 engine on supported models, the module path otherwise, and say which ran and why.
 
 Applying it wraps the model instance's ``forward`` (never its class) and adds a ``generate``
-hook that passes a fresh :class:`EngineCache` when the caller passes no cache (a cache policy's
-own cache, or one the caller passes, keeps the module path). Each forward then takes the engine
-when everything it is asked for is supported, else the model's own forward with the same cache;
-``describe`` reports the counts of each path and every reason a forward fell back.
+hook that passes a fresh :class:`EngineCache` when the caller passes no cache (a KV-cache
+transform's own cache comes first: the engine runs on ``GrowingCache`` and the policies'
+``PolicyCache`` too, see ``cache.py``). Each forward then takes the engine when everything it is
+asked for is supported, else the model's own forward with the same cache; ``describe`` reports the
+counts of each path and every reason a forward fell back.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..core import Applied, Stage, Transform, register_transform
 from ..core.generation import CACHE_KWARGS, add_generate_hook, cache_argument, cache_argument_name
-from .cache import EngineCache
+from ..kvcache.attach import after_engine_forward
+from ..kvcache.policy_cache import PolicyCache
+from .cache import EngineCache, storage_problem
+from .kivi import reads_codes
 from .plan import fingerprint, why_unsupported
 from .runner import Runner
 
@@ -32,8 +36,11 @@ _HANDLED = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "us
 
 def _foreign(hooks: dict) -> bool:
     # transformers installs output-capturing hooks once outputs are requested; they record only
-    # while a forward asks for attentions / hidden states, which takes the module path anyway
-    return any(not getattr(fn, "__module__", "").startswith("transformers.") for fn in hooks.values())
+    # while a forward asks for attentions / hidden states, which takes the module path anyway.
+    # infertrix.kvcache's attention hooks act on a PolicyCache only, and the engine does their work
+    # (after_engine_forward) on the forwards it runs
+    return any(not getattr(fn, "__module__", "").startswith(("transformers.", "infertrix.kvcache."))
+               for fn in hooks.values())
 
 
 def user_hooks(model: nn.Module) -> str | None:
@@ -44,6 +51,10 @@ def user_hooks(model: nn.Module) -> str | None:
         if mod is not model and (_foreign(mod._forward_hooks) or _foreign(mod._forward_pre_hooks)):
             return f"forward hooks on {name}"
     return None
+
+
+def kivi_codes(cache) -> bool:
+    return any(reads_codes(layer) for layer in getattr(cache, "layers", ()))
 
 
 def left_padding_start(mask: Tensor, length: int) -> Tensor | None:
@@ -88,12 +99,10 @@ class EngineRuntime:
     def why_module(self, kwargs: dict[str, Any]) -> str | None:
         cache = cache_argument(kwargs)
         cfg = self.model.config
-        if not isinstance(cache, EngineCache):
-            if self.unsupported:
-                return self.unsupported
-            if cache is None:
-                return "no cache passed (generate passes an EngineCache)"
-            return f"the cache is a {type(cache).__name__}, not an EngineCache"
+        if cache is None:
+            return self.unsupported or "no cache passed (generate passes an EngineCache)"
+        if not isinstance(cache, EngineCache) and (why := storage_problem(cache)):
+            return self.unsupported or why
         if kwargs.get("use_cache") is False:
             return "use_cache=False"
         if kwargs.get("input_ids") is None:
@@ -120,9 +129,12 @@ class EngineRuntime:
         ids = kwargs["input_ids"]
         if ids.dim() != 2 or ids.shape[1] == 0:
             return f"input_ids of shape {tuple(ids.shape)}"
-        buf = cache.layers[0].kbuf
-        if cache.get_seq_length() and (buf is None or buf.shape[0] != ids.shape[0]):
-            return "the cache holds another batch size"
+        if why := storage_problem(cache, ids.shape[0], ids.shape[1]):
+            return why
+        if self.runner is not None and any(lp.ints[6] for lp in self.runner.layers) and kivi_codes(cache):
+            return "KIVI codes on a Gemma 3 model (the engine's KIVI step runs Llama-style layers only)"
+        if isinstance(cache, PolicyCache):
+            return cache.engine_refusal(ids.shape[1])
         return None
 
     def forward(self, inner, args: tuple, kwargs: dict[str, Any]):
@@ -153,6 +165,8 @@ class EngineRuntime:
                 return self._module(f"position_ids of shape {tuple(positions.shape)}", inner, (), kwargs)
             positions = positions.expand(b, t)
         logits = self.runner.forward(ids, start, positions.contiguous(), cache, kwargs.get("logits_to_keep", 0))
+        if isinstance(cache, PolicyCache):
+            after_engine_forward(self.model, cache, t)
         self.counts["engine"] += 1
         self.last = "engine"
         return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache})

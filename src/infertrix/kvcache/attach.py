@@ -282,6 +282,15 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
     return out
 
 
+def after_engine_forward(model: nn.Module, cache: PolicyCache, n: int) -> None:
+    """What the attention hooks do after a forward the decode engine ran on ``cache`` (``n`` new
+    tokens; the hooks were not called): the policy's bookkeeping, KIVI's flush, describe's stats."""
+    cache.after_engine(n)
+    setup = kv_setup(model)
+    if setup is not None:
+        setup.last_stats = cache_stats(cache)
+
+
 def kv_setup(model: nn.Module, create: bool = False) -> KVCacheSetup | None:
     """The model's KV-cache setup: its slot of the run-time record (:mod:`infertrix.core.state`)."""
     return family_state(model, "kvcache", (lambda: KVCacheSetup(model)) if create else None)

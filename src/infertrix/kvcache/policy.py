@@ -298,23 +298,10 @@ class KVPolicy(Transform):
     # -- called by the attention forward hook ------------------------------------------------------
     def after_attention(self, module, cache: PolicyCache, rank: int, hidden: Tensor, position_embeddings, mask):
         """Observe and, when due, compress layer ``rank`` of ``cache`` after its attention."""
-        if self.is_noop:
+        due = None if self.is_noop else self.count_forward(cache, rank, hidden.shape[1])
+        if due is None:
             return
         layer, state = cache.evicting_layers[rank], cache.states[rank]
-        state.extend(layer.stored_length)
-        n = hidden.shape[1]
-        due = n >= self.prefill_min_tokens  # prefill chunks compress; shorter forwards count as decoding
-        if not due and layer.cumulative_length == n and self.requested(n) < n:
-            # a whole prompt shorter than prefill_min_tokens is kept as it is: say so
-            cache.log.steps += 1
-            cache.log.note(f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed")
-        if not due:
-            state.steps_since_compress += n
-            due = bool(self.decode_interval) and state.steps_since_compress >= self.decode_interval
-            if not due and not self.observed_queries():
-                if self.decode_interval == 0:
-                    state.queries = None  # not kept up to date while decoding: drop rather than go stale
-                return
         new_q = self._new_queries(module, layer.recent, state, hidden, position_embeddings)
         keys, values = layer.full_keys_values()
         visible = visible_keys(mask, keys.shape[-2])
@@ -327,6 +314,26 @@ class KVPolicy(Transform):
         self.observe(ctx, new_q)
         if due:
             self.compress_layer(ctx)
+
+    def count_forward(self, cache: PolicyCache, rank: int, n: int) -> bool | None:
+        """Count a forward of ``n`` tokens on layer ``rank``: None when it neither scores nor
+        compresses (what the decode engine runs, ``PolicyCache.engine_refusal``), else whether a
+        compression is due."""
+        layer, state = cache.evicting_layers[rank], cache.states[rank]
+        state.extend(layer.stored_length)
+        due = n >= self.prefill_min_tokens  # prefill chunks compress; shorter forwards count as decoding
+        if not due and layer.cumulative_length == n and self.requested(n) < n:
+            # a whole prompt shorter than prefill_min_tokens is kept as it is: say so
+            cache.log.steps += 1
+            cache.log.note(f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed")
+        if not due:
+            state.steps_since_compress += n
+            due = bool(self.decode_interval) and state.steps_since_compress >= self.decode_interval
+            if not due and not self.observed_queries():
+                if self.decode_interval == 0:
+                    state.queries = None  # not kept up to date while decoding: drop rather than go stale
+                return None
+        return due
 
     def _new_queries(self, module, recent: int, state: LayerState, hidden: Tensor, position_embeddings):
         """This forward's queries ``observe`` needs, after buffering the ones ``score`` reads."""

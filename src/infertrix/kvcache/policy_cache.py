@@ -120,6 +120,30 @@ class PolicyCache(EvictingCache):
         if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
             self.layers[layer_idx].flush()
 
+    def engine_refusal(self, n: int) -> str | None:
+        """Why a forward of ``n`` new tokens must run on the module path, or None when the policy
+        neither scores nor compresses in it (the decode engine then runs it and calls
+        :meth:`after_engine`): scoring recomputes queries from the attention module's input."""
+        p = self.policy
+        if p is None or p.is_noop:
+            return None
+        name = type(p).__name__
+        if p.observed_queries():
+            return f"{name} observes attention at every forward (recomputed from the attention input on the module path)"
+        if n >= p.prefill_min_tokens:
+            return f"a prefill chunk of {n} tokens on a PolicyCache ({name} scores and compresses it on the module path)"
+        if p.decode_interval and any(s.steps_since_compress + n >= p.decode_interval for s in self.states):
+            return f"a decode-time compression step of {name} (decode_interval={p.decode_interval}) runs on the module path"
+        return None
+
+    def after_engine(self, n: int) -> None:
+        """What the attention hooks do after a forward of ``n`` tokens the engine ran (see
+        :meth:`engine_refusal`): the policy's counts, then KIVI's flush."""
+        for rank, i in enumerate(self.evicting_indices):
+            if self.policy is not None and not self.policy.is_noop:
+                self.policy.count_forward(self, rank, n)
+            self.layers[i].flush()
+
     def crop(self, max_length: int) -> None:
         for i, layer in enumerate(self.layers):
             seen = layer.get_seq_length()
