@@ -2,8 +2,8 @@
 
 Supported: decoder-only ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` models (RMSNorm, rotary
 attention with grouped heads, optional per-head query/key norms, optional sliding windows, a
-SiLU-gated MLP) in float32 whose linear layers are float32 ``nn.Linear``, ``W4A8Linear`` or
-``W8A8Linear`` (``linears.kind``). :func:`why_unsupported` names the first thing that is not.
+SiLU-gated MLP) in float32 whose linear layers are float32 ``nn.Linear``, ``W4A8Linear``,
+``W8A8Linear`` or ``W4A16Linear`` (``linears.kind``). :func:`why_unsupported` names the first thing that is not.
 """
 
 from __future__ import annotations
