@@ -49,6 +49,8 @@ CONFIGS = {
     "w8a8-rtn+engine": "w8a8(smooth_alpha=none),engine",
     "w4a8+head": "w4a8(quantize_lm_head=true)",
     "w4a8+head+engine": "w4a8(quantize_lm_head=true),engine",
+    "w4a16": "w4a16",
+    "w4a16+engine": "w4a16,engine",
 }
 # w8a8-rtn: the W8A8 kernels without SmoothQuant's calibration (same speed, no minutes of calibrating)
 DEFAULT_CONFIGS = ["fp32", "fp32+engine", "w8a8-rtn", "w8a8-rtn+engine", "w4a8+head", "w4a8+head+engine"]
