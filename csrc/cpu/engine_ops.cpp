@@ -324,24 +324,27 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     lo = sp[b];
     if (window > 0) lo = std::max(lo, hi - window + 1);
   };
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kKvBlock * D));
-  at::parallel_for(0, units * NB, grain, [&](int64_t b0, int64_t end) {
+  // one task per (row, token, kv head, block): the kv head's g query heads in turn, so the block's
+  // keys and values are read from memory once and from L1 for the other heads
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kKvBlock * D * g));
+  at::parallel_for(0, B * T * KV * NB, grain, [&](int64_t b0, int64_t end) {
     alignas(64) float s[kKvBlock];
     for (int64_t i = b0; i < end; ++i) {
-      const int64_t u = i / NB, blk = i % NB;
-      float* part = parts.data() + i * stride;
+      const int64_t blk = i % NB, kvh = (i / NB) % KV, bt = i / (NB * KV), b = bt / T, t = bt % T;
       int64_t lo, hi;
-      bounds(u, lo, hi);
-      const int64_t b = u / (T * H), t = (u / H) % T, h = u % H;
+      bounds(bt * H, lo, hi);
       const int64_t j0 = std::max(lo, sp[b] + blk * kKvBlock), j1 = std::min(hi + 1, sp[b] + (blk + 1) * kKvBlock);
-      if (j0 >= j1) {
-        part[0] = -INFINITY;
-        part[1] = 0.0f;
-        continue;
+      const int64_t kv = ((b * KV + kvh) * C) * D;
+      for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
+        float* part = parts.data() + ((bt * H + h) * NB + blk) * stride;
+        if (j0 >= j1) {
+          part[0] = -INFINITY;
+          part[1] = 0.0f;
+          continue;
+        }
+        const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
+        ENGINE_DISPATCH(isa, attend_block, qr, kp + kv, vp + kv, j0, j1, D, sc, s, part);
       }
-      const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
-      const int64_t kv = ((b * KV + h / g) * C) * D;
-      ENGINE_DISPATCH(isa, attend_block, qr, kp + kv, vp + kv, j0, j1, D, sc, s, part);
     }
   });
   // combine each query's blocks in block order
@@ -373,7 +376,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
 // The packed layout of infertrix::engine_layer (src/infertrix/ops/engine.py engine_layer_reference
 // documents it and is the reference): tensors = [mlp_norm, next_norm, q_norm?, k_norm?,
 // attn_out_norm?, mlp_out_norm?] then five per linear slot (fp32: weight, -, -, -, bias; w4a8:
-// qweight, scale, group_scale, zero?, bias; w8a8: qweight, scale, -, -, bias); ints = [heads,
+// qweight, scale, group_scale, zero?, bias; w8a8: qweight, scale, -, -, bias; w4a16: qweight, scales_and_zeros, -, -, bias); ints = [heads,
 // kv_heads, head_dim, n_qkv, n_gu, window, gelu] then (kind, in_features, group_size) per slot;
 // floats = [scaling, mlp_eps, next_eps, qn_eps, kn_eps, attn_out_eps, mlp_out_eps]. The optional
 // output norms and `gelu` are Gemma 3's layer (Llama-style layers leave them out).
@@ -398,6 +401,10 @@ at::Tensor call_linear(int64_t kind, int64_t in_features, int64_t group_size, co
                          .findSchemaOrThrow("infertrix::w8a8_linear", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
     return op.call(x, *get(0), *get(1), get(4));
+  }
+  if (kind == 3) {  // W4A16Linear's forward: torch's int4 kernel in bfloat16 (row by row), float32 out, + bias
+    at::Tensor y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), *get(0), group_size, *get(1)).to(at::kFloat);
+    return get(4).has_value() ? y + *get(4) : y;
   }
   TORCH_CHECK(kind == 0, "engine_layer: unknown linear kind ", kind);
   static auto op = c10::Dispatcher::singleton()

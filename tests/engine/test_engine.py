@@ -12,11 +12,11 @@ import infertrix as ix
 from infertrix.engine import EngineCache, engine_runtime
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
-KINDS = ["fp32", "w8a8", "w4a8"]
+KINDS = ["fp32", "w8a8", "w4a8", "w4a16"]
 # engine logits vs the module path's, max |diff| over the logits' std: the float kernels sum in
 # another order (fp32: rounding only); on quantized layers a rounding difference can flip an int8
-# activation code, which moves the logits by a quantization step
-TOLERANCE = {"fp32": 1e-5, "w8a8": 1e-3, "w4a8": 1e-3}
+# activation code, which moves the logits by a quantization step (w4a16: a bfloat16 rounding step)
+TOLERANCE = {"fp32": 1e-5, "w8a8": 1e-3, "w4a8": 1e-3, "w4a16": 1e-2}
 
 
 def tiny_gemma3(seed: int = 0, **overrides):
@@ -41,7 +41,7 @@ def build(arch: str, kind: str = "fp32", seed: int = 0, engine: bool = True):
             model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**TINY_COMMON, head_dim=16)).eval()
         else:  # mistral with a sliding window shorter than the tests' sequences
             model = tf.MistralForCausalLM(tf.MistralConfig(**TINY_COMMON, sliding_window=7)).eval()
-    recipe = {"fp32": [], "w8a8": ["w8a8(smooth_alpha=none)"], "w4a8": ["w4a8"]}[kind]
+    recipe = {"fp32": [], "w8a8": ["w8a8(smooth_alpha=none)"], "w4a8": ["w4a8"], "w4a16": ["w4a16"]}[kind]
     ix.optimize(model, *recipe, *(["engine"] if engine else []))
     return model
 
@@ -77,7 +77,7 @@ def _windows_equal(model, ids, full, first: int, width: int) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind", ["fp32", "w4a8"])
+@pytest.mark.parametrize("kind", ["fp32", "w4a8", "w4a16"])
 def test_window_and_thread_invariance(arch, kind):
     """Every position's logits are the same bits in the prompt, in 1-token steps, in windows of
     2..12 tokens, and at 1 or 2 threads."""
@@ -95,7 +95,7 @@ def test_window_and_thread_invariance(arch, kind):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind", ["fp32", "w8a8", "w4a8"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_padded_batch_rows_equal_single_rows(arch, kind):
     model = build(arch, kind)
     lengths = [9, 4, 13, 1, 7]
@@ -255,3 +255,21 @@ def test_layer_kernel_equals_its_reference(arch, kind):
         assert all(torch.equal(x, y) for x, y in zip(got + (kc, vc), want + (kr, vr), strict=True))
         if kind == "fp32":
             torch.library.opcheck(E.engine_layer, (h[:6], a[:6], *args, kc, vc, *tables, pos[:, :3], start, index, b))
+
+
+def test_w4a16_fuses_whole_blocks_only():
+    """torch's int4pack layout packs 64 output channels a block: whole blocks fuse bit for bit."""
+    from infertrix.quant.int4 import quantize_int4
+    from infertrix.quant.w4a16 import W4A16Linear
+
+    def mods(*ns):
+        g = torch.Generator().manual_seed(sum(ns))
+        return [W4A16Linear.from_int4(quantize_int4(torch.randn(n, 128, generator=g), 64, False, two_level=False),
+                                      None, torch.float32) for n in ns]
+
+    x = torch.randn(3, 128)
+    parts = mods(128, 64, 64)
+    want = torch.cat([m(x) for m in parts], -1)
+    fused = W4A16Linear.fuse(parts)
+    assert torch.equal(fused(x), want) and torch.equal(torch.cat([m(x) for m in parts], -1), want)
+    assert W4A16Linear.fuse(mods(64, 32, 32)) is None

@@ -59,9 +59,10 @@ def _attention_inputs(b, t, h, kvh, d, cap, seed):
     return q, k, v
 
 
-# (B, T, H, KV, D, index): one token, a window, odd head_dim, more than one KV block, GQA 9/3
+# (B, T, H, KV, D, index): one token, a window, odd head_dim, more than one KV block, GQA 9/3,
+# head_dim past the kernel's 8 vectors of value accumulators (with a tail)
 @pytest.mark.parametrize("case", [(1, 1, 2, 1, 8, 0), (2, 4, 6, 2, 12, 7), (3, 3, 9, 3, 64, 150),
-                                  (1, 12, 4, 4, 5, 60), (2, 1, 3, 1, 33, 200)])
+                                  (1, 12, 4, 4, 5, 60), (2, 1, 3, 1, 33, 200), (1, 2, 4, 2, 152, 70)])
 @pytest.mark.parametrize("window", [0, 50])
 def test_attention_matches_reference(isa, case, window):
     b, t, h, kvh, d, index = case

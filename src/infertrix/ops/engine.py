@@ -127,9 +127,17 @@ def _(q, k_cache, v_cache, start, index, scale, window):
     return q.new_empty(q.shape)
 
 
-LINEAR_KINDS = {"fp32": 0, "w4a8": 1, "w8a8": 2}
+LINEAR_KINDS = {"fp32": 0, "w4a8": 1, "w8a8": 2, "w4a16": 3}
 SKINNY_MAX_ROWS = 32  # ops/skinny_linear.py MAX_ROWS
 LAYER_INTS, LAYER_TENSORS = 7, 6  # engine_layer's leading ints / tensors, before the linear slots
+
+
+def w4a16(x: Tensor, qweight: Tensor, scales_and_zeros: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
+    """``W4A16Linear``'s arithmetic on float32 rows x [M, K]: torch's CPU int4 kernel in bfloat16
+    (which computes each row on its own), back to float32, plus the bias."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), qweight, group_size, scales_and_zeros)
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
 
 
 def _linear(kind: int, in_features: int, group_size: int, t: list[Tensor | None], x: Tensor) -> Tensor:
@@ -139,6 +147,8 @@ def _linear(kind: int, in_features: int, group_size: int, t: list[Tensor | None]
         return ops.w4a8_linear(x, t[0], t[1], t[2], t[3], in_features, group_size, t[4])
     if kind == 2:
         return ops.w8a8_linear(x, t[0], t[1], t[4])
+    if kind == 3:
+        return w4a16(x, t[0], t[1], group_size, t[4])
     # float32: the skinny kernel in chunks it keeps (torch's GEMM above them depends on the batch)
     return torch.cat([ops.skinny_linear(x[i : i + SKINNY_MAX_ROWS], t[0], t[4])
                       for i in range(0, x.shape[0], SKINNY_MAX_ROWS)])
@@ -163,7 +173,8 @@ def engine_layer_reference(
     ``tensors`` = [mlp_norm, next_norm, q_norm, k_norm, attn_out_norm, mlp_out_norm] (the last
     four may be None; Gemma 3 normalises the attention and MLP outputs before each residual add)
     then five per linear slot (fp32: weight, None, None, None, bias; w4a8: qweight, scale,
-    group_scale, zero, bias; w8a8: qweight, scale, None, None, bias); the slots are the q/k/v
+    group_scale, zero, bias; w8a8: qweight, scale, None, None, bias; w4a16: qweight,
+    scales_and_zeros, None, None, bias); the slots are the q/k/v
     group (``n_qkv`` slots whose outputs are concatenated), o_proj, the gate/up group (``n_gu``
     slots), down_proj. ``ints`` = [heads, kv_heads, head_dim, n_qkv, n_gu, window, gelu] (gelu:
     1 for the gelu_pytorch_tanh MLP, 0 for SiLU) then (kind, in_features, group_size) per slot

@@ -16,6 +16,7 @@ Lossy (weights only, plus bfloat16 rounding of activations and scales); needs no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ from .transform import QuantTransform
 
 TORCH_GROUPS = (256, 128, 64, 32)
 INNER_K_TILES = 2
+PACK_BLOCK_N = 64  # output channels per block of torch's CPU int4pack layout
 COMPUTE_DTYPE = torch.bfloat16  # what torch's int4 CPU op is fast with
 
 
@@ -84,6 +86,21 @@ class W4A16Linear(QuantizedLinear, kind="w4a16"):
         if bias is not None:
             mod.bias.copy_(bias.detach())
         return mod
+
+    @classmethod
+    def _fused(cls, mods: Sequence[W4A16Linear]) -> W4A16Linear | None:
+        """One group size, output sizes in whole blocks of 64 channels: torch's CPU int4pack layout
+        packs the weights in blocks of 64 output channels (a shorter last block differs), so whole
+        blocks concatenated compute each module's outputs bit for bit."""
+        first = mods[0]
+        if any(m.group_size != first.group_size or m.dtype != first.dtype or m.out_features % PACK_BLOCK_N
+               for m in mods):
+            return None
+        fused = cls(first.in_features, sum(m.out_features for m in mods), first.group_size, first.bias is not None,
+                    first.dtype)
+        fused._share_rows(mods, "qweight")
+        fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in mods], dim=1)
+        return fused
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
