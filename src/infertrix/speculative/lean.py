@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..engine.cache import EngineCache
 from ..core.parallel import tensor_parallel
+from ..engine.cache import EngineCache
 from ..engine.plan import fingerprint, why_unsupported
 from ..engine.runner import Runner
 from ..engine.transform import left_padding_start
