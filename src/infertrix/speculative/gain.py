@@ -153,6 +153,11 @@ class GainGuard(Drafter):
         else:
             st.backoff = BASE_HOLD
 
+    @property
+    def path(self) -> str | None:
+        """The wrapped drafter's draft path (engine or module), shown in ``describe``."""
+        return getattr(self.inner, "path", None)
+
     def inner_catches_up(self) -> bool:
         return bool(getattr(self.inner, "catches_up", False))
 
