@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import resource
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,20 +42,40 @@ def trimmed_rss() -> int:
     return current_rss()
 
 
-def peak_rss(fn: Callable[[], Any]) -> tuple[Any, int]:
+def peak_rss(fn: Callable[[], Any], interval_s: float = 0.001) -> tuple[Any, int]:
     """Run ``fn()`` and return ``(result, peak resident bytes of this process while it ran)``.
 
-    On Linux the kernel's high-water mark is reset first (``/proc/self/clear_refs``), so the
-    figure belongs to this piece of work; elsewhere it is the process's lifetime peak.
+    Two readings, the larger wins: on Linux the kernel's high-water mark, reset first
+    (``/proc/self/clear_refs``) so that it belongs to this piece of work, and a thread that
+    samples the resident size every ``interval_s`` while ``fn`` runs (some sandboxes neither
+    reset nor track the high-water mark). Where the reset is refused the kernel's figure is the
+    process's lifetime peak and only the sampled one is used. Memory that the allocator already
+    held resident (freed but not returned) is not new: start from :func:`trimmed_rss` to see it.
     """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        reset = True
     except OSError:
-        pass
-    result = fn()
-    hwm = _read_hwm()
-    return result, hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        reset = False
+    peak = current_rss()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.wait(interval_s):
+            peak = max(peak, current_rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, current_rss())
+    hwm = _read_hwm() if reset else None
+    return result, max(peak, hwm or 0)
 
 
 def kv_cache_bytes(cache) -> int:
