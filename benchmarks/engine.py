@@ -39,17 +39,18 @@ from benchmarks.report import markdown_table, write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LLAMA_VENV = HERE / ".venv-llamacpp"
+OFF = "engine(enabled=false)"  # the engine is on by default: the module-path rows turn it off
 CONFIGS = {
-    "fp32": "baseline",
+    "fp32": OFF,
     "fp32+engine": "engine",
-    "skinny": "skinny_linear",
-    "w8a8": "w8a8",
+    "skinny": f"skinny_linear,{OFF}",
+    "w8a8": f"w8a8,{OFF}",
     "w8a8+engine": "w8a8,engine",
-    "w8a8-rtn": "w8a8(smooth_alpha=none)",
+    "w8a8-rtn": f"w8a8(smooth_alpha=none),{OFF}",
     "w8a8-rtn+engine": "w8a8(smooth_alpha=none),engine",
-    "w4a8+head": "w4a8(quantize_lm_head=true)",
+    "w4a8+head": f"w4a8(quantize_lm_head=true),{OFF}",
     "w4a8+head+engine": "w4a8(quantize_lm_head=true),engine",
-    "w4a16": "w4a16",
+    "w4a16": f"w4a16,{OFF}",
     "w4a16+engine": "w4a16,engine",
 }
 # w8a8-rtn: the W8A8 kernels without SmoothQuant's calibration (same speed, no minutes of calibrating)

@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 SCHEMES = ["w8a8(smooth_alpha=none)", "w4a16(symmetric=true)", "w4a8(symmetric=true)"]
-TP_RECIPES = ["", "w8a8(smooth_alpha=none)", "w4a8(symmetric=true)", "w4a8", "snapkv:0.5", "pld"]
+TP_RECIPES = ["", "w8a8(smooth_alpha=none)", "w4a8(symmetric=true)", "w4a8", "snapkv:0.5", "pld(adaptive=false)"]
 
 
 def folder_name(recipe: str) -> str:

@@ -122,7 +122,8 @@ def test_restore_undoes_exactly_and_reports_irreversible():
     assert not torch.equal(m.lm_head.weight, before["lm_head.weight"])
     with pytest.warns(UserWarning, match="cannot be undone.*test: weights were overwritten"):
         rep = ix.restore(m)
-    assert rep.restored == ["_test_scale_lm_head"] and "_test_irreversible" in rep.not_restored
+    # the engine, on by default, is the newest record and goes first
+    assert rep.restored == ["engine", "_test_scale_lm_head"] and "_test_irreversible" in rep.not_restored
     assert not rep.complete
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -135,7 +136,7 @@ def test_full_restore_clears_state():
     ix.optimize(m, ScaleHead(2.0), CacheA())
     assert "generate" in m.__dict__
     rep = ix.restore(m)
-    assert rep.complete and rep.restored == ["_test_cache_a", "_test_scale_lm_head"]
+    assert rep.complete and rep.restored == ["engine", "_test_cache_a", "_test_scale_lm_head"]
     assert "generate" not in m.__dict__ and "_infertrix" not in m.__dict__
     assert ix.describe(m).transforms == []
 
@@ -180,7 +181,8 @@ def test_describe_reports_params_and_live_figures():
     ix.optimize(m, "_test_scale_lm_head:4")
     d = ix.describe(m)
     assert d.model_type == "mistral"
-    (entry,) = d.transforms
+    entry, engine = d.transforms
+    assert engine["name"] == "engine" and engine["by_default"] and not entry["by_default"]
     assert entry["name"] == "_test_scale_lm_head" and entry["stage"] == "weights"
     assert entry["params"] == {"factor": 4} and entry["report"] == {"factor_applied": 4}
     assert d.bytes_before == d.bytes_now > 0

@@ -22,7 +22,7 @@ from infertrix.core.transform import UnsupportedModelError
 
 RECIPES = [
     "w8a8(smooth_alpha=none)",
-    "w4a8,snapkv:0.5,pld",  # group 32 (whole groups on each rank), int4 head gathered
+    "w4a8,snapkv:0.5,pld(adaptive=false)",  # group 32 (whole groups on each rank), int4 head gathered
     "w4a8(group_size=-1,symmetric=true,quantize_lm_head=false),uniform_skip:0.25,kivi",
     "streaming_llm:0.5,draft_model",
 ]
@@ -69,6 +69,8 @@ def sharded(monkeypatch: pytest.MonkeyPatch):
     ("quantized_self", "bound to the original modules"),
     ("skinny", "load the model without tp_plan"),
     ("self_speculative", "measured times"),
+    ("pld", "give adaptive=false, e.g. pld(adaptive=false)"),
+    ("lookahead", "differ between ranks"),
 ])
 def test_refused_under_tensor_parallelism_with_the_reason(sharded, recipe: str, reason: str) -> None:
     before = {k: v.clone() for k, v in sharded.state_dict().items()}

@@ -20,11 +20,14 @@ def gen(model, ids, **kw):
         return model.generate(ids, **kw)
 
 
+@pytest.mark.parametrize("engine", ["engine(enabled=false)", "engine"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_generate_bit_identical_padded_batch(arch):
+def test_generate_bit_identical_padded_batch(arch, engine):
+    """Against the same model without GrowingKV, on each decode path (the engine is the default)."""
     plain = make_tiny(arch)
     grown = copy.deepcopy(plain)
-    ix.optimize(grown, GrowingKV(min_headroom=4))  # small headroom: several growths during the run
+    ix.optimize(plain, engine)
+    ix.optimize(grown, GrowingKV(min_headroom=4), engine)  # small headroom: several growths during the run
     ids = torch.randint(3, 128, (3, 9))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0

@@ -28,13 +28,16 @@ def test_snapkv_on_smollm2(smollm2):
         )
         return out.sequences[0, n:], torch.stack(out.logits, 1)
 
-    ref_tokens, ref_logits = gen()
+    ref_tokens, ref_logits = gen()  # transformers' own code: the module path
     try:
-        ix.optimize(model, kv.SnapKV(compression=0.0))
-        tokens, logits = gen()
-        assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+        ix.optimize(model)  # the engine alone (on by default)
+        engine_tokens, engine_logits = gen()
         ix.restore(model)
-        ix.optimize(model, kv.SnapKV(compression=0.5), kv.KIVI(bits=4))
+        ix.optimize(model, kv.SnapKV(compression=0.0))  # the engine runs every forward: nothing to score
+        tokens, logits = gen()
+        assert torch.equal(tokens, engine_tokens) and torch.equal(logits, engine_logits)
+        ix.restore(model)
+        ix.optimize(model, kv.SnapKV(compression=0.5), kv.KIVI(bits=4), "engine(enabled=false)")
         tokens, logits = gen()
         # the prompt's own forward attends to every token: its logits (the first answer token) are unchanged
         assert torch.equal(logits[:, 0], ref_logits[:, 0])

@@ -105,7 +105,7 @@ def test_loaded_model_saves_again_and_takes_runtime_transforms(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     assert torch.equal(logits(again, ids), ref)
     ix.optimize(again, "skinny_linear")  # runtime transforms go on top of a loaded model
-    assert [t["name"] for t in ix.describe(again).transforms] == ["w4a8", "skinny_linear"]
+    assert [t["name"] for t in ix.describe(again).transforms] == ["w4a8", "skinny_linear", "engine"]
 
 
 def _layer_kinds(model):

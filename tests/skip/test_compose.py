@@ -134,8 +134,9 @@ def test_adaskip_equals_its_plan_entered_after_prefill(kv):
     a, b = twin(), twin()
     x = ids(PROMPT).unsqueeze(0)
     t = AdaSkip(0.25)
-    ix.optimize(a, quant(), t, kv)
-    ix.optimize(b, quant(), kv)
+    # both on the module path: `b`'s plan, entered by hand, would put its steps there anyway
+    ix.optimize(a, quant(), t, kv, "engine(enabled=false)")
+    ix.optimize(b, quant(), kv, "engine(enabled=false)")
     got = greedy(a, x, NEW)
     plan = ix.skip.skip_state(a).controller.plan
     assert len(plan) > 0 and ix.skip.skip_state(a).controller.prefills == 1
@@ -175,7 +176,7 @@ def test_describe_after_skipping_quantized_layers():
     m = twin()
     ix.optimize(m, quant(), UniformSkip(count=2), "snapkv:0.5")
     described = ix.describe(m).transforms
-    assert [e["stage"] for e in described] == ["weights", "layers", "cache"]
+    assert [e["stage"] for e in described] == ["weights", "layers", "cache", "decoding"]  # and the engine
     assert described[1]["report"]["skipped"] == "2:layer, 5:layer"
     assert described[0]["report"]["layers"] == 7 * LAYERS and described[0]["report"]["bytes_after"] > 0
 

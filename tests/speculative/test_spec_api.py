@@ -94,7 +94,8 @@ def test_stats_and_describe():
 def test_restore_and_recipes():
     model = make_tiny("llama")
     ix.optimize(model, "pld:6(max_ngram=4)")
-    (t,) = ix.core.api.applied_transforms(model)
+    t, engine = ix.core.api.applied_transforms(model)
+    assert engine.name == "engine"  # on by default
     assert isinstance(t, PromptLookup) and t.num_tokens == 6 and t.max_ngram == 4
     assert "generate" in model.__dict__ and ix.speculative.speculative_stats(model).total.calls == 0
     ix.restore(model)
@@ -147,10 +148,13 @@ def test_errors():
     with pytest.raises(ConfigError, match="output_scores"):
         model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
     gemma = make_tiny("gemma3")
-    ix.optimize(gemma, PromptLookup(num_tokens=4))
+    ix.optimize(gemma, PromptLookup(num_tokens=4), "engine(enabled=false)")
     gids = torch.tensor([[0, 0, 5, 6, 7, 5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 9, 10, 11, 9, 10, 11, 9, 10, 11]])
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         gemma.generate(gids, attention_mask=(gids != 0).long(), do_sample=False, max_new_tokens=20)
+    ix.restore(gemma)  # on the engine (the default) the rows stay aligned, so the window is no problem
+    ix.optimize(gemma, PromptLookup(num_tokens=4))
+    assert gemma.generate(gids, attention_mask=(gids != 0).long(), do_sample=False, max_new_tokens=20).shape == (2, 32)
 
 
 def test_acceptance_rate_counts_tested_positions():

@@ -12,6 +12,7 @@ from conftest import make_tiny
 import infertrix as ix
 from infertrix.skip import SkipPlan, UniformSkip
 from infertrix.speculative import DraftModel, PromptLookup, QuantizedSelf, SelfSpeculative
+from infertrix.speculative.aligned import AlignedKV
 from infertrix.speculative.ragged import RaggedKV
 
 
@@ -42,7 +43,7 @@ def drafters():
 
 def plain_and_spec(model, transform, ids, mask, **kw):
     ref = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
-    ix.optimize(model, transform)
+    ix.optimize(model, *(transform if isinstance(transform, list) else [transform]))
     try:
         out = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
         stats = ix.speculative.speculative_stats(model).last
@@ -80,8 +81,9 @@ def test_eos_stops_rows_separately_and_pads(drafter, monkeypatch):
     # make a token that row 0 emits mid-way the eos, so rows stop at different steps
     eos = int(free[0, ids.shape[1] + 5])
     batches = []  # rows in the verification forwards: finished rows leave them (RaggedKV.retire)
-    extend = RaggedKV._extend
-    monkeypatch.setattr(RaggedKV, "_extend", lambda self, rows, keep: batches.append(len(rows)) or extend(self, rows, keep))
+    for kind in (RaggedKV, AlignedKV):  # the module path's rows, the engine's aligned rows
+        monkeypatch.setattr(kind, "_extend", lambda self, rows, keep, extend=kind._extend:
+                            batches.append(len(rows)) or extend(self, rows, keep))
     ref, out, stats = plain_and_spec(
         model, drafters()[drafter](), ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0
     )

@@ -25,6 +25,8 @@ from infertrix.speculative import tree as spec_tree
 from infertrix.speculative.drafter import Draft, Drafter
 from infertrix.speculative.transform import SpeculativeDecoding
 
+OFF = "engine(enabled=false)"  # tree verification runs on the module path (the engine runs no tree mask)
+
 
 class RandomTrees(Drafter):
     """Trees of random branches; with ``oracle`` (per row: prompt length, plain generate's tokens)
@@ -72,7 +74,8 @@ class TreeTest(SpeculativeDecoding):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_tree_greedy_identity_with_decoys(arch, batch, monkeypatch):
+@pytest.mark.parametrize("engine", [False, True])
+def test_tree_greedy_identity_with_decoys(arch, batch, engine, monkeypatch):
     model = make_tiny(arch)
     ids, mask = padded_batch(batch, seed=3 + batch)
     ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30)
@@ -80,16 +83,24 @@ def test_tree_greedy_identity_with_decoys(arch, batch, monkeypatch):
     steps = []
     real_step = spec_tree.tree_step
     monkeypatch.setattr("infertrix.speculative.loop.tree_step", lambda *a: steps.append(1) or real_step(*a))
-    _, out, stats = plain_and_spec(model, TreeTest(oracle=oracle, seed=batch), ids, mask, max_new_tokens=30)
+    t = TreeTest(oracle=oracle, seed=batch)
+    ix.optimize(model, *([t] if engine else [t, OFF]))
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30)
+    record = ix.speculative.speculative_stats(model)
+    ix.restore(model)
     assert torch.equal(ref, out)
-    assert steps and stats.accepted > stats.steps  # trees ran, and long paths were kept
+    if engine:  # the first branch of each tree is verified, and the stats say why
+        assert not steps and record.tree_path.startswith("first branch only: the decode engine's cache")
+    else:
+        assert steps and record.last.accepted > record.last.steps  # trees ran, and long paths were kept
+        assert record.tree_path == "token trees"
 
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_tree_greedy_identity_random_trees_eager(batch):
     model = make_tiny("llama", attn_implementation="eager")
     ids, mask = padded_batch(batch, seed=11)
-    ref, out, stats = plain_and_spec(model, TreeTest(seed=5), ids, mask, max_new_tokens=20)
+    ref, out, stats = plain_and_spec(model, [TreeTest(seed=5), OFF], ids, mask, max_new_tokens=20)
     assert torch.equal(ref, out)
     assert stats.drafted > 0
 
@@ -139,7 +150,7 @@ def test_tree_sampling_follows_model_distribution():
     model = _small_model()
     kw = dict(temperature=0.7, top_k=3, top_p=1.0)
     exact = exact_distribution(model, PROMPT, 0.7, 3)
-    ix.optimize(model, TreeTest(vocab=6, seed=1))
+    ix.optimize(model, TreeTest(vocab=6, seed=1), OFF)
     counts = sample_counts(model, PROMPT, calls=2, rows=1000, **kw)
     st = ix.speculative.speculative_stats(model).total
     ix.restore(model)
@@ -161,7 +172,7 @@ def test_tree_chi_square_detects_a_wrong_rule(monkeypatch):
         return None, p
 
     monkeypatch.setattr(spec_tree, "_multi_draft", first_allowed)
-    ix.optimize(model, TreeTest(vocab=6, seed=1))
+    ix.optimize(model, TreeTest(vocab=6, seed=1), OFF)
     counts = sample_counts(model, PROMPT, calls=1, rows=1000, temperature=0.7, top_k=3, top_p=1.0)
     ix.restore(model)
     stat, df = chi2(counts, exact)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -19,8 +19,9 @@ from torch import nn
 from .model import model_type, require_causal_lm, tensor_bytes
 from .parallel import check_tensor_parallel
 from .recipe import parse_recipe
+from .registry import available
 from .state import STATE_ATTR, state
-from .transform import Applied, ConflictError, Stage, Transform
+from .transform import Applied, ConflictError, Stage, Transform, UnsupportedModelError
 
 
 def _check_is_model(model: Any, verb: str) -> None:
@@ -74,40 +75,92 @@ def _check_conflicts(existing: list[Transform], new: list[Transform]) -> None:
             )
 
 
-def optimize(model: nn.Module, *transforms: Transform | str) -> nn.Module:
-    """Apply ``transforms`` (objects or recipe strings) to ``model`` in place and return it.
-
-    Raises ConfigError / ConflictError / UnsupportedModelError before changing anything when the
-    combination or the model is not supported (cache and decoding transforms need a model that
-    can ``generate``; TypeError when ``model`` is not a torch module). If a transform fails while applying, the ones this
-    call already applied are undone (where they can be) before the error propagates.
-    """
-    _check_is_model(model, "optimize")
-    new = sorted(_as_transforms(transforms), key=lambda t: int(t.stage))
+def _lift_defaults(model: nn.Module) -> list[Applied]:
+    """Undo the transforms ``optimize`` added on its own (always the newest records), newest first."""
     st = state(model)
-    fresh = st is None
-    _check_conflicts([a.transform for a in st.applied] if st else [], new)
-    check_tensor_parallel(model, new)
+    lifted: list[Applied] = []
+    while st is not None and st.applied and st.applied[-1].by_default and st.applied[-1].undo is not None:
+        a = st.applied.pop()
+        a.undo()
+        lifted.append(a)
+    return lifted
+
+
+def _defaults(model: nn.Module, present: list[Transform]) -> tuple[list[Transform], dict[str, str]]:
+    """The ``default_on`` transforms to add to ``model`` beside ``present``, and why others are not."""
+    add, off = [], {}
+    for cls in available().values():
+        if not cls.default_on or any(isinstance(t, cls) for t in present):
+            continue
+        t = cls()
+        if t.stage.acts_through_generate:
+            try:
+                require_causal_lm(model, t.name)
+            except UnsupportedModelError:
+                continue  # nothing generates, so there is nothing for it to do
+        why = t.default_problem(model)
+        if why:
+            off[t.name] = why
+        else:
+            add.append(t)
+    return add, off
+
+
+def _apply_all(model: nn.Module, new: list[Transform], defaults: list[Transform]) -> None:
+    st = state(model, create=True)
     done: list[Applied] = []
     try:
-        for t in new:
-            if t.stage.acts_through_generate:
-                require_causal_lm(model, t.name)
-            t.check_model(model)  # may fill the model's record (a draft built once for it)
-        st = state(model, create=True)
-        for t in new:
+        for t in new + defaults:
             applied = t.apply(model)
             if not isinstance(applied, Applied):
                 raise TypeError(f"{type(t).__name__}.apply must return an Applied record")
+            applied.by_default = any(t is d for d in defaults)
             done.append(applied)
             st.applied.append(applied)
     except BaseException:
-        st = state(model)
         for a in reversed(done):
             st.applied.remove(a)
             if a.undo is not None:
                 a.undo()
-        if fresh and st is not None and not st.applied and not st.generate_hooks:  # leave no record behind
+        raise
+
+
+def optimize(model: nn.Module, *transforms: Transform | str, defaults: bool = True) -> nn.Module:
+    """Apply ``transforms`` (objects or recipe strings) to ``model`` in place and return it.
+
+    Transforms marked ``default_on`` (the decode engine) are added too, last, unless the call or
+    the model has one already (``engine(enabled=false)`` is the opt-out) or ``defaults`` is False
+    (a model that is only a part of another, such as a speculative draft run by its target's
+    engine); ``describe`` says why one was not added. Raises ConfigError / ConflictError / UnsupportedModelError before changing
+    anything when the combination or the model is not supported (cache and decoding transforms
+    need a model that can ``generate``; TypeError when ``model`` is not a torch module). If a
+    transform fails while applying, the ones this call already applied are undone (where they
+    can be) and the model is left as it was before the error propagates.
+    """
+    _check_is_model(model, "optimize")
+    use_defaults = defaults
+    new = sorted(_as_transforms(transforms), key=lambda t: int(t.stage))
+    st = state(model)
+    fresh = st is None
+    lifted = _lift_defaults(model)
+    existing = [a.transform for a in st.applied] if st else []
+    try:
+        _check_conflicts(existing, new)
+        check_tensor_parallel(model, new)
+        defaults, off = _defaults(model, existing + new)
+        if not use_defaults:
+            defaults, off = [], {t.name: "optimize was called with defaults=False" for t in defaults} | off
+        for t in new + defaults:
+            if t.stage.acts_through_generate:
+                require_causal_lm(model, t.name)
+            t.check_model(model)  # may fill the model's record (a draft built once for it)
+        _apply_all(model, new, defaults)
+        state(model).defaults_off = off
+    except BaseException:
+        st = state(model)
+        if lifted:
+            _apply_all(model, [], [a.transform for a in reversed(lifted)])
+        elif fresh and st is not None and not st.applied and not st.generate_hooks:  # leave no record behind
             model.__dict__.pop(STATE_ATTR, None)
         raise
     return model
@@ -146,6 +199,7 @@ class Description:
     bytes_now: int
     transforms: list[dict[str, Any]]
     bytes_held: int = 0
+    not_added: dict[str, str] = field(default_factory=dict)  # default_on transform -> why optimize left it off
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +208,7 @@ class Description:
             "bytes_now": self.bytes_now,
             "bytes_held": self.bytes_held,
             "transforms": self.transforms,
+            "not_added": self.not_added,
         }
 
     def __str__(self) -> str:
@@ -165,11 +220,14 @@ class Description:
             lines.append("  no transforms applied")
         for t in self.transforms:
             params = ", ".join(f"{k}={v}" for k, v in t["changed_params"].items())
-            lines.append(f"  [{t['stage']}] {t['name']}({params})" + ("" if t["reversible"] else "  (irreversible)"))
+            tail = ("  (on by default)" if t["by_default"] else "") + ("" if t["reversible"] else "  (irreversible)")
+            lines.append(f"  [{t['stage']}] {t['name']}({params})" + tail)
             if t["held_bytes"]:
                 lines.append(f"      held outside the model: {mib(t['held_bytes'])}")
             for k, v in t["report"].items():
                 lines.append(f"      {k}: {_shown(k, v)}")
+        for name, why in self.not_added.items():
+            lines.append(f"  {name}: not added by default: {why}")
         return "\n".join(lines)
 
 
@@ -190,12 +248,14 @@ def describe(model: nn.Module) -> Description:
                 "params": a.transform.params(),
                 "changed_params": a.transform.changed_params(),
                 "reversible": a.reversible,
+                "by_default": a.by_default,
                 "held_bytes": tensor_bytes(model, kept) - own,
                 "report": a.report(),
             }
         )
     now = tensor_bytes(model, held)
-    return Description(model_type(model), st.original_bytes if st else now, now, entries, bytes_held=now - own)
+    return Description(model_type(model), st.original_bytes if st else now, now, entries, bytes_held=now - own,
+                       not_added=dict(st.defaults_off) if st else {})
 
 
 @dataclass

@@ -44,6 +44,7 @@ class ModelState:
     applied: list[Applied] = field(default_factory=list)
     generate_hooks: list[tuple[int, Callable]] = field(default_factory=list)
     original_bytes: int = 0
+    defaults_off: dict[str, str] = field(default_factory=dict)  # default_on transform -> why not added
     kvcache: Any = None
     speculative: Any = None
     skip: Any = None

@@ -71,6 +71,7 @@ class Applied:
     irreversible_reason: str | None = None
     report: Callable[[], dict[str, Any]] = field(default=lambda: {})
     held: Callable[[], Iterable[Tensor]] = field(default=lambda: ())
+    by_default: bool = False  # set by ``optimize`` on a transform it added on its own (``Transform.default_on``)
 
     @property
     def reversible(self) -> bool:
@@ -90,6 +91,12 @@ class Transform:
         transform (default: its name with default fields; None: skip, e.g. it needs a draft model).
       - ``use_when``: one line saying when to reach for this transform (the benchmark tables print
         it beside the figures that back it).
+      - ``default_on``: ``optimize`` adds it, with its default fields, to every model that can take
+        it (see :meth:`default_problem`) unless the call or the model already has one; such a
+        record is lifted off and put back last by each later ``optimize`` call, so it never
+        stands in the way of the stage order.
+      - ``same_weights``: True for a transform that changes only how the same weights are run
+        (the decode engine), so exporting the model has nothing of it to carry.
     Methods a subclass overrides: ``validate`` (raise :class:`ConfigError` naming the fix),
     ``check_model`` (raise :class:`UnsupportedModelError`), and ``apply``.
     """
@@ -100,6 +107,8 @@ class Transform:
     conflict_group: ClassVar[str | None] = None
     primary: ClassVar[str | None] = None
     use_when: ClassVar[str] = ""
+    default_on: ClassVar[bool] = False
+    same_weights: ClassVar[bool] = False  # only how the model runs: a saved or exported checkpoint needs nothing of it
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -116,6 +125,11 @@ class Transform:
         (``tp``: :class:`~infertrix.core.parallel.TensorParallel`), or None when it can. Asked only
         of sharded models; a family that works on shards (tested under torchrun) overrides it."""
         return "it has not been made to work on tensor-parallel shards; load the model without tp_plan"
+
+    def default_problem(self, model: nn.Module) -> str | None:
+        """Why ``optimize`` should not add this ``default_on`` transform to ``model`` on its own
+        (``describe`` shows the reason), or None."""
+        return None
 
     def apply(self, model: nn.Module) -> Applied:
         raise NotImplementedError(f"{type(self).__name__}.apply")

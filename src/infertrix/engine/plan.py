@@ -71,6 +71,18 @@ def _layer_problem(i: int, layer: nn.Module, gemma: bool) -> str | None:
     return None
 
 
+def _placement_problem(model: nn.Module) -> str | None:
+    """accelerate's dispatch replaces module forwards (weights brought in per call) and leaves meta
+    tensors behind: the engine, which reads the weights itself, would read those."""
+    for name, mod in model.named_modules():
+        if hasattr(mod, "_hf_hook"):
+            return f"{name or 'the model'} is dispatched by accelerate (device_map hooks move its weights per call)"
+    for name, p in model.named_parameters():
+        if p.device.type != "cpu":
+            return f"{name} is on {p.device} (the engine runs models whose weights are all on the CPU)"
+    return None
+
+
 def why_unsupported(model: nn.Module) -> str | None:
     """None when the engine can run ``model``, else why not (shown by ``describe``)."""
     if why := llama_shape_problem(model, SUPPORTED, "the engine runs", ("silu", "swish", "gelu_pytorch_tanh")):
@@ -79,6 +91,8 @@ def why_unsupported(model: nn.Module) -> str | None:
     if gemma and (why := _gemma_problem(model)):
         return why
     layers, inner = decoder_layers(model), model.model
+    if why := _placement_problem(model):
+        return why
     if inner.embed_tokens.weight.dtype != torch.float32:
         return f"{inner.embed_tokens.weight.dtype} weights (the engine runs float32 models)"
     for i, layer in enumerate(layers):

@@ -194,7 +194,11 @@ class Engine(Transform):
     decoder stack as a few fused kernels per layer, with logits that do not depend on the batch,
     the window of tokens or the thread count; anything unsupported runs the module path.
 
-    - ``enabled``: false keeps the module path everywhere (the opt-out).
+    On by default: ``optimize`` adds it to every model that generates (``default_on``), unless the
+    compiled extension is missing or the model is sharded by tensor parallelism (``describe`` then
+    says why it was not added); on a model it does not support it runs the module path and says so.
+
+    - ``enabled``: false keeps the module path everywhere (the opt-out: ``engine(enabled=false)``).
 
     Lossless in the sense of the module path's arithmetic to float32 rounding (another summation
     order; quantized layers are the same kernels). No extra weight memory (fused projections view
@@ -205,6 +209,8 @@ class Engine(Transform):
 
     stage: ClassVar[Stage] = Stage.DECODING
     primary: ClassVar[str | None] = "enabled"
+    default_on: ClassVar[bool] = True
+    same_weights: ClassVar[bool] = True
 
     enabled: bool = True
 
@@ -213,6 +219,17 @@ class Engine(Transform):
             return None
         return ("the engine runs each decoder layer as one fused op over whole weights and heads, with no "
                 "all-reduce between ranks; use engine(enabled=false) or load the model without tp_plan")
+
+    def default_problem(self, model: nn.Module) -> str | None:
+        from ..core.parallel import tensor_parallel
+        from ..ops import _extension
+
+        if _extension.load() is None:
+            return (f"the compiled extension is {_extension.load_error()} (the engine's PyTorch reference "
+                    "is slower than the module path); add `engine` to run it anyway")
+        if tensor_parallel(model) is not None:
+            return "the model is sharded by tensor parallelism (the engine runs whole layers)"
+        return None
 
     def apply(self, model: nn.Module) -> Applied:
         runtime = EngineRuntime(model)

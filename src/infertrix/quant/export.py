@@ -36,7 +36,8 @@ FORMATS = ("compressed-tensors",)
 
 def _refuse_runtime_transforms(model: nn.Module) -> None:
     st = state(model)
-    others = [a.transform.name for a in (st.applied if st else []) if not isinstance(a.transform, QuantTransform)]
+    others = [a.transform.name for a in (st.applied if st else [])
+              if not isinstance(a.transform, QuantTransform) and not a.transform.same_weights]
     cfg = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(cfg, InfertrixConfig) and cfg.skip:
         others.append(f"skip plan {cfg.skip.get('recipe')}")

@@ -43,6 +43,8 @@ class AlignedKV(RaggedKV):
     its logical tokens, ``seq[r]`` their ids, ``start[r]`` its first slot, ``real[r]`` the tokens
     with keys and values in the cache from there (slots after ``start[r] + real[r]`` are junk)."""
 
+    no_trees = "the decode engine's cache (the engine runs no tree mask; engine(enabled=false) verifies trees)"
+
     def __init__(self, model: nn.Module, cache, pad_token_id: int):
         super().__init__(model, cache, pad_token_id)
         self.seq: list[list[int]] = []

@@ -38,7 +38,7 @@ from .drafter import DraftContext, Drafter
 from .ragged import RaggedKV
 from .rows import Rows, Stopper, emit
 from .stats import SpeculativeStats, StatsRecord
-from .tree import tree_capable, tree_step
+from .tree import tree_problem, tree_step
 from .verify import verify_greedy, verify_sampling
 
 # Processors whose output depends only on the scores, never on the token history: they can be
@@ -152,6 +152,7 @@ class SpeculativeGenerate:
             if not any(live):
                 break
             call.step(rows, prompts, live)
+        self.record.tree_path = call.tree_path
 
         stats.tokens = sum(len(g) for g in rows.gen)
         out = rows.sequences(input_ids, pad_id)
@@ -194,6 +195,7 @@ class _Call:
         self.do_sample = do_sample
         self.cost = cost
         self.stats = stats
+        self.tree_path: str | None = None  # set when the drafter gives token trees (the stats record's)
 
     def warp(self, logits: Tensor) -> Tensor:
         """The processors a draft model's own distribution goes through (given to the drafter)."""
@@ -227,9 +229,12 @@ class _Call:
         drafts = [list(draft.tokens[b][: limits[b]]) if live[b] else [] for b in range(batch)]
         t1 = time.perf_counter()
         self.stats.draft_seconds += t1 - t0
-        if draft.trees is not None and any(draft.trees) and tree_capable(self.ragged):
-            tree_step(self, rows, draft.trees, live, limits, t1)  # several branches in one forward
-            return
+        if draft.trees is not None and any(draft.trees):
+            why = tree_problem(self.ragged)
+            self.tree_path = f"first branch only: {why}" if why else "token trees"
+            if why is None:
+                tree_step(self, rows, draft.trees, live, limits, t1)  # several branches in one forward
+                return
 
         self.ragged.retire([b for b in range(batch) if not live[b]])  # finished rows leave the forward
         feed = [[rows.gen[b][-1]] + drafts[b] if live[b] else [] for b in range(batch)]

@@ -59,7 +59,7 @@ def quantized_copy(model: nn.Module, quant) -> tuple[nn.Module, int]:
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     before = {i: (t.data_ptr(), t._version, _fingerprint(t)) for i, t in shared.items()}
     draft = copy_without_state(model, memo=shared)
-    optimize(draft, quant)
+    optimize(draft, quant, defaults=False)  # the draft runs on the target's engine runner, or its modules
     draft.eval()
     changed = [i for i, t in shared.items() if (t.data_ptr(), t._version, _fingerprint(t)) != before[i]]
     if changed:  # e.g. a rotation folded into the shared embedding: the target itself was changed

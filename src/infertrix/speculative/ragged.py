@@ -46,6 +46,8 @@ class RaggedKV:
     """A cache plus per-row attention mask and positions; ``extend`` feeds each row its own
     tokens, ``keep``/``rollback`` drop what a row did not keep."""
 
+    no_trees: str | None = None  # why this kind of cache cannot verify token trees (None: it can)
+
     def __init__(self, model: nn.Module, cache, pad_token_id: int):
         if not hasattr(cache, "crop"):
             raise UnsupportedModelError(

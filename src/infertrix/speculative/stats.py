@@ -57,7 +57,9 @@ class StatsRecord:
     total: SpeculativeStats = field(default_factory=SpeculativeStats)
     verify_path: str = "none yet"
     draft_path: str | None = None
+    tree_path: str | None = None  # drafts with token trees: verified as trees, or why the first branch only
 
     def report(self) -> dict[str, object]:
         paths = {"verify rows": self.verify_path} | ({"draft path": self.draft_path} if self.draft_path else {})
+        paths |= {"tree verify": self.tree_path} if self.tree_path else {}
         return {"last call": self.last.as_dict(), "all calls": self.total.as_dict(), **paths}

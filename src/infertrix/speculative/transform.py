@@ -35,7 +35,13 @@ class SpeculativeDecoding(Transform):
     conflict_group = "decoding"
 
     def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
-        return None  # drafts and verification read replicated token ids and logits: the same on every rank
+        # drafts and verification read replicated token ids and logits: the same on every rank, unless
+        # a draft's length follows measured times (the adaptive length and the never-slower guard)
+        if getattr(self, "adaptive", False):
+            return ("adaptive draft lengths and the never-slower guard follow measured times, which differ "
+                    "between ranks (their forwards would stop matching); give adaptive=false, e.g. "
+                    "pld(adaptive=false)")
+        return None
 
     def make_drafter(self, model: nn.Module) -> Drafter:
         raise NotImplementedError(f"{type(self).__name__}.make_drafter")

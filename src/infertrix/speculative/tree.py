@@ -77,10 +77,19 @@ class TokenTree:
         return out
 
 
-def tree_capable(ragged) -> bool:
-    """Whether this call's cache and attention can verify trees (else drafts fall back to a branch)."""
+def tree_problem(ragged) -> str | None:
+    """Why this call's cache and attention cannot verify trees (drafts then verify their first
+    branch only, and the speculative stats say so), or None."""
     impl = getattr(ragged.model.config, "_attn_implementation", None)
-    return ragged.window is None and capabilities(ragged.cache).select_rows and impl in TREE_ATTENTION
+    if ragged.no_trees:
+        return ragged.no_trees
+    if ragged.window is not None:
+        return "a sliding-window cache"
+    if not capabilities(ragged.cache).select_rows:
+        return "a cache that cannot select rows"
+    if impl not in TREE_ATTENTION:
+        return f"attention {impl!r} reads no custom mask"
+    return None
 
 
 def _layout(roots: list[int | None], trees: list[TokenTree], pad: int):
