@@ -10,7 +10,15 @@ from test_engine import TOLERANCE, _generate, _windows_equal, build, run, tokens
 
 import infertrix as ix
 from infertrix.engine import EngineCache, engine_runtime
-from infertrix.skip import AdaSkip, ApplySkipPlan, AttentionDrop, ShortGPT, SkipDecode, SkippedAttention, SkipPlan
+from infertrix.skip import (
+    AdaSkip,
+    ApplySkipPlan,
+    AttentionDrop,
+    ShortGPT,
+    SkipDecode,
+    SkippedAttention,
+    SkipPlan,
+)
 from infertrix.speculative import SelfSpeculative, speculative_stats
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
@@ -180,3 +188,17 @@ def test_toggling_a_plan_keeps_the_engine_plan():
         assert runtime.supported() and runtime.runner is runner
         assert runtime.report()["skips"] == {1: "skipped", 2: "mlp only"}
     assert runtime.supported() and runtime.runner is runner and "skips" not in runtime.report()
+
+
+def test_a_plan_with_a_kv_policy_says_why_and_growing_storage_runs_on_the_engine():
+    ids = tokens(40, 2)
+    plan = SkipPlan.of(layers=[2], attention=[1])
+    policy = build("llama", engine=False)
+    ix.optimize(policy, ApplySkipPlan(plan=plan), "snapkv:0.5", "engine")
+    _generate(policy, ids, n=3)
+    assert any("skip plan with a KV-cache policy" in k for k in engine_runtime(policy).report()["fallbacks"])
+    growing = build("llama", engine=False)
+    ix.optimize(growing, ApplySkipPlan(plan=plan), "growing_kv", "engine")
+    got = _generate(growing, ids, n=8)
+    assert engine_runtime(growing).report()["module_forwards"] == 0
+    assert torch.equal(got, _generate(with_plan("llama", plan, engine=False), ids, n=8))

@@ -26,7 +26,18 @@ from . import linears
 from .cache import begin, commit
 from .kivi import kivi_step, reads_codes
 from .plan import _norm, fingerprint, layer_plan
-from .skips import ATTN, FULL, MLP, NONE, attention_only, chain, layer_modes, layer_views, mlp_only
+from .skips import (
+    ATTN,
+    FULL,
+    MLP,
+    NONE,
+    attention_only,
+    chain,
+    is_mode,
+    layer_modes,
+    layer_views,
+    mlp_only,
+)
 
 _ops = torch.ops.infertrix
 TABLE_BLOCK = 256  # rotary table positions computed per call (fixed, so a position's values never change)
@@ -56,6 +67,13 @@ class Runner:
         self.sin: dict[str | None, list[Tensor]] = {key: [] for key in self.rope_keys}
         self.tables: dict[str | None, tuple[Tensor, Tensor]] = {}
         self.fingerprint = fingerprint(model)
+        self.chains: dict[tuple[bool, ...], list] = {}  # layer plans per set of skipped layers
+
+    def _chain(self, modes: list) -> list:
+        key = tuple(is_mode(m, NONE) for m in modes)
+        if key not in self.chains:
+            self.chains[key] = chain(self.layers, self.final, modes)
+        return self.chains[key]
 
     def _tables(self, need: int, like: Tensor) -> None:
         """cos/sin for positions [0, need), by the model's own rotary module, TABLE_BLOCK at a time
@@ -84,15 +102,15 @@ class Runner:
         x = self.embed(ids).reshape(b * t, -1)
         self._tables(int(positions.max()) + 1, x)
         modes = layer_modes(self.model, len(self.layers), positions, skip)
-        plans = self.layers if modes is None else chain(self.layers, self.final, modes)
+        plans = self.layers if modes is None else self._chain(modes)
         modes = modes or [FULL] * len(plans)
-        first = next((lp for lp, m in zip(plans, modes, strict=True) if not _is(m, NONE)), None)
+        first = next((lp for lp, m in zip(plans, modes, strict=True) if not is_mode(m, NONE)), None)
         a = _ops.rms_norm(x, *((first.in_norm, first.in_eps) if first is not None else self.final))
         h = x
         for store, lp, mode in zip(cache.layers, plans, modes, strict=True):
-            if _is(mode, NONE):
+            if is_mode(mode, NONE):
                 continue
-            if _is(mode, MLP):  # attention skipped: no KV written for this layer
+            if is_mode(mode, MLP):  # attention skipped: no KV written for this layer
                 h, a = mlp_only(h, lp)
                 continue
             cos, sin = self.tables[lp.rope]
@@ -100,7 +118,7 @@ class Runner:
                 h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
                 continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
-            if _is(mode, ATTN):
+            if is_mode(mode, ATTN):
                 h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b)
             else:
                 out, a_out = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions,
@@ -120,7 +138,3 @@ class Runner:
             a = a[:, -keep:]
         kept = a.shape[1]
         return self.head(a.reshape(b * kept, -1)).view(b, kept, -1)
-
-
-def _is(mode, name: str) -> bool:
-    return isinstance(mode, str) and mode == name

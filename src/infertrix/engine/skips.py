@@ -113,7 +113,7 @@ def chain(layers: list, final: tuple[Tensor, float], modes: list[Mode]) -> list:
     residual add is fused with that norm), the final norm after the last."""
     out = []
     for i, lp in enumerate(layers):
-        j = next((k for k in range(i + 1, len(layers)) if not _skipped(modes[k])), None)
+        j = next((k for k in range(i + 1, len(layers)) if not is_mode(modes[k], NONE)), None)
         if j == i + 1:
             out.append(lp)
             continue
@@ -122,8 +122,8 @@ def chain(layers: list, final: tuple[Tensor, float], modes: list[Mode]) -> list:
     return out
 
 
-def _skipped(mode: Mode) -> bool:
-    return isinstance(mode, str) and mode == NONE
+def is_mode(mode: Mode, name: str) -> bool:
+    return isinstance(mode, str) and mode == name
 
 
 def mlp_only(h: Tensor, lp) -> tuple[Tensor, Tensor]:
@@ -159,11 +159,3 @@ def attention_only(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Te
         attn = _ops.rms_norm(attn, t[4], f[5])
     return _ops.add_rms_norm(attn, h, t[1], f[2])
 
-
-def describe_modes(modes: list[Mode] | None) -> str:
-    """A short account of the skipped units for ``describe``."""
-    if modes is None:
-        return "every layer"
-    parts = [f"{i}: {'per position' if isinstance(m, Tensor) else m}" for i, m in enumerate(modes)
-             if not (isinstance(m, str) and m == FULL)]
-    return ", ".join(parts) or "every layer"

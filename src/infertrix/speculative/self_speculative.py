@@ -4,10 +4,12 @@ Zhang et al., "Draft & Verify: Lossless Large Language Model Acceleration via Se
 Decoding" (ACL 2024, https://arxiv.org/abs/2309.08168); Xia et al., "SWIFT: On-the-Fly
 Self-Speculative Decoding for LLM Inference Acceleration" (ICLR 2025,
 https://arxiv.org/abs/2410.06916). No second model: drafting runs the target itself under a plan
-of the skip family (:class:`~infertrix.skip.SkipPlan`, applied around each draft forward with
+of the skip family (:class:`~infertrix.skip.SkipPlan`, on the module path applied around each draft forward with
 ``plan.active(model)``, or a :class:`~infertrix.skip.SkipStrategy` such as ``AttentionDrop`` that
 picks one for the model), or under any ``plan(model)`` context manager that changes the model on
-entry and undoes it on exit. The draft keeps its own KV
+entry and undoes it on exit. A skip plan drafts on the decode engine where it runs the model (the
+engine skips the plan's units per forward, no module is swapped); a context drafts on the module
+path. The draft keeps its own KV
 cache (:class:`~.draft_model.DraftModelDrafter`), so the plan's cache never mixes with the
 verifier's. Lossless whatever the plan: a poor plan only lowers acceptance.
 
