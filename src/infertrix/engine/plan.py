@@ -7,7 +7,9 @@ rotary tables, Gemma's RMSNorm ``x * (1 + w)``, norms on the attention and MLP o
 ``query_pre_attn_scalar`` scaling, the scaled embedding, a gelu_pytorch_tanh-gated MLP) in float32
 whose linear layers are float32 ``nn.Linear``, ``W4A8Linear``, ``W8A8Linear`` or
 ``W4A16Linear`` (``linears.kind``).
-:func:`why_unsupported` names the first thing that is not.
+:func:`why_unsupported` names the first thing that is not. Both read the layers as they are
+without the skip plans applied now (``skips.layer_views``): the engine skips what the plans skip
+per forward.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core.model import decoder_layers, llama_shape_problem, model_type, norm_eps, text_config
+from ..core.model import llama_shape_problem, model_type, norm_eps, text_config
 from . import linears
+from .skips import layer_views, view_fingerprint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 GEMMA = "gemma3_text"
@@ -50,16 +53,16 @@ def _gemma_problem(model: nn.Module) -> str | None:
     return None
 
 
-def _layer_problem(i: int, layer: nn.Module, gemma: bool) -> str | None:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+def _layer_problem(i: int, layer: nn.Module, attn: nn.Module | None, mlp: nn.Module | None, gemma: bool) -> str | None:
     if attn is None or mlp is None:
-        return f"layer {i} has no self_attn / mlp (a skip plan, or another architecture)"
+        return f"layer {i} has no self_attn / mlp (another architecture, or a layer swapped outside infertrix.skip's plans)"
     names = {f"self_attn.{n}": getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     names |= {f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
     for name, mod in names.items():
         if mod is None:
             owner = attn if name.startswith("self_attn") else mlp
-            return f"layer {i} has no {name} (its {name.split('.')[0]} is a {type(owner).__name__}: a skip plan, MoE or another architecture)"
+            return (f"layer {i} has no {name} (its {name.split('.')[0]} is a {type(owner).__name__}: MoE, another "
+                    "architecture, or a module swapped outside infertrix.skip's plans)")
         if why := linears.why_not(mod, f"layer {i} {name}"):
             return why
     for name in _LAYER_NORMS[gemma]:
@@ -90,13 +93,13 @@ def why_unsupported(model: nn.Module) -> str | None:
     gemma = model_type(model) == GEMMA
     if gemma and (why := _gemma_problem(model)):
         return why
-    layers, inner = decoder_layers(model), model.model
+    inner = model.model
     if why := _placement_problem(model):
         return why
     if inner.embed_tokens.weight.dtype != torch.float32:
         return f"{inner.embed_tokens.weight.dtype} weights (the engine runs float32 models)"
-    for i, layer in enumerate(layers):
-        if why := _layer_problem(i, layer, gemma):
+    for i, (layer, attn, mlp) in enumerate(layer_views(model)):
+        if why := _layer_problem(i, layer, attn, mlp, gemma):
             return why
     if why := _norm_problem(inner.norm, "the final norm"):
         return why
@@ -128,9 +131,10 @@ def _norm(norm: nn.Module | None) -> tuple[Tensor, float] | None:
     return (1.0 + w.float() if type(norm).__name__ in _GEMMA_NORMS else w), norm_eps(norm)
 
 
-def layer_plan(model: nn.Module, layer: nn.Module, next_norm: tuple[Tensor, float]) -> LayerPlan:
-    """Pack ``layer`` (``next_norm``: the following layer's input norm, or the final norm)."""
-    attn, mlp = layer.self_attn, layer.mlp
+def layer_plan(model: nn.Module, layer: nn.Module, attn: nn.Module, mlp: nn.Module,
+               next_norm: tuple[Tensor, float]) -> LayerPlan:
+    """Pack ``layer`` with its ``attn`` and ``mlp`` (``next_norm``: the following layer's input
+    norm, or the final norm)."""
     cfg = text_config(model)
     gemma = model_type(model) == GEMMA
     if model_type(model) == "mistral":
@@ -163,5 +167,6 @@ def layer_plan(model: nn.Module, layer: nn.Module, next_norm: tuple[Tensor, floa
 
 
 def fingerprint(model: nn.Module) -> tuple[int, ...]:
-    """Identities of the modules a plan reads: a plan is stale when any was swapped."""
-    return tuple(id(m) for m in model.modules())
+    """Identities of the modules a plan reads: a plan is stale when any was swapped (other than by
+    a skip plan, which the engine follows per forward)."""
+    return view_fingerprint(model)

@@ -10,6 +10,10 @@ model instead of transformers' thousands of small ops.
 Every step is row-invariant (``ops/engine.py``, ``linears.py``), so a token's logits are the same
 bits in a 1-token step, inside a window of tokens, as a row of a left-padded batch, in the prompt,
 and at any thread count.
+
+Skip plans (``skips.py``): the plan packs every layer as it is without them, and each forward skips
+what the model's skip state (and a self-speculation draft's plan) skips: a whole layer costs
+nothing, a layer with one sublayer skipped runs the other's ops one by one.
 """
 
 from __future__ import annotations
@@ -17,11 +21,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core.model import decoder_layers, text_config
+from ..core.model import text_config
 from . import linears
 from .cache import begin, commit
 from .kivi import kivi_step, reads_codes
 from .plan import _norm, fingerprint, layer_plan
+from .skips import (
+    ATTN,
+    FULL,
+    MLP,
+    NONE,
+    attention_only,
+    chain,
+    is_mode,
+    layer_modes,
+    layer_views,
+    mlp_only,
+)
 
 _ops = torch.ops.infertrix
 TABLE_BLOCK = 256  # rotary table positions computed per call (fixed, so a position's values never change)
@@ -33,11 +49,14 @@ class Runner:
     def __init__(self, model: nn.Module):
         cfg = text_config(model)
         inner = model.model
+        self.model = model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
-        layers = list(decoder_layers(model))
-        nexts = [_norm(layer.input_layernorm) for layer in layers[1:]] + [_norm(inner.norm)]
-        self.layers = [layer_plan(model, layer, nxt) for layer, nxt in zip(layers, nexts, strict=True)]
+        views = layer_views(model)
+        self.final = _norm(inner.norm)
+        nexts = [_norm(layer.input_layernorm) for layer, _, _ in views[1:]] + [self.final]
+        self.layers = [layer_plan(model, layer, attn, mlp, nxt)
+                       for (layer, attn, mlp), nxt in zip(views, nexts, strict=True)]
         self.head = linears.linear(model.get_output_embeddings())
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -48,6 +67,13 @@ class Runner:
         self.sin: dict[str | None, list[Tensor]] = {key: [] for key in self.rope_keys}
         self.tables: dict[str | None, tuple[Tensor, Tensor]] = {}
         self.fingerprint = fingerprint(model)
+        self.chains: dict[tuple[bool, ...], list] = {}  # layer plans per set of skipped layers
+
+    def _chain(self, modes: list) -> list:
+        key = tuple(is_mode(m, NONE) for m in modes)
+        if key not in self.chains:
+            self.chains[key] = chain(self.layers, self.final, modes)
+        return self.chains[key]
 
     def _tables(self, need: int, like: Tensor) -> None:
         """cos/sin for positions [0, need), by the model's own rotary module, TABLE_BLOCK at a time
@@ -66,24 +92,44 @@ class Runner:
                        for key in self.rope_keys}
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor) -> Tensor:
+    def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor, skip=None) -> Tensor:
         """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache`` (an ``EngineCache`` or
         a storage ``cache.storage_problem`` accepts); row b has ``pads[b]`` left-padding tokens, its
-        tokens sit at rotary ``positions`` [B, T]."""
+        tokens sit at rotary ``positions`` [B, T]. The skip plans applied to the model now are
+        followed, and ``skip`` (a ``SkipPlan``: a self-speculation draft's) on top of them."""
         b, t = ids.shape
         kv, d = self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(b * t, -1)
         self._tables(int(positions.max()) + 1, x)
-        a = _ops.rms_norm(x, self.layers[0].in_norm, self.layers[0].in_eps)
+        modes = layer_modes(self.model, len(self.layers), positions, skip)
+        plans = self.layers if modes is None else self._chain(modes)
+        modes = modes or [FULL] * len(plans)
+        first = next((lp for lp, m in zip(plans, modes, strict=True) if not is_mode(m, NONE)), None)
+        a = _ops.rms_norm(x, *((first.in_norm, first.in_eps) if first is not None else self.final))
         h = x
-        for store, lp in zip(cache.layers, self.layers, strict=True):
+        for store, lp, mode in zip(cache.layers, plans, modes, strict=True):
+            if is_mode(mode, NONE):
+                continue
+            if is_mode(mode, MLP):  # attention skipped: no KV written for this layer
+                h, a = mlp_only(h, lp)
+                continue
             cos, sin = self.tables[lp.rope]
-            if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem)
+            if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem), whole layers
                 h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
                 continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
-            h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions, start,
-                                     index, b)
+            if is_mode(mode, ATTN):
+                h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b)
+            else:
+                out, a_out = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions,
+                                               start, index, b)
+                if isinstance(mode, Tensor):  # SkipDecode: these columns keep their input (KV still written)
+                    cols = mode.repeat(b)[:, None]
+                    a = torch.where(cols, _ops.rms_norm(h, lp.tensors[1], lp.floats[2]), a_out)
+                    out = torch.where(cols, h, out)
+                else:
+                    a = a_out
+                h = out
             commit(store, t)
         a = a.view(b, t, -1)
         if isinstance(keep, Tensor):

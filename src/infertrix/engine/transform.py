@@ -24,32 +24,53 @@ from ..core import Applied, Stage, Transform, register_transform
 from ..core.generation import CACHE_KWARGS, add_generate_hook, cache_argument, cache_argument_name
 from ..kvcache.attach import after_engine_forward
 from ..kvcache.policy_cache import PolicyCache
+from ..skip.state import skip_state
 from .cache import EngineCache, storage_problem
 from .kivi import reads_codes
 from .plan import fingerprint, why_unsupported
 from .runner import Runner
+from .skips import skipped_units
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 _HANDLED = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "use_cache", "return_dict",
             "cache_position", "output_attentions", "output_hidden_states", *CACHE_KWARGS}
 
 
-def _foreign(hooks: dict) -> bool:
+def _foreign(hooks: dict, known: object) -> bool:
     # transformers installs output-capturing hooks once outputs are requested; they record only
     # while a forward asks for attentions / hidden states, which takes the module path anyway.
     # infertrix.kvcache's attention hooks act on a PolicyCache only, and the engine does their work
-    # (after_engine_forward) on the forwards it runs
+    # (after_engine_forward) on the forwards it runs. AdaSkip's controller (``known``) acts on
+    # prompts only, which take the module path (EngineRuntime.why_module)
     return any(not getattr(fn, "__module__", "").startswith(("transformers.", "infertrix.kvcache."))
-               for fn in hooks.values())
+               and (known is None or getattr(fn, "__self__", None) is not known) for fn in hooks.values())
 
 
 def user_hooks(model: nn.Module) -> str | None:
     """The first module with forward hooks (the engine would not call them), or None."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks are registered"
+    st = skip_state(model)
+    known = st.controller if st is not None else None
     for name, mod in model.named_modules():
-        if mod is not model and (_foreign(mod._forward_hooks) or _foreign(mod._forward_pre_hooks)):
+        if mod is not model and (_foreign(mod._forward_hooks, known) or _foreign(mod._forward_pre_hooks, known)):
             return f"forward hooks on {name}"
+    return None
+
+
+def skip_problem(model: nn.Module, cache, ids: Tensor) -> str | None:
+    """Why this forward takes the module path because of the skip family, or None."""
+    st = skip_state(model)
+    if st is None or not (st.handles or st.schedule or st.controller):
+        return None
+    if st.controller is not None and cache.get_seq_length() == 0:
+        return "AdaSkip measures the prompt's sublayers (its hooks run on the module path)"
+    if not (skipped_units(model) or st.schedule):
+        return None
+    if isinstance(cache, PolicyCache):
+        return "a skip plan with a KV-cache policy's cache (the policy counts every layer's tokens)"
+    if kivi_codes(cache):
+        return "a skip plan with KIVI codes (the engine's KIVI step runs whole layers)"
     return None
 
 
@@ -133,6 +154,8 @@ class EngineRuntime:
             return why
         if self.runner is not None and any(lp.ints[6] for lp in self.runner.layers) and kivi_codes(cache):
             return "KIVI codes on a Gemma 3 model (the engine's KIVI step runs Llama-style layers only)"
+        if why := skip_problem(self.model, cache, ids):
+            return why
         if isinstance(cache, PolicyCache):
             return cache.engine_refusal(ids.shape[1])
         return None
@@ -184,7 +207,7 @@ class EngineRuntime:
             "engine_forwards": engine,
             "module_forwards": sum(self.counts.values()) - engine,
             "fallbacks": {k.removeprefix("module: "): v for k, v in self.counts.items() if k != "engine"},
-        }
+        } | ({"skips": skips} if (skips := skipped_units(self.model)) else {})
 
 
 @register_transform("engine")

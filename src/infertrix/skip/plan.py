@@ -289,7 +289,13 @@ class SkipPlan:
                 )
 
     def apply(self, model: nn.Module) -> SkipHandle:
-        """Swap the planned modules of ``model`` for pass-through modules; ``handle.undo()`` reverts."""
+        """Swap the planned modules of ``model`` for pass-through modules; ``handle.undo()`` reverts.
+
+        The handle is listed in the model's skip state while applied (when the model carries an
+        infertrix record), which is where the decode engine reads what is skipped."""
+        from ..core.state import state
+        from .state import skip_state
+
         self.validate(model)
         layers = decoder_layers(model)
         swaps: list[tuple[nn.Module, str, nn.Module]] = []
@@ -316,7 +322,11 @@ class SkipPlan:
         except BaseException:
             SkipHandle(self, swaps).undo()
             raise
-        return SkipHandle(self, swaps)
+        handle = SkipHandle(self, swaps)
+        if state(model) is not None:
+            handle.registry = skip_state(model, create=True).handles
+            handle.registry.append(handle)
+        return handle
 
     @contextmanager
     def active(self, model: nn.Module) -> Iterator[SkipHandle]:
@@ -339,6 +349,7 @@ class SkipHandle:
     plan: SkipPlan
     swaps: list[tuple[nn.Module, str, nn.Module]]
     undone: bool = False
+    registry: list[SkipHandle] | None = field(default=None, repr=False)  # the skip state's handles
 
     def held(self) -> list[Tensor]:
         """The tensors of the modules swapped out (kept for ``undo``), for describe."""
@@ -356,6 +367,8 @@ class SkipHandle:
             else:
                 setattr(parent, attr, original)
         self.undone = True
+        if self.registry is not None:
+            self.registry[:] = [h for h in self.registry if h is not self]
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError
 from .calibrated import CalibratedStrategy
 from .plan import SkipEntry, SkipPlan
+from .state import skip_state
 from .strategy import plan_report, skippable, units_for_budget
 
 ORDERS = ("lower", "block_influence", "uniform")
@@ -127,8 +128,10 @@ class SkipDecode(CalibratedStrategy):
         layers = decoder_layers(model)
         sched = self.schedule(model)
         originals = {i: layers[i] for i, _ in sched}
+        st = skip_state(model, create=True)
         for i, t in sched:
             layers[i] = ScheduledLayer(originals[i], t)
+            st.schedule[i] = (layers[i], originals[i], t)
 
         plan = self.plan(model)
         from ..quant import checkpoint
@@ -138,6 +141,7 @@ class SkipDecode(CalibratedStrategy):
         def undo() -> None:
             for i, layer in originals.items():
                 layers[i] = layer
+                st.schedule.pop(i, None)
             checkpoint.erase(model, "skip")
 
         return Applied(

@@ -20,11 +20,17 @@ class SkipState:
     applied to a second model measures that model, and strategies sharing an input share one pass;
     kept until ``restore``, so planning again after a plan is applied reads the model as it was
     measured). ``controller``: AdaSkip's per-prompt controller while AdaSkip is applied (its
-    ``plan`` is the last prompt's, ``prefills`` the prompts measured).
+    ``plan`` is the last prompt's, ``prefills`` the prompts measured). ``handles``: the
+    :class:`~.plan.SkipHandle` of every plan applied to the model now (by a strategy, ``active``,
+    AdaSkip's controller), removed by their undo. ``schedule``: SkipDecode's wrapped layers, by
+    index: (the wrapper, the layer it wraps, its first skipped position). The decode engine reads
+    what is skipped from these two, and the skipped modules from the handles.
     """
 
     similarities: dict[tuple, tuple[tuple, Similarities]] = field(default_factory=dict)
     controller: Any = None
+    handles: list[Any] = field(default_factory=list)
+    schedule: dict[int, tuple[nn.Module, nn.Module, int]] = field(default_factory=dict)
 
     def keep(self, inputs: tuple, sims: Similarities) -> None:
         self.similarities[_key(inputs)] = (inputs, sims)  # holding `inputs` keeps their ids unique

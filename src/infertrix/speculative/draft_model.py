@@ -29,9 +29,10 @@ from ..core.model import require_causal_lm
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.cache import GrowingCache
+from ..skip import SkipPlan
 from .budget import AcceptanceRate, best_length
 from .drafter import Draft, DraftContext, Drafter
-from .lean import engine_draft_kv, lean_supported
+from .lean import EngineDraftKV, engine_draft_kv, lean_supported
 from .ragged import RaggedKV
 from .transform import SpeculativeDecoding
 
@@ -85,7 +86,6 @@ class DraftModelDrafter(Drafter):
         context: Callable[[], AbstractContextManager] | None = None,
     ):
         self.draft = draft
-        self.lean = context is None  # a context changes the model: keep its own forward
         self.path = "none yet"  # where drafts run: the engine, or the module path and why
         self.context = context
         self.num_tokens = num_tokens
@@ -117,16 +117,23 @@ class DraftModelDrafter(Drafter):
                 self.skipped, k = 0, 1
         return k
 
+    def engine_skip(self) -> tuple[bool, SkipPlan | None]:
+        """(whether drafts may run on the engine, the skip plan they follow there): a context
+        changes the model, so a drafter with one keeps its own forward."""
+        return self.context is None, None
+
     def reset_cache(self) -> None:
         """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens)."""
         dev = next(self.draft.parameters()).device
         batch = self.ctx.batch_size
         self.cached: list[list[int]] = [[] for _ in range(batch)]
-        kv = engine_draft_kv(self.draft, batch, self.ctx.pad_token_id) if self.lean else None
+        lean, skip = self.engine_skip()
+        kv = engine_draft_kv(self.draft, batch, self.ctx.pad_token_id, skip) if lean else None
         if kv is not None:
-            self.kv, self.path = kv, "engine"
+            units = ", ".join(f"{e.layer}:{e.sublayer}" for e in skip) if skip is not None else ""
+            self.kv, self.path = kv, f"engine (skipping {units})" if units else "engine"
             return
-        self.path = "module: " + ("a context changes the model" if not self.lean else lean_supported(self.draft))
+        self.path = "module: " + ("a context changes the model" if not lean else lean_supported(self.draft))
         self.kv = _RaggedDraftKV(self.draft, GrowingCache(self.draft.config), self.ctx.pad_token_id)
         self.kv.mask = torch.zeros((batch, 0), dtype=torch.long, device=dev)
         self.kv.pos = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -167,7 +174,8 @@ class DraftModelDrafter(Drafter):
         going = [want[b] > 0 for b in range(batch)]
         while True:
             t0 = time.perf_counter()
-            with self.context() if self.context is not None else nullcontext():
+            engine = isinstance(self.kv, EngineDraftKV)  # a skip plan there is the runner's, not a context
+            with self.context() if self.context is not None and not engine else nullcontext():
                 last = self.kv.last_logits(feed)
             spent = time.perf_counter() - t0
             if max(len(f) for f in feed) == 1:

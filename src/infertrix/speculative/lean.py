@@ -12,10 +12,11 @@ stored twice) over preallocated KV buffers that roll back by moving a length; a 
 rows keeps them left-padded (:class:`~.aligned.AlignedKV`).
 
 Drafting needs no exactness (the target verifies every token), but the engine's draft logits
-equal the draft model's own forward to float32 rounding (tested). Drafts the engine does not run
-(other architectures or dtypes, see :func:`infertrix.engine.why_unsupported`) and drafts under a
-context that changes the model (self-speculation's skip plans) take the module path
-(:class:`~.ragged.RaggedKV`).
+equal the draft model's own forward to float32 rounding (tested). Self-speculation's skip plans
+draft here too: the runner skips the plan's layers and sublayers per forward (``engine/skips.py``),
+on the draft's own cache, without swapping any module. Drafts the engine does not run (other
+architectures or dtypes, see :func:`infertrix.engine.why_unsupported`) and drafts under any other
+context that changes the model take the module path (:class:`~.ragged.RaggedKV`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ..core.parallel import tensor_parallel
 from ..engine.cache import EngineCache
 from ..engine.plan import fingerprint, why_unsupported
 from ..engine.runner import Runner
-from ..engine.transform import left_padding_start
+from ..engine.transform import engine_runtime, left_padding_start
+from ..skip import SkipPlan
 from .aligned import AlignedKV
 from .state import speculative_state
 
@@ -40,7 +42,12 @@ def lean_supported(model: nn.Module) -> str | None:
 
 def draft_runner(draft: nn.Module) -> Runner | None:
     """The draft's engine :class:`Runner` (built once and kept in the draft's run-time record;
-    rebuilt if its modules were replaced since), or None when the engine does not run it."""
+    rebuilt if its modules were replaced since), or None when the engine does not run it. A draft
+    that is the engine's model itself (self-speculation) shares the engine's runner: a second one
+    would fuse its quantized projections again."""
+    runtime = engine_runtime(draft)
+    if runtime is not None and runtime.supported() and tensor_parallel(draft) is None:
+        return runtime.runner
     st = speculative_state(draft, create=True)
     if st.lean is not None and st.lean[0] == fingerprint(draft):
         return st.lean[1]
@@ -52,25 +59,28 @@ def draft_runner(draft: nn.Module) -> Runner | None:
 class EngineDraftKV(AlignedKV):
     """A draft model's rows on the engine: RaggedKV's calls plus ``last_logits`` (the drafter's)."""
 
-    def __init__(self, draft: nn.Module, runner: Runner, pad_token_id: int):
+    def __init__(self, draft: nn.Module, runner: Runner, pad_token_id: int, skip: SkipPlan | None = None):
         super().__init__(draft, EngineCache(draft.config), pad_token_id)
         self.runner = runner
+        self.skip = skip
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, keep: int | Tensor) -> Tensor:
         start = left_padding_start(mask, mask.shape[1])
-        return self.runner.forward(ids, start, positions.contiguous(), self.cache, keep)
+        return self.runner.forward(ids, start, positions.contiguous(), self.cache, keep, self.skip)
 
     def last_logits(self, feed: list[list[int]]) -> Tensor:
         """Logits ``[B, V]`` after each row's fed tokens (a row fed nothing: junk)."""
         return self.extend(feed, keep=1)[:, 0]
 
 
-def engine_draft_kv(draft: nn.Module, batch: int, pad_token_id: int) -> EngineDraftKV | None:
-    """An empty engine draft cache of ``batch`` rows, or None when the engine does not run ``draft``."""
+def engine_draft_kv(draft: nn.Module, batch: int, pad_token_id: int,
+                    skip: SkipPlan | None = None) -> EngineDraftKV | None:
+    """An empty engine draft cache of ``batch`` rows drafting with ``skip`` (a self-speculation
+    plan) on top of the draft's own plans, or None when the engine does not run ``draft``."""
     runner = draft_runner(draft)
     if runner is None:
         return None
-    kv = EngineDraftKV(draft, runner, pad_token_id)
+    kv = EngineDraftKV(draft, runner, pad_token_id, skip)
     kv.begin(batch, next(draft.parameters()).device)
     return kv
 

@@ -4,10 +4,12 @@ Zhang et al., "Draft & Verify: Lossless Large Language Model Acceleration via Se
 Decoding" (ACL 2024, https://arxiv.org/abs/2309.08168); Xia et al., "SWIFT: On-the-Fly
 Self-Speculative Decoding for LLM Inference Acceleration" (ICLR 2025,
 https://arxiv.org/abs/2410.06916). No second model: drafting runs the target itself under a plan
-of the skip family (:class:`~infertrix.skip.SkipPlan`, applied around each draft forward with
+of the skip family (:class:`~infertrix.skip.SkipPlan`, on the module path applied around each draft forward with
 ``plan.active(model)``, or a :class:`~infertrix.skip.SkipStrategy` such as ``AttentionDrop`` that
 picks one for the model), or under any ``plan(model)`` context manager that changes the model on
-entry and undoes it on exit. The draft keeps its own KV
+entry and undoes it on exit. A skip plan drafts on the decode engine where it runs the model (the
+engine skips the plan's units per forward, no module is swapped); a context drafts on the module
+path. The draft keeps its own KV
 cache (:class:`~.draft_model.DraftModelDrafter`), so the plan's cache never mixes with the
 verifier's. Lossless whatever the plan: a poor plan only lowers acceptance.
 
@@ -41,7 +43,7 @@ from .drafter import Draft, Drafter
 from .state import prepared, prepared_for
 from .transform import SpeculativeDecoding
 
-Plan = Callable[[nn.Module], AbstractContextManager]
+Plan = SkipPlan | Callable[[nn.Module], AbstractContextManager]
 
 
 @dataclass
@@ -72,7 +74,7 @@ class SelfSpeculativeDrafter(DraftModelDrafter):
     """Drafts with the target under ``plans[current]``; searches the plans on the first call."""
 
     def __init__(self, model: nn.Module, plans: Sequence[Plan], search: PlanSearch, search_steps: int, **kw):
-        super().__init__(model, context=lambda: self.plans[self.current](model), **kw)
+        super().__init__(model, context=lambda: self._enter(model), **kw)
         self.plans = list(plans)
         self.search = search
         self.search_steps = search_steps
@@ -80,6 +82,16 @@ class SelfSpeculativeDrafter(DraftModelDrafter):
         self.steps = 0
         self.last_time: float | None = None
         self.pending_tokens = 0
+
+    def _enter(self, model: nn.Module) -> AbstractContextManager:
+        plan = self.plans[self.current]
+        return plan.active(model) if isinstance(plan, SkipPlan) else plan(model)
+
+    def engine_skip(self) -> tuple[bool, SkipPlan | None]:
+        """A skip plan drafts on the engine (its runner skips the plan's units); another context runs
+        the module path."""
+        plan = self.plans[self.current]
+        return (True, plan) if isinstance(plan, SkipPlan) else (False, None)
 
     def propose(self, seqs: list[list[int]], limits: list[int]) -> Draft:
         now = time.perf_counter()
@@ -186,7 +198,7 @@ class SelfSpeculative(SpeculativeDecoding):
             if isinstance(p, SkipPlan):
                 p.validate(model)
                 units = ", ".join(f"{e.layer}:{e.sublayer}" for e in p)
-                out.append((f"{p.method} {p.compute_fraction(model):.0%} [{units}]", p.active))
+                out.append((f"{p.method} {p.compute_fraction(model):.0%} [{units}]", p))
             else:
                 out.append((getattr(p, "__name__", f"plan{i}"), p))
         search = PlanSearch([name for name, _ in out])
