@@ -66,24 +66,30 @@ class Runner:
                        for key in self.rope_keys}
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor) -> Tensor:
+    def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor,
+                observe: dict[int, tuple[Tensor, Tensor] | None] | None = None) -> Tensor:
         """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache`` (an ``EngineCache`` or
         a storage ``cache.storage_problem`` accepts); row b has ``pads[b]`` left-padding tokens, its
-        tokens sit at rotary ``positions`` [B, T]."""
+        tokens sit at rotary ``positions`` [B, T]. ``observe``: layer indices whose attention a KV
+        policy scores with; each entry receives (probabilities [B, H, T, slots], post-rotary queries
+        [B, T, H, D]) from ``engine_layer``."""
         b, t = ids.shape
         kv, d = self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(b * t, -1)
         self._tables(int(positions.max()) + 1, x)
         a = _ops.rms_norm(x, self.layers[0].in_norm, self.layers[0].in_eps)
         h = x
-        for store, lp in zip(cache.layers, self.layers, strict=True):
+        for i, (store, lp) in enumerate(zip(cache.layers, self.layers, strict=True)):
             cos, sin = self.tables[lp.rope]
             if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem)
                 h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
                 continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
+            seen = ()
+            if observe is not None and i in observe:
+                seen = observe[i] = (x.new_empty(b, self.heads, t, index + t), x.new_empty(b, t, self.heads, d))
             h, a = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions, start,
-                                     index, b)
+                                     index, b, *seen)
             commit(store, t)
         a = a.view(b, t, -1)
         if isinstance(keep, Tensor):
