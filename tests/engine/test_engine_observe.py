@@ -166,3 +166,14 @@ def test_unsupported_observation_falls_back_and_says_why():
     mask = torch.ones_like(ids)
     assert torch.equal(generate(model, ids, mask, 5), generate(want, ids, mask, 5))
     _reason(model, "H2O scores layer 0's attention over KIVI codes", 4)
+
+def test_long_observed_forward_falls_back_and_says_why():
+    """A prompt below a large prefill_min_tokens but above 64 tokens: H2O would read a prompt x prompt
+    matrix per layer from the engine, so it takes the module path (which scores in chunks)."""
+    model = tiny("llama", "h2o(compression=0.5,prefill_min_tokens=200)", True)
+    want = tiny("llama", "h2o(compression=0.5,prefill_min_tokens=200)", False)
+    ids = tokens(70, 4)
+    mask = torch.ones_like(ids)
+    assert torch.equal(generate(model, ids, mask, 4), generate(want, ids, mask, 4))
+    _reason(model, "a forward of 70 tokens whose attention H2O reads")
+    assert _counts(model) == (3, 1)

@@ -332,11 +332,11 @@ class KVPolicy(Transform):
             self.compress_layer(ctx)
 
     def after_engine(self, module, cache: PolicyCache, rank: int, n: int, probs: Tensor | None,
-                     queries: Tensor | None, visible: Tensor | None) -> None:
+                     queries: Tensor | None, pads: Tensor | None) -> None:
         """:meth:`after_attention` on a forward of ``n`` tokens the decode engine ran: its attention
         ``probs`` [B, H_q, n, S] and post-rotary ``queries`` [B, n, H_q, D] (None where the layer was
-        not observed, ``PolicyCache.engine_observes``) stand in for the module's input; ``visible``
-        [B, S] is False for pads (None: none)."""
+        not observed, ``PolicyCache.engine_observes``) stand in for the module's input; ``pads`` [B]:
+        each row's left padding."""
         due = None if self.is_noop else self.count_forward(cache, rank, n)
         if due is None:
             return
@@ -345,6 +345,7 @@ class KVPolicy(Transform):
         if queries is not None:
             new_q = self._buffer_queries(state, layer.recent, queries.transpose(1, 2), n)
         keys, values = layer.full_keys_values()
+        visible = cache.visible_slots(cache.evicting_indices[rank], pads)
         ctx = ScoreContext(module, cache, rank, keys, values, state.queries, visible, float(module.scaling),
                            probs=probs)
         self.observe(ctx, new_q)
@@ -353,8 +354,7 @@ class KVPolicy(Transform):
 
     def count_forward(self, cache: PolicyCache, rank: int, n: int) -> bool | None:
         """Count a forward of ``n`` tokens on layer ``rank``: None when it neither scores nor
-        compresses (what the decode engine runs, ``PolicyCache.engine_refusal``), else whether a
-        compression is due."""
+        compresses (nothing more to do after it), else whether a compression is due."""
         layer, state = cache.evicting_layers[rank], cache.states[rank]
         state.extend(layer.stored_length)
         due = n >= self.prefill_min_tokens  # prefill chunks compress; shorter forwards count as decoding
@@ -381,8 +381,8 @@ class KVPolicy(Transform):
         return self._buffer_queries(state, recent, compute_queries(module, hidden[:, -take:], position_embeddings), n)
 
     def _buffer_queries(self, state: LayerState, recent: int, new_q: Tensor, n: int) -> Tensor | None:
-        """Buffer the last ones ``score`` reads of a forward's queries ``new_q`` [B, H_q, m, D] (the
-        last m of its ``n``); returns those ``observe`` needs."""
+        """Buffer the ones ``score`` reads of a forward's last queries ``new_q`` [B, H_q, m, D] (of its
+        ``n``); returns those ``observe`` needs."""
         wanted = self.observed_queries() or self.score_queries()
         if wanted == 0:
             return None

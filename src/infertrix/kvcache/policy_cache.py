@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from .kivi import KIVI
 
 
+# queries per forward whose attention probabilities the decode engine hands to a policy ([T, slots] per
+# head: a long prompt below prefill_min_tokens would need a prompt x prompt matrix per layer)
+ENGINE_OBSERVE_MAX_TOKENS = 64
+
+
 @dataclass
 class CompressionLog:
     """How many layer compression steps a policy ran (prompts too short to compress included) and why
@@ -131,7 +136,11 @@ class PolicyCache(EvictingCache):
         name = type(p).__name__
         if n >= p.prefill_min_tokens:
             return f"a prefill chunk of {n} tokens on a PolicyCache ({name} scores and compresses it on the module path)"
-        for i in self.engine_observes(n) or ():
+        observed = self.engine_observes(n) or ()
+        if observed and n > ENGINE_OBSERVE_MAX_TOKENS:
+            return (f"a forward of {n} tokens whose attention {name} reads (the engine hands over the probabilities "
+                    f"of at most {ENGINE_OBSERVE_MAX_TOKENS} queries; the module path scores in chunks)")
+        for i in observed:
             if self.layers[i].n_quantized:
                 return (f"{name} scores layer {i}'s attention over KIVI codes (the engine's KIVI step returns no "
                         "attention probabilities)")
@@ -159,7 +168,7 @@ class PolicyCache(EvictingCache):
             if active:
                 probs, queries = (observed or {}).get(i) or (None, None)
                 module = modules[i] if modules is not None else None
-                self.policy.after_engine(module, self, rank, n, probs, queries, self.visible_slots(i, pads))
+                self.policy.after_engine(module, self, rank, n, probs, queries, pads)
             if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
                 self.layers[i].flush()
 
