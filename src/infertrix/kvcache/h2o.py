@@ -72,7 +72,6 @@ class H2O(KVPolicy):
         return scores
 
 
-
 def query_group_sum(probs: Tensor, kv_heads: int) -> Tensor:
     """[B, H_kv, S]: attention probabilities [B, H_q, n, S] summed over each KV head's query heads
     and the n queries, as one elementwise add after another (heads, then queries, in order), so a
