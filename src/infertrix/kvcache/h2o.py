@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext, attention_probs
+from .attention import attention_probs
+from .policy import FORCE_KEEP, KVPolicy, ScoreContext
 
 QUERY_CHUNK = 512  # queries per attention block while accumulating (bounds the prefill's memory)
 
