@@ -282,8 +282,12 @@ void kv_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
 
 // q [B, T, H, D] (last dimension contiguous); query t of row b sits in cache slot index + t and
 // sees slots [max(start[b], index + t - window + 1), index + t] (window <= 0: no lower limit).
+// probs (optional, [B, H, T, index + T]): each query's softmax over the slots, 0 where hidden. A
+// block writes its exp(s - block max) and the combine rescales them by exp(block max - max) / sum,
+// so each probability is as invariant as the output.
 at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& start, int64_t index, double scale, int64_t window) {
+                             const at::Tensor& start, int64_t index, double scale, int64_t window,
+                             const std::optional<at::Tensor>& probs) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.stride(3) == 1,
               "gqa_attention: q must be float32 [B, T, heads, head_dim] with a contiguous last dimension, got ",
               q.sizes());
@@ -305,6 +309,15 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(sp[b] >= 0, "gqa_attention: negative start ", sp[b]);
     first = std::min(first, sp[b]);
+  }
+  const int64_t N = index + T;
+  float* pr = nullptr;
+  if (probs.has_value()) {
+    TORCH_CHECK(probs->scalar_type() == at::kFloat && probs->is_contiguous() &&
+                    probs->sizes() == at::IntArrayRef({B, H, T, N}),
+                "gqa_attention: probs must be contiguous float32 [", B, ", ", H, ", ", T, ", ", N, "], got ",
+                probs->sizes());
+    pr = probs->data_ptr<float>();
   }
   const int64_t NB = std::max<int64_t>(1, (index + T - first + kKvBlock - 1) / kKvBlock);
   const int64_t stride = D + 2;  // m, l, acc[D]
@@ -344,6 +357,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
         }
         const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
         ENGINE_DISPATCH(isa, attend_block, qr, kp + kv, vp + kv, j0, j1, D, sc, s, part);
+        if (pr) std::memcpy(pr + ((b * H + h) * T + t) * N + j0, s, (j1 - j0) * sizeof(float));
       }
     }
   });
@@ -356,7 +370,11 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
         if (pu[blk * stride + 1] > 0.0f) m = std::max(m, pu[blk * stride]);
       float* o = op + u * D;
       std::fill(o, o + D, 0.0f);
-      if (m == -INFINITY) continue;  // a padding query: no visible key
+      float* row = pr ? pr + (((u / (T * H)) * H + u % H) * T + (u / H) % T) * N : nullptr;
+      if (m == -INFINITY) {  // a padding query: no visible key
+        if (row) std::fill(row, row + N, 0.0f);
+        continue;
+      }
       float l = 0.0f;
       for (int64_t blk = 0; blk < NB; ++blk) {
         const float* pb = pu + blk * stride;
@@ -367,6 +385,23 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
       }
       const float inv = 1.0f / l;
       for (int64_t d = 0; d < D; ++d) o[d] = o[d] * inv;
+      if (!row) continue;
+      int64_t lo, hi;
+      bounds(u, lo, hi);
+      std::fill(row, row + lo, 0.0f);
+      std::fill(row + hi + 1, row + N, 0.0f);
+      const int64_t b = u / (T * H);
+      for (int64_t blk = 0; blk < NB; ++blk) {
+        const float* pb = pu + blk * stride;
+        const int64_t j0 = std::max(lo, sp[b] + blk * kKvBlock), j1 = std::min(hi + 1, sp[b] + (blk + 1) * kKvBlock);
+        if (j0 >= j1) continue;
+        if (!(pb[1] > 0.0f)) {
+          std::fill(row + j0, row + j1, 0.0f);
+          continue;
+        }
+        const float f = std::exp(pb[0] - m) * inv;
+        for (int64_t j = j0; j < j1; ++j) row[j] = row[j] * f;
+      }
     }
   });
   return out;
@@ -433,7 +468,8 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
                                                     at::ArrayRef<double> floats, at::Tensor& k_cache,
                                                     at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
                                                     const at::Tensor& positions, const at::Tensor& start,
-                                                    int64_t index, int64_t batch) {
+                                                    int64_t index, int64_t batch, const OptTensor& probs,
+                                                    const OptTensor& queries) {
   TORCH_CHECK(static_cast<int64_t>(ints.size()) >= kLayerInts && static_cast<int64_t>(floats.size()) == kLayerFloats,
               "engine_layer: malformed ints/floats");
   const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3], n_gu = ints[4], window = ints[5];
@@ -455,7 +491,12 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
     k = qk.slice(2, H, H + KV);
   }
   kv_append_cpu(k_cache, v_cache, k, qkv.slice(2, H + KV, H + 2 * KV), index);
-  const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window);
+  if (queries.has_value()) {
+    TORCH_CHECK(queries->sizes() == q.sizes() && queries->scalar_type() == at::kFloat,
+                "engine_layer: queries must be float32 ", q.sizes(), ", got ", queries->sizes());
+    queries->copy_(q);
+  }
+  const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window, probs);
   at::Tensor attn = call_group(t, ints, n_qkv, 1, o.view({M, H * D}));
   if (const OptTensor n = t.get(4); n.has_value()) attn = rms_norm_cpu(attn, *n, floats[5]);
   auto [h2, a2] = add_rms_norm_cpu(attn, h, *t.get(0), floats[1]);

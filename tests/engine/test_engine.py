@@ -254,8 +254,19 @@ def test_layer_kernel_equals_its_reference(arch, kind):
         kr, vr = caches[0].clone(), caches[1].clone()
         want = E.engine_layer_reference(h, a, *args, kr, vr, *tables, pos, start, index, b)
         assert all(torch.equal(x, y) for x, y in zip(got + (kc, vc), want + (kr, vr), strict=True))
+        # the optional outputs the KV policies score with change nothing else
+        heads, kvh, d = lp.ints[:3]
+        outs = [torch.empty(b, heads, t, index + t), torch.empty(b, t, heads, d)]
+        outs_ref = [torch.empty_like(x) for x in outs]
+        kc, vc = caches[0].clone(), caches[1].clone()
+        got2 = E.engine_layer(h, a, *args, kc, vc, *tables, pos, start, index, b, *outs)
+        kr, vr = caches[0].clone(), caches[1].clone()
+        E.engine_layer_reference(h, a, *args, kr, vr, *tables, pos, start, index, b, *outs_ref)
+        assert all(torch.equal(x, y) for x, y in zip(got2 + tuple(outs), got + tuple(outs_ref), strict=True))
         if kind == "fp32":
             torch.library.opcheck(E.engine_layer, (h[:6], a[:6], *args, kc, vc, *tables, pos[:, :3], start, index, b))
+            torch.library.opcheck(E.engine_layer, (h[:6], a[:6], *args, kc, vc, *tables, pos[:, :3], start, index, b,
+                                                   torch.empty(b, heads, 3, index + 3), torch.empty(b, 3, heads, d)))
 
 
 def test_w4a16_fuses_whole_blocks_only():

@@ -73,6 +73,25 @@ def test_attention_matches_reference(isa, case, window):
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("case", [(1, 1, 2, 1, 8, 0), (2, 4, 6, 2, 12, 7), (3, 3, 9, 3, 64, 150),
+                                  (1, 12, 4, 4, 5, 60), (2, 1, 3, 1, 33, 200), (1, 2, 4, 2, 152, 70)])
+@pytest.mark.parametrize("window", [0, 50])
+def test_attention_probs_match_reference(isa, case, window):
+    """The optional probabilities (what H2O / SnapKV / TOVA score with) equal the reference's
+    softmax, hidden slots and padding queries 0; the output is unchanged by asking for them."""
+    b, t, h, kvh, d, index = case
+    q, k, v = _attention_inputs(b, t, h, kvh, d, index + t + 3, seed=index)
+    start = torch.tensor([min(i * 5, index + t - 1 if i == b - 1 else index) for i in range(b)])
+    probs = torch.full((b, h, t, index + t), float("nan"))
+    out = E.gqa_attention(q, k, v, start, index, d**-0.5, window, probs)
+    ref_probs = torch.empty_like(probs)
+    ref = E.gqa_attention_reference(q, k, v, start, index, d**-0.5, window, ref_probs)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
+    assert torch.equal(out, E.gqa_attention(q, k, v, start, index, d**-0.5, window))
+    torch.testing.assert_close(probs, ref_probs, rtol=2e-5, atol=1e-7)
+    assert bool((probs[ref_probs == 0] == 0).all())
+
+
 def test_attention_padding_query_is_zero():
     q, k, v = _attention_inputs(1, 3, 2, 1, 8, 4, seed=1)
     out = E.gqa_attention(q, k, v, torch.tensor([2]), 0, 0.3, 0)
@@ -100,6 +119,15 @@ def test_attention_is_invariant(isa):
             qb = torch.cat([q[:, 4:5], torch.randn(2, 1, h, d)])
             out = E.gqa_attention(qb, kp, vp, torch.tensor([pad, 0, 3]), n + 4 + pad, 0.25, 0)
             assert torch.equal(out[:1], ref[4])
+            # the probabilities too: a window's query equals the step, a padded row the row alone
+            step = torch.empty(1, h, 1, n + 5)
+            E.gqa_attention(q[:, 4:5], k, v, torch.tensor([0]), n + 4, 0.25, 0, step)
+            win = torch.empty(1, h, 3, n + 6)
+            E.gqa_attention(q[:, 3:6], k, v, torch.tensor([0]), n + 3, 0.25, 0, win)
+            assert torch.equal(win[:, :, 1:2, : n + 5], step) and not bool(win[:, :, 1, n + 5].any())
+            padded = torch.empty(3, h, 1, n + 5 + pad)
+            E.gqa_attention(qb, kp, vp, torch.tensor([pad, 0, 3]), n + 4 + pad, 0.25, 0, padded)
+            assert torch.equal(padded[:1, :, :, pad:], step) and not bool(padded[0, :, :, :pad].any())
     finally:
         torch.set_num_threads(threads)
 
@@ -131,3 +159,4 @@ def test_opcheck():
     torch.library.opcheck(E.kv_append, (kc, vc, x.view(2, 3, 1, 16), x.view(2, 3, 1, 16), 2))
     q = torch.randn(2, 3, 2, 16, generator=g)
     torch.library.opcheck(E.gqa_attention, (q, kc, vc, torch.tensor([0, 1]), 2, 0.25, 0))
+    torch.library.opcheck(E.gqa_attention, (q, kc, vc, torch.tensor([0, 1]), 2, 0.25, 0, torch.zeros(2, 2, 3, 5)))

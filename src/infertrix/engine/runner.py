@@ -92,11 +92,15 @@ class Runner:
                        for key in self.rope_keys}
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor, skip=None) -> Tensor:
+    def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor, skip=None,
+                observe: dict[int, tuple[Tensor, Tensor] | None] | None = None) -> Tensor:
         """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache`` (an ``EngineCache`` or
         a storage ``cache.storage_problem`` accepts); row b has ``pads[b]`` left-padding tokens, its
         tokens sit at rotary ``positions`` [B, T]. The skip plans applied to the model now are
-        followed, and ``skip`` (a ``SkipPlan``: a self-speculation draft's) on top of them."""
+        followed, and ``skip`` (a ``SkipPlan``: a self-speculation draft's) on top of them.
+        ``observe``: layer indices whose attention a KV policy scores with; each entry receives
+        (probabilities [B, H, T, slots], post-rotary queries [B, T, H, D]) from ``engine_layer``
+        (layers run whole: the engine takes no skip plan with a policy's cache)."""
         b, t = ids.shape
         kv, d = self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(b * t, -1)
@@ -107,7 +111,7 @@ class Runner:
         first = next((lp for lp, m in zip(plans, modes, strict=True) if not is_mode(m, NONE)), None)
         a = _ops.rms_norm(x, *((first.in_norm, first.in_eps) if first is not None else self.final))
         h = x
-        for store, lp, mode in zip(cache.layers, plans, modes, strict=True):
+        for i, (store, lp, mode) in enumerate(zip(cache.layers, plans, modes, strict=True)):
             if is_mode(mode, NONE):
                 continue
             if is_mode(mode, MLP):  # attention skipped: no KV written for this layer
@@ -121,8 +125,11 @@ class Runner:
             if is_mode(mode, ATTN):
                 h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b)
             else:
+                seen = ()
+                if observe is not None and i in observe:
+                    seen = observe[i] = (x.new_empty(b, self.heads, t, index + t), x.new_empty(b, t, self.heads, d))
                 out, a_out = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions,
-                                               start, index, b)
+                                               start, index, b, *seen)
                 if isinstance(mode, Tensor):  # SkipDecode: these columns keep their input (KV still written)
                     cols = mode.repeat(b)[:, None]
                     a = torch.where(cols, _ops.rms_norm(h, lp.tensors[1], lp.floats[2]), a_out)

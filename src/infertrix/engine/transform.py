@@ -187,9 +187,11 @@ class EngineRuntime:
             if positions.dim() != 2 or positions.shape[1] != t or positions.shape[0] != 1:
                 return self._module(f"position_ids of shape {tuple(positions.shape)}", inner, (), kwargs)
             positions = positions.expand(b, t)
-        logits = self.runner.forward(ids, start, positions.contiguous(), cache, kwargs.get("logits_to_keep", 0))
+        observe = cache.engine_observes(t) if isinstance(cache, PolicyCache) else None
+        logits = self.runner.forward(ids, start, positions.contiguous(), cache, kwargs.get("logits_to_keep", 0),
+                                     observe=observe)
         if isinstance(cache, PolicyCache):
-            after_engine_forward(self.model, cache, t)
+            after_engine_forward(self.model, cache, t, observe, start)
         self.counts["engine"] += 1
         self.last = "engine"
         return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache})

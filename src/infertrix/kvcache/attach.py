@@ -282,10 +282,14 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
     return out
 
 
-def after_engine_forward(model: nn.Module, cache: PolicyCache, n: int) -> None:
+def after_engine_forward(model: nn.Module, cache: PolicyCache, n: int, observed: dict | None = None,
+                         pads: Tensor | None = None) -> None:
     """What the attention hooks do after a forward the decode engine ran on ``cache`` (``n`` new
-    tokens; the hooks were not called): the policy's bookkeeping, KIVI's flush, describe's stats."""
-    cache.after_engine(n)
+    tokens; the hooks were not called): the policy's bookkeeping, observation and due compressions
+    from the engine's attention (``observed``, see ``PolicyCache.engine_observes``; ``pads`` [B]
+    each row's left padding), KIVI's flush, describe's stats."""
+    modules = _attention_modules(model) if cache.policy is not None and not cache.policy.is_noop else None
+    cache.after_engine(n, modules, observed, pads)
     setup = kv_setup(model)
     if setup is not None:
         setup.last_stats = cache_stats(cache)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
+from .attention import pool1d
 from .density import DensityKV
-from .policy import FORCE_KEEP, ScoreContext, pool1d
+from .policy import FORCE_KEEP, ScoreContext
 
 
 def layer_preference(probs: Tensor, tau1: float, tau2: float) -> float:

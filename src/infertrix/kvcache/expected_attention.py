@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext, rotate_half
+from .attention import rotate_half
+from .policy import FORCE_KEEP, KVPolicy, ScoreContext
 
 
 def rope_frequencies(config, head_dim: int) -> Tensor:

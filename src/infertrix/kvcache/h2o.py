@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext, attention_probs
+from .attention import attention_probs
+from .policy import FORCE_KEEP, KVPolicy, ScoreContext
 
 QUERY_CHUNK = 512  # queries per attention block while accumulating (bounds the prefill's memory)
 
@@ -52,6 +53,10 @@ class H2O(KVPolicy):
         if acc is None or acc.shape[-1] != s:
             acc = torch.zeros(b, h, s, dtype=torch.float32, device=ctx.keys.device)
         n = new_queries.shape[-2]
+        if ctx.probs is not None:  # an engine forward: its attention, summed in a fixed order
+            acc += query_group_sum(ctx.probs[:, :, -n:], h)
+            ctx.state.aux["h2o"] = acc
+            return
         for start in range(0, n, QUERY_CHUNK):
             stop = min(n, start + QUERY_CHUNK)
             q = new_queries[:, :, start:stop]
@@ -67,3 +72,16 @@ class H2O(KVPolicy):
             scores[..., -recent:] += FORCE_KEEP
         return scores
 
+
+def query_group_sum(probs: Tensor, kv_heads: int) -> Tensor:
+    """[B, H_kv, S]: attention probabilities [B, H_q, n, S] summed over each KV head's query heads
+    and the n queries, as one elementwise add after another (heads, then queries, in order), so a
+    row's sum has the same bits in any batch."""
+    p = probs.unflatten(1, (kv_heads, -1))  # [B, H_kv, G, n, S]
+    per_query = p[:, :, 0]
+    for i in range(1, p.shape[2]):
+        per_query = per_query + p[:, :, i]
+    total = per_query[:, :, 0]
+    for t in range(1, per_query.shape[2]):
+        total = total + per_query[:, :, t]
+    return total

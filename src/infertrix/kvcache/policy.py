@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..core import Applied, ConfigError, Stage, Transform
 from .attach import check_supported_model, kv_setup
+from .attention import attention_probs, compute_queries
 from .merge import merge_evicted
 from .policy_cache import LayerState, PolicyCache
 
@@ -44,6 +45,9 @@ class ScoreContext:
     visible: Tensor | None  # [B, S] bool, False for padding; None when nothing is padded
     scaling: float  # the module's softmax scaling
     target: int = 0  # tokens this layer keeps (set before ``score``)
+    # on a forward the decode engine ran: its attention probabilities [B, H_q, n, S] of the forward's
+    # n queries (the last n of ``queries`` when buffered), which ``attention`` reads instead of recomputing
+    probs: Tensor | None = None
 
     @property
     def layer(self):
@@ -62,7 +66,8 @@ class ScoreContext:
     def upto(self, n: int) -> ScoreContext:
         """The context restricted to the first ``n`` stored tokens (a query block's past), no queries."""
         vis = self.visible[:, :n] if self.visible is not None else None
-        return replace(self, keys=self.keys[:, :, :n], values=self.values[:, :, :n], queries=None, visible=vis)
+        return replace(self, keys=self.keys[:, :, :n], values=self.values[:, :, :n], queries=None, visible=vis,
+                       probs=None)
 
     @property
     def num_groups(self) -> int:
@@ -73,79 +78,21 @@ class ScoreContext:
 
         Returns float32 [B, H_kv, G, w, S] (G query heads per KV head), causal (query i of the w
         sees slots up to its own) and with pads masked. ``logits_fn`` may transform the logits first
-        (Keyformer's Gumbel noise).
+        (Keyformer's Gumbel noise). On an engine forward the engine's probabilities give the
+        forward's own queries' rows (those of earlier forwards are recomputed from the buffer, as
+        always; ``logits_fn`` needs logits, so it recomputes them all).
         """
-        return attention_probs(
-            self.queries if last is None else self.queries[:, :, -last:], self, logits_fn
-        )
-
-
-def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None) -> Tensor:
-    """See :meth:`ScoreContext.attention`; ``queries`` are the latest ``w`` tokens' queries."""
-    b, hq, w, d = queries.shape
-    hkv, s = ctx.keys.shape[1], ctx.keys.shape[2]
-    g = hq // hkv
-    # one [G*w, D] x [D, S] product per KV head: the keys are read once, never expanded per group
-    q = queries.float().reshape(b, hkv, g * w, d)
-    logits = torch.matmul(q, ctx.keys.float().transpose(-1, -2)).view(b, hkv, g, w, s)
-    logits = logits * ctx.scaling  # [B,Hkv,G,w,S]
-    if logits_fn is not None:
-        logits = logits_fn(logits)
-    blocked = None
-    if w > 1:  # causal by slot: the queries' keys are the last w slots
-        slot = torch.arange(s, device=q.device)
-        qpos = torch.arange(s - w, s, device=q.device)
-        blocked = slot[None, :] > qpos[:, None]  # [w, S]
-    if ctx.visible is not None:
-        pads = ~ctx.visible[:, None, :]  # [B, 1, S]
-        blocked = (pads if blocked is None else blocked[None] | pads)[:, None, None]
-    if blocked is not None:
-        logits = logits.masked_fill(blocked, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if ctx.visible is not None:  # a pad's own query sees nothing: no NaN rows, no weight
-        qvis = ctx.visible[:, s - w :]
-        probs = torch.where(qvis[:, None, None, :, None], probs, torch.zeros((), dtype=probs.dtype))
-    return probs
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def compute_queries(module: nn.Module, hidden: Tensor, position_embeddings) -> Tensor:
-    """Post-rotary queries [B, H_q, n, D] of ``hidden`` [B, n, hidden] (the attention's own input)."""
-    b, n, _ = hidden.shape
-    q = module.q_proj(hidden).view(b, n, -1, module.head_dim)
-    norm = getattr(module, "q_norm", None)
-    if norm is not None:  # Qwen3, Gemma 3 normalise queries before rotary
-        q = norm(q)
-    q = q.transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos[:, -n:].unsqueeze(1), sin[:, -n:].unsqueeze(1)
-    return q * cos + rotate_half(q) * sin
-
-
-def pool1d(scores: Tensor, kernel: int, visible: Tensor | None = None) -> Tensor:
-    """Average-pool [B, H, S] scores along S with an odd ``kernel`` (SnapKV's clustering).
-
-    Pads (``visible`` False) are left out of every average, like the sequence boundary, so a padded
-    row pools exactly as it would alone.
-    """
-    if kernel <= 1:
-        return scores
-    shape = scores.shape
-
-    def avg(x: Tensor) -> Tensor:
-        flat = x.reshape(-1, 1, shape[-1])
-        return torch.nn.functional.avg_pool1d(
-            flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False
-        )
-
-    if visible is None:
-        return avg(scores).reshape(shape)
-    vis = visible[:, None, :].expand(shape).to(scores.dtype)
-    return (avg(scores * vis) / avg(vis).clamp_min(1e-12)).reshape(shape)
+        queries = self.queries if last is None else self.queries[:, :, -last:]
+        if self.probs is None or logits_fn is not None:
+            return attention_probs(queries, self, logits_fn)
+        b, hq, n, s = self.probs.shape
+        w = queries.shape[-2] if queries is not None else n
+        own = min(w, n)
+        rows = self.probs[:, :, n - own :].unflatten(1, (self.keys.shape[1], -1))  # [B, Hkv, G, own, S]
+        if w == own:
+            return rows
+        older = attention_probs(queries[:, :, : w - own], self, end=s - own)
+        return torch.cat([older, rows], dim=3)
 
 
 FORCE_KEEP = 1e30  # added to the score of tokens a method always keeps (windows, sinks)
@@ -315,10 +262,30 @@ class KVPolicy(Transform):
         if due:
             self.compress_layer(ctx)
 
+    def after_engine(self, module, cache: PolicyCache, rank: int, n: int, probs: Tensor | None,
+                     queries: Tensor | None, pads: Tensor | None) -> None:
+        """:meth:`after_attention` on a forward of ``n`` tokens the decode engine ran: its attention
+        ``probs`` [B, H_q, n, S] and post-rotary ``queries`` [B, n, H_q, D] (None where the layer was
+        not observed, ``PolicyCache.engine_observes``) stand in for the module's input; ``pads`` [B]:
+        each row's left padding."""
+        due = None if self.is_noop else self.count_forward(cache, rank, n)
+        if due is None:
+            return
+        layer, state = cache.evicting_layers[rank], cache.states[rank]
+        new_q = None
+        if queries is not None:
+            new_q = self._buffer_queries(state, layer.recent, queries.transpose(1, 2), n)
+        keys, values = layer.full_keys_values()
+        visible = cache.visible_slots(cache.evicting_indices[rank], pads)
+        ctx = ScoreContext(module, cache, rank, keys, values, state.queries, visible, float(module.scaling),
+                           probs=probs)
+        self.observe(ctx, new_q)
+        if due:
+            self.compress_layer(ctx)
+
     def count_forward(self, cache: PolicyCache, rank: int, n: int) -> bool | None:
         """Count a forward of ``n`` tokens on layer ``rank``: None when it neither scores nor
-        compresses (what the decode engine runs, ``PolicyCache.engine_refusal``), else whether a
-        compression is due."""
+        compresses (nothing more to do after it), else whether a compression is due."""
         layer, state = cache.evicting_layers[rank], cache.states[rank]
         state.extend(layer.stored_length)
         due = n >= self.prefill_min_tokens  # prefill chunks compress; shorter forwards count as decoding
@@ -342,7 +309,15 @@ class KVPolicy(Transform):
             return None
         n = hidden.shape[1]
         take = n if wanted < 0 else min(n, wanted)
-        new_q = compute_queries(module, hidden[:, -take:], position_embeddings)
+        return self._buffer_queries(state, recent, compute_queries(module, hidden[:, -take:], position_embeddings), n)
+
+    def _buffer_queries(self, state: LayerState, recent: int, new_q: Tensor, n: int) -> Tensor | None:
+        """Buffer the ones ``score`` reads of a forward's last queries ``new_q`` [B, H_q, m, D] (of its
+        ``n``); returns those ``observe`` needs."""
+        wanted = self.observed_queries() or self.score_queries()
+        if wanted == 0:
+            return None
+        new_q = new_q[:, :, -(n if wanted < 0 else min(n, wanted)) :]
         keep = self.score_queries()
         if keep > 0:
             buf = new_q[:, :, -keep:] if state.queries is None else torch.cat([state.queries, new_q[:, :, -keep:]], 2)

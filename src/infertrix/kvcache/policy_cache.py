@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from .kivi import KIVI
 
 
+# queries per forward whose attention probabilities the decode engine hands to a policy ([T, slots] per
+# head: a long prompt below prefill_min_tokens would need a prompt x prompt matrix per layer)
+ENGINE_OBSERVE_MAX_TOKENS = 64
+
+
 @dataclass
 class CompressionLog:
     """How many layer compression steps a policy ran (prompts too short to compress included) and why
@@ -121,28 +126,63 @@ class PolicyCache(EvictingCache):
             self.layers[layer_idx].flush()
 
     def engine_refusal(self, n: int) -> str | None:
-        """Why a forward of ``n`` new tokens must run on the module path, or None when the policy
-        neither scores nor compresses in it (the decode engine then runs it and calls
-        :meth:`after_engine`): scoring recomputes queries from the attention module's input."""
+        """Why a forward of ``n`` new tokens must run on the module path, or None when the decode
+        engine can run it and then call :meth:`after_engine`: prompt chunks compress on the module
+        path (the policy scores from the attention module's input); the engine hands over the
+        attention of the layers it observes (:meth:`engine_observes`) except over KIVI codes."""
         p = self.policy
         if p is None or p.is_noop:
             return None
         name = type(p).__name__
-        if p.observed_queries():
-            return f"{name} observes attention at every forward (recomputed from the attention input on the module path)"
         if n >= p.prefill_min_tokens:
             return f"a prefill chunk of {n} tokens on a PolicyCache ({name} scores and compresses it on the module path)"
-        if p.decode_interval and any(s.steps_since_compress + n >= p.decode_interval for s in self.states):
-            return f"a decode-time compression step of {name} (decode_interval={p.decode_interval}) runs on the module path"
+        observed = self.engine_observes(n) or ()
+        if observed and n > ENGINE_OBSERVE_MAX_TOKENS:
+            return (f"a forward of {n} tokens whose attention {name} reads (the engine hands over the probabilities "
+                    f"of at most {ENGINE_OBSERVE_MAX_TOKENS} queries; the module path scores in chunks)")
+        for i in observed:
+            if self.layers[i].n_quantized:
+                return (f"{name} scores layer {i}'s attention over KIVI codes (the engine's KIVI step returns no "
+                        "attention probabilities)")
         return None
 
-    def after_engine(self, n: int) -> None:
-        """What the attention hooks do after a forward of ``n`` tokens the engine ran (see
-        :meth:`engine_refusal`): the policy's counts, then KIVI's flush."""
+    def engine_observes(self, n: int) -> dict[int, None] | None:
+        """The layers whose attention the policy reads in a forward of ``n`` tokens the engine runs
+        (every forward of H2O; a due ``decode_interval`` compression of a method scoring by
+        attention), as ``Runner.forward``'s ``observe``; None when it reads none."""
+        p = self.policy
+        if p is None or p.is_noop or not (p.observed_queries() or p.score_queries()):
+            return None
+        layers = {i: None for r, i in enumerate(self.evicting_indices)
+                  if p.observed_queries() or (p.decode_interval and self.states[r].steps_since_compress + n >= p.decode_interval)}
+        return layers or None
+
+    def after_engine(self, n: int, modules: list | None = None, observed: dict | None = None,
+                     pads: Tensor | None = None) -> None:
+        """What the attention hooks do after a forward of ``n`` tokens the engine ran: the policy's
+        counts, observation and due compressions (:meth:`KVPolicy.after_engine`; ``modules`` the
+        attention modules by layer, ``observed`` the attention :meth:`engine_observes` asked for,
+        ``pads`` [B] each row's left padding), then KIVI's flush."""
+        active = self.policy is not None and not self.policy.is_noop
         for rank, i in enumerate(self.evicting_indices):
-            if self.policy is not None and not self.policy.is_noop:
-                self.policy.count_forward(self, rank, n)
-            self.layers[i].flush()
+            if active:
+                probs, queries = (observed or {}).get(i) or (None, None)
+                module = modules[i] if modules is not None else None
+                self.policy.after_engine(module, self, rank, n, probs, queries, pads)
+            if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
+                self.layers[i].flush()
+
+    def visible_slots(self, layer_idx: int, pads: Tensor | None) -> Tensor | None:
+        """[B, stored] bool, False for layer ``layer_idx``'s kept pads (its first ``pads`` minus evicted
+        slots, see kvcache/cache.py), or None when no row holds one."""
+        if pads is None or not bool(pads.any()):
+            return None
+        layer = self.layers[layer_idx]
+        stored = layer.stored_length
+        first = (pads - (layer.cumulative_length - stored)).clamp_min(0)
+        if not bool(first.any()):
+            return None
+        return torch.arange(stored, device=pads.device)[None] >= first[:, None]
 
     def crop(self, max_length: int) -> None:
         for i, layer in enumerate(self.layers):

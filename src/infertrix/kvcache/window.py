@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..core import ConfigError
-from .policy import KVPolicy, ScoreContext, pool1d
+from .attention import pool1d
+from .policy import KVPolicy, ScoreContext
 
 
 @dataclass

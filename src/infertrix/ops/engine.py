@@ -64,13 +64,18 @@ def kv_append_reference(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, 
 
 
 def gqa_attention_reference(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, index: int, scale: float, window: int
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, index: int, scale: float, window: int,
+    probs: Tensor | None = None,
 ) -> Tensor:
     """Grouped-query attention of q [B, T, H, D] over cache slots [start[b], index + t] of row b.
 
     Query t of row b sits in slot ``index + t`` (causal); ``window > 0`` also hides slots at or
     before ``index + t - window`` (sliding-window attention). A query with no visible slot (a
-    padding token) gets zeros. Returns [B, T, H, D]."""
+    padding token) gets zeros. Returns [B, T, H, D].
+
+    ``probs`` (optional, [B, H, T, index + T] float32): receives each query's softmax over the
+    slots, 0 where hidden, for the KV policies that score by attention (H2O, SnapKV, TOVA...);
+    a forward that passes none pays nothing for it."""
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
     n = index + t
@@ -84,6 +89,8 @@ def gqa_attention_reference(
         visible = visible & (j[None, None, :] > i[None, :, None] - window)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if probs is not None:
+        probs.copy_(p)
     return torch.einsum("bhtn,bhnd->bthd", p, v).to(q.dtype)
 
 
@@ -93,7 +100,7 @@ silu_mul = torch.library.custom_op("infertrix::silu_mul", mutates_args=())(silu_
 gelu_tanh_mul = torch.library.custom_op("infertrix::gelu_tanh_mul", mutates_args=())(gelu_tanh_mul_reference)
 rope = torch.library.custom_op("infertrix::rope", mutates_args=())(rope_reference)
 kv_append = torch.library.custom_op("infertrix::kv_append", mutates_args=("k_cache", "v_cache"))(kv_append_reference)
-gqa_attention = torch.library.custom_op("infertrix::gqa_attention", mutates_args=())(gqa_attention_reference)
+gqa_attention = torch.library.custom_op("infertrix::gqa_attention", mutates_args=("probs",))(gqa_attention_reference)
 
 
 @rms_norm.register_fake
@@ -123,7 +130,7 @@ def _(k_cache, v_cache, k, v, index):
 
 
 @gqa_attention.register_fake
-def _(q, k_cache, v_cache, start, index, scale, window):
+def _(q, k_cache, v_cache, start, index, scale, window, probs=None):
     return q.new_empty(q.shape)
 
 
@@ -165,6 +172,7 @@ def _group(tensors: list[Tensor | None], ints: list[int], first: int, n: int, x:
 def engine_layer_reference(
     h: Tensor, a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], k_cache: Tensor,
     v_cache: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, start: Tensor, index: int, batch: int,
+    probs: Tensor | None = None, queries: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One Llama- or Gemma-3-style decoder layer on M = batch x T token rows: returns
     (h', next_norm(h')).
@@ -179,7 +187,11 @@ def engine_layer_reference(
     slots), down_proj. ``ints`` = [heads, kv_heads, head_dim, n_qkv, n_gu, window, gelu] (gelu:
     1 for the gelu_pytorch_tanh MLP, 0 for SiLU) then (kind, in_features, group_size) per slot
     (kinds: ``LINEAR_KINDS``); ``floats`` = [scaling, mlp_eps, next_eps, q_norm_eps, k_norm_eps,
-    attn_out_eps, mlp_out_eps]. New keys and values go to cache slots [index, index + T)."""
+    attn_out_eps, mlp_out_eps]. New keys and values go to cache slots [index, index + T).
+
+    Optional outputs for the KV policies that score by attention: ``probs`` [B, H, T, index + T]
+    (``gqa_attention``'s), ``queries`` [B, T, H, D] (the post-rotary queries, which SnapKV-style
+    policies buffer between decode-time compressions)."""
     heads, kvh, d, n_qkv, n_gu, window, gelu = ints[:LAYER_INTS]
     m = a.shape[0]
     t = m // batch
@@ -191,7 +203,9 @@ def engine_layer_reference(
         qk = rope(qkv[:, :, : heads + kvh], cos, sin, positions)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
     kv_append(k_cache, v_cache, k, qkv[:, :, heads + kvh :], index)
-    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window)
+    if queries is not None:
+        queries.copy_(q)
+    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs)
     attn = _group(tensors, ints, n_qkv, 1, o.reshape(m, heads * d))
     if tensors[4] is not None:
         attn = rms_norm(attn, tensors[4], floats[5])
@@ -204,15 +218,16 @@ def engine_layer_reference(
 
 
 engine_layer = torch.library.custom_op(
-    "infertrix::engine_layer", mutates_args=("k_cache", "v_cache"),
+    "infertrix::engine_layer", mutates_args=("k_cache", "v_cache", "probs", "queries"),
     schema="(Tensor h, Tensor a, Tensor?[] tensors, int[] ints, float[] floats, Tensor(a!) k_cache, "
-           "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor positions, Tensor start, int index, int batch) "
-           "-> (Tensor, Tensor)",
+           "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor positions, Tensor start, int index, int batch, "
+           "Tensor(c!)? probs=None, Tensor(d!)? queries=None) -> (Tensor, Tensor)",
 )(engine_layer_reference)
 
 
 @engine_layer.register_fake
-def _(h, a, tensors, ints, floats, k_cache, v_cache, cos, sin, positions, start, index, batch):
+def _(h, a, tensors, ints, floats, k_cache, v_cache, cos, sin, positions, start, index, batch, probs=None,
+      queries=None):
     return torch.empty_like(h), torch.empty_like(a)
 
 
