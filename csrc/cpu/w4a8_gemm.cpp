@@ -29,6 +29,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -56,7 +57,8 @@ struct Problem {
   const float* sx;    // [M]
   const float* s1;    // [N]
   const float* bias;  // [N] or nullptr
-  float* out_f;
+  float* out_f;       // row m, channel n at out_f[m * ldo + n - n_base]
+  int64_t ldo, n_base;
   int32_t* out_i;
 };
 
@@ -71,7 +73,7 @@ inline void store_row_scalar(const Problem& p, int64_t m, int64_t n0, const int3
       float y = static_cast<float>(acc[c]) * p.sx[m];
       y = y * p.s1[n0 + c];
       if (p.bias) y = y + p.bias[n0 + c];
-      p.out_f[m * p.N + n0 + c] = y;
+      p.out_f[m * p.ldo + n0 + c - p.n_base] = y;
     }
   } else {
     std::memcpy(p.out_i + m * p.N + n0, acc, cols * sizeof(int32_t));
@@ -146,7 +148,7 @@ struct V {
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(p.sx[m]));
     y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, p.s1 + n));
     if (p.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p.bias + n));
-    _mm512_mask_storeu_ps(p.out_f + m * p.N + n, mask, y);
+    _mm512_mask_storeu_ps(p.out_f + m * p.ldo + n - p.n_base, mask, y);
   }
 };
 #include "w4a8_tile.inc"
@@ -186,7 +188,7 @@ struct V {
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(p.sx[m]));
       y = _mm256_mul_ps(y, _mm256_loadu_ps(p.s1 + n));
       if (p.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(p.bias + n));
-      return _mm256_storeu_ps(p.out_f + m * p.N + n, y);
+      return _mm256_storeu_ps(p.out_f + m * p.ldo + n - p.n_base, y);
     }
     alignas(32) int32_t tmp[kLanes];
     _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc);
@@ -258,23 +260,72 @@ void prepare_activations(Problem& p, Activations& a, Fill&& fill) {
   p.rowsum = a.rowsum.data();
 }
 
-// Runs the kernel over all output panels, split across threads in chunks of 4 panels (64
-// channels); a call too small to repay waking a second thread stays on one.
+// Output panels [pb, pe) on the active ISA.
+void panels(const Problem& p, Isa isa, int64_t pb, int64_t pe) {
+#if INFERTRIX_X86
+  if (isa == Isa::Avx512Vnni) return avx512::chunk(p, pb, pe);
+  if (isa == Isa::Avx2) return avx2::chunk(p, pb, pe);
+#endif
+  chunk_scalar(p, pb, pe);
+}
+
+constexpr int64_t kChunkPanels = 4;  // 64 channels: the unit of work of one thread
+constexpr int64_t kChunk = kChunkPanels * kPanel;
+
+// Chunks per parallel task: a call too small to repay waking a second thread stays on one.
+int64_t chunk_grain(const Problem& p) {
+  constexpr int64_t kMinWorkPerThread = 1 << 19;  // multiply-adds (~20 us of one core at M = 1)
+  const int64_t chunk_work = kChunk * p.Kp * std::min<int64_t>(p.M, 16);
+  return std::max<int64_t>(1, kMinWorkPerThread / chunk_work);
+}
+
+// Runs the kernel over all output panels, split across threads in chunks of 4 panels (64 channels).
 void run(const Problem& p) {
   if (p.M == 0) return;
   const Isa isa = active_isa();
-  const int64_t chunks = (p.P + 3) / 4;
-  constexpr int64_t kMinWorkPerThread = 1 << 19;  // multiply-adds (~20 us of one core at M = 1)
-  const int64_t chunk_work = 4 * kPanel * p.Kp * std::min<int64_t>(p.M, 16);
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / chunk_work);
-  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    const int64_t pb = begin * 4, pe = std::min<int64_t>(end * 4, p.P);
-#if INFERTRIX_X86
-    if (isa == Isa::Avx512Vnni) return avx512::chunk(p, pb, pe);
-    if (isa == Isa::Avx2) return avx2::chunk(p, pb, pe);
-#endif
-    chunk_scalar(p, pb, pe);
+  const int64_t chunks = (p.P + kChunkPanels - 1) / kChunkPanels;
+  at::parallel_for(0, chunks, chunk_grain(p), [&](int64_t begin, int64_t end) {
+    panels(p, isa, begin * kChunkPanels, std::min<int64_t>(end * kChunkPanels, p.P));
   });
+}
+
+// torch.argmax's order on floats: larger wins, NaN beats any number, ties keep the earlier index.
+inline bool beats(float v, float best) { return v > best || (std::isnan(v) && !std::isnan(best)); }
+
+// Each row's argmax over the N outputs without writing them: every 64-channel chunk computes its
+// outputs (the same bits as `run`) into a small per-thread buffer and keeps each row's best; the
+// chunks' bests are then combined in chunk order, so ties go to the lowest index at any thread count.
+void run_argmax(const Problem& p, int64_t* out) {
+  if (p.M == 0) return;
+  const Isa isa = active_isa();
+  const int64_t chunks = (p.P + kChunkPanels - 1) / kChunkPanels;
+  std::vector<float> best(chunks * p.M);
+  std::vector<int64_t> where(chunks * p.M);
+  at::parallel_for(0, chunks, chunk_grain(p), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(p.M * kChunk);
+    Problem q = p;
+    q.out_f = buf.data();
+    q.ldo = kChunk;
+    for (int64_t c = begin; c < end; ++c) {
+      q.n_base = c * kChunk;
+      panels(q, isa, c * kChunkPanels, std::min<int64_t>((c + 1) * kChunkPanels, p.P));
+      const int64_t cols = std::min<int64_t>(kChunk, p.N - q.n_base);
+      for (int64_t m = 0; m < p.M; ++m) {
+        const float* y = buf.data() + m * kChunk;
+        int64_t j = 0;
+        for (int64_t i = 1; i < cols; ++i)
+          if (beats(y[i], y[j])) j = i;
+        best[c * p.M + m] = y[j];
+        where[c * p.M + m] = q.n_base + j;
+      }
+    }
+  });
+  for (int64_t m = 0; m < p.M; ++m) {
+    int64_t c_best = 0;
+    for (int64_t c = 1; c < chunks; ++c)
+      if (beats(best[c * p.M + m], best[c_best * p.M + m])) c_best = c;
+    out[m] = where[c_best * p.M + m];
+  }
 }
 
 at::Tensor w4a8_matmul_int32_cpu(const at::Tensor& x_q_in, const at::Tensor& qweight, const at::Tensor& group_scale,
@@ -296,24 +347,22 @@ at::Tensor w4a8_matmul_int32_cpu(const at::Tensor& x_q_in, const at::Tensor& qwe
   return out;
 }
 
-// Per-token int8 quantization (infertrix::quantize_per_token_int8's definition) fused in: the
-// activations are quantized straight into the kernel's padded buffer, with their group sums.
-at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                           const at::Tensor& group_scale, const c10::optional<at::Tensor>& zero,
-                           int64_t in_features, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+// Checks the arguments and quantizes x's rows (infertrix::quantize_per_token_int8's definition)
+// straight into the kernel's padded buffer, with their group sums; returns x as [M, K].
+at::Tensor prepare_linear(const char* name, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                          const at::Tensor& group_scale, const c10::optional<at::Tensor>& zero, int64_t in_features,
+                          int64_t group_size, const c10::optional<at::Tensor>& bias, Problem& p, at::Tensor& b) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "w4a8_linear: expected float32, bfloat16 or float16 activations, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "w4a8_linear: last dimension of x must be in_features=",
+              name, ": expected float32, bfloat16 or float16 activations, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, name, ": last dimension of x must be in_features=",
               in_features, ", got shape ", x.sizes());
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.is_contiguous(),
-              "w4a8_linear: scale must be a contiguous float32 vector [out_features], got ", scale.scalar_type(), " ",
+              name, ": scale must be a contiguous float32 vector [out_features], got ", scale.scalar_type(), " ",
               scale.sizes());
   const int64_t N = scale.size(0);
-  Problem p{};
   check_weights(qweight, group_scale, zero, N, in_features, group_size, p);
-  at::Tensor b;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "w4a8_linear: bias must be [", N, "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, name, ": bias must be [", N, "], got ", bias->sizes());
     b = bias->to(at::kFloat).contiguous();
     p.bias = b.data_ptr<float>();
   }
@@ -324,20 +373,46 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   act.sx.resize(p.M);
   float* sx = act.sx.data();
   const Isa isa = active_isa();
-  with_float_data(x2, "w4a8_linear", [&](const auto* xp) {
+  with_float_data(x2, name, [&](const auto* xp) {
     prepare_activations(p, act, [&](int64_t m, int8_t* row) {
       quantize_row_int8(isa, xp + m * in_features, in_features, row, sx + m);
     });
   });
   p.sx = sx;
   p.s1 = scale.data_ptr<float>();
-  auto out = at::empty({p.M, N}, x.options().dtype(at::kFloat));
+  return x2;
+}
+
+at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const at::Tensor& group_scale, const c10::optional<at::Tensor>& zero,
+                           int64_t in_features, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  Problem p{};
+  at::Tensor b;
+  prepare_linear("w4a8_linear", x, qweight, scale, group_scale, zero, in_features, group_size, bias, p, b);
+  auto out = at::empty({p.M, p.N}, x.options().dtype(at::kFloat));
   p.out_f = out.data_ptr<float>();
+  p.ldo = p.N;
   run(p);
   auto sizes = x.sizes().vec();
-  sizes.back() = N;
+  sizes.back() = p.N;
   out = out.view(sizes);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// Greedy decoding's LM head: each row's argmax of w4a8_linear's float32 outputs (the same bits)
+// without materialising them.
+at::Tensor w4a8_linear_argmax_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                  const at::Tensor& group_scale, const c10::optional<at::Tensor>& zero,
+                                  int64_t in_features, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  Problem p{};
+  at::Tensor b;
+  prepare_linear("w4a8_linear_argmax", x, qweight, scale, group_scale, zero, in_features, group_size, bias, p, b);
+  TORCH_CHECK(p.N > 0, "w4a8_linear_argmax: no output channels");
+  auto out = at::empty({p.M}, x.options().dtype(at::kLong));
+  run_argmax(p, out.data_ptr<int64_t>());
+  auto sizes = x.sizes().vec();
+  sizes.pop_back();
+  return out.view(sizes);
 }
 
 }  // namespace
@@ -345,6 +420,7 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("w4a8_matmul_int32", &w4a8_matmul_int32_cpu);
   m.impl("w4a8_linear", &w4a8_linear_cpu);
+  m.impl("w4a8_linear_argmax", &w4a8_linear_argmax_cpu);
 }
 
 // Autograd: torch.library.custom_op puts a Python autograd kernel in front of every call, about
@@ -355,6 +431,7 @@ TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
 TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
   m.impl("w4a8_matmul_int32", torch::autograd::autogradNotImplementedFallback());
   m.impl("w4a8_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("w4a8_linear_argmax", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace infertrix

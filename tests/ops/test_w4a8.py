@@ -1,4 +1,5 @@
-"""infertrix::w4a8_matmul_int32 / w4a8_linear: compiled kernels against the PyTorch reference."""
+"""infertrix::w4a8_matmul_int32 / w4a8_linear / w4a8_linear_argmax: compiled kernels against the PyTorch
+reference."""
 
 from __future__ import annotations
 
@@ -179,3 +180,70 @@ def test_forward_with_grad_enabled_and_no_backward():
     assert torch.equal(y.detach(), w4.w4a8_linear_reference(x.detach(), qweight, scale, s2, zero, k, gs, None))
     with pytest.raises(RuntimeError):
         y.sum().backward()  # quantized layers are for inference: a backward must fail loudly
+
+
+# ---- w4a8_linear_argmax: the greedy token of a W4A8 LM head, bitwise argmax of its logits
+def full_argmax(x, qweight, scale, s2, zero, k, gs, bias):
+    return w4.w4a8_linear(x, qweight, scale, s2, zero, k, gs, bias).argmax(-1)
+
+
+# N: below one 64-channel chunk, one channel, a multiple of 64 plus one, not a multiple of 16,
+# SmolLM2-like widths split across threads
+@pytest.mark.parametrize("m, n, k, gs", [(1, 33, 576, 128), (3, 1, 40, -1), (4, 65, 100, 32), (5, 1000, 576, 64),
+                                         (1, 4104, 576, 128), (9, 4104, 576, 128)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_equals_argmax_of_the_logits(isa, m, n, k, gs, threads):
+    qweight, scale, s2, zero = random_weights(n, k, gs, True, seed=m + n + k)
+    x = torch.randn(m, k) * 3
+    bias = torch.randn(n) if m % 2 else None
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tok = w4.w4a8_linear_argmax(x, qweight, scale, s2, zero, k, gs, bias)
+    finally:
+        torch.set_num_threads(old)
+    assert tok.dtype == torch.int64 and tok.shape == (m,)
+    assert torch.equal(tok, full_argmax(x, qweight, scale, s2, zero, k, gs, bias))
+    assert torch.equal(tok, w4.w4a8_linear_argmax_reference(x, qweight, scale, s2, zero, k, gs, bias))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ties_go_to_the_lowest_index(isa, threads):
+    # identical channels (same codes, scales) give bit-equal logits in different chunks and tiles
+    n, k, gs = 4104, 64, 32
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    s2 = torch.ones(n, 2, dtype=torch.uint8)
+    scale = torch.full((n,), 1e-3)
+    tied = [70, 71, 3000, 4103]
+    q[tied] = 15  # every weight at the top code: the largest logit for a positive input
+    qweight, gsc = w4.pack_int4(q), w4.pack_group_params(s2)
+    x = torch.rand(2, k) + 0.1
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tok = w4.w4a8_linear_argmax(x, qweight, scale, gsc, None, k, gs, None)
+    finally:
+        torch.set_num_threads(old)
+    logits = w4.w4a8_linear(x, qweight, scale, gsc, None, k, gs, None)
+    assert (logits[:, tied] == logits[:, tied[:1]]).all()
+    assert tok.tolist() == [70, 70] == logits.argmax(-1).tolist()
+
+
+def test_nan_wins_as_in_torch_argmax(isa):
+    n, k, gs = 200, 64, 32
+    qweight, scale, s2, _ = random_weights(n, k, gs, False, seed=3)
+    scale[150] = float("nan")
+    scale[190] = float("nan")
+    x = torch.randn(1, k)
+    tok = w4.w4a8_linear_argmax(x, qweight, scale, s2, None, k, gs, None)
+    assert tok.tolist() == [150] == full_argmax(x, qweight, scale, s2, None, k, gs, None).tolist()
+
+
+def test_3d_input_and_opcheck():
+    n, k, gs = 24, 80, 32
+    qweight, scale, s2, zero = random_weights(n, k, gs, True, seed=5)
+    x = torch.randn(2, 3, k)
+    tok = w4.w4a8_linear_argmax(x, qweight, scale, s2, zero, k, gs, None)
+    assert tok.shape == (2, 3) and torch.equal(tok, full_argmax(x, qweight, scale, s2, zero, k, gs, None))
+    torch.library.opcheck(w4.w4a8_linear_argmax, (x, qweight, scale, s2, zero, k, gs, torch.randn(n)))
+    torch.library.opcheck(w4.w4a8_linear_argmax, (torch.randn(1, k), qweight, scale, s2, None, k, gs, None))

@@ -23,6 +23,7 @@ from ..ops.skinny_linear import MAX_ROWS
 
 _skinny = torch.ops.infertrix.skinny_linear.default
 _w4a8 = torch.ops.infertrix.w4a8_linear.default
+_w4a8_argmax = torch.ops.infertrix.w4a8_linear_argmax.default
 _w8a8 = torch.ops.infertrix.w8a8_linear.default
 
 Linear = Callable[[Tensor], Tensor]  # x [M, K] -> [M, N]
@@ -74,6 +75,18 @@ def linear(module: nn.Module) -> Linear:
         return torch.cat([_skinny(x[i : i + MAX_ROWS], w, b) for i in range(0, x.shape[0], MAX_ROWS)])
 
     return fp32
+
+
+def argmax(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Greedy decoding's head: each row's argmax of ``linear(module)``'s output (int64 [M], the same
+    token bit for bit, first index on ties). W4A8 computes it inside the kernel without writing
+    the [M, vocab] logits; the other kinds take the argmax of their logits."""
+    m = module
+    if kind(module) == "w4a8":
+        return lambda x: _w4a8_argmax(x, m.qweight, m.scale, m.group_scale, m.zero, m.in_features, m.group_size,
+                                      m.bias)
+    call = linear(module)
+    return lambda x: call(x).argmax(-1)
 
 
 def slot(module: nn.Module) -> tuple[list[int], list[Tensor | None]]:

@@ -57,7 +57,10 @@ class Runner:
         nexts = [_norm(layer.input_layernorm) for layer, _, _ in views[1:]] + [self.final]
         self.layers = [layer_plan(model, layer, attn, mlp, nxt)
                        for (layer, attn, mlp), nxt in zip(views, nexts, strict=True)]
-        self.head = linears.linear(model.get_output_embeddings())
+        head = model.get_output_embeddings()
+        self.head = linears.linear(head)
+        self.greedy_head = linears.argmax(head)
+        self.vocab = head.out_features
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -93,14 +96,16 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor, skip=None,
-                observe: dict[int, tuple[Tensor, Tensor] | None] | None = None) -> Tensor:
+                observe: dict[int, tuple[Tensor, Tensor] | None] | None = None, greedy: bool = False) -> Tensor:
         """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache`` (an ``EngineCache`` or
         a storage ``cache.storage_problem`` accepts); row b has ``pads[b]`` left-padding tokens, its
         tokens sit at rotary ``positions`` [B, T]. The skip plans applied to the model now are
         followed, and ``skip`` (a ``SkipPlan``: a self-speculation draft's) on top of them.
         ``observe``: layer indices whose attention a KV policy scores with; each entry receives
         (probabilities [B, H, T, slots], post-rotary queries [B, T, H, D]) from ``engine_layer``
-        (layers run whole: the engine takes no skip plan with a policy's cache)."""
+        (layers run whole: the engine takes no skip plan with a policy's cache). ``greedy``: one-hot
+        logits (1 at each position's greedy token, 0 elsewhere) from the head's fused argmax, for
+        callers that only take the argmax (``transform.greedy_only``)."""
         b, t = ids.shape
         kv, d = self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(b * t, -1)
@@ -144,4 +149,7 @@ class Runner:
         elif keep:
             a = a[:, -keep:]
         kept = a.shape[1]
+        if greedy:
+            tokens = self.greedy_head(a.reshape(b * kept, -1)).view(b, kept, 1)
+            return torch.zeros(b, kept, self.vocab, dtype=a.dtype, device=a.device).scatter_(-1, tokens, 1.0)
         return self.head(a.reshape(b * kept, -1)).view(b, kept, -1)

@@ -89,6 +89,39 @@ def left_padding_start(mask: Tensor, length: int) -> Tensor | None:
     return start
 
 
+# generate's own parameters (the rest of its keyword arguments are generation settings or model inputs)
+_GENERATE_PARAMS = ("generation_config", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+                    "synced_gpus", "assistant_model", "streamer", "negative_prompt_ids",
+                    "negative_prompt_attention_mask", "custom_generate")
+
+
+def greedy_only(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether this ``generate`` call only ever takes the argmax of each step's logits: greedy
+    search (transformers' ``_sample`` loop, one beam, no assistant, no custom decoding loop), no
+    scores, logits or cache returned, and no logits processor: the list transformers itself builds
+    from the merged settings must be empty (a repetition penalty, bad words, a caller's processor...),
+    and ``min_length`` / ``min_new_tokens`` (whose processors depend on an EOS token) must be unset.
+    Anything unexpected (a transformers that changed these private helpers) answers False."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    if len(args) > 1 or any(kwargs.get(k) is not None for k in ("assistant_model", "custom_generate",
+                                                                  "prefix_allowed_tokens_fn", "negative_prompt_ids")):
+        return False
+    try:
+        settings = {k: v for k, v in kwargs.items() if k not in _GENERATE_PARAMS}
+        cfg, _ = model._prepare_generation_config(kwargs.get("generation_config"), **settings)
+        if cfg.get_generation_mode(None) != GenerationMode.GREEDY_SEARCH:
+            return False
+        if cfg.output_scores or cfg.output_logits or cfg.return_dict_in_generate or cfg.min_new_tokens or cfg.min_length:
+            return False
+        processors = model._get_logits_processor(generation_config=cfg, input_ids_seq_length=1,
+                                                 logits_processor=kwargs.get("logits_processor"), device="cpu",
+                                                 model_kwargs={})
+    except Exception:  # noqa: BLE001 - any surprise means "not provably greedy-only"
+        return False
+    return len(processors) == 0
+
+
 class EngineRuntime:
     """The engine's state on one model: its runner, and which path each forward took."""
 
@@ -99,6 +132,7 @@ class EngineRuntime:
         self.hooks: str | None = None
         self.checked: tuple[int, ...] | None = None
         self.counts: Counter[str] = Counter()
+        self.greedy_forwards = 0
         self.last = "none yet"
 
     def _check_model(self) -> str | None:
@@ -188,8 +222,11 @@ class EngineRuntime:
                 return self._module(f"position_ids of shape {tuple(positions.shape)}", inner, (), kwargs)
             positions = positions.expand(b, t)
         observe = cache.engine_observes(t) if isinstance(cache, PolicyCache) else None
-        logits = self.runner.forward(ids, start, positions.contiguous(), cache, kwargs.get("logits_to_keep", 0),
-                                     observe=observe)
+        keep = kwargs.get("logits_to_keep", 0)
+        # generate marked the cache (greedy_only): its loop takes only the last position's argmax
+        greedy = getattr(cache, "greedy_head", False) and isinstance(keep, int) and keep == 1
+        logits = self.runner.forward(ids, start, positions.contiguous(), cache, keep, observe=observe, greedy=greedy)
+        self.greedy_forwards += greedy
         if isinstance(cache, PolicyCache):
             after_engine_forward(self.model, cache, t, observe, start)
         self.counts["engine"] += 1
@@ -208,6 +245,7 @@ class EngineRuntime:
             "last_forward": self.last,
             "engine_forwards": engine,
             "module_forwards": sum(self.counts.values()) - engine,
+            "greedy_head_forwards": self.greedy_forwards,
             "fallbacks": {k.removeprefix("module: "): v for k, v in self.counts.items() if k != "engine"},
         } | ({"skips": skips} if (skips := skipped_units(self.model)) else {})
 
@@ -224,6 +262,10 @@ class Engine(Transform):
     says why it was not added); on a model it does not support it runs the module path and says so.
 
     - ``enabled``: false keeps the module path everywhere (the opt-out: ``engine(enabled=false)``).
+    - ``greedy_head``: in a ``generate`` call that only takes each step's argmax (``greedy_only``:
+      greedy search, no logits processor, no scores or logits returned), the LM head returns each
+      row's greedy token, fused into the W4A8 kernel (no [batch, vocab] logits), as one-hot logits
+      (the same tokens bit for bit); false always computes the logits.
 
     Lossless in the sense of the module path's arithmetic to float32 rounding (another summation
     order; quantized layers are the same kernels). No extra weight memory (fused projections view
@@ -238,6 +280,7 @@ class Engine(Transform):
     same_weights: ClassVar[bool] = True
 
     enabled: bool = True
+    greedy_head: bool = True
 
     def tensor_parallel_problem(self, model: nn.Module, tp: Any) -> str | None:
         if not self.enabled:
@@ -278,7 +321,8 @@ class Engine(Transform):
                 and "cache_implementation" not in kwargs
                 and runtime.supported()
             ):
-                kwargs[cache_argument_name(m)] = EngineCache(m.config)
+                cache = kwargs[cache_argument_name(m)] = EngineCache(m.config)
+                cache.greedy_head = self.greedy_head and greedy_only(m, args, kwargs)
             return args, kwargs
 
         remove = add_generate_hook(model, hook, order=99)  # last: a policy's own cache comes first

@@ -144,12 +144,31 @@ def w4a8_linear_reference(
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
+def w4a8_linear_argmax_reference(
+    x: Tensor,
+    qweight: Tensor,
+    scale: Tensor,
+    group_scale: Tensor,
+    zero: Tensor | None,
+    in_features: int,
+    group_size: int,
+    bias: Tensor | None,
+) -> Tensor:
+    """Each row's greedy token: ``argmax`` of w4a8_linear's float32 outputs (first index on ties),
+    int64 of x's shape[:-1]; the kernel never writes the [M, N] outputs (a greedy LM head)."""
+    y = w4a8_linear_reference(x.float(), qweight, scale, group_scale, zero, in_features, group_size, bias)
+    return y.argmax(-1)
+
+
 # The ops are the references themselves (one signature, one set of argument checks); compiled
 # kernels (csrc/cpu/w4a8_gemm.cpp) register for the CPU key and take precedence.
 w4a8_matmul_int32 = torch.library.custom_op("infertrix::w4a8_matmul_int32", mutates_args=())(
     w4a8_matmul_int32_reference
 )
 w4a8_linear = torch.library.custom_op("infertrix::w4a8_linear", mutates_args=())(w4a8_linear_reference)
+w4a8_linear_argmax = torch.library.custom_op("infertrix::w4a8_linear_argmax", mutates_args=())(
+    w4a8_linear_argmax_reference
+)
 
 
 @w4a8_matmul_int32.register_fake
@@ -162,5 +181,11 @@ def _(x, qweight, scale, group_scale, zero, in_features, group_size, bias):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
+@w4a8_linear_argmax.register_fake
+def _(x, qweight, scale, group_scale, zero, in_features, group_size, bias):
+    return x.new_empty(x.shape[:-1], dtype=torch.int64)
+
+
 register_op("w4a8_matmul_int32", w4a8_matmul_int32_reference)
 register_op("w4a8_linear", w4a8_linear_reference)
+register_op("w4a8_linear_argmax", w4a8_linear_argmax_reference)
