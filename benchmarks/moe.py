@@ -482,7 +482,8 @@ def main_lowbit(args: argparse.Namespace) -> None:
         f"sessions; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), {results[0]['steps']} "
         f"teacher-forced decode steps, {wall:.0f} s. Perplexity: 2 x 512 tokens of the shipped text after the "
         "router's calibration text (this upcycled model keeps 2 of 8 neuron groups: its perplexity is high "
-        "whatever the bits; the ratio is the cost of quantizing the experts). max |dlogit| and argmax agree "
+        "whatever the bits, and its chaotic logits amplify any change: read the perplexity ratio as a rough "
+        "sign, not as the quality cost of low-bit experts on a trained MoE). max |dlogit| and argmax agree "
         "compare each decode step's logits with the in-memory float model's.",
         "",
         markdown_table([_lowbit_row(r, results) for r in results]),
