@@ -387,12 +387,17 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     ap.add_argument("--lowbit", action="store_true", help="float vs int8 vs int4 experts (upcycled SmolLM2)")
+    ap.add_argument("--lowbit-quality", action="store_true",
+                    help="perplexity of dense SmolLM2 with each MLP computed as one int8/int4 expert")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
     if args.lowbit:
         main_lowbit(args)
+        return
+    if args.lowbit_quality:
+        lowbit_quality(args)
         return
 
     from benchmarks.report import markdown_table, write_section
@@ -492,6 +497,51 @@ def main_lowbit(args: argparse.Namespace) -> None:
     if not args.no_write and args.steps is None:
         write_section("moe-lowbit", "MoE low-bit experts (float vs int8 vs int4)", body,
                       command="flock /tmp/infertrix-bench.lock python -m benchmarks.moe --lowbit")
+
+
+class _MLPAsExpert(torch.nn.Module):
+    """A dense MLP computed as one low-bit expert: what sparse ("copy") upcycling of SmolLM2 computes
+    with ``expert_bits`` (its experts are copies of the MLP), without 8 copies on disk."""
+
+    def __init__(self, mlp: torch.nn.Module, bits: int):
+        super().__init__()
+        from infertrix.moe.lowbit import LowBitFormat
+
+        gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        dn = mlp.down_proj.weight.detach()
+        self.fmt, self.act_fn = LowBitFormat(bits, 32, tuple(gu.shape), tuple(dn.shape)), mlp.act_fn
+        self.parts = self.fmt.views(self.fmt.encode(gu, dn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fmt.forward(self.parts, x.reshape(-1, x.shape[-1]), self.act_fn).view(x.shape)
+
+
+def lowbit_quality(args: argparse.Namespace) -> None:
+    """``--lowbit-quality``: the perplexity cost of int8/int4 experts on real trained weights."""
+    from benchmarks.report import markdown_table, write_section
+    from infertrix import models
+
+    torch.set_num_threads(THREADS)
+    build_real()  # its tokenizer and text windows
+    ids = _prose_ids(1024)
+    rows = []
+    for bits in (None, 8, 4):
+        model, _ = models.load("smollm2")
+        if bits is not None:
+            for layer in model.model.layers:
+                layer.mlp = _MLPAsExpert(layer.mlp, bits)
+        ppl = _perplexity(model.eval(), ids, 2)
+        rows.append({"MLP weights": "float32" if bits is None else f"int{bits} (moe.lowbit)", "perplexity": ppl,
+                     "x float": ppl / rows[0]["perplexity"] if rows else 1.0})
+        print(rows[-1], flush=True)
+    body = ("Dense SmolLM2-135M with every MLP computed as one low-bit expert (`LowBitFormat`, int8 "
+            "activations; attention and head float): the model sparse (`copy`) upcycling gives, i.e. the "
+            "quality cost of `expert_bits` on trained weights. Perplexity on 2 x 512 tokens of the shipped "
+            "text after the first 2048 (the text the --lowbit run decodes).\n\n" + markdown_table(rows))
+    print(body)
+    if not args.no_write:
+        write_section("moe-lowbit-quality", "MoE low-bit experts: quality on trained weights", body,
+                      command="python -m benchmarks.moe --lowbit-quality")
 
 
 if __name__ == "__main__":
