@@ -135,9 +135,6 @@ class LayerCache:
     def down(self) -> torch.Tensor:
         return self.buffers[1]
 
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
-
     def handle(self, slot: int, kind: str, release) -> ExpertHandle:
         if self.parts is not None:
             return ExpertHandle(None, None, kind, release, self.parts[slot])

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError, Stage, Transform
+from ..quant.int4 import check_group_size
 from .cache import POLICIES, ExpertCache
 from .discovery import MoELayer, find_moe_layers
 from .expert_files import MANIFEST
@@ -59,8 +60,9 @@ class ExpertOffload(Transform):
     """Keep a budget of each MoE layer's experts in fast memory; the rest in an expert store.
 
     Lossless: outputs equal the fully loaded model's (same per-expert computation, only the
-    weights' location changes), unless ``expert_bits`` is 8 or 4 (lossy, see that field). Saves ``(1 - budget)`` of the experts' memory; costs reads on
-    cache misses, which prefetch hides where it guesses right. Needs a transformers 5 MoE model
+    weights' location changes), unless ``expert_bits`` is 8 or 4 (lossy, see that field). Saves
+    ``(1 - budget)`` of the experts' memory; costs reads on cache misses, which prefetch hides
+    where it guesses right. Needs a transformers 5 MoE model
     (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and disk space for the store.
 
     Fields:
@@ -129,8 +131,7 @@ class ExpertOffload(Transform):
         if self.expert_bits is not None and self.expert_bits not in BITS:
             raise ConfigError(f"expert_bits must be None (float experts as the model holds them), 8 or 4; "
                               f"got {self.expert_bits}")
-        if self.expert_group_size != -1 and (self.expert_group_size <= 0 or self.expert_group_size % 8):
-            raise ConfigError(f"expert_group_size must be -1 or a positive multiple of 8, got {self.expert_group_size}")
+        check_group_size(self.expert_group_size)
 
     def expert_format(self, layer: MoELayer) -> LowBitFormat | None:
         """The low-bit layout of this layer's experts (None: float experts)."""
