@@ -21,6 +21,12 @@ logits with the in-memory run's. The offloaded runs build the model with ``load_
 store reads experts with O_DIRECT (or drops pages after every read). accelerate's disk offload
 (``device_map`` with the experts on ``"disk"``) gets the same treatment: its offload files' pages
 are dropped after each experts call, so both read the disk.
+
+``--lowbit`` (upcycled SmolLM2 only) compares float, int8 and int4 experts (EdgeMoE's low-bit
+experts, ``ExpertOffload(expert_bits=...)``) at one memory budget, 25% of the float experts' bytes
+(the int experts fit 3.95x / 6.9x as many: up to all of them), and at one expert count, 2 of 8 per
+layer (each miss moves fewer bytes), LRU without prefetch, plus the perplexity of each
+configuration on 2 x 512 tokens of the shipped text after the router's calibration text.
 """
 
 from __future__ import annotations
@@ -157,6 +163,7 @@ class _Run:
             off = ExpertOffload(
                 budget=spec["budget"], policy=spec.get("policy", "lru"), prefetch=spec["prefetch"],
                 miss_policy=spec.get("miss_policy", "fetch"), store_dir=str(Path(spec["store"])),
+                **{k: spec[k] for k in ("expert_bits", "experts_per_layer") if k in spec},
             )
             model = load_offloaded(ckpt, off)
             offload_runtime(model).cache.store.drop_page_cache()
@@ -212,9 +219,24 @@ class _Run:
                 hit_rate=stats.hit_rate, prefetch_used=stats.prefetch_used, prefetched=stats.prefetched,
                 store_mib_per_token=stats.bytes_read / 2**20 / steps, stall_s_per_token=stats.stall_seconds / steps,
                 budget_bytes=rt.cache.budget_bytes, capacity=rt.cache.capacity, dense_bytes=tensor_bytes(model),
-                in_place=stats.computed_in_place,
+                in_place=stats.computed_in_place, expert_bits=rt.cache.store.bits,
+                expert_bytes=rt.cache.store.expert_bytes,
             )
+        if spec.get("ppl_windows"):  # after the statistics: these forwards would count in them
+            res["perplexity"] = _perplexity(model, self.ids, spec["ppl_windows"])
         return res
+
+
+def _perplexity(model, ids: torch.Tensor, windows: int, window_tokens: int = 512) -> float:
+    """Perplexity on ``windows`` consecutive windows of ``ids`` (one forward each, no cache)."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(windows):
+            x = ids[:, w * window_tokens : (w + 1) * window_tokens]
+            logits = model(x, use_cache=False).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            count += x.shape[1] - 1
+    return float(np.exp(nll / count))
 
 
 def worker(spec: dict) -> None:
@@ -238,6 +260,14 @@ OFFLOAD_CONFIGS = {
     ],  # LFU and miss_policy="auto" are tested for exactness; left out here to keep a run < 12 min
     "random": [("50% LRU+prefetch", 0.5, True, {}), ("25% LRU", 0.25, False, {}), ("25% LRU+prefetch", 0.25, True, {})],
 }
+#: --lowbit: (name, ExpertOffload fields); every one LRU without prefetch
+LOWBIT_CONFIGS = [
+    ("float 25% of float bytes", dict(budget=0.25)),
+    ("int8 25% of float bytes", dict(budget=0.25, expert_bits=8)),
+    ("int4 25% of float bytes", dict(budget=0.25, expert_bits=4)),
+    ("int8 2/8 experts", dict(budget=0.25, experts_per_layer=2, expert_bits=8)),
+    ("int4 2/8 experts", dict(budget=0.25, experts_per_layer=2, expert_bits=4)),
+]
 TITLES = {"real": "SmolLM2 upcycled to 8 experts (real weights, 318 MB of experts)",
           "random": "random-weight Mixtral (2.0 GB of experts)"}
 
@@ -254,6 +284,38 @@ def configs(quick: bool, model: str, steps: int | None = None) -> list[dict]:
                         steps=steps, **extra))
     out.append(dict(model=model, name="accelerate disk offload", kind="accelerate", steps=acc_steps))
     return out
+
+
+def lowbit_configs(steps: int) -> list[dict]:
+    out = [dict(model="real", name="in memory (float)", kind="memory", steps=steps, ppl_windows=2)]
+    for name, fields in LOWBIT_CONFIGS:
+        out.append(dict(model="real", name=f"offload {name}", kind="offload", prefetch=False, steps=steps,
+                        ppl_windows=2, **fields))
+    return out
+
+
+def _lowbit_row(r: dict, rows: list[dict]) -> dict:
+    mem = next(x for x in rows if x["kind"] == "memory")
+    flt = next(x for x in rows if x["kind"] == "offload" and x["expert_bits"] == 32)
+    offload = r["kind"] == "offload"
+    return {
+        "config": r["name"],
+        "expert bits": r.get("expert_bits", 32),
+        "KiB/expert": r["expert_bytes"] / 1024 if offload else "",
+        "resident/layer": f"{r['capacity']}/8" if offload else "8/8",
+        "cache MiB": r["budget_bytes"] / 2**20 if offload else "",
+        "tokens/s": r["tokens_per_s"],
+        "x float offload": r["tokens_per_s"] / flt["tokens_per_s"],
+        "x in memory": r["tokens_per_s"] / mem["tokens_per_s"],
+        "hit rate": r.get("hit_rate", ""),
+        "store MiB/token": r.get("store_mib_per_token", ""),
+        "stall s/token": r.get("stall_s_per_token", ""),
+        "peak RSS MiB": r["peak_rss"] / 2**20,
+        "perplexity": r["perplexity"],
+        "x float ppl": r["perplexity"] / mem["perplexity"],
+        "max |dlogit| vs float": r.get("max_abs_logit_diff", 0.0),
+        "argmax agree": r.get("argmax_agree", 1.0),
+    }
 
 
 def _expect(proc: subprocess.Popen, prefix: str, spec: dict, err: Path) -> str:
@@ -324,9 +386,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="decode steps per configuration (a smoke test); implies --no-write")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--lowbit", action="store_true", help="float vs int8 vs int4 experts (upcycled SmolLM2)")
+    ap.add_argument("--lowbit-quality", action="store_true",
+                    help="perplexity of dense SmolLM2 with each MLP computed as one int8/int4 expert")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
+        return
+    if args.lowbit:
+        main_lowbit(args)
+        return
+    if args.lowbit_quality:
+        lowbit_quality(args)
         return
 
     from benchmarks.report import markdown_table, write_section
@@ -379,6 +450,98 @@ def main() -> None:
     if not args.no_write and args.steps is None:
         cmd = "flock /tmp/infertrix-bench.lock python -m benchmarks.moe --models real; ... --models random"
         write_section("moe", "MoE expert offloading", text, command=cmd)
+
+
+def main_lowbit(args: argparse.Namespace) -> None:
+    """``--lowbit``: its own section of BENCHMARKS.md (``moe-lowbit``)."""
+    from benchmarks.report import markdown_table, write_section
+    from infertrix.moe import ExpertStore
+
+    torch.set_num_threads(THREADS)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    ck = build_real()
+    ids_file = ROOT / "prose_ids_1024.pt"
+    torch.save(_prose_ids(1024), ids_file)  # decode steps and the perplexity windows read these tokens
+    specs = lowbit_configs(args.steps or (12 if args.quick else 24))
+    for i, spec in enumerate(specs):
+        bits = spec.get("expert_bits")
+        store = ROOT / f"{ck.name}-store{f'-int{bits}' if bits else ''}"
+        if spec["kind"] == "offload" and not (store / "manifest.json").exists():
+            ExpertStore.from_checkpoint(ck, store, bits).close()
+        spec.update(ckpt=str(ck), store=str(store), ids=str(ids_file), prompt=32,
+                    logits_out=str(ROOT / f"logits-lowbit-{i}.f32"))
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    results = run_lockstep(specs)
+    ref = np.fromfile(specs[0]["logits_out"], dtype=np.float32).reshape(specs[0]["steps"] + 1, -1)
+    for spec, r in zip(specs, results, strict=True):
+        got = np.fromfile(spec["logits_out"], dtype=np.float32).reshape(r["steps"] + 1, -1)
+        r["max_abs_logit_diff"] = float(np.abs(got - ref).max())
+        r["argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        print(json.dumps(r), flush=True)
+    wall = time.perf_counter() - t0
+    body = "\n".join([
+        "Low-bit experts (EdgeMoE, arXiv:2308.14352): `ExpertOffload(expert_bits=8|4)` on the upcycled "
+        "SmolLM2 (30 layers x 8 experts, fp32: 1.33 MB each), LRU, no prefetch. All configurations decode "
+        f"in lockstep in one run (ratios are what to read: this 2-core machine was shared with other "
+        f"sessions; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), {results[0]['steps']} "
+        f"teacher-forced decode steps, {wall:.0f} s. Perplexity: 2 x 512 tokens of the shipped text after the "
+        "router's calibration text (this upcycled model keeps 2 of 8 neuron groups: its perplexity is high "
+        "whatever the bits, and its chaotic logits amplify any change: read the perplexity ratio as a rough "
+        "sign, not as the quality cost of low-bit experts on a trained MoE). max |dlogit| and argmax agree "
+        "compare each decode step's logits with the in-memory float model's.",
+        "",
+        markdown_table([_lowbit_row(r, results) for r in results]),
+    ])
+    print(body)
+    if not args.no_write and args.steps is None:
+        write_section("moe-lowbit", "MoE low-bit experts (float vs int8 vs int4)", body,
+                      command="flock /tmp/infertrix-bench.lock python -m benchmarks.moe --lowbit")
+
+
+class _MLPAsExpert(torch.nn.Module):
+    """A dense MLP computed as one low-bit expert: what sparse ("copy") upcycling of SmolLM2 computes
+    with ``expert_bits`` (its experts are copies of the MLP), without 8 copies on disk."""
+
+    def __init__(self, mlp: torch.nn.Module, bits: int):
+        super().__init__()
+        from infertrix.moe.lowbit import LowBitFormat
+
+        gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        dn = mlp.down_proj.weight.detach()
+        self.fmt, self.act_fn = LowBitFormat(bits, 32, tuple(gu.shape), tuple(dn.shape)), mlp.act_fn
+        self.parts = self.fmt.views(self.fmt.encode(gu, dn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fmt.forward(self.parts, x.reshape(-1, x.shape[-1]), self.act_fn).view(x.shape)
+
+
+def lowbit_quality(args: argparse.Namespace) -> None:
+    """``--lowbit-quality``: the perplexity cost of int8/int4 experts on real trained weights."""
+    from benchmarks.report import markdown_table, write_section
+    from infertrix import models
+
+    torch.set_num_threads(THREADS)
+    build_real()  # its tokenizer and text windows
+    ids = _prose_ids(1024)
+    rows = []
+    for bits in (None, 8, 4):
+        model, _ = models.load("smollm2")
+        if bits is not None:
+            for layer in model.model.layers:
+                layer.mlp = _MLPAsExpert(layer.mlp, bits)
+        ppl = _perplexity(model.eval(), ids, 2)
+        rows.append({"MLP weights": "float32" if bits is None else f"int{bits} (moe.lowbit)", "perplexity": ppl,
+                     "x float": ppl / rows[0]["perplexity"] if rows else 1.0})
+        print(rows[-1], flush=True)
+    body = ("Dense SmolLM2-135M with every MLP computed as one low-bit expert (`LowBitFormat`, int8 "
+            "activations; attention and head float): the model sparse (`copy`) upcycling gives, i.e. the "
+            "quality cost of `expert_bits` on trained weights. Perplexity on 2 x 512 tokens of the shipped "
+            "text after the first 2048 (the text the --lowbit run decodes).\n\n" + markdown_table(rows))
+    print(body)
+    if not args.no_write:
+        write_section("moe-lowbit-quality", "MoE low-bit experts: quality on trained weights", body,
+                      command="python -m benchmarks.moe --lowbit-quality")
 
 
 if __name__ == "__main__":

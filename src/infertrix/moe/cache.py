@@ -14,6 +14,11 @@ Statistics (:class:`LayerStats`) are kept per layer; their sums are the global f
 ``describe(model)`` shows. They add up by construction: ``hits + misses == requests`` and
 ``misses == fetched + computed_in_place``.
 
+Budgets count bytes: a slot holds one expert as the store keeps it, so with low-bit experts
+(``ExpertStore(bits=8/4)``, EdgeMoE) a slot is a page-aligned byte blob of a quarter of a float32
+expert or less, and the same bytes hold that many more experts (``capacity`` is computed from the
+store's ``expert_bytes`` by ``ExpertOffload``).
+
 Thread safety: one lock guards the slot tables; the prefetch worker reserves a slot under the
 lock, then reads into it without the lock while the slot is marked loading (never a victim).
 """
@@ -79,12 +84,15 @@ class _Slot:
 
 
 class ExpertHandle:
-    """One expert's weights for one use; call ``release()`` (or use ``with``) when done."""
+    """One expert's weights for one use; call ``release()`` (or use ``with``) when done. Float
+    experts: ``gate_up``, ``down``; low-bit experts: ``parts`` (the format's typed views)."""
 
-    __slots__ = ("gate_up", "down", "kind", "_release")
+    __slots__ = ("gate_up", "down", "parts", "kind", "_release")
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, kind: str, release):
+    def __init__(self, gate_up: torch.Tensor | None, down: torch.Tensor | None, kind: str, release,
+                 parts: dict[str, torch.Tensor] | None = None):
         self.gate_up, self.down, self.kind, self._release = gate_up, down, kind, release
+        self.parts = parts
 
     def release(self) -> None:
         if self._release is not None:
@@ -104,17 +112,33 @@ class LayerCache:
     def __init__(self, owner: ExpertCache, layer: int, capacity: int):
         store = owner.store
         self.owner, self.layer, self.capacity = owner, layer, capacity
+        # one tensor per slot_shapes() entry, [capacity, ...]: float gate_up and down, or low-bit blobs
         if owner.device.type == "cpu":  # page-aligned slots: the store reads into them with O_DIRECT
-            self.gate_up = aligned_empty((capacity, *store.gate_up_shape), store.dtype)
-            self.down = aligned_empty((capacity, *store.down_shape), store.dtype)
+            self.buffers = [aligned_empty((capacity, *shape), dtype) for shape, dtype in store.slot_shapes()]
         else:
-            self.gate_up = torch.empty((capacity, *store.gate_up_shape), dtype=store.dtype, device=owner.device)
-            self.down = torch.empty((capacity, *store.down_shape), dtype=store.dtype, device=owner.device)
+            self.buffers = [torch.empty((capacity, *shape), dtype=dtype, device=owner.device)
+                            for shape, dtype in store.slot_shapes()]
+        fmt = store.format
+        # low-bit: each slot's typed views, made once (a handle per use would cost ~8 views)
+        self.parts = None if fmt is None else [fmt.views(self.buffers[0][i]) for i in range(capacity)]
         self.slots = [_Slot() for _ in range(capacity)]
         self.slot_of: dict[int, int] = {}
         self.recency: OrderedDict[int, None] = OrderedDict()  # resident experts, oldest first
         self.counts = [0] * store.num_experts  # LFU: uses over the whole run
         self.stats = LayerStats()
+
+    @property
+    def gate_up(self) -> torch.Tensor:
+        return self.buffers[0]
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.buffers[1]
+
+    def handle(self, slot: int, kind: str, release) -> ExpertHandle:
+        if self.parts is not None:
+            return ExpertHandle(None, None, kind, release, self.parts[slot])
+        return ExpertHandle(self.buffers[0][slot], self.buffers[1][slot], kind, release)
 
     # -- under owner.lock -------------------------------------------------------------------
     def _victim(self) -> int | None:
@@ -160,7 +184,7 @@ class LayerCache:
         s = self.slots[slot]
         t0 = time.perf_counter()
         try:
-            n = self.owner.store.read_into(self.layer, expert, self.gate_up[slot], self.down[slot])
+            n = self.owner.store.read_into(self.layer, expert, *(b[slot] for b in self.buffers))
             if self.owner.device.type == "cuda":
                 torch.cuda.current_stream(self.owner.device).synchronize()
         except BaseException as exc:
@@ -252,8 +276,11 @@ class ExpertCache:
                 if kind == "in_place":
                     lc.stats.computed_in_place += 1
         if kind == "in_place":
-            gu, dn = self.store.view(layer, expert)
-            return ExpertHandle(gu, dn, kind, lambda: self.store.release(layer, expert))
+            stored = self.store.view(layer, expert)
+            release = lambda: self.store.release(layer, expert)  # noqa: E731
+            if self.store.format is not None:
+                return ExpertHandle(None, None, kind, release, self.store.format.views(stored[0]))
+            return ExpertHandle(*stored, kind, release)
         s = lc.slots[slot]
         if kind == "fetch":
             try:
@@ -277,7 +304,7 @@ class ExpertCache:
             with self.lock:
                 s.pins -= 1
 
-        return ExpertHandle(lc.gate_up[slot], lc.down[slot], kind, release)
+        return lc.handle(slot, kind, release)
 
     def prefetch(self, layer: int, expert: int) -> bool:
         """Load ``expert`` if absent (prefetch worker); False when resident or no slot is free."""

@@ -50,21 +50,20 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_layer_file(path: Path, experts: Any, num_experts: int) -> None:
-    """Write one layer's experts; ``experts(j) -> (gate_up [2I,H], down [H,I])`` is called once per
+    """Write one layer's experts; ``experts(j) -> {part: tensor}`` (float experts: ``gate_up``
+    ``[2I, H]`` and ``down`` ``[H, I]``; low-bit ones: one ``lowbit`` byte blob) is called once per
     expert, in order, so only one expert is materialised at a time."""
-    first_gu, first_dn = experts(0)
-    dtype = _DTYPES.get(first_gu.dtype)
-    if dtype is None:
-        raise ConfigError(f"ExpertStore cannot store dtype {first_gu.dtype}; use one of {sorted(map(str, _DTYPES))}")
-    gu_bytes = first_gu.numel() * first_gu.element_size()
-    dn_bytes = first_dn.numel() * first_dn.element_size()
+    first = experts(0)
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": FORMAT}}
     off = 0
-    for j in range(num_experts):  # gate_up then down of each expert: one contiguous range per expert
-        header[expert_key(j, "gate_up")] = {"dtype": dtype, "shape": list(first_gu.shape), "data_offsets": [off, off + gu_bytes]}
-        off += gu_bytes
-        header[expert_key(j, "down")] = {"dtype": dtype, "shape": list(first_dn.shape), "data_offsets": [off, off + dn_bytes]}
-        off += dn_bytes
+    for j in range(num_experts):  # the parts of each expert in order: one contiguous range per expert
+        for part, t in first.items():
+            dtype = _DTYPES.get(t.dtype)
+            if dtype is None:
+                raise ConfigError(f"ExpertStore cannot store dtype {t.dtype}; use one of {sorted(map(str, _DTYPES))}")
+            nbytes = t.numel() * t.element_size()
+            header[expert_key(j, part)] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGN)  # data starts page-aligned (for O_DIRECT reads)
     tmp = path.with_name(path.name + ".tmp")
@@ -72,11 +71,11 @@ def write_layer_file(path: Path, experts: Any, num_experts: int) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for j in range(num_experts):
-            gu, dn = (first_gu, first_dn) if j == 0 else experts(j)
-            if tuple(gu.shape) != tuple(first_gu.shape) or tuple(dn.shape) != tuple(first_dn.shape):
+            parts = first if j == 0 else experts(j)
+            if [(k, tuple(t.shape)) for k, t in parts.items()] != [(k, tuple(t.shape)) for k, t in first.items()]:
                 raise UnsupportedModelError("experts of one layer must share one shape")
-            f.write(_as_bytes(gu.detach().to("cpu", first_gu.dtype)))
-            f.write(_as_bytes(dn.detach().to("cpu", first_dn.dtype)))
+            for part, t in parts.items():
+                f.write(_as_bytes(t.detach().to("cpu", first[part].dtype)))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -85,8 +84,12 @@ def write_layer_file(path: Path, experts: Any, num_experts: int) -> None:
 @dataclass
 class FileEntry:
     offset: int  # absolute file offset of the expert's first byte
-    gu_bytes: int
-    dn_bytes: int
+    gu_bytes: int  # float experts: gate_up's bytes; low-bit experts: the whole blob's
+    dn_bytes: int  # float experts: down's bytes; low-bit experts: 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.gu_bytes + self.dn_bytes
 
 
 class LayerFile:
@@ -102,13 +105,13 @@ class LayerFile:
         self.entries: dict[int, FileEntry] = {}
         shapes: dict[str, tuple[list[int], str]] = {}
         for key, meta in header.items():
-            m = re.fullmatch(r"e(\d+)\.(gate_up|down)", key)
+            m = re.fullmatch(r"e(\d+)\.(gate_up|down|lowbit)", key)
             if m is None:
                 continue
             j, part = int(m.group(1)), m.group(2)
             start, end = meta["data_offsets"]
             e = self.entries.setdefault(j, FileEntry(0, 0, 0))
-            if part == "gate_up":
+            if part in ("gate_up", "lowbit"):
                 e.offset, e.gu_bytes = base + start, end - start
             else:
                 e.dn_bytes = end - start
@@ -116,9 +119,10 @@ class LayerFile:
             shapes[part] = (meta["shape"], meta["dtype"])
             if part == "down" and e.gu_bytes and dn_start != e.offset + e.gu_bytes:
                 raise ConfigError(f"{path}: expert {j}'s tensors are not adjacent; rebuild the store")
-        self.gate_up_shape = tuple(shapes["gate_up"][0])
-        self.down_shape = tuple(shapes["down"][0])
-        self.dtype = _DTYPES_BACK[shapes["gate_up"][1]]
+        # low-bit stores: the float shapes and dtype are in the manifest
+        self.gate_up_shape = tuple(shapes["gate_up"][0]) if "gate_up" in shapes else None
+        self.down_shape = tuple(shapes["down"][0]) if "down" in shapes else None
+        self.dtype = _DTYPES_BACK[shapes["gate_up"][1]] if "gate_up" in shapes else torch.uint8
         self.fd = os.open(path, os.O_RDONLY)
         self.direct_fd = -1  # O_DIRECT descriptor, when every expert's bytes are page-aligned
         aligned = all(e.offset % ALIGN == 0 and e.gu_bytes % ALIGN == 0 and e.dn_bytes % ALIGN == 0
@@ -195,5 +199,15 @@ def read_safetensors(path: str | os.PathLike, keep) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_manifest(path: Path, layers: list[int], source: str) -> None:
-    (path / MANIFEST).write_text(json.dumps({"format": FORMAT, "layers": layers, "source": source}, indent=1))
+def write_manifest(path: Path, layers: list[int], source: str, **extra: Any) -> None:
+    """``extra``: for low-bit stores, ``lowbit`` (the format's spec) and ``dtype`` (the float experts')."""
+    manifest = {"format": FORMAT, "layers": layers, "source": source, **extra}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return _DTYPES_BACK[name]

@@ -102,8 +102,11 @@ class OffloadedExperts(nn.Module):
         t0 = time.perf_counter()
         handle = cache.acquire(self.layer, e, n)
         try:
-            gate, up = F.linear(x.to(handle.gate_up.dtype), handle.gate_up).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, handle.down)
+            if handle.parts is not None:  # int8/int4 expert: its own kernels on the slot's views
+                y = cache.store.format.forward(handle.parts, x, self.act_fn)
+            else:
+                gate, up = F.linear(x.to(handle.gate_up.dtype), handle.gate_up).chunk(2, dim=-1)
+                y = F.linear(self.act_fn(gate) * up, handle.down)
         finally:
             handle.release()
         if handle.kind != "hit":

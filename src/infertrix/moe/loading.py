@@ -44,7 +44,7 @@ def load_offloaded(
     checkpoint = Path(checkpoint)
     store_dir = Path(offload.store_dir)
     if not (store_dir / MANIFEST).exists():
-        ExpertStore.from_checkpoint(checkpoint, store_dir).close()
+        ExpertStore.from_checkpoint(checkpoint, store_dir, offload.expert_bits, offload.expert_group_size).close()
 
     config = AutoConfig.from_pretrained(checkpoint)
     with torch.device("meta"):

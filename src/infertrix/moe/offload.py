@@ -6,7 +6,8 @@ memory); each MoE layer keeps ``capacity`` of them in an :class:`~infertrix.moe.
 while the current layer computes; a miss fetches the expert or computes it where it is stored
 (:class:`~infertrix.moe.miss_policy.MissPolicy`). Anchors: mixtral-offloading (Eliseev & Mazur
 2023, arXiv:2312.17238), MoE-Infinity (arXiv:2401.14361), Fiddler (arXiv:2402.07033), Fate
-(arXiv:2502.12224) and ExpertFlow (arXiv:2410.17954).
+(arXiv:2502.12224) and ExpertFlow (arXiv:2410.17954). ``expert_bits=8/4`` stores, moves and
+computes the experts in int8/int4 (EdgeMoE, arXiv:2308.14352; :mod:`~infertrix.moe.lowbit`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from torch import nn
 
 from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError, Stage, Transform
+from ..quant.int4 import check_group_size
 from .cache import POLICIES, ExpertCache
 from .discovery import MoELayer, find_moe_layers
 from .expert_files import MANIFEST
 from .experts import OffloadedExperts, OffloadRuntime
+from .lowbit import BITS, LowBitFormat
 from .miss_policy import MODES, MissPolicy
 from .prefetch import Prefetcher
 from .store import ExpertStore
@@ -39,13 +42,16 @@ def capacity_for(
     budget: float,
     experts_per_layer: int | None,
     budget_bytes: int | None,
+    float_bytes: int | None = None,
 ) -> int:
-    """Experts kept per layer for a budget given as a fraction, a count or bytes."""
+    """Experts kept per layer for a budget given as a fraction, a count or bytes. A fraction is of
+    the float experts' bytes (``float_bytes`` each): low-bit experts fit that many more."""
     if experts_per_layer is not None:
         return min(experts_per_layer, num_experts)
     if budget_bytes is not None:
         return min(budget_bytes // (expert_bytes * num_layers), num_experts)
-    return min(max(1, math.floor(budget * num_experts + 1e-9)), num_experts)
+    ratio = (float_bytes or expert_bytes) / expert_bytes
+    return min(max(1, math.floor(budget * num_experts * ratio + 1e-9)), num_experts)
 
 
 @register_transform("offload", "expert_offload")
@@ -54,13 +60,15 @@ class ExpertOffload(Transform):
     """Keep a budget of each MoE layer's experts in fast memory; the rest in an expert store.
 
     Lossless: outputs equal the fully loaded model's (same per-expert computation, only the
-    weights' location changes). Saves ``(1 - budget)`` of the experts' memory; costs reads on
-    cache misses, which prefetch hides where it guesses right. Needs a transformers 5 MoE model
+    weights' location changes), unless ``expert_bits`` is 8 or 4 (lossy, see that field). Saves
+    ``(1 - budget)`` of the experts' memory; costs reads on cache misses, which prefetch hides
+    where it guesses right. Needs a transformers 5 MoE model
     (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and disk space for the store.
 
     Fields:
-      budget: fraction of each layer's experts kept resident (0 < budget <= 1); the recipe
-        value (``offload:0.25``).
+      budget: fraction of each layer's float experts' bytes kept resident (0 < budget <= 1): with
+        float experts the fraction of experts; with ``expert_bits`` 8 or 4 the same bytes hold
+        about 4x or 7x as many (capped at all of them). The recipe value (``offload:0.25``).
       experts_per_layer: resident experts per layer; overrides ``budget``.
       budget_bytes: bytes of fast memory for all layers' experts; overrides ``budget``.
       policy: eviction policy, ``"lru"`` or ``"lfu"``.
@@ -77,6 +85,13 @@ class ExpertOffload(Transform):
       store_dir: folder of the store; reused when it already holds one (no experts written),
         else created. None: a temporary folder, deleted by ``restore``.
       device: device of the cache (default: where the experts are).
+      expert_bits: None (default): experts as the model holds them; 8: int8 per-channel (W8A8
+        kernel); 4: int4 in the W4A8 packing (``expert_group_size`` groups, zero points, MSE
+        clipping). EdgeMoE's low-bit experts: a miss reads 1/4 (int8) or about 1/7 (int4) of a
+        float32 expert, computed by the int kernels on the slot without dequantizing. Lossy (int
+        weights and per-token int8 activations in the experts); ``restore`` puts back the
+        dequantized experts.
+      expert_group_size: int4 group size along the input (a multiple of 8, or -1).
     """
     use_when = "an MoE model's experts do not fit the fast memory: a budget of experts cached, the rest streamed"
 
@@ -95,6 +110,8 @@ class ExpertOffload(Transform):
     tier: str = "disk"
     store_dir: str | None = None
     device: str | None = None
+    expert_bits: int | None = None
+    expert_group_size: int = 32
 
     def validate(self) -> None:
         if not 0 < self.budget <= 1:
@@ -111,13 +128,28 @@ class ExpertOffload(Transform):
             raise ConfigError(f"prefetch_signal must be 'layer_output' or 'attention', got {self.prefetch_signal!r}")
         if self.tier not in ("disk", "host"):
             raise ConfigError(f"tier must be 'disk' or 'host', got {self.tier!r}")
+        if self.expert_bits is not None and self.expert_bits not in BITS:
+            raise ConfigError(f"expert_bits must be None (float experts as the model holds them), 8 or 4; "
+                              f"got {self.expert_bits}")
+        check_group_size(self.expert_group_size)
+
+    def expert_format(self, layer: MoELayer) -> LowBitFormat | None:
+        """The low-bit layout of this layer's experts (None: float experts)."""
+        if self.expert_bits is None:
+            return None
+        e = layer.experts
+        return LowBitFormat(self.expert_bits, self.expert_group_size, tuple(e.gate_up_proj.shape[1:]),
+                            tuple(e.down_proj.shape[1:]))
 
     def check_model(self, model: nn.Module) -> None:
         layers = find_moe_layers(model)
         first = layers[0]
         e = first.experts
-        expert_bytes = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
-        cap = capacity_for(first.num_experts, len(layers), expert_bytes, self.budget, self.experts_per_layer, self.budget_bytes)
+        float_bytes = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
+        fmt = self.expert_format(first)
+        expert_bytes = float_bytes if fmt is None else fmt.nbytes
+        cap = capacity_for(first.num_experts, len(layers), expert_bytes, self.budget, self.experts_per_layer,
+                           self.budget_bytes, float_bytes)
         top_k = max(layer.top_k for layer in layers)
         if cap < top_k:
             raise ConfigError(
@@ -144,10 +176,13 @@ class ExpertOffload(Transform):
         pin = device.type == "cuda" and self.tier == "host"
         if (path / MANIFEST).exists():
             store = ExpertStore.open(path, tier=self.tier, pin_memory=pin)
-            _check_store(store, layers)
+            _check_store(store, layers, self.expert_bits)
         else:
-            store = ExpertStore.from_model(model, path, tier=self.tier, pin_memory=pin)
-        cap = capacity_for(first.num_experts, len(layers), store.expert_bytes, self.budget, self.experts_per_layer, self.budget_bytes)
+            store = ExpertStore.from_model(model, path, self.expert_bits, self.expert_group_size, tier=self.tier,
+                                           pin_memory=pin)
+        float_bytes = (math.prod(store.gate_up_shape) + math.prod(store.down_shape)) * store.dtype.itemsize
+        cap = capacity_for(first.num_experts, len(layers), store.expert_bytes, self.budget, self.experts_per_layer,
+                           self.budget_bytes, float_bytes)
         cache = ExpertCache(
             store, cap, self.policy, device, MissPolicy(self.miss_policy), top_k=max(x.top_k for x in layers)
         )
@@ -218,7 +253,7 @@ def _capture(runtime: OffloadRuntime, index: int):
     return hook
 
 
-def _check_store(store: ExpertStore, layers: list[MoELayer]) -> None:
+def _check_store(store: ExpertStore, layers: list[MoELayer], bits: int | None) -> None:
     want = [x.index for x in layers]
     e = layers[0].experts
     shapes = (tuple(e.gate_up_proj.shape[1:]), tuple(e.down_proj.shape[1:]), layers[0].num_experts)
@@ -227,6 +262,11 @@ def _check_store(store: ExpertStore, layers: list[MoELayer]) -> None:
         raise ConfigError(
             f"the expert store at {store.path} does not match this model (layers {store.layers} vs {want}, "
             f"shapes {have} vs {shapes}); pass another store_dir or delete that folder"
+        )
+    if (None if store.format is None else store.format.bits) != bits:
+        raise ConfigError(
+            f"the expert store at {store.path} holds {store.bits}-bit experts, not the requested "
+            f"expert_bits={bits}; pass another store_dir or delete that folder"
         )
 
 
@@ -239,6 +279,8 @@ def _report(runtime: OffloadRuntime) -> dict[str, Any]:
         "store": f"{cache.store.path} ({cache.store.tier})",
         "store_bytes": cache.store.total_bytes,
         "resident": f"{cache.capacity}/{cache.store.num_experts} experts per layer",
+        "expert_bits": cache.store.bits,
+        "bytes_per_expert": cache.store.expert_bytes,
         "budget_bytes": cache.budget_bytes,
         "resident_bytes": cache.resident_bytes(),
         "policy": cache.policy,

@@ -21,12 +21,16 @@ read them by byte offset:
   GPU); then a fetch is a memory copy, which is the host -> device tier of GPU offloading.
 
 Stores are created from a loaded model (``from_model``) or from a checkpoint folder
-(``from_checkpoint``), both one expert at a time, and reopened with ``open``.
+(``from_checkpoint``), both one expert at a time, and reopened with ``open``. With ``bits=8`` or
+``bits=4`` each expert is written quantized, as one ``e0007.lowbit`` byte blob
+(:class:`~infertrix.moe.lowbit.LowBitFormat`, EdgeMoE): a read moves a quarter of a float32
+expert's bytes or less, into one page-aligned byte slot whose typed views the int8/int4 kernels use.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -43,12 +47,15 @@ from .expert_files import (
     MANIFEST,
     FileEntry,
     LayerFile,
+    dtype_from_name,
+    dtype_name,
     dtype_size,
     layer_file,
     writable_bytes,
     write_layer_file,
     write_manifest,
 )
+from .lowbit import LowBitFormat
 
 
 class ExpertStore:
@@ -74,40 +81,58 @@ class ExpertStore:
         self._files = {i: LayerFile(self.path / layer_file(i)) for i in self.layers}
         f0 = self._files[self.layers[0]]
         self.num_experts = len(f0.entries)
-        self.gate_up_shape, self.down_shape, self.dtype = f0.gate_up_shape, f0.down_shape, f0.dtype
-        self.expert_bytes = f0.entries[0].gu_bytes + f0.entries[0].dn_bytes
-        self._host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.expert_bytes = f0.entries[0].nbytes
+        spec = self.manifest.get("lowbit")
+        #: int8/int4 experts (None: float experts in the model's dtype)
+        self.format = LowBitFormat.from_spec(spec) if spec else None
+        if self.format is None:
+            self.gate_up_shape, self.down_shape, self.dtype = f0.gate_up_shape, f0.down_shape, f0.dtype
+            self.bits = 8 * dtype_size(self.dtype)
+        else:  # the float experts' shapes and dtype (what the model and restore see)
+            self.gate_up_shape, self.down_shape = self.format.gate_up_shape, self.format.down_shape
+            self.dtype = dtype_from_name(self.manifest["dtype"])
+            self.bits = self.format.bits
+        self._host: dict[int, tuple[torch.Tensor, ...]] = {}
         if tier == "host":
             for i in self.layers:
-                gu = torch.empty((self.num_experts, *self.gate_up_shape), dtype=self.dtype, pin_memory=pin_memory)
-                dn = torch.empty((self.num_experts, *self.down_shape), dtype=self.dtype, pin_memory=pin_memory)
+                host = tuple(torch.empty((self.num_experts, *shape), dtype=dtype, pin_memory=pin_memory)
+                             for shape, dtype in self.slot_shapes())
                 for j in range(self.num_experts):
-                    self._read(i, j, gu[j], dn[j])
-                self._host[i] = (gu, dn)
+                    self._read(i, j, *(t[j] for t in host))
+                self._host[i] = host
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: torch.nn.Module, path: str | os.PathLike, **kwargs: Any) -> ExpertStore:
-        """Write the experts of a loaded transformers 5 MoE model (one expert at a time)."""
+    def from_model(
+        cls, model: torch.nn.Module, path: str | os.PathLike, bits: int | None = None, group_size: int = 32,
+        **kwargs: Any,
+    ) -> ExpertStore:
+        """Write the experts of a loaded transformers 5 MoE model (one expert at a time); ``bits``
+        8 or 4 writes them quantized (``group_size``: int4 groups), None as they are."""
         from .discovery import find_moe_layers
 
         layers = find_moe_layers(model)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        writer = _PartsWriter(bits, group_size)
         for layer in layers:
             gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
-            write_layer_file(path / layer_file(layer.index), lambda j, gu=gu, dn=dn: (gu[j], dn[j]), layer.num_experts)
-        write_manifest(path, [layer.index for layer in layers], source="model")
+            write_layer_file(path / layer_file(layer.index), writer.parts(lambda j, gu=gu, dn=dn: (gu[j], dn[j])),
+                             layer.num_experts)
+        write_manifest(path, [layer.index for layer in layers], source="model", **writer.manifest())
         return cls(path, **kwargs)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike, path: str | os.PathLike, **kwargs: Any) -> ExpertStore:
+    def from_checkpoint(
+        cls, checkpoint: str | os.PathLike, path: str | os.PathLike, bits: int | None = None, group_size: int = 32,
+        **kwargs: Any,
+    ) -> ExpertStore:
         """Write the experts of a safetensors checkpoint folder without loading the model.
 
         Reads tensor slices one expert at a time, so memory stays at about one expert. Handles
         transformers 5's fused keys (``...experts.gate_up_proj``) and the per-expert layouts
         checkpoints are saved in (Mixtral ``experts.{j}.w1/w3/w2``; Qwen-MoE/OLMoE
-        ``experts.{j}.gate_proj/up_proj/down_proj``).
+        ``experts.{j}.gate_proj/up_proj/down_proj``). ``bits``/``group_size`` as in ``from_model``.
         """
         from safetensors import safe_open
 
@@ -130,13 +155,15 @@ class ExpertStore:
             raise UnsupportedModelError(f"{checkpoint} has no MoE expert weights (no `layers.N...experts...` keys)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        writer = _PartsWriter(bits, group_size)
         for index, parts in sorted(where.items()):
             if "gate_up_proj" in parts:
                 (fgu, kgu), (fdn, kdn) = parts["gate_up_proj"], parts["down_proj"]
                 with safe_open(str(fgu), "pt") as hgu, safe_open(str(fdn), "pt") as hdn:
                     sgu, sdn = hgu.get_slice(kgu), hdn.get_slice(kdn)
                     n = sgu.get_shape()[0]
-                    write_layer_file(path / layer_file(index), lambda j, a=sgu, b=sdn: (a[j : j + 1][0], b[j : j + 1][0]), n)
+                    write_layer_file(path / layer_file(index),
+                                     writer.parts(lambda j, a=sgu, b=sdn: (a[j : j + 1][0], b[j : j + 1][0])), n)
             else:
                 n = 1 + max(j for (j, _p) in parts)
 
@@ -148,8 +175,8 @@ class ExpertStore:
 
                     return torch.cat([get("gate"), get("up")], dim=0), get("down")
 
-                write_layer_file(path / layer_file(index), expert, n)
-        write_manifest(path, sorted(where), source=str(checkpoint))
+                write_layer_file(path / layer_file(index), writer.parts(expert), n)
+        write_manifest(path, sorted(where), source=str(checkpoint), **writer.manifest())
         return cls(path, **kwargs)
 
     @classmethod
@@ -157,12 +184,19 @@ class ExpertStore:
         return cls(path, **kwargs)
 
     # -- access -----------------------------------------------------------------------------
-    def _read(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
+    def slot_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of the tensors one expert is read into: float ``gate_up``, ``down``;
+        low-bit: one byte blob."""
+        if self.format is not None:
+            return [((self.expert_bytes,), torch.uint8)]
+        return [(self.gate_up_shape, self.dtype), (self.down_shape, self.dtype)]
+
+    def _read(self, layer: int, expert: int, *dest: torch.Tensor) -> int:
         lf = self._files[layer]
         e = lf.entries[expert]
-        bufs = [writable_bytes(gate_up), writable_bytes(down)]
-        want = e.gu_bytes + e.dn_bytes
-        if lf.direct_fd >= 0 and gate_up.data_ptr() % ALIGN == 0 and down.data_ptr() % ALIGN == 0:
+        bufs = [writable_bytes(t) for t in dest]
+        want = e.nbytes
+        if lf.direct_fd >= 0 and all(t.data_ptr() % ALIGN == 0 for t in dest):
             try:  # one syscall, disk -> slot, the page cache bypassed
                 n = os.preadv(lf.direct_fd, bufs, e.offset)
             except OSError:  # the device refused this alignment: read through the page cache from now on
@@ -178,35 +212,37 @@ class ExpertStore:
         self._drop(lf, e)
         return n
 
-    def read_into(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
-        """Copy one expert into ``gate_up``/``down`` (contiguous, any device); returns bytes read
-        from disk (0 for the host tier, whose copies are memory copies)."""
+    def read_into(self, layer: int, expert: int, *dest: torch.Tensor) -> int:
+        """Copy one expert into ``dest`` (contiguous, any device; shaped as :meth:`slot_shapes`:
+        ``gate_up, down`` or one byte blob); returns bytes read from disk (0 for the host tier,
+        whose copies are memory copies)."""
         if self.tier == "host":
-            gu, dn = self._host[layer]
-            gate_up.copy_(gu[expert], non_blocking=True)
-            down.copy_(dn[expert], non_blocking=True)
+            for t, h in zip(dest, self._host[layer], strict=True):
+                t.copy_(h[expert], non_blocking=True)
             return 0
-        if gate_up.device.type == "cpu":
-            return self._read(layer, expert, gate_up, down)
-        staging_gu, staging_dn = torch.empty_like(gate_up, device="cpu"), torch.empty_like(down, device="cpu")
-        n = self._read(layer, expert, staging_gu, staging_dn)
-        gate_up.copy_(staging_gu)
-        down.copy_(staging_dn)
+        if dest[0].device.type == "cpu":
+            return self._read(layer, expert, *dest)
+        staging = [torch.empty_like(t, device="cpu") for t in dest]
+        n = self._read(layer, expert, *staging)
+        for t, s in zip(dest, staging, strict=True):
+            t.copy_(s)
         return n
 
-    def view(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-copy tensors of one expert where it is stored (mmap or host memory)."""
+    def view(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        """Zero-copy tensors of one expert where it is stored (mmap or host memory), shaped as
+        :meth:`slot_shapes`."""
         if self.tier == "host":
-            gu, dn = self._host[layer]
-            return gu[expert], dn[expert]
+            return tuple(h[expert] for h in self._host[layer])
         lf = self._files[layer]
         e = lf.entries[expert]
-        size = dtype_size(self.dtype)
+        out, offset = [], e.offset
         with warnings.catch_warnings():  # read-only map: the tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
-            gu = torch.frombuffer(lf.mm, dtype=self.dtype, count=e.gu_bytes // size, offset=e.offset)
-            dn = torch.frombuffer(lf.mm, dtype=self.dtype, count=e.dn_bytes // size, offset=e.offset + e.gu_bytes)
-        return gu.view(self.gate_up_shape), dn.view(self.down_shape)
+            for shape, dtype in self.slot_shapes():
+                count = math.prod(shape)
+                out.append(torch.frombuffer(lf.mm, dtype=dtype, count=count, offset=offset).view(shape))
+                offset += count * dtype_size(dtype)
+        return tuple(out)
 
     def release(self, layer: int, expert: int) -> None:
         """Drop an in-place expert's pages (mapping and page cache) after use."""
@@ -216,7 +252,7 @@ class ExpertStore:
         e = lf.entries[expert]
         if lf._mmap is not None:
             start = e.offset - e.offset % mmap.PAGESIZE
-            end = e.offset + e.gu_bytes + e.dn_bytes
+            end = e.offset + e.nbytes
             try:
                 lf._mmap.madvise(mmap.MADV_DONTNEED, start, min(end, len(lf._mmap)) - start)
             except (AttributeError, OSError, ValueError):
@@ -226,7 +262,7 @@ class ExpertStore:
     @staticmethod
     def _drop(lf: LayerFile, e: FileEntry) -> None:
         if HAS_FADVISE:
-            os.posix_fadvise(lf.fd, e.offset, e.gu_bytes + e.dn_bytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(lf.fd, e.offset, e.nbytes, os.POSIX_FADV_DONTNEED)
 
     def drop_page_cache(self) -> None:
         """Drop every store file's pages from the page cache (for honest cold reads)."""
@@ -235,11 +271,18 @@ class ExpertStore:
                 os.posix_fadvise(lf.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def load_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All experts of one layer as fused ``[E, 2I, H]`` and ``[E, H, I]`` tensors (for restore)."""
+        """All experts of one layer as fused ``[E, 2I, H]`` and ``[E, H, I]`` tensors (for restore;
+        low-bit experts dequantized: the float originals are not kept)."""
         gu = torch.empty((self.num_experts, *self.gate_up_shape), dtype=self.dtype)
         dn = torch.empty((self.num_experts, *self.down_shape), dtype=self.dtype)
+        blob = torch.empty(self.expert_bytes, dtype=torch.uint8) if self.format is not None else None
         for j in range(self.num_experts):
-            self.read_into(layer, j, gu[j], dn[j])
+            if blob is None:
+                self.read_into(layer, j, gu[j], dn[j])
+            else:
+                self.read_into(layer, j, blob)
+                g, d = self.format.decode(self.format.views(blob))
+                gu[j], dn[j] = g, d
         return gu, dn
 
     @property
@@ -254,5 +297,32 @@ class ExpertStore:
     def __repr__(self) -> str:
         return (
             f"ExpertStore({str(self.path)!r}, tier={self.tier!r}, layers={len(self.layers)}, "
-            f"experts={self.num_experts}, {self.total_bytes / 2**20:.1f} MiB)"
+            f"experts={self.num_experts}, {self.bits} bits, {self.total_bytes / 2**20:.1f} MiB)"
         )
+
+
+class _PartsWriter:
+    """Turns float experts ``(gate_up, down)`` into the parts a layer file holds: as they are, or
+    quantized into one low-bit blob; remembers what the manifest must say."""
+
+    def __init__(self, bits: int | None, group_size: int):
+        self.bits, self.group_size = bits, group_size
+        self.format: LowBitFormat | None = None
+        self.dtype: torch.dtype | None = None
+
+    def parts(self, experts: Any) -> Any:
+        def one(j: int) -> dict[str, torch.Tensor]:
+            gu, dn = experts(j)
+            if self.bits is None:
+                return {"gate_up": gu, "down": dn}
+            if self.format is None:
+                self.format = LowBitFormat(self.bits, self.group_size, tuple(gu.shape), tuple(dn.shape))
+                self.dtype = gu.dtype
+            return {"lowbit": self.format.encode(gu, dn)}
+
+        return one
+
+    def manifest(self) -> dict[str, Any]:
+        if self.format is None:
+            return {}
+        return {"lowbit": self.format.spec(), "dtype": dtype_name(self.dtype)}
