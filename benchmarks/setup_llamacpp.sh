@@ -7,14 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-PY=${PYTHON:-python3}
-if [ ! -x .venv-llamacpp/bin/python ]; then
-  "$PY" -m venv .venv-llamacpp
-fi
-. .venv-llamacpp/bin/activate
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-pipq() { pip -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
-pipq install --upgrade pip
+. ./_venv.sh
+make_venv .venv-llamacpp
 pipq install "scikit-build-core" cmake ninja numpy
 # ggml's AMX matmul (on by -march=native where the CPU has AMX) segfaults on the first decode on
 # this workplace's Sapphire-Rapids-class Xeons (llama.cpp issue 20824): there, build for the same

