@@ -193,13 +193,20 @@ def compare_decoding(
                 res[name]["out"] = out
             res[name]["t"].append(dt)
             res[name]["tok"].append(real_tokens(out, plen, eos))
+    rows = _rows(res, t_prefill, kind, batch, sample)
+    for row in rows:
+        log(row)
+    return rows
+
+
+def _rows(res: dict[str, dict], t_prefill: float, kind: str, batch: int, sample: bool) -> list[dict]:
+    """compare_decoding's table rows from each run's times, token counts and outputs."""
     tps_of = {
         name: statistics.median((n - batch) / max(t - t_prefill, 1e-9) for n, t in zip(d["tok"], d["t"], strict=True))
         for name, d in res.items()
     }
-    rows = []
-    for name, d in res.items():
-        row = {
+    return [
+        {
             "prompts": kind,
             "batch": batch,
             "mode": "greedy" if not sample else "T=0.7",
@@ -213,6 +220,5 @@ def compare_decoding(
             else "",
             "run": time.strftime("%Y-%m-%d", time.gmtime()),  # a row's speed-up is against its own run's plain
         }
-        rows.append(row)
-        log(row)
-    return rows
+        for name, d in res.items()
+    ]
