@@ -54,21 +54,25 @@ def truncated_copy(model, keep: int):
     return draft.eval()
 
 
+DRAFTERS = {
+    "lookahead": lambda: ix.speculative.Lookahead(),
+    "lookahead(per call)": lambda: ix.speculative.Lookahead(shared=False),
+    "draft_model(truncated 20/30)": None,  # built from the model (drafters())
+    "prompt_lookup": lambda: ix.speculative.PromptLookup(),
+    "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),
+    "self_speculative": lambda: ix.speculative.SelfSpeculative(),
+    "quantized_self": lambda: ix.speculative.QuantizedSelf(),
+    "quantized_self(w4)": lambda: ix.speculative.QuantizedSelf(weight_bits=4),
+}
+
+
 def drafters(names: list[str], model) -> dict[str, tuple]:
     """Transforms per variant name, reused across runs (self-speculation keeps its plan search, the
     quantized self-draft its W4A8 copy).
     ``NAME+skinny`` adds the Skinny float kernels (``skinny_linear``) under the drafter;
     ``skinny_linear`` alone is plain decoding on them."""
-    make = {
-        "lookahead": lambda: ix.speculative.Lookahead(),
-        "lookahead(per call)": lambda: ix.speculative.Lookahead(shared=False),
-        "draft_model(truncated 20/30)": lambda: ix.speculative.DraftModel(draft=truncated_copy(model, 20)),
-        "prompt_lookup": lambda: ix.speculative.PromptLookup(),
-        "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),
-        "self_speculative": lambda: ix.speculative.SelfSpeculative(),
-        "quantized_self": lambda: ix.speculative.QuantizedSelf(),
-        "quantized_self(w4)": lambda: ix.speculative.QuantizedSelf(weight_bits=4),
-    }
+    make = dict(DRAFTERS)
+    make["draft_model(truncated 20/30)"] = lambda: ix.speculative.DraftModel(draft=truncated_copy(model, 20))
     out = {}
     for n in names:
         if n == "skinny_linear":
@@ -93,7 +97,8 @@ def measure(model, tok, transforms, kind, batch, mode, args) -> list[dict]:
     """``infertrix.eval.decoding.compare_decoding`` plus the 'vs plain + skinny' column: a drafter's
     own gain where the Skinny kernels also speed up plain decoding."""
     rows = compare_decoding(model, tok, transforms, kind, batch, mode, new_tokens=args.new_tokens,
-                            repeats=args.repeats, warmup_tokens=args.warmup_tokens)
+                            repeats=args.repeats, warmup_tokens=args.warmup_tokens,
+                            base=(args.base,) if args.base else ())
     tps_of = {r["method"]: r["decode tok/s"] for r in rows}
     out = []
     for r in rows:
@@ -120,8 +125,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--kinds", nargs="*", default=["rewrite", "story", "question"])
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 4])
     ap.add_argument("--modes", nargs="*", default=["greedy", "sample"])
-    ap.add_argument("--drafters", nargs="*", default=["prompt_lookup", "self_speculative", "quantized_self",
-                    "quantized_self(w4)", "skinny_linear", "prompt_lookup+skinny", "quantized_self+skinny"])
+    ap.add_argument("--drafters", nargs="*", default=["prompt_lookup", "quantized_self", "lookahead",
+                    "self_speculative", "draft_model(truncated 20/30)"], help=f"of {', '.join(DRAFTERS)}, "
+                    "and NAME+skinny / skinny_linear (the Skinny kernels, for the module path)")
+    ap.add_argument("--base", default="", help="a recipe under plain and every drafter, e.g. "
+                    "'w4a8(quantize_lm_head=true)' or 'w4a8(quantize_lm_head=true),snapkv:0.5': drafters "
+                    "compared with plain decoding of that target")
     ap.add_argument("--section", default="speculative", help="BENCHMARKS.md section to (re)write")
     ap.add_argument("--note", default="", help="a sentence added to the section's description")
     ap.add_argument("--results", default="bench-out/speculative.json", help="rows gathered so far (JSON)")
@@ -152,24 +161,27 @@ def main(argv: list[str]) -> None:
         for ts in transforms.values():
             for t in ts:
                 if hasattr(t, "drafter_report"):
-                    print(type(t).__name__, t.drafter_report(), flush=True)
+                    print(type(t).__name__, t.drafter_report(model), flush=True)
     table = render(rows, args)
     print(table)
     if not args.no_write:
+        target = f"`{args.base}` (plain and every drafter run on it)" if args.base else "float32"
         body = (
-            f"SmolLM2-135M-Instruct (float32), {args.threads} thread(s), {args.new_tokens} new tokens, "
+            f"SmolLM2-135M-Instruct, target {target}, {args.threads} thread(s), {args.new_tokens} new tokens, "
             f"median of {args.repeats} interleaved repeats after a short warm-up, each (prompts, batch, "
-            "mode) block measured within one locked run. Decode tok/s counts each row's tokens up to its eos, "
-            "after the prefill (timed separately). Sampling rows differ from plain by design (same "
-            "distribution, different draws), so their token counts differ too. No draft-model row: "
-            "SmolLM2-135M is the smallest model with this tokenizer. `quantized_self` drafts with the model's "
-            "own W8A8 copy (the default), `quantized_self(w4)` with its W4A8 copy (group 32, MSE clipping). "
-            "`skinny_linear`: plain decoding on the Skinny float kernels (`infertrix::skinny_linear`, "
-            "docs/quant.md); `X+skinny`: drafter X on them; 'vs plain + skinny' is then the drafter's own "
-            "gain over that faster baseline. " + args.note + "\n\n" + table
+            "mode) block measured within one run. Plain and every drafter run with `optimize`'s defaults "
+            "(the decode engine), so a speed-up is the drafter's own. Decode tok/s counts each row's tokens "
+            "up to its eos, after the prefill (timed separately). Sampling rows differ from plain by design "
+            "(same distribution, different draws), so their token counts differ too. `quantized_self` drafts "
+            "with a W8A8 copy of the float weights (the default), `quantized_self(w4)` with a W4A8 copy; "
+            "`draft_model(truncated 20/30)` is SmolLM2 cut to its first 20 layers (SmolLM2-135M is the "
+            "smallest model of its tokenizer; a draft that loses, which the never-slower guard must catch). "
+            "`skinny_linear` / `X+skinny` rows (module path only, older runs): the Skinny float kernels. "
+            + args.note + "\n\n" + table
         )
-        write_section(args.section, f"speculative: decode speed on SmolLM2, {args.threads} thread(s)", body,
-                      command="flock /tmp/infertrix-bench.lock python -m benchmarks.speculative "
+        title = f"speculative: decode speed on SmolLM2{' ' + args.base if args.base else ''}, {args.threads} thread(s)"
+        write_section(args.section, title, body,
+                      command="python -m benchmarks.speculative "
                       + " ".join(a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")))
 
 

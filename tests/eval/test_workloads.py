@@ -73,3 +73,26 @@ def test_main_job_runs_every_family_on_its_workload(tmp_path, capsys):
     assert by["quant", "skinny_linear"]["agreement"] == 1.0
     assert by["skip", "uniform_skip:0.25"]["weight_MiB"] < by["skip", "baseline"]["weight_MiB"]
     assert all(r["use_when"] for r in rows)
+
+
+def test_compare_decoding_runs_plain_and_every_variant_on_the_base(monkeypatch):
+    """``base`` goes under plain and under each variant (a drafter compared with plain decoding of
+    the same quantized target), every run; the model is left as it was."""
+    from infertrix.eval import decoding
+
+    model, tok = make_tiny("llama", vocab_size=259), byte_tokenizer()
+    seen = []
+    real = decoding.optimize
+
+    def spy(m, *transforms, **kw):
+        seen.append(tuple(transforms))
+        return real(m, *transforms, **kw)
+
+    monkeypatch.setattr(decoding, "optimize", spy)
+    B = ("w8a8(smooth_alpha=none)",)
+    rows = decoding.compare_decoding(model, tok, {"pld": ("pld",)}, "rewrite", 1, "greedy", new_tokens=10,
+                                     repeats=1, warmup_tokens=2, base=B)
+    assert seen == [B] + [B, (*B, "pld")] * 2  # prefill timing, warm-up, one round
+    assert [r["method"] for r in rows] == ["plain", "pld"]
+    assert rows[1]["identical to plain"] == "yes"
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear"  # restored after the last run

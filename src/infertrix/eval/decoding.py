@@ -143,6 +143,7 @@ def compare_decoding(
     repeats: int = 3,
     warmup_tokens: int = 40,
     log: Callable[[dict], None] = _quiet,
+    base: tuple[Transform | str, ...] = (),
 ) -> list[dict]:
     """One row for plain ``generate`` and one per variant (name -> transforms, applied around each
     of its runs and restored after): decode tok/s, speed-up over plain, mean accepted length,
@@ -150,6 +151,9 @@ def compare_decoding(
     after ``optimize(model)`` with no transform, i.e. with what ``optimize`` adds by default (the
     decode engine, where it supports the model), as every variant has it: a variant's speed-up is
     its own, not the engine's (a variant with ``engine(enabled=false)`` runs the module path).
+    ``base`` (e.g. ``("w4a8",)``) is applied under plain and under every variant, so that a drafter
+    is compared with plain decoding of the same quantized (or compressed) target; it is applied
+    anew before each run, outside the timed region.
     Reuse transform objects across calls to keep their state (a self-speculation plan search, a
     quantized draft copy).
 
@@ -163,7 +167,7 @@ def compare_decoding(
     eos = eos_ids(model)
     enc = encode_chat(tok, kind, batch)
     plen = enc.input_ids.shape[1]
-    optimize(model)  # the defaults plain runs with (the prefill is timed on them)
+    optimize(model, *base)  # what plain runs with (the prefill is timed on it)
     try:
         t_prefill = _prefill_seconds(model, enc, repeats)
     finally:
@@ -178,7 +182,7 @@ def compare_decoding(
     res: dict[str, dict] = {v: {"t": [], "tok": [], "mal": [], "out": None} for v in runs}
     for r in range(repeats + 1):
         for name, t in runs.items():
-            optimize(model, *t)  # plain: () gets only the defaults
+            optimize(model, *base, *t)  # plain: () gets only the base and the defaults
             torch.manual_seed(1000 + r)
             t0 = time.perf_counter()
             out = model.generate(**enc, **(kw if r else {**kw, "max_new_tokens": warmup_tokens}))
