@@ -71,7 +71,10 @@ def test_from_pretrained_rebuilds_every_quantized_kind(tmp_path, kind, arch, tie
     assert torch.equal(logits(loaded, ids), ref)
     assert torch.equal(greedy(loaded, ids), ref_gen)
     desc = ix.describe(loaded).transforms
-    assert [t["name"] for t in desc] == [model._infertrix.applied[0].transform.name]
+    # the saved model's transforms, and what optimize adds by default (the engine), as on the saved model
+    assert [t["name"] for t in desc] == [t["name"] for t in ix.describe(model).transforms] == [
+        model._infertrix.applied[0].transform.name, "engine"]
+    assert desc[1]["report"]["last_forward"] == "engine" and desc[1]["report"]["engine_forwards"] > 0
     assert desc[0]["params"] == ix.describe(model).transforms[0]["params"] and not desc[0]["reversible"]
     assert desc[0]["report"]["layers"] == len(kinds)
 
@@ -129,7 +132,7 @@ def test_skip_plans_are_saved_and_reapplied(tmp_path, how, quant):
     assert torch.equal(logits(loaded, ids), ref)
     assert torch.equal(greedy(loaded, ids, n=8), ref_gen)
     names = [t["name"] for t in ix.describe(loaded).transforms]
-    assert names == (["w4a8"] if quant else []) + ["skipdecode" if how == "skipdecode" else "skip_plan"]
+    assert names == (["w4a8"] if quant else []) + ["skipdecode" if how == "skipdecode" else "skip_plan", "engine"]
 
 
 def test_restore_removes_the_record(tmp_path):

@@ -70,7 +70,13 @@ def test_a_kind_defined_here_registers_and_round_trips_through_a_checkpoint(tmp_
     assert set(kinds.values()) == {RowInt8Linear} and loaded.model.layers[0].self_attn.q_proj.bias is not None
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, ref)
-    assert [t["name"] for t in ix.describe(loaded).transforms] == ["_test_row_int8"]
+    desc = ix.describe(loaded).transforms
+    assert [t["name"] for t in desc] == ["_test_row_int8", "engine"]  # optimize's default, as on the saved model
+    out = loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                           do_sample=False))
+    engine = ix.describe(loaded).transforms[1]["report"]
+    assert engine["engine_forwards"] == 0 and "RowInt8Linear" in engine["model"]  # a kind it lacks: module path, said
 
 
 def test_a_kind_is_named_once():

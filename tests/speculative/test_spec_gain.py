@@ -83,6 +83,50 @@ def test_guard_keeps_a_winning_drafter_and_resumes(clock):
     assert kinds[gain.CALL_START_HOLD + 2 :].count("spec") > 30
 
 
+def test_a_catch_up_step_is_not_counted_against_drafting(clock):
+    """A draft model's first drafting step also runs the draft over the skipped context (the whole
+    prompt on a call's first draft); the guard leaves it out, so a drafter that wins on every
+    later step keeps drafting (the quantized self-draft on the engine was held back by it)."""
+    from infertrix.speculative.draft_model import DraftModelDrafter
+
+    assert GainGuard(DraftModelDrafter.__new__(DraftModelDrafter), GainMemory()).inner_catches_up()
+
+    class CatchingUp(Scripted):
+        catches_up = True
+
+        def propose(self, seqs, limits):
+            clock[0] += 6.0 if self.calls == 0 else 0.0  # the first draft reads the whole prompt
+            return super().propose(seqs, limits)
+
+    guard = GainGuard(CatchingUp(), GainMemory())
+    start(guard)
+    kinds = run_steps(guard, clock, 40, spec_seconds=1.5, spec_tokens=4)  # 0.375 s per token after it
+    assert kinds.count("spec") > 30
+    no_skip = GainGuard(CatchingUp(), GainMemory())
+    no_skip.inner.catches_up = False  # counted, the catch-up step alone makes drafting look slower
+    start(no_skip)
+    assert run_steps(no_skip, clock, 40, spec_seconds=1.5, spec_tokens=4).count("spec") < 10
+
+
+def test_one_rejected_long_draft_does_not_end_a_winning_drafter(clock):
+    """Every fifth drafting step is a long draft rejected outright (2.5 s for one token); the others
+    take 1.5 s for 5 tokens: 0.5 s per token overall, twice plain's speed, so drafting goes on."""
+    guard = GainGuard(Scripted(), GainMemory())
+    start(guard)
+    seq, kinds, n_spec = [1, 2, 3], [], 0
+    for _ in range(60):
+        spec = bool(guard.propose([list(seq)], [10]).tokens[0])
+        kinds.append("spec" if spec else "plain")
+        bad = spec and n_spec % 5 == 4
+        n_spec += spec
+        clock[0] += (2.5 if bad else 1.5) if spec else 1.0
+        n = (1 if bad else 5) if spec else 1
+        guard.observe([4 if spec else 0], [n - 1])
+        seq.extend([5] * n)
+    assert kinds.count("plain") <= 2, kinds  # the first step and one re-measurement
+    assert guard.memory.states[1].gain > 1.5
+
+
 def test_only_adaptive_drafters_are_guarded():
     assert isinstance(guarded(Scripted(), GainMemory()), GainGuard)
     fixed = Scripted()

@@ -158,7 +158,8 @@ def check_checkpoint_keys(model: nn.Module, files: list[str]) -> None:
 
 
 def attach_loaded(model: nn.Module, cfg: InfertrixConfig, source: str) -> None:
-    """Check the loaded tensors and record the checkpoint's transforms for ``describe`` (irreversible)."""
+    """Check the loaded tensors, record the checkpoint's transforms for ``describe`` (irreversible)
+    and add ``optimize``'s defaults (the decode engine), as on the model that was saved."""
     from .. import ops
     from ..core.recipe import parse_recipe
 
@@ -195,6 +196,11 @@ def attach_loaded(model: nn.Module, cfg: InfertrixConfig, source: str) -> None:
             skip, undo=None, irreversible_reason=LOADED,
             report=lambda: {**plan_report(model, plan), **extra, "loaded_from": source},
         ))
+    # what optimize adds by default (the decode engine) is not in the checkpoint: a saved model runs
+    # as it did before saving, and describe() says why where a default is not added
+    from ..core.api import optimize
+
+    optimize(model)
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | str | None = None, **kwargs: Any) -> nn.Module:

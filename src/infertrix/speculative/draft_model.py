@@ -76,6 +76,10 @@ class DraftModelDrafter(Drafter):
     """Drafts with ``draft`` (its own KV cache); ``context()``, when given, is entered around every
     draft forward (self-speculation: the target itself under a skip plan or another precision)."""
 
+    # after plain steps its first draft also runs the draft over the tokens it skipped (the whole
+    # prompt, on a call's first draft): the never-slower guard does not count that step (gain.py)
+    catches_up = True
+
     def __init__(
         self,
         draft: nn.Module,

@@ -45,11 +45,14 @@ def _ema(old: float | None, new: float) -> float:
 
 @dataclass
 class GainState:
-    """What :class:`GainGuard` learnt at one batch size: seconds per emitted token of plain and of
-    drafting steps (moving averages), the plain steps left before the next probe and the next hold."""
+    """What :class:`GainGuard` learnt at one batch size: seconds per emitted token of plain steps
+    and of drafting steps (moving averages; for drafting, of seconds and of tokens apart), the plain
+    steps left before the next probe and the next hold."""
 
     plain: float | None = None
     spec: float | None = None
+    spec_seconds: float | None = None  # moving averages of a drafting step's seconds and tokens
+    spec_tokens: float | None = None
     hold: int = 0
     backoff: int = BASE_HOLD
     since_plain: int = 0
@@ -90,7 +93,7 @@ class GainGuard(Drafter):
         self.state = self.memory.states.setdefault(ctx.batch_size, GainState())
         if not self.inner_catches_up():
             self.state.hold = min(self.state.hold, CALL_START_HOLD)
-        self.state.spec = None  # another prompt: drafting's gain is measured afresh
+        self.state.spec = self.state.spec_seconds = self.state.spec_tokens = None  # another prompt: measured afresh
         self.samples = 0  # drafting steps measured in this call
         # the first drafting step of a call (or after a hold) pays a draft model's catch-up on the context
         self.unmeasured = 1 if self.inner_catches_up() else 0
@@ -141,7 +144,11 @@ class GainGuard(Drafter):
         if self.unmeasured:
             self.unmeasured -= 1
             return
-        st.spec = _ema(st.spec, seconds / tokens)
+        # seconds and tokens averaged apart: one long draft that is rejected outright (many seconds,
+        # one token) weighs by its seconds, not by its seconds per token, which would end drafting
+        st.spec_seconds = _ema(st.spec_seconds, seconds)
+        st.spec_tokens = _ema(st.spec_tokens, float(tokens))
+        st.spec = st.spec_seconds / st.spec_tokens
         self.samples += 1
         # one unlucky step (nothing accepted) does not end drafting at the start of a call
         if st.plain is not None and st.spec > st.plain and (self.samples >= 2 or st.probes):
