@@ -84,12 +84,21 @@ def drafters(names: list[str], model) -> dict[str, tuple]:
     return out
 
 
+def _key(row: dict) -> tuple:
+    """What one row measures: a later run of the same replaces it."""
+    return row.get("target", ""), row["prompts"], row["batch"], row["mode"], row["method"]
+
+
 def render(rows: list[dict], args) -> str:
     order = {"rewrite": 0, "story": 1, "question": 2}
     latest = max((r.get("run", "") for r in rows), default="")
     # a block's rows of the latest run first, rows kept from earlier runs after them
-    rows = sorted(rows, key=lambda r: (order.get(r["prompts"], 9), r["batch"], r["mode"] != "greedy",
-                                       r.get("run", "") != latest))
+    rows = sorted(rows, key=lambda r: (r.get("target", ""), order.get(r["prompts"], 9), r["batch"],
+                                       r["mode"] != "greedy", r.get("run", "") != latest))
+    if any("target" in r for r in rows):
+        rows = [{"target": r.get("target", "float32"), **r} for r in rows]
+    if not any(r.get("vs plain + skinny") for r in rows):  # no Skinny rows: the column says nothing
+        rows = [{k: v for k, v in r.items() if k != "vs plain + skinny"} for r in rows]
     return markdown_table(rows)
 
 
@@ -105,7 +114,7 @@ def measure(model, tok, transforms, kind, batch, mode, args) -> list[dict]:
         name = r["method"]
         skinny = (round(r["decode tok/s"] / tps_of["skinny_linear"], 3)
                   if name.endswith("+skinny") and "skinny_linear" in tps_of else "")
-        row = {}
+        row = {"target": args.base} if args.base else {}
         for k, v in r.items():
             row[k] = v
             if k == "speed-up":
@@ -154,8 +163,8 @@ def main(argv: list[str]) -> None:
         transforms = drafters(args.drafters, model)
         for kind, batch, mode in blocks:
             new = measure(model, tok, transforms, kind, batch, mode, args)
-            keys = {(r["prompts"], r["batch"], r["mode"], r["method"]) for r in new}
-            rows = [r for r in rows if (r["prompts"], r["batch"], r["mode"], r["method"]) not in keys] + new
+            keys = {_key(r) for r in new}
+            rows = [r for r in rows if _key(r) not in keys] + new
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows, indent=1))
         for ts in transforms.values():
@@ -165,7 +174,9 @@ def main(argv: list[str]) -> None:
     table = render(rows, args)
     print(table)
     if not args.no_write:
-        target = f"`{args.base}` (plain and every drafter run on it)" if args.base else "float32"
+        targets = sorted({r.get("target", "") for r in rows})
+        target = ("the `target` column's recipe (plain and every drafter run on it)" if any(targets)
+                  else "float32")
         body = (
             f"SmolLM2-135M-Instruct, target {target}, {args.threads} thread(s), {args.new_tokens} new tokens, "
             f"median of {args.repeats} interleaved repeats after a short warm-up, each (prompts, batch, "
@@ -179,7 +190,8 @@ def main(argv: list[str]) -> None:
             "`skinny_linear` / `X+skinny` rows (module path only, older runs): the Skinny float kernels. "
             + args.note + "\n\n" + table
         )
-        title = f"speculative: decode speed on SmolLM2{' ' + args.base if args.base else ''}, {args.threads} thread(s)"
+        title = (f"speculative: decode speed on SmolLM2{', quantized targets' if any(targets) else ''}, "
+                 f"{args.threads} thread(s)")
         write_section(args.section, title, body,
                       command="python -m benchmarks.speculative "
                       + " ".join(a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")))

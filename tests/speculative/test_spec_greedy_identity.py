@@ -240,3 +240,44 @@ def test_ragged_retire_leaves_caches_it_cannot_select_alone():
     assert not kv.can_retire()
     kv.retire([1])
     assert kv.present is None and cache.layers[0].keys.shape[0] == 2
+
+
+def test_aligned_rows_that_got_apart_take_one_token_steps_with_the_same_logits():
+    """After rows keep different counts, the shorter rows' caches move right (no re-fed tokens): the
+    next 1-token step is a window of width 1 for the batch, and each row's logits are the bits of
+    the same tokens fed to that row alone (prompts fed as windows: a prefill may use other kernels)."""
+    from infertrix.engine import EngineCache
+
+    model = make_tiny("llama")
+    ix.optimize(model)  # the engine
+    ids, mask = padded_batch(3, seed=5)
+    prompts = [ids[r, mask[r].bool()].tolist()[:8] for r in range(3)]
+    widths = []
+
+    def fed(rows):
+        kv = AlignedKV(model, EngineCache(model.config), 0)
+        real = kv._forward
+
+        def spy(ids, mask, positions, keep):
+            widths.append(ids.shape[1])
+            return real(ids, mask, positions, keep)
+
+        kv._forward = spy
+        kv.begin(len(rows), torch.device("cpu"))
+        kv.extend(rows)
+        return kv
+
+    feeds = [[[5, 6, 7, 8, 9], [7], [8, 9, 10]], [[11], [12], [13]], [[14], [15], [16]]]
+    kept = [5, 1, 2]  # of the fed tokens: row 0 gets 4 tokens ahead of row 1
+    kv = fed(prompts)
+    kv.extend(feeds[0])
+    kv.keep_fed(kept)
+    widths.clear()
+    with torch.no_grad():
+        steps = [kv.extend(f) for f in feeds[1:]]
+    assert widths == [1, 1]  # one token per row: nothing re-fed
+    for r in range(3):
+        alone = fed([prompts[r] + feeds[0][r][: kept[r]]])
+        for f, got in zip(feeds[1:], steps, strict=True):
+            with torch.no_grad():
+                assert torch.equal(alone.extend([f[r]])[0], got[r]), r
