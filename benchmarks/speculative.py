@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -193,8 +194,8 @@ def main(argv: list[str]) -> None:
         title = (f"speculative: decode speed on SmolLM2{', quantized targets' if any(targets) else ''}, "
                  f"{args.threads} thread(s)")
         write_section(args.section, title, body,
-                      command="python -m benchmarks.speculative "
-                      + " ".join(a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")))
+                      command="python -m benchmarks.speculative " + " ".join(
+                          shlex.quote(a) for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")))
 
 
 if __name__ == "__main__":

@@ -281,3 +281,18 @@ def test_aligned_rows_that_got_apart_take_one_token_steps_with_the_same_logits()
         for f, got in zip(feeds[1:], steps, strict=True):
             with torch.no_grad():
                 assert torch.equal(alone.extend([f[r]])[0], got[r]), r
+
+
+def test_quantized_self_on_a_quantized_target_says_drafting_cannot_pay():
+    import warnings
+
+    model = make_tiny("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float target: no warning
+        ix.optimize(model, "quantized_self")
+    assert "warning" not in ix.describe(model).transforms[0]["report"]
+    ix.restore(model)
+    with pytest.warns(UserWarning, match="drafting cannot pay.*pld"):
+        ix.optimize(model, "w4a8", "quantized_self")
+    report = [t for t in ix.describe(model).transforms if t["name"] == "quantized_self"][0]["report"]
+    assert "MiB of weights per token" in report["warning"]

@@ -27,6 +27,7 @@ open-ended text.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +50,20 @@ def _fingerprint(t) -> tuple[float, float]:
         return (float(t.sum()), 0.0)
     t = t.detach()  # sums accumulated in float64, without a float64 copy of the tensor
     return (float(t.sum(dtype=torch.float64)), float(t.abs().sum(dtype=torch.float64)))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights a decode step reads: every linear layer's, quantized or float (a tied
+    head counted with the layers: it is read every step)."""
+    from ..quant.linear_base import QuantizedLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            total += mod.storage_bytes()
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
 
 
 def quantized_copy(model: nn.Module, quant) -> tuple[nn.Module, int]:
@@ -149,8 +164,30 @@ class QuantizedSelf(SpeculativeDecoding):
     def check_model(self, model: nn.Module) -> None:
         self.draft_for(model)  # fails here, before anything is applied, if the quantizer cannot
 
+    def apply(self, model: nn.Module):
+        applied = super().apply(model)
+        why = self.cost_problem(model)
+        if why:
+            warnings.warn(f"infertrix: quantized_self: {why}", stacklevel=3)
+        return applied
+
+    def cost_problem(self, model: nn.Module) -> str | None:
+        """Why drafting cannot pay on ``model``: its layers are already quantized to no more bytes
+        than the draft's (a W4A8 or W8A8 target), so a draft token costs about as much as a step."""
+        kept = prepared(model, self)
+        if not kept:
+            return None
+        target = weight_bytes(model)
+        if kept[1] < 0.6 * target:
+            return None
+        return (f"its {self.weight_bits}-bit draft reads {kept[1] / 2**20:.1f} MiB of weights per token, against "
+                f"{target / 2**20:.1f} MiB for the model's own layers (already quantized): a draft token costs about "
+                "as much as a step, so drafting cannot pay and the never-slower guard keeps to plain steps after "
+                "probing; use prompt lookup (pld) or lookahead on a quantized model")
+
     def drafter_report(self, model: nn.Module) -> dict[str, Any]:
-        return {
+        why = self.cost_problem(model)
+        return {**({"warning": why} if why else {}),
             "draft": (f"this model under W4A8 (group {self.group_size}{', mse clip' if self.mse_clip else ''}, "
                       if self.weight_bits == 4 else "this model under W8A8 (") + "lm_head "
             f"{'quantized' if self.quantize_lm_head else 'float'}), embeddings and norms shared",
