@@ -159,3 +159,42 @@ def test_guarded_drafters_stay_identical_and_remember_across_calls(batch):
         ix.restore(model)
     ref2, out, _ = plain_and_spec(model, PromptLookup(), ids, mask, max_new_tokens=40)
     assert torch.equal(ref2, out)
+
+
+class Priced(Scripted):
+    """A draft model: catches up on the prompt before its first draft, costs ``ratio`` of a step."""
+
+    catches_up = True
+
+    def __init__(self, ratio):
+        super().__init__()
+        self.cost_ratio = ratio
+
+
+@pytest.mark.parametrize(("ratio", "prefill", "drafts"), [
+    (0.74, 2.0, False),  # even at acceptance 0.9 drafting would gain under MIN_SPEEDUP
+    (0.3, 20.0, False),  # it could gain, but not the 6 s its catch-up over the prompt would take
+    (0.3, 2.0, True),  # 0.6 s of catch-up, up to ~4 s to save over the 11 tokens left: probed
+])
+def test_a_draft_whose_catch_up_cannot_pay_is_never_run(clock, ratio, prefill, drafts):
+    memory = GainMemory()
+    guard = GainGuard(Priced(ratio), memory)
+    guard.start(None, DraftContext(False, 1, 0, lambda x: x, prefill_seconds=prefill))
+    kinds = run_steps(guard, clock, 30, spec_seconds=1.5, spec_tokens=4)
+    assert (guard.inner.calls > 0) is drafts
+    assert ("spec" in kinds) is drafts
+    report = memory.report()["batch 1"]
+    assert (report.get("calls kept plain") == 1) is not drafts
+    if not drafts:
+        assert "over the prompt" in report["why"]
+
+
+def test_measured_draft_costs_replace_the_estimate_on_the_next_call(clock):
+    """A draft that looked cheap by its bytes but measured dear is not run over the next prompt."""
+    memory = GainMemory()
+    st = memory.states.setdefault(1, gain.GainState())
+    st.plain, st.draft_ratio, st.catch_up_ratio = 1.0, 0.9, 0.9  # what an earlier call measured
+    guard = GainGuard(Priced(0.3), memory)
+    guard.start(None, DraftContext(False, 1, 0, lambda x: x, prefill_seconds=2.0))
+    assert "spec" not in run_steps(guard, clock, 10, spec_seconds=1.5, spec_tokens=4)
+    assert guard.inner.calls == 0

@@ -35,7 +35,7 @@ def drafters():
     return {
         "pld": lambda: PromptLookup(num_tokens=6),
         "pld_adaptive": lambda: PromptLookup(num_tokens=4, adaptive=True, max_ngram=2),
-        "draft_model": lambda: DraftModel(draft=make_tiny("llama", seed=7, num_hidden_layers=1), num_tokens=4),
+        "draft_model": lambda: DraftModel(draft=make_tiny("llama", seed=7, num_hidden_layers=1), num_tokens=4, adaptive=False),
         "quantized_self": lambda: QuantizedSelf(adaptive=False),
         "quantized_self_w4": lambda: QuantizedSelf(weight_bits=4, group_size=32, adaptive=False),
     }
@@ -296,3 +296,33 @@ def test_quantized_self_on_a_quantized_target_says_drafting_cannot_pay():
         ix.optimize(model, "w4a8", "quantized_self")
     report = [t for t in ix.describe(model).transforms if t["name"] == "quantized_self"][0]["report"]
     assert "MiB of weights per token" in report["warning"]
+
+
+def _spec_path(model, recipe, ids, mask):
+    """(plain tokens, speculative tokens, stats, the draft path the call took)."""
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
+    ix.optimize(model, *recipe)
+    try:
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
+        record = ix.speculative.speculative_stats(model)
+        return ref, out, record.last, record.draft_path
+    finally:
+        ix.restore(model)
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_quantized_self_drafts_on_the_models_own_cache(engine):
+    """QSpec-style: the quantized copy drafts over the model's KV cache (no cache of its own, no
+    catch-up over the prompt); its entries are cut before verification, so rows stay identical."""
+    model = make_tiny("llama")
+    ids, mask = padded_batch(3, seed=4)
+    base = [] if engine else ["engine(enabled=false)"]
+    ref, out, stats, path = _spec_path(model, [*base, QuantizedSelf(adaptive=False)], ids, mask)
+    assert torch.equal(ref, out) and stats.drafted > 0 and stats.accepted > 0
+    assert path == ("engine" if engine else "module") + ", on the model's KV cache"
+    # its own cache on request, or under a KV policy (which must not see the draft's queries)
+    for recipe, b in (([QuantizedSelf(adaptive=False, shared_cache=False)], 3),
+                      (["snapkv:0.5", QuantizedSelf(adaptive=False)], 1)):
+        ref, out, stats, path = _spec_path(model, [*base, *recipe], ids[:b], mask[:b])
+        assert torch.equal(ref, out) and stats.drafted > 0
+        assert "on the model's KV cache" not in path

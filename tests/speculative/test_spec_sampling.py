@@ -109,7 +109,7 @@ def test_sampled_sequences_follow_model_distribution(make):
     kw = dict(temperature=0.7, top_k=3, top_p=1.0)
     exact = exact_distribution(model, PROMPT, 0.7, 3)
     assert abs(exact.sum().item() - 1) < 1e-6
-    t = PromptLookup(num_tokens=3, adaptive=False) if make == "pld" else DraftModel(draft=_small_model(seed=5), num_tokens=3, confidence=0.0)
+    t = PromptLookup(num_tokens=3, adaptive=False) if make == "pld" else DraftModel(draft=_small_model(seed=5), num_tokens=3, confidence=0.0, adaptive=False)
     ix.optimize(model, t)
     counts = sample_counts(model, PROMPT, calls=2, rows=1000, **kw)
     st = ix.speculative.speculative_stats(model).total

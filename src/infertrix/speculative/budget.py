@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
 
 @dataclass
 class AcceptanceRate:
@@ -117,3 +119,29 @@ def best_length(
         if per_second > best:
             best_k, best = k, per_second
     return best_k
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights a decode step reads: every linear layer's, quantized or float (a tied
+    head counted with the layers: it is read every step)."""
+    from ..quant.linear_base import QuantizedLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            total += mod.storage_bytes()
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
+
+
+def best_case_speedup(draft_ratio: float, cost: VerifyCost, cap: int, rate: float) -> float:
+    """Speed of drafting over plain steps if every draft position were accepted with probability
+    ``rate``: the best length's expected tokens per second (a draft forward costing ``draft_ratio``
+    of a plain step, verification ``cost``) over one token per plain step (at least 1.0)."""
+    step = cost.time(1)
+    best = 1.0
+    for k in range(1, cap + 1):
+        per_step = expected_tokens(rate, k) * step / (cost.time(k + 1) + k * draft_ratio * step)
+        best = max(best, per_step)
+    return best

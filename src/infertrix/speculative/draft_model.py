@@ -24,13 +24,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from ..core.model import require_causal_lm
 from ..core.registry import register_transform
 from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.cache import GrowingCache
 from ..skip import SkipPlan
-from .budget import AcceptanceRate, best_length
+from .budget import AcceptanceRate, best_length, weight_bytes
 from .drafter import Draft, DraftContext, Drafter
 from .lean import EngineDraftKV, engine_draft_kv, lean_supported
 from .ragged import RaggedKV
@@ -63,6 +64,50 @@ def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "Draf
             )
 
 
+def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None) -> tuple[RaggedKV, Callable, str] | str:
+    """(``kv``, a forward of ``draft`` over ``kv``'s cache, the path) when ``draft`` can draft on the
+    model's own KV cache, else why not.
+
+    QSpec (Zhao et al. 2024, https://arxiv.org/abs/2410.11305) drafts with a low-precision mode of
+    the model over the *model's* KV cache and verifies at full precision: a draft that is the model
+    under other weights (its quantized copy) has the same layers and KV shapes, so it needs no KV
+    cache of its own and no catch-up over the prompt. Its draft tokens' keys and values are cut
+    away before verification, which writes the model's own; the cached context the draft reads
+    was written by the model (better keys and values than the draft's own would be). Only plain
+    caches are shared: a KV policy would see the draft's queries (attention scores, evictions)."""
+    from ..engine.cache import EngineCache, EngineLayer
+    from ..engine.transform import left_padding_start
+    from .aligned import AlignedKV
+    from .lean import draft_runner
+
+    if kv is None:
+        return "no model cache was offered"
+    shape = ("num_hidden_layers", "num_key_value_heads", "num_attention_heads", "head_dim", "hidden_size")
+    dc, mc = draft.config.get_text_config(decoder=True), model.config.get_text_config(decoder=True)
+    if any(getattr(dc, a, None) != getattr(mc, a, None) for a in shape):
+        return "the draft's layers differ from the model's"
+    cache = kv.cache
+    if isinstance(kv, AlignedKV) and isinstance(cache, EngineCache):
+        if not all(type(layer) is EngineLayer for layer in cache.layers):
+            return "the model's engine cache carries a KV policy"
+        runner = draft_runner(draft)
+        if runner is None:
+            return "the draft does not run on the decode engine"
+
+        def engine_forward(ids, mask, positions, keep):
+            return runner.forward(ids, left_padding_start(mask, mask.shape[1]), positions.contiguous(), cache, keep, None)
+
+        return kv, engine_forward, "engine, on the model's KV cache"
+    if type(cache) not in (GrowingCache, DynamicCache):
+        return f"the model's cache is a {type(cache).__name__} (a KV policy or another layout)"
+
+    def module_forward(ids, mask, positions, keep):
+        return draft(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
+                     **{kv.cache_kw: cache}, use_cache=True, logits_to_keep=keep).logits
+
+    return kv, module_forward, "module, on the model's KV cache"
+
+
 PROBE_EVERY = 8  # plain steps in a row after which a 1-token draft re-measures acceptance
 
 
@@ -88,8 +133,11 @@ class DraftModelDrafter(Drafter):
         adaptive: bool,
         max_tokens: int,
         context: Callable[[], AbstractContextManager] | None = None,
+        share: bool = False,
     ):
         self.draft = draft
+        self.share = share  # draft on the model's own KV cache where it can (share_cache)
+        self.share_problem: str | None = None  # why it could not, this call
         self.path = "none yet"  # where drafts run: the engine, or the module path and why
         self.context = context
         self.num_tokens = num_tokens
@@ -102,7 +150,23 @@ class DraftModelDrafter(Drafter):
 
     def start(self, model: nn.Module, ctx: DraftContext) -> None:
         super().start(model, ctx)
-        self.reset_cache()
+        self.shared: tuple[RaggedKV, Callable] | None = None
+        if self.share:
+            shared = share_cache(self.draft, model, ctx.target_kv)
+            if isinstance(shared, tuple):
+                self.shared, self.path = shared[:2], shared[2]
+                self.catches_up = False  # nothing to catch up on: the model's cache holds the context
+            else:
+                self.share_problem = shared
+        if self.shared is None:
+            self.reset_cache()
+        # what a draft forward costs against a step of the model, first estimated from the weight
+        # bytes each reads (decoding is bandwidth-bound); unknown for a draft that is the model under
+        # a context (self-speculation), whose bytes are the model's
+        self.cost_ratio: float | None = None
+        self.prompt_catch_up: float | None = None  # seconds of the first draft forward (over the prompt)
+        if self.context is None and self.draft is not model:
+            self.cost_ratio = weight_bytes(self.draft) / max(weight_bytes(model), 1)
 
     def length(self, limits: list[int]) -> int:
         """Tokens to draft this step (the same bound for every row)."""
@@ -156,6 +220,8 @@ class DraftModelDrafter(Drafter):
 
     @torch.no_grad()
     def propose(self, seqs: list[list[int]], limits: list[int]) -> Draft:
+        if self.shared is not None:
+            return self._propose_shared(seqs, limits)
         batch = len(seqs)
         keep = []
         for b in range(batch):
@@ -170,25 +236,58 @@ class DraftModelDrafter(Drafter):
         self.kv.rollback(keep)
         k = self.length(limits)
         want = [min(k, lim) for lim in limits]
+        if max(want) <= 0:
+            return self._nothing(batch)
+        feed = [seqs[b][keep[b]:] if want[b] > 0 else [] for b in range(batch)]
+        engine = isinstance(self.kv, EngineDraftKV)  # a skip plan there is the runner's, not a context
+
+        def forward(feed: list[list[int]]) -> torch.Tensor:
+            with self.context() if self.context is not None and not engine else nullcontext():
+                last = self.kv.last_logits(feed)
+            for b in range(batch):
+                self.cached[b].extend(feed[b])
+            return last
+
+        return self._draft(feed, want, forward)
+
+    def _propose_shared(self, seqs: list[list[int]], limits: list[int]) -> Draft:
+        """Draft on the model's own cache (QSpec-style, see :meth:`share_cache`): feed each row's
+        newest token, then each drafted token, through the draft's forward; then cut the cache back
+        to what it held, so the verification forward finds exactly the cache it would have found."""
+        kv, forward_fn = self.shared
+        k = self.length(limits)
+        want = [min(k, lim) for lim in limits]
+        if max(want) <= 0:
+            return self._nothing(len(seqs))
+        held = kv.pos.clone()
+        try:
+            with kv.forward_with(forward_fn):
+                return self._draft([[seqs[b][-1]] if want[b] > 0 else [] for b in range(len(seqs))], want,
+                                   lambda feed: kv.extend(feed, keep=1)[:, 0])
+        finally:
+            kv._rollback(held)
+
+    def _nothing(self, batch: int) -> Draft:
+        return Draft([[] for _ in range(batch)], None if not self.ctx.do_sample else [torch.empty(0) for _ in range(batch)])
+
+    def _draft(self, feed: list[list[int]], want: list[int], forward: Callable[[list[list[int]]], torch.Tensor]) -> Draft:
+        """Draft up to ``want[b]`` tokens per row: ``forward(feed)`` gives each row's logits after
+        its fed tokens; a row stops at its length or below ``confidence``."""
+        batch = len(feed)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         probs: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        if max(want) <= 0:
-            return Draft(tokens, None if not self.ctx.do_sample else [torch.empty(0) for _ in range(batch)])
-        feed = [seqs[b][keep[b]:] if want[b] > 0 else [] for b in range(batch)]
         going = [want[b] > 0 for b in range(batch)]
         while True:
             t0 = time.perf_counter()
-            engine = isinstance(self.kv, EngineDraftKV)  # a skip plan there is the runner's, not a context
-            with self.context() if self.context is not None and not engine else nullcontext():
-                last = self.kv.last_logits(feed)
+            last = forward(feed)
             spent = time.perf_counter() - t0
+            if self.prompt_catch_up is None and max(len(f) for f in feed) > 1:
+                self.prompt_catch_up = spent  # the call's first draft forward runs over the prompt
             if max(len(f) for f in feed) == 1:
                 # the cost of one draft token: a forward that also catches up on the verified tokens
                 # (the whole prompt, on the first draft) would make drafting look far dearer than it is
                 ts = self.token_seconds
                 self.token_seconds = spent if ts is None else ts + 0.3 * (spent - ts)
-            for b in range(batch):
-                self.cached[b].extend(feed[b])
             tok, q, conf = self._pick(last)
             feed = [[] for _ in range(batch)]
             for b in range(batch):

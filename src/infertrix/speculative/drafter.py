@@ -42,7 +42,9 @@ class DraftContext:
     ``warp(logits [N, V]) -> logits`` applies the call's logits processors that do not depend on
     the token history (temperature, top-k, top-p, min-p...), so a draft model can sample from a
     distribution shaped like the target's. ``cost`` is the loop's measured seconds per
-    verification forward as a function of its width (see :mod:`.budget`).
+    verification forward as a function of its width (see :mod:`.budget`). ``prefill_seconds`` (the
+    call's prompt forward, set once it has run) and ``max_new_tokens`` let a drafter weigh a cost
+    paid once per call against what the call can still save.
     """
 
     do_sample: bool
@@ -50,6 +52,9 @@ class DraftContext:
     pad_token_id: int
     warp: Callable[[Tensor], Tensor]
     cost: VerifyCost = field(default_factory=VerifyCost)
+    prefill_seconds: float | None = None
+    max_new_tokens: int | None = None
+    target_kv: object | None = None  # the loop's RaggedKV over the model's cache (a draft may share it)
 
 
 class Drafter:

@@ -15,6 +15,16 @@ since a step's cost grows with the context. What was learnt is kept per batch si
 run-time record, across the calls made while the transform is applied; at the start of a call the hold of a drafter that is cheap
 to probe (no draft model to catch up) is shortened, since the new prompt may suit it.
 
+A draft model pays a catch-up before its first draft of a call: its own forward over the whole
+prompt, a prefill that no later step repays unless drafting wins. So before that first draft the
+guard weighs it against the best case: the call's remaining tokens decoded at the speed-up that
+drafting would reach if the draft agreed with the model at ``OPTIMISTIC_RATE`` per position
+(:func:`~.budget.best_case_speedup`, from the draft's cost per forward relative to a step: the
+weight bytes each reads, or what earlier calls measured). When even that saving is smaller than
+the catch-up (estimated as the call's own prefill times the same ratio, or as measured in earlier
+calls), or the best case is under ``MIN_SPEEDUP``, the call decodes with plain steps and never
+runs the draft; ``describe()`` counts such calls and says why.
+
 Speculative decoding's break-even analysis is Leviathan et al. (ICML 2023,
 https://arxiv.org/abs/2211.17192, section 3.4); switching to plain steps when the measured gain is
 below 1 is what makes a drafter safe to leave on for every prompt kind.
@@ -28,6 +38,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .budget import best_case_speedup
 from .drafter import Draft, DraftContext, Drafter
 
 BASE_HOLD = 8  # plain steps after drafting is first found to lose
@@ -37,6 +48,8 @@ CALL_START_HOLD = 16  # a new call of a cheap-to-probe drafter probes within thi
 REFRESH = 64  # drafting steps after which one plain step re-measures the plain cost
 PROBE_BUDGET = 0.02  # a losing probe's extra seconds are at most this share of the hold that follows
 SMOOTHING = 0.3  # weight of a new sample in the moving averages
+OPTIMISTIC_RATE = 0.9  # per-position acceptance of the best case a catch-up is weighed against
+MIN_SPEEDUP = 1.1  # a best case below this cannot repay the probe's own losing steps
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -57,6 +70,10 @@ class GainState:
     backoff: int = BASE_HOLD
     since_plain: int = 0
     probes: int = 0  # probes that lost (each one started a hold)
+    draft_ratio: float | None = None  # measured seconds of a draft forward over those of a plain step
+    catch_up_ratio: float | None = None  # measured seconds of the prompt catch-up over the call's prefill
+    declined: int = 0  # calls decoded plain because the draft's catch-up could not pay
+    why: str | None = None  # the latest such decision
 
     @property
     def gain(self) -> float | None:
@@ -74,7 +91,8 @@ class GainMemory:
 
     def report(self) -> dict[str, object]:
         return {
-            f"batch {b}": {"drafting vs plain": None if s.gain is None else round(s.gain, 3), "losing probes": s.probes}
+            f"batch {b}": {"drafting vs plain": None if s.gain is None else round(s.gain, 3), "losing probes": s.probes,
+                           **({"calls kept plain": s.declined, "why": s.why} if s.declined else {})}
             for b, s in sorted(self.states.items())
         }
 
@@ -102,6 +120,9 @@ class GainGuard(Drafter):
         self.t0 = 0.0
         self.tokens0 = 0
         self.probe = [0.0, 0]  # seconds and tokens of the drafting steps since the last plain step
+        self.check_pending = self.inner_catches_up()  # weigh the catch-up before the call's first draft
+        self.declined = False
+        self.caught_up = False  # this call's prompt catch-up already learnt from
 
     def propose(self, seqs: list[list[int]], limits: list[int]) -> Draft:
         now = time.perf_counter()
@@ -115,10 +136,19 @@ class GainGuard(Drafter):
             self.kind = None
             self.called_inner = True
             return self.inner.propose(seqs, limits)
-        if st.hold > 0 or st.plain is None or st.since_plain >= REFRESH:
+        if self.declined or st.hold > 0 or st.plain is None or st.since_plain >= REFRESH:
             st.hold = max(st.hold - 1, 0)
             self.kind = "plain"
             return Draft([[] for _ in seqs])
+        if self.check_pending:
+            self.check_pending = False
+            why = self.cannot_repay(limits)
+            if why is not None:
+                self.declined = True
+                st.declined += 1
+                st.why = why
+                self.kind = "plain"
+                return Draft([[] for _ in seqs])
         draft = self.inner.propose(seqs, limits)
         self.called_inner = True
         self.kind = "spec" if any(draft.tokens) or getattr(draft, "trees", None) else "plain"
@@ -141,6 +171,7 @@ class GainGuard(Drafter):
         st.since_plain += 1
         self.probe[0] += seconds
         self.probe[1] += tokens
+        self._learn_costs()
         if self.unmeasured:
             self.unmeasured -= 1
             return
@@ -159,6 +190,36 @@ class GainGuard(Drafter):
             st.probes += 1
         else:
             st.backoff = BASE_HOLD
+
+    def _learn_costs(self) -> None:
+        """Keep what the draft measured (a forward's seconds against a plain step's, the prompt
+        catch-up's against the prefill's) for the next call's :meth:`cannot_repay`."""
+        st = self.state
+        token = getattr(self.inner, "token_seconds", None)
+        if token is not None and st.plain is not None:
+            st.draft_ratio = _ema(st.draft_ratio, token / (st.plain * self.ctx.batch_size))
+        caught = getattr(self.inner, "prompt_catch_up", None)
+        if caught is not None and self.ctx.prefill_seconds and not self.caught_up:
+            self.caught_up = True
+            st.catch_up_ratio = _ema(st.catch_up_ratio, caught / self.ctx.prefill_seconds)
+
+    def cannot_repay(self, limits: list[int]) -> str | None:
+        """Why the draft's catch-up on this call's prompt cannot pay even in the best case, or None
+        (unknown costs are no reason: the drafter is probed as usual)."""
+        st = self.state
+        ratio = st.draft_ratio if st.draft_ratio is not None else getattr(self.inner, "cost_ratio", None)
+        prefill = self.ctx.prefill_seconds
+        live = [lim for lim in limits if lim > 0]
+        if ratio is None or prefill is None or st.plain is None or not live:
+            return None
+        speedup = best_case_speedup(ratio, self.ctx.cost, int(getattr(self.inner, "max_tokens", 8)), OPTIMISTIC_RATE)
+        saving = (max(live) + 1) * len(live) * st.plain * (1.0 - 1.0 / speedup)
+        catch_up = prefill * (st.catch_up_ratio if st.catch_up_ratio is not None else ratio)
+        if speedup >= MIN_SPEEDUP and saving > catch_up:
+            return None
+        return (f"a draft forward costs {ratio:.2f} of a step, so even at acceptance {OPTIMISTIC_RATE} drafting would "
+                f"be {speedup:.2f}x plain: {saving:.2f} s saved at most over the call, against {catch_up:.2f} s to run the "
+                "draft over the prompt first")
 
     @property
     def path(self) -> str | None:

@@ -139,11 +139,14 @@ class SpeculativeGenerate:
         kv = (AlignedKV if engine_rows(cache, mask) else RaggedKV)(model, cache, pad_id)
         self.record.verify_path = "aligned rows (engine cache)" if isinstance(kv, AlignedKV) else "ragged rows"
         call = _Call(kv, self.make_drafter(), processors, bool(cfg.do_sample), cost, stats)
-        call.drafter.start(model, DraftContext(call.do_sample, batch, pad_id, call.warp, cost))
+        ctx = DraftContext(call.do_sample, batch, pad_id, call.warp, cost, max_new_tokens=int(cfg.max_length) - prompt_len,
+                           target_kv=kv)
+        call.drafter.start(model, ctx)
         self.record.draft_path = getattr(call.drafter, "path", None)
         stopper = Stopper(criteria, input_ids, prompt_len, int(cfg.max_length))
         has_eos = any(hasattr(c, "eos_token_id") for c in criteria)
         rows = Rows(call.first_tokens(input_ids, mask), stopper, has_eos, int(cfg.max_length) - prompt_len)
+        ctx.prefill_seconds = stats.prefill_seconds  # what a draft model's catch-up on the prompt is weighed against
         prompts = [input_ids[b][mask[b].bool()].tolist() for b in range(batch)]
         emitted = 0
         while True:

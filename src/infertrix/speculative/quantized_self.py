@@ -9,9 +9,14 @@ of the target whose linear layers (and ``lm_head``) are swapped for the quant fa
 :class:`~infertrix.quant.W8A8` layers (int8 per-channel weights, int8 per-token activations, no
 smoothing; the default) or :class:`~infertrix.quant.W4A8Linear` (int4 weights in groups);
 everything else (embedding, norms, rotary tables) is the *same* tensors as the target's, so the
-extra memory is only the quantized weights (reported by ``describe``) plus the draft's KV cache.
-The draft keeps its own KV cache (:class:`~.draft_model.DraftModelDrafter`), since its keys and
-values differ from the target's, and drafts on the decode engine (:mod:`.lean`).
+extra memory is only the quantized weights (reported by ``describe``).
+The draft drafts on the *model's* KV cache, as QSpec does (``shared_cache``, the default;
+:func:`~.draft_model.share_cache`): it reads the keys and values the model wrote for the context
+and its own draft tokens' entries are cut away before verification, so it has no prompt to catch
+up on (its own cache made it run over the whole prompt before its first draft of every call: a
+prefill no later step repaid when drafting did not win, 0.82x plain at batch 4). With
+``shared_cache=false``, or on a cache it cannot share (a KV policy's), the draft keeps its own
+KV cache. It drafts on the decode engine (:mod:`.lean`) when the model runs there.
 Lossless: the full-precision model verifies every token.
 
 Which precision: the draft pays only when it agrees with the target often. On SmolLM2-135M
@@ -37,6 +42,7 @@ from torch import Tensor, nn
 from ..core.registry import register_transform
 from ..core.state import copy_without_state
 from ..core.transform import ConfigError
+from .budget import weight_bytes
 from .draft_model import DraftModelDrafter
 from .drafter import Drafter
 from .state import prepared, prepared_for
@@ -50,20 +56,6 @@ def _fingerprint(t) -> tuple[float, float]:
         return (float(t.sum()), 0.0)
     t = t.detach()  # sums accumulated in float64, without a float64 copy of the tensor
     return (float(t.sum(dtype=torch.float64)), float(t.abs().sum(dtype=torch.float64)))
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights a decode step reads: every linear layer's, quantized or float (a tied
-    head counted with the layers: it is read every step)."""
-    from ..quant.linear_base import QuantizedLinear
-
-    total = 0
-    for mod in model.modules():
-        if isinstance(mod, QuantizedLinear):
-            total += mod.storage_bytes()
-        elif isinstance(mod, nn.Linear):
-            total += mod.weight.numel() * mod.weight.element_size()
-    return total
 
 
 def quantized_copy(model: nn.Module, quant) -> tuple[nn.Module, int]:
@@ -96,7 +88,7 @@ def quantized_copy(model: nn.Module, quant) -> tuple[nn.Module, int]:
 class QuantizedSelf(SpeculativeDecoding):
     """Speculative decoding with the model's own W8A8 (or W4A8) copy as the draft (QSpec,
     https://arxiv.org/abs/2410.11305; QuantSpec, https://arxiv.org/abs/2502.10424). Lossless; costs
-    the quantized weights (1/4 of float32 at 8 bits, about 1/7 at 4) and a draft KV cache.
+    the quantized weights (1/4 of float32 at 8 bits, about 1/7 at 4).
 
     Fields:
       weight_bits: 8 (W8A8 without smoothing, so nothing of the target changes: the default, a
@@ -107,6 +99,8 @@ class QuantizedSelf(SpeculativeDecoding):
         text, group 128 without it 60-61% (teacher-forced, 4 prompts each, 96 tokens).
       quantize_lm_head: quantize the output projection too (a separate copy; the tied embedding
         stays shared and float).
+      shared_cache: draft on the model's own KV cache (QSpec): no draft cache and no catch-up over
+        the prompt. False keeps a draft cache of the draft's own keys and values.
       num_tokens, adaptive, max_tokens, confidence: as in :class:`~.draft_model.DraftModel`, but
         ``confidence`` defaults to 0.1: a draft this close to the model is usually right even when
         unsure. On SmolLM2 (1 thread, one greedy call of up to 128 tokens, median of 3; measured when
@@ -126,6 +120,7 @@ class QuantizedSelf(SpeculativeDecoding):
     adaptive: bool = True
     max_tokens: int = 10
     confidence: float = 0.1
+    shared_cache: bool = True
 
     def validate(self) -> None:
         from ..quant.int4 import check_group_size
@@ -200,5 +195,6 @@ class QuantizedSelf(SpeculativeDecoding):
 
     def make_drafter(self, model: nn.Module) -> Drafter:
         return DraftModelDrafter(
-            self.draft_for(model), self.num_tokens, self.confidence, self.adaptive, self.max_tokens
+            self.draft_for(model), self.num_tokens, self.confidence, self.adaptive, self.max_tokens,
+            share=self.shared_cache,
         )

@@ -22,6 +22,9 @@ cache reaches the window; a single row never has holes and works on them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -98,6 +101,16 @@ class RaggedKV:
         if new_len < self.length:
             self.cache.crop(-(self.length - new_len))
             self.mask = self.mask[:, :new_len]
+
+    @contextmanager
+    def forward_with(self, forward: Callable[[Tensor, Tensor, Tensor, int | Tensor], Tensor]) -> Iterator[None]:
+        """Run this cache's forwards through ``forward`` (ids, mask, positions, keep -> logits) for a
+        while: a draft of the model's own layers drafting on the model's cache (``share_cache``)."""
+        self._forward = forward  # the instance attribute shadows the method
+        try:
+            yield
+        finally:
+            del self._forward
 
     @property
     def length(self) -> int:
