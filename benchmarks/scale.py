@@ -9,7 +9,9 @@ Parts (each writes ``<out-dir>/<part>.json``; a part already there is read, not 
         prompts and decode tokens/s at batch 1 and 16; each scheme exported with ``infertrix.export``.
   tp    the same recipes under ``torchrun --nproc-per-node N`` (benchmarks/tp_runner.py, gloo).
   vllm  ``vllm.LLM`` (benchmarks/vllm_runner.py in benchmarks/.venv-vllm, made by
-        benchmarks/setup_vllm.sh) on the float folder and each export, tensor_parallel_size 1 and 2.
+        benchmarks/setup_vllm.sh) on the float folder and each export, tensor_parallel_size 1 and 2;
+        W4A16 once more with ``VLLM_CPU_INT4_W4A8=0``: on AMX CPUs vLLM CPU runs int4 checkpoints
+        with int8 activations unless told not to (docs/scale.md, "vLLM CPU").
 Then one table: greedy agreement with our model of the same recipe, tokens/s, or vLLM's refusal.
 """
 
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-SCHEMES = ["w8a8(smooth_alpha=none)", "w4a16(symmetric=true)", "w4a8(symmetric=true)"]
+W4A16 = "w4a16(symmetric=true)"
+SCHEMES = ["w8a8(smooth_alpha=none)", W4A16, "w4a8(symmetric=true)"]
 TP_RECIPES = ["", "w8a8(smooth_alpha=none)", "w4a8(symmetric=true)", "w4a8", "snapkv:0.5", "pld(adaptive=false)"]
 
 
@@ -87,15 +90,18 @@ def run_vllm(out_dir: Path, ours: dict, new_tokens: int) -> dict:
         raise SystemExit("benchmarks/.venv-vllm is missing: bash benchmarks/setup_vllm.sh")
     float_folder = cache_dir() / "models" / f"smollm2-{smollm2_gguf_path().stat().st_size}"
     ids = json.dumps([AutoTokenizer.from_pretrained(float_folder)(p).input_ids for p in AGREEMENT_PROMPTS])
+    # (recipe, tp, extra environment): W4A16 also as W4A16, not vLLM CPU's default int8-activation path on AMX
+    runs = [(r, tp, {}) for r in ["", *SCHEMES] for tp in (1, 2)] + [(W4A16, 1, {"VLLM_CPU_INT4_W4A8": "0"})]
     results = {}
-    for recipe in ["", *SCHEMES]:
+    for recipe, tp, extra in runs:
         folder = float_folder if not recipe else Path(ours[recipe]["folder"])
-        for tp in (1, 2):
-            out = out_dir / f"vllm-{folder_name(recipe)}-tp{tp}.json"
-            env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1")
-            subprocess.run([str(py), str(ROOT / "vllm_runner.py"), str(folder), str(tp), str(out), str(new_tokens),
-                            ids], env=env, timeout=1800)
-            results[f"{recipe}|{tp}"] = json.loads(out.read_text()) if out.exists() else {"error": "no output"}
+        tag = " ".join(f"{k}={v}" for k, v in extra.items())
+        out = out_dir / f"vllm-{folder_name(recipe)}-tp{tp}{'-' + tag if tag else ''}.json"
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", **extra)
+        subprocess.run([str(py), str(ROOT / "vllm_runner.py"), str(folder), str(tp), str(out), str(new_tokens),
+                        ids], env=env, timeout=1800)
+        results[f"{recipe}|{tp}" + (f"|{tag}" if tag else "")] = (json.loads(out.read_text()) if out.exists()
+                                                                  else {"error": "no output"})
     return results
 
 
@@ -120,8 +126,10 @@ def report(ours: dict, tp: dict | None, vllm: dict | None) -> str:
         row("infertrix (transformers tp_plan)", recipe, tp["world"], r["tokens"], r["tok_s"],
             "ranks agree" if r["ranks_agree"] else "RANKS DIFFER")
     for key, r in (vllm or {}).items():
-        recipe, n = key.split("|")
-        note = "" if "error" not in r else r["error"].splitlines()[0][:200].replace("|", "/")
+        recipe, n, *extra = key.split("|")
+        note = " ".join(extra) if "error" not in r else r["error"].splitlines()[0][:200].replace("|", "/")
+        if r.get("int4_path"):
+            note = f"{note} {r['int4_path']}".strip()
         row("vLLM CPU 0.32.0", recipe, n, r.get("tokens"), r.get("tok_s"), note)
     return "\n".join(lines)
 

@@ -7,11 +7,17 @@ Loads FOLDER (a float or compressed-tensors checkpoint) with ``vllm.LLM(tensor_p
 on the CPU, greedily continues each prompt of IDS_JSON (token ids, so both sides see the same
 prompt) by NEW_TOKENS tokens, and times decoding at batch 1 and 16 (EOS ignored; the time of a
 1-token generation subtracted as prefill). Writes the tokens and tokens/s, or the error vLLM raised.
+
+For a pack-quantized (W4A16) folder it also writes which of vLLM CPU's two int4 paths ran: on a CPU
+with AMX, bfloat16 activations and ``VLLM_CPU_INT4_W4A8`` unset or 1 (its default),
+``CPUWNA16LinearKernel`` (vllm/model_executor/kernels/linear/mixed_precision/cpu.py) runs
+``int4_scaled_mm_cpu``, which quantizes activations to int8 per token: W4A8, not W4A16.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -31,6 +37,18 @@ def rate(llm, sp_cls, ids: list[int], batch: int, new_tokens: int) -> float:
     return batch * new_tokens / max((t2 - t1) - (t1 - t0), 1e-9)
 
 
+def int4_path(config: dict, dtype: str) -> str | None:
+    """Which int4 kernel vLLM CPU 0.32.0 picks for a pack-quantized checkpoint (the condition of
+    ``CPUWNA16LinearKernel.process_weights_after_loading``, x86 only)."""
+    import torch
+
+    if config.get("quantization_config", {}).get("format") != "pack-quantized":
+        return None
+    if dtype == "bfloat16" and torch.cpu._is_amx_tile_supported() and os.environ.get("VLLM_CPU_INT4_W4A8", "1") != "0":
+        return "int4_scaled_mm_cpu: int8 per-token activations"
+    return "cpu_gemm_wna16: bfloat16 activations"
+
+
 def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str) -> None:
     prompts = json.loads(ids_json)
     result: dict = {"folder": folder, "tp": tp}
@@ -41,6 +59,7 @@ def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str) -> None
         # expect A to be bfloat16 or half"): quantized checkpoints run in bfloat16, float ones in float32
         config = json.loads((Path(folder) / "config.json").read_text())
         result["dtype"] = "bfloat16" if "quantization_config" in config else "float32"
+        result["int4_path"] = int4_path(config, result["dtype"])
         t0 = time.perf_counter()
         llm = LLM(model=folder, tensor_parallel_size=tp, dtype=result["dtype"], max_model_len=512,
                   enforce_eager=True, distributed_executor_backend="mp" if tp > 1 else None)

@@ -59,6 +59,40 @@ def test_w4a16_symmetric_decompresses_to_our_weights_bitwise(tmp_path):
     torch.testing.assert_close(theirs, ours, atol=LOGIT_ATOL, rtol=0)
 
 
+def _unpack_like_vllm_cpu(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The [N, K] weight vLLM CPU's ``CPUWNA16LinearKernel`` reads from ``weight_packed`` [N, K/8] and
+    ``weight_scale`` [N, G] (vllm 0.32.0): nibble i of word j is input column 8j + i, the code is
+    offset by 8 (``uint4b8``), and the group of column k is k // (K / G)."""
+    n, words = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    codes = ((packed[:, :, None] >> shifts) & 15).reshape(n, words * 8)
+    return (codes.float() - 8) * scale.float().repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
+
+
+def test_w4a16_symmetric_packing_is_what_vllm_cpu_and_compressed_tensors_write(tmp_path):
+    """Issue 18: vLLM CPU's W4A16 path reads our packing as intended (its default W4A8 path on AMX
+    CPUs differs by its int8 activations, docs/scale.md); and compressed-tensors' own compressor,
+    given our weight and scales, writes the same bytes."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    model = make_tiny("llama", hidden_size=64, intermediate_size=128)
+    float_model = copy.deepcopy(model)
+    ix.optimize(model, "w4a16(symmetric=true,group_size=32)")
+    ix.export(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    scheme = QuantizationScheme(**json.loads((tmp_path / "config.json").read_text())
+                                ["quantization_config"]["config_groups"]["group_0"])
+    for name in _quantized(model):
+        w = quantize_int4(float_model.get_submodule(name).weight, 32, True, two_level=False)
+        expected = (w.q.float() - 8) * w.group_scale.to(torch.bfloat16).float().repeat_interleave(32, dim=1)
+        packed, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
+        assert torch.equal(_unpack_like_vllm_cpu(packed, scale), expected), name
+        theirs = PackedQuantizationCompressor.compress({"weight": expected, "weight_scale": scale}, scheme)
+        assert torch.equal(theirs["weight_packed"], packed), name
+
+
 def test_config_names_the_format_and_float_layers(tmp_path):
     model = make_tiny("llama", hidden_size=64, intermediate_size=128)
     ix.optimize(model, "w8a8(smooth_alpha=none)")
