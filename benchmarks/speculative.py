@@ -58,6 +58,8 @@ def truncated_copy(model, keep: int):
 DRAFTERS = {
     "lookahead": lambda: ix.speculative.Lookahead(),
     "lookahead(per call)": lambda: ix.speculative.Lookahead(shared=False),
+    "jacobi": lambda: ix.speculative.Jacobi(),
+    "jacobi(window 4)": lambda: ix.speculative.Jacobi(window=4),
     "draft_model(truncated 20/30)": None,  # built from the model (drafters())
     "prompt_lookup": lambda: ix.speculative.PromptLookup(),
     "prompt_lookup(fixed 10)": lambda: ix.speculative.PromptLookup(num_tokens=10, adaptive=False),

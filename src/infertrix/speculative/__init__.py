@@ -12,6 +12,7 @@ from .budget import AcceptanceRate, VerifyCost, best_length, expected_tokens
 from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
 from .drafter import Draft, DraftContext, Drafter
 from .gain import GainGuard, GainMemory
+from .jacobi import Jacobi, JacobiDrafter
 from .lookahead import Lookahead, LookaheadDrafter, NGramTrie
 from .loop import SpeculativeGenerate
 from .prompt_lookup import PromptLookup, PromptLookupDrafter
@@ -31,6 +32,8 @@ __all__ = [
     "Drafter",
     "GainGuard",
     "GainMemory",
+    "Jacobi",
+    "JacobiDrafter",
     "Lookahead",
     "LookaheadDrafter",
     "NGramTrie",

@@ -69,3 +69,21 @@ class Drafter:
 
     def observe(self, drafted: list[int], accepted: list[int]) -> None:
         """Called after each verification with per-row drafted and accepted counts."""
+
+    # True: the loop calls observe_window after every verification forward (and only then computes
+    # the per-slot argmax it passes); drafters that learn from the model's own outputs set it.
+    reads_window = False
+
+    def observe_window(self, fed: list[list[int]], argmax: list[list[int]], parents: list[list[int]] | None) -> None:
+        """Row b's fed slots ``fed[b]`` (its newest token, then the draft; empty for a stopped row),
+        the model's argmax after its processed scores at each slot ``argmax[b]`` (only the first
+        ``len(fed[b])`` count), and for a token tree each slot's parent slot (-1 for slot 0; None: a
+        chain). Called only where ``reads_window`` is set, for plain steps too."""
+
+
+def window_reader(drafter: Drafter) -> Drafter | None:
+    """The drafter that reads verification windows: ``drafter`` or the one a wrapper (the
+    never-slower guard) holds as ``inner``; None when neither does (nothing is computed for it)."""
+    while drafter is not None and not drafter.reads_window:
+        drafter = getattr(drafter, "inner", None)
+    return drafter

@@ -34,7 +34,7 @@ from ..core.transform import ConfigError, UnsupportedModelError
 from ..kvcache.cache import GrowingCache, capabilities
 from .aligned import AlignedKV, engine_rows
 from .budget import VerifyCost
-from .drafter import DraftContext, Drafter
+from .drafter import DraftContext, Drafter, window_reader
 from .ragged import RaggedKV
 from .rows import Rows, Stopper, emit
 from .stats import SpeculativeStats, StatsRecord
@@ -198,6 +198,7 @@ class _Call:
         self.do_sample = do_sample
         self.cost = cost
         self.stats = stats
+        self.reader = window_reader(drafter)  # a drafter that learns from every slot's argmax, or None
         self.tree_path: str | None = None  # set when the drafter gives token trees (the stats record's)
 
     def warp(self, logits: Tensor) -> Tensor:
@@ -244,6 +245,8 @@ class _Call:
         logits = self.ragged.extend(feed).to(torch.float32)  # [B, W, V]
         scores = self.process(logits, rows, drafts, active)
         accepted, nxt = self.verify(scores, drafts, draft.probs)
+        if self.reader is not None:
+            self.reader.observe_window(feed, scores.argmax(-1).tolist(), None)
         acc = accepted.tolist()
         self.ragged.keep_fed([acc[b] + 1 if live[b] else 0 for b in range(batch)])
         spent = time.perf_counter() - t1

@@ -238,6 +238,9 @@ def tree_step(call, rows, trees: list[TokenTree | None], live: list[bool], limit
     width = logits.shape[1]
     scores = tree_scores(call, logits, rows, trees, active)
     paths, nxt = verify_tree(scores, trees, active, call.do_sample)
+    if call.reader is not None:
+        call.reader.observe_window([[roots[b], *trees[b].tokens] if live[b] else [] for b in range(batch)],
+                                   scores.argmax(-1).tolist(), [[-1, *(p + 1 for p in t.parents)] for t in trees])
     tree_keep(call.ragged, paths, width, [len(paths[b]) + 1 if live[b] else 0 for b in range(batch)])
     spent = time.perf_counter() - t1
     stats = call.stats
