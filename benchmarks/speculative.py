@@ -66,6 +66,7 @@ DRAFTERS = {
     "self_speculative": lambda: ix.speculative.SelfSpeculative(),
     "quantized_self": lambda: ix.speculative.QuantizedSelf(),
     "quantized_self(w4)": lambda: ix.speculative.QuantizedSelf(weight_bits=4),
+    "cascade": lambda: ix.speculative.Cascade(),
 }
 
 
@@ -187,7 +188,9 @@ def main(argv: list[str]) -> None:
             "(the decode engine), so a speed-up is the drafter's own. Decode tok/s counts each row's tokens "
             "up to its eos, after the prefill (timed separately). Sampling rows differ from plain by design "
             "(same distribution, different draws), so their token counts differ too. `quantized_self` drafts "
-            "with a W8A8 copy of the float weights (the default), `quantized_self(w4)` with a W4A8 copy; "
+            "with a W8A8 copy of the float weights (the default), `quantized_self(w4)` with a W4A8 copy, both on "
+            "the model's own KV cache (QSpec: no draft cache, no catch-up over the prompt); `cascade` is the W8A8 "
+            "self-draft checking n-gram guesses in each of its forwards and extended by an n-gram tail; "
             "`draft_model(truncated 20/30)` is SmolLM2 cut to its first 20 layers (SmolLM2-135M is the "
             "smallest model of its tokenizer; a draft that loses, which the never-slower guard must catch). "
             "`skinny_linear` / `X+skinny` rows (module path only, older runs): the Skinny float kernels. "

@@ -9,6 +9,7 @@ See docs/speculative.md.
 """
 
 from .budget import AcceptanceRate, VerifyCost, best_length, expected_tokens
+from .cascade import Cascade
 from .draft_model import DraftModel, DraftModelDrafter, check_same_vocabulary
 from .drafter import Draft, DraftContext, Drafter
 from .gain import GainGuard, GainMemory
@@ -25,6 +26,7 @@ from .verify import verify_greedy, verify_sampling
 
 __all__ = [
     "AcceptanceRate",
+    "Cascade",
     "Draft",
     "DraftContext",
     "DraftModel",
