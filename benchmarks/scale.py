@@ -11,7 +11,8 @@ Parts (each writes ``<out-dir>/<part>.json``; a part already there is read, not 
   vllm  ``vllm.LLM`` (benchmarks/vllm_runner.py in benchmarks/.venv-vllm, made by
         benchmarks/setup_vllm.sh) on the float folder and each export, tensor_parallel_size 1 and 2;
         W4A16 once more with ``VLLM_CPU_INT4_W4A8=0``: on AMX CPUs vLLM CPU runs int4 checkpoints
-        with int8 activations unless told not to (docs/scale.md, "vLLM CPU").
+        with int8 activations unless told not to (docs/scale.md, "vLLM CPU"). SmolLM2's 9 heads stop vLLM at
+        TP 2; benchmarks/vllm_tp_tiny.py runs TP 2 on a small Llama whose heads divide.
 Then one table: greedy agreement with our model of the same recipe, tokens/s, or vLLM's refusal.
 """
 
@@ -85,21 +86,35 @@ def run_vllm(out_dir: Path, ours: dict, new_tokens: int) -> dict:
     from infertrix.eval.agreement import AGREEMENT_PROMPTS
     from infertrix.models import cache_dir, smollm2_gguf_path
 
-    py = ROOT / ".venv-vllm" / "bin" / "python"
-    if not py.exists():
-        raise SystemExit("benchmarks/.venv-vllm is missing: bash benchmarks/setup_vllm.sh")
     float_folder = cache_dir() / "models" / f"smollm2-{smollm2_gguf_path().stat().st_size}"
     ids = json.dumps([AutoTokenizer.from_pretrained(float_folder)(p).input_ids for p in AGREEMENT_PROMPTS])
     # (recipe, tp, extra environment): W4A16 also as W4A16, not vLLM CPU's default int8-activation path on AMX
     runs = [(r, tp, {}) for r in ["", *SCHEMES] for tp in (1, 2)] + [(W4A16, 1, {"VLLM_CPU_INT4_W4A8": "0"})]
+    folders = {recipe: float_folder if not recipe else Path(ours[recipe]["folder"]) for recipe in ["", *SCHEMES]}
+    return run_vllm_folders(out_dir, folders, runs, ids, new_tokens)
+
+
+def run_vllm_folders(out_dir: Path, folders: dict[str, Path], runs: list[tuple[str, int, dict]], ids: str,
+                     new_tokens: int, forced: dict[str, str] | None = None) -> dict:
+    """benchmarks/vllm_runner.py in benchmarks/.venv-vllm once per (recipe, tp, extra environment); results keyed
+    ``recipe|tp`` (``|K=V`` with an extra environment), a refusal or crash recorded as ``error``. ``forced``: per
+    recipe, the continuations (JSON) the runner feeds for a per-position comparison."""
+    py = ROOT / ".venv-vllm" / "bin" / "python"
+    if not py.exists():
+        raise SystemExit("benchmarks/.venv-vllm is missing: bash benchmarks/setup_vllm.sh")
     results = {}
     for recipe, tp, extra in runs:
-        folder = float_folder if not recipe else Path(ours[recipe]["folder"])
         tag = " ".join(f"{k}={v}" for k, v in extra.items())
         out = out_dir / f"vllm-{folder_name(recipe)}-tp{tp}{'-' + tag if tag else ''}.json"
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", **extra)
-        subprocess.run([str(py), str(ROOT / "vllm_runner.py"), str(folder), str(tp), str(out), str(new_tokens),
-                        ids], env=env, timeout=1800)
+        if tp > 1:
+            # vLLM CPU's automatic binding gives each worker its own NUMA node and refuses TP 2 on one node
+            # ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"): one core per worker,
+            # from the cores this process may use (shared round-robin when there are fewer than tp)
+            cores = sorted(os.sched_getaffinity(0))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cores[i % len(cores)]) for i in range(tp)))
+        subprocess.run([str(py), str(ROOT / "vllm_runner.py"), str(folders[recipe]), str(tp), str(out),
+                        str(new_tokens), ids, *([forced[recipe]] if forced else [])], env=env, timeout=1800)
         results[f"{recipe}|{tp}" + (f"|{tag}" if tag else "")] = (json.loads(out.read_text()) if out.exists()
                                                                   else {"error": "no output"})
     return results

@@ -1,12 +1,15 @@
 """vLLM side of benchmarks/scale.py; runs inside benchmarks/.venv-vllm (benchmarks/setup_vllm.sh),
 never imported by the library or the tests:
 
-    python benchmarks/vllm_runner.py FOLDER TP OUT.json NEW_TOKENS IDS_JSON
+    python benchmarks/vllm_runner.py FOLDER TP OUT.json NEW_TOKENS IDS_JSON [FORCED_JSON]
 
 Loads FOLDER (a float or compressed-tensors checkpoint) with ``vllm.LLM(tensor_parallel_size=TP)``
 on the CPU, greedily continues each prompt of IDS_JSON (token ids, so both sides see the same
 prompt) by NEW_TOKENS tokens, and times decoding at batch 1 and 16 (EOS ignored; the time of a
 1-token generation subtracted as prefill). Writes the tokens and tokens/s, or the error vLLM raised.
+With FORCED_JSON (one continuation per prompt, e.g. our model's), also feeds prompt + continuation
+and writes, per continuation position, vLLM's top token and the log-prob it gives the forced token:
+a per-position comparison that one early near-tie cannot turn into a different continuation.
 
 For a pack-quantized (W4A16) folder it also writes which of vLLM CPU's two int4 paths ran: on a CPU
 with AMX, bfloat16 activations and ``VLLM_CPU_INT4_W4A8`` unset or 1 (its default),
@@ -49,7 +52,22 @@ def int4_path(config: dict, dtype: str) -> str | None:
     return "cpu_gemm_wna16: bfloat16 activations"
 
 
-def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str) -> None:
+def forced(llm, sp_cls, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[list[float]]]:
+    """Per continuation position: [vLLM's top token, its log-prob, the log-prob of the forced token]."""
+    outs = llm.generate([{"prompt_token_ids": p + c} for p, c in zip(prompts, continuations, strict=True)],
+                        sp_cls(temperature=0.0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    rows = []
+    for p, c, o in zip(prompts, continuations, outs, strict=True):
+        row = []
+        for j, t in enumerate(c):
+            d = o.prompt_logprobs[len(p) + j]  # the distribution of token len(p) + j given the ones before
+            top = min(d.items(), key=lambda kv: kv[1].rank)
+            row.append([top[0], top[1].logprob, d[t].logprob])
+        rows.append(row)
+    return rows
+
+
+def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str, forced_json: str | None = None) -> None:
     prompts = json.loads(ids_json)
     result: dict = {"folder": folder, "tp": tp}
     try:
@@ -67,6 +85,8 @@ def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str) -> None
         greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
         result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        if forced_json:
+            result["forced"] = forced(llm, SamplingParams, prompts, json.loads(forced_json))
         result["tok_s"] = {str(b): rate(llm, SamplingParams, prompts[0], b, 16) for b in (1, 16)}
     except Exception as e:  # noqa: BLE001 - the benchmark records what vLLM refused, and why
         result["error"] = f"{type(e).__name__}: {e}"
@@ -76,4 +96,4 @@ def main(folder: str, tp: int, out: str, new_tokens: int, ids_json: str) -> None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], *sys.argv[6:7])
