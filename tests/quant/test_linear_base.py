@@ -165,3 +165,32 @@ def test_quant_has_no_import_cycle():
         return False
 
     assert [m for m in graph if in_a_cycle(m)] == []
+
+
+@pytest.mark.parametrize("recipe", ["w8a8(smooth_alpha=none)", "w4a8", "w4a16"])
+def test_casting_a_quantized_model_keeps_its_scales(recipe):
+    """``model.to(torch.bfloat16)`` after quantizing: the kernels still get the scales they read
+    (a cast to bfloat16 had made them refuse, 'scale must be float32'), the layers compute in
+    bfloat16, and their codes and scales come back from a round trip to bfloat16 bit for bit."""
+    model = make_tiny("llama")
+    ix.optimize(model, recipe)
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    dtypes = {id(m): {n: b.dtype for n, b in m.named_buffers(recurse=False) if n != "bias"} for m in layers}
+    saved = {id(m): {n: b.clone() for n, b in m.named_buffers(recurse=False) if n != "bias"} for m in layers}
+    model.to(torch.bfloat16)
+    for m in layers:
+        assert m.dtype == torch.bfloat16
+        assert {n: b.dtype for n, b in m.named_buffers(recurse=False) if n != "bias"} == dtypes[id(m)]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 16
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16
+    model.to(torch.float32)
+    for m in layers:
+        assert m.dtype == torch.float32
+        assert all(torch.equal(b, saved[id(m)][n]) for n, b in m.named_buffers(recurse=False) if n != "bias")
+    with torch.no_grad():  # the float layers (embeddings, norms) went through bfloat16: close, not equal
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0.1)

@@ -66,6 +66,19 @@ class QuantizedLinear(nn.Module):
         self.dtype = dtype
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``module.to(dtype)`` / ``.half()`` / ``.bfloat16()`` move a quantized layer but keep its
+        scales in the dtype its kernel reads (float32 scales cast to bfloat16 lost precision and made
+        the kernels refuse them); the output dtype and the bias follow the conversion."""
+        kept = {n: b for n, b in self._buffers.items() if b is not None and n != "bias" and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
     @staticmethod
     def kinds() -> dict[str, type[QuantizedLinear]]:
         """Every registered kind by name (those whose modules are imported: ``infertrix.quant`` imports ours)."""
