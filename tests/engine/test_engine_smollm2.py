@@ -65,7 +65,7 @@ def test_w4a8_quantized_self_and_speculative_batches_are_token_identical(loaded,
     ix.optimize(model, RECIPE, "quantized_self")
     for text in TEXTS[:2]:
         assert torch.equal(_alone(model, tok, text, 40), _alone(plain, tok, text, 40)), text
-    assert speculative_stats(model).report()["draft path"] == "engine"
+    assert speculative_stats(model).report()["draft path"] == "engine, on the model's KV cache"
     tok.padding_side = "left"
     enc = tok(TEXTS, return_tensors="pt", padding=True)
     alone = [_alone(plain, tok, text, 32) for text in TEXTS]

@@ -54,7 +54,7 @@ def test_batch_rows_equal_single_plain_rows(arch, kind, spec):
     assert stats["verify rows"].startswith("aligned")
     assert stats["last call"]["steps"] < 30 * 3  # rows advanced together
     if "quantized_self" in spec:
-        assert stats["draft path"] == "engine"
+        assert stats["draft path"] == "engine, on the model's KV cache"
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -70,7 +70,7 @@ def test_quantized_self_is_token_identical_at_one_and_two_threads(arch):
     finally:
         torch.set_num_threads(threads)
     assert engine_runtime(model).report()["module_forwards"] == 0
-    assert speculative_stats(model).report()["draft path"] == "engine"
+    assert speculative_stats(model).report()["draft path"] == "engine, on the model's KV cache"
 
 
 def test_rows_retire_and_the_rest_stay_identical():
