@@ -162,7 +162,7 @@ def test_self_speculative_skip_plan_drafts_on_the_engine(arch):
     got = _generate(model, ids, n=16)
     assert torch.equal(got, want)
     stats = speculative_stats(model).report()
-    assert stats["draft path"] == "engine (skipping 1:mlp, 2:attention, 3:layer)"
+    assert stats["draft path"] == "engine (skipping 1:mlp, 2:attention, 3:layer), on the model's KV cache"
     assert engine_runtime(model).report()["module_forwards"] == 0
 
 
@@ -175,7 +175,7 @@ def test_self_speculative_on_a_model_with_a_plan_applied():
     ix.optimize(model, ApplySkipPlan(plan=SkipPlan.of(mlp=[1])),
                 SelfSpeculative(plan=SkipPlan.of(layers=[2]), adaptive=False), "engine")
     assert torch.equal(_generate(model, ids, n=12), want)
-    assert speculative_stats(model).report()["draft path"] == "engine (skipping 2:layer)"
+    assert speculative_stats(model).report()["draft path"] == "engine (skipping 2:layer), on the model's KV cache"
     assert engine_runtime(model).report()["module_forwards"] == 0
 
 

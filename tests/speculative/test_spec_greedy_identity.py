@@ -326,3 +326,18 @@ def test_quantized_self_drafts_on_the_models_own_cache(engine):
         ref, out, stats, path = _spec_path(model, [*base, *recipe], ids[:b], mask[:b])
         assert torch.equal(ref, out) and stats.drafted > 0
         assert "on the model's KV cache" not in path
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_self_speculation_through_skipped_layers_at_batch_3(engine):
+    """A skip plan drafts on the model's own cache on the engine (skipped layers' lengths restored
+    after each draft), on its own engine draft cache with the engine off; rows moving apart there
+    realign past the layer the plan never runs (it held no buffer: a crash before)."""
+    model = make_tiny("llama", num_hidden_layers=4)
+    ids, mask = padded_batch(3, seed=4)
+    base = [] if engine else ["engine(enabled=false)"]
+    ref, out, stats, path = _spec_path(
+        model, [*base, SelfSpeculative(plan=UniformSkip(fraction=0.25), adaptive=False, confidence=0.0)], ids, mask)
+    assert torch.equal(ref, out) and stats.drafted > 0 and stats.accepted > 0
+    assert path.startswith("engine (skipping 2:layer)")
+    assert path.endswith("on the model's KV cache") is engine

@@ -112,6 +112,8 @@ class AlignedKV(RaggedKV):
             if real == 0:
                 continue
             for layer in self.cache.layers:
+                if layer.kbuf is None:  # a layer a draft's skip plan never runs holds nothing to move
+                    continue
                 for buf in (layer.kbuf, layer.vbuf):
                     seg = buf[row, :, first:end]  # [kv_heads, real + shift, head_dim]: junk after the row's end
                     seg.copy_(seg.roll(shift, dims=1))

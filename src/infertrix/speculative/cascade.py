@@ -32,7 +32,7 @@ from torch import nn
 
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
-from .draft_model import DraftModelDrafter
+from .draft_model import DraftModelDrafter, held_state, restore_shared
 from .drafter import Draft, DraftContext, Drafter
 from .lookahead import NGramTrie
 from .quantized_self import QuantizedSelf
@@ -100,12 +100,12 @@ class CascadeDrafter(DraftModelDrafter):
         want = min(self.length(limits), limits[0])
         if want <= 0:
             return self._nothing(1)
-        held = kv.pos.clone()
+        held = held_state(kv)
         try:
             with kv.forward_with(forward):
                 return Draft([self._vertical(kv, seqs[0], want)])
         finally:
-            kv._rollback(held)
+            restore_shared(kv, held)
 
     def _vertical(self, kv, seq: list[int], want: int) -> list[int]:
         """Up to ``want`` greedy draft tokens for one row, each draft forward also checking the

@@ -64,7 +64,8 @@ def check_same_vocabulary(target: nn.Module, draft: nn.Module, what: str = "Draf
             )
 
 
-def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None) -> tuple[RaggedKV, Callable, str] | str:
+def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None,
+                skip: Callable[[], SkipPlan | None] | None = None) -> tuple[RaggedKV, Callable, str] | str:
     """(``kv``, a forward of ``draft`` over ``kv``'s cache, the path) when ``draft`` can draft on the
     model's own KV cache, else why not.
 
@@ -74,7 +75,11 @@ def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None) -> tupl
     cache of its own and no catch-up over the prompt. Its draft tokens' keys and values are cut
     away before verification, which writes the model's own; the cached context the draft reads
     was written by the model (better keys and values than the draft's own would be). Only plain
-    caches are shared: a KV policy would see the draft's queries (attention scores, evictions)."""
+    caches are shared: a KV policy would see the draft's queries (attention scores, evictions).
+    ``skip()`` gives the skip plan a self-speculation draft runs (Draft & Verify and SWIFT draft on
+    the model's cache the same way); skipped attention writes no keys for its layer, so layers end at
+    different lengths while drafting: only the engine's cache, whose layers the drafter restores
+    to their lengths afterwards, takes such a draft."""
     from ..engine.cache import EngineCache, EngineLayer
     from ..engine.transform import left_padding_start
     from .aligned import AlignedKV
@@ -95,9 +100,12 @@ def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None) -> tupl
             return "the draft does not run on the decode engine"
 
         def engine_forward(ids, mask, positions, keep):
-            return runner.forward(ids, left_padding_start(mask, mask.shape[1]), positions.contiguous(), cache, keep, None)
+            return runner.forward(ids, left_padding_start(mask, mask.shape[1]), positions.contiguous(), cache, keep,
+                                  skip() if skip is not None else None)
 
         return kv, engine_forward, "engine, on the model's KV cache"
+    if skip is not None:
+        return "a skip plan's draft writes keys for some layers only, which only the engine's cache keeps apart"
     if type(cache) not in (GrowingCache, DynamicCache):
         return f"the model's cache is a {type(cache).__name__} (a KV policy or another layout)"
 
@@ -106,6 +114,24 @@ def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None) -> tupl
                      **{kv.cache_kw: cache}, use_cache=True, logits_to_keep=keep).logits
 
     return kv, module_forward, "module, on the model's KV cache"
+
+
+def held_state(kv: RaggedKV) -> tuple:
+    """What :func:`restore_shared` restores: each row's tokens, each engine layer's length."""
+    from ..engine.cache import EngineLayer
+
+    layers = [ly for ly in getattr(kv.cache, "layers", ()) if isinstance(ly, EngineLayer)]
+    return kv.pos.clone(), layers, [ly.length for ly in layers]
+
+
+def restore_shared(kv: RaggedKV, held: tuple) -> None:
+    """Cut a shared cache back to what it ``held`` before drafting on it; engine layers get back their
+    lengths (a skip plan's skipped attention left some at the old length, which the common cut would
+    shorten; a cut moves only lengths, so their entries are intact)."""
+    pos, layers, ends = held
+    kv._rollback(pos)
+    for ly, n in zip(layers, ends, strict=True):
+        ly.length = n
 
 
 PROBE_EVERY = 8  # plain steps in a row after which a 1-token draft re-measures acceptance
@@ -151,10 +177,16 @@ class DraftModelDrafter(Drafter):
     def start(self, model: nn.Module, ctx: DraftContext) -> None:
         super().start(model, ctx)
         self.shared: tuple[RaggedKV, Callable] | None = None
-        if self.share:
-            shared = share_cache(self.draft, model, ctx.target_kv)
+        skip = self.shared_skip()
+        if self.share and self.context is not None and skip is None:
+            self.share_problem = "the draft runs under a context that changes the model"
+        elif self.share:
+            shared = share_cache(self.draft, model, ctx.target_kv, skip)
             if isinstance(shared, tuple):
                 self.shared, self.path = shared[:2], shared[2]
+                if skip is not None and skip() is not None:
+                    units = ", ".join(f"{e.layer}:{e.sublayer}" for e in skip())
+                    self.path = f"engine (skipping {units}), on the model's KV cache"
                 self.catches_up = False  # nothing to catch up on: the model's cache holds the context
             else:
                 self.share_problem = shared
@@ -185,13 +217,20 @@ class DraftModelDrafter(Drafter):
                 self.skipped, k = 0, 1
         return k
 
+    def shared_skip(self) -> Callable[[], SkipPlan | None] | None:
+        """The skip plan a draft on the model's own cache runs, as a callable (None: no plan)."""
+        return None
+
     def engine_skip(self) -> tuple[bool, SkipPlan | None]:
         """(whether drafts may run on the engine, the skip plan they follow there): a context
         changes the model, so a drafter with one keeps its own forward."""
         return self.context is None, None
 
     def reset_cache(self) -> None:
-        """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens)."""
+        """Start the draft's KV cache afresh (the next proposal re-reads each row's tokens); a draft on
+        the model's cache has none."""
+        if getattr(self, "shared", None) is not None:
+            return
         dev = next(self.draft.parameters()).device
         batch = self.ctx.batch_size
         self.cached: list[list[int]] = [[] for _ in range(batch)]
@@ -259,13 +298,13 @@ class DraftModelDrafter(Drafter):
         want = [min(k, lim) for lim in limits]
         if max(want) <= 0:
             return self._nothing(len(seqs))
-        held = kv.pos.clone()
+        held = held_state(kv)
         try:
             with kv.forward_with(forward_fn):
                 return self._draft([[seqs[b][-1]] if want[b] > 0 else [] for b in range(len(seqs))], want,
                                    lambda feed: kv.extend(feed, keep=1)[:, 0])
         finally:
-            kv._rollback(held)
+            restore_shared(kv, held)
 
     def _nothing(self, batch: int) -> Draft:
         return Draft([[] for _ in range(batch)], None if not self.ctx.do_sample else [torch.empty(0) for _ in range(batch)])

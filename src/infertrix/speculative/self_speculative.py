@@ -87,6 +87,13 @@ class SelfSpeculativeDrafter(DraftModelDrafter):
         plan = self.plans[self.current]
         return plan.active(model) if isinstance(plan, SkipPlan) else plan(model)
 
+    def shared_skip(self):
+        """Every candidate a skip plan: drafts run on the model's own cache (engine), the current plan's
+        units skipped; a plan that is another context keeps a draft cache of its own."""
+        if not all(isinstance(p, SkipPlan) for p in self.plans):
+            return None
+        return lambda: self.plans[self.current]
+
     def engine_skip(self) -> tuple[bool, SkipPlan | None]:
         """A skip plan drafts on the engine (its runner skips the plan's units); another context runs
         the module path."""
@@ -219,5 +226,5 @@ class SelfSpeculative(SpeculativeDecoding):
         return SelfSpeculativeDrafter(
             model, [fn for _, fn in plans], search, self.search_steps,
             num_tokens=self.num_tokens, confidence=self.confidence, adaptive=self.adaptive,
-            max_tokens=self.max_tokens,
+            max_tokens=self.max_tokens, share=True,
         )
