@@ -32,10 +32,11 @@ from torch import nn
 
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
-from .draft_model import DraftModelDrafter, held_state, restore_shared
+from .draft_model import DraftModelDrafter
 from .drafter import Draft, DraftContext, Drafter
 from .lookahead import NGramTrie
 from .quantized_self import QuantizedSelf
+from .shared import held_state, restore_shared
 
 MIN_MATCH = 2  # context tokens an n-gram guess must match (a 1-token match is mostly noise)
 

@@ -120,7 +120,7 @@ class GainGuard(Drafter):
         self.t0 = 0.0
         self.tokens0 = 0
         self.probe = [0.0, 0]  # seconds and tokens of the drafting steps since the last plain step
-        self.check_pending = self.inner_catches_up()  # weigh the catch-up before the call's first draft
+        self.check_pending = True  # weigh the best case (and a catch-up) before the call's first draft
         self.declined = False
         self.caught_up = False  # this call's prompt catch-up already learnt from
 
@@ -132,7 +132,14 @@ class GainGuard(Drafter):
         self.t0, self.tokens0 = now, total
         st = self.state
         self.called_inner = False
-        if getattr(self.inner, "measuring", False):  # the drafter's own on-line search: let it run
+        if self.check_pending:  # before the first draft (or plan search) of the call
+            why, decided = self.cannot_repay(limits)
+            self.check_pending = not decided
+            if why is not None:
+                self.declined = True
+                st.declined += 1
+                st.why = why
+        if not self.declined and getattr(self.inner, "measuring", False):  # the drafter's own search: let it run
             self.kind = None
             self.called_inner = True
             return self.inner.propose(seqs, limits)
@@ -140,15 +147,6 @@ class GainGuard(Drafter):
             st.hold = max(st.hold - 1, 0)
             self.kind = "plain"
             return Draft([[] for _ in seqs])
-        if self.check_pending:
-            self.check_pending = False
-            why = self.cannot_repay(limits)
-            if why is not None:
-                self.declined = True
-                st.declined += 1
-                st.why = why
-                self.kind = "plain"
-                return Draft([[] for _ in seqs])
         draft = self.inner.propose(seqs, limits)
         self.called_inner = True
         self.kind = "spec" if any(draft.tokens) or getattr(draft, "trees", None) else "plain"
@@ -203,23 +201,30 @@ class GainGuard(Drafter):
             self.caught_up = True
             st.catch_up_ratio = _ema(st.catch_up_ratio, caught / self.ctx.prefill_seconds)
 
-    def cannot_repay(self, limits: list[int]) -> str | None:
-        """Why the draft's catch-up on this call's prompt cannot pay even in the best case, or None
-        (unknown costs are no reason: the drafter is probed as usual)."""
+    def cannot_repay(self, limits: list[int]) -> tuple[str | None, bool]:
+        """(why drafting cannot pay even in the best case, or None; whether that is decided: a
+        catch-up is weighed once the plain step is measured). Unknown costs are no reason."""
         st = self.state
         ratio = st.draft_ratio if st.draft_ratio is not None else getattr(self.inner, "cost_ratio", None)
+        if ratio is None:
+            return None, True
+        speedup = best_case_speedup(ratio, self.ctx.cost, int(getattr(self.inner, "max_tokens", 8)), OPTIMISTIC_RATE)
+        if speedup < MIN_SPEEDUP:
+            return (f"a draft forward costs {ratio:.2f} of a step, so even at acceptance {OPTIMISTIC_RATE} drafting "
+                    f"would be {speedup:.2f}x plain, under the {MIN_SPEEDUP}x a probe's losing steps need"), True
+        if not self.inner_catches_up():
+            return None, True
         prefill = self.ctx.prefill_seconds
         live = [lim for lim in limits if lim > 0]
-        if ratio is None or prefill is None or st.plain is None or not live:
-            return None
-        speedup = best_case_speedup(ratio, self.ctx.cost, int(getattr(self.inner, "max_tokens", 8)), OPTIMISTIC_RATE)
+        if prefill is None or st.plain is None or not live:
+            return None, False
         saving = (max(live) + 1) * len(live) * st.plain * (1.0 - 1.0 / speedup)
         catch_up = prefill * (st.catch_up_ratio if st.catch_up_ratio is not None else ratio)
-        if speedup >= MIN_SPEEDUP and saving > catch_up:
-            return None
+        if saving > catch_up:
+            return None, True
         return (f"a draft forward costs {ratio:.2f} of a step, so even at acceptance {OPTIMISTIC_RATE} drafting would "
-                f"be {speedup:.2f}x plain: {saving:.2f} s saved at most over the call, against {catch_up:.2f} s to run the "
-                "draft over the prompt first")
+                f"be {speedup:.2f}x plain: {saving:.2f} s saved at most over the call, against {catch_up:.2f} s to run "
+                "the draft over the prompt first"), True
 
     @property
     def path(self) -> str | None:

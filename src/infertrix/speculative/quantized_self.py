@@ -11,7 +11,7 @@ smoothing; the default) or :class:`~infertrix.quant.W4A8Linear` (int4 weights in
 everything else (embedding, norms, rotary tables) is the *same* tensors as the target's, so the
 extra memory is only the quantized weights (reported by ``describe``).
 The draft drafts on the *model's* KV cache, as QSpec does (``shared_cache``, the default;
-:func:`~.draft_model.share_cache`): it reads the keys and values the model wrote for the context
+:func:`~.shared.share_cache`): it reads the keys and values the model wrote for the context
 and its own draft tokens' entries are cut away before verification, so it has no prompt to catch
 up on (its own cache made it run over the whole prompt before its first draft of every call: a
 prefill no later step repaid when drafting did not win, 0.82x plain at batch 4). With

@@ -87,6 +87,20 @@ class SelfSpeculativeDrafter(DraftModelDrafter):
         plan = self.plans[self.current]
         return plan.active(model) if isinstance(plan, SkipPlan) else plan(model)
 
+    def start(self, model: nn.Module, ctx) -> None:
+        super().start(model, ctx)
+        # the weights a draft forward reads against a step's: the cheapest candidate's (the best case
+        # the never-slower guard weighs before the plan search; skipping 10-20% of the layers' weights
+        # of a small model leaves a draft at 0.8-0.9 of a step, which cannot pay)
+        from ..skip.plan import SublayerCosts
+
+        costs = SublayerCosts.from_model(model)
+        head = model.get_output_embeddings()
+        head_macs = head.weight.numel() if head is not None and getattr(head, "weight", None) is not None else 0
+        if all(isinstance(p, SkipPlan) for p in self.plans) and self.plans:
+            kept = min(1.0 - p.compute_fraction(costs) for p in self.plans)
+            self.cost_ratio = (kept * costs.total + head_macs) / (costs.total + head_macs)
+
     def shared_skip(self):
         """Every candidate a skip plan: drafts run on the model's own cache (engine), the current plan's
         units skipped; a plan that is another context keeps a draft cache of its own."""
