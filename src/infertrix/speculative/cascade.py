@@ -44,22 +44,12 @@ MIN_MATCH = 2  # context tokens an n-gram guess must match (a 1-token match is m
 def continuation(trie: NGramTrie, context: list[int], prefix: int, most: int) -> list[int]:
     """The trie's most counted continuation (up to ``most`` tokens) of the longest suffix of
     ``context`` of ``MIN_MATCH`` to ``prefix`` tokens that it has seen followed by something."""
-    if most <= 0:
-        return []
-    for m in range(min(prefix, len(context)), MIN_MATCH - 1, -1):
-        node = trie.root
-        for tok in context[-m:]:
-            node = node[1].get(tok)
-            if node is None:
-                break
-        if node is None or not node[1]:
-            continue
-        out: list[int] = []
-        while node[1] and len(out) < most:
-            tok, node = max(node[1].items(), key=lambda kv: kv[1][0])
-            out.append(tok)
-        return out
-    return []
+    node = trie.match(context, prefix, MIN_MATCH) if most > 0 else None
+    out: list[int] = []
+    while node is not None and node[1] and len(out) < most:
+        tok, node = max(node[1].items(), key=lambda kv: kv[1][0])
+        out.append(tok)
+    return out
 
 
 class CascadeDrafter(DraftModelDrafter):

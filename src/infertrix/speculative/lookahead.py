@@ -70,10 +70,10 @@ class NGramTrie:
                     self.nodes += 1
                     stack.append(child)
 
-    def match(self, context: list[int], prefix: int) -> list | None:
-        """The node reached by the longest suffix of ``context`` (up to ``prefix`` tokens) that has
-        continuations, or None."""
-        for m in range(min(prefix, len(context)), 0, -1):
+    def match(self, context: list[int], prefix: int, shortest: int = 1) -> list | None:
+        """The node reached by the longest suffix of ``context`` (``shortest`` to ``prefix`` tokens)
+        that has continuations, or None."""
+        for m in range(min(prefix, len(context)), shortest - 1, -1):
             node = self.root
             for tok in context[-m:]:
                 node = node[1].get(tok)
