@@ -202,9 +202,12 @@ class SkipPlan:
         skipped = sum(costs.of(e.sublayer) for e in self.entries)
         return skipped / costs.total
 
+    def units(self) -> str:
+        """The skipped units as ``layer:sublayer``, comma-separated (``"1:mlp, 3:layer"``)."""
+        return ", ".join(f"{e.layer}:{e.sublayer}" for e in self.entries)
+
     def __repr__(self) -> str:
-        parts = [f"{e.layer}:{e.sublayer}" for e in self.entries]
-        return f"SkipPlan(method={self.method!r}, [{', '.join(parts)}])"
+        return f"SkipPlan(method={self.method!r}, [{self.units()}])"
 
     def __str__(self) -> str:
         head = f"SkipPlan[{self.method}]: {len(self.entries)} skipped"

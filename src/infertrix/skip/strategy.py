@@ -64,7 +64,7 @@ def plan_report(model: nn.Module, plan: SkipPlan | None) -> dict[str, Any]:
     if plan is None:
         return {"plan": "none yet"}
     return {
-        "skipped": ", ".join(f"{e.layer}:{e.sublayer}" for e in plan) or "nothing",
+        "skipped": plan.units() or "nothing",
         "compute_skipped": f"{plan.compute_fraction(model):.1%}",
         "attention_kv_layers_dropped": sum(1 for e in plan if e.sublayer != "mlp"),
     }

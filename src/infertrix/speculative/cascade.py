@@ -116,10 +116,7 @@ class CascadeDrafter(DraftModelDrafter):
                     stop = True
                 if stop or len(tokens) + len(got) >= want or j == len(guesses) or guesses[j] != got[-1]:
                     break
-            spent = time.perf_counter() - t0
-            ts = self.token_seconds
-            per = spent / len(got)  # a draft token's cost, guesses included
-            self.token_seconds = per if ts is None else ts + 0.3 * (per - ts)
+            self.note_token_seconds((time.perf_counter() - t0) / len(got))  # a draft token's cost, guesses included
             self.guessed += len(guesses)
             self.kept_guesses += len(got) - 1
             kv.keep_fed([len(got)])  # the fed token and the guesses the draft agreed with

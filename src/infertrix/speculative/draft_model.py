@@ -115,8 +115,7 @@ class DraftModelDrafter(Drafter):
             if isinstance(shared, tuple):
                 self.shared, self.path = shared[:2], shared[2]
                 if skip is not None and skip() is not None:
-                    units = ", ".join(f"{e.layer}:{e.sublayer}" for e in skip())
-                    self.path = f"engine (skipping {units}), on the model's KV cache"
+                    self.path = f"engine (skipping {skip().units()}), on the model's KV cache"
                 self.catches_up = False  # nothing to catch up on: the model's cache holds the context
             else:
                 self.share_problem = shared
@@ -167,7 +166,7 @@ class DraftModelDrafter(Drafter):
         lean, skip = self.engine_skip()
         kv = engine_draft_kv(self.draft, batch, self.ctx.pad_token_id, skip) if lean else None
         if kv is not None:
-            units = ", ".join(f"{e.layer}:{e.sublayer}" for e in skip) if skip is not None else ""
+            units = skip.units() if skip is not None else ""
             self.kv, self.path = kv, f"engine (skipping {units})" if units else "engine"
             return
         self.path = "module: " + ("a context changes the model" if not lean else lean_supported(self.draft))
@@ -236,6 +235,11 @@ class DraftModelDrafter(Drafter):
         finally:
             restore_shared(kv, held)
 
+    def note_token_seconds(self, seconds: float) -> None:
+        """Fold one draft token's measured seconds into ``token_seconds`` (a moving average)."""
+        ts = self.token_seconds
+        self.token_seconds = seconds if ts is None else ts + 0.3 * (seconds - ts)
+
     def _nothing(self, batch: int) -> Draft:
         return Draft([[] for _ in range(batch)], None if not self.ctx.do_sample else [torch.empty(0) for _ in range(batch)])
 
@@ -255,8 +259,7 @@ class DraftModelDrafter(Drafter):
             if max(len(f) for f in feed) == 1:
                 # the cost of one draft token: a forward that also catches up on the verified tokens
                 # (the whole prompt, on the first draft) would make drafting look far dearer than it is
-                ts = self.token_seconds
-                self.token_seconds = spent if ts is None else ts + 0.3 * (spent - ts)
+                self.note_token_seconds(spent)
             tok, q, conf = self._pick(last)
             feed = [[] for _ in range(batch)]
             for b in range(batch):

@@ -117,9 +117,14 @@ class RaggedKV:
         return 0 if self.mask is None else self.mask.shape[1]
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, keep: int) -> Tensor:
+        return self.logits_of(self.model, ids, mask, positions, keep)
+
+    def logits_of(self, model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, keep: int) -> Tensor:
+        """``model``'s forward over this cache (the model's own, or a draft of its layers drafting on
+        it: ``share_cache``)."""
         # no padding and no holes: pass no mask, as generate does, so transformers takes its
         # causal fast path (and computes exactly what plain decoding computes)
-        out = self.model(
+        out = model(
             input_ids=ids,
             attention_mask=None if bool(mask.all()) else mask,
             position_ids=positions,

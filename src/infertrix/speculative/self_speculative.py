@@ -218,8 +218,7 @@ class SelfSpeculative(SpeculativeDecoding):
                 p = p.plan(model)
             if isinstance(p, SkipPlan):
                 p.validate(model)
-                units = ", ".join(f"{e.layer}:{e.sublayer}" for e in p)
-                out.append((f"{p.method} {p.compute_fraction(model):.0%} [{units}]", p))
+                out.append((f"{p.method} {p.compute_fraction(model):.0%} [{p.units()}]", p))
             else:
                 out.append((getattr(p, "__name__", f"plan{i}"), p))
         search = PlanSearch([name for name, _ in out])

@@ -66,8 +66,7 @@ def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None,
         return f"the model's cache is a {type(cache).__name__} (a KV policy or another layout)"
 
     def module_forward(ids, mask, positions, keep):
-        return draft(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
-                     **{kv.cache_kw: cache}, use_cache=True, logits_to_keep=keep).logits
+        return kv.logits_of(draft, ids, mask, positions, keep)
 
     return kv, module_forward, "module, on the model's KV cache"
 
