@@ -28,64 +28,32 @@ question and decoding, per sample; ``KV KiB/seq``: the cache after the context, 
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import json
-import os
-import re
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.report import markdown_table, write_section
+from benchmarks.ruler_samples import (
+    ROOT,
+    load_samples,
+    module_from,
+    postprocess,
+    ruler_package,
+    ruler_tasks,
+    split_question,
+)
 from infertrix.eval import kv_cache_bytes
 from infertrix.eval.long_context import applied, cell_cache, left_pad, positions
 from infertrix.models import load
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_METHODS = [
     "SnapKV", "TOVA", "KNorm", "StreamingLLM", "PyramidKV", "KeyDiff", "ChunkKV", "LagKV", "CAKE",
     "ExpectedAttention", "KIVI-4", "KIVI-2",
 ]
 DEFAULT_TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "qa_1"]
-QUESTION_MARKERS = {  # where RULER's templates (data/synthetic/constants.py) put the question
-    "niah": "\nWhat", "variable_tracking": "\nQuestion:", "common_words_extraction": "\nQuestion:",
-    "freq_words_extraction": "\nQuestion:", "qa": "\n\nAnswer the question",
-}
 
-
-def ruler_package() -> Path:
-    """The installed ``long_context_eval`` (RULER) of the benchmark venv made by setup_ruler.sh."""
-    env = os.environ.get("RULER_PACKAGE")
-    found = [env] if env else glob.glob(str(ROOT / ".venv-ruler/lib/python*/site-packages/long_context_eval"))
-    if not found or not Path(found[0]).is_dir():
-        raise SystemExit("RULER is not installed: run `bash benchmarks/setup_ruler.sh` (or set RULER_PACKAGE)")
-    return Path(found[0])
-
-
-def module_from(path: Path, name: str):
-    """Import one file of the RULER package by path (its package __init__ pulls in NeMo clients)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def ruler_tasks(pkg: Path) -> tuple[dict, dict]:
-    """(task name -> RULER's kind, e.g. niah_single_1 -> niah; kind -> RULER's metric function)."""
-    config = yaml.safe_load((pkg / "synthetic.yaml").read_text())
-    metrics = module_from(pkg / "eval" / "synthetic" / "constants.py", "ruler_eval_constants").TASKS
-    return {name: c["task"] for name, c in config.items()}, {k: v["metric_fn"] for k, v in metrics.items()}
-
-
-def split_question(text: str, kind: str) -> tuple[str, str]:
-    """(context, question with RULER's answer prefix): cut at the last question marker of the task."""
-    at = text.rfind(QUESTION_MARKERS[kind])
-    if at <= 0:
-        raise ValueError(f"no question marker {QUESTION_MARKERS[kind]!r} in a {kind} sample")
-    return text[:at], text[at:]
 
 
 def cache_bytes(cache) -> int:
@@ -93,11 +61,6 @@ def cache_bytes(cache) -> int:
     if hasattr(cache, "kv_bytes"):
         return cache.kv_bytes() + cache.state_bytes()
     return kv_cache_bytes(cache)
-
-
-def postprocess(pred: str) -> str:
-    """RULER's ``postprocess_pred`` (eval/evaluate.py, which imports pandas; the same two steps)."""
-    return re.sub(r"[\x00-\x1f]", "\n", pred.strip()).strip()
 
 
 @torch.no_grad()
@@ -163,14 +126,6 @@ def run_task(model, tok, samples, cells, protocol, steps, micro_batch, kind, met
                 "s": d["seconds"] / n, "example": d["preds"][0][:80]}
         for label, d in res.items()
     }
-
-
-def load_samples(data: Path, length: int, task: str, n: int) -> list[dict]:
-    path = data / str(length) / task / "validation.jsonl"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `LENGTH={length} TASKS={task} bash benchmarks/setup_ruler.sh`")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[:n]
 
 
 def table(results: dict, grid, tasks: list[str]) -> list[dict]:
