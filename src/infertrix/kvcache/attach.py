@@ -12,7 +12,9 @@ compose: evict, then store the kept tokens in few bits). While either is applied
   recomputed from the module's input, the layer is compressed, quantized tokens are flushed). Hooks
   read only the attention module's public forward arguments (``hidden_states``,
   ``position_embeddings``, ``attention_mask``, the cache), and do nothing unless the cache is a
-  ``PolicyCache``;
+  ``PolicyCache`` (the pre-hook also folds slots a policy hides per KV head, AdaKV's, into the mask);
+- the model carries a forward hook that runs the policy's ``after_forward`` once the whole forward is
+  done (KVzip scores the prompt with a second forward through the model there);
 - the model carries a forward pre-hook that warns, once per model, when a plain forward (several
   tokens, no cache passed: what log-likelihood harnesses run) bypasses the transforms, naming the
   honest ways to score (``infertrix.eval.loglikelihood``, ``infertrix.eval.compressed_scoring``).
@@ -31,9 +33,10 @@ from ..core.attention import SDPA_ATTENTION
 from ..core.generation import add_generate_hook, cache_argument, cache_argument_name
 from ..core.model import decoder_layers, text_config
 from ..core.state import family_state, state
+from .attention import hide_slots
 from .cache import EvictingLayer, full_attention_layers
 from .compile_guard import EagerWhileCompressing
-from .policy_cache import CompressionLog, PolicyCache
+from .policy_cache import HIDDEN, CompressionLog, PolicyCache
 
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
 # except for decoding steps over quantized tokens, which it reads from their codes
@@ -118,6 +121,7 @@ class KVCacheSetup:
         self.last_stats: dict[str, Any] | None = None
         self.scoring: int | None = None  # chunk length while infertrix.eval.compressed_scoring is active
         self.warned_plain_forward = False
+        self.row_masks: dict[int, Tensor | None] = {}  # layer -> its 4D mask before hidden slots were folded in
         self.log = CompressionLog()  # counted over every cache handed out, for describe()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -131,6 +135,7 @@ class KVCacheSetup:
             self.handles.append(mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post_hook, with_kwargs=True))
         self.handles.append(model.register_forward_pre_hook(self._plain_forward_hook, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._forward_hook, with_kwargs=True))
         self.handles.extend(EagerWhileCompressing().install(model))  # torch.compile: see compile_guard
         self.remove_generate = add_generate_hook(model, self._generate_hook, order=int(Stage.CACHE))
 
@@ -238,16 +243,33 @@ class KVCacheSetup:
             want = layer.stored_length + n
             if mask.shape[-1] > want:  # this layer holds fewer tokens than the longest: its suffix
                 kwargs["attention_mask"] = mask[..., -want:]
+        self.row_masks.pop(module.layer_idx, None)
+        hidden_slots = state.aux.get(HIDDEN)
+        if hidden_slots is not None and hidden is not None:  # AdaKV's head budgets: one mask per KV head
+            mask = kwargs.get("attention_mask")
+            mask = mask if isinstance(mask, Tensor) and mask.dim() == 4 else None
+            self.row_masks[module.layer_idx] = mask  # the policy tells pads from tokens by it
+            groups = getattr(module, "num_key_value_groups", 1)
+            kwargs["attention_mask"] = hide_slots(mask, hidden_slots, n, layer.stored_length + n, groups, hidden.dtype)
         return args, kwargs
+
+    def _forward_hook(self, model, args, kwargs, output):
+        """After the model's whole forward on a PolicyCache: the policy's ``after_forward`` (KVzip)."""
+        cache = cache_argument(kwargs)
+        if not isinstance(cache, PolicyCache):
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if cache.after_forward(model, ids, kwargs.get("attention_mask"), kwargs.get("position_ids")):
+            self.last_stats = cache_stats(cache)  # describe() reports the cache as compressed
+        return None
 
     def _post_hook(self, module, args, kwargs, output):
         cache, layer = self._layer_of(module, kwargs)
         if layer is None:
             return None
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cache.after_attention(
-            module, module.layer_idx, hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask")
-        )
+        mask = self.row_masks.pop(module.layer_idx, kwargs.get("attention_mask"))  # not the one per head
+        cache.after_attention(module, module.layer_idx, hidden, kwargs.get("position_embeddings"), mask)
         if module.layer_idx == cache.evicting_indices[-1]:
             self.last_stats = cache_stats(cache)  # describe() reports the last forward's cache
         return None

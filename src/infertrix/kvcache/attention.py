@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .policy_cache import HIDDEN
+
 if TYPE_CHECKING:
     from .policy import ScoreContext
 
@@ -37,6 +39,12 @@ def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None, end: int
         blocked = (pads if blocked is None else blocked[None] | pads)[:, None, None]
     if blocked is not None:
         logits = logits.masked_fill(blocked, float("-inf"))
+    hidden = ctx.state.aux.get(HIDDEN) if ctx.cache is not None else None
+    if hidden is not None:  # slots a KV head no longer attends (AdaKV's head budgets): evicted for it
+        h = min(s, hidden.shape[-1])
+        hide = torch.zeros(b, hkv, s, dtype=torch.bool, device=q.device)
+        hide[..., :h] = hidden[..., :h]
+        logits = logits.masked_fill(hide[:, :, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if ctx.visible is not None:  # a pad's own query sees nothing: no NaN rows, no weight
         qvis = ctx.visible[:, end - w : end]
@@ -82,3 +90,24 @@ def pool1d(scores: Tensor, kernel: int, visible: Tensor | None = None) -> Tensor
         return avg(scores).reshape(shape)
     vis = visible[:, None, :].expand(shape).to(scores.dtype)
     return (avg(scores * vis) / avg(vis).clamp_min(1e-12)).reshape(shape)
+
+
+def hide_slots(mask: Tensor | None, hidden: Tensor, n: int, kv: int, groups: int, dtype: torch.dtype) -> Tensor:
+    """The 4D attention mask of a forward of ``n`` new tokens over ``kv`` slots (the stored ones, then
+    the new ones) of a layer where ``hidden`` [B, H_kv, h] (True = hidden) marks stored slots a KV head
+    must not attend (AdaKV's head budgets; slots past the first ``h``, the new tokens among them, are
+    not hidden). ``mask`` is the model's [B, 1, n, kv] mask (bool, or additive float) or None (no
+    padding: causal only). Returns [B, H_q, n or 1, kv] of the same kind (None: additive ``dtype``)."""
+    b, hkv, h = hidden.shape
+    hide = torch.zeros(b, hkv, kv, dtype=torch.bool, device=hidden.device)
+    hide[..., :h] = hidden.bool()
+    hide = hide.repeat_interleave(groups, dim=1)[:, :, None, :]  # [B, H_q, 1, kv]
+    if mask is None:
+        allowed = ~hide
+        if n > 1:  # causal among the new tokens
+            slot = torch.arange(kv, device=hidden.device)
+            allowed = allowed & (slot[None, :] <= torch.arange(kv - n, kv, device=hidden.device)[:, None])
+        return torch.zeros(allowed.shape, dtype=dtype, device=hidden.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if mask.dtype == torch.bool:
+        return mask & ~hide
+    return mask.masked_fill(hide, torch.finfo(mask.dtype).min)

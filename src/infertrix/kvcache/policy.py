@@ -8,7 +8,9 @@ optional D2O-style merging of evicted tokens, and the compact gather. A method's
 dataclass config citing its paper and one ``score(ctx) -> [B, H_kv, S]`` (higher = keep); a method
 that reads recent queries says how many (``score_queries``), one that accumulates over every forward
 overrides ``observe`` and ``observed_queries`` (H2O), and budgets other than uniform override
-``layer_target`` (PyramidKV) or ``compress_layer`` (DensityKV). Nothing else is meant to be overridden.
+``layer_target`` (PyramidKV) or ``compress_layer`` (DensityKV), a method that needs the whole model's
+forward before it can score (KVzip) ``after_forward``, and head-wise budgets (AdaKV) ``evict``. Nothing
+else is meant to be overridden.
 
 Where this departs from the design note: every method, attention-based or not, is run from the one
 forward hook on the attention module rather than score-only ones from the layer's ``update``, because
@@ -232,6 +234,13 @@ class KVPolicy(Transform):
 
     def observe(self, ctx: ScoreContext, new_queries: Tensor | None) -> None:
         """Called after every forward when ``observed_queries`` is not 0 (H2O accumulates attention here)."""
+
+    def after_forward(self, model: nn.Module, cache: PolicyCache, input_ids: Tensor | None,
+                      attention_mask: Tensor | None, position_ids: Tensor | None) -> bool:
+        """Called after the model's whole forward on ``cache`` with its inputs (``replay`` calls it too):
+        a method that needs every layer before it compresses (KVzip runs a second forward) acts here,
+        on layers whose ``compress_layer`` left a ``pending`` state. Returns whether it changed the cache."""
+        return False
 
     # -- transform -----------------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:

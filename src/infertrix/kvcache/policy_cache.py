@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 # head: a long prompt below prefill_min_tokens would need a prompt x prompt matrix per layer)
 ENGINE_OBSERVE_MAX_TOKENS = 64
 
+# LayerState.aux key of stored slots hidden per KV head ([B, H_kv, S] bool, True = the head does not
+# attend the slot): a policy that keeps fewer tokens in some KV heads than the layer's shared length
+# (AdaKV) hides the rest; the attention pre-hook folds it into the mask, and the engine leaves such
+# caches to the module path
+HIDDEN = "hidden"
+
 
 @dataclass
 class CompressionLog:
@@ -125,11 +131,22 @@ class PolicyCache(EvictingCache):
         if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
             self.layers[layer_idx].flush()
 
+    def after_forward(self, model, input_ids: Tensor | None, attention_mask: Tensor | None,
+                      position_ids: Tensor | None) -> bool:
+        """After the model's whole forward on this cache: the policy's ``after_forward`` (KVzip re-reads
+        the prompt through the model and compresses here); True when it acted."""
+        p = self.policy
+        if p is None or p.is_noop:
+            return False
+        return bool(p.after_forward(model, self, input_ids, attention_mask, position_ids))
+
     def engine_refusal(self, n: int) -> str | None:
         """Why a forward of ``n`` new tokens must run on the module path, or None when the decode
         engine can run it and then call :meth:`after_engine`: prompt chunks compress on the module
         path (the policy scores from the attention module's input); the engine hands over the
         attention of the layers it observes (:meth:`engine_observes`) except over KIVI codes."""
+        if any(HIDDEN in state.aux for state in self.states):
+            return "slots hidden per KV head (AdaKV's head budgets: a mask per head, which the engine does not read)"
         p = self.policy
         if p is None or p.is_noop:
             return None

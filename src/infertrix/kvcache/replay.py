@@ -4,8 +4,9 @@ A policy never changes the prefill itself: each layer attends to all prompt toke
 only after its attention has run, so the hidden states of a prefill are the same under every policy.
 ``record_prefill`` runs it once with a plain ``DynamicCache`` and records each full-attention module's
 inputs; ``replay`` then builds the cache a policy would have produced, by calling the very same
-``update`` and ``PolicyCache.after_attention`` steps the hooks call during ``generate``
-(``tests/kvcache/test_replay.py`` checks the result is identical to a real prefill).
+``update``, ``PolicyCache.after_attention`` and ``PolicyCache.after_forward`` steps the hooks call
+during ``generate`` (``tests/kvcache/test_replay.py`` checks the result is identical to a real
+prefill).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class PrefillRecording:
     inputs: dict[int, tuple] = field(
         default_factory=dict
     )  # layer -> (hidden, position_embeddings, mask)
+    # the forward's own inputs, for a policy's after_forward (KVzip re-reads the prompt from its ids)
+    input_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    position_ids: Tensor | None = None
 
 
 @torch.no_grad()
@@ -42,7 +47,8 @@ def record_prefill(
 ) -> PrefillRecording:
     """Run the prefill once with a plain cache and record what each full-attention module saw."""
     cache = DynamicCache(config=model.config)
-    rec = PrefillRecording(cache, torch.empty(0))
+    rec = PrefillRecording(cache, torch.empty(0), input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids)
     handles = []
     for i in full_attention_layers(model.config):
         attn = decoder_layers(model)[i].self_attn
@@ -86,4 +92,5 @@ def replay(
         layer.update(src.keys, src.values)
         hidden, pos, mask = rec.inputs[i]
         cache.after_attention(layers[i].self_attn, i, hidden, pos, mask)
+    cache.after_forward(model, rec.input_ids, rec.attention_mask, rec.position_ids)
     return cache
