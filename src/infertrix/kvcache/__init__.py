@@ -12,6 +12,7 @@ See docs/kvcache.md.
 # (``infertrix.available("kvcache")`` is the one list of methods) and ``as X`` marks the re-export,
 # so no second list has to name it.
 from ..core import Transform
+from .adakv import AdaKV as AdaKV
 from .attach import new_cache
 from .cache import (
     CacheCapabilities,
@@ -36,6 +37,7 @@ from .keyformer import Keyformer as Keyformer
 from .kivi import KIVI as KIVI
 from .kivi_store import KIVIStore
 from .knorm import KNorm as KNorm
+from .kvzip import KVzip as KVzip
 from .lagkv import LagKV as LagKV
 from .merge import merge_evicted
 from .policy import KVPolicy, ScoreContext
