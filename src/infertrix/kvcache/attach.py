@@ -15,9 +15,14 @@ compose: evict, then store the kept tokens in few bits). While either is applied
   ``PolicyCache`` (the pre-hook also folds slots a policy hides per KV head, AdaKV's, into the mask);
 - the model carries a forward hook that runs the policy's ``after_forward`` once the whole forward is
   done (KVzip scores the prompt with a second forward through the model there);
-- the model carries a forward pre-hook that warns, once per model, when a plain forward (several
-  tokens, no cache passed: what log-likelihood harnesses run) bypasses the transforms, naming the
-  honest ways to score (``infertrix.eval.loglikelihood``, ``infertrix.eval.compressed_scoring``).
+- the model carries a forward pre-hook that records the token ids each forward feeds a
+  ``PolicyCache`` (the next turn of a chat is checked against them, :mod:`~.turns`), and warns, once
+  per model, when a plain forward (several tokens, no cache passed: what log-likelihood harnesses
+  run) bypasses the transforms, naming the honest ways to score (``infertrix.eval.loglikelihood``,
+  ``infertrix.eval.compressed_scoring``);
+- a ``generate`` call on a ``PolicyCache`` that has seen tokens (the next turn of a chat) is checked
+  before it runs (:func:`~.turns.check_next_turn`); one given another cache (a ``DynamicCache``)
+  warns once per model that the transforms do not act on it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .attention import hide_slots
 from .cache import EvictingLayer, full_attention_layers
 from .compile_guard import EagerWhileCompressing
 from .policy_cache import HIDDEN, CompressionLog, PolicyCache
+from .turns import check_next_turn
 
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
 # except for decoding steps over quantized tokens, which it reads from their codes
@@ -121,6 +127,7 @@ class KVCacheSetup:
         self.last_stats: dict[str, Any] | None = None
         self.scoring: int | None = None  # chunk length while infertrix.eval.compressed_scoring is active
         self.warned_plain_forward = False
+        self.warned_other_cache = False
         self.row_masks: dict[int, Tensor | None] = {}  # layer -> its 4D mask before hidden slots were folded in
         self.log = CompressionLog()  # counted over every cache handed out, for describe()
 
@@ -183,6 +190,19 @@ class KVCacheSetup:
     def _generate_hook(self, model, args: tuple, kwargs: dict[str, Any]):
         if generate_leaves_cache_to_us(model, kwargs):
             kwargs[cache_argument_name(model)] = self.new_cache()
+        cache = cache_argument(kwargs)
+        if isinstance(cache, PolicyCache):
+            check_next_turn(cache, args, kwargs)  # a chat's next turn must continue what it has seen
+        elif cache is not None and not self.warned_other_cache and (names := self.bypassed_transforms()):
+            self.warned_other_cache = True
+            warnings.warn(
+                f"infertrix: {' and '.join(names)} {'acts' if len(names) == 1 else 'act'} only on an infertrix "
+                f"PolicyCache, and generate was given a {type(cache).__name__}, which it fills uncompressed. To reuse "
+                "one compressed cache across turns pass cache=infertrix.kvcache.new_cache(model), or pass none and "
+                "continue on the one generate returns (return_dict_in_generate=True). Warned once per model.",
+                UserWarning,
+                stacklevel=3,
+            )
         return args, kwargs
 
     # -- hooks -------------------------------------------------------------------------------------------
@@ -192,7 +212,11 @@ class KVCacheSetup:
         return names + ([type(self.quant).__name__] if self.quant is not None else [])
 
     def _plain_forward_hook(self, model, args, kwargs):
-        if self.warned_plain_forward or self.scoring is not None or cache_argument(kwargs) is not None:
+        cache = cache_argument(kwargs)
+        if isinstance(cache, PolicyCache):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            cache.note_tokens(ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None)
+        if self.warned_plain_forward or self.scoring is not None or cache is not None:
             return None
         seq = kwargs.get("input_ids", args[0] if args else None)
         if seq is None:

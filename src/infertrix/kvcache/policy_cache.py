@@ -115,6 +115,10 @@ class PolicyCache(EvictingCache):
         self.log = CompressionLog() if log is None else log
         self.states = [LayerState() for _ in self.evicting_indices]
         self.rank = {i: r for r, i in enumerate(self.evicting_indices)}  # layer index -> states index
+        # the token ids every forward fed, [B, n] chunks (None once a forward fed embeddings or came
+        # from elsewhere): the next turn of a chat is checked against them (kvcache/turns.py)
+        self.tokens: list[Tensor] | None = []
+        self.token_count = 0
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         rank = self.rank.get(layer_idx)
@@ -201,16 +205,51 @@ class PolicyCache(EvictingCache):
             return None
         return torch.arange(stored, device=pads.device)[None] >= first[:, None]
 
+    # -- the tokens seen ---------------------------------------------------------------------------
+    def note_tokens(self, ids: Tensor | None) -> None:
+        """Record the input ids [B, n] of a forward about to run on this cache (None: it feeds
+        embeddings); the record is dropped for good once it no longer matches what the cache has seen
+        (a forward that did not pass through the model's hooks, say)."""
+        if self.tokens is None:
+            return
+        rows = self.tokens[0].shape[0] if self.tokens else None
+        fits = ids is not None and ids.dim() == 2 and rows in (None, ids.shape[0])
+        if not fits or self.token_count != self.get_seq_length():
+            self.tokens = None
+            return
+        self.tokens.append(ids.detach())
+        self.token_count += ids.shape[1]
+        if len(self.tokens) >= 256:  # one tensor rather than one per decoded token
+            self.tokens = [torch.cat(self.tokens, 1)]
+
+    def seen_tokens(self) -> Tensor | None:
+        """[B, seen] the token ids this cache has seen, in order, or None when unknown."""
+        if not self.tokens or self.token_count != self.get_seq_length():
+            return None
+        self.tokens = [torch.cat(self.tokens, 1)]
+        return self.tokens[0]
+
+    def _map_tokens(self, fn: Callable[[Tensor], Tensor]) -> None:
+        ids = self.seen_tokens()
+        if self.tokens:
+            self.tokens = None if ids is None else [fn(ids)]
+            self.token_count = self.get_seq_length()
+
     def crop(self, max_length: int) -> None:
+        ids = self.seen_tokens()
         for i, layer in enumerate(self.layers):
             seen = layer.get_seq_length()
             layer.crop(max_length)
             if i in self.rank:
                 self.states[self.rank[i]].crop(seen - layer.get_seq_length())
+        if self.tokens:
+            self.tokens = None if ids is None else [ids[:, : self.get_seq_length()]]
+            self.token_count = self.get_seq_length()
 
     def _map_states(self, fn: Callable[[Tensor], Tensor]) -> None:
         for state in self.states:
             state.map_batch(fn)
+        self._map_tokens(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -227,6 +266,7 @@ class PolicyCache(EvictingCache):
     def reset(self) -> None:
         super().reset()
         self.states = [LayerState() for _ in self.evicting_indices]
+        self.tokens, self.token_count = [], 0
 
     def state_bytes(self) -> int:
         """Bytes of the policy's own per-token state (accumulated scores, recent queries)."""
