@@ -1,7 +1,7 @@
 """Expected Attention: score keys by the attention future queries are expected to pay them.
 
 Devoto et al. 2025, "Expected Attention: KV Cache Compression by Estimating Attention from Future
-Queries Distribution", https://arxiv.org/abs/2510.00057 (kvpress's ``ExpectedAttentionPress``).
+Queries Distribution", https://arxiv.org/abs/2510.00636 (kvpress's ``ExpectedAttentionPress``).
 """
 
 from __future__ import annotations
@@ -45,13 +45,18 @@ class ExpectedAttention(KVPolicy):
     of the last ``query_window`` queries, brought to the current position (each rotated on by its
     distance to the last token) and then by RoPE's rotation averaged over the future positions. A key
     scores the expected softmax numerator exp(s mu.k + s^2 k.Sigma.k / 2) (s the softmax scaling),
-    normalised over the keys, averaged over each KV head's query group, times its value's norm; the
-    first ``n_sink`` tokens of each row are always kept. The statistics are rotation-equivariant, so
+    normalised over the keys, averaged over each KV head's query group, times its value's norm. The
+    first ``n_sink`` tokens of each row are always kept and, as kvpress does, left out of
+    the statistics (their queries are outliers) and of the normalisation (a head that sinks most of its
+    attention there would otherwise count for almost nothing in its group's average, and the group's
+    other heads alone would rank the rest). The statistics are rotation-equivariant, so
     they equal the paper's (pre-RoPE statistics, absolute future rotation) without absolute positions:
-    padded rows score as alone. Costs one ``D x D`` covariance per query head and layer. Lossy.
+    padded rows score as alone. Costs one ``D x D`` covariance per query head and layer. Lossy: the
+    context's queries stand for the future ones, so a head whose future queries look for what the
+    context's never did (RULER's needle, in SmolLM2-135M's retrieval heads) loses it (kvpress's too).
 
     - ``n_future_positions``: future positions averaged over (kvpress: 512).
-    - ``n_sink``: first tokens always kept (kvpress: 4).
+    - ``n_sink``: first tokens always kept, out of the statistics and the normalisation (kvpress: 4).
     - ``query_window``: recent queries the statistics come from, at most those since the last
       compression (kvpress uses every prompt query after the sinks; a window bounds the buffer).
     - ``use_covariance`` / ``use_vnorm``: the covariance term / the value-norm factor (both on in kvpress).
@@ -98,9 +103,9 @@ class ExpectedAttention(KVPolicy):
         freq = rope_frequencies(ctx.module.config, d).to(q.device)
         to_last = torch.arange(w - 1, -1, -1, device=q.device, dtype=torch.float)  # each to the last position
         u = rotate(q, to_last[:, None] * freq)
-        weight = torch.ones(b, w, device=q.device)
+        weight = (self.token_rank(ctx)[:, -w:] >= self.n_sink).float()  # a sink's query is an outlier
         if ctx.visible is not None:  # a pad's query is not a query
-            weight = ctx.visible[:, -w:].float()
+            weight = weight * ctx.visible[:, -w:].float()
         weight = (weight / weight.sum(-1, keepdim=True).clamp_min(1))[:, None, :, None]  # [B, 1, w, 1]
         mean = (u * weight).sum(2)
         ahead = torch.arange(1, self.n_future_positions + 1, device=q.device, dtype=torch.float)[:, None] * freq
@@ -124,15 +129,20 @@ class ExpectedAttention(KVPolicy):
         if cov is not None:
             kc = torch.einsum("bhsd,bhgde->bhgse", keys, cov.view(b, hkv, g, d, d))
             logits = logits + 0.5 * ctx.scaling**2 * (kc * keys[:, :, None]).sum(-1)
+        sinks = self.token_rank(ctx) < self.n_sink  # [B, S]
         if ctx.visible is not None:
-            logits = logits.masked_fill(~ctx.visible[:, None, None, :], float("-inf"))
-        scores = torch.softmax(logits, dim=-1).mean(2)  # [B, Hkv, S]
+            sinks = sinks & ctx.visible
+        unscored = sinks if ctx.visible is None else sinks | ~ctx.visible
+        logits = logits.masked_fill(unscored[:, None, None, :], float("-inf"))
+        # a row of sinks and pads only has nothing to normalise (NaN): those tokens are kept or dropped anyway
+        scores = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(2)  # [B, Hkv, S]
         if self.use_vnorm:
             scores = scores * ctx.values.float().norm(dim=-1)
-        rank = torch.arange(s, device=keys.device).expand(b, s)
-        if ctx.visible is not None:
-            rank = ctx.visible.long().cumsum(-1) - 1  # position among the row's real tokens
-        sinks = (rank < self.n_sink)[:, None, :]
-        if ctx.visible is not None:
-            sinks = sinks & ctx.visible[:, None, :]
-        return scores + sinks * FORCE_KEEP
+        return scores + sinks[:, None, :] * FORCE_KEEP
+
+    @staticmethod
+    def token_rank(ctx: ScoreContext) -> Tensor:
+        """[B, S] each stored slot's place among its row's real tokens (pads: -1 or repeats, masked anyway)."""
+        if ctx.visible is None:
+            return torch.arange(ctx.keys.shape[-2], device=ctx.keys.device).expand(ctx.keys.shape[0], -1)
+        return ctx.visible.long().cumsum(-1) - 1
