@@ -60,15 +60,15 @@ def reconstruction_scores(queries: Tensor, keys: Tensor, skip: int, context: int
     hq, n, d = queries.shape
     hkv, total, _ = keys.shape
     g, past = hq // hkv, total - n
-    k = keys.float().transpose(-1, -2)
-    slot = torch.arange(total, device=keys.device)
+    k = keys.float()
     best = torch.zeros(hkv, context, device=keys.device)
     for start in range(0, n, QUERY_BLOCK):
         w = min(QUERY_BLOCK, n - start)
-        q = queries[:, start : start + w].float().reshape(hkv, g * w, d)  # head h*G + j -> KV head h
-        logits = torch.matmul(q, k).view(hkv, g, w, total) * scaling
-        own = torch.arange(past + start, past + start + w, device=keys.device)
-        logits = logits.masked_fill(slot[None, :] > own[:, None], float("-inf"))
+        end = past + start + w  # the input's keys after the block's last query are masked for all of it
+        q = (queries[:, start : start + w].float() * scaling).reshape(hkv, g * w, d)  # head h*G + j: KV head h
+        logits = torch.matmul(q, k[:, :end].transpose(-1, -2)).view(hkv, g, w, end)
+        logits[..., end - w :].masked_fill_(torch.ones(w, w, dtype=torch.bool, device=keys.device).triu_(1),
+                                            float("-inf"))  # causal within the block
         probs = torch.softmax(logits, dim=-1)[..., skip : skip + context]
         best = torch.maximum(best, probs.amax(dim=(1, 2)))
     return best
