@@ -49,15 +49,17 @@ from infertrix.models import load
 PLOT = Path(__file__).resolve().parent / "kvcache_passkey_vs_kv_bytes.png"
 
 
-def cells(ratios, h2o_window: int | None, methods: list[str] | None = None):
+def cells(ratios, h2o_window: int | None, methods: list[str] | None = None, overrides: dict | None = None):
     """(label, method, compression, policy, quant) for every cell of a table: the full cache always,
-    then every method of ``methods`` (None: all; class names of the policies, KIVI-4 and KIVI-2)."""
+    then every method of ``methods`` (None: all; class names of the policies, KIVI-4 and KIVI-2);
+    ``overrides`` ({field: value}) sets each field on every policy that has it."""
     out = [("full cache", "full", 0.0, None, None)]
     makers = {}  # every registered eviction policy by class name: the registry is the list
     for cls in ix.available("kvcache").values():
         if issubclass(cls, kv.KVPolicy):
             fields = {f.name for f in dataclasses.fields(cls)}
             kw = {"observation_window": h2o_window} if h2o_window and "observation_window" in fields else {}
+            kw.update({k: v for k, v in (overrides or {}).items() if k in fields})
             makers[cls.__name__] = functools.partial(cls, **kw)
     known = [*makers, "KIVI-4", "KIVI-2"]
     unknown = sorted(set(methods or []) - set(known))

@@ -145,6 +145,35 @@ def table(results: dict, grid, tasks: list[str]) -> list[dict]:
     return rows
 
 
+def merged_results(paths: list[Path], tasks: list[str]) -> tuple[dict, list[tuple[str]]]:
+    """({task: {label: result}}, [(label,)] in first-seen order) from saved runs; a later run's cell
+    replaces an earlier one of the same label."""
+    results, labels = {t: {} for t in tasks}, []
+    for path in paths:
+        saved = json.loads(path.read_text())
+        for t in tasks:
+            for label, d in saved[t].items():
+                results[t][label] = d
+                labels += [] if label in labels else [label]
+    return results, [(label,) for label in labels]
+
+
+def rebuild(args, parts: list[str], command: str) -> None:
+    """Write the section of ``args.protocols[0]`` from the JSON files of earlier runs (no model run)."""
+    if len(args.protocols) != 1:
+        raise SystemExit("--from-json rebuilds one protocol's table: pass --protocols agnostic or aware")
+    protocol = args.protocols[0]
+    results, grid = merged_results(args.from_json, args.tasks)
+    rows = table(results, grid, args.tasks)
+    print(markdown_table(rows))
+    names = ", ".join(f"`{p.name}`" for p in args.from_json)
+    parts.append(f"### Question-{protocol}\n\n" + markdown_table(rows))
+    parts.append(f"Table built from the saved results of the runs ({names}) by `--from-json`. " + args.note)
+    if not args.no_write:
+        write_section(args.section, "KV-cache policies on RULER (SmolLM2-135M-Instruct)", "\n\n".join(parts),
+                      command=command)
+
+
 def main(argv: list[str], command: str) -> None:
     from benchmarks.kvcache import cells, kv_cells
 
@@ -161,6 +190,11 @@ def main(argv: list[str], command: str) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--section", default="kvcache-ruler")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--from-json", type=Path, nargs="*", default=None,
+                    help="rebuild one protocol's table from saved results (runs' JSON files, merged in order)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
+                    help="policy fields set on every policy that has them, e.g. window_size=64 kernel_size=5")
+    ap.add_argument("--note", default="", help="a paragraph appended to the section")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -172,8 +206,8 @@ def main(argv: list[str], command: str) -> None:
     kinds, metrics = ruler_tasks(pkg)
     gen_config = module_from(pkg / "data" / "synthetic" / "constants.py", "ruler_data_constants").TASKS
     methods = args.methods if args.methods is not None else DEFAULT_METHODS
-    grid = cells(args.ratios, 256, methods)
-    model, tok = load("smollm2")
+    overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
+    grid = cells(args.ratios, 256, methods, overrides)
     parts = [f"SmolLM2-135M-Instruct (float32, sdpa), {args.threads} thread(s), on a 2-core machine shared with "
              f"other jobs (times are indicative). RULER at {args.length} tokens (RULER's generator from "
              f"`nvidia-long-context-eval` 26.3, SmolLM2's tokenizer, base template; essay needles placed with a "
@@ -182,6 +216,9 @@ def main(argv: list[str], command: str) -> None:
              f"smaller), micro-batches of {args.micro_batch} left-padded rows. Scores: RULER's metric per task "
              "(string_match_all; string_match_part for qa), 0-100. Compression: fraction of the context evicted per "
              "KV head and layer (budget ceil((1-r) x tokens)); KIVI: group 32, residual 32. " + __doc__.split("Two protocols:")[1].split("Each micro-batch")[0].strip()]
+    if args.from_json:
+        return rebuild(args, parts, command)
+    model, tok = load("smollm2")
     for protocol in args.protocols:
         results = {}
         for task in args.tasks:

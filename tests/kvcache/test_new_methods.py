@@ -60,6 +60,26 @@ def test_chunkkv_keeps_whole_chunks_aligned_to_the_row_start():
     assert kept(policy, context(padded, queries, visible), 6) == [7, 8, 9, 10, 25, 26]
 
 
+def test_chunkkv_shares_chunks_over_kv_heads_unless_told_per_head():
+    keys = torch.zeros(1, 2, 24, 8)
+    keys[..., 0] = -1.0
+    keys[0, 0, [5, 13], 0] = 1.0  # head 0 attends half to chunk 1 (tokens 4-7), half to chunk 3 (12-15) ...
+    keys[0, 1, 13, 0] = 1.0  # ... head 1 only to chunk 3
+    queries = torch.zeros(1, 2, 2, 8)
+    queries[..., 0] = 50.0
+
+    def kept_by_head(policy):
+        ctx = context(keys, queries)
+        ctx.target = 6
+        return [sorted(row) for row in policy.score(ctx).topk(6, dim=-1).indices[0].tolist()]
+
+    shared = kept_by_head(ChunkKV(window_size=2, kernel_size=1, chunk_size=4))
+    assert shared == [[12, 13, 14, 15, 22, 23]] * 2  # the chunk with the larger summed score, in both heads
+    # per head, head 0's tie goes to the earlier chunk
+    per_head = kept_by_head(ChunkKV(window_size=2, kernel_size=1, chunk_size=4, shared_heads=False))
+    assert per_head == [[4, 5, 6, 7, 22, 23], [12, 13, 14, 15, 22, 23]]
+
+
 def test_lagkv_scores_against_the_next_chunk_and_keeps_sinks_and_the_tail():
     g = torch.Generator().manual_seed(1)
     keys = torch.rand(1, 1, 14, 4, generator=g)  # sink 2, chunks 2-5, 6-9 scored; 10-13 is the tail

@@ -25,11 +25,14 @@ class ChunkKV(ObservationWindowPolicy):
     scattered words. Chunks start at each row's first real token, so a padded row keeps the same
     chunks as alone; the window is always kept. Lossy.
 
-    - ``chunk_size``: tokens per chunk (the paper: 10).
+    - ``chunk_size``: tokens per chunk (the paper: 10; kvpress's ChunkKVPress: 20).
+    - ``shared_heads``: rank chunks by their scores summed over the layer's KV heads, so every head
+      keeps the same chunks (as kvpress's ChunkKVPress selects); False ranks them per KV head.
     """
     use_when = "as SnapKV, when kept tokens should stay whole phrases (extraction, code, multi-hop QA)"
 
     chunk_size: int = 10
+    shared_heads: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -39,6 +42,8 @@ class ChunkKV(ObservationWindowPolicy):
     def score(self, ctx: ScoreContext) -> Tensor:
         scores, w = self.window_scores(ctx)  # [B, H, S]
         b, h, s = scores.shape
+        if self.shared_heads:
+            scores = scores.sum(dim=1, keepdim=True).expand(b, h, s)
         slot = torch.arange(s, device=scores.device)
         start = torch.zeros(b, dtype=torch.long, device=scores.device)
         if ctx.visible is not None:
