@@ -50,7 +50,7 @@ from infertrix.models import load
 
 DEFAULT_METHODS = [
     "SnapKV", "TOVA", "KNorm", "StreamingLLM", "PyramidKV", "KeyDiff", "ChunkKV", "LagKV", "CAKE",
-    "ExpectedAttention", "KIVI-4", "KIVI-2",
+    "ExpectedAttention", "KVzip", "AdaKV", "KIVI-4", "KIVI-2",
 ]
 DEFAULT_TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multivalue", "qa_1"]
 
