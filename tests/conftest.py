@@ -155,3 +155,30 @@ def isa(request):
     ops.set_cpu_isa(request.param)
     yield request.param
     ops.set_cpu_isa("auto")
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of ``rows`` ([1, n] each) left-padded with 0 to the longest."""
+    width = max(r.shape[1] for r in rows)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, r in enumerate(rows):
+        batch[i, width - r.shape[1] :] = r[0]
+        mask[i, width - r.shape[1] :] = 1
+    return batch, mask
+
+
+def assert_rows_decode_as_alone(model, batch, mask, rows, new_tokens: int) -> None:
+    """Greedy ``generate`` of the padded ``batch``: every row's tokens equal, and its logits match, the
+    row run alone (the project's batch invariance)."""
+
+    def greedy(ids, **kw):
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, return_dict_in_generate=True, output_logits=True, **kw)
+        return out.sequences, torch.stack(out.logits, 1)
+
+    seq, logits = greedy(batch, attention_mask=mask)
+    for i, r in enumerate(rows):
+        alone_seq, alone_logits = greedy(r)
+        assert torch.equal(seq[i, batch.shape[1] :], alone_seq[0, r.shape[1] :]), f"row {i}"
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4, msg=f"row {i}")

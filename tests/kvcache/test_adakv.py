@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import assert_rows_decode_as_alone, left_padded, make_tiny
 
 import infertrix as ix
 from infertrix.core import ConfigError
@@ -92,22 +92,8 @@ def test_left_padded_batch_of_four_decodes_as_its_rows_alone():
     ix.optimize(model, AdaKV(budget=12, window_size=4, kernel_size=3))
     g = torch.Generator().manual_seed(4)
     rows = [torch.randint(3, 128, (1, n), generator=g) for n in (28, 17, 22, 19)]
-    width = 28
-    batch = torch.zeros(4, width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for i, r in enumerate(rows):
-        batch[i, width - r.shape[1] :], mask[i, width - r.shape[1] :] = r[0], 1
-
-    def greedy(ids, **kw):
-        out = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True, output_logits=True, **kw)
-        return out.sequences, torch.stack(out.logits, 1)
-
-    seq, logits = greedy(batch, attention_mask=mask)
-    for i, r in enumerate(rows):
-        alone_seq, alone_logits = greedy(r)
-        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1] :]), f"row {i}"
-        torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4, msg=f"row {i}")
+    batch, mask = left_padded(rows)
+    assert_rows_decode_as_alone(model, batch, mask, rows, 10)
 
 
 def test_replay_then_an_uncompressed_question_as_ruler_runs_it():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny
+from conftest import assert_rows_decode_as_alone, byte_tokenizer, left_padded, make_tiny
 from transformers import DynamicCache
 
 import infertrix as ix
@@ -118,13 +118,7 @@ def test_scores_are_the_reconstructions_attention_and_the_best_are_kept(chunk):
 
 def padded_batch(seed: int, *lengths: int):
     rows = [prompt(seed + i, n) for i, n in enumerate(lengths)]
-    width = max(lengths)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for i, r in enumerate(rows):
-        batch[i, width - r.shape[1] :] = r[0]
-        mask[i, width - r.shape[1] :] = 1
-    return batch, mask, rows
+    return *left_padded(rows), rows
 
 
 @pytest.mark.parametrize("chunk", [2048, 8], ids=["one chunk", "chunks of 8"])
@@ -132,18 +126,7 @@ def test_left_padded_batch_of_four_decodes_as_its_rows_alone(chunk):
     model = tiny()
     ix.optimize(model, KVzip(budget=12, sink_tokens=2, chunk_size=chunk, tokenizer=byte_tokenizer()))
     batch, mask, rows = padded_batch(4, 28, 17, 22, 19)
-    width = batch.shape[1]
-
-    def greedy(ids, **kw):
-        out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True, output_logits=True, **kw)
-        return out.sequences, torch.stack(out.logits, 1)
-
-    seq, logits = greedy(batch, attention_mask=mask)
-    for i, r in enumerate(rows):
-        alone_seq, alone_logits = greedy(r)
-        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1] :]), f"row {i}"
-        torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4, msg=f"row {i}")
+    assert_rows_decode_as_alone(model, batch, mask, rows, 8)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

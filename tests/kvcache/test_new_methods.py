@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny, small
+from conftest import assert_rows_decode_as_alone, left_padded, make_tiny, small
 
 import infertrix as ix
 from infertrix.core import ConfigError
@@ -110,13 +110,7 @@ def test_bad_fields_are_refused():
 def padded_batch(seed: int, *lengths: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randint(3, 128, (1, n), generator=g) for n in lengths]
-    width = max(lengths)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for i, r in enumerate(rows):
-        batch[i, width - r.shape[1] :] = r[0]
-        mask[i, width - r.shape[1] :] = 1
-    return batch, mask, rows
+    return *left_padded(rows), rows
 
 
 def test_cake_prefers_layers_whose_attention_is_spread_and_shifting():
@@ -154,15 +148,4 @@ def test_left_padded_batch_of_four_decodes_as_its_rows_alone(cls, decode_interva
     # and so reaches decode_interval on another schedule than in the batch (rows shorter than the
     # budget, padded, are covered by test_policies.py)
     batch, mask, rows = padded_batch(4, 28, 17, 22, 19)
-    width = batch.shape[1]
-
-    def greedy(ids, **kw):
-        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True, output_logits=True, **kw)
-        return out.sequences, torch.stack(out.logits, 1)
-
-    seq, logits = greedy(batch, attention_mask=mask)
-    for i, r in enumerate(rows):
-        alone_seq, alone_logits = greedy(r)
-        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1] :]), f"row {i}"
-        torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4, msg=f"row {i}")
+    assert_rows_decode_as_alone(model, batch, mask, rows, 10)
