@@ -50,6 +50,7 @@ from benchmarks.ruler_samples import (
     postprocess,
     ruler_package,
     split_question,
+    stamped_log,
 )
 
 TASK = "niah_multiquery"
@@ -173,10 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--section", default=None, help="write this section of BENCHMARKS.md (default: print only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t_start = time.time()
 
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
+    log = stamped_log()
 
     from infertrix.models import load
 

@@ -38,11 +38,10 @@ from benchmarks.report import markdown_table, write_section
 from benchmarks.ruler_samples import (
     ROOT,
     load_samples,
-    module_from,
     postprocess,
-    ruler_package,
-    ruler_tasks,
+    ruler_setup,
     split_question,
+    stamped_log,
 )
 from infertrix.eval import kv_cache_bytes
 from infertrix.eval.long_context import applied, cell_cache, left_pad, positions
@@ -199,12 +198,8 @@ def main(argv: list[str], command: str) -> None:
     torch.set_num_threads(args.threads)
     t_start = time.time()
 
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
-
-    pkg = ruler_package()
-    kinds, metrics = ruler_tasks(pkg)
-    gen_config = module_from(pkg / "data" / "synthetic" / "constants.py", "ruler_data_constants").TASKS
+    log = stamped_log()
+    kinds, metrics, gen_config = ruler_setup()
     methods = args.methods if args.methods is not None else DEFAULT_METHODS
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
     grid = cells(args.ratios, 256, methods, overrides)

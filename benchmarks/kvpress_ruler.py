@@ -48,11 +48,10 @@ import torch
 from benchmarks.ruler_samples import (
     ROOT,
     load_samples,
-    module_from,
     postprocess,
-    ruler_package,
-    ruler_tasks,
+    ruler_setup,
     split_question,
+    stamped_log,
 )
 
 DEFAULT_TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_1"]
@@ -221,14 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("kvpress.presses.kvzip_press").setLevel(logging.ERROR)  # its cost warning, per press
 
     torch.set_num_threads(args.threads)
-    t_start = time.time()
 
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
-
-    pkg = ruler_package()
-    kinds, metrics = ruler_tasks(pkg)
-    gen_config = module_from(pkg / "data" / "synthetic" / "constants.py", "ruler_data_constants").TASKS
+    log = stamped_log()
+    kinds, metrics, gen_config = ruler_setup()
     model, tok = load_model(args.data / "tokenizer")
     if args.sanity:
         return sanity(model, tok, args.data, args.length, args.tasks[0], kinds[args.tasks[0]])

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import yaml
@@ -66,3 +67,22 @@ def load_samples(data: Path, length: int, task: str, n: int) -> list[dict]:
         raise SystemExit(f"{path} is missing: run `LENGTH={length} TASKS={task} bash benchmarks/setup_ruler.sh`")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:n]
+
+
+def ruler_setup() -> tuple[dict, dict, dict]:
+    """(task -> RULER's kind, kind -> metric function, kind -> RULER's generation config such as
+    ``tokens_to_generate``) from the installed RULER package."""
+    pkg = ruler_package()
+    kinds, metrics = ruler_tasks(pkg)
+    gen_config = module_from(pkg / "data" / "synthetic" / "constants.py", "ruler_data_constants").TASKS
+    return kinds, metrics, gen_config
+
+
+def stamped_log():
+    """A ``log(msg)`` printing the seconds since it was made before each message."""
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
+
+    return log
