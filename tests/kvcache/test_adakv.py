@@ -14,7 +14,7 @@ from conftest import assert_rows_decode_as_alone, left_padded, make_tiny
 
 import infertrix as ix
 from infertrix.core import ConfigError
-from infertrix.kvcache import AdaKV, KVzip, SnapKV, new_cache
+from infertrix.kvcache import TOVA, AdaKV, AdaKVzip, KVzip, SnapKV, new_cache
 from infertrix.kvcache.adakv import HeadBudgets, head_budgets
 from infertrix.kvcache.policy_cache import HIDDEN
 from infertrix.kvcache.replay import record_prefill, replay
@@ -119,16 +119,32 @@ def test_replay_then_an_uncompressed_question_as_ruler_runs_it():
 
 
 @dataclass
-class AdaKVzip(HeadBudgets, KVzip):
+class AdaTOVA(HeadBudgets, TOVA):
     """The composition the module docstring describes, on another scorer."""
 
 
-def test_head_budgets_sit_on_any_scorer():
+@pytest.mark.parametrize("cls", [AdaKVzip, AdaTOVA])
+def test_head_budgets_sit_on_any_scorer(cls):
     model = make_tiny("llama")
-    cache = compressed(model, AdaKVzip(budget=12, sink_tokens=2), prompt(7, 40))
+    extra = {"sink_tokens": 2} if cls is AdaKVzip else {}
+    cache = compressed(model, cls(budget=12, **extra), prompt(7, 40))
     for layer, state in zip(cache.evicting_layers, cache.states, strict=True):
         shown = (~state.aux[HIDDEN]).sum(-1)
         assert int(shown.sum()) == 12 * 2 and layer.keys.shape[-2] == int(shown.max())
+
+
+def test_adakvzip_alpha_one_keeps_what_kvzip_keeps_and_a_padded_batch_decodes_as_alone():
+    model = make_tiny("llama")
+    ids = prompt(3, 40)
+    ada = compressed(model, AdaKVzip(budget=12, sink_tokens=2, alpha=1.0), ids)
+    zip_ = compressed(model, KVzip(budget=12, sink_tokens=2), ids)
+    for a, z in zip(ada.layers, zip_.layers, strict=True):
+        assert torch.equal(a.keys, z.keys) and torch.equal(a.values, z.values)
+    ix.restore(model)
+    ix.optimize(model, AdaKVzip(budget=12, sink_tokens=2))
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, 128, (1, n), generator=g) for n in (28, 17, 22, 19)]
+    assert_rows_decode_as_alone(model, *left_padded(rows), rows, 6)
 
 
 def test_bad_fields_are_refused():

@@ -13,6 +13,7 @@ See docs/kvcache.md.
 # so no second list has to name it.
 from ..core import Transform
 from .adakv import AdaKV as AdaKV
+from .adakv import AdaKVzip as AdaKVzip
 from .attach import new_cache
 from .cache import (
     CacheCapabilities,

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
+from .kvzip import KVzip
 from .policy import KVPolicy
 from .policy_cache import HIDDEN, LayerState
 from .snapkv import SnapKV
@@ -110,3 +111,19 @@ class AdaKV(HeadBudgets, SnapKV):
     """
     use_when = ("the paper's head-wise budgets at a nominal budget (SnapKV scores); stores the largest "
                 "head's count, so it holds more KV than SnapKV at the same budget")
+
+
+@register_transform("adakvzip")
+@dataclass
+class AdaKVzip(HeadBudgets, KVzip):
+    """KVzip's reconstruction scores (Kim et al. 2025, arXiv:2505.23416) with the layer's budget shared
+    over its KV heads by those scores: KVzip allocates non-uniformly over heads (kvpress's
+    ``KVzipPress`` even over all layers and heads at once, by masking); this shares it within each
+    layer, with no per-head floor by default (``alpha=0``: KVzip uses no safeguard). Memory: the largest
+    head's budget per layer, the other heads' extra slots masked per head (as :class:`AdaKV`). Costs
+    KVzip's second forward per compressed prompt. Lossy.
+    """
+    use_when = ("question-agnostic compression where KVzip's per-head budgets lose what some heads need; "
+                "stores the largest head's count per layer")
+
+    alpha: float = 0.0
