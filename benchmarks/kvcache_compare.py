@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ours", type=Path, default=None, help="benchmarks/kvcache_ruler.py's <section>-agnostic.json")
     ap.add_argument("--kvpress", type=Path, required=True, help="benchmarks/kvpress_ruler.py's JSON")
     ap.add_argument("--section", default=None, help="also write this BENCHMARKS.md section (default: print only)")
+    ap.add_argument("--note", default="", help="a paragraph appended to the section")
     args = ap.parse_args(argv)
     ours = json.loads(args.ours.read_text()) if args.ours else None
     table, tasks = rows(ours, json.loads(args.kvpress.read_text()))
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         body = ("Our policies (benchmarks/kvcache_ruler.py, question-agnostic) and NVIDIA kvpress 0.5.5's presses "
                 "(benchmarks/kvpress_ruler.py) on the same RULER samples, model and protocol. Per-task cells: "
                 "ours / kvpress. KV vs full: the cache after the context against each side's full cache (kvpress: "
-                "less the entries AdaKV and KVzip only mask).\n\n" + text)
+                "less the entries AdaKV and KVzip only mask).\n\n" + text + ("\n\n" + args.note if args.note else ""))
         cmd = "python -m benchmarks.kvcache_compare " + " ".join(sys.argv[1:] if argv is None else argv)
         write_section(args.section, "KV-cache policies on RULER: infertrix and kvpress side by side", body, cmd)
 
