@@ -205,7 +205,8 @@ def test_without_infertrix_imported_transformers_refuses(tmp_path):
             print("SKINNY_EQUAL", torch.equal(m(input_ids=r["ids"]).logits, r["ref"]))
         print("IMPORTED", "infertrix" in sys.modules)
     """)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # the reference was computed at this process's thread count: the same count keeps the float reductions equal
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
