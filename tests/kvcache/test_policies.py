@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import kv_policies, make_tiny
+from conftest import kv_policies, left_padded, make_tiny
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import infertrix as ix
@@ -100,12 +100,8 @@ def test_padded_batch_equals_rows_alone(arch, policy):
     model = make_tiny(arch)
     rows = ids_of(1, 30, 22, 26) if isinstance(policy, PyramidKV) else ids_of(1, 22, 9, 16)
     ix.optimize(model, policy)
-    width = max(r.shape[1] for r in rows)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for i, r in enumerate(rows):
-        batch[i, width - r.shape[1] :] = r[0]
-        mask[i, width - r.shape[1] :] = 1
+    batch, mask = left_padded(rows)
+    width = batch.shape[1]
     seq, logits = greedy(model, batch, attention_mask=mask, max_new_tokens=5)
     for i, r in enumerate(rows):
         alone_seq, alone_logits = greedy(model, r, max_new_tokens=5)
