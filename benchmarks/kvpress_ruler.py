@@ -157,17 +157,17 @@ def run_task(kp, model, tok, samples, presses, ratio, kind, steps, metric, log) 
     res = {}
     for name in presses:
         label = "full cache" if name == "full" else f"{name}@{ratio:g}"
-        seconds, kv, kept, preds = 0.0, [], [], []
+        times, kv, kept, preds = [], [], [], []
         for c_ids, q_ids in ids:
             press = PRESSES[name](kp, ratio) if PRESSES[name] else None
             gen, s, (held, k) = answer(model, press, c_ids, q_ids, steps, tok.eos_token_id)
-            seconds += s
+            times.append(s)
             kv.append(held)
             kept.append(k)
             preds.append(postprocess(tok.decode(gen, skip_special_tokens=True)))
-        n = len(ids)
+        n, seconds = len(ids), sum(times)
         res[label] = {"press": name, "ratio": 0.0 if name == "full" else ratio, "score": metric(preds, refs),
-                      "s": seconds / n, "kv": sum(kv) / n, "kv_kept": sum(kept) / n, "preds": preds}
+                      "s": seconds / n, "times": times, "kv": sum(kv) / n, "kv_kept": sum(kept) / n, "preds": preds}
         log(f"  {label}: {res[label]['score']:.1f}  ({seconds / n:.2f} s/sample, "
             f"kv {sum(kept) / n / 1024:,.0f} KiB)  e.g. {preds[0][:60]!r}")
     return res

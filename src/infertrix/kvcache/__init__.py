@@ -30,6 +30,7 @@ from .chunkkv import ChunkKV as ChunkKV
 from .d2o import D2O as D2O
 from .density import DensityKV as DensityKV
 from .expected_attention import ExpectedAttention as ExpectedAttention
+from .globalkvzip import GlobalKVzip as GlobalKVzip
 from .growing import GrowingKV as GrowingKV
 from .growing import growing_cache
 from .h2o import H2O as H2O

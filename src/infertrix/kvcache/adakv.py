@@ -81,23 +81,35 @@ class HeadBudgets(KVPolicy):
               keys: Tensor | None = None, values: Tensor | None = None) -> None:
         """Keep the layer's ``target x H_kv`` best (head, token) pairs: each head's budget from
         :func:`head_budgets`, stored at the largest head's count with the rest hidden per head."""
-        scores = scores.float()
-        hidden = state.aux.get(HIDDEN)
-        if hidden is not None:  # hidden by an earlier compression: after every token, before pads
-            low = torch.finfo(torch.float32).min
-            scores = torch.cat([scores[..., : hidden.shape[-1]].masked_fill(hidden, low), scores[..., hidden.shape[-1] :]], -1)
-        if visible is not None:
-            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
-        budgets = head_budgets(scores, target, self.alpha)
-        width = int(budgets.max())
-        ranked = scores.topk(width, dim=-1).indices  # best first: past a head's budget, hidden
-        hide = torch.arange(width, device=scores.device) >= budgets[..., None]
-        keep, order = ranked.sort(dim=-1)
-        layer.compress(keep, keys, values)
-        state.keep(keep, layer.recent)
-        state.aux[HIDDEN] = torch.gather(hide, -1, order)
+        scores = ranked_scores(state, scores, visible)
+        keep_counts(layer, state, scores, head_budgets(scores, target, self.alpha))
         if self.decode_interval == 0:
             state.queries = None
+
+
+def ranked_scores(state: LayerState, scores: Tensor, visible: Tensor | None) -> Tensor:
+    """``scores`` [B, H, S] as float, slots an earlier compression hid just above pads (-inf)."""
+    scores = scores.float()
+    hidden = state.aux.get(HIDDEN)
+    if hidden is not None:  # hidden by an earlier compression: after every token, before pads
+        low = torch.finfo(torch.float32).min
+        scores = torch.cat([scores[..., : hidden.shape[-1]].masked_fill(hidden, low), scores[..., hidden.shape[-1] :]], -1)
+    if visible is not None:
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
+    return scores
+
+
+def keep_counts(layer, state: LayerState, scores: Tensor, budgets: Tensor) -> None:
+    """Keep each (row, KV head)'s best ``budgets`` [B, H] tokens of ``scores`` [B, H, S]: the layer
+    stores the largest count and hides the rest per row and head (no mask when every count is equal)."""
+    width = int(budgets.max())
+    ranked = scores.topk(width, dim=-1).indices  # best first: past a head's budget, hidden
+    hide = torch.arange(width, device=scores.device) >= budgets[..., None]
+    keep, order = ranked.sort(dim=-1)
+    layer.compress(keep)
+    state.keep(keep, layer.recent)
+    if bool(hide.any()) or HIDDEN in state.aux:
+        state.aux[HIDDEN] = torch.gather(hide, -1, order)
 
 
 @register_transform("adakv")

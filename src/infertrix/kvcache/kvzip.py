@@ -289,16 +289,16 @@ class KVzip(KVPolicy):
                                   "not inputs_embeds")
             with torch.no_grad():
                 scores = _Reconstruction(self, model, cache, input_ids, attention_mask, position_ids, ranks).run()
-                for r in ranks:
-                    self._compress(cache, r, scores[r])
+                self.compress_scored(cache, {r: self.keep_scores(cache, r, scores[r]) for r in ranks})
         finally:
             for r in ranks:
                 cache.states[r].pending = None
         return True
 
-    def _compress(self, cache, rank: int, new: Tensor) -> None:
-        """Store the reconstruction's scores of this forward's ``new`` [B, H_kv, n] tokens beside the
-        earlier ones (``aux``, which follows evictions) and keep the layer's budget."""
+    def keep_scores(self, cache, rank: int, new: Tensor) -> Tensor:
+        """[B, H_kv, S] scores of layer ``rank``'s stored tokens: the reconstruction's for this forward's
+        ``new`` [B, H_kv, n] tokens, stored beside the earlier ones (``aux``, which follows evictions);
+        decoded tokens and the sinks forced in."""
         layer, state = cache.evicting_layers[rank], cache.states[rank]
         visible = state.pending.visible
         s, n = layer.stored_length, new.shape[-1]
@@ -310,10 +310,19 @@ class KVzip(KVPolicy):
         keep = torch.where(scored > 0, score, torch.full_like(score, FORCE_KEEP))  # decoded tokens: kept
         order = torch.arange(1, s + 1, device=score.device)[None] if visible is None else visible.cumsum(-1)
         sinks = order <= self.sink_tokens if visible is None else visible & (order <= self.sink_tokens)
-        keep = keep + FORCE_KEEP * sinks[:, None, :]
-        self.log_step(cache.log, layer.cumulative_length)
-        target = self.layer_target(layer.cumulative_length, rank, len(cache.states))
-        if s > target:
-            self.evict(layer, state, keep, target, visible)
+        return keep + FORCE_KEEP * sinks[:, None, :]
+
+    def compress_scored(self, cache, keeps: dict[int, Tensor]) -> None:
+        """Keep each scored layer's budget of its ``keeps[rank]`` scores (the same count per KV head)."""
+        for rank, keep in keeps.items():
+            layer, state = cache.evicting_layers[rank], cache.states[rank]
+            self.log_step(cache.log, layer.cumulative_length)
+            target = self.layer_target(layer.cumulative_length, rank, len(cache.states))
+            if layer.stored_length > target:
+                self.evict(layer, state, keep, target, state.pending.visible)
+            self.finish(layer, state)
+
+    @staticmethod
+    def finish(layer, state) -> None:
         state.pending = None
         layer.flush()  # KIVI: quantize what is kept (held back while the compression was pending)
