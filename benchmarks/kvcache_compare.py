@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -60,9 +61,8 @@ def side(cells: dict, tasks: list[str], full: dict | None, kv_key: str) -> dict:
     out = {t: cells[t]["score"] for t in tasks}
     out["avg"] = sum(out[t] for t in tasks) / len(tasks)
     out["s"] = sum(cells[t]["s"] for t in tasks) / len(tasks)
-    if all("times" in cells[t] for t in tasks):  # per-sample times (batch-1 runs): their median
-        times = sorted(x for t in tasks for x in cells[t]["times"])
-        out["s"] = times[len(times) // 2]
+    if all("times" in cells[t] for t in tasks):  # per-sample times (batch-1 runs): each task's median
+        out["s"] = sum(statistics.median(cells[t]["times"]) for t in tasks) / len(tasks)
     if full and all(kv_key in cells[t] or "kv" in cells[t] for t in tasks):
         kv = sum(cells[t].get(kv_key, cells[t]["kv"]) for t in tasks)
         out["kv"] = kv / sum(full[t].get(kv_key, full[t]["kv"]) for t in tasks)

@@ -71,7 +71,7 @@ def greedy(model, cache, logits, mask, steps: int, eos: int) -> list[list[int]]:
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        o = model(tok, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache)
+        o = model(tok, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache)
         tok = o.logits[:, -1:].argmax(-1)
         out.append(tok)
         done |= tok[:, 0] == eos
@@ -103,7 +103,7 @@ def run_batch(model, tok, batch: list[dict], cells, protocol: str, steps: int, r
                 if hasattr(cache, "policy"):
                     cache.policy = None  # the question is not compressed (kvpress's protocol)
                 m = torch.cat([mask, q_mask], 1)
-                o = model(q_ids, attention_mask=m, position_ids=positions(m)[:, -q_ids.shape[1]:], past_key_values=cache)
+                o = model(q_ids, attention_mask=m, position_ids=positions(m)[:, -q_ids.shape[1]:], cache=cache)
                 logits = o.logits[:, -1]
             gen = greedy(model, cache, logits, m, steps, eos)
         d = res[cell.label]

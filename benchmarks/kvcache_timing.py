@@ -14,8 +14,9 @@ scores, not for comparing speed with kvpress. Here each sample runs alone, from 
 kvpress's ``answer`` times (benchmarks/kvpress_ruler.py): the context prefilled under the method into a
 fresh cache (``infertrix.optimize(model, method)``, so decoding runs on our engine where it can), the
 question fed uncompressed at positions continuing from the context's length, greedy decoding of at most
-``--max-new`` tokens to EOS. ``times`` holds every sample's wall seconds; the compare table reads their
-median. Run both sides on the same core, one after the other, on a machine with nothing else running.
+``--max-new`` tokens to EOS. ``times`` holds every sample's wall seconds (the cache's bytes are read
+after the context inside the timer, as kvpress_ruler.py reads kvpress's); the compare table averages
+each task's median. Run both sides on the same core, one after the other, with nothing else running.
 """
 
 from __future__ import annotations
@@ -49,16 +50,18 @@ def policy_of(name: str, ratio: float):
 
 
 @torch.no_grad()
-def answer(model, compressed: bool, ctx_ids, q_ids, steps: int, eos: int) -> tuple[list[int], float]:
-    """(greedy answer ids, seconds): one context and question, from a fresh cache (the policy's when
-    ``compressed``, else transformers' DynamicCache)."""
+def answer(model, compressed: bool, ctx_ids, q_ids, steps: int, eos: int) -> tuple[list[int], float, int]:
+    """(greedy answer ids, seconds, cache bytes after the context): one context and question, from a
+    fresh cache (the policy's when ``compressed``, else transformers' DynamicCache)."""
     from transformers import DynamicCache
 
+    from benchmarks.kvcache_ruler import cache_bytes
     from infertrix.kvcache import new_cache
 
     t0 = time.perf_counter()
     cache = new_cache(model) if compressed else DynamicCache(config=model.config)
     model(ctx_ids, cache=cache, logits_to_keep=1)
+    kv = cache_bytes(cache)
     if compressed:
         cache.policy = None  # the question is not compressed (kvpress's protocol)
     n = ctx_ids.shape[1]
@@ -70,7 +73,7 @@ def answer(model, compressed: bool, ctx_ids, q_ids, steps: int, eos: int) -> tup
         pos = pos + 1
         out = model(torch.tensor([[ids[-1]]]), cache=cache, position_ids=pos)
         ids.append(int(out.logits[0, -1].argmax()))
-    return [i for i in ids if i != eos], time.perf_counter() - t0
+    return [i for i in ids if i != eos], time.perf_counter() - t0, kv
 
 
 def run_task(model, tok, samples, methods, ratio, kind, steps, metric, log) -> dict:
@@ -86,13 +89,14 @@ def run_task(model, tok, samples, methods, ratio, kind, steps, metric, log) -> d
         label, policy = policy_of(name, ratio)
         ix.restore(model)
         ix.optimize(model, *([policy] if policy is not None else []))
-        times, preds = [], []
+        times, preds, kv = [], [], []
         for c_ids, q_ids in ids:
-            gen, s = answer(model, policy is not None, c_ids, q_ids, steps, tok.eos_token_id)
+            gen, s, held = answer(model, policy is not None, c_ids, q_ids, steps, tok.eos_token_id)
             times.append(s)
+            kv.append(held)
             preds.append(postprocess(tok.decode(gen, skip_special_tokens=True)))
         res[label] = {"press": name, "ratio": 0.0 if policy is None else ratio, "score": metric(preds, refs),
-                      "s": sum(times) / len(times), "times": times, "preds": preds}
+                      "s": sum(times) / len(times), "times": times, "kv": sum(kv) / len(kv), "preds": preds}
         log(f"  {label}: {res[label]['score']:.1f}  (median {sorted(times)[len(times) // 2]:.2f} s/sample)")
     return res
 
