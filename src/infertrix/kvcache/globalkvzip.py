@@ -11,7 +11,8 @@ tokens the reconstruction reads more keeps more of them. The bytes held are then
 
 Each row is allocated on its own scores; in a batch a layer stores its largest row's count and hides
 the other rows' extra slots (their next-best tokens) by the per-head mask :class:`~.adakv.AdaKV` uses,
-so a padded row keeps what it keeps alone.
+so a padded row keeps what it keeps alone when the budget is a token count (with a ratio the budget
+follows the padded length, as for every policy: docs/kvcache.md, "Padding").
 """
 
 from __future__ import annotations
