@@ -176,12 +176,54 @@ def test_without_a_tokenizer_the_prompt_is_reread_alone_and_describe_says_so():
     assert "no tokenizer" in ix.describe(model).transforms[0]["report"]["reconstruction"]
 
 
-def test_decode_time_compression_is_refused_before_the_model_changes():
-    with pytest.raises(ConfigError, match="decode_interval must be 0"):
-        KVzip(decode_interval=4)
+def test_decoded_tokens_are_reread_every_decode_interval_and_the_cache_stays_in_its_budget():
     model = tiny()
-    with pytest.raises(ConfigError, match="decode_interval must be 0"):
-        ix.optimize(model, "kvzip:0.5(decode_interval=4)")
-    assert ix.describe(model).transforms == []
+    ix.optimize(model, KVzip(budget=12, sink_tokens=2, decode_interval=4, tokenizer=byte_tokenizer()))
+    out = model.generate(prompt(5, 30), max_new_tokens=13, min_new_tokens=13, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    cache = out.past_key_values
+    # 12 decoded tokens were fed (the last is not): three re-reads, each back to 12, then none pending
+    assert cache.stored_lengths() == [12] * 4
+    for st in cache.states:
+        assert bool((st.aux["kvzip_scored"] > 0).all())  # every kept token scored, decoded ones too
+    assert "every 4 decoded tokens re-read" in ix.describe(model).transforms[0]["report"]["reconstruction"]
+    ix.restore(model)
+    ix.optimize(model, KVzip(budget=12, sink_tokens=2, tokenizer=byte_tokenizer()))
+    out = model.generate(prompt(5, 30), max_new_tokens=13, min_new_tokens=13, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    assert out.past_key_values.stored_lengths() == [12 + 12] * 4  # without it, decoded tokens are kept
+
+
+def test_a_decode_reread_equals_compressing_those_tokens_fed_as_one_chunk():
+    """Four tokens fed one at a time with decode_interval=4 are re-read as the chunk a 4-token forward
+    (prefill_min_tokens=4) would be: the same tokens kept, the same states to float rounding."""
+    model, ids, extra = tiny(), prompt(6, 30), prompt(7, 4)
+    caches = []
+    for interval, steps in ((4, 4), (0, 1)):  # four 1-token forwards, or one 4-token chunk
+        ix.restore(model)
+        ix.optimize(model, KVzip(budget=12, sink_tokens=2, decode_interval=interval, prefill_min_tokens=4,
+                                 tokenizer=byte_tokenizer()))
+        cache = new_cache(model)
+        with torch.no_grad():
+            model(ids, cache=cache)
+            for j in range(0, 4, 4 // steps):
+                part = extra[:, j : j + 4 // steps]
+                model(part, cache=cache, position_ids=torch.arange(30 + j, 30 + j + part.shape[1])[None])
+        caches.append(cache)
+    a, b = caches
+    assert a.stored_lengths() == b.stored_lengths() == [12] * 4
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        torch.testing.assert_close(la.keys, lb.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_a_padded_batch_decodes_as_its_rows_alone_with_decode_interval():
+    model = tiny()
+    ix.optimize(model, KVzip(budget=12, sink_tokens=2, decode_interval=3, tokenizer=byte_tokenizer()))
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.randint(3, 128, (1, n), generator=g) for n in (28, 17, 22, 19)]
+    assert_rows_decode_as_alone(model, *left_padded(rows), rows, 8)
+
+
+def test_bad_fields_are_refused():
     with pytest.raises(ConfigError, match="chunk_size"):
         KVzip(chunk_size=0)

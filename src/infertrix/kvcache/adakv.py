@@ -74,7 +74,7 @@ class HeadBudgets(KVPolicy):
             raise ConfigError(
                 f"{name}.decode_interval must be 0, got {self.decode_interval}: head budgets are set when a prompt "
                 "is compressed, and rescoring while decoding runs over slots other heads hide, which differ with "
-                "the batch (a padded row would not decode as alone); use SnapKV or TOVA with decode_interval"
+                "the batch (a padded row would not decode as alone); use SnapKV, TOVA or KVzip with decode_interval"
             )
 
     def evict(self, layer, state: LayerState, scores: Tensor, target: int, visible: Tensor | None,

@@ -70,6 +70,12 @@ class GlobalKVzip(KVzip):
         if not isinstance(self.min_ratio, int | float) or not 0.0 <= self.min_ratio <= 1.0:
             raise ConfigError(f"GlobalKVzip.min_ratio must be in [0, 1] (a layer's floor as a fraction of the "
                               f"uniform budget), got {self.min_ratio!r}")
+        if self.decode_interval:
+            raise ConfigError(
+                f"GlobalKVzip.decode_interval must be 0, got {self.decode_interval}: in a batch a layer masks the "
+                "slots some rows do not keep, and rescoring while decoding would run over them (a padded row would "
+                "not decode as alone); use KVzip with decode_interval"
+            )
 
     def compress_scored(self, cache, keeps: dict[int, Tensor]) -> None:
         """Share the scored layers' summed budget by each row's scores pooled over them, then keep each

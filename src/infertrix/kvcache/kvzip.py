@@ -20,7 +20,10 @@ cache, scores each layer from its attention module's input (a forward hook per m
 forward only), crops the reconstruction's tokens off again (sliding-window layers are restored from a
 copy taken before), then compresses every layer to its budget. Only the current forward's tokens are
 reconstructed; tokens stored by earlier forwards keep the scores they had, and tokens decoded since
-(no prompt to re-read: they were never fed as a prompt) are kept, like another method's recent window.
+are kept, like another method's recent window. With ``decode_interval``, the ids of every forward that
+does not compress are kept on the cache (``UNREAD``) and re-read with the next compression's: every
+``decode_interval`` decoded tokens are reconstructed as a chunk of their own (the paper's chunked
+reconstruction applied to generated text), so a long generation stays within the budget.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 CONTINUE_PROMPT = ("\n\nRepeat the part of the previous context exactly, starting with ", ":\n")
 OVERLAP_TOKENS = 8
 QUERY_BLOCK = 256  # reconstruction queries scored at once (bounds the [G x block x keys] probabilities)
+UNREAD = "kvzip_unread"  # a cache's attribute: ids [B, n] fed since its last compression (decode_interval)
 
 # per model: (the repeat prompts' ids, or None, and where they came from), found once
 _PROMPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -72,6 +76,16 @@ def reconstruction_scores(queries: Tensor, keys: Tensor, skip: int, context: int
         probs = torch.softmax(logits, dim=-1)[..., skip : skip + context]
         best = torch.maximum(best, probs.amax(dim=(1, 2)))
     return best
+
+
+def _unread(cache, ids: Tensor | None) -> Tensor | None:
+    """The ids [B, n] fed to ``cache`` since its last compression and not re-read yet, then ``ids``: a
+    batch of another size (rows retired or reordered) drops the earlier ones (kept unscored, as decoded
+    tokens are without ``decode_interval``)."""
+    earlier = getattr(cache, UNREAD, None)
+    if ids is None or earlier is None or earlier.shape[0] != ids.shape[0]:
+        return ids
+    return torch.cat([earlier, ids], dim=1)
 
 
 def repeat_prompts(model: nn.Module, tokenizer: Any = None) -> tuple[tuple[Tensor, ...] | None, str]:
@@ -214,8 +228,10 @@ class KVzip(KVPolicy):
     Costs a second forward over every prompt it compresses (about twice the prefill's compute,
     prompt plus repeat prompt, plus the scores' ``chunk x (chunk + input)`` attention per head), and the
     prefill's peak memory is the full cache's (every layer is compressed after the reconstruction).
-    Lossy. Compresses prompts only (``decode_interval`` must be 0). Batches: each row reconstructs its
-    own tokens in its own chunks, so a padded row scores as alone.
+    Lossy. Without ``decode_interval`` decoded tokens are kept (no prompt to re-read); with it, every
+    ``decode_interval`` tokens fed since the last compression (decoded ones, short prompt chunks) are
+    re-read the same way, after the repeat prompt, and the cache is compressed back to the budget.
+    Batches: each row reconstructs its own tokens in its own chunks, so a padded row scores as alone.
 
     - ``chunk_size``: prompt tokens reconstructed per forward (the paper: 2K).
     - ``sink_tokens``: first tokens always kept, and in every chunk's softmax (kvpress: 4).
@@ -236,12 +252,6 @@ class KVzip(KVPolicy):
             raise ConfigError(f"KVzip.chunk_size must be a positive token count (the paper: 2048), got {self.chunk_size!r}")
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ConfigError(f"KVzip.sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
-        if self.decode_interval:
-            raise ConfigError(
-                f"KVzip.decode_interval must be 0, got {self.decode_interval}: KVzip scores a prompt by having the "
-                "model re-read it, and decoded tokens are no prompt; to compress while decoding use SnapKV or TOVA "
-                "with decode_interval"
-            )
 
     def fixed_part(self) -> tuple[int, str, str]:
         return self.sink_tokens, f"the attention sinks, sink_tokens={self.sink_tokens}", "fewer sink_tokens"
@@ -256,8 +266,10 @@ class KVzip(KVPolicy):
         applied = super().apply(model)
         report = applied.report
         where = repeat_prompts(model, self.tokenizer)[1]
+        decoded = (f"every {self.decode_interval} decoded tokens re-read the same way" if self.decode_interval
+                   else "decoded tokens kept")
         applied.report = lambda: {**report(), "reconstruction": (
-            f"a second forward over each compressed prompt, {self.chunk_size} tokens a chunk; {where}")}
+            f"a second forward over each compressed prompt, {self.chunk_size} tokens a chunk; {decoded}; {where}")}
         return applied
 
     def score(self, ctx: ScoreContext) -> Tensor:
@@ -281,18 +293,24 @@ class KVzip(KVPolicy):
 
     def after_forward(self, model, cache, input_ids, attention_mask, position_ids) -> bool:
         ranks = [r for r, st in enumerate(cache.states) if isinstance(st.pending, _Pending)]
+        ids_given = isinstance(input_ids, Tensor) and not input_ids.is_floating_point()
+        unread = _unread(cache, input_ids if ids_given else None)  # tokens since the last compression, then these
         if not ranks:
+            if self.decode_interval and ids_given:  # re-read at the next compression (decode_interval)
+                setattr(cache, UNREAD, unread)
             return False
         try:
-            if not isinstance(input_ids, Tensor) or input_ids.is_floating_point():
+            if not ids_given:
                 raise ConfigError("KVzip re-reads the prompt from its token ids; call the model with input_ids, "
                                   "not inputs_embeds")
             with torch.no_grad():
-                scores = _Reconstruction(self, model, cache, input_ids, attention_mask, position_ids, ranks).run()
+                scores = _Reconstruction(self, model, cache, unread, attention_mask, position_ids, ranks).run()
                 self.compress_scored(cache, {r: self.keep_scores(cache, r, scores[r]) for r in ranks})
         finally:
             for r in ranks:
                 cache.states[r].pending = None
+            if hasattr(cache, UNREAD):
+                delattr(cache, UNREAD)
         return True
 
     def keep_scores(self, cache, rank: int, new: Tensor) -> Tensor:
@@ -325,4 +343,5 @@ class KVzip(KVPolicy):
     @staticmethod
     def finish(layer, state) -> None:
         state.pending = None
+        state.steps_since_compress = 0  # also when nothing was evicted: the next re-read is decode_interval away
         layer.flush()  # KIVI: quantize what is kept (held back while the compression was pending)
