@@ -28,14 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ruler_samples import (
-    ROOT,
-    load_samples,
-    postprocess,
-    ruler_setup,
-    split_question,
-    stamped_log,
-)
+from benchmarks import ruler_samples as rs
 
 
 def policy_of(name: str, ratio: float):
@@ -80,7 +73,7 @@ def run_task(model, tok, samples, methods, ratio, kind, steps, metric, log) -> d
     """{label: {press, ratio, score, s, times, preds}} for one task's samples, each run alone."""
     import infertrix as ix
 
-    parts = [split_question(s["input"], kind) for s in samples]
+    parts = [rs.split_question(s["input"], kind) for s in samples]
     ids = [(torch.tensor([tok(c).input_ids]), torch.tensor([tok(q, add_special_tokens=False).input_ids]))
            for c, q in parts]
     refs = [s["outputs"] for s in samples]
@@ -94,7 +87,7 @@ def run_task(model, tok, samples, methods, ratio, kind, steps, metric, log) -> d
             gen, s, held = answer(model, policy is not None, c_ids, q_ids, steps, tok.eos_token_id)
             times.append(s)
             kv.append(held)
-            preds.append(postprocess(tok.decode(gen, skip_special_tokens=True)))
+            preds.append(rs.postprocess(tok.decode(gen, skip_special_tokens=True)))
         res[label] = {"press": name, "ratio": 0.0 if policy is None else ratio, "score": metric(preds, refs),
                       "s": sum(times) / len(times), "times": times, "kv": sum(kv) / len(kv), "preds": preds}
         log(f"  {label}: {res[label]['score']:.1f}  (median {sorted(times)[len(times) // 2]:.2f} s/sample)")
@@ -105,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     from infertrix.models import load
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "bench-out" / "ruler")
+    ap.add_argument("--data", type=Path, default=rs.ROOT / "bench-out" / "ruler")
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--tasks", nargs="*", default=["niah_single_1", "niah_multikey_1"])
     ap.add_argument("--samples", type=int, default=5, help="samples per task (the first N of each file)")
@@ -117,14 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: <data>/timing-ours.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    log = stamped_log()
-    kinds, metrics, gen_config = ruler_setup()
+    log = rs.stamped_log()
+    kinds, metrics, gen_config = rs.ruler_setup()
     model, tok = load("smollm2")
     out = args.out or args.data / "timing-ours.json"
     results = {}
     for task in args.tasks:
         kind = kinds[task]
-        samples = load_samples(args.data, args.length, task, args.samples)
+        samples = rs.load_samples(args.data, args.length, task, args.samples)
         steps = min(args.max_new, gen_config[kind]["tokens_to_generate"])
         log(f"{task}: {len(samples)} samples, {len(args.methods)} methods, each sample alone")
         results[task] = run_task(model, tok, samples, args.methods, args.ratio, kind, steps, metrics[kind], log)
