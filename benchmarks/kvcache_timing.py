@@ -32,14 +32,14 @@ from benchmarks import ruler_samples as rs
 
 
 def policy_of(name: str, ratio: float):
-    """(our label as benchmarks/kvcache_ruler.py writes it, the transform or None for the full cache)."""
-    import infertrix as ix
+    """(our label as benchmarks/kvcache_ruler.py writes it, the transform or None for the full cache):
+    the cell benchmarks/kvcache.py builds for class name ``name``."""
+    from benchmarks.kvcache import cells
 
     if name == "full":
         return "full cache", None
-    cls = ix.available("kvcache")[name.lower()]
-    label = cls.__name__.lower() if ratio == 0.5 else f"{cls.__name__.lower()}(compression={ratio:g})"
-    return label, cls(compression=ratio)
+    label, _, _, policy, _ = cells([ratio], 256, [name])[1]
+    return label, policy
 
 
 @torch.no_grad()
