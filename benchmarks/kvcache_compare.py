@@ -63,7 +63,7 @@ def side(cells: dict, tasks: list[str], full: dict | None, kv_key: str) -> dict:
     out["s"] = sum(cells[t]["s"] for t in tasks) / len(tasks)
     if all("times" in cells[t] for t in tasks):  # per-sample times (batch-1 runs): each task's median
         out["s"] = sum(statistics.median(cells[t]["times"]) for t in tasks) / len(tasks)
-    if full and all(kv_key in cells[t] or "kv" in cells[t] for t in tasks):
+    if full and all((kv_key in c[t] or "kv" in c[t]) for c in (cells, full) for t in tasks):
         kv = sum(cells[t].get(kv_key, cells[t]["kv"]) for t in tasks)
         out["kv"] = kv / sum(full[t].get(kv_key, full[t]["kv"]) for t in tasks)
     return out
