@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import kv_policies, left_padded, make_tiny
+from conftest import assert_rows_decode_as_alone, kv_policies, left_padded, make_tiny
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import infertrix as ix
@@ -100,13 +100,7 @@ def test_padded_batch_equals_rows_alone(arch, policy):
     model = make_tiny(arch)
     rows = ids_of(1, 30, 22, 26) if isinstance(policy, PyramidKV) else ids_of(1, 22, 9, 16)
     ix.optimize(model, policy)
-    batch, mask = left_padded(rows)
-    width = batch.shape[1]
-    seq, logits = greedy(model, batch, attention_mask=mask, max_new_tokens=5)
-    for i, r in enumerate(rows):
-        alone_seq, alone_logits = greedy(model, r, max_new_tokens=5)
-        assert torch.equal(seq[i, width:], alone_seq[0, r.shape[1] :]), f"row {i}"
-        torch.testing.assert_close(logits[i], alone_logits[0], atol=2e-4, rtol=1e-4)
+    assert_rows_decode_as_alone(model, *left_padded(rows), rows, 5)
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,5 @@ class GlobalKVzip(KVzip):
             if bool((counts[:, i] < layer.stored_length).any()):
                 shared = pooled[i][:, None, :].expand(-1, heads, -1)
                 keep_counts(layer, state, shared, counts[:, i, None].expand(-1, heads))
-            if self.decode_interval == 0:
-                state.queries = None
+            state.queries = None  # decode_interval is 0 (validate): no compression reads them before the next prompt
             self.finish(layer, state)
