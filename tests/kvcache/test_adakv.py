@@ -159,7 +159,3 @@ def test_bad_fields_are_refused():
         AdaKV(alpha=1.5)
     with pytest.raises(ConfigError, match="does not merge"):
         AdaKV(merge=True)
-    model = make_tiny("llama")
-    with pytest.raises(ConfigError, match="decode_interval must be 0"):
-        ix.optimize(model, "adakv:0.5(decode_interval=4)")
-    assert ix.describe(model).transforms == []

@@ -31,17 +31,20 @@ def test_allocate_passes_a_capped_layer_excess_on():
     assert allocate([1.0, 100.0, 1.0], 30, 4, 12) == [9, 12, 9]
 
 
-def test_tokens_for_mass_counts_the_heaviest_tokens():
-    scores = torch.tensor([[[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]]])  # [1, 2, 4]
-    assert tokens_for_mass(scores, 0.75) == pytest.approx((2 + 3) / 2)
+def test_tokens_for_mass_counts_the_heaviest_tokens_per_row():
+    row = [[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]]
+    scores = torch.tensor([row, row[::-1]])  # [2, 2, 4]: each row's heads, averaged per row
+    assert tokens_for_mass(scores, 0.75) == pytest.approx([(2 + 3) / 2] * 2)
+    assert tokens_for_mass(scores[:, :1], 0.75) == pytest.approx([2, 3])
 
 
 def test_layer_budgets_follow_density_and_keep_the_total(monkeypatch):
-    seen = {}
+    seen = {"rows": []}
     real = density_mod.allocate
 
     def spy(weights, total, low, high):
         seen["weights"], seen["out"] = weights, real(weights, total, low, high)
+        seen["rows"].append(seen["out"])
         return seen["out"]
 
     monkeypatch.setattr(density_mod, "allocate", spy)
@@ -52,7 +55,13 @@ def test_layer_budgets_follow_density_and_keep_the_total(monkeypatch):
             layer.self_attn.k_proj.weight.mul_(1 + 8 * i)
     ix.optimize(model, DensityKV(window_size=4, kernel_size=3, compression=0.5))
     cache = new_cache(model)
-    model(torch.randint(3, 128, (2, 40)), cache=cache)
+    pair = torch.randint(3, 128, (2, 40))
+    model(pair, cache=cache)
+    # each row is allocated on its own densities; a layer stores its largest row's count
+    assert len(seen["rows"]) == 2 and all(sum(r) == 4 * 20 for r in seen["rows"])
+    assert cache.stored_lengths() == [max(a, b) for a, b in zip(*seen["rows"], strict=True)]
+    cache = new_cache(model)
+    model(pair[:1], cache=cache)
     stored = cache.stored_lengths()
     assert stored == seen["out"]
     assert cache.state_bytes() == 0  # no recent queries left behind, even in uncompressed layers
@@ -65,7 +74,7 @@ def test_layer_budgets_follow_density_and_keep_the_total(monkeypatch):
     ix.restore(model)
     ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5))
     snap = new_cache(model)
-    model(torch.randint(3, 128, (2, 40)), cache=snap)
+    model(pair[:1], cache=snap)
     assert snap.kv_bytes() == cache.kv_bytes()
 
 

@@ -11,7 +11,7 @@ from conftest import make_tiny
 import infertrix as ix
 from infertrix.kvcache import ExpectedAttention
 from infertrix.kvcache.attention import compute_queries
-from infertrix.kvcache.policy import FORCE_KEEP
+from infertrix.kvcache.context import FORCE_KEEP
 from infertrix.kvcache.replay import record_prefill, replay
 
 

@@ -67,12 +67,18 @@ def test_a_padded_batch_decodes_as_its_rows_alone_and_says_what_the_rows_cost():
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(3, 128, (1, n), generator=g) for n in (28, 17, 22, 19)]
     assert_rows_decode_as_alone(model, *left_padded(rows), rows, 6)
+    batch, mask = left_padded(rows)
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    lead = [layer.lead for layer in out.past_key_values.evicting_layers if layer.lead is not None]
+    assert lead and all(int(x.min()) == 0 for x in lead)  # the widest row of a layer has none
     report = ix.describe(model).transforms[0]["report"]
-    assert "largest row's count" in report["kept_more_than_budget"]
+    assert "largest row's count" in report["filler_slots"]
+    engine = ix.describe(model).transforms[-1]["report"]
+    assert engine["engine_forwards"] > 0  # fillers decode on the engine: only prefills ran on the module path
+    assert all(why.startswith("a prefill chunk") for why in engine["fallbacks"]), engine["fallbacks"]
 
 
 def test_bad_fields_are_refused():
     with pytest.raises(ConfigError, match="min_ratio must be in"):
         GlobalKVzip(min_ratio=1.5)
-    with pytest.raises(ConfigError, match="decode_interval must be 0"):
-        GlobalKVzip(decode_interval=8)

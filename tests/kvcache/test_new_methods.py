@@ -119,8 +119,9 @@ def test_cake_prefers_layers_whose_attention_is_spread_and_shifting():
     fixed[..., 0] = 1.0  # every query attends one token: no dispersion, no shift
     spread_still = torch.full((1, 1, 4, s), 1 / s)  # dispersed but the same for every query
     shifting = torch.eye(s)[None, None, :4] * 0.5 + 0.5 / s  # dispersed and shifting
-    prefs = [layer_preference(p, 1.0, 1.0) for p in (fixed, spread_still, shifting)]
+    prefs = [layer_preference(p, 1.0, 1.0)[0] for p in (fixed, spread_still, shifting)]
     assert prefs[0] == 0 and prefs[1] == 0 and prefs[2] > 0
+    assert layer_preference(torch.cat([fixed, shifting]), 1.0, 1.0) == [prefs[0], prefs[2]]  # one per row
     # the budgets then follow the preferences (DensityKV's allocation)
     assert allocate([0.0, 1.0, 3.0], 36, 4, 30) == [4, 10, 22]
 

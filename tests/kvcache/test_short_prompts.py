@@ -38,7 +38,8 @@ def kept_more_count(model) -> int:
 
 def generate_and_check(model, transform, ids, mask=None) -> None:
     """Greedy 2 tokens; for a policy, describe() counts a new kept-more case exactly when the prefill
-    kept more than the requested budget (per layer, summed; pads count as seen tokens)."""
+    kept more than the requested budget in some row (per layer, summed; each row's budget follows its
+    own length, its pads not counted)."""
     before = kept_more_count(model)
     out = model.generate(
         ids,
@@ -54,12 +55,17 @@ def generate_and_check(model, transform, ids, mask=None) -> None:
         return
     cache = out.past_key_values
     assert isinstance(cache, PolicyCache)
-    stored = cache.stored_lengths()
-    kept = sum(stored) - len(stored)  # the decoding step appended one token per layer
-    requested = transform.requested(ids.shape[1]) * len(stored)
+    layers = cache.evicting_layers
+    lengths = [ids.shape[1]] * ids.shape[0] if mask is None else mask.sum(-1).tolist()  # each row's own budget
+    kept, requested = [], []
+    for b, n in enumerate(lengths):
+        # a row's slots after its kept pads and fillers, less the token the decoding step appended
+        first = [0 if (f := layer.first_slots(cache.row_pads)) is None else int(f[b]) for layer in layers]
+        kept.append(sum(layer.stored_length - f - 1 for layer, f in zip(layers, first, strict=True)))
+        requested.append(transform.requested(n) * len(layers))
     reported = kept_more_count(model) > before
-    assert reported == (kept > requested), (
-        f"{ids.shape[1]} tokens: kept {kept}, requested {requested}, reported {reported}: "
+    assert reported == any(k > r for k, r in zip(kept, requested, strict=True)), (
+        f"{lengths} tokens: kept {kept}, requested {requested}, reported {reported}: "
         f"{ix.describe(model)}"
     )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -139,8 +140,8 @@ def begin(layer: DynamicLayer, like: Tensor, batch: int, kv_heads: int, t: int, 
           pads: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
     """Room for ``t`` new tokens in ``layer``: (key buffer, value buffer, the slot they go to, each
     row's first valid slot). ``pads`` [B]: each row's left padding in position space; an evicting
-    layer evicts pads first and keeps the rest in order, so its first ``pads - evicted`` slots are
-    the kept pads (kvcache/cache.py's module docstring)."""
+    layer's rows start after their kept pads and lead fillers (``EvictingLayer.first_slots``,
+    kvcache/cache.py's module docstring)."""
     if isinstance(layer, EngineLayer):
         index = layer.length
         layer.reserve(like, batch, kv_heads, index + t, head_dim)
@@ -149,8 +150,10 @@ def begin(layer: DynamicLayer, like: Tensor, batch: int, kv_heads: int, t: int, 
     if not layer.is_initialized:
         layer.lazy_initialization(empty, empty)
     index = layer.reserve(t, empty, empty)
-    evicted = layer.cumulative_length - index if isinstance(layer, EvictingLayer) else 0
-    return layer.kbuf, layer.vbuf, index, (pads - evicted).clamp_min(0) if evicted else pads
+    if not isinstance(layer, EvictingLayer):
+        return layer.kbuf, layer.vbuf, index, pads
+    first = layer.first_slots(pads)
+    return layer.kbuf, layer.vbuf, index, torch.zeros_like(pads) if first is None else first
 
 
 def commit(layer: DynamicLayer, t: int) -> None:

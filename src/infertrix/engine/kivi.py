@@ -26,10 +26,10 @@ def reads_codes(layer: object) -> bool:
 
 
 def _mask(layer: EvictingLayer, pads: Tensor) -> Tensor | None:
-    """The additive [B, stored] mask hiding each row's kept pads (its first stored slots)."""
+    """The additive [B, stored] mask hiding each row's kept pads and lead fillers (its first stored slots)."""
     stored = layer.stored_length
-    start = (pads - (layer.cumulative_length - stored)).clamp_min(0)
-    if not bool(start.any()):
+    start = layer.first_slots(pads)
+    if start is None:
         return None
     slots = torch.arange(stored, device=pads.device)
     hidden = slots[None] < start[:, None]

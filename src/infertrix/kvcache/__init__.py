@@ -16,17 +16,17 @@ from .adakv import AdaKV as AdaKV
 from .adakv import AdaKVzip as AdaKVzip
 from .attach import new_cache
 from .cache import (
-    CacheCapabilities,
     CacheCropError,
     EvictingCache,
     EvictingLayer,
     GrowingCache,
     GrowingLayer,
-    capabilities,
     full_attention_layers,
 )
 from .cake import CAKE as CAKE
+from .capabilities import CacheCapabilities, capabilities
 from .chunkkv import ChunkKV as ChunkKV
+from .context import ScoreContext
 from .d2o import D2O as D2O
 from .density import DensityKV as DensityKV
 from .expected_attention import ExpectedAttention as ExpectedAttention
@@ -42,7 +42,7 @@ from .knorm import KNorm as KNorm
 from .kvzip import KVzip as KVzip
 from .lagkv import LagKV as LagKV
 from .merge import merge_evicted
-from .policy import KVPolicy, ScoreContext
+from .policy import KVPolicy
 from .policy_cache import LayerState, PolicyCache
 from .pyramidkv import PyramidKV as PyramidKV
 from .rkv import RKV as RKV

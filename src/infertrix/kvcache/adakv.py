@@ -34,6 +34,7 @@ from ..core import ConfigError, register_transform
 from .kvzip import KVzip
 from .policy import KVPolicy
 from .policy_cache import HIDDEN, LayerState
+from .rows import best, keep_counts
 from .snapkv import SnapKV
 
 
@@ -45,12 +46,12 @@ def head_budgets(scores: Tensor, target: int, alpha: float) -> Tensor:
     floor = min(target, max(1, int(alpha * target))) if alpha > 0 else 0
     ranked = scores
     if floor:  # the safeguard: each head's own best first
-        best = scores.topk(floor, dim=-1)
-        ranked = scores.scatter(-1, best.indices, torch.where(best.values > float("-inf"), float("inf"), best.values))
+        values, index = best(scores, floor)
+        ranked = scores.scatter(-1, index, torch.where(values > float("-inf"), float("inf"), values))
     flat = ranked.reshape(b, h * s)
-    chosen = flat.topk(min(h * target, h * s), dim=-1)
-    counted = (chosen.values > float("-inf")).long()
-    return torch.zeros(b, h, dtype=torch.long, device=scores.device).scatter_add_(1, chosen.indices // s, counted)
+    values, index = best(flat, min(h * target, h * s))
+    counted = (values > float("-inf")).long()
+    return torch.zeros(b, h, dtype=torch.long, device=scores.device).scatter_add_(1, index // s, counted)
 
 
 @dataclass
@@ -70,19 +71,16 @@ class HeadBudgets(KVPolicy):
             raise ConfigError(f"{name}.alpha must be in [0, 1] (a head's floor as a fraction of the budget), got {self.alpha!r}")
         if self.merge:
             raise ConfigError(f"{name} hides evicted tokens per head and does not merge them; use merge=False")
-        if self.decode_interval:
-            raise ConfigError(
-                f"{name}.decode_interval must be 0, got {self.decode_interval}: head budgets are set when a prompt "
-                "is compressed, and rescoring while decoding runs over slots other heads hide, which differ with "
-                "the batch (a padded row would not decode as alone); use SnapKV, TOVA or KVzip with decode_interval"
-            )
 
-    def evict(self, layer, state: LayerState, scores: Tensor, target: int, visible: Tensor | None,
+    def evict(self, layer, state: LayerState, scores: Tensor, target: int | list[int], visible: Tensor | None,
               keys: Tensor | None = None, values: Tensor | None = None) -> None:
-        """Keep the layer's ``target x H_kv`` best (head, token) pairs: each head's budget from
-        :func:`head_budgets`, stored at the largest head's count with the rest hidden per head."""
+        """Keep the layer's ``target x H_kv`` best (head, token) pairs of each row (``target``: one
+        count, or one per row): each head's budget from :func:`head_budgets`, stored at the row's
+        largest head's count with the rest hidden per head (:func:`~.rows.keep_counts`)."""
         scores = ranked_scores(state, scores, visible)
-        keep_counts(layer, state, scores, head_budgets(scores, target, self.alpha))
+        targets = target if isinstance(target, list) else [target] * scores.shape[0]
+        budgets = torch.cat([head_budgets(scores[i : i + 1], t, self.alpha) for i, t in enumerate(targets)])
+        keep_counts(layer, state, scores, budgets)
         if self.decode_interval == 0:
             state.queries = None
 
@@ -97,19 +95,6 @@ def ranked_scores(state: LayerState, scores: Tensor, visible: Tensor | None) -> 
     if visible is not None:
         scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
     return scores
-
-
-def keep_counts(layer, state: LayerState, scores: Tensor, budgets: Tensor) -> None:
-    """Keep each (row, KV head)'s best ``budgets`` [B, H] tokens of ``scores`` [B, H, S]: the layer
-    stores the largest count and hides the rest per row and head (no mask when every count is equal)."""
-    width = int(budgets.max())
-    ranked = scores.topk(width, dim=-1).indices  # best first: past a head's budget, hidden
-    hide = torch.arange(width, device=scores.device) >= budgets[..., None]
-    keep, order = ranked.sort(dim=-1)
-    layer.compress(keep)
-    state.keep(keep, layer.recent)
-    if bool(hide.any()) or HIDDEN in state.aux:
-        state.aux[HIDDEN] = torch.gather(hide, -1, order)
 
 
 @register_transform("adakv")

@@ -31,6 +31,7 @@ import warnings
 import weakref
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..core import Stage, UnsupportedModelError
@@ -215,6 +216,9 @@ class KVCacheSetup:
         cache = cache_argument(kwargs)
         if isinstance(cache, PolicyCache):
             ids = kwargs.get("input_ids", args[0] if args else None)
+            fed = ids if isinstance(ids, Tensor) else kwargs.get("inputs_embeds")
+            if isinstance(fed, Tensor) and fed.dim() >= 2:
+                cache.note_pads(kwargs.get("attention_mask"), fed.shape[1])  # before note_tokens: seen so far
             cache.note_tokens(ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None)
         if self.warned_plain_forward or self.scoring is not None or cache is not None:
             return None
@@ -268,8 +272,8 @@ class KVCacheSetup:
             if mask.shape[-1] > want:  # this layer holds fewer tokens than the longest: its suffix
                 kwargs["attention_mask"] = mask[..., -want:]
         self.row_masks.pop(module.layer_idx, None)
-        hidden_slots = state.aux.get(HIDDEN)
-        if hidden_slots is not None and hidden is not None:  # AdaKV's head budgets: one mask per KV head
+        hidden_slots = _hidden_slots(layer, state.aux.get(HIDDEN))
+        if hidden_slots is not None and hidden is not None:  # fillers, head budgets: one mask per KV head
             mask = kwargs.get("attention_mask")
             mask = mask if isinstance(mask, Tensor) and mask.dim() == 4 else None
             self.row_masks[module.layer_idx] = mask  # the policy tells pads from tokens by it
@@ -307,6 +311,22 @@ class KVCacheSetup:
         )
 
 
+def _hidden_slots(layer: EvictingLayer, per_head: Tensor | None) -> Tensor | None:
+    """[B, H_kv, h] the stored slots each KV head must not attend: ``per_head`` (head budgets) and each
+    row's ``lead`` fillers (kvcache/rows.py), or None when there are none."""
+    if layer.lead is None:
+        return per_head
+    s = layer.stored_length
+    hide = torch.arange(s, device=layer.lead.device)[None] < layer.lead[:, None]  # [B, S]
+    hide = hide[:, None, :].expand(-1, layer.keys.shape[1], -1)
+    if per_head is None:
+        return hide
+    h = min(s, per_head.shape[-1])
+    hide = hide.clone()
+    hide[..., :h] |= per_head[..., :h].bool()
+    return hide
+
+
 def cache_stats(cache: PolicyCache) -> dict[str, Any]:
     """KV bytes now vs. a plain DynamicCache holding the same tokens, and tokens seen/stored."""
     full, now = cache.full_kv_bytes(), cache.kv_bytes()
@@ -320,6 +340,11 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
         if len(set(stored)) == 1
         else f"{min(stored)}..{max(stored)} (per layer)",
     }
+    fillers = sum(int(layer.lead.sum()) for layer in cache.evicting_layers if layer.lead is not None)
+    if fillers:
+        rows = sum(layer.keys.shape[0] * layer.stored_length for layer in cache.evicting_layers if layer.is_initialized)
+        out["filler_slots"] = (f"{fillers} of {rows} stored row slots (a batch's rows keep their own budgets, and a "
+                               "layer stores its largest row's count: shorter rows' extra slots are hidden fillers)")
     out.update(cache.log.report())
     if cache.state_bytes():
         out["policy_state_bytes"] = cache.state_bytes()

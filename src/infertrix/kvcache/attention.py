@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .policy_cache import HIDDEN
 
 if TYPE_CHECKING:
-    from .policy import ScoreContext
+    from .context import ScoreContext
 
 
 def attention_probs(queries: Tensor, ctx: ScoreContext, logits_fn=None, end: int | None = None) -> Tensor:

@@ -25,21 +25,26 @@ Storage contract (what a decode engine may read and write):
   ``commit(n)``, which moves the views and (evicting layers) counts ``cumulative_length``/``recent``.
 - Evicting layers: ``cumulative_length`` (tokens ever seen: positions), ``stored_length``, ``recent``
   (trailing stored tokens guaranteed to be the most recent in every row and head: what ``crop`` can
-  undo), ``codes`` (None, or the KIVI store: ``codes.keys``/``codes.values`` code tuples). Read-only
+  undo), ``lead`` (None, or [batch] leading slots per row that hold no token: see ``first_slots``),
+  ``codes`` (None, or the KIVI store: ``codes.keys``/``codes.values`` code tuples). Read-only
   for an engine; ``compress``, ``flush`` and ``crop`` change them.
 
 Why the padding masks stay right after eviction: stored tokens are kept in position order and pads
 are evicted first, so with left padding the kept pads of a row are its first stored slots, exactly as
 many as the zeros in the right-aligned window ``[cumulative - stored, cumulative)`` of that row's 2D
-mask. Layers may hold different lengths (PyramidKV); the cache then reports the longest one and the
-attention pre-hook gives each layer the suffix of the mask that matches its own length.
+mask. Rows of a batch may keep different counts (each row's budget follows its own length, not the
+padded one): the layer then stores the largest row's count and a shorter row's first ``lead[b]``
+slots hold no token of it (fillers, hidden like pads): ``first_slots`` gives each row's first valid
+slot from both, and the attention pre-hook and the decode engine start each row there, so a row's
+slots after its lead are what it stores alone. Layers may hold different lengths (PyramidKV); the
+cache then reports the longest one and the attention pre-hook gives each layer the suffix of the mask
+that matches its own length.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,34 +74,6 @@ def full_attention_layers(config) -> list[int]:
     """Indices of the decoder's plain ``full_attention`` layers (those an EvictingCache evicts in)."""
     layer_types, _ = _layer_types(config)
     return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
-
-
-@dataclass(frozen=True)
-class CacheCapabilities:
-    """What a cache can undo, for callers that roll back (speculative decoding).
-
-    - ``rollback``: ``"any"``: ``crop`` removes any trailing tokens exactly; ``"recent"``: only those
-      still stored exactly (``EvictingLayer.recent``), else :class:`CacheCropError`; ``"none"``.
-    - ``select_rows``: ``batch_select_indices`` drops finished rows exactly.
-    - ``ragged_rows``: rows may hold masked slots between their tokens, not only left padding.
-    """
-
-    rollback: str
-    select_rows: bool
-    ragged_rows: bool
-
-
-def capabilities(cache: Any) -> CacheCapabilities:
-    """The cache's own ``capabilities()``, or what a stock transformers cache supports."""
-    own = getattr(cache, "capabilities", None)
-    if callable(own):
-        return own()
-    layers = list(getattr(cache, "layers", ()))
-    croppable = bool(layers) and all(getattr(layer, "is_croppable", False) for layer in layers)
-    # exact layer types: subclasses (quantized layers) keep state that batch selection misses
-    plain = isinstance(cache, DynamicCache) and bool(layers)
-    plain = plain and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in layers)
-    return CacheCapabilities("any" if croppable else "none", select_rows=plain, ragged_rows=True)
 
 
 class GrowingLayer(DynamicLayer):
@@ -191,6 +168,7 @@ class EvictingLayer(GrowingLayer):
         super().__init__(headroom=0.0, min_headroom=quant.group_size if quant else EVICTING_HEADROOM)
         self.cumulative_length = 0
         self.recent = 0
+        self.lead: Tensor | None = None  # [B] leading filler slots per row (rows that keep fewer than the widest)
         self.codes = None if quant is None else KIVIStore(quant, scratch)
 
     # -- sizes ---------------------------------------------------------------------------------------
@@ -212,6 +190,17 @@ class EvictingLayer(GrowingLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = self.stored_length
         return stored + query_length, self.cumulative_length - stored
+
+    def first_slots(self, pads: Tensor | None) -> Tensor | None:
+        """[B] each row's first slot holding one of its tokens (its kept pads, ``pads`` [B] being its
+        left padding in position space, and its ``lead`` fillers come before), or None when every row
+        starts at slot 0."""
+        first = None
+        if pads is not None and bool(pads.any()):
+            first = (pads - (self.cumulative_length - self.stored_length)).clamp_min(0)
+        if self.lead is not None:
+            first = self.lead if first is None else torch.maximum(first, self.lead.to(first.device))
+        return first if first is not None and bool(first.any()) else None
 
     # -- storage -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -237,11 +226,14 @@ class EvictingLayer(GrowingLayer):
             return self.keys, self.values
         return self.codes.with_residual(self.keys, self.values)
 
-    def compress(self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None) -> None:
-        """Keep tokens ``index`` ([B, H_kv, K] int64, ascending per row/head) and free the rest.
+    def compress(self, index: Tensor, keys: Tensor | None = None, values: Tensor | None = None,
+                 lead: Tensor | None = None) -> None:
+        """Keep tokens ``index`` ([B, H_kv, K] int64, ascending per row/head after its first
+        ``lead[b]`` slots) and free the rest.
 
         ``keys``/``values`` optionally replace the full-precision stored states first (merging
-        policies pass updated ones of the same shape).
+        policies pass updated ones of the same shape); ``lead`` [B]: how many of each row's first
+        kept slots are fillers (None: none), see ``first_slots``.
         """
         old = self.stored_length
         if keys is None:
@@ -250,6 +242,7 @@ class EvictingLayer(GrowingLayer):
         self._store(kv_gather(keys.contiguous(), index), kv_gather(values.contiguous(), index))
         if self.codes is not None:
             self.codes.clear()
+        self.lead = lead if lead is not None and bool(lead.any()) else None
         # how many trailing slots are still the most recent tokens in every row and head
         expect = torch.arange(old - k, old, device=index.device)
         run = torch.cumprod((index == expect).flip(-1).to(torch.int32), dim=-1).sum(-1)
@@ -298,6 +291,8 @@ class EvictingLayer(GrowingLayer):
         if not self.is_initialized:
             return
         self._store(fn(self.keys), fn(self.values))
+        if self.lead is not None:
+            self.lead = fn(self.lead)
         if self.codes is not None:
             self.codes.map_batch(fn)
 
@@ -314,6 +309,7 @@ class EvictingLayer(GrowingLayer):
         super().reset()
         self.cumulative_length = 0
         self.recent = 0
+        self.lead = None
         if self.codes is not None:
             self.codes.clear()
             self.codes.scratch.clear()
@@ -364,7 +360,9 @@ class EvictingCache(Cache):
     def evicting_layers(self) -> list[EvictingLayer]:
         return [self.layers[i] for i in self.evicting_indices]
 
-    def capabilities(self) -> CacheCapabilities:
+    def capabilities(self):
+        from .capabilities import CacheCapabilities  # that module reads this one's layer classes
+
         # rows evict as if their masked slots were left padding: no holes inside a row
         return CacheCapabilities("recent", select_rows=False, ragged_rows=False)
 

@@ -12,17 +12,17 @@ from torch import Tensor
 
 from ..core import ConfigError, register_transform
 from .attention import pool1d
+from .context import FORCE_KEEP, ScoreContext
 from .density import DensityKV
-from .policy import FORCE_KEEP, ScoreContext
 
 
-def layer_preference(probs: Tensor, tau1: float, tau2: float) -> float:
+def layer_preference(probs: Tensor, tau1: float, tau2: float) -> list[float]:
     """CAKE's preference of a layer from its window attention [B, H, Q, S]: the entropy of the mean over
     queries (how spread) to ``1 / tau1`` times the summed variance across queries (how it shifts) to
-    ``1 / tau2``, averaged over rows and heads."""
+    ``1 / tau2``, averaged over heads, one per row."""
     mean, var = probs.mean(dim=2), probs.var(dim=2, correction=0)
     entropy = -(mean * mean.clamp_min(1e-30).log()).sum(-1)
-    return float((entropy.clamp_min(0).pow(1 / tau1) * var.sum(-1).pow(1 / tau2)).mean())
+    return (entropy.clamp_min(0).pow(1 / tau1) * var.sum(-1).pow(1 / tau2)).mean(-1).tolist()
 
 
 @register_transform("cake")
@@ -33,8 +33,8 @@ class CAKE(DensityKV):
     window's mean attention (spatial dispersion) to the power ``1 / tau1`` times its variance across
     the window's queries, summed over tokens (temporal shift), to the power ``1 / tau2``. A token
     scores its pooled mean attention plus ``gamma`` times its pooled variance across the window, so
-    tokens some queries need strongly are kept too. As DensityKV, a batch's rows share a layer's
-    budget. Lossy.
+    tokens some queries need strongly are kept too. As DensityKV, each row's budgets follow its own
+    preferences. Lossy.
 
     - ``tau1``, ``tau2``: temperatures of the dispersion and shift terms (> 0; larger flattens them).
     - ``gamma``: weight of the variance in the token score (>= 0; 0 is SnapKV's score).

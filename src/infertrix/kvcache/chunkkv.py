@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, ScoreContext
+from .context import FORCE_KEEP, ScoreContext
 from .window import ObservationWindowPolicy
 
 

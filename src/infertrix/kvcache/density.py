@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, ScoreContext
+from .context import FORCE_KEEP, ScoreContext, over_budget
 from .snapkv import SnapKV
 
 
-def tokens_for_mass(scores: Tensor, mass: float) -> float:
-    """Mean over rows and heads of the fewest tokens whose [B, H, S] scores hold ``mass`` of the total."""
+def tokens_for_mass(scores: Tensor, mass: float) -> list[float]:
+    """Each row's mean over heads of the fewest tokens whose [B, H, S] scores hold ``mass`` of the total."""
     p = scores.float().clamp_min(0).sort(dim=-1, descending=True).values
     share = p.cumsum(-1) / p.sum(-1, keepdim=True).clamp_min(1e-30)
-    return float(((share < mass).sum(-1) + 1).float().mean())
+    return ((share < mass).sum(-1) + 1).float().mean(-1).tolist()
 
 
 def allocate(weights: list[float], total: int, low: int, high: int) -> list[int]:
@@ -65,8 +65,8 @@ class DensityKV(SnapKV):
 
     The budgets need every layer's density, so each layer is scored right after its attention and all
     are compressed after the last layer of the forward: the prefill's peak memory is then the full
-    cache's (as with no policy). Layers hold different lengths (like PyramidKV), and a batch's rows
-    share a layer's budget, so a padded row equals the row run alone only if the densities match.
+    cache's (as with no policy). Layers hold different lengths (like PyramidKV); each row's budgets
+    follow its own densities and length, so a padded row keeps what it keeps alone.
 
     - ``mass``: share of the attention the density counts tokens for (ZigZagKV uses 0.9).
     - ``min_ratio``: floor of a layer's budget as a fraction of the average budget.
@@ -92,20 +92,28 @@ class DensityKV(SnapKV):
             self.compress_all(ctx.cache)
 
     def compress_all(self, cache) -> None:
-        """Allocate the budgets of the layers scored in this forward, then compress each of them."""
-        todo = [(lay, st) for lay, st in zip(cache.evicting_layers, cache.states, strict=True) if st.pending is not None]
+        """Allocate each row's budgets over the layers scored in this forward (on its own densities and
+        length, as alone), then compress each of them."""
+        todo = [(r, lay, st) for r, (lay, st) in enumerate(zip(cache.evicting_layers, cache.states, strict=True))
+                if st.pending is not None]
         if not todo:
             return
-        seen = todo[0][0].cumulative_length
-        avg = self.target(seen)
-        low = min(seen, max(self.window_size, math.ceil(self.min_ratio * avg), 1))
-        targets = allocate([st.pending[2] for _, st in todo], avg * len(todo), low, seen)
-        for (lay, st), target in zip(todo, targets, strict=True):
+        per_layer = [self.row_targets(cache, r) for r, _, _ in todo]  # [L][B] uniform targets, counted
+        targets = [[] for _ in todo]
+        for b in range(len(per_layer[0])):
+            seen = cache.row_seen(cache.evicting_indices[todo[0][0]])[b]
+            avg = per_layer[0][b]
+            low = min(seen, max(self.window_size, math.ceil(self.min_ratio * avg), 1))
+            row = allocate([st.pending[2][b] for _, _, st in todo], avg * len(todo), low, seen)
+            for i, t in enumerate(row):
+                targets[i].append(t)
+        for (_, lay, st), target in zip(todo, targets, strict=True):
             scores, visible, _ = st.pending
             st.pending = None
-            self.log_step(cache.log, lay.cumulative_length)
-            if lay.stored_length > target:
+            if over_budget(target, lay.stored_length, visible):
                 self.evict(lay, st, scores, target, visible)
-            elif self.decode_interval == 0:
-                st.queries = None
+            else:
+                st.steps_since_compress = 0  # the next check is decode_interval away, whatever the other rows
+                if self.decode_interval == 0:
+                    st.queries = None
             lay.flush()  # KIVI: quantize what is kept (held back while the compression was pending)

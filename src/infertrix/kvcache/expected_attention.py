@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from ..core import ConfigError, register_transform
 from .attention import rotate_half
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext
+from .context import FORCE_KEEP, ScoreContext
+from .policy import KVPolicy
 
 
 def rope_frequencies(config, head_dim: int) -> Tensor:

@@ -9,10 +9,10 @@ layers share the model's budget (the uniform budget times the layers) by those s
 tokens the reconstruction reads more keeps more of them. The bytes held are then the budget's, as
 :class:`~.kvzip.KVzip`'s, where :class:`~.adakv.AdaKVzip` holds each layer's largest head's count.
 
-Each row is allocated on its own scores; in a batch a layer stores its largest row's count and hides
-the other rows' extra slots (their next-best tokens) by the per-head mask :class:`~.adakv.AdaKV` uses,
-so a padded row keeps what it keeps alone when the budget is a token count (with a ratio the budget
-follows the padded length, as for every policy: docs/kvcache.md, "Padding").
+Each row is allocated on its own scores and its own length; in a batch a layer stores its largest
+row's count and the other rows' extra slots are lead fillers (:mod:`~.rows`), so a padded row keeps
+and decodes what it does alone, on the decode engine too. With ``decode_interval`` every re-read
+(:class:`~.kvzip.KVzip`) re-ranks all layers.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .adakv import keep_counts, ranked_scores
+from .adakv import ranked_scores
 from .kvzip import KVzip
+from .rows import best, keep_counts
 
 
 def layer_counts(pooled: list[Tensor], totals: Tensor, floor: int) -> Tensor:
@@ -35,16 +36,16 @@ def layer_counts(pooled: list[Tensor], totals: Tensor, floor: int) -> Tensor:
     for p in pooled:
         f = min(floor, p.shape[-1])
         if f:
-            best = p.topk(f, dim=-1)
-            p = p.scatter(-1, best.indices, torch.where(best.values > float("-inf"), float("inf"), best.values))
+            values, index = best(p, f)
+            p = p.scatter(-1, index, torch.where(values > float("-inf"), float("inf"), values))
         ranked.append(p)
     flat = torch.cat(ranked, -1)
     sizes = torch.tensor([p.shape[-1] for p in pooled], device=flat.device)
     layer_of = torch.repeat_interleave(torch.arange(len(pooled), device=flat.device), sizes)
-    top = flat.topk(int(min(int(totals.max()), flat.shape[-1])), dim=-1)
-    counted = (top.values > float("-inf")) & (torch.arange(top.values.shape[-1], device=flat.device) < totals[:, None])
+    values, index = best(flat, int(min(int(totals.max()), flat.shape[-1])))
+    counted = (values > float("-inf")) & (torch.arange(values.shape[-1], device=flat.device) < totals[:, None])
     counts = torch.zeros(flat.shape[0], len(pooled), dtype=torch.long, device=flat.device)
-    return counts.scatter_add_(1, layer_of[top.indices], counted.long())
+    return counts.scatter_add_(1, layer_of[index], counted.long())
 
 
 @register_transform("globalkvzip")
@@ -55,7 +56,7 @@ class GlobalKVzip(KVzip):
     each row, a token scoring its best KV head's score and every head of a layer keeping the same tokens;
     each layer keeps at least ``min_ratio`` of the uniform budget (and the sinks). Memory: the budget's
     (layers hold different lengths, as PyramidKV's); in a batch a layer stores its largest row's count
-    and masks the other rows' extra slots. Costs KVzip's second forward per compressed prompt. Lossy.
+    (the other rows' extra slots are hidden fillers). Costs KVzip's second forward per compressed prompt. Lossy.
 
     - ``min_ratio``: a layer's floor as a fraction of the uniform budget (0: none; the paper's global
       ranking has none).
@@ -70,35 +71,29 @@ class GlobalKVzip(KVzip):
         if not isinstance(self.min_ratio, int | float) or not 0.0 <= self.min_ratio <= 1.0:
             raise ConfigError(f"GlobalKVzip.min_ratio must be in [0, 1] (a layer's floor as a fraction of the "
                               f"uniform budget), got {self.min_ratio!r}")
-        if self.decode_interval:
-            raise ConfigError(
-                f"GlobalKVzip.decode_interval must be 0, got {self.decode_interval}: in a batch a layer masks the "
-                "slots some rows do not keep, and rescoring while decoding would run over them (a padded row would "
-                "not decode as alone); use KVzip with decode_interval"
-            )
 
     def compress_scored(self, cache, keeps: dict[int, Tensor]) -> None:
-        """Share the scored layers' summed budget by each row's scores pooled over them, then keep each
-        layer's count per row (the same tokens in every KV head)."""
+        """Share each row's summed budget of the scored layers by its scores pooled over them, then keep
+        each layer's count per row (the same tokens in every KV head; rows keeping fewer than the most
+        get lead fillers, :mod:`~.rows`)."""
         ranks = list(keeps)
         layers = [cache.evicting_layers[r] for r in ranks]
         states = [cache.states[r] for r in ranks]
         scores = [ranked_scores(st, keeps[r], st.pending.visible) for r, st in zip(ranks, states, strict=True)]
         pooled = [s.amax(dim=1) for s in scores]  # [B, S_l]: a token's best head
-        targets = [self.layer_target(ly.cumulative_length, r, len(cache.states)) for r, ly in zip(ranks, layers, strict=True)]
-        floor = max(self.sink_tokens, int(self.min_ratio * min(targets)))
-        b = pooled[0].shape[0]
-        totals = torch.full((b,), sum(targets), dtype=torch.long, device=pooled[0].device)
-        counts = layer_counts(pooled, totals, floor)
-        widest = counts[int(counts.sum(-1).argmax())]  # the row that keeps the most
+        targets = [self.row_targets(cache, r) for r in ranks]  # [L][B]
+        rows = []
+        for b in range(pooled[0].shape[0]):  # each row on its own scores and budget, as alone
+            row_targets = [t[b] for t in targets]
+            floor = max(self.sink_tokens, int(self.min_ratio * min(row_targets)))
+            total = torch.tensor([sum(row_targets)], device=pooled[0].device)
+            rows.append(layer_counts([p[b : b + 1] for p in pooled], total, floor))
+        counts = torch.cat(rows)  # [B, L]
         for i, (layer, state) in enumerate(zip(layers, states, strict=True)):
-            self.log_step(cache.log, layer.cumulative_length)
-            if int(counts[:, i].max()) > int(widest[i]):
-                cache.log.note("the batch's rows split the budget over layers differently, and a layer stores its "
-                               "largest row's count (the other rows' extra slots masked)")
             heads = scores[i].shape[1]
             if bool((counts[:, i] < layer.stored_length).any()):
                 shared = pooled[i][:, None, :].expand(-1, heads, -1)
                 keep_counts(layer, state, shared, counts[:, i, None].expand(-1, heads))
-            state.queries = None  # decode_interval is 0 (validate): no compression reads them before the next prompt
+            if self.decode_interval == 0:
+                state.queries = None  # no compression reads them before the next prompt
             self.finish(layer, state)

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from ..core import ConfigError, register_transform
 from .attention import attention_probs
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext
+from .context import ScoreContext, keep_recent
+from .policy import KVPolicy
 
 QUERY_CHUNK = 512  # queries per attention block while accumulating (bounds the prefill's memory)
 
@@ -67,10 +68,7 @@ class H2O(KVPolicy):
 
     def score(self, ctx: ScoreContext) -> Tensor:
         scores = ctx.state.aux["h2o"].clone()
-        recent = int(self.recent_ratio * ctx.target)
-        if recent:
-            scores[..., -recent:] += FORCE_KEEP
-        return scores
+        return keep_recent(scores, self.recent_ratio, ctx.target)
 
 
 def query_group_sum(probs: Tensor, kv_heads: int) -> Tensor:

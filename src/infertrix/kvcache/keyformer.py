@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext
+from .context import ScoreContext, keep_recent
+from .policy import KVPolicy
 
 
 @register_transform("keyformer")
@@ -56,10 +57,7 @@ class Keyformer(KVPolicy):
 
         w = min(self.window_size, ctx.queries.shape[-2])
         scores = ctx.attention(last=w, logits_fn=gumbel).sum(dim=3).mean(dim=2)
-        recent = int(self.recent_ratio * ctx.target)
-        if recent:
-            scores[..., -recent:] += FORCE_KEEP
-        return scores
+        return keep_recent(scores, self.recent_ratio, ctx.target)
 
 
 def position_noise(shape: torch.Size, seed: int, device) -> Tensor:

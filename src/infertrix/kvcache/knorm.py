@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..core import register_transform
-from .policy import KVPolicy, ScoreContext
+from .context import ScoreContext
+from .policy import KVPolicy
 
 
 @register_transform("knorm")

@@ -43,7 +43,8 @@ from ..core.generation import cache_argument_name
 from ..core.model import decoder_layers
 from .attach import check_supported_model
 from .attention import compute_queries
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext
+from .context import FORCE_KEEP, ScoreContext, over_budget
+from .policy import KVPolicy
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 # a later chunk's prompt: these two around the last OVERLAP_TOKENS tokens of the chunk before
@@ -334,10 +335,9 @@ class KVzip(KVPolicy):
         """Keep each scored layer's budget of its ``keeps[rank]`` scores (the same count per KV head)."""
         for rank, keep in keeps.items():
             layer, state = cache.evicting_layers[rank], cache.states[rank]
-            self.log_step(cache.log, layer.cumulative_length)
-            target = self.layer_target(layer.cumulative_length, rank, len(cache.states))
-            if layer.stored_length > target:
-                self.evict(layer, state, keep, target, state.pending.visible)
+            targets = self.row_targets(cache, rank)
+            if over_budget(targets, layer.stored_length, state.pending.visible):
+                self.evict(layer, state, keep, targets, state.pending.visible)
             self.finish(layer, state)
 
     @staticmethod

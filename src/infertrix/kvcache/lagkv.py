@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, KVPolicy, ScoreContext
+from .context import FORCE_KEEP, ScoreContext
+from .policy import KVPolicy
 
 
 @register_transform("lagkv")

@@ -21,7 +21,7 @@ it sees the layer's input, from which attention-based methods recompute the few 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -29,75 +29,11 @@ from torch import Tensor, nn
 
 from ..core import Applied, ConfigError, Stage, Transform
 from .attach import check_supported_model, kv_setup
-from .attention import attention_probs, compute_queries
+from .attention import compute_queries
+from .context import ScoreContext, over_budget, visible_keys
 from .merge import merge_evicted
 from .policy_cache import LayerState, PolicyCache
-
-
-@dataclass
-class ScoreContext:
-    """What a policy's ``score`` sees for one layer at one compression step."""
-
-    module: nn.Module  # the attention module
-    cache: PolicyCache
-    layer_rank: int  # index among the cache's full-attention layers
-    keys: Tensor  # [B, H_kv, S, D] all stored keys (post-rotary), full precision
-    values: Tensor  # [B, H_kv, S, D]
-    queries: Tensor | None  # [B, H_q, w, D] recent post-rotary queries (w <= layer.recent), or None
-    visible: Tensor | None  # [B, S] bool, False for padding; None when nothing is padded
-    scaling: float  # the module's softmax scaling
-    target: int = 0  # tokens this layer keeps (set before ``score``)
-    # on a forward the decode engine ran: its attention probabilities [B, H_q, n, S] of the forward's
-    # n queries (the last n of ``queries`` when buffered), which ``attention`` reads instead of recomputing
-    probs: Tensor | None = None
-
-    @property
-    def layer(self):
-        """The layer's storage (an :class:`~infertrix.kvcache.EvictingLayer`)."""
-        return self.cache.evicting_layers[self.layer_rank]
-
-    @property
-    def state(self) -> LayerState:
-        """The policy's state of this layer (recent queries, per-token ``aux``)."""
-        return self.cache.states[self.layer_rank]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.cache.states)
-
-    def upto(self, n: int) -> ScoreContext:
-        """The context restricted to the first ``n`` stored tokens (a query block's past), no queries."""
-        vis = self.visible[:, :n] if self.visible is not None else None
-        return replace(self, keys=self.keys[:, :, :n], values=self.values[:, :, :n], queries=None, visible=vis,
-                       probs=None)
-
-    @property
-    def num_groups(self) -> int:
-        return self.queries.shape[1] // self.keys.shape[1] if self.queries is not None else 1
-
-    def attention(self, last: int | None = None, logits_fn=None) -> Tensor:
-        """Softmax attention of the last ``last`` buffered queries over the stored keys.
-
-        Returns float32 [B, H_kv, G, w, S] (G query heads per KV head), causal (query i of the w
-        sees slots up to its own) and with pads masked. ``logits_fn`` may transform the logits first
-        (Keyformer's Gumbel noise). On an engine forward the engine's probabilities give the
-        forward's own queries' rows (those of earlier forwards are recomputed from the buffer, as
-        always; ``logits_fn`` needs logits, so it recomputes them all).
-        """
-        queries = self.queries if last is None else self.queries[:, :, -last:]
-        if self.probs is None or logits_fn is not None:
-            return attention_probs(queries, self, logits_fn)
-        b, hq, n, s = self.probs.shape
-        w = queries.shape[-2] if queries is not None else n
-        own = min(w, n)
-        rows = self.probs[:, :, n - own :].unflatten(1, (self.keys.shape[1], -1))  # [B, Hkv, G, own, S]
-        if w == own:
-            return rows
-        older = attention_probs(queries[:, :, : w - own], self, end=s - own)
-        return torch.cat([older, rows], dim=3)
-
-
-FORCE_KEEP = 1e30  # added to the score of tokens a method always keeps (windows, sinks)
+from .rows import best, keep_counts, row_budgets
 
 # The fewest tokens any policy keeps per row and KV head. Fewer lose both the attention sinks (StreamingLLM
 # keeps 4 first tokens) and a recent window, and greedy decoding degenerates into repeating one token
@@ -258,7 +194,7 @@ class KVPolicy(Transform):
         if due is None:
             return
         layer, state = cache.evicting_layers[rank], cache.states[rank]
-        new_q = self._new_queries(module, layer.recent, state, hidden, position_embeddings)
+        new_q = self._new_queries(module, layer.stored_length, state, hidden, position_embeddings)
         keys, values = layer.full_keys_values()
         visible = visible_keys(mask, keys.shape[-2])
         if visible is not None and bool((visible[:, 1:] < visible[:, :-1]).any()):
@@ -266,6 +202,9 @@ class KVPolicy(Transform):
                 f"{type(self).__name__} needs left padding (pads before each row's tokens), but the attention "
                 "mask hides tokens after visible ones; set tokenizer.padding_side = 'left'"
             )
+        fillers = cache.visible_slots(cache.evicting_indices[rank], None)  # rows' lead fillers (rows.py)
+        if fillers is not None:
+            visible = fillers if visible is None else visible & fillers
         ctx = ScoreContext(module, cache, rank, keys, values, state.queries, visible, float(module.scaling))
         self.observe(ctx, new_q)
         if due:
@@ -283,7 +222,7 @@ class KVPolicy(Transform):
         layer, state = cache.evicting_layers[rank], cache.states[rank]
         new_q = None
         if queries is not None:
-            new_q = self._buffer_queries(state, layer.recent, queries.transpose(1, 2), n)
+            new_q = self._buffer_queries(state, layer.stored_length, queries.transpose(1, 2), n)
         keys, values = layer.full_keys_values()
         visible = cache.visible_slots(cache.evicting_indices[rank], pads)
         ctx = ScoreContext(module, cache, rank, keys, values, state.queries, visible, float(module.scaling),
@@ -311,16 +250,16 @@ class KVPolicy(Transform):
                 return None
         return due
 
-    def _new_queries(self, module, recent: int, state: LayerState, hidden: Tensor, position_embeddings):
+    def _new_queries(self, module, stored: int, state: LayerState, hidden: Tensor, position_embeddings):
         """This forward's queries ``observe`` needs, after buffering the ones ``score`` reads."""
         wanted = self.observed_queries() or self.score_queries()
         if wanted == 0:
             return None
         n = hidden.shape[1]
         take = n if wanted < 0 else min(n, wanted)
-        return self._buffer_queries(state, recent, compute_queries(module, hidden[:, -take:], position_embeddings), n)
+        return self._buffer_queries(state, stored, compute_queries(module, hidden[:, -take:], position_embeddings), n)
 
-    def _buffer_queries(self, state: LayerState, recent: int, new_q: Tensor, n: int) -> Tensor | None:
+    def _buffer_queries(self, state: LayerState, stored: int, new_q: Tensor, n: int) -> Tensor | None:
         """Buffer the ones ``score`` reads of a forward's last queries ``new_q`` [B, H_q, m, D] (of its
         ``n``); returns those ``observe`` needs."""
         wanted = self.observed_queries() or self.score_queries()
@@ -330,20 +269,37 @@ class KVPolicy(Transform):
         keep = self.score_queries()
         if keep > 0:
             buf = new_q[:, :, -keep:] if state.queries is None else torch.cat([state.queries, new_q[:, :, -keep:]], 2)
-            state.queries = buf[:, :, -min(keep, recent) :].detach()
+            state.queries = buf[:, :, -min(keep, stored) :].detach()
         return new_q
 
     def compress_layer(self, ctx: ScoreContext) -> None:
         """Compress one layer back to its budget (after a prefill chunk, or every decode_interval)."""
         layer = ctx.layer
-        self.log_step(ctx.cache.log, layer.cumulative_length)
-        target = self.layer_target(layer.cumulative_length, ctx.layer_rank, ctx.num_layers)
-        if ctx.keys.shape[-2] <= target:
+        targets = self.row_targets(ctx.cache, ctx.layer_rank)
+        if not over_budget(targets, ctx.keys.shape[-2], ctx.visible):
+            ctx.state.steps_since_compress = 0  # the next check is decode_interval away, whatever the other rows
             if self.decode_interval == 0:
                 ctx.state.queries = None  # kept tokens only: drop the scoring state as evict does
             return
-        ctx.target = target
-        self.evict(layer, ctx.state, self.score(ctx), target, ctx.visible, ctx.keys, ctx.values)
+        ctx.target = targets[0] if len(set(targets)) == 1 else torch.tensor(targets, device=ctx.keys.device)
+        self.evict(layer, ctx.state, self.score(ctx), targets, ctx.visible, ctx.keys, ctx.values)
+
+    def row_targets(self, cache: PolicyCache, rank: int, counted: bool = True) -> list[int]:
+        """Tokens each row keeps in layer ``rank`` at this compression: its :meth:`layer_target` for the
+        tokens the row has seen (its left padding not counted, so a padded row keeps what it keeps alone),
+        or all of them for a row whose share of this prefill is shorter than ``prefill_min_tokens`` (alone
+        it would not compress, with ``decode_interval`` 0); counted in ``cache.log`` unless ``counted`` is False."""
+        idx, num = cache.evicting_indices[rank], len(cache.states)
+        seen = cache.row_seen(idx)
+        new = cache.forward_new
+        short = [self.decode_interval == 0 and new is not None and min(new, s) < self.prefill_min_tokens for s in seen]
+        targets = [s if skip else self.layer_target(s, rank, num) for s, skip in zip(seen, short, strict=True)]
+        if counted:
+            self.log_step(cache.log, min(s for s, skip in zip(seen, short, strict=True) if not skip)
+                          if not all(short) else seen[0])
+            if any(short):
+                cache.log.note(f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed")
+        return targets
 
     def log_step(self, log, seen: int) -> None:
         """Count one layer compression step after ``seen`` tokens and whether its budget was raised."""
@@ -351,30 +307,29 @@ class KVPolicy(Transform):
         if self.requested(seen) < self.target(seen):
             log.note(self.budget_shortfall())
 
-    def evict(self, layer, state: LayerState, scores: Tensor, target: int, visible: Tensor | None,
+    def evict(self, layer, state: LayerState, scores: Tensor, target: int | list[int], visible: Tensor | None,
               keys: Tensor | None = None, values: Tensor | None = None) -> None:
         """Keep the ``target`` highest-scoring tokens of ``layer`` (pads out first), merged or not;
-        ``keys``/``values`` are the layer's full-precision states (read from it when None)."""
+        ``target``: one count, or one per row (rows keeping fewer than the most get lead fillers,
+        :mod:`~.rows`); ``keys``/``values`` are the layer's full-precision states (read from it when None)."""
         if keys is None:
             keys, values = layer.full_keys_values()
         scores = scores.float()
         if visible is not None:
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
-        keep = scores.topk(target, dim=-1).indices.sort(dim=-1).values
+        if isinstance(target, list) and visible is not None:  # a row holding fewer keeps them all
+            target = [min(t, int(v)) for t, v in zip(target, visible.sum(-1).tolist(), strict=True)]
+        if isinstance(target, list) and len(set(target)) > 1:
+            keep_counts(layer, state, scores, row_budgets(target, scores.shape[1], scores.device), keys, values,
+                        self.merge_threshold if self.merge else None, visible)
+            if self.decode_interval == 0:
+                state.queries = None
+            return
+        target = target[0] if isinstance(target, list) else target
+        keep = best(scores, target)[1].sort(dim=-1).values
         if self.merge:
             keys, values = merge_evicted(keys, values, keep, visible, self.merge_threshold)
         layer.compress(keep, keys, values)
-        state.keep(keep, layer.recent)
+        state.keep(keep)
         if self.decode_interval == 0:
             state.queries = None  # no compression before the next prompt chunk, which brings its own queries
-
-
-def visible_keys(mask, s: int) -> Tensor | None:
-    """[B, S] bool: keys the last query may attend (False for padding), from the 4D attention mask."""
-    if not isinstance(mask, Tensor) or mask.dim() != 4:
-        return None
-    row = mask[:, 0, -1, -s:]
-    vis = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    if bool(vis.all()):
-        return None
-    return vis

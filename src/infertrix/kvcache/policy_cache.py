@@ -58,7 +58,7 @@ class LayerState:
     """What a policy keeps for one layer between forwards.
 
     ``queries``: the most recent post-rotary queries [B, H_q, w, D] attention-based policies score
-    with (never more than the layer's ``recent`` tokens); ``aux``: per-token state [B, H_kv, S]
+    with (never more than the layer's stored tokens); ``aux``: per-token state [B, H_kv, S]
     (H2O's accumulated attention) that follows every eviction; ``pending``: the scores of a
     compression deferred to the forward's last layer (DensityKV); ``attend_codes``: this one-token
     step's attention reads the layer's KIVI codes itself (KIVI's attention function), so ``update``
@@ -77,11 +77,14 @@ class LayerState:
             if t.shape[-1] < stored:
                 self.aux[name] = torch.cat([t, t.new_zeros((*t.shape[:2], stored - t.shape[-1]))], dim=-1)
 
-    def keep(self, index: Tensor, recent: int) -> None:
-        """Follow an eviction that kept ``index`` [B, H_kv, K] and left ``recent`` trailing recent tokens."""
+    def keep(self, index: Tensor) -> None:
+        """Follow an eviction that kept ``index`` [B, H_kv, K]: ``aux`` follows it, and at most ``K``
+        queries stay buffered (not fewer when the method evicted some of its recent tokens: how many a
+        row keeps would depend on the batch's other rows; a buffered query's slot is counted from the
+        end, so it stays the same for a row alone and in a batch)."""
         self.aux = {name: torch.gather(t, -1, index) for name, t in self.aux.items()}
         if self.queries is not None:
-            keep_q = min(self.queries.shape[-2], recent)
+            keep_q = min(self.queries.shape[-2], index.shape[-1])
             self.queries = self.queries[:, :, self.queries.shape[-2] - keep_q :]
         self.steps_since_compress = 0
 
@@ -119,6 +122,10 @@ class PolicyCache(EvictingCache):
         # from elsewhere): the next turn of a chat is checked against them (kvcache/turns.py)
         self.tokens: list[Tensor] | None = []
         self.token_count = 0
+        # [B] each row's left padding in position space, from the 2D attention mask of the last forward
+        # that passed one (None: no padding seen); a row's budget follows its own length (row_seen)
+        self.row_pads: Tensor | None = None
+        self.forward_new: int | None = None  # new tokens per row of the causal LM forward running now
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         rank = self.rank.get(layer_idx)
@@ -150,7 +157,7 @@ class PolicyCache(EvictingCache):
         path (the policy scores from the attention module's input); the engine hands over the
         attention of the layers it observes (:meth:`engine_observes`) except over KIVI codes."""
         if any(HIDDEN in state.aux for state in self.states):
-            return "slots hidden per KV head (AdaKV's head budgets: a mask per head, which the engine does not read)"
+            return "slots hidden per KV head (head-wise budgets: a mask per head, which the engine does not read)"
         p = self.policy
         if p is None or p.is_noop:
             return None
@@ -194,16 +201,32 @@ class PolicyCache(EvictingCache):
                 self.layers[i].flush()
 
     def visible_slots(self, layer_idx: int, pads: Tensor | None) -> Tensor | None:
-        """[B, stored] bool, False for layer ``layer_idx``'s kept pads (its first ``pads`` minus evicted
-        slots, see kvcache/cache.py), or None when no row holds one."""
-        if pads is None or not bool(pads.any()):
-            return None
+        """[B, stored] bool, False for layer ``layer_idx``'s kept pads and fillers (its first
+        ``first_slots(pads)`` slots, see kvcache/cache.py), or None when no row holds one."""
         layer = self.layers[layer_idx]
-        stored = layer.stored_length
-        first = (pads - (layer.cumulative_length - stored)).clamp_min(0)
-        if not bool(first.any()):
+        first = layer.first_slots(pads)
+        if first is None:
             return None
-        return torch.arange(stored, device=pads.device)[None] >= first[:, None]
+        return torch.arange(layer.stored_length, device=first.device)[None] >= first[:, None]
+
+    def note_pads(self, mask: Tensor | None, new: int) -> None:
+        """Record the ``new`` tokens per row of a forward about to run and each row's left padding from
+        its 2D attention mask [B, seen + ``new``] (kept when the mask is missing or is not left
+        padding: the policy refuses the latter)."""
+        self.forward_new = new
+        if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[1] != self.get_seq_length() + new:
+            return
+        m = mask.to(torch.long)
+        start = m.argmax(1)
+        if bool((m.sum(1) == mask.shape[1] - start).all()):
+            self.row_pads = start if bool(start.any()) else None
+
+    def row_seen(self, layer_idx: int) -> list[int]:
+        """Each row's tokens seen by layer ``layer_idx``, its left padding not counted (one entry per row)."""
+        seen = self.layers[layer_idx].cumulative_length
+        if self.row_pads is None:
+            return [seen] * self.layers[layer_idx].keys.shape[0]
+        return [max(0, seen - int(p)) for p in self.row_pads.tolist()]
 
     # -- the tokens seen ---------------------------------------------------------------------------
     def note_tokens(self, ids: Tensor | None) -> None:
@@ -250,6 +273,8 @@ class PolicyCache(EvictingCache):
         for state in self.states:
             state.map_batch(fn)
         self._map_tokens(fn)
+        if self.row_pads is not None:
+            self.row_pads = fn(self.row_pads)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -267,6 +292,7 @@ class PolicyCache(EvictingCache):
         super().reset()
         self.states = [LayerState() for _ in self.evicting_indices]
         self.tokens, self.token_count = [], 0
+        self.row_pads = None
 
     def state_bytes(self) -> int:
         """Bytes of the policy's own per-token state (accumulated scores, recent queries)."""

@@ -83,6 +83,7 @@ def replay(
 ) -> PolicyCache:
     """The cache ``policy`` (and ``quant``, a KIVI config) would hold after the recorded prefill."""
     cache = PolicyCache(model.config, policy=policy, quant=quant)
+    cache.note_pads(rec.attention_mask, rec.input_ids.shape[1])  # as the model's forward hook does
     layers = decoder_layers(model)
     for i, layer in enumerate(cache.layers):
         src = rec.cache.layers[i]

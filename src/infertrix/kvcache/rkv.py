@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import FORCE_KEEP, ScoreContext
+from .context import FORCE_KEEP, ScoreContext
 from .window import ObservationWindowPolicy
 
 
@@ -41,12 +41,13 @@ class RKV(ObservationWindowPolicy):
     def score(self, ctx: ScoreContext) -> Tensor:
         importance, w = self.window_scores(ctx)
         kn = torch.nn.functional.normalize(ctx.keys.float(), dim=-1)
-        s = kn.shape[-2]
-        sim = torch.matmul(kn, kn.transpose(-1, -2))  # [B, H, S, S]
-        sim.diagonal(dim1=-2, dim2=-1).zero_()
-        if ctx.visible is not None:
-            sim = sim * ctx.visible[:, None, None, :]
-        redundancy = torch.softmax(sim.sum(-1) / max(s - 1, 1), dim=-1)
+        redundancy = torch.zeros_like(importance)
+        first = [0] * kn.shape[0] if ctx.visible is None else (~ctx.visible).sum(-1).tolist()
+        for b, f in enumerate(first):  # each row over its own tokens (after its pads and fillers), as alone
+            own = kn[b : b + 1, :, f:]
+            sim = torch.matmul(own, own.transpose(-1, -2))  # [1, H, n, n]
+            sim.diagonal(dim1=-2, dim2=-1).zero_()
+            redundancy[b : b + 1, :, f:] = torch.softmax(sim.sum(-1) / max(own.shape[-2] - 1, 1), dim=-1)
         scores = self.lam * importance - (1 - self.lam) * redundancy
         scores[..., -w:] += FORCE_KEEP
         return scores

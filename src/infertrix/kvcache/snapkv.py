@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..core import register_transform
-from .policy import FORCE_KEEP, ScoreContext
+from .context import FORCE_KEEP, ScoreContext
 from .window import ObservationWindowPolicy
 
 

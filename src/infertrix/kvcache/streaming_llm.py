@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..core import ConfigError, register_transform
-from .policy import KVPolicy, ScoreContext
+from .context import ScoreContext
+from .policy import KVPolicy
 
 
 @register_transform("streamingllm", "streaming_llm")

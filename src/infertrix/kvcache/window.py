@@ -14,7 +14,8 @@ from torch import Tensor
 
 from ..core import ConfigError
 from .attention import pool1d
-from .policy import KVPolicy, ScoreContext
+from .context import ScoreContext
+from .policy import KVPolicy
 
 
 @dataclass

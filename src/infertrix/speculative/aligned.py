@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.cache import EngineCache, EngineLayer
-from ..kvcache.cache import capabilities
+from ..kvcache.capabilities import capabilities
 from .ragged import RaggedKV
 
 

@@ -31,7 +31,8 @@ from transformers.generation import logits_process as lp
 
 from ..core.generation import cache_argument
 from ..core.transform import ConfigError, UnsupportedModelError
-from ..kvcache.cache import GrowingCache, capabilities
+from ..kvcache.cache import GrowingCache
+from ..kvcache.capabilities import capabilities
 from .aligned import AlignedKV, engine_rows
 from .budget import VerifyCost
 from .drafter import DraftContext, Drafter, window_reader

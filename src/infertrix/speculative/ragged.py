@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..core.generation import cache_argument_name
 from ..core.transform import UnsupportedModelError
-from ..kvcache.cache import capabilities
+from ..kvcache.capabilities import capabilities
 
 
 def sliding_window(model: nn.Module) -> int | None:

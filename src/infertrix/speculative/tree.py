@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..kvcache.cache import capabilities
+from ..kvcache.capabilities import capabilities
 
 TREE_ATTENTION = ("sdpa", "eager", "infertrix_sdpa")  # attention functions that read a custom 4-D mask
 

@@ -1,0 +1,67 @@
+"""Each row of a batch keeps what it keeps alone with a compression *ratio* (its budget follows its own
+length, not the padded one), for every registered policy, while decoding (``decode_interval``) too:
+kvcache/rows.py's lead fillers and per-head hidden slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_rows_decode_as_alone, kv_policies, left_padded, make_tiny
+
+import infertrix as ix
+from infertrix.kvcache import SnapKV, new_cache
+
+
+def rows_of(seed: int, *lengths: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (1, n), generator=g) for n in lengths]
+
+
+def name(p) -> str:
+    return type(p).__name__ + (f"-interval{p.decode_interval}" if p.decode_interval else "")
+
+
+# every row a prefill (>= prefill_min_tokens): with decode_interval a row shorter than that reaches its
+# first compression on another schedule alone (its prompt counts as decoded tokens), see docs/kvcache.md
+CASES = kv_policies(compression=0.5) + kv_policies(compression=0.6, decode_interval=3)
+
+
+@pytest.mark.parametrize("policy", CASES, ids=name)
+def test_a_padded_batch_with_a_ratio_decodes_as_its_rows_alone(policy):
+    model = make_tiny("llama")
+    ix.optimize(model, policy)
+    rows = rows_of(3, 40, 17, 29, 22)
+    assert_rows_decode_as_alone(model, *left_padded(rows), rows, 8)
+
+
+@pytest.mark.parametrize("policy", kv_policies(compression=0.5), ids=name)
+def test_a_row_shorter_than_a_prefill_is_kept_whole_as_alone(policy):
+    model = make_tiny("llama")
+    ix.optimize(model, policy)
+    rows = rows_of(4, 30, 9)  # 9 < prefill_min_tokens: alone it is not compressed
+    assert_rows_decode_as_alone(model, *left_padded(rows), rows, 5)
+
+
+def test_rows_keep_their_own_budgets_as_fillers_and_decode_on_the_engine():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5))
+    batch, mask = left_padded(rows_of(5, 40, 20))
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(batch, attention_mask=mask, cache=cache)
+    for layer in cache.evicting_layers:
+        assert layer.stored_length == 20 and layer.lead.tolist() == [0, 10]  # 20 and 10 kept of 40 and 20
+        assert layer.first_slots(cache.row_pads).tolist() == [0, 10]
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True)
+    assert out.past_key_values.stored_lengths() == [20 + 5] * 4  # the last token is not stored yet
+    engine = ix.describe(model).transforms[-1]["report"]
+    assert engine["engine_forwards"] == 5 and engine["last_forward"] == "engine"
+    assert "filler_slots" in ix.describe(model).transforms[0]["report"]
+
+
+def test_merging_a_padded_batch_merges_into_each_rows_own_tokens():
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5, merge=True, merge_threshold=0.0))
+    rows = rows_of(6, 36, 18, 25)
+    assert_rows_decode_as_alone(model, *left_padded(rows), rows, 6)
