@@ -65,3 +65,17 @@ def test_merging_a_padded_batch_merges_into_each_rows_own_tokens():
     ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5, merge=True, merge_threshold=0.0))
     rows = rows_of(6, 36, 18, 25)
     assert_rows_decode_as_alone(model, *left_padded(rows), rows, 6)
+
+
+def test_pooling_and_density_of_a_padded_row_have_the_bits_of_the_row_alone():
+    from infertrix.kvcache.attention import pool1d
+    from infertrix.kvcache.density import tokens_for_mass
+
+    g = torch.Generator().manual_seed(7)
+    alone = torch.rand(1, 3, 37, generator=g)
+    for pads in (1, 3, 10):
+        padded = torch.cat([torch.rand(1, 3, pads, generator=g), alone], -1)  # pads hold anything
+        visible = torch.arange(37 + pads)[None] >= pads
+        pooled = pool1d(padded, 7, visible)
+        assert torch.equal(pooled[..., pads:], pool1d(alone, 7)) and not pooled[..., :pads].any()
+        assert tokens_for_mass(pooled, 0.9) == tokens_for_mass(pool1d(alone, 7), 0.9)

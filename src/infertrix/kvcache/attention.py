@@ -73,23 +73,26 @@ def compute_queries(module: nn.Module, hidden: Tensor, position_embeddings) -> T
 def pool1d(scores: Tensor, kernel: int, visible: Tensor | None = None) -> Tensor:
     """Average-pool [B, H, S] scores along S with an odd ``kernel`` (SnapKV's clustering).
 
-    Pads (``visible`` False) are left out of every average, like the sequence boundary, so a padded
-    row pools exactly as it would alone.
+    ``visible`` [B, S]: False for each row's pads and fillers, which come first (left padding); each
+    row is pooled over its own slots only, the row's first slot being the sequence boundary, so a
+    padded row pools with the same bits as alone (its pads score 0).
     """
     if kernel <= 1:
         return scores
-    shape = scores.shape
 
     def avg(x: Tensor) -> Tensor:
-        flat = x.reshape(-1, 1, shape[-1])
+        flat = x.reshape(-1, 1, x.shape[-1])
         return torch.nn.functional.avg_pool1d(
             flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False
-        )
+        ).reshape(x.shape)
 
     if visible is None:
-        return avg(scores).reshape(shape)
-    vis = visible[:, None, :].expand(shape).to(scores.dtype)
-    return (avg(scores * vis) / avg(vis).clamp_min(1e-12)).reshape(shape)
+        return avg(scores)
+    out = torch.zeros_like(scores)
+    for b, first in enumerate((~visible).sum(-1).tolist()):
+        if first < scores.shape[-1]:
+            out[b, ..., first:] = avg(scores[b, ..., first:])
+    return out
 
 
 def hide_slots(mask: Tensor | None, hidden: Tensor, n: int, kv: int, groups: int, dtype: torch.dtype) -> Tensor:

@@ -23,7 +23,8 @@ from .snapkv import SnapKV
 def tokens_for_mass(scores: Tensor, mass: float) -> list[float]:
     """Each row's mean over heads of the fewest tokens whose [B, H, S] scores hold ``mass`` of the total."""
     p = scores.float().clamp_min(0).sort(dim=-1, descending=True).values
-    share = p.cumsum(-1) / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    total = p.cumsum(-1)  # in order, so a row's trailing zeros (pads) leave its sums' bits as alone
+    share = total / total[..., -1:].clamp_min(1e-30)
     return ((share < mass).sum(-1) + 1).float().mean(-1).tolist()
 
 
@@ -85,7 +86,9 @@ class DensityKV(SnapKV):
 
     def compress_layer(self, ctx: ScoreContext) -> None:
         scores, w = self.window_scores(ctx)
-        density = tokens_for_mass(scores, self.mass)
+        # pads next to a row's first tokens get pooled scores: not the row's attention
+        own = scores if ctx.visible is None else scores.masked_fill(~ctx.visible[:, None, :], 0.0)
+        density = tokens_for_mass(own, self.mass)
         scores[..., -w:] += FORCE_KEEP
         ctx.state.pending = (scores, ctx.visible, density)
         if ctx.layer_rank == ctx.num_layers - 1:
