@@ -94,7 +94,7 @@ def test_windows_and_threads_are_bitwise_on_evicted_cache(arch):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs)
-    assert _counts(model)[1] == 1  # the prefill only
+    assert _counts(model)[1] == 0  # the prefill too runs on the engine (quantized projections)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -108,7 +108,7 @@ def test_prompt_lookup_with_policy_is_token_identical(arch, kind):
     spec = with_policy(arch, kind, SNAP, "pld")
     got = _generate(spec, ids, n=32)
     assert torch.equal(got, want)
-    assert _counts(plain)[1] == 1 and _counts(spec)[1] == 1  # the prefill only
+    assert _counts(plain)[1] == 0 and _counts(spec)[1] == 0  # the prefill too (quantized projections)
     report = ix.describe(spec).to_dict()["transforms"]
     assert any(t["report"].get("tokens_stored") for t in report if "tokens_stored" in t["report"])
 
@@ -187,3 +187,32 @@ def test_fallbacks_with_policies_run_the_module_path_and_say_why():
     with torch.no_grad():
         plain(input_ids=ids, cache=__import__("transformers").DynamicCache(config=plain.config), use_cache=True)
     _reason(plain, "the cache is a DynamicCache")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["w4a8", "w8a8"])
+@pytest.mark.parametrize("policy", [SNAP, "h2o:0.5", "densitykv(compression=0.5,window_size=8)", "knorm:0.5",
+                                    "adakv(compression=0.5,window_size=8,decode_interval=3)"])
+def test_quantized_prefill_with_a_policy_runs_on_the_engine_and_rows_decode_as_alone(arch, kind, policy):
+    """With quantized projections a policy's prompt chunks run on the engine too (the module path's
+    prefill would round differently per batch and flip int8 codes): every row of a padded batch then
+    decodes the tokens and the logits, bit for bit, of the row alone."""
+    model = with_policy(arch, kind, policy)
+    lengths = [40, 23, 31]
+    ids, mask = padded(lengths, seed=9)
+
+    def greedy(x, m):
+        out = model.generate(x, attention_mask=m, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        return out.sequences[:, x.shape[1] :], torch.stack(out.logits, 1)
+
+    seq, logits = greedy(ids, mask)
+    report = engine_runtime(model).report()
+    adakv = policy.startswith("adakv")  # its per-head masks decode on the module path, alone and in the batch
+    assert report["module_forwards"] == (5 if adakv else 0), report["fallbacks"]
+    for i, n in enumerate(lengths):
+        row = ids[i : i + 1, -n:]
+        alone_seq, alone_logits = greedy(row, torch.ones_like(row))
+        assert torch.equal(seq[i], alone_seq[0]), i
+        if not adakv:
+            assert torch.equal(logits[i], alone_logits[0]), (i, (logits[i] - alone_logits[0]).abs().max())

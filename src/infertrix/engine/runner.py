@@ -58,6 +58,10 @@ class Runner:
         self.layers = [layer_plan(model, layer, attn, mlp, nxt)
                        for (layer, attn, mlp), nxt in zip(views, nexts, strict=True)]
         head = model.get_output_embeddings()
+        # quantized projections: the module path's prefill rounds differently per batch, and the
+        # different int8 codes change tokens, so a KV policy's prefill runs here (PolicyCache.engine_refusal)
+        self.quantized = any(linears.kind(m) != "fp32" for layer, attn, mlp in views
+                             for m in (attn.q_proj, attn.o_proj, mlp.down_proj))
         self.head = linears.linear(head)
         self.greedy_head = linears.argmax(head)
         self.vocab = head.out_features
@@ -102,7 +106,9 @@ class Runner:
         tokens sit at rotary ``positions`` [B, T]. The skip plans applied to the model now are
         followed, and ``skip`` (a ``SkipPlan``: a self-speculation draft's) on top of them.
         ``observe``: layer indices whose attention a KV policy scores with; each entry receives
-        (probabilities [B, H, T, slots], post-rotary queries [B, T, H, D]) from ``engine_layer``
+        (probabilities [B, H, T, slots], post-rotary queries [B, T, H, D]) from ``engine_layer``, or, where
+        its value is an int k, (None, the last k queries; k < 0: all) (a prefill chunk's policy recomputes
+        the attention it needs from them)
         (layers run whole: the engine takes no skip plan with a policy's cache). ``greedy``: one-hot
         logits (1 at each position's greedy token, 0 elsewhere) from the head's fused argmax, for
         callers that only take the argmax (``transform.greedy_only``)."""
@@ -130,11 +136,15 @@ class Runner:
             if is_mode(mode, ATTN):
                 h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b)
             else:
-                seen = ()
+                seen, last = (), None
                 if observe is not None and i in observe:
-                    seen = observe[i] = (x.new_empty(b, self.heads, t, index + t), x.new_empty(b, t, self.heads, d))
+                    last = observe[i]  # None: probabilities and queries; k: the last k queries only (-1: all)
+                    probs = x.new_empty(b, self.heads, t, index + t) if last is None else None
+                    seen = (probs, x.new_empty(b, t, self.heads, d))
                 out, a_out = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions,
                                                start, index, b, *seen)
+                if seen:
+                    observe[i] = seen if last is None or last < 0 else (None, seen[1][:, -last:].clone())
                 if isinstance(mode, Tensor):  # SkipDecode: these columns keep their input (KV still written)
                     cols = mode.repeat(b)[:, None]
                     a = torch.where(cols, _ops.rms_norm(h, lp.tensors[1], lp.floats[2]), a_out)

@@ -191,7 +191,7 @@ class EngineRuntime:
         if why := skip_problem(self.model, cache, ids):
             return why
         if isinstance(cache, PolicyCache):
-            return cache.engine_refusal(ids.shape[1])
+            return cache.engine_refusal(ids.shape[1], prefill=self.runner is not None and self.runner.quantized)
         return None
 
     def forward(self, inner, args: tuple, kwargs: dict[str, Any]):
@@ -221,7 +221,7 @@ class EngineRuntime:
             if positions.dim() != 2 or positions.shape[1] != t or positions.shape[0] != 1:
                 return self._module(f"position_ids of shape {tuple(positions.shape)}", inner, (), kwargs)
             positions = positions.expand(b, t)
-        observe = cache.engine_observes(t) if isinstance(cache, PolicyCache) else None
+        observe = cache.engine_observes(t, prefill=self.runner.quantized) if isinstance(cache, PolicyCache) else None
         keep = kwargs.get("logits_to_keep", 0)
         # generate marked the cache (greedy_only): its loop takes only the last position's argmax
         greedy = getattr(cache, "greedy_head", False) and isinstance(keep, int) and keep == 1

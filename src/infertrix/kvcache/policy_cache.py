@@ -151,21 +151,25 @@ class PolicyCache(EvictingCache):
             return False
         return bool(p.after_forward(model, self, input_ids, attention_mask, position_ids))
 
-    def engine_refusal(self, n: int) -> str | None:
+    def engine_refusal(self, n: int, prefill: bool = False) -> str | None:
         """Why a forward of ``n`` new tokens must run on the module path, or None when the decode
-        engine can run it and then call :meth:`after_engine`: prompt chunks compress on the module
-        path (the policy scores from the attention module's input); the engine hands over the
-        attention of the layers it observes (:meth:`engine_observes`) except over KIVI codes."""
+        engine can run it and then call :meth:`after_engine`: the engine hands over the attention of
+        the layers it observes (:meth:`engine_observes`) except over KIVI codes; a prompt chunk
+        compresses on the module path (the policy recomputes the queries it scores with from the
+        attention module's input) unless ``prefill`` (the engine's model has quantized projections,
+        whose module-path prefill would round differently per batch): the engine then hands over
+        the queries."""
         if any(HIDDEN in state.aux for state in self.states):
             return "slots hidden per KV head (head-wise budgets: a mask per head, which the engine does not read)"
         p = self.policy
         if p is None or p.is_noop:
             return None
         name = type(p).__name__
-        if n >= p.prefill_min_tokens:
+        chunk = n >= p.prefill_min_tokens
+        if chunk and not prefill:
             return f"a prefill chunk of {n} tokens on a PolicyCache ({name} scores and compresses it on the module path)"
-        observed = self.engine_observes(n) or ()
-        if observed and n > ENGINE_OBSERVE_MAX_TOKENS:
+        observed = self.engine_observes(n, prefill) or {}
+        if not chunk and observed and n > ENGINE_OBSERVE_MAX_TOKENS:
             return (f"a forward of {n} tokens whose attention {name} reads (the engine hands over the probabilities "
                     f"of at most {ENGINE_OBSERVE_MAX_TOKENS} queries; the module path scores in chunks)")
         for i in observed:
@@ -174,13 +178,17 @@ class PolicyCache(EvictingCache):
                         "attention probabilities)")
         return None
 
-    def engine_observes(self, n: int) -> dict[int, None] | None:
+    def engine_observes(self, n: int, prefill: bool = False) -> dict[int, int | None] | None:
         """The layers whose attention the policy reads in a forward of ``n`` tokens the engine runs
         (every forward of H2O; a due ``decode_interval`` compression of a method scoring by
-        attention), as ``Runner.forward``'s ``observe``; None when it reads none."""
+        attention; with ``prefill``, a prompt chunk's queries), as ``Runner.forward``'s ``observe``
+        (None: probabilities and queries; k: the last k queries, -1 all); None when it reads none."""
         p = self.policy
         if p is None or p.is_noop or not (p.observed_queries() or p.score_queries()):
             return None
+        if prefill and n >= p.prefill_min_tokens:  # every layer compresses: it scores from the queries
+            want = -1 if p.observed_queries() < 0 else max(p.observed_queries(), p.score_queries())
+            return {i: want for i in self.evicting_indices}
         layers = {i: None for r, i in enumerate(self.evicting_indices)
                   if p.observed_queries() or (p.decode_interval and self.states[r].steps_since_compress + n >= p.decode_interval)}
         return layers or None
