@@ -216,3 +216,24 @@ def test_quantized_prefill_with_a_policy_runs_on_the_engine_and_rows_decode_as_a
         assert torch.equal(seq[i], alone_seq[0]), i
         if not adakv:
             assert torch.equal(logits[i], alone_logits[0]), (i, (logits[i] - alone_logits[0]).abs().max())
+
+
+def test_a_quantized_prompt_is_compressed_layer_by_layer_on_the_engine(monkeypatch):
+    """The engine hands each layer to the policy as soon as it has run (as the module path's hooks do),
+    so the whole prompt's KV and queries are never held at once."""
+    from infertrix.kvcache import PolicyCache
+
+    model = with_policy("llama", "w4a8", "h2o:0.5")
+    seen = []
+    real = PolicyCache.after_engine_layer
+
+    def spy(self, i, *args, **kw):
+        seen.append([ly.stored_length for ly in self.evicting_layers])  # before layer i compresses
+        return real(self, i, *args, **kw)
+
+    monkeypatch.setattr(PolicyCache, "after_engine_layer", spy)
+    ids = tokens(40, 3)
+    cache = new_cache(model)
+    run(model, ids, torch.ones_like(ids), cache)
+    assert _counts(model) == (1, 0)
+    assert seen[0] == [40, 0, 0, 0] and seen[1] == [20, 40, 0, 0]  # layer 1 runs after layer 0 was compressed

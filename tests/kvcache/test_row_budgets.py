@@ -79,3 +79,30 @@ def test_pooling_and_density_of_a_padded_row_have_the_bits_of_the_row_alone():
         pooled = pool1d(padded, 7, visible)
         assert torch.equal(pooled[..., pads:], pool1d(alone, 7)) and not pooled[..., :pads].any()
         assert tokens_for_mass(pooled, 0.9) == tokens_for_mass(pool1d(alone, 7), 0.9)
+
+
+def test_row_targets_above_what_a_layer_holds_keep_what_it_holds():
+    """DensityKV may give a row more than a compressed layer stores (no pads left to see): it keeps
+    what is there, the other row gets fillers (found in review: keep_counts asked for 12 of 10 slots)."""
+    from infertrix.kvcache import DensityKV, EvictingLayer, LayerState
+
+    layer = EvictingLayer()
+    k = torch.randn(2, 1, 10, 4)
+    layer.update(k, k.clone())
+    scores = torch.rand(2, 1, 10)
+    DensityKV(compression=0.5, window_size=2, kernel_size=1).evict(layer, LayerState(), scores, [12, 6], None)
+    assert layer.stored_length == 10 and layer.lead.tolist() == [0, 4]
+    assert torch.equal(layer.keys[0], k[0])  # row 0 keeps all it held, in order
+
+
+def test_fillers_alone_mask_per_row_not_per_head():
+    from infertrix.kvcache.rows import hidden_slots_of
+
+    model = make_tiny("llama")
+    ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5))
+    batch, mask = left_padded(rows_of(5, 40, 20))
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(batch, attention_mask=mask, cache=cache)
+    hide = hidden_slots_of(cache.evicting_layers[0], None)
+    assert hide.shape == (2, 1, 20) and hide.sum(-1).flatten().tolist() == [0, 10]  # KIVI's fused step reads it

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -152,8 +151,7 @@ def begin(layer: DynamicLayer, like: Tensor, batch: int, kv_heads: int, t: int, 
     index = layer.reserve(t, empty, empty)
     if not isinstance(layer, EvictingLayer):
         return layer.kbuf, layer.vbuf, index, pads
-    first = layer.first_slots(pads)
-    return layer.kbuf, layer.vbuf, index, torch.zeros_like(pads) if first is None else first
+    return layer.kbuf, layer.vbuf, index, layer.start_slots(pads)
 
 
 def commit(layer: DynamicLayer, t: int) -> None:

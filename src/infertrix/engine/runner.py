@@ -100,7 +100,8 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor, skip=None,
-                observe: dict[int, tuple[Tensor, Tensor] | None] | None = None, greedy: bool = False) -> Tensor:
+                observe: dict[int, tuple[Tensor, Tensor] | None] | None = None, greedy: bool = False,
+                after_layer=None) -> Tensor:
         """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache`` (an ``EngineCache`` or
         a storage ``cache.storage_problem`` accepts); row b has ``pads[b]`` left-padding tokens, its
         tokens sit at rotary ``positions`` [B, T]. The skip plans applied to the model now are
@@ -111,7 +112,8 @@ class Runner:
         the attention it needs from them)
         (layers run whole: the engine takes no skip plan with a policy's cache). ``greedy``: one-hot
         logits (1 at each position's greedy token, 0 elsewhere) from the head's fused argmax, for
-        callers that only take the argmax (``transform.greedy_only``)."""
+        callers that only take the argmax (``transform.greedy_only``). ``after_layer(i)``: called once
+        layer ``i`` has run and committed its tokens (a KV policy compresses it there)."""
         b, t = ids.shape
         kv, d = self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(b * t, -1)
@@ -153,6 +155,8 @@ class Runner:
                     a = a_out
                 h = out
             commit(store, t)
+            if after_layer is not None:
+                after_layer(i)
         a = a.view(b, t, -1)
         if isinstance(keep, Tensor):
             a = a[:, keep]

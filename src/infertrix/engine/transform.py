@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..core import Applied, Stage, Transform, register_transform
 from ..core.generation import CACHE_KWARGS, add_generate_hook, cache_argument, cache_argument_name
-from ..kvcache.attach import after_engine_forward
+from ..kvcache.attach import after_engine_forward, engine_layer_hook
 from ..kvcache.policy_cache import PolicyCache
 from ..skip.state import skip_state
 from .cache import EngineCache, storage_problem
@@ -225,10 +225,13 @@ class EngineRuntime:
         keep = kwargs.get("logits_to_keep", 0)
         # generate marked the cache (greedy_only): its loop takes only the last position's argmax
         greedy = getattr(cache, "greedy_head", False) and isinstance(keep, int) and keep == 1
-        logits = self.runner.forward(ids, start, positions.contiguous(), cache, keep, observe=observe, greedy=greedy)
+        done: set[int] = set()
+        after_layer = engine_layer_hook(self.model, cache, t, observe, start, done) if isinstance(cache, PolicyCache) else None
+        logits = self.runner.forward(ids, start, positions.contiguous(), cache, keep, observe=observe, greedy=greedy,
+                                     after_layer=after_layer)
         self.greedy_forwards += greedy
         if isinstance(cache, PolicyCache):
-            after_engine_forward(self.model, cache, t, observe, start)
+            after_engine_forward(self.model, cache, t, observe, start, done)
         self.counts["engine"] += 1
         self.last = "engine"
         return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache})

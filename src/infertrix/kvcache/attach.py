@@ -31,7 +31,6 @@ import warnings
 import weakref
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..core import Stage, UnsupportedModelError
@@ -43,6 +42,7 @@ from .attention import hide_slots
 from .cache import EvictingLayer, full_attention_layers
 from .compile_guard import EagerWhileCompressing
 from .policy_cache import HIDDEN, CompressionLog, PolicyCache
+from .rows import hidden_slots_of
 from .turns import check_next_turn
 
 # KIVI's attention function (registered with transformers' AttentionInterface in kivi.py): sdpa,
@@ -272,7 +272,7 @@ class KVCacheSetup:
             if mask.shape[-1] > want:  # this layer holds fewer tokens than the longest: its suffix
                 kwargs["attention_mask"] = mask[..., -want:]
         self.row_masks.pop(module.layer_idx, None)
-        hidden_slots = _hidden_slots(layer, state.aux.get(HIDDEN))
+        hidden_slots = hidden_slots_of(layer, state.aux.get(HIDDEN))
         if hidden_slots is not None and hidden is not None:  # fillers, head budgets: one mask per KV head
             mask = kwargs.get("attention_mask")
             mask = mask if isinstance(mask, Tensor) and mask.dim() == 4 else None
@@ -287,7 +287,9 @@ class KVCacheSetup:
         if not isinstance(cache, PolicyCache):
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if cache.after_forward(model, ids, kwargs.get("attention_mask"), kwargs.get("position_ids")):
+        acted = cache.after_forward(model, ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        cache.forward_new = None  # known only during a causal LM forward (a later direct decoder call: unknown)
+        if acted:
             self.last_stats = cache_stats(cache)  # describe() reports the cache as compressed
         return None
 
@@ -311,22 +313,6 @@ class KVCacheSetup:
         )
 
 
-def _hidden_slots(layer: EvictingLayer, per_head: Tensor | None) -> Tensor | None:
-    """[B, H_kv, h] the stored slots each KV head must not attend: ``per_head`` (head budgets) and each
-    row's ``lead`` fillers (kvcache/rows.py), or None when there are none."""
-    if layer.lead is None:
-        return per_head
-    s = layer.stored_length
-    hide = torch.arange(s, device=layer.lead.device)[None] < layer.lead[:, None]  # [B, S]
-    hide = hide[:, None, :].expand(-1, layer.keys.shape[1], -1)
-    if per_head is None:
-        return hide
-    h = min(s, per_head.shape[-1])
-    hide = hide.clone()
-    hide[..., :h] |= per_head[..., :h].bool()
-    return hide
-
-
 def cache_stats(cache: PolicyCache) -> dict[str, Any]:
     """KV bytes now vs. a plain DynamicCache holding the same tokens, and tokens seen/stored."""
     full, now = cache.full_kv_bytes(), cache.kv_bytes()
@@ -340,7 +326,7 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
         if len(set(stored)) == 1
         else f"{min(stored)}..{max(stored)} (per layer)",
     }
-    fillers = sum(int(layer.lead.sum()) for layer in cache.evicting_layers if layer.lead is not None)
+    fillers = sum(layer.fillers for layer in cache.evicting_layers)
     if fillers:
         rows = sum(layer.keys.shape[0] * layer.stored_length for layer in cache.evicting_layers if layer.is_initialized)
         out["filler_slots"] = (f"{fillers} of {rows} stored row slots (a batch's rows keep their own budgets, and a "
@@ -354,16 +340,33 @@ def cache_stats(cache: PolicyCache) -> dict[str, Any]:
 
 
 def after_engine_forward(model: nn.Module, cache: PolicyCache, n: int, observed: dict | None = None,
-                         pads: Tensor | None = None) -> None:
+                         pads: Tensor | None = None, done: set[int] | None = None) -> None:
     """What the attention hooks do after a forward the decode engine ran on ``cache`` (``n`` new
     tokens; the hooks were not called): the policy's bookkeeping, observation and due compressions
     from the engine's attention (``observed``, see ``PolicyCache.engine_observes``; ``pads`` [B]
-    each row's left padding), KIVI's flush, describe's stats."""
+    each row's left padding), KIVI's flush, describe's stats; layers in ``done`` were handled as
+    they ran (:func:`engine_layer_hook`)."""
     modules = _attention_modules(model) if cache.policy is not None and not cache.policy.is_noop else None
-    cache.after_engine(n, modules, observed, pads)
+    for i in cache.evicting_indices:
+        if done is None or i not in done:
+            cache.after_engine_layer(i, n, modules, observed, pads)
     setup = kv_setup(model)
     if setup is not None:
         setup.last_stats = cache_stats(cache)
+
+
+def engine_layer_hook(model: nn.Module, cache: PolicyCache, n: int, observed: dict | None, pads: Tensor | None,
+                      done: set[int]):
+    """The engine's callback after each layer it ran on ``cache``: the hooks' work for that layer (a prompt
+    chunk compresses layer by layer, as on the module path); ``done`` collects the layers handled."""
+    modules = _attention_modules(model) if cache.policy is not None and not cache.policy.is_noop else None
+
+    def after_layer(i: int) -> None:
+        if i in cache.rank:
+            cache.after_engine_layer(i, n, modules, observed, pads)
+            done.add(i)
+
+    return after_layer
 
 
 def kv_setup(model: nn.Module, create: bool = False) -> KVCacheSetup | None:

@@ -100,11 +100,14 @@ def hide_slots(mask: Tensor | None, hidden: Tensor, n: int, kv: int, groups: int
     the new ones) of a layer where ``hidden`` [B, H_kv, h] (True = hidden) marks stored slots a KV head
     must not attend (AdaKV's head budgets; slots past the first ``h``, the new tokens among them, are
     not hidden). ``mask`` is the model's [B, 1, n, kv] mask (bool, or additive float) or None (no
-    padding: causal only). Returns [B, H_q, n or 1, kv] of the same kind (None: additive ``dtype``)."""
+    padding: causal only); ``hidden`` [B, 1, h] hides slots from every head. Returns [B, H_q or 1,
+    n or 1, kv] of the same kind (None: additive ``dtype``)."""
     b, hkv, h = hidden.shape
     hide = torch.zeros(b, hkv, kv, dtype=torch.bool, device=hidden.device)
     hide[..., :h] = hidden.bool()
-    hide = hide.repeat_interleave(groups, dim=1)[:, :, None, :]  # [B, H_q, 1, kv]
+    if hkv > 1:  # one mask per KV head: each of its query heads; else one per row
+        hide = hide.repeat_interleave(groups, dim=1)
+    hide = hide[:, :, None, :]  # [B, H_q or 1, 1, kv]
     if mask is None:
         allowed = ~hide
         if n > 1:  # causal among the new tokens

@@ -32,13 +32,10 @@ Storage contract (what a decode engine may read and write):
 Why the padding masks stay right after eviction: stored tokens are kept in position order and pads
 are evicted first, so with left padding the kept pads of a row are its first stored slots, exactly as
 many as the zeros in the right-aligned window ``[cumulative - stored, cumulative)`` of that row's 2D
-mask. Rows of a batch may keep different counts (each row's budget follows its own length, not the
-padded one): the layer then stores the largest row's count and a shorter row's first ``lead[b]``
-slots hold no token of it (fillers, hidden like pads): ``first_slots`` gives each row's first valid
-slot from both, and the attention pre-hook and the decode engine start each row there, so a row's
-slots after its lead are what it stores alone. Layers may hold different lengths (PyramidKV); the
-cache then reports the longest one and the attention pre-hook gives each layer the suffix of the mask
-that matches its own length.
+mask. Rows may keep different counts (kvcache/rows.py): a row keeping fewer than the widest has
+``lead[b]`` filler slots first, hidden like pads (``first_slots``: each row's first valid slot). Layers
+may hold different lengths (PyramidKV); the cache then reports the longest one and the attention
+pre-hook gives each layer the suffix of the mask that matches its own length.
 """
 
 from __future__ import annotations
@@ -169,6 +166,7 @@ class EvictingLayer(GrowingLayer):
         self.cumulative_length = 0
         self.recent = 0
         self.lead: Tensor | None = None  # [B] leading filler slots per row (rows that keep fewer than the widest)
+        self.fillers = 0  # their sum
         self.codes = None if quant is None else KIVIStore(quant, scratch)
 
     # -- sizes ---------------------------------------------------------------------------------------
@@ -201,6 +199,13 @@ class EvictingLayer(GrowingLayer):
         if self.lead is not None:
             first = self.lead if first is None else torch.maximum(first, self.lead.to(first.device))
         return first if first is not None and bool(first.any()) else None
+
+    def start_slots(self, pads: Tensor) -> Tensor:
+        """:meth:`first_slots` as a tensor, zeros included, without reading a value back (the
+        engine's ``begin`` calls it for every layer of every step)."""
+        evicted = self.cumulative_length - self.stored_length
+        first = (pads - evicted).clamp_min(0) if evicted else pads
+        return first if self.lead is None else torch.maximum(first, self.lead.to(first.device))
 
     # -- storage -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -242,7 +247,8 @@ class EvictingLayer(GrowingLayer):
         self._store(kv_gather(keys.contiguous(), index), kv_gather(values.contiguous(), index))
         if self.codes is not None:
             self.codes.clear()
-        self.lead = lead if lead is not None and bool(lead.any()) else None
+        self.fillers = 0 if lead is None else int(lead.sum())  # for describe(), read once here
+        self.lead = lead if self.fillers else None
         # how many trailing slots are still the most recent tokens in every row and head
         expect = torch.arange(old - k, old, device=index.device)
         run = torch.cumprod((index == expect).flip(-1).to(torch.int32), dim=-1).sum(-1)
@@ -293,6 +299,7 @@ class EvictingLayer(GrowingLayer):
         self._store(fn(self.keys), fn(self.values))
         if self.lead is not None:
             self.lead = fn(self.lead)
+            self.fillers = int(self.lead.sum())
         if self.codes is not None:
             self.codes.map_batch(fn)
 
@@ -310,6 +317,7 @@ class EvictingLayer(GrowingLayer):
         self.cumulative_length = 0
         self.recent = 0
         self.lead = None
+        self.fillers = 0
         if self.codes is not None:
             self.codes.clear()
             self.codes.scratch.clear()

@@ -21,8 +21,9 @@ def layer_preference(probs: Tensor, tau1: float, tau2: float) -> list[float]:
     queries (how spread) to ``1 / tau1`` times the summed variance across queries (how it shifts) to
     ``1 / tau2``, averaged over heads, one per row."""
     mean, var = probs.mean(dim=2), probs.var(dim=2, correction=0)
-    entropy = -(mean * mean.clamp_min(1e-30).log()).sum(-1)
-    return (entropy.clamp_min(0).pow(1 / tau1) * var.sum(-1).pow(1 / tau2)).mean(-1).tolist()
+    # in-order sums over the slots: a padded row's leading zeros (its pads) leave the bits of the row alone
+    entropy = -(mean * mean.clamp_min(1e-30).log()).cumsum(-1)[..., -1]
+    return (entropy.clamp_min(0).pow(1 / tau1) * var.cumsum(-1)[..., -1].pow(1 / tau2)).mean(-1).tolist()
 
 
 @register_transform("cake")

@@ -317,8 +317,9 @@ class KVPolicy(Transform):
         scores = scores.float()
         if visible is not None:
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
-        if isinstance(target, list) and visible is not None:  # a row holding fewer keeps them all
-            target = [min(t, int(v)) for t, v in zip(target, visible.sum(-1).tolist(), strict=True)]
+        if isinstance(target, list):  # a row holding fewer keeps them all
+            held = [scores.shape[-1]] * len(target) if visible is None else visible.sum(-1).tolist()
+            target = [min(t, int(v)) for t, v in zip(target, held, strict=True)]
         if isinstance(target, list) and len(set(target)) > 1:
             keep_counts(layer, state, scores, row_budgets(target, scores.shape[1], scores.device), keys, values,
                         self.merge_threshold if self.merge else None, visible)

@@ -199,14 +199,20 @@ class PolicyCache(EvictingCache):
         counts, observation and due compressions (:meth:`KVPolicy.after_engine`; ``modules`` the
         attention modules by layer, ``observed`` the attention :meth:`engine_observes` asked for,
         ``pads`` [B] each row's left padding), then KIVI's flush."""
-        active = self.policy is not None and not self.policy.is_noop
-        for rank, i in enumerate(self.evicting_indices):
-            if active:
-                probs, queries = (observed or {}).get(i) or (None, None)
-                module = modules[i] if modules is not None else None
-                self.policy.after_engine(module, self, rank, n, probs, queries, pads)
-            if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
-                self.layers[i].flush()
+        for i in self.evicting_indices:
+            self.after_engine_layer(i, n, modules, observed, pads)
+
+    def after_engine_layer(self, i: int, n: int, modules: list | None = None, observed: dict | None = None,
+                           pads: Tensor | None = None) -> None:
+        """:meth:`after_engine` for layer ``i`` alone (the engine calls it as soon as the layer has run,
+        so a prompt chunk is compressed layer by layer, as on the module path)."""
+        rank = self.rank[i]
+        if self.policy is not None and not self.policy.is_noop:
+            probs, queries = (observed or {}).pop(i, None) or (None, None)  # free the layer's attention
+            module = modules[i] if modules is not None else None
+            self.policy.after_engine(module, self, rank, n, probs, queries, pads)
+        if self.states[rank].pending is None:  # a pending compression flushes after it has evicted
+            self.layers[i].flush()
 
     def visible_slots(self, layer_idx: int, pads: Tensor | None) -> Tensor | None:
         """[B, stored] bool, False for layer ``layer_idx``'s kept pads and fillers (its first

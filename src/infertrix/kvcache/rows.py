@@ -58,3 +58,19 @@ def keep_counts(layer, state: LayerState, scores: Tensor, budgets: Tensor, keys:
 def row_budgets(targets: list[int], heads: int, device) -> Tensor:
     """[B, H] budgets: each row's target in every KV head."""
     return torch.tensor(targets, dtype=torch.long, device=device)[:, None].expand(-1, heads)
+
+
+def hidden_slots_of(layer, per_head: Tensor | None) -> Tensor | None:
+    """[B, H_kv or 1, h] the stored slots each KV head (1: every head) must not attend: ``per_head``
+    (head budgets) and each row's ``lead`` fillers (kvcache/rows.py), or None when there are none."""
+    if layer.lead is None:
+        return per_head
+    s = layer.stored_length
+    hide = (torch.arange(s, device=layer.lead.device)[None] < layer.lead[:, None])[:, None, :]  # [B, 1, S]
+    if per_head is None:
+        return hide  # one mask per row: KIVI's fused step and sdpa keep a [B, 1, n, kv] mask
+    hide = hide.expand(-1, per_head.shape[1], -1)
+    h = min(s, per_head.shape[-1])
+    hide = hide.clone()
+    hide[..., :h] |= per_head[..., :h].bool()
+    return hide
