@@ -123,6 +123,10 @@ def storage_problem(cache: object, batch: int | None = None, tokens: int = 1) ->
         return (f"the cache is a {type(cache).__name__} (the engine runs EngineCache, GrowingCache and the KV "
                 "policies' EvictingCache / PolicyCache)")
     for i, layer in enumerate(cache.layers):
+        if type(layer) is EngineLayer:  # every forward checks every layer: read the buffer, not a view of it
+            if batch is not None and layer.length and layer.kbuf.shape[0] != batch:
+                return "the cache holds another batch size"
+            continue
         if not isinstance(layer, EngineLayer | GrowingLayer):
             return (f"layer {i} of the {type(cache).__name__} is a {type(layer).__name__} (the engine writes "
                     "EngineLayer / GrowingLayer / EvictingLayer storage)")
