@@ -42,13 +42,19 @@ def test_a_row_shorter_than_a_prefill_is_kept_whole_as_alone(policy):
     assert_rows_decode_as_alone(model, *left_padded(rows), rows, 5)
 
 
-def test_rows_keep_their_own_budgets_as_fillers_and_decode_on_the_engine():
+def prefilled_pair():
+    """(model, batch, mask, cache): SnapKV at 0.5 after the prefill of a padded pair of 40 and 20 tokens."""
     model = make_tiny("llama")
     ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5))
     batch, mask = left_padded(rows_of(5, 40, 20))
     cache = new_cache(model)
     with torch.no_grad():
         model(batch, attention_mask=mask, cache=cache)
+    return model, batch, mask, cache
+
+
+def test_rows_keep_their_own_budgets_as_fillers_and_decode_on_the_engine():
+    model, batch, mask, cache = prefilled_pair()
     for layer in cache.evicting_layers:
         assert layer.stored_length == 20 and layer.lead.tolist() == [0, 10]  # 20 and 10 kept of 40 and 20
         assert layer.first_slots(cache.row_pads).tolist() == [0, 10]
@@ -98,11 +104,6 @@ def test_row_targets_above_what_a_layer_holds_keep_what_it_holds():
 def test_fillers_alone_mask_per_row_not_per_head():
     from infertrix.kvcache.rows import hidden_slots_of
 
-    model = make_tiny("llama")
-    ix.optimize(model, SnapKV(window_size=4, kernel_size=3, compression=0.5))
-    batch, mask = left_padded(rows_of(5, 40, 20))
-    cache = new_cache(model)
-    with torch.no_grad():
-        model(batch, attention_mask=mask, cache=cache)
+    cache = prefilled_pair()[3]
     hide = hidden_slots_of(cache.evicting_layers[0], None)
     assert hide.shape == (2, 1, 20) and hide.sum(-1).flatten().tolist() == [0, 10]  # KIVI's fused step reads it
