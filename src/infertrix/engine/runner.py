@@ -60,8 +60,8 @@ class Runner:
         head = model.get_output_embeddings()
         # quantized projections: the module path's prefill rounds differently per batch, and the
         # different int8 codes change tokens, so a KV policy's prefill runs here (PolicyCache.engine_refusal)
-        self.quantized = any(linears.kind(m) != "fp32" for layer, attn, mlp in views
-                             for m in (attn.q_proj, attn.o_proj, mlp.down_proj))
+        self.quantized = any(linears.kind(m) not in (None, "fp32") for _, attn, mlp in views
+                             for mod in (attn, mlp) if mod is not None for m in mod.children())
         self.head = linears.linear(head)
         self.greedy_head = linears.argmax(head)
         self.vocab = head.out_features

@@ -346,10 +346,11 @@ def after_engine_forward(model: nn.Module, cache: PolicyCache, n: int, observed:
     from the engine's attention (``observed``, see ``PolicyCache.engine_observes``; ``pads`` [B]
     each row's left padding), KIVI's flush, describe's stats; layers in ``done`` were handled as
     they ran (:func:`engine_layer_hook`)."""
-    modules = _attention_modules(model) if cache.policy is not None and not cache.policy.is_noop else None
-    for i in cache.evicting_indices:
-        if done is None or i not in done:
-            cache.after_engine_layer(i, n, modules, observed, pads)
+    todo = [i for i in cache.evicting_indices if done is None or i not in done]
+    active = todo and cache.policy is not None and not cache.policy.is_noop
+    modules = _attention_modules(model) if active else None
+    for i in todo:
+        cache.after_engine_layer(i, n, modules, observed, pads)
     setup = kv_setup(model)
     if setup is not None:
         setup.last_stats = cache_stats(cache)

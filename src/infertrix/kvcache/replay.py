@@ -94,4 +94,5 @@ def replay(
         hidden, pos, mask = rec.inputs[i]
         cache.after_attention(layers[i].self_attn, i, hidden, pos, mask)
     cache.after_forward(model, rec.input_ids, rec.attention_mask, rec.position_ids)
+    cache.forward_new = None  # as after a causal LM forward
     return cache
