@@ -237,3 +237,23 @@ def test_a_quantized_prompt_is_compressed_layer_by_layer_on_the_engine(monkeypat
     run(model, ids, torch.ones_like(ids), cache)
     assert _counts(model) == (1, 0)
     assert seen[0] == [40, 0, 0, 0] and seen[1] == [20, 40, 0, 0]  # layer 1 runs after layer 0 was compressed
+
+
+def test_a_second_prompt_chunk_over_fillers_on_the_engine_matches_each_row_alone():
+    """A padded pair prefilled with W4A8 (rows keep their own budgets: the shorter one gets lead
+    fillers), then a second 20-token chunk for both rows on the engine: each row's logits are the bits
+    of the same two chunks run alone."""
+    model = with_policy("llama", "w4a8", SNAP)
+    ids, mask = padded([40, 23], seed=11)
+    more = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(12))
+    cache = new_cache(model)
+    run(model, ids, mask, cache)
+    assert cache.evicting_layers[0].lead is not None
+    both = run(model, more, torch.cat([mask, torch.ones_like(more)], 1), cache)
+    for i, n in enumerate([40, 23]):
+        alone = new_cache(model)
+        row = ids[i : i + 1, -n:]
+        run(model, row, torch.ones_like(row), alone)
+        want = run(model, more[i : i + 1], torch.ones(1, n + 20, dtype=torch.long), alone)
+        assert torch.equal(both[i], want[0]), i
+    assert _counts(model)[1] == 0
