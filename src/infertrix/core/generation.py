@@ -16,7 +16,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .state import GENERATE_ATTR, state
 
@@ -73,3 +74,14 @@ def add_generate_hook(model: nn.Module, hook: GenerateHook, order: int = 0) -> C
             model.__dict__.pop(GENERATE_ATTR, None)
 
     return remove
+
+
+def left_padding_start(mask: Tensor, length: int) -> Tensor | None:
+    """Row b's first valid slot when ``mask`` [B, length] is zeros then ones in every row, else None."""
+    if mask.dim() != 2 or mask.shape[1] != length:
+        return None
+    m = mask.to(torch.long)
+    start = m.argmax(1)
+    if not bool((m.sum(1) == length - start).all()):
+        return None
+    return start

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..core import Applied, Stage, Transform, register_transform
-from ..core.generation import CACHE_KWARGS, add_generate_hook, cache_argument, cache_argument_name
+from ..core.generation import (
+    CACHE_KWARGS,
+    add_generate_hook,
+    cache_argument,
+    cache_argument_name,
+    left_padding_start,
+)
 from ..kvcache.attach import after_engine_forward, engine_layer_hook
 from ..kvcache.policy_cache import PolicyCache
 from ..skip.state import skip_state
@@ -76,17 +82,6 @@ def skip_problem(model: nn.Module, cache, ids: Tensor) -> str | None:
 
 def kivi_codes(cache) -> bool:
     return any(reads_codes(layer) for layer in getattr(cache, "layers", ()))
-
-
-def left_padding_start(mask: Tensor, length: int) -> Tensor | None:
-    """Row b's first valid slot when ``mask`` [B, length] is zeros then ones in every row, else None."""
-    if mask.dim() != 2 or mask.shape[1] != length:
-        return None
-    m = mask.to(torch.long)
-    start = m.argmax(1)
-    if not bool((m.sum(1) == length - start).all()):
-        return None
-    return start
 
 
 # generate's own parameters (the rest of its keyword arguments are generation settings or model inputs)

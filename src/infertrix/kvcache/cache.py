@@ -193,11 +193,7 @@ class EvictingLayer(GrowingLayer):
         """[B] each row's first slot holding one of its tokens (its kept pads, ``pads`` [B] being its
         left padding in position space, and its ``lead`` fillers come before), or None when every row
         starts at slot 0."""
-        first = None
-        if pads is not None and bool(pads.any()):
-            first = (pads - (self.cumulative_length - self.stored_length)).clamp_min(0)
-        if self.lead is not None:
-            first = self.lead if first is None else torch.maximum(first, self.lead.to(first.device))
+        first = self.lead if pads is None else self.start_slots(pads)
         return first if first is not None and bool(first.any()) else None
 
     def start_slots(self, pads: Tensor) -> Tensor:

@@ -78,11 +78,15 @@ class ScoreContext:
         return torch.cat([older, rows], dim=3)
 
 
+def held(rows: int, stored: int, visible: Tensor | None) -> list[int]:
+    """Each of ``rows`` rows' own tokens among the ``stored`` slots (``visible`` [B, S]: False for its
+    pads and fillers)."""
+    return [stored] * rows if visible is None else visible.sum(-1).tolist()
+
+
 def over_budget(targets: list[int], stored: int, visible: Tensor | None) -> bool:
-    """Whether some row holds more than its target of the ``stored`` slots (``visible`` [B, S]: False
-    for its pads and fillers)."""
-    held = [stored] * len(targets) if visible is None else visible.sum(-1).tolist()
-    return any(h > t for h, t in zip(held, targets, strict=True))
+    """Whether some row holds more than its target of the ``stored`` slots (see :func:`held`)."""
+    return any(h > t for h, t in zip(held(len(targets), stored, visible), targets, strict=True))
 
 
 def keep_recent(scores: Tensor, ratio: float, target: int | Tensor) -> Tensor:

@@ -103,8 +103,7 @@ class DensityKV(SnapKV):
             return
         per_layer = [self.row_targets(cache, r) for r, _, _ in todo]  # [L][B] uniform targets, counted
         targets = [[] for _ in todo]
-        for b in range(len(per_layer[0])):
-            seen = cache.row_seen(cache.evicting_indices[todo[0][0]])[b]
+        for b, seen in enumerate(cache.row_seen(cache.evicting_indices[todo[0][0]])):
             avg = per_layer[0][b]
             low = min(seen, max(self.window_size, math.ceil(self.min_ratio * avg), 1))
             row = allocate([st.pending[2][b] for _, _, st in todo], avg * len(todo), low, seen)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..core import Applied, ConfigError, Stage, Transform
 from .attach import check_supported_model, kv_setup
 from .attention import compute_queries
-from .context import ScoreContext, over_budget, visible_keys
+from .context import ScoreContext, held, over_budget, visible_keys
 from .merge import merge_evicted
 from .policy_cache import LayerState, PolicyCache
 from .rows import best, keep_counts, row_budgets
@@ -284,21 +284,20 @@ class KVPolicy(Transform):
         ctx.target = targets[0] if len(set(targets)) == 1 else torch.tensor(targets, device=ctx.keys.device)
         self.evict(layer, ctx.state, self.score(ctx), targets, ctx.visible, ctx.keys, ctx.values)
 
-    def row_targets(self, cache: PolicyCache, rank: int, counted: bool = True) -> list[int]:
+    def row_targets(self, cache: PolicyCache, rank: int) -> list[int]:
         """Tokens each row keeps in layer ``rank`` at this compression: its :meth:`layer_target` for the
         tokens the row has seen (its left padding not counted, so a padded row keeps what it keeps alone),
         or all of them for a row whose share of this prefill is shorter than ``prefill_min_tokens`` (alone
-        it would not compress, with ``decode_interval`` 0); counted in ``cache.log`` unless ``counted`` is False."""
+        it would not compress, with ``decode_interval`` 0); counted in ``cache.log`` as one step."""
         idx, num = cache.evicting_indices[rank], len(cache.states)
         seen = cache.row_seen(idx)
         new = cache.forward_new
         short = [self.decode_interval == 0 and new is not None and min(new, s) < self.prefill_min_tokens for s in seen]
         targets = [s if skip else self.layer_target(s, rank, num) for s, skip in zip(seen, short, strict=True)]
-        if counted:
-            self.log_step(cache.log, min(s for s, skip in zip(seen, short, strict=True) if not skip)
-                          if not all(short) else seen[0])
-            if any(short):
-                cache.log.note(f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed")
+        compressed = [s for s, skip in zip(seen, short, strict=True) if not skip] or seen[:1]
+        self.log_step(cache.log, min(compressed))
+        if any(short):
+            cache.log.note(f"prompts shorter than prefill_min_tokens={self.prefill_min_tokens} are not compressed")
         return targets
 
     def log_step(self, log, seen: int) -> None:
@@ -318,8 +317,7 @@ class KVPolicy(Transform):
         if visible is not None:
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))  # pads go first
         if isinstance(target, list):  # a row holding fewer keeps them all
-            held = [scores.shape[-1]] * len(target) if visible is None else visible.sum(-1).tolist()
-            target = [min(t, int(v)) for t, v in zip(target, held, strict=True)]
+            target = [min(t, h) for t, h in zip(target, held(len(target), scores.shape[-1], visible), strict=True)]
         if isinstance(target, list) and len(set(target)) > 1:
             keep_counts(layer, state, scores, row_budgets(target, scores.shape[1], scores.device), keys, values,
                         self.merge_threshold if self.merge else None, visible)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..core.generation import left_padding_start
 from .cache import EvictingCache
 
 if TYPE_CHECKING:
@@ -228,11 +229,10 @@ class PolicyCache(EvictingCache):
         its 2D attention mask [B, seen + ``new``] (kept when the mask is missing or is not left
         padding: the policy refuses the latter)."""
         self.forward_new = new
-        if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[1] != self.get_seq_length() + new:
+        if not isinstance(mask, Tensor):
             return
-        m = mask.to(torch.long)
-        start = m.argmax(1)
-        if bool((m.sum(1) == mask.shape[1] - start).all()):
+        start = left_padding_start(mask, self.get_seq_length() + new)
+        if start is not None:
             self.row_pads = start if bool(start.any()) else None
 
     def row_seen(self, layer_idx: int) -> list[int]:

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..core.generation import left_padding_start
 from ..core.parallel import tensor_parallel
 from ..engine.cache import EngineCache
 from ..engine.plan import fingerprint, why_unsupported
 from ..engine.runner import Runner
-from ..engine.transform import engine_runtime, left_padding_start
+from ..engine.transform import engine_runtime
 from ..skip import SkipPlan
 from .aligned import AlignedKV
 from .state import speculative_state

@@ -36,8 +36,8 @@ def share_cache(draft: nn.Module, model: nn.Module, kv: RaggedKV | None,
     the model's cache the same way); skipped attention writes no keys for its layer, so layers end at
     different lengths while drafting: only the engine's cache, whose layers the drafter restores
     to their lengths afterwards, takes such a draft."""
+    from ..core.generation import left_padding_start
     from ..engine.cache import EngineCache, EngineLayer
-    from ..engine.transform import left_padding_start
     from .aligned import AlignedKV
     from .lean import draft_runner
 
