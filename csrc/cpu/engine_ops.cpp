@@ -283,12 +283,18 @@ void kv_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
 
 // q [B, T, H, D] (last dimension contiguous); query t of row b sits in cache slot index + t and
 // sees slots [max(start[b], index + t - window + 1), index + t] (window <= 0: no lower limit).
+// tree (optional, int64 [B, T]): a token tree over the new slots (SpecInfer-style verification):
+// tree[b][t] is the new slot of query t's parent (-1: none), and query t sees the cache before
+// `index` and its ancestors-or-self among the new slots. Keys are counted *logically*: the cache's
+// slots, then the query's path in depth order, so a node at depth d reduces over exactly the keys,
+// in the same order and the same blocks, as the same token at slot index + d of a linear window
+// (the path's keys are gathered into a block buffer first), and its result is the same bits.
 // probs (optional, [B, H, T, index + T]): each query's softmax over the slots, 0 where hidden. A
 // block writes its exp(s - block max) and the combine rescales them by exp(block max - max) / sum,
 // so each probability is as invariant as the output.
 at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& start, int64_t index, double scale, int64_t window,
-                             const std::optional<at::Tensor>& probs) {
+                             const std::optional<at::Tensor>& probs, const std::optional<at::Tensor>& tree) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.stride(3) == 1,
               "gqa_attention: q must be float32 [B, T, heads, head_dim] with a contiguous last dimension, got ",
               q.sizes());
@@ -320,6 +326,26 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
                 probs->sizes());
     pr = probs->data_ptr<float>();
   }
+  // the tree's paths: depth[bt] and path[bt * T + i] = the new slot of query bt's i-th window key
+  std::vector<int64_t> depth, path;
+  if (tree.has_value()) {
+    TORCH_CHECK(!probs.has_value(), "gqa_attention: a token tree takes no probs");
+    TORCH_CHECK(tree->scalar_type() == at::kLong && tree->sizes() == at::IntArrayRef({B, T}),
+                "gqa_attention: tree must be int64 [", B, ", ", T, "], got ", tree->sizes());
+    const at::Tensor tr = tree->contiguous();
+    const int64_t* par = tr.const_data_ptr<int64_t>();
+    depth.assign(B * T, 0);
+    path.assign(B * T * T, 0);
+    for (int64_t bt = 0; bt < B * T; ++bt) {
+      const int64_t t = bt % T, p = par[bt];
+      TORCH_CHECK(p >= -1 && p < t, "gqa_attention: tree parent ", p, " of new slot ", t, " is not an earlier slot");
+      if (p >= 0) {
+        depth[bt] = depth[bt - t + p] + 1;
+        std::copy_n(path.begin() + (bt - t + p) * T, depth[bt], path.begin() + bt * T);
+      }
+      path[bt * T + depth[bt]] = t;
+    }
+  }
   const int64_t NB = std::max<int64_t>(1, (index + T - first + kKvBlock - 1) / kKvBlock);
   const int64_t stride = D + 2;  // m, l, acc[D]
   // the per-block partials of a chunk of (row, token) pairs at a time: a bounded buffer (about
@@ -338,7 +364,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   // unit u = ((b * T + t) * H + h); its visible slots [lo, hi]
   auto bounds = [&](int64_t u, int64_t& lo, int64_t& hi) {
     const int64_t b = u / (T * H), t = (u / H) % T;
-    hi = index + t;
+    hi = index + (depth.empty() ? t : depth[u / H]);
     lo = sp[b];
     if (window > 0) lo = std::max(lo, hi - window + 1);
   };
@@ -349,6 +375,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     const int64_t c1 = std::min(B * T, c0 + chunk);
     at::parallel_for(c0 * KV * NB, c1 * KV * NB, grain, [&](int64_t b0, int64_t end) {
       alignas(64) float s[kKvBlock];
+      std::vector<float> gathered(depth.empty() ? 0 : 2 * kKvBlock * D);  // a tree block's keys, values
       for (int64_t i = b0; i < end; ++i) {
         // queries fastest: consecutive tasks read the same block of keys and values (from L1)
         const int64_t n = c1 - c0, local = i - c0 * KV * NB;
@@ -357,6 +384,19 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
         bounds(bt * H, lo, hi);
         const int64_t j0 = std::max(lo, sp[b] + blk * kKvBlock), j1 = std::min(hi + 1, sp[b] + (blk + 1) * kKvBlock);
         const int64_t kv = ((b * KV + kvh) * C) * D;
+        const float *kb = kp + kv, *vb = vp + kv;
+        int64_t a0 = j0, a1 = j1;
+        if (!depth.empty() && j1 > index && j0 < j1) {  // keys past the cache: this query's path, gathered
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t slot = j < index ? j : index + path[bt * T + j - index];
+            std::memcpy(gathered.data() + (j - j0) * D, kb + slot * D, D * sizeof(float));
+            std::memcpy(gathered.data() + (kKvBlock + j - j0) * D, vb + slot * D, D * sizeof(float));
+          }
+          kb = gathered.data();
+          vb = gathered.data() + kKvBlock * D;
+          a0 = 0;
+          a1 = j1 - j0;
+        }
         for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
           float* part = parts.get() + (((bt - c0) * H + h) * NB + blk) * stride;
           if (j0 >= j1) {
@@ -365,7 +405,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
             continue;
           }
           const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
-          ENGINE_DISPATCH(isa, attend_block, qr, kp + kv, vp + kv, j0, j1, D, sc, s, part);
+          ENGINE_DISPATCH(isa, attend_block, qr, kb, vb, a0, a1, D, sc, s, part);
           if (pr) std::memcpy(pr + ((b * H + h) * T + t) * N + j0, s, (j1 - j0) * sizeof(float));
         }
       }
@@ -479,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
                                                     at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
                                                     const at::Tensor& positions, const at::Tensor& start,
                                                     int64_t index, int64_t batch, const OptTensor& probs,
-                                                    const OptTensor& queries) {
+                                                    const OptTensor& queries, const OptTensor& tree) {
   TORCH_CHECK(static_cast<int64_t>(ints.size()) >= kLayerInts && static_cast<int64_t>(floats.size()) == kLayerFloats,
               "engine_layer: malformed ints/floats");
   const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3], n_gu = ints[4], window = ints[5];
@@ -506,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
                 "engine_layer: queries must be float32 ", q.sizes(), ", got ", queries->sizes());
     queries->copy_(q);
   }
-  const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window, probs);
+  const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window, probs, tree);
   at::Tensor attn = call_group(t, ints, n_qkv, 1, o.view({M, H * D}));
   if (const OptTensor n = t.get(4); n.has_value()) attn = rms_norm_cpu(attn, *n, floats[5]);
   auto [h2, a2] = add_rms_norm_cpu(attn, h, *t.get(0), floats[1]);

@@ -85,3 +85,31 @@ def left_padding_start(mask: Tensor, length: int) -> Tensor | None:
     if not bool((m.sum(1) == length - start).all()):
         return None
     return start
+
+
+def tree_mask_layout(mask: Tensor, index: int, t: int) -> tuple[Tensor, Tensor | None] | None:
+    """Read a 4-D attention mask ``[B, 1, t, index + t]`` (bool: True = seen; float: 0 = seen) as
+    (each row's first valid cache slot [B], the token tree over the t new slots as each slot's
+    parent slot [B, t], -1: none), or None when it is not that: every query of a row must see
+    the same left-padded cache slots, and among the new slots its ancestors-or-self in a tree
+    (SpecInfer's tree attention mask, ``speculative/tree.py``). The tree is None for a causal
+    window (every slot's parent the slot before it)."""
+    from ..ops.engine import tree_paths
+
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != t or mask.shape[3] != index + t or index == 0:
+        return None
+    seen = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    past, new = seen[:, :, :index], seen[:, :, index:]
+    if not bool((past == past[:, :1]).all()):
+        return None
+    start = left_padding_start(past[:, 0], index)
+    if start is None:
+        return None
+    order = torch.arange(t, device=mask.device)
+    earlier = new & (order[None, None, :] < order[None, :, None])
+    parents = torch.where(earlier, order[None, None, :], -1).amax(-1)
+    _, ancestors = tree_paths(parents)
+    if not torch.equal(ancestors, new):
+        return None
+    chain = bool((parents == order[None, :] - 1).all())
+    return start, None if chain else parents.contiguous()

@@ -139,9 +139,10 @@ def mlp_only(h: Tensor, lp) -> tuple[Tensor, Tensor]:
 
 
 def attention_only(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Tensor, sin: Tensor,
-                   positions: Tensor, start: Tensor, index: int, batch: int) -> tuple[Tensor, Tensor]:
+                   positions: Tensor, start: Tensor, index: int, batch: int,
+                   tree: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A layer whose MLP is skipped: h + attention(a) over the cache (new keys and values written
-    at ``index``; Gemma 3: its output norm), and the next norm of that."""
+    at ``index``; Gemma 3: its output norm), and the next norm of that. ``tree``: ``gqa_attention``'s."""
     t, ints, f = lp.tensors, lp.ints, lp.floats
     heads, kvh, d, n_qkv = ints[:4]
     m = a.shape[0]
@@ -153,7 +154,7 @@ def attention_only(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Te
         qk = _ops.rope(qkv[:, :, : heads + kvh], cos, sin, positions)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
     _ops.kv_append(kbuf, vbuf, k.contiguous(), qkv[:, :, heads + kvh :].contiguous(), index)
-    o = _ops.gqa_attention(q.contiguous(), kbuf, vbuf, start, index, f[0], ints[5])
+    o = _ops.gqa_attention(q.contiguous(), kbuf, vbuf, start, index, f[0], ints[5], None, tree)
     attn = _group(t, ints, n_qkv, 1, o.reshape(m, heads * d))
     if t[4] is not None:
         attn = _ops.rms_norm(attn, t[4], f[5])

@@ -27,6 +27,7 @@ from ..core.generation import (
     cache_argument,
     cache_argument_name,
     left_padding_start,
+    tree_mask_layout,
 )
 from ..kvcache.attach import after_engine_forward, engine_layer_hook
 from ..kvcache.policy_cache import PolicyCache
@@ -203,8 +204,17 @@ class EngineRuntime:
         b, t = ids.shape
         index = cache.get_seq_length()
         mask = kwargs.get("attention_mask")
+        tree = None
         if mask is None:
             start = torch.zeros(b, dtype=torch.long, device=ids.device)
+        elif mask.dim() == 4:  # a token tree's verification (speculative/tree.py)
+            layout = tree_mask_layout(mask, index, t)
+            if layout is None:
+                return self._module("a 4-D attention mask that is not a token tree over left padding", inner, (),
+                                    kwargs)
+            if isinstance(cache, PolicyCache):
+                return self._module("a token tree over a KV policy's cache", inner, (), kwargs)
+            start, tree = layout
         else:
             start = left_padding_start(mask, index + t)
             if start is None:
@@ -223,7 +233,7 @@ class EngineRuntime:
         done: set[int] = set()
         after_layer = engine_layer_hook(self.model, cache, t, observe, start, done) if isinstance(cache, PolicyCache) else None
         logits = self.runner.forward(ids, start, positions.contiguous(), cache, keep, observe=observe, greedy=greedy,
-                                     after_layer=after_layer)
+                                     after_layer=after_layer, tree=tree)
         self.greedy_forwards += greedy
         if isinstance(cache, PolicyCache):
             after_engine_forward(self.model, cache, t, observe, start, done)

@@ -63,9 +63,26 @@ def kv_append_reference(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, 
     v_cache[:, :, index : index + t] = v.transpose(1, 2)
 
 
+def tree_paths(tree: Tensor) -> tuple[Tensor, Tensor]:
+    """(depth [B, T], ancestors-or-self [B, T, T] bool) of a token tree given by each new slot's
+    parent slot (``tree`` int64 [B, T], -1: none; a parent precedes its child)."""
+    b, t = tree.shape
+    if bool(((tree < -1) | (tree >= torch.arange(t, device=tree.device))).any()):
+        raise ValueError("gqa_attention: a tree parent must be an earlier new slot or -1")
+    anc = torch.eye(t, dtype=torch.bool, device=tree.device).repeat(b, 1, 1)
+    depth = torch.zeros(b, t, dtype=torch.long, device=tree.device)
+    rows = torch.arange(b, device=tree.device)
+    for i in range(t):
+        p = tree[:, i]
+        has = p >= 0
+        anc[has, i] |= anc[rows[has], p[has]]
+        depth[has, i] = depth[rows[has], p[has]] + 1
+    return depth, anc
+
+
 def gqa_attention_reference(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, index: int, scale: float, window: int,
-    probs: Tensor | None = None,
+    probs: Tensor | None = None, tree: Tensor | None = None,
 ) -> Tensor:
     """Grouped-query attention of q [B, T, H, D] over cache slots [start[b], index + t] of row b.
 
@@ -75,7 +92,13 @@ def gqa_attention_reference(
 
     ``probs`` (optional, [B, H, T, index + T] float32): receives each query's softmax over the
     slots, 0 where hidden, for the KV policies that score by attention (H2O, SnapKV, TOVA...);
-    a forward that passes none pays nothing for it."""
+    a forward that passes none pays nothing for it.
+
+    ``tree`` (optional, int64 [B, T]; no ``probs`` with it): token-tree verification (SpecInfer,
+    Miao et al. 2024, arXiv:2305.09781). ``tree[b, t]`` is the new slot of query t's parent (-1:
+    none); query t sees the cache before ``index`` and its ancestors-or-self among the new slots,
+    and sits at logical slot ``index + depth`` (what the window counts), as the same token would
+    in a linear window of its path."""
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
     n = index + t
@@ -83,10 +106,20 @@ def gqa_attention_reference(
     v = v_cache[:, :, :n].repeat_interleave(h // kvh, dim=1).float()
     scores = torch.einsum("bthd,bhnd->bhtn", q.float(), k) * scale
     j = torch.arange(n, device=q.device)
-    i = index + torch.arange(t, device=q.device)
-    visible = (j[None, None, :] >= start[:, None, None]) & (j[None, None, :] <= i[None, :, None])
+    if tree is None:
+        i = (index + torch.arange(t, device=q.device))[None].expand(b, t)
+        logical = j[None, None, :].expand(b, t, n)
+        visible = (j[None, None, :] >= start[:, None, None]) & (logical <= i[:, :, None])
+    else:
+        if probs is not None:
+            raise ValueError("gqa_attention: a token tree takes no probs")
+        depth, anc = tree_paths(tree)
+        i = index + depth
+        # a new slot's logical position is index + its depth; the cache's slots are their own
+        logical = torch.cat([j[:index][None, None].expand(b, t, index), (index + depth)[:, None, :].expand(b, t, t)], -1)
+        visible = torch.cat([(j[None, None, :index] >= start[:, None, None]).expand(b, t, index), anc], -1)
     if window > 0:
-        visible = visible & (j[None, None, :] > i[None, :, None] - window)
+        visible = visible & (logical > i[:, :, None] - window)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if probs is not None:
@@ -130,7 +163,7 @@ def _(k_cache, v_cache, k, v, index):
 
 
 @gqa_attention.register_fake
-def _(q, k_cache, v_cache, start, index, scale, window, probs=None):
+def _(q, k_cache, v_cache, start, index, scale, window, probs=None, tree=None):
     return q.new_empty(q.shape)
 
 
@@ -172,7 +205,7 @@ def _group(tensors: list[Tensor | None], ints: list[int], first: int, n: int, x:
 def engine_layer_reference(
     h: Tensor, a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], k_cache: Tensor,
     v_cache: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, start: Tensor, index: int, batch: int,
-    probs: Tensor | None = None, queries: Tensor | None = None,
+    probs: Tensor | None = None, queries: Tensor | None = None, tree: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One Llama- or Gemma-3-style decoder layer on M = batch x T token rows: returns
     (h', next_norm(h')).
@@ -191,7 +224,8 @@ def engine_layer_reference(
 
     Optional outputs for the KV policies that score by attention: ``probs`` [B, H, T, index + T]
     (``gqa_attention``'s), ``queries`` [B, T, H, D] (the post-rotary queries, which SnapKV-style
-    policies buffer between decode-time compressions)."""
+    policies buffer between decode-time compressions). ``tree``: a token tree over the new tokens
+    (``gqa_attention``'s), for verifying draft trees."""
     heads, kvh, d, n_qkv, n_gu, window, gelu = ints[:LAYER_INTS]
     m = a.shape[0]
     t = m // batch
@@ -205,7 +239,7 @@ def engine_layer_reference(
     kv_append(k_cache, v_cache, k, qkv[:, :, heads + kvh :], index)
     if queries is not None:
         queries.copy_(q)
-    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs)
+    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs, tree)
     attn = _group(tensors, ints, n_qkv, 1, o.reshape(m, heads * d))
     if tensors[4] is not None:
         attn = rms_norm(attn, tensors[4], floats[5])
@@ -221,13 +255,13 @@ engine_layer = torch.library.custom_op(
     "infertrix::engine_layer", mutates_args=("k_cache", "v_cache", "probs", "queries"),
     schema="(Tensor h, Tensor a, Tensor?[] tensors, int[] ints, float[] floats, Tensor(a!) k_cache, "
            "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor positions, Tensor start, int index, int batch, "
-           "Tensor(c!)? probs=None, Tensor(d!)? queries=None) -> (Tensor, Tensor)",
+           "Tensor(c!)? probs=None, Tensor(d!)? queries=None, Tensor? tree=None) -> (Tensor, Tensor)",
 )(engine_layer_reference)
 
 
 @engine_layer.register_fake
 def _(h, a, tensors, ints, floats, k_cache, v_cache, cos, sin, positions, start, index, batch, probs=None,
-      queries=None):
+      queries=None, tree=None):
     return torch.empty_like(h), torch.empty_like(a)
 
 

@@ -45,8 +45,6 @@ class AlignedKV(RaggedKV):
     its logical tokens, ``seq[r]`` their ids, ``start[r]`` its first slot, ``real[r]`` the tokens
     with keys and values in the cache from there (slots after ``start[r] + real[r]`` are junk)."""
 
-    no_trees = "the decode engine's cache (the engine runs no tree mask; engine(enabled=false) verifies trees)"
-
     def __init__(self, model: nn.Module, cache, pad_token_id: int):
         super().__init__(model, cache, pad_token_id)
         self.seq: list[list[int]] = []
@@ -162,6 +160,57 @@ class AlignedKV(RaggedKV):
         self.pos = self.pos + torch.tensor([len(n) for n in rows], dtype=torch.long, device=device)
         idx = idx.to(device)
         return logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def extend_tree(self, roots: list[int | None], trees: list) -> Tensor:
+        """Feed each row in the cache its root (its newest token; None: a stopped row, fed nothing)
+        then its :class:`~.tree.TokenTree`'s nodes in one forward with the tree's 4-D mask; logits
+        ``[B, W, V]``, slot 0 the root, slot i + 1 node i. The decode engine reads the mask as a
+        tree (``gqa_attention``'s ``tree``): each node attends with the bits it would have at the
+        end of a linear window of its path. Call :meth:`keep_tree` next."""
+        from ..ops.engine import tree_paths
+
+        if self.length == 0:
+            raise ValueError("AlignedKV.extend_tree needs a prefilled cache")
+        live = [r is not None for r in roots]
+        if any(a and s + r < self.length for a, s, r in zip(live, self.start, self.real, strict=True)):
+            self._realign()
+        if any(a and r < int(p) for a, r, p in zip(live, self.real, self.pos, strict=True)):
+            self._extend([[] for _ in roots], 1)  # tokens kept without keys and values: fed first
+        self._fed_from = self.pos
+        device = self.mask.device
+        width = 1 + max(len(t) for t in trees)
+        ids, parents, positions, fed = [], [], [], []
+        for r, (root, tree) in enumerate(zip(roots, trees, strict=True)):
+            n = 1 + len(tree) if root is not None else 0
+            depth = [0] + (tree.depths() if n else [])
+            ids.append(([root] + tree.tokens if n else []) + [self.pad] * (width - n))
+            parents.append(([-1] + [p + 1 for p in tree.parents] if n else []) + [-1] * (width - n))
+            positions.append([self.real[r] + (depth[j] if j < n else 0) for j in range(width)])
+            self.seq[r] = self.seq[r][: int(self.pos[r])] + ([root] + tree.tokens if n else [])
+            self.real[r] += n
+            fed.append(n)
+        _, ancestors = tree_paths(torch.tensor(parents, dtype=torch.long, device=device))
+        past = self.mask.bool()[:, None, :].expand(-1, width, -1)
+        mask = torch.cat([past, ancestors], dim=-1)[:, None]  # [B, 1, W, cached + W]
+        if self.model.config._attn_implementation == "eager":
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        logits = self._forward(torch.tensor(ids, dtype=torch.long, device=device), mask,
+                               torch.tensor(positions, dtype=torch.long, device=device), width)
+        self._set_mask(self.length + width)
+        self.pos = self.pos + torch.tensor(fed, dtype=torch.long, device=device)  # every node, until keep_tree
+        return logits
+
+    def keep_tree(self, paths: list[list[int]], kept: list[int]) -> None:
+        """After :meth:`extend_tree` and the move of each row's accepted path to its first new
+        slots (``tree.tree_keep``): its tokens follow the root in ``seq``, the rest is dropped.
+        ``paths`` and ``kept`` are per logical row."""
+        present = self.present if self.present is not None else list(range(len(paths)))
+        for r, b in enumerate(present):
+            fed = int(self._fed_from[r])
+            nodes = self.seq[r][fed:]
+            self.seq[r] = self.seq[r][:fed] + nodes[:1] + [nodes[slot] for slot in paths[b]]
+        self.keep_fed(kept)
 
     def _rollback(self, counts: Tensor) -> None:
         if bool((counts > self.pos).any()):

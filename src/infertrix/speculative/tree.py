@@ -19,7 +19,10 @@ The forward feeds ``[root, nodes...]`` per row with a 4-D mask ``[B, 1, W, cache
 then holds every node, so the accepted path's keys and values are moved to the first new slots and
 the rest cropped (:class:`~.ragged.RaggedKV`'s ``keep_fed``). Rows of a batch carry trees of
 different sizes. Only plain full-attention caches take trees (a sliding window or a cache policy
-gets the tree's first branch, verified as a linear draft).
+gets the tree's first branch, verified as a linear draft). On the decode engine's cache
+(:class:`~.aligned.AlignedKV`) the engine verifies the tree: it reads the mask as a tree and each
+node attends with the bits of the same token at the end of a linear window of its path, so
+greedy trees stay token-identical to plain decoding on quantized targets too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..kvcache.capabilities import capabilities
+from .aligned import AlignedKV
 
 TREE_ATTENTION = ("sdpa", "eager", "infertrix_sdpa")  # attention functions that read a custom 4-D mask
 
@@ -85,7 +89,8 @@ def tree_problem(ragged) -> str | None:
         return ragged.no_trees
     if ragged.window is not None:
         return "a sliding-window cache"
-    if not capabilities(ragged.cache).select_rows:
+    engine_rows = isinstance(ragged, AlignedKV) and ragged.can_retire()  # EngineLayers: plain buffers
+    if not (capabilities(ragged.cache).select_rows or engine_rows):
         return "a cache that cannot select rows"
     if impl not in TREE_ATTENTION:
         return f"attention {impl!r} reads no custom mask"
@@ -115,6 +120,9 @@ def tree_extend(ragged, roots: list[int | None], trees: list[TokenTree]) -> Tens
     """Feed each logical row its root then its tree's nodes in one forward; logits ``[B, W, V]``
     (slot 0 = the root; a retired row's are zeros). Call :func:`tree_keep` next."""
     present = ragged.present if ragged.present is not None else list(range(len(roots)))
+    if isinstance(ragged, AlignedKV):  # the decode engine's cache: rows kept left-padded
+        out = ragged.extend_tree([roots[b] for b in present], [trees[b] for b in present])
+        return _scatter_rows(out, present, len(roots)) if ragged.present is not None else out
     ids, depth, real, anc = _layout([roots[b] for b in present], [trees[b] for b in present], ragged.pad)
     device = ragged.mask.device
     ids, depth, real, anc = ids.to(device), depth.to(device), real.to(device), anc.to(device)
@@ -133,9 +141,12 @@ def tree_extend(ragged, roots: list[int | None], trees: list[TokenTree]) -> Tens
     ragged._fed_from = ragged.pos
     ragged.mask = torch.cat([ragged.mask, real], dim=1)
     ragged.pos = ragged.pos + real.sum(-1)
-    if ragged.present is None:
-        return out
-    full = out.new_zeros((len(roots), *out.shape[1:]))
+    return out if ragged.present is None else _scatter_rows(out, present, len(roots))
+
+
+def _scatter_rows(out: Tensor, present: list[int], rows: int) -> Tensor:
+    """Logits of the rows in the cache -> one per logical row (a retired row's are zeros)."""
+    full = out.new_zeros((rows, *out.shape[1:]))
     full[torch.tensor(present, device=out.device)] = out
     return full
 
@@ -153,10 +164,15 @@ def tree_keep(ragged, paths: list[list[int]], width: int, kept: list[int]) -> No
     if bool((idx != torch.arange(width)).any()):
         for layer in ragged.cache.layers:
             for t in (layer.keys, layer.values):
+                if t is None:  # a layer a skip plan never runs holds nothing
+                    continue
                 new = t[:, :, start:]
                 gather = idx.to(t.device)[:, None, :, None].expand(new.shape)
                 new.copy_(new.gather(2, gather))
-    ragged.keep_fed(kept)
+    if isinstance(ragged, AlignedKV):
+        ragged.keep_tree(paths, kept)
+    else:
+        ragged.keep_fed(kept)
 
 
 def tree_scores(call, logits: Tensor, rows, trees: list[TokenTree], active: list[int]) -> Tensor:
