@@ -289,12 +289,16 @@ void kv_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
 // slots, then the query's path in depth order, so a node at depth d reduces over exactly the keys,
 // in the same order and the same blocks, as the same token at slot index + d of a linear window
 // (the path's keys are gathered into a block buffer first), and its result is the same bits.
+// hidden (optional, bool [B, KV, S]): slots s < S that kv head h of row b does not attend (head-wise
+// KV budgets, AdaKV); a block's visible keys are gathered, in order, before it is computed, so a
+// row's result depends only on its own keys and mask.
 // probs (optional, [B, H, T, index + T]): each query's softmax over the slots, 0 where hidden. A
 // block writes its exp(s - block max) and the combine rescales them by exp(block max - max) / sum,
 // so each probability is as invariant as the output.
 at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& start, int64_t index, double scale, int64_t window,
-                             const std::optional<at::Tensor>& probs, const std::optional<at::Tensor>& tree) {
+                             const std::optional<at::Tensor>& probs, const std::optional<at::Tensor>& tree,
+                             const std::optional<at::Tensor>& hidden) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.stride(3) == 1,
               "gqa_attention: q must be float32 [B, T, heads, head_dim] with a contiguous last dimension, got ",
               q.sizes());
@@ -346,6 +350,17 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
       path[bt * T + depth[bt]] = t;
     }
   }
+  const bool* hid = nullptr;
+  int64_t HS = 0;
+  at::Tensor hidden_c;
+  if (hidden.has_value()) {
+    TORCH_CHECK(hidden->scalar_type() == at::kBool && hidden->dim() == 3 && hidden->size(0) == B &&
+                    hidden->size(1) == KV && hidden->size(2) <= index,
+                "gqa_attention: hidden must be bool [", B, ", ", KV, ", S <= ", index, "], got ", hidden->sizes());
+    hidden_c = hidden->contiguous();
+    hid = hidden_c.const_data_ptr<bool>();
+    HS = hidden_c.size(2);
+  }
   const int64_t NB = std::max<int64_t>(1, (index + T - first + kKvBlock - 1) / kKvBlock);
   const int64_t stride = D + 2;  // m, l, acc[D]
   // the per-block partials of a chunk of (row, token) pairs at a time: a bounded buffer (about
@@ -375,7 +390,9 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     const int64_t c1 = std::min(B * T, c0 + chunk);
     at::parallel_for(c0 * KV * NB, c1 * KV * NB, grain, [&](int64_t b0, int64_t end) {
       alignas(64) float s[kKvBlock];
-      std::vector<float> gathered(depth.empty() ? 0 : 2 * kKvBlock * D);  // a tree block's keys, values
+      // a block's visible keys and values, gathered (a tree's path, slots hidden per head), and their slots
+      std::vector<float> gathered(depth.empty() && !hid ? 0 : 2 * kKvBlock * D);
+      int64_t slots[kKvBlock];
       for (int64_t i = b0; i < end; ++i) {
         // queries fastest: consecutive tasks read the same block of keys and values (from L1)
         const int64_t n = c1 - c0, local = i - c0 * KV * NB;
@@ -386,27 +403,39 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
         const int64_t kv = ((b * KV + kvh) * C) * D;
         const float *kb = kp + kv, *vb = vp + kv;
         int64_t a0 = j0, a1 = j1;
-        if (!depth.empty() && j1 > index && j0 < j1) {  // keys past the cache: this query's path, gathered
+        const bool* hk = hid ? hid + (b * KV + kvh) * HS : nullptr;
+        bool gather = !depth.empty() && j1 > index;  // keys past the cache: this query's path
+        for (int64_t j = j0; hk && !gather && j < std::min(j1, HS); ++j) gather = hk[j];
+        if (gather && j0 < j1) {
+          a1 = 0;
           for (int64_t j = j0; j < j1; ++j) {
-            const int64_t slot = j < index ? j : index + path[bt * T + j - index];
-            std::memcpy(gathered.data() + (j - j0) * D, kb + slot * D, D * sizeof(float));
-            std::memcpy(gathered.data() + (kKvBlock + j - j0) * D, vb + slot * D, D * sizeof(float));
+            if (j < HS && hk[j]) continue;
+            const int64_t slot = j < index || depth.empty() ? j : index + path[bt * T + j - index];
+            std::memcpy(gathered.data() + a1 * D, kb + slot * D, D * sizeof(float));
+            std::memcpy(gathered.data() + (kKvBlock + a1) * D, vb + slot * D, D * sizeof(float));
+            slots[a1++] = j;
           }
           kb = gathered.data();
           vb = gathered.data() + kKvBlock * D;
           a0 = 0;
-          a1 = j1 - j0;
         }
         for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
           float* part = parts.get() + (((bt - c0) * H + h) * NB + blk) * stride;
-          if (j0 >= j1) {
+          if (a0 >= a1) {
             part[0] = -INFINITY;
             part[1] = 0.0f;
             continue;
           }
           const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
           ENGINE_DISPATCH(isa, attend_block, qr, kb, vb, a0, a1, D, sc, s, part);
-          if (pr) std::memcpy(pr + ((b * H + h) * T + t) * N + j0, s, (j1 - j0) * sizeof(float));
+          if (!pr) continue;
+          float* row = pr + ((b * H + h) * T + t) * N;
+          if (!gather) {
+            std::memcpy(row + j0, s, (j1 - j0) * sizeof(float));
+          } else {  // hidden slots get 0
+            std::fill(row + j0, row + j1, 0.0f);
+            for (int64_t i = 0; i < a1; ++i) row[slots[i]] = s[i];
+          }
         }
       }
     });
@@ -519,7 +548,8 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
                                                     at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
                                                     const at::Tensor& positions, const at::Tensor& start,
                                                     int64_t index, int64_t batch, const OptTensor& probs,
-                                                    const OptTensor& queries, const OptTensor& tree) {
+                                                    const OptTensor& queries, const OptTensor& tree,
+                                                    const OptTensor& hidden) {
   TORCH_CHECK(static_cast<int64_t>(ints.size()) >= kLayerInts && static_cast<int64_t>(floats.size()) == kLayerFloats,
               "engine_layer: malformed ints/floats");
   const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3], n_gu = ints[4], window = ints[5];
@@ -546,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
                 "engine_layer: queries must be float32 ", q.sizes(), ", got ", queries->sizes());
     queries->copy_(q);
   }
-  const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window, probs, tree);
+  const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window, probs, tree, hidden);
   at::Tensor attn = call_group(t, ints, n_qkv, 1, o.view({M, H * D}));
   if (const OptTensor n = t.get(4); n.has_value()) attn = rms_norm_cpu(attn, *n, floats[5]);
   auto [h2, a2] = add_rms_norm_cpu(attn, h, *t.get(0), floats[1]);

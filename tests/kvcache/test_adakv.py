@@ -69,13 +69,19 @@ def test_storage_is_the_largest_heads_budget_and_is_what_bytes_count():
     assert ada.state_bytes() == sum(s.aux[HIDDEN].nbytes for s in ada.states)
 
 
-def test_hidden_slots_are_invisible_to_attention_and_decoding_takes_the_module_path():
+def test_hidden_slots_are_invisible_to_attention_on_the_engine_and_the_module_path():
+    from infertrix.engine import engine_runtime
+
     model = make_tiny("llama")
     cache = compressed(model, AdaKV(budget=12, window_size=4, kernel_size=3), prompt(2, 50, batch=2))
-    assert "hidden per KV head" in cache.engine_refusal(1)
+    assert cache.engine_refusal(1) is None  # the engine's attention takes the mask per KV head
     nxt = torch.tensor([[5], [6]])
     with torch.no_grad():
         want = model(nxt, cache=copy.deepcopy(cache)).logits
+        assert engine_runtime(model).last == "engine"
+        module = model(nxt, cache=copy.deepcopy(cache), output_hidden_states=True).logits
+        assert engine_runtime(model).last.startswith("module")
+        torch.testing.assert_close(module, want, rtol=1e-5, atol=1e-5)
         for layer, state in zip(cache.evicting_layers, cache.states, strict=True):
             hidden = state.aux[HIDDEN][..., None]  # garbage in every hidden slot changes nothing
             layer.keys.copy_(torch.where(hidden, torch.randn_like(layer.keys) * 100, layer.keys))

@@ -101,7 +101,7 @@ class Runner:
     @torch.no_grad()
     def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor, skip=None,
                 observe: dict[int, tuple[Tensor, Tensor] | None] | None = None, greedy: bool = False,
-                after_layer=None, tree: Tensor | None = None) -> Tensor:
+                after_layer=None, tree: Tensor | None = None, hidden: dict[int, Tensor] | None = None) -> Tensor:
         """Logits [B, kept, V] for tokens ``ids`` [B, T] appended to ``cache`` (an ``EngineCache`` or
         a storage ``cache.storage_problem`` accepts); row b has ``pads[b]`` left-padding tokens, its
         tokens sit at rotary ``positions`` [B, T]. The skip plans applied to the model now are
@@ -115,7 +115,8 @@ class Runner:
         callers that only take the argmax (``transform.greedy_only``). ``after_layer(i)``: called once
         layer ``i`` has run and committed its tokens (a KV policy compresses it there). ``tree``
         (int64 [B, T]): the new tokens form a token tree, each slot's parent slot (-1: none), for
-        verifying draft trees (``gqa_attention``'s; not with ``observe`` or KIVI codes)."""
+        verifying draft trees (``gqa_attention``'s; not with ``observe`` or KIVI codes). ``hidden``:
+        by layer index, the stored slots each KV head does not attend (``PolicyCache.engine_hidden``)."""
         b, t = ids.shape
         kv, d = self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(b * t, -1)
@@ -134,8 +135,8 @@ class Runner:
                 continue
             cos, sin = self.tables[lp.rope]
             if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem), whole layers
-                if tree is not None:
-                    raise ValueError("the engine verifies no token tree over KIVI codes")
+                if tree is not None or (hidden is not None and i in hidden):
+                    raise ValueError("the engine's KIVI step takes no token tree and no mask per KV head")
                 h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
                 continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
@@ -148,7 +149,8 @@ class Runner:
                     probs = x.new_empty(b, self.heads, t, index + t) if last is None else None
                     seen = (probs, x.new_empty(b, t, self.heads, d))
                 out, a_out = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions,
-                                               start, index, b, *seen, tree=tree)
+                                               start, index, b, *seen, tree=tree,
+                                               hidden=None if hidden is None else hidden.get(i))
                 if seen:
                     observe[i] = seen if last is None or last < 0 else (None, seen[1][:, -last:].clone())
                 if isinstance(mode, Tensor):  # SkipDecode: these columns keep their input (KV still written)

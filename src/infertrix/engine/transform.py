@@ -233,7 +233,8 @@ class EngineRuntime:
         done: set[int] = set()
         after_layer = engine_layer_hook(self.model, cache, t, observe, start, done) if isinstance(cache, PolicyCache) else None
         logits = self.runner.forward(ids, start, positions.contiguous(), cache, keep, observe=observe, greedy=greedy,
-                                     after_layer=after_layer, tree=tree)
+                                     after_layer=after_layer, tree=tree,
+                                     hidden=cache.engine_hidden() if isinstance(cache, PolicyCache) else None)
         self.greedy_forwards += greedy
         if isinstance(cache, PolicyCache):
             after_engine_forward(self.model, cache, t, observe, start, done)

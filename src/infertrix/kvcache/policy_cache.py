@@ -29,8 +29,8 @@ ENGINE_OBSERVE_MAX_TOKENS = 64
 
 # LayerState.aux key of stored slots hidden per KV head ([B, H_kv, S] bool, True = the head does not
 # attend the slot): a policy that keeps fewer tokens in some KV heads than the layer's shared length
-# (AdaKV) hides the rest; the attention pre-hook folds it into the mask, and the engine leaves such
-# caches to the module path
+# (AdaKV) hides the rest; the attention pre-hook folds it into the mask, and the engine passes it to
+# its attention (``engine_hidden``)
 HIDDEN = "hidden"
 
 
@@ -160,8 +160,10 @@ class PolicyCache(EvictingCache):
         attention module's input) unless ``prefill`` (the engine's model has quantized projections,
         whose module-path prefill would round differently per batch): the engine then hands over
         the queries."""
-        if any(HIDDEN in state.aux for state in self.states):
-            return "slots hidden per KV head (head-wise budgets: a mask per head, which the engine does not read)"
+        for r, i in enumerate(self.evicting_indices):
+            if HIDDEN in self.states[r].aux and self.layers[i].n_quantized:
+                return (f"slots hidden per KV head over layer {i}'s KIVI codes (the engine's KIVI step takes one "
+                        "mask per row)")
         p = self.policy
         if p is None or p.is_noop:
             return None
@@ -178,6 +180,12 @@ class PolicyCache(EvictingCache):
                 return (f"{name} scores layer {i}'s attention over KIVI codes (the engine's KIVI step returns no "
                         "attention probabilities)")
         return None
+
+    def engine_hidden(self) -> dict[int, Tensor] | None:
+        """The slots each layer hides per KV head (``HIDDEN``, head-wise budgets), by layer index,
+        for the engine's attention (``Runner.forward``'s ``hidden``); None when no layer hides any."""
+        out = {i: self.states[r].aux[HIDDEN] for r, i in enumerate(self.evicting_indices) if HIDDEN in self.states[r].aux}
+        return out or None
 
     def engine_observes(self, n: int, prefill: bool = False) -> dict[int, int | None] | None:
         """The layers whose attention the policy reads in a forward of ``n`` tokens the engine runs

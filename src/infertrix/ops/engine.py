@@ -82,7 +82,7 @@ def tree_paths(tree: Tensor) -> tuple[Tensor, Tensor]:
 
 def gqa_attention_reference(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, index: int, scale: float, window: int,
-    probs: Tensor | None = None, tree: Tensor | None = None,
+    probs: Tensor | None = None, tree: Tensor | None = None, hidden: Tensor | None = None,
 ) -> Tensor:
     """Grouped-query attention of q [B, T, H, D] over cache slots [start[b], index + t] of row b.
 
@@ -98,7 +98,10 @@ def gqa_attention_reference(
     Miao et al. 2024, arXiv:2305.09781). ``tree[b, t]`` is the new slot of query t's parent (-1:
     none); query t sees the cache before ``index`` and its ancestors-or-self among the new slots,
     and sits at logical slot ``index + depth`` (what the window counts), as the same token would
-    in a linear window of its path."""
+    in a linear window of its path.
+
+    ``hidden`` (optional, bool [B, kv_heads, S], S <= index): slots below S that a KV head does not
+    attend (head-wise KV budgets: AdaKV, Feng et al. 2024, arXiv:2407.11550)."""
     b, t, h, d = q.shape
     kvh = k_cache.shape[1]
     n = index + t
@@ -120,7 +123,14 @@ def gqa_attention_reference(
         visible = torch.cat([(j[None, None, :index] >= start[:, None, None]).expand(b, t, index), anc], -1)
     if window > 0:
         visible = visible & (logical > i[:, :, None] - window)
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    visible = visible[:, None]
+    if hidden is not None:
+        if hidden.dim() != 3 or hidden.shape[:2] != (b, kvh) or hidden.shape[2] > index:
+            raise ValueError(f"gqa_attention: hidden must be [{b}, {kvh}, S <= {index}], got {tuple(hidden.shape)}")
+        heads = hidden.repeat_interleave(h // kvh, dim=1)[:, :, None, :]  # [B, H, 1, S]
+        visible = torch.cat([visible[..., : hidden.shape[2]] & ~heads, visible[..., hidden.shape[2] :].expand(
+            -1, h, -1, -1)], -1)
+    scores = scores.masked_fill(~visible, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if probs is not None:
         probs.copy_(p)
@@ -163,7 +173,7 @@ def _(k_cache, v_cache, k, v, index):
 
 
 @gqa_attention.register_fake
-def _(q, k_cache, v_cache, start, index, scale, window, probs=None, tree=None):
+def _(q, k_cache, v_cache, start, index, scale, window, probs=None, tree=None, hidden=None):
     return q.new_empty(q.shape)
 
 
@@ -206,6 +216,7 @@ def engine_layer_reference(
     h: Tensor, a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], k_cache: Tensor,
     v_cache: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, start: Tensor, index: int, batch: int,
     probs: Tensor | None = None, queries: Tensor | None = None, tree: Tensor | None = None,
+    hidden: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One Llama- or Gemma-3-style decoder layer on M = batch x T token rows: returns
     (h', next_norm(h')).
@@ -225,7 +236,8 @@ def engine_layer_reference(
     Optional outputs for the KV policies that score by attention: ``probs`` [B, H, T, index + T]
     (``gqa_attention``'s), ``queries`` [B, T, H, D] (the post-rotary queries, which SnapKV-style
     policies buffer between decode-time compressions). ``tree``: a token tree over the new tokens
-    (``gqa_attention``'s), for verifying draft trees."""
+    (``gqa_attention``'s), for verifying draft trees; ``hidden``: slots hidden per KV head
+    (``gqa_attention``'s)."""
     heads, kvh, d, n_qkv, n_gu, window, gelu = ints[:LAYER_INTS]
     m = a.shape[0]
     t = m // batch
@@ -239,7 +251,7 @@ def engine_layer_reference(
     kv_append(k_cache, v_cache, k, qkv[:, :, heads + kvh :], index)
     if queries is not None:
         queries.copy_(q)
-    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs, tree)
+    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs, tree, hidden)
     attn = _group(tensors, ints, n_qkv, 1, o.reshape(m, heads * d))
     if tensors[4] is not None:
         attn = rms_norm(attn, tensors[4], floats[5])
@@ -255,13 +267,13 @@ engine_layer = torch.library.custom_op(
     "infertrix::engine_layer", mutates_args=("k_cache", "v_cache", "probs", "queries"),
     schema="(Tensor h, Tensor a, Tensor?[] tensors, int[] ints, float[] floats, Tensor(a!) k_cache, "
            "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor positions, Tensor start, int index, int batch, "
-           "Tensor(c!)? probs=None, Tensor(d!)? queries=None, Tensor? tree=None) -> (Tensor, Tensor)",
+           "Tensor(c!)? probs=None, Tensor(d!)? queries=None, Tensor? tree=None, Tensor? hidden=None) -> (Tensor, Tensor)",
 )(engine_layer_reference)
 
 
 @engine_layer.register_fake
 def _(h, a, tensors, ints, floats, k_cache, v_cache, cos, sin, positions, start, index, batch, probs=None,
-      queries=None, tree=None):
+      queries=None, tree=None, hidden=None):
     return torch.empty_like(h), torch.empty_like(a)
 
 

@@ -1,6 +1,8 @@
-"""Token-tree attention (``gqa_attention``'s ``tree``): the kernel against its reference, and each
-node the same bits as the same token in a linear window of its path (what makes tree verification
-on the decode engine token-identical to plain decoding, quantized targets included)."""
+"""``gqa_attention``'s masks beyond left padding. Token trees (``tree``): the kernel against its
+reference, and each node the same bits as the same token in a linear window of its path (what
+makes tree verification on the decode engine token-identical to plain decoding, quantized
+targets included). Slots hidden per KV head (``hidden``, AdaKV's head budgets): the kernel
+against its reference, probabilities included, and a padded row the bits of the row alone."""
 
 from __future__ import annotations
 
@@ -96,3 +98,55 @@ def test_tree_opcheck():
     q, kc = torch.randn(2, 4, 2, 16), torch.randn(2, 1, 9, 16)
     torch.library.opcheck(E.gqa_attention, (q, kc, kc.clone(), torch.tensor([0, 2]), 5, 0.25, 0, None,
                                             torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 1]])))
+
+
+@pytest.mark.parametrize("case", [(1, 1, 2, 1, 8, 9), (2, 4, 6, 2, 12, 70), (3, 2, 9, 3, 64, 150), (2, 1, 4, 4, 33, 64)])
+@pytest.mark.parametrize("with_probs", [False, True])
+def test_hidden_slots_match_reference(isa, case, with_probs):
+    b, t, h, kvh, d, index = case
+    g = torch.Generator().manual_seed(index)
+    q = torch.randn(b, t, h, d, generator=g)
+    k, v = torch.randn(b, kvh, index + t, d, generator=g), torch.randn(b, kvh, index + t, d, generator=g)
+    hidden = torch.rand(b, kvh, index - 3, generator=g) < 0.4
+    hidden[0, 0, :] = True  # a head that sees only the last 3 cached slots and the new ones
+    start = torch.tensor([min(r * 4, index - 1) for r in range(b)])
+    probs = torch.full((b, h, t, index + t), float("nan")) if with_probs else None
+    ref_probs = torch.empty(b, h, t, index + t) if with_probs else None
+    out = E.gqa_attention(q, k, v, start, index, d**-0.5, 0, probs, None, hidden)
+    ref = E.gqa_attention_reference(q, k, v, start, index, d**-0.5, 0, ref_probs, None, hidden)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
+    if with_probs:
+        torch.testing.assert_close(probs, ref_probs, rtol=2e-5, atol=1e-7)
+        assert bool((probs[ref_probs == 0] == 0).all())
+    none = torch.zeros(b, kvh, index - 3, dtype=torch.bool)
+    assert torch.equal(E.gqa_attention(q, k, v, start, index, d**-0.5, 0, None, None, none),
+                       E.gqa_attention(q, k, v, start, index, d**-0.5, 0))
+
+
+@pytest.mark.parametrize("index", [20, 130])
+def test_hidden_slots_padded_row_equals_alone(isa, index):
+    """A row left-padded by 5 slots with its mask shifted by them: the bits of the row alone, with
+    and without probabilities, at 1 and 2 threads."""
+    h, kvh, d, t, pad = 6, 2, 16, 3, 5
+    g = torch.Generator().manual_seed(index)
+    q = torch.randn(1, t, h, d, generator=g)
+    k, v = torch.randn(1, kvh, index + t, d, generator=g), torch.randn(1, kvh, index + t, d, generator=g)
+    hidden = torch.rand(1, kvh, index, generator=g) < 0.3
+    kp = torch.cat([torch.randn(1, kvh, pad, d, generator=g), k], 2)
+    vp = torch.cat([torch.randn(1, kvh, pad, d, generator=g), v], 2)
+    hp = torch.cat([torch.zeros(1, kvh, pad, dtype=torch.bool), hidden], 2)
+    other = torch.randn(1, t, h, d, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            alone_p = torch.empty(1, h, t, index + t)
+            alone = E.gqa_attention(q, k, v, torch.tensor([0]), index, 0.3, 0, alone_p, None, hidden)
+            batch_p = torch.empty(2, h, t, index + pad + t)
+            batch = E.gqa_attention(torch.cat([other, q]), torch.cat([kp, kp]).contiguous(),
+                                    torch.cat([vp, vp]).contiguous(), torch.tensor([0, pad]), index + pad, 0.3, 0,
+                                    batch_p, None, torch.cat([torch.zeros_like(hp), hp]))
+            assert torch.equal(batch[1:], alone)
+            assert torch.equal(batch_p[1:, :, :, pad:], alone_p)
+    finally:
+        torch.set_num_threads(threads)
