@@ -18,9 +18,14 @@ llama.cpp's Python bindings generate one sequence at a time, so its batch-4 rows
 rows run one after another (the honest figure for that API; llama.cpp's server batches).
 
 ``--profile`` adds a per-step profile of each of our configurations (batch 1, short prompt):
-torch ops per decoded token, the time inside our kernels (``infertrix::`` ops) per step, and the
-share of a step spent outside them (from an unprofiled step time, so profiler overhead does not
-inflate it).
+torch ops per decoded token, the time inside our kernels (``infertrix::`` ops' self time under the
+profiler) per step and the share of an unprofiled step outside it, and, for the engine rows, the
+time of a step with our ops replaced by no-ops (the engine's layers return their inputs, the
+head a zero row): everything that runs outside our kernels (``generate``'s loop, the engine's
+Python, the embedding), measured without a profiler, and its share of the real step. The
+profiler's figure counts the small torch ops inside our fused layer op (views, output
+allocations) as outside and inflates them with its own per-event cost; the no-op figure counts
+them as ours.
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class LlamaCpp:
         self.proc.wait(timeout=60)
 
 
+FIRST_TOKEN = "engine-bench: first token"
+
+
 class _FirstToken:
     """A streamer that notes when ``generate`` hands over the first new tokens (the prefill's end):
     generate puts the prompt, then each step's tokens."""
@@ -99,6 +107,8 @@ class _FirstToken:
         self.puts += 1
         if self.puts == 2:
             self.at = time.perf_counter()
+            with torch.profiler.record_function(FIRST_TOKEN):  # a profiled call's decode starts here
+                pass
 
     def end(self) -> None:
         pass
@@ -120,31 +130,66 @@ def ours_run(model, ids: torch.Tensor, new_tokens: int, threads: int, pad: int) 
     return mark.at - t0, max(t2 - mark.at, 1e-9)
 
 
-def profile_step(model, ids: torch.Tensor, pad: int, threads: int, steps: int = 32) -> dict:
+def profile_step(model, ids: torch.Tensor, pad: int, threads: int, steps: int = 64) -> dict:
     """Torch ops per decoded token and the share of a step outside ``infertrix::`` kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    def counts(n: int) -> tuple[int, float]:
+    def counts() -> tuple[float, float]:
+        """(ops, kernel microseconds) per decode step of one profiled call: the events after the
+        first token's marker (until 2026-12-05 the difference of a call of ``steps`` tokens and one
+        of 1 token, whose first-call costs and the noise of two runs made the share swing by 20
+        points at 2 threads)."""
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            ours_run(model, ids, n, threads, pad) if n > 1 else _one(model, ids, threads, pad)
-        events = [e for e in prof.events() if e.name.startswith(("aten::", "infertrix::"))]
-        kernel_us = sum(e.self_cpu_time_total for e in events if e.name.startswith("infertrix::"))
-        return len(events), kernel_us
+            ours_run(model, ids, steps, threads, pad)
+        events = prof.events()
+        t0 = next(e.time_range.start for e in events if e.name == FIRST_TOKEN)
+        ops = [e for e in events if e.name.startswith(("aten::", "infertrix::")) and e.time_range.start >= t0]
+        kernel_us = sum(e.self_cpu_time_total for e in ops if e.name.startswith("infertrix::"))
+        return len(ops) / (steps - 1), kernel_us / (steps - 1)
 
-    def _one(model, ids, threads, pad):
-        from infertrix.eval import pinned_threads
-
-        with pinned_threads(threads), torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
-                           do_sample=False, pad_token_id=pad)
-
+    # profiled and timed calls alternate; medians of 5 each (at 2 threads a call moves by 10-20%)
     ours_run(model, ids, steps, threads, pad)  # warm
-    n1, k1 = counts(1)
-    nn, kn = counts(steps)
-    step_s = statistics.median(ours_run(model, ids, steps, threads, pad)[1] / (steps - 1) for _ in range(3))
-    kernel_ms = (kn - k1) / (steps - 1) / 1000
-    return {"ops/token": round((nn - n1) / (steps - 1)), "step ms": step_s * 1000,
-            "in infertrix kernels ms": kernel_ms, "outside kernels %": 100 * (1 - kernel_ms / (step_s * 1000))}
+    prof, times = [], []
+    for _ in range(5):
+        prof.append(counts())
+        times.append(ours_run(model, ids, steps, threads, pad)[1] / (steps - 1))
+    ops = statistics.median(p[0] for p in prof)
+    kernel_ms = statistics.median(p[1] for p in prof) / 1000
+    step_s = statistics.median(times)
+    return {"ops/token": round(ops), "step ms": step_s * 1000,
+            "in infertrix kernels ms (profiler)": kernel_ms,
+            "outside kernels % (profiler)": 100 * (1 - kernel_ms / (step_s * 1000))}
+
+
+def outside_ms(model, ids: torch.Tensor, pad: int, threads: int, steps: int = 64) -> float | None:
+    """Median ms per decode step with our ops made no-ops (see the module docstring); None for a
+    configuration off the engine."""
+    from infertrix.engine import engine_runtime
+    from infertrix.engine import runner as engine_runner
+
+    rt = engine_runtime(model)
+    run = rt.runner if rt is not None else None
+    if run is None:
+        return None
+    real = engine_runner._ops
+
+    class NoLayers:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def engine_layer(h, a, *args, **kwargs):
+            return h, a
+
+    heads = run.head, run.greedy_head
+    run.head = lambda x: x.new_zeros(x.shape[0], run.vocab)
+    run.greedy_head = lambda x: torch.zeros(x.shape[0], dtype=torch.long)
+    engine_runner._ops = NoLayers()
+    try:
+        return 1000 * statistics.median(ours_run(model, ids, steps, threads, pad)[1] / (steps - 1) for _ in range(5))
+    finally:
+        engine_runner._ops = real
+        run.head, run.greedy_head = heads
 
 
 def main(argv: list[str]) -> None:
@@ -223,7 +268,11 @@ def main(argv: list[str]) -> None:
         prof = []
         for name, model in models.items():
             for t in args.threads:
-                prof.append({"config": name, "threads": t, **profile_step(model, ids[(1, args.prompts[0])], pad, t)})
+                row = {"config": name, "threads": t, **profile_step(model, ids[(1, args.prompts[0])], pad, t)}
+                out = outside_ms(model, ids[(1, args.prompts[0])], pad, t)
+                row["outside, our ops no-ops: ms"] = out if out is not None else ""
+                row["outside, our ops no-ops: % of step"] = 100 * out / row["step ms"] if out is not None else ""
+                prof.append(row)
         body += "\nPer-step profile (batch 1, prompt " + f"{args.prompts[0]}):\n\n" + markdown_table(prof)
     print(body)
     if not args.no_write:

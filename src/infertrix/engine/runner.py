@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..core.model import text_config
 from . import linears
-from .cache import begin, commit
+from .cache import EngineCache, begin, commit
 from .kivi import kivi_step, reads_codes
 from .plan import _norm, fingerprint, layer_plan
 from .skips import (
@@ -98,6 +98,22 @@ class Runner:
         self.tables = {key: (torch.cat(self.cos[key]).contiguous(), torch.cat(self.sin[key]).contiguous())
                        for key in self.rope_keys}
 
+    def _whole_layers(self, h: Tensor, a: Tensor, cache: EngineCache, positions: Tensor, pads: Tensor, b: int,
+                      t: int, tree: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward`'s layer loop when every layer runs whole on an ``EngineCache`` and nothing
+        is observed: ``begin`` / ``commit`` inlined (a decode step's Python between the ops is most
+        of what runs outside the kernels)."""
+        kv, d, tables, layer = self.kv_heads, self.head_dim, self.tables, _ops.engine_layer
+        extra = {} if tree is None else {"tree": tree}
+        for store, lp in zip(cache.layers, self.layers, strict=True):
+            index = store.length
+            store.reserve(h, b, kv, index + t, d)
+            cos, sin = tables[lp.rope]
+            h, a = layer(h, a, lp.tensors, lp.ints, lp.floats, store.kbuf, store.vbuf, cos, sin, positions, pads, index,
+                         b, **extra)
+            store.length = index + t
+        return h, a
+
     @torch.no_grad()
     def forward(self, ids: Tensor, pads: Tensor, positions: Tensor, cache, keep: int | Tensor, skip=None,
                 observe: dict[int, tuple[Tensor, Tensor] | None] | None = None, greedy: bool = False,
@@ -127,7 +143,10 @@ class Runner:
         first = next((lp for lp, m in zip(plans, modes, strict=True) if not is_mode(m, NONE)), None)
         a = _ops.rms_norm(x, *((first.in_norm, first.in_eps) if first is not None else self.final))
         h = x
-        for i, (store, lp, mode) in enumerate(zip(cache.layers, plans, modes, strict=True)):
+        if type(cache) is EngineCache and plans is self.layers and observe is None and after_layer is None and not hidden:
+            h, a = self._whole_layers(h, a, cache, positions, pads, b, t, tree)
+            plans = ()  # every layer has run
+        for i, (store, lp, mode) in enumerate(zip(cache.layers, plans, modes, strict=False)):
             if is_mode(mode, NONE):
                 continue
             if is_mode(mode, MLP):  # attention skipped: no KV written for this layer
