@@ -150,3 +150,12 @@ def test_hidden_slots_padded_row_equals_alone(isa, index):
             assert torch.equal(batch_p[1:, :, :, pad:], alone_p)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_hidden_opcheck():
+    q, kc = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 9, 16)
+    hidden = torch.zeros(2, 2, 6, dtype=torch.bool)
+    hidden[0, 1, 2:4] = True
+    torch.library.opcheck(E.gqa_attention, (q, kc, kc.clone(), torch.tensor([0, 2]), 7, 0.25, 0, None, None, hidden))
+    torch.library.opcheck(E.gqa_attention, (q, kc, kc.clone(), torch.tensor([0, 2]), 7, 0.25, 0,
+                                            torch.zeros(2, 4, 2, 9), None, hidden))
