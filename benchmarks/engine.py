@@ -60,6 +60,8 @@ CONFIGS = {
     "w4a8+head": f"w4a8(quantize_lm_head=true),{OFF}",
     "w4a8+head+engine": "w4a8(quantize_lm_head=true),engine(greedy_head=false)",
     "w4a8+head+engine+argmax": "w4a8(quantize_lm_head=true),engine",
+    # KIVI 4-bit keys and values: a decode step at a long prompt reads the cache, as much as the weights
+    "w4a8+head+engine+kivi": "w4a8(quantize_lm_head=true),kivi,engine(greedy_head=false)",
     "w4a16": f"w4a16,{OFF}",
     "w4a16+engine": "w4a16,engine(greedy_head=false)",
 }
