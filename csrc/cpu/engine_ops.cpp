@@ -338,6 +338,9 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
                 "gqa_attention: tree must be int64 [", B, ", ", T, "], got ", tree->sizes());
     const at::Tensor tr = tree->contiguous();
     const int64_t* par = tr.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(sp[b] <= index, "gqa_attention: a token tree needs each row to start in the cache (start ", sp[b],
+                  " > index ", index, ")");
     depth.assign(B * T, 0);
     path.assign(B * T * T, 0);
     for (int64_t bt = 0; bt < B * T; ++bt) {

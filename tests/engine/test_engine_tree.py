@@ -128,3 +128,48 @@ def test_lookahead_on_a_quantized_target_is_token_identical(kind, batch):
     assert report["module_forwards"] == 0, report["fallbacks"]
     stats = ix.speculative.speculative_stats(spec)
     assert stats.tree_path == "token trees" and stats.last.accepted > stats.last.steps
+
+
+def test_tree_rows_retiring_on_eos_stay_token_identical():
+    """Rows that stop at different steps (eos) leave the engine's cache between tree forwards; the
+    others keep decoding exactly as plain ``generate``."""
+    from test_engine_speculative import _rows, left_padded
+
+    plain = build("llama", "w4a8")
+    ids, mask = left_padded(_rows())
+    with torch.no_grad():
+        free = plain.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0)
+    eos = int(free[0, ids.shape[1] + 4])  # row 0's fifth new token ends it (other rows may stop too)
+    spec = build("llama", "fp32", engine=False)
+    ix.restore(spec)
+    ix.optimize(spec, "w4a8", "lookahead(adaptive=false, max_nodes=12, depth=6)", "engine")
+    with torch.no_grad():
+        want = plain.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
+                              eos_token_id=eos)
+        outs = [spec.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
+                              eos_token_id=eos) for _ in range(2)]
+    assert all(torch.equal(want, o) for o in outs)
+    assert engine_runtime(spec).report()["module_forwards"] == 0
+    assert ix.speculative.speculative_stats(spec).tree_path == "token trees"
+
+
+def test_whole_layer_loop_equals_the_general_loop():
+    """The plain-decode loop (``Runner._whole_layers``) and the general one give the same bits, with
+    and without a tree (an ``EngineCache`` subclass takes the general loop)."""
+
+    class Other(EngineCache):
+        pass
+
+    model = build("qwen3", "w4a8")
+    prompt = tokens(10, 8)
+    nodes = tokens(len(PARENTS), 9)
+    depth, ancestors = tree_paths(torch.tensor([PARENTS]))
+    got = []
+    for cls in (EngineCache, Other):
+        cache = cls(model.config)
+        with torch.no_grad():
+            first = model(input_ids=prompt, cache=cache, use_cache=True).logits
+        mask = torch.ones(1, 10, dtype=torch.long)
+        tree_mask = torch.cat([mask.bool()[:, None, :].expand(-1, len(PARENTS), -1), ancestors], -1)[:, None]
+        got.append((first, _forward(model, nodes, tree_mask, 10 + depth, cache)))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])

@@ -92,6 +92,10 @@ def test_tree_rejects_bad_parents_and_probs():
         E.gqa_attention(q, k, k, torch.tensor([0]), 2, 0.3, 0, torch.zeros(1, 2, 3, 5), torch.tensor([[-1, 0, 0]]))
     with pytest.raises(ValueError, match="earlier"):
         E.gqa_attention_reference(q, k, k, torch.tensor([0]), 2, 0.3, 0, None, torch.tensor([[-1, 2, 0]]))
+    with pytest.raises(RuntimeError, match="start in the cache"):  # a row that starts inside the tree
+        E.gqa_attention(q, k, k, torch.tensor([3]), 2, 0.3, 0, None, torch.tensor([[-1, 0, 1]]))
+    with pytest.raises(ValueError, match="start in the cache"):
+        E.gqa_attention_reference(q, k, k, torch.tensor([3]), 2, 0.3, 0, None, torch.tensor([[-1, 0, 1]]))
 
 
 def test_tree_opcheck():

@@ -134,7 +134,6 @@ class Runner:
         verifying draft trees (``gqa_attention``'s; not with ``observe`` or KIVI codes). ``hidden``:
         by layer index, the stored slots each KV head does not attend (``PolicyCache.engine_hidden``)."""
         b, t = ids.shape
-        kv, d = self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(b * t, -1)
         self._tables(int(positions.max()) + 1, x)
         modes = layer_modes(self.model, len(self.layers), positions, skip)
@@ -143,10 +142,21 @@ class Runner:
         first = next((lp for lp, m in zip(plans, modes, strict=True) if not is_mode(m, NONE)), None)
         a = _ops.rms_norm(x, *((first.in_norm, first.in_eps) if first is not None else self.final))
         h = x
+        if tree is not None and observe is not None:
+            raise ValueError("the engine verifies no token tree in a forward whose attention a KV policy reads")
         if type(cache) is EngineCache and plans is self.layers and observe is None and after_layer is None and not hidden:
             h, a = self._whole_layers(h, a, cache, positions, pads, b, t, tree)
-            plans = ()  # every layer has run
-        for i, (store, lp, mode) in enumerate(zip(cache.layers, plans, modes, strict=False)):
+        else:
+            h, a = self._layers(h, a, x, cache, plans, modes, positions, pads, b, t, observe, after_layer, tree, hidden)
+        return self._head(a, b, t, keep, greedy)
+
+    def _layers(self, h: Tensor, a: Tensor, x: Tensor, cache, plans: list, modes: list, positions: Tensor, pads: Tensor,
+                b: int, t: int, observe, after_layer, tree: Tensor | None,
+                hidden: dict[int, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward`'s layer loop in general (skip modes, KIVI codes, observed attention, a
+        policy's per-layer hook, masks per KV head)."""
+        kv, d = self.kv_heads, self.head_dim
+        for i, (store, lp, mode) in enumerate(zip(cache.layers, plans, modes, strict=True)):
             if is_mode(mode, NONE):
                 continue
             if is_mode(mode, MLP):  # attention skipped: no KV written for this layer
@@ -160,6 +170,8 @@ class Runner:
                 continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
             if is_mode(mode, ATTN):
+                if hidden is not None and i in hidden:
+                    raise ValueError("the engine's attention-only layers take no mask per KV head")
                 h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b, tree)
             else:
                 seen, last = (), None
@@ -182,6 +194,9 @@ class Runner:
             commit(store, t)
             if after_layer is not None:
                 after_layer(i)
+        return h, a
+
+    def _head(self, a: Tensor, b: int, t: int, keep: int | Tensor, greedy: bool) -> Tensor:
         a = a.view(b, t, -1)
         if isinstance(keep, Tensor):
             a = a[:, keep]

@@ -184,7 +184,10 @@ class PolicyCache(EvictingCache):
     def engine_hidden(self) -> dict[int, Tensor] | None:
         """The slots each layer hides per KV head (``HIDDEN``, head-wise budgets), by layer index,
         for the engine's attention (``Runner.forward``'s ``hidden``); None when no layer hides any."""
-        out = {i: self.states[r].aux[HIDDEN] for r, i in enumerate(self.evicting_indices) if HIDDEN in self.states[r].aux}
+        out = {}
+        for r, i in enumerate(self.evicting_indices):
+            if HIDDEN in self.states[r].aux:  # the stored slots' part (as the module path's mask takes it)
+                out[i] = self.states[r].aux[HIDDEN][..., : self.layers[i].stored_length]
         return out or None
 
     def engine_observes(self, n: int, prefill: bool = False) -> dict[int, int | None] | None:

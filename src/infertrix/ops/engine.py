@@ -116,6 +116,8 @@ def gqa_attention_reference(
     else:
         if probs is not None:
             raise ValueError("gqa_attention: a token tree takes no probs")
+        if bool((start > index).any()):
+            raise ValueError("gqa_attention: a token tree needs each row to start in the cache")
         depth, anc = tree_paths(tree)
         i = index + depth
         # a new slot's logical position is index + its depth; the cache's slots are their own

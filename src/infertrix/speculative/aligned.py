@@ -174,8 +174,9 @@ class AlignedKV(RaggedKV):
         live = [r is not None for r in roots]
         if any(a and s + r < self.length for a, s, r in zip(live, self.start, self.real, strict=True)):
             self._realign()
-        if any(a and r < int(p) for a, r, p in zip(live, self.real, self.pos, strict=True)):
-            self._extend([[] for _ in roots], 1)  # tokens kept without keys and values: fed first
+        if any(a and r != int(p) for a, r, p in zip(live, self.real, self.pos, strict=True)):
+            # a verified row holds keys and values for every token it kept (rollback keeps them)
+            raise ValueError("AlignedKV.extend_tree: a row has tokens without keys and values; extend it first")
         self._fed_from = self.pos
         device = self.mask.device
         width = 1 + max(len(t) for t in trees)
