@@ -33,6 +33,12 @@ constexpr int64_t kMaxRows = 32;  // above this torch's GEMM is the better choic
 // One-row blocks read 16 weight rows at once and are slower with it (3.2 -> 4.0 ms): not there.
 constexpr int64_t kSkinnyAhead = 2;
 constexpr int kSkinnyPrefetchRows = 2;
+// Blocks of 1-4 rows of x read their weight rows one after another rather than interleaved
+// (skinny_block.inc). SmolLM2's 210 layer matrices, cold, 1 thread, AMD EPYC (ms per pass,
+// interleaved -> sequential): 1 row 22.9 -> 22.7 (after the one-row block went sequential: it was
+// 16-17 GB/s, now 23.4 on benchmarks/bandwidth.py), 2 rows 28.2 -> 21.4, 4 rows 36.2 -> 31.9,
+// 8 rows 42.4 -> 58.8 (8 rows stay interleaved, with their prefetch).
+constexpr bool kSkinnySequential = true;
 
 struct Args {
   const float* x;
