@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..engine.cache import EngineCache, EngineLayer
 from ..kvcache.capabilities import capabilities
-from .ragged import RaggedKV
+from .ragged import RaggedKV, tree_layout
 
 
 def engine_rows(cache, mask: Tensor | None) -> bool:
@@ -118,6 +118,12 @@ class AlignedKV(RaggedKV):
         if moved or end < self.length:
             self._set_mask(end)
 
+    def _realign_fed(self, fed: list[bool]) -> None:
+        """Realign (:meth:`_realign`) before a forward when a row about to be fed ends before the
+        cache does."""
+        if any(f and s + r < self.length for f, s, r in zip(fed, self.start, self.real, strict=True)):
+            self._realign()
+
     def _extend(self, rows: list[list[int]], keep: int | None) -> Tensor:
         """Feed each row its pending tokens and ``rows[r]``; logits ``[B, W, V]`` with row r's for its
         new tokens first, or ``[B, 1, V]`` after each row's last token when ``keep`` is 1 (rows end
@@ -126,8 +132,7 @@ class AlignedKV(RaggedKV):
             raise ValueError(f"AlignedKV.extend takes keep=None or 1, got {keep}")
         self._fed_from = self.pos
         device = self.mask.device
-        if any(new and s + r < self.length for new, s, r in zip(rows, self.start, self.real, strict=True)):
-            self._realign()
+        self._realign_fed([bool(new) for new in rows])
         full = []
         for r, new in enumerate(rows):
             self.seq[r] = self.seq[r][: int(self.pos[r])] + list(new)
@@ -167,39 +172,24 @@ class AlignedKV(RaggedKV):
         ``[B, W, V]``, slot 0 the root, slot i + 1 node i. The decode engine reads the mask as a
         tree (``gqa_attention``'s ``tree``): each node attends with the bits it would have at the
         end of a linear window of its path. Call :meth:`keep_tree` next."""
-        from ..ops.engine import tree_paths
-
         if self.length == 0:
             raise ValueError("AlignedKV.extend_tree needs a prefilled cache")
         live = [r is not None for r in roots]
-        if any(a and s + r < self.length for a, s, r in zip(live, self.start, self.real, strict=True)):
-            self._realign()
+        self._realign_fed(live)
         if any(a and r != int(p) for a, r, p in zip(live, self.real, self.pos, strict=True)):
             # a verified row holds keys and values for every token it kept (rollback keeps them)
             raise ValueError("AlignedKV.extend_tree: a row has tokens without keys and values; extend it first")
         self._fed_from = self.pos
         device = self.mask.device
-        width = 1 + max(len(t) for t in trees)
-        ids, parents, positions, fed = [], [], [], []
+        ids, depth, real, ancestors = (x.to(device) for x in tree_layout(roots, trees, self.pad))
+        fed = real.sum(-1)
+        positions = torch.tensor(self.real, dtype=torch.long, device=device)[:, None] + depth  # real == pos
         for r, (root, tree) in enumerate(zip(roots, trees, strict=True)):
-            n = 1 + len(tree) if root is not None else 0
-            depth = [0] + (tree.depths() if n else [])
-            ids.append(([root] + tree.tokens if n else []) + [self.pad] * (width - n))
-            parents.append(([-1] + [p + 1 for p in tree.parents] if n else []) + [-1] * (width - n))
-            positions.append([self.real[r] + (depth[j] if j < n else 0) for j in range(width)])
-            self.seq[r] = self.seq[r][: int(self.pos[r])] + ([root] + tree.tokens if n else [])
-            self.real[r] += n
-            fed.append(n)
-        _, ancestors = tree_paths(torch.tensor(parents, dtype=torch.long, device=device))
-        past = self.mask.bool()[:, None, :].expand(-1, width, -1)
-        mask = torch.cat([past, ancestors], dim=-1)[:, None]  # [B, 1, W, cached + W]
-        if self.model.config._attn_implementation == "eager":
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        logits = self._forward(torch.tensor(ids, dtype=torch.long, device=device), mask,
-                               torch.tensor(positions, dtype=torch.long, device=device), width)
-        self._set_mask(self.length + width)
-        self.pos = self.pos + torch.tensor(fed, dtype=torch.long, device=device)  # every node, until keep_tree
+            self.seq[r] = self.seq[r][: int(self.pos[r])] + ([root] + tree.tokens if root is not None else [])
+            self.real[r] += int(fed[r])
+        logits = self._forward(ids, self.tree_mask(ancestors), positions, ids.shape[1])
+        self._set_mask(self.length + ids.shape[1])
+        self.pos = self.pos + fed  # every node, until keep_tree
         return logits
 
     def keep_tree(self, paths: list[list[int]], kept: list[int]) -> None:

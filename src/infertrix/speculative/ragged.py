@@ -187,6 +187,17 @@ class RaggedKV:
         (``rollback`` in terms of that feed; retired rows are ignored)."""
         self._rollback(self._fed_from + self._present_rows(kept))
 
+    def tree_mask(self, ancestors: Tensor) -> Tensor:
+        """The 4-D attention mask ``[B, 1, W, cached + W]`` of a token-tree forward: each fed slot
+        sees its row's cache (this cache's 2-D mask) and its ancestors-or-self ``ancestors``
+        ``[B, W, W]`` among the fed slots; additive (0 / dtype min) for eager attention, else bool."""
+        width = ancestors.shape[-1]
+        allowed = torch.cat([self.mask.bool()[:, None, :].expand(-1, width, -1), ancestors], dim=-1)[:, None]
+        if self.model.config._attn_implementation != "eager":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
     def _holes(self, widths: list[int]) -> bool:
         """Whether some row has a masked slot after its first real token (now or after this step)."""
         if len(set(widths)) > 1:
@@ -220,6 +231,23 @@ class RaggedKV:
         self.cache.crop(-(self.length - new_len))
         self.mask = self.mask[:, :new_len]
         self.pos = counts
+
+
+def tree_layout(roots: list[int | None], trees: list, pad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(input ids, depths, real-slot mask, ancestors-or-self [B, W, W]) of the slots a token-tree
+    forward feeds: per row its root then its :class:`~.tree.TokenTree`'s nodes, padded to the widest
+    row (a row without a root, one that has stopped, feeds nothing real; a padding slot sees itself)."""
+    from ..ops.engine import tree_paths
+
+    width = 1 + max(len(t) for t in trees)
+    ids, parents, real = [], [], []
+    for root, tree in zip(roots, trees, strict=True):
+        n = 1 + len(tree) if root is not None else 0
+        ids.append(([root] + tree.tokens if n else []) + [pad] * (width - n))
+        parents.append(([-1] + [p + 1 for p in tree.parents] if n else []) + [-1] * (width - n))
+        real.append([1] * n + [0] * (width - n))
+    depth, ancestors = tree_paths(torch.tensor(parents, dtype=torch.long))
+    return torch.tensor(ids), depth, torch.tensor(real), ancestors
 
 
 def _trim_sliding(cache) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..kvcache.capabilities import capabilities
 from .aligned import AlignedKV
+from .ragged import tree_layout
 
 TREE_ATTENTION = ("sdpa", "eager", "infertrix_sdpa")  # attention functions that read a custom 4-D mask
 
@@ -97,25 +98,6 @@ def tree_problem(ragged) -> str | None:
     return None
 
 
-def _layout(roots: list[int | None], trees: list[TokenTree], pad: int):
-    """Input ids, depths, real-slot mask and ancestor-or-self matrix of the fed slots, per row (a
-    row without a root, one that has stopped, feeds nothing real)."""
-    width = 1 + max(len(t) for t in trees)
-    ids = [[pad] * width for _ in trees]
-    depth = [[0] * width for _ in trees]
-    real = [[0] * width for _ in trees]
-    anc = torch.eye(width, dtype=torch.bool).repeat(len(trees), 1, 1)
-    for b, (root, t) in enumerate(zip(roots, trees, strict=True)):
-        if root is None:
-            continue
-        ids[b][0], real[b][0] = root, 1
-        for i, (tok, p) in enumerate(zip(t.tokens, t.parents, strict=True)):
-            ids[b][i + 1], real[b][i + 1] = tok, 1
-            depth[b][i + 1] = depth[b][p + 1] + 1
-            anc[b, i + 1] |= anc[b, p + 1]
-    return torch.tensor(ids), torch.tensor(depth), torch.tensor(real), anc
-
-
 def tree_extend(ragged, roots: list[int | None], trees: list[TokenTree]) -> Tensor:
     """Feed each logical row its root then its tree's nodes in one forward; logits ``[B, W, V]``
     (slot 0 = the root; a retired row's are zeros). Call :func:`tree_keep` next."""
@@ -123,17 +105,11 @@ def tree_extend(ragged, roots: list[int | None], trees: list[TokenTree]) -> Tens
     if isinstance(ragged, AlignedKV):  # the decode engine's cache: rows kept left-padded
         out = ragged.extend_tree([roots[b] for b in present], [trees[b] for b in present])
         return _scatter_rows(out, present, len(roots)) if ragged.present is not None else out
-    ids, depth, real, anc = _layout([roots[b] for b in present], [trees[b] for b in present], ragged.pad)
+    ids, depth, real, anc = tree_layout([roots[b] for b in present], [trees[b] for b in present], ragged.pad)
     device = ragged.mask.device
     ids, depth, real, anc = ids.to(device), depth.to(device), real.to(device), anc.to(device)
-    rows, width = ids.shape
-    past = ragged.mask.bool()[:, None, :].expand(rows, width, ragged.length)
-    allowed = torch.cat([past, anc], dim=-1)[:, None]  # [B, 1, W, cached + W]
-    if ragged.model.config._attn_implementation == "eager":
-        dtype = next(ragged.model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    else:
-        mask = allowed
+    width = ids.shape[1]
+    mask = ragged.tree_mask(anc)
     out = ragged.model(
         input_ids=ids, attention_mask=mask, position_ids=ragged.pos[:, None] + depth,
         **{ragged.cache_kw: ragged.cache}, use_cache=True, logits_to_keep=width,
