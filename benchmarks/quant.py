@@ -28,6 +28,8 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
+import random
 import statistics
 import sys
 import time
@@ -494,8 +496,6 @@ def defaults_rows(max_tokens: int, only: list[str] | None, save) -> None:
 
 
 def _loadavg() -> float:
-    import os
-
     return os.getloadavg()[0]
 
 
@@ -526,6 +526,21 @@ def defaults_table(saved: dict, max_tokens: int) -> str:
             "CPU time, steadier under load (blank: measured before it was recorded).\n\n" + markdown_table(rows, cols))
 
 
+def _kernel_calls(layers, xs, per_token: bool) -> list:
+    """(op, arguments) per FlattenLinear in ``layers`` on ``xs``: its own kernel, or (``per_token``)
+    ``w8a8_linear`` on the same int8 weights and scales (the same bytes streamed)."""
+    calls = []
+    for lin, x in zip(layers, xs, strict=True):
+        b = lin._buffers
+        if per_token:
+            calls.append((torch.ops.infertrix.w8a8_linear.default, (x, b["qweight"], b["scale"], b["bias"])))
+        else:
+            calls.append((torch.ops.infertrix.w8a8_flat_linear.default, (x, b["qweight"], b["scale"], b["act_scale"],
+                                                                          b["act_mult"], b["flat_index"],
+                                                                          b["flat_columns"], b["bias"])))
+    return calls
+
+
 def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], list[dict]]:
     """FlattenQuant (per-tensor static int8 activations) against per-token W8A8, both SmoothQuant 0.5
     calibrated on the same windows: perplexity, and every quantized layer of each model called in a
@@ -547,7 +562,8 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
         base = sum(m.in_features * m.out_features for m in layers)
         ppl = ixe.perplexity(model, tok, max_tokens=tokens)
         quality.append({"config": name, "perplexity": ppl, "extra weight columns %": 100 * extra / base,
-                        "int8 weight MiB": sum(m.qweight.numel() for m in layers) / 2**20, "calibrate s": took})
+                        "int8 weight MiB": sum(m.qweight.numel() + (m.flat_columns.numel() if kind is FlattenLinear else 0)
+                                               for m in layers) / 2**20, "calibrate s": took})
         print(quality[-1], flush=True)
         models[name] = layers
     quality[1]["vs per-token %"] = 100 * (quality[1]["perplexity"] / quality[0]["perplexity"] - 1)
@@ -555,18 +571,28 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
     with torch.inference_mode():
         for m in ms:
             xs = {n: [torch.randn(m, lin.in_features) for lin in layers] for n, layers in models.items()}
-            times: dict[str, list[float]] = {n: [] for n in models}
+            names = list(models)
+            flat = models[names[1]]
+            calls = {f"{names[0]} module": [(lin, (x,)) for lin, x in zip(models[names[0]], xs[names[0]], strict=True)],
+                     f"{names[1]} module": [(lin, (x,)) for lin, x in zip(flat, xs[names[1]], strict=True)],
+                     "per-token kernel": _kernel_calls(flat, xs[names[1]], per_token=True),
+                     "flattened kernel": _kernel_calls(flat, xs[names[1]], per_token=False)}
+            times: dict[str, list[float]] = {n: [] for n in calls}
+            order = random.Random(m)
             for _ in range(rounds):
-                for n, layers in models.items():
+                for n in order.sample(list(calls), len(calls)):
                     t0 = time.perf_counter()
-                    for lin, x in zip(layers, xs[n], strict=True):
-                        lin(x)
+                    for fn, args in calls[n]:
+                        fn(*args)
                     times[n].append(time.perf_counter() - t0)
             med = {n: statistics.median(v) for n, v in times.items()}
-            ratios = [a / b for a, b in zip(*times.values(), strict=True)]
-            speed.append({"M": m, **{f"{n} ms": round(1e3 * t, 2) for n, t in med.items()},
-                          "speed-up (per-token / flattened), median of rounds": round(statistics.median(ratios), 3),
-                          "min-max": f"{min(ratios):.3f}-{max(ratios):.3f}"})
+            row = {"M": m, **{f"{n} ms": round(1e3 * t, 2) for n, t in med.items()}}
+            for part, (a, b) in (("kernels, same weights", ("per-token kernel", "flattened kernel")),
+                                 ("modules", tuple(f"{n} module" for n in names))):
+                ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+                row[f"{part}: per-token / flattened"] = round(statistics.median(ratios), 3)
+                row[f"{part} min-max"] = f"{min(ratios):.3f}-{max(ratios):.3f}"
+            speed.append(row)
             print(speed[-1], flush=True)
     return quality, speed
 
@@ -633,9 +659,13 @@ def main(argv: list[str]) -> None:
         text = ("### FlattenQuant (per-tensor static int8 activations) against per-token W8A8, SmolLM2\n\n"
                 f"Both SmoothQuant alpha 0.5, calibrated on the same 16 x 256 tokens from the end of the book; "
                 f"perplexity on the first {args.tokens} tokens of *Pride and Prejudice* (512-token windows). Kernel: "
-                "every quantized layer of the model called once in a row on random activations of M rows (1 "
-                f"thread; 211 layers, cold weights), the two models alternating, {args.rounds} rounds, median; "
-                "the ratio is per round. The machine was shared with other jobs (2 cores).\n\n"
+                "every quantized layer of a model called once in a row on random activations of M rows (1 "
+                "thread; 210 layers, cold weights). *Kernels, same weights*: `w8a8_linear` and "
+                "`w8a8_flat_linear` each called on the FlattenQuant model's int8 weights and scales (the same "
+                "bytes streamed; arguments gathered beforehand, so both pay the same Python per call). "
+                "*Modules*: each model's own layers called as `layer(x)` (two models' weights: where each "
+                "lies in memory moves a pass by up to 25% between runs). The four passes in a shuffled "
+                f"order each round, {args.rounds} rounds, median; the ratios are per round. 2 cores; 1-minute load average {os.getloadavg()[0]:.1f} at the end.\n\n"
                 + markdown_table(quality, list(quality[1])) + "\n" + markdown_table(speed, list(speed[0])))
         print(text)
         if not args.no_write:

@@ -7,46 +7,59 @@ import torch
 
 from infertrix import ops
 from infertrix.ops.w8a8 import MAX_ROWS
-from infertrix.ops.w8a8_flat import w8a8_flat_linear, w8a8_flat_linear_reference
+from infertrix.ops.w8a8_flat import (
+    MAX_EXTRA,
+    pair_columns,
+    unpair_columns,
+    w8a8_flat_linear,
+    w8a8_flat_linear_reference,
+)
 
-# (M, N, K, E): one row, tiny K, a byte tail, every row-chunk size, past the row limit, SmolLM2-like
+# (M, N, K, F): one row, tiny K, a byte tail, every row-chunk size, past the row limit, SmolLM2-like
 SHAPES = [(1, 7, 5, 2), (1, 49, 576, 12), (2, 33, 17, 0), (3, 100, 31, 5), (5, 9, 577, 30), (8, 16, 33, 1),
-          (9, 23, 130, 7), (MAX_ROWS, 37, 96, 3), (MAX_ROWS + 3, 21, 70, 9), (1, 576, 1536, 30)]
+          (9, 23, 130, 7), (MAX_ROWS, 37, 96, 3), (MAX_ROWS + 3, 21, 70, 9), (1, 576, 1536, 30),
+          (3, 40, 300, 150)]  # more than 64 flattened channels: the correction in slices
 
 
-def _inputs(m: int, n: int, k: int, e: int, seed: int):
+def _inputs(m: int, n: int, k: int, f: int, seed: int):
+    """x, qweight, scale, act_scale, mult, flat_index, flat_columns, bias."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-127, 128, (n, k + e), generator=g, dtype=torch.int8)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     x = torch.randn(m, k, generator=g) * 3
-    src = torch.randint(0, k, (e,), generator=g)
-    mult = torch.rand(k, generator=g) * 40 + 1  # some products land beyond +-127: clipped
+    channels = torch.randperm(k, generator=g)[: min(f, k)].sort().values
+    copies = torch.randint(2, 65, (channels.numel(),), generator=g)
+    mult = torch.cat([torch.tensor([20.0]), 20.0 / copies.float()])
+    x[:, channels] *= copies.float()  # the flattened channels carry the large values
     if k > 2:
         x[0, 1] = 0.0
-        mult[2] = 42.5 / x[0, 2].item() if x[0, 2] != 0 else 1.0  # a half-way value: rounds to even
+        x[0, 2] = 42.5 / 20.0 if 2 not in channels.tolist() else x[0, 2]  # a half-way value: rounds to even
+        x[0, 3 % k] = 40.0  # beyond +-127 after the multiplier: clipped (unless flattened)
     scale = torch.rand(n, generator=g) * 1e-2 + 1e-4
-    return x, q, scale, mult, torch.tensor([0.03]), src, torch.randn(n, generator=g)
+    cols = pair_columns(q[:, channels].t())
+    index = torch.stack([channels, copies - 1])
+    return x, q, scale, torch.tensor([0.03]), mult, index, cols, torch.randn(n, generator=g)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference_bit_for_bit(isa, shape):
-    x, q, scale, mult, step, src, b = _inputs(*shape, seed=sum(shape))
+    x, *args, b = _inputs(*shape, seed=sum(shape))
     for bias in (b, None):
-        y = w8a8_flat_linear(x, q, scale, mult, step, src, bias)
+        y = w8a8_flat_linear(x, *args, bias)
         assert y.shape == (shape[0], shape[1])
-        assert torch.equal(y, w8a8_flat_linear_reference(x, q, scale, mult, step, src, bias)), (isa, shape)
+        assert torch.equal(y, w8a8_flat_linear_reference(x, *args, bias)), (isa, shape)
 
 
 def test_rows_independent_dtypes_and_leading_dims():
-    x, q, scale, mult, step, src, b = _inputs(6, 40, 72, 4, seed=1)
-    full = w8a8_flat_linear(x, q, scale, mult, step, src, b)
+    x, *args, b = _inputs(6, 40, 72, 4, seed=1)
+    full = w8a8_flat_linear(x, *args, b)
     for i in range(6):
-        assert torch.equal(w8a8_flat_linear(x[i : i + 1], q, scale, mult, step, src, b)[0], full[i])
+        assert torch.equal(w8a8_flat_linear(x[i : i + 1], *args, b)[0], full[i])
     x3 = x.view(2, 3, 72)
-    assert torch.equal(w8a8_flat_linear(x3, q, scale, mult, step, src, b), full.view(2, 3, 40))
+    assert torch.equal(w8a8_flat_linear(x3, *args, b), full.view(2, 3, 40))
     for dt in (torch.bfloat16, torch.float16):
-        y = w8a8_flat_linear(x3.to(dt), q, scale, mult, step, src, b.to(dt))
+        y = w8a8_flat_linear(x3.to(dt), *args, b.to(dt))
         assert y.dtype == dt
-        assert torch.equal(y, w8a8_flat_linear_reference(x3.to(dt), q, scale, mult, step, src, b.to(dt)))
+        assert torch.equal(y, w8a8_flat_linear_reference(x3.to(dt), *args, b.to(dt)))
 
 
 def test_flattening_is_exact_when_nothing_clips():
@@ -56,26 +69,55 @@ def test_flattening_is_exact_when_nothing_clips():
     x = torch.arange(1, k + 1, dtype=torch.float32)[None] * 3  # channel 7 carries 24: flattened 3 ways
     copies = torch.ones(k, dtype=torch.long)
     copies[7] = 3
-    src = torch.repeat_interleave(torch.arange(k), copies - 1)
-    wf = torch.cat([w, w[:, src]], 1)
-    y = w8a8_flat_linear(x, wf, torch.ones(n), 1.0 / copies.float(), torch.ones(1), src)
+    ch = torch.tensor([7])
+    y = w8a8_flat_linear(x, w, torch.ones(n), torch.ones(1), torch.tensor([1.0, 1 / 3]), torch.tensor([[7], [2]]),
+                         pair_columns(w[:, ch].t()))
     assert torch.equal(y, (x @ w.float().t()))
 
 
+def test_equals_the_appended_copies_layout():
+    """The correction form gives the bits of the paper's form: the copies appended as real channels
+    (their codes repeated, the weight columns repeated) through per-channel int8 arithmetic."""
+    x, q, scale, step, mult, index, cols, b = _inputs(4, 30, 50, 6, seed=7)
+    per_channel = mult[0].repeat(50)
+    per_channel[index[0]] = mult[1:]
+    src = torch.repeat_interleave(index[0], index[1])
+    codes = torch.round(x * per_channel).clamp(-127, 127)
+    wide = torch.cat([codes, codes[:, src]], 1).double() @ torch.cat([q, q[:, src]], 1).double().t()
+    expect = (wide.to(torch.int32).float() * step) * scale + b
+    assert torch.equal(w8a8_flat_linear(x, q, scale, step, mult, index, cols, b), expect)
+
+
 def test_bad_inputs_raise_clear_errors():
-    x, q, scale, mult, step, src, _ = _inputs(2, 8, 16, 3, seed=2)
+    x, q, scale, step, mult, index, cols, _ = _inputs(2, 8, 16, 3, seed=2)
     for fn in (w8a8_flat_linear, w8a8_flat_linear_reference):
-        with pytest.raises((ValueError, RuntimeError), match="copies need a weight"):
-            fn(x, q[:, :-1], scale, mult, step, src)
+        with pytest.raises((ValueError, RuntimeError), match="needs a weight"):
+            fn(x, q[:, :-1], scale, step, mult, index, cols)
         with pytest.raises((TypeError, RuntimeError), match="int8"):
-            fn(x, q.to(torch.int16), scale, mult, step, src)
-    with pytest.raises(RuntimeError, match="outside"):
-        w8a8_flat_linear(x, q, scale, mult, step, torch.tensor([0, 1, 99]))
+            fn(x, q.to(torch.int16), scale, step, mult, index, cols)
+        with pytest.raises((ValueError, RuntimeError), match="flat_columns"):
+            fn(x, q, scale, step, mult, index, cols[:, :-1])
+        with pytest.raises((ValueError, RuntimeError), match="flat_columns"):
+            fn(x, q, scale, step, mult, index, cols[..., :1])
+        with pytest.raises((ValueError, RuntimeError), match="mult"):
+            fn(x, q, scale, step, mult[:-1], index, cols)
+        for bad in ([[0, 1, 99], [1, 1, 1]], [[0, 1, 1], [1, 1, 1]], [[0, 1, 2], [1, -1, 1]],
+                    [[0, 1, 2], [1, MAX_EXTRA + 1, 1]]):
+            with pytest.raises((ValueError, RuntimeError), match="flat_index"):
+                fn(x, q, scale, step, mult, torch.tensor(bad), cols)
 
 
 def test_opcheck_and_backend():
-    x, q, scale, mult, step, src, b = _inputs(3, 24, 80, 5, seed=4)
-    torch.library.opcheck(w8a8_flat_linear, (x.view(1, 3, 80), q, scale, mult, step, src, b))
-    torch.library.opcheck(w8a8_flat_linear, (x[:1], q, scale, mult, step, src, None))
+    x, q, scale, step, mult, index, cols, b = _inputs(3, 24, 80, 5, seed=4)
+    torch.library.opcheck(w8a8_flat_linear, (x.view(1, 3, 80), q, scale, step, mult, index, cols, b))
+    torch.library.opcheck(w8a8_flat_linear, (x[:1], q, scale, step, mult[:1], index[:, :0], cols[:, :0], None))
+
+
+def test_column_pairs_round_trip():
+    cols = torch.randint(-127, 128, (5, 19), dtype=torch.int8)
+    tiles = pair_columns(cols)
+    assert tiles.shape == (2, 3, 16, 2) and torch.equal(tiles[1, 1, 2], cols[2:4, 18])
+    assert (tiles[:, 2, :, 1] == 0).all() and (tiles[1, :, 3:] == 0).all()
+    assert torch.equal(unpair_columns(tiles, 5, 19), cols)
     if ops.status().extension.startswith("loaded"):
         assert ops.status()["w8a8_flat_linear"]["cpu"].startswith("c++")

@@ -47,7 +47,8 @@ def test_linear_flattens_and_beats_plain_per_tensor():
     for budget in (0.0, 0.25):
         t, copies = flatten_plan(absmax, budget, 64)
         mod = FlattenLinear.from_float(w, None, torch.float32, t, copies)
-        assert mod.qweight.shape == (32, 64 + int((copies - 1).sum()))
+        assert mod.qweight.shape == (32, 64) and mod.extra_channels == int((copies - 1).sum())
+        assert mod.flat_index.shape == (2, int((copies > 1).sum()))
         errs.append(((mod(x) - ref).norm() / ref.norm()).item())
     assert errs[1] < errs[0] / 3 and errs[1] < 0.02
 
@@ -88,3 +89,19 @@ def test_recipe_and_refusals():
         FlattenQuant(flatten_budget=2.0)
     with pytest.raises(ix.ConfigError, match="max_copies"):
         FlattenQuant(max_copies=0)
+
+
+def test_checkpoint_layout_checks():
+    """A checkpoint of the old appended-columns layout is refused with the fix named; flattened
+    columns that do not match the weight are refused at load."""
+    with pytest.raises(ix.ConfigError, match="quantize the float model again"):
+        FlattenLinear.from_spec({"type": "w8a8_flat", "in_features": 8, "out_features": 4, "bias": False,
+                                 "dtype": "float32", "extra_channels": 3})
+    w = torch.randn(4, 8)
+    copies = torch.ones(8, dtype=torch.long)
+    copies[2] = 3
+    mod = FlattenLinear.from_float(w, None, torch.float32, 1.0, copies)
+    mod.check_loaded("m")
+    mod.flat_columns[0, 0, 0] += 1
+    with pytest.raises(ix.ConfigError, match="flat_columns"):
+        mod.check_loaded("m")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
 from ..ops.w8a8 import check_codes
+from ..ops.w8a8_flat import MAX_EXTRA, pair_columns
 from .calibration import InputStats
 from .linear_base import QuantizedLinear
 from .w8a8 import W8A8, quantize_int8_per_channel
@@ -51,54 +52,72 @@ def flatten_plan(absmax: Tensor, budget: float, max_copies: int) -> tuple[float,
 
 
 class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
-    """int8 weights (per channel, flattened columns appended) x per-tensor static int8 activations.
+    """int8 weights (per channel) x per-tensor static int8 activations, large channels flattened.
 
-    Buffers: ``qweight`` int8 ``[N, K + E]``, ``scale`` float32 ``[N]``, ``act_mult`` float32 ``[K]``
-    (1 / (step * copies)), ``act_scale`` float32 ``[1]`` (the step), ``flat_src`` int64 ``[E]`` (the
-    source channel of each appended copy), ``bias``; see ``infertrix.ops.w8a8_flat``."""
+    Buffers: ``qweight`` int8 ``[N, K]``, ``scale`` float32 ``[N]``, ``act_scale`` float32 ``[1]``
+    (the step); for the ``F`` flattened channels, ``act_mult`` float32 ``[1 + F]`` (1 / step, then
+    1 / (step * copies) of each), ``flat_index`` int64 ``[2, F]`` (the channels, their copies beyond
+    the first) and ``flat_columns`` int8 ``[ceil(N / 16), ceil(F / 2), 16, 2]`` (their weight
+    columns, tiled for the kernel); ``bias``. See ``infertrix.ops.w8a8_flat``."""
 
     kernel = "infertrix::w8a8_flat_linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
-                 extra_channels: int = 0):
+                 flat_channels: int = 0, **legacy: Any):
+        if "extra_channels" in legacy:
+            raise ConfigError("this FlattenQuant checkpoint has the [N, K + E] weight layout of infertrix before "
+                              "2026-12-05 (copied columns appended), which this version no longer reads; quantize "
+                              "the float model again with 'flattenquant' and save it")
+        if legacy:
+            raise TypeError(f"FlattenLinear got unexpected arguments {sorted(legacy)}")
         super().__init__(in_features, out_features, bias, dtype)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features + extra_channels, dtype=torch.int8))
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32))
-        self.register_buffer("act_mult", torch.zeros(in_features, dtype=torch.float32))
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32))
-        self.register_buffer("flat_src", torch.zeros(extra_channels, dtype=torch.long))
+        self.register_buffer("act_mult", torch.ones(1 + flat_channels, dtype=torch.float32))
+        self.register_buffer("flat_index", torch.zeros(2, flat_channels, dtype=torch.long))
+        self.register_buffer("flat_columns", pair_columns(torch.zeros(flat_channels, out_features, dtype=torch.int8)))
 
     @property
     def extra_channels(self) -> int:
-        return self.flat_src.numel()
+        """Input channels the flattening adds (the copies beyond each channel's first)."""
+        return int(self.flat_index[1].sum())
 
     def extra_spec(self) -> dict[str, Any]:
-        return {"extra_channels": self.extra_channels}
+        return {"flat_channels": self.flat_index.shape[1]}
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, threshold: float, copies: Tensor,
                    hessian: Tensor | None = None, damp: float = 0.01) -> FlattenLinear:
-        """Flatten ``weight`` ([N, K], float) for per-channel ``copies`` and quantize it (GPTQ with a Hessian)."""
+        """Quantize ``weight`` ([N, K], float; GPTQ with a Hessian) for per-channel ``copies`` (int64 [K])."""
         n, k = weight.shape
-        src = torch.repeat_interleave(torch.arange(k), copies - 1)
+        flat = torch.nonzero(copies > 1).flatten()
         q, scale = quantize_int8_per_channel(weight.float(), hessian, damp)
-        mod = cls(k, n, bias is not None, dtype, extra_channels=src.numel())
-        mod.qweight.copy_(torch.cat([q, q[:, src]], dim=1))
+        mod = cls(k, n, bias is not None, dtype, flat_channels=flat.numel())
+        mod.qweight.copy_(q)
         mod.scale.copy_(scale)
         step = threshold / 127
         mod.act_scale.fill_(step)
-        mod.act_mult.copy_((1.0 / (step * copies.double())).float())
-        mod.flat_src.copy_(src)
+        mod.act_mult.copy_((1.0 / (step * torch.cat([copies.new_ones(1), copies[flat]]).double())).float())
+        mod.flat_index.copy_(torch.stack([flat, copies[flat] - 1]))
+        mod.flat_columns.copy_(pair_columns(q[:, flat].t()))
         if bias is not None:
             mod.bias.copy_(bias.detach())
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
+        b = self._buffers  # one dict, not nn.Module.__getattr__ per buffer (a decode step's layers are cold)
         return torch.ops.infertrix.w8a8_flat_linear.default(
-            x, self.qweight, self.scale, self.act_mult, self.act_scale, self.flat_src, self.bias)
+            x, b["qweight"], b["scale"], b["act_scale"], b["act_mult"], b["flat_index"], b["flat_columns"], b["bias"])
 
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
+        ch = self.flat_index[0]
+        if ch.numel() and not (0 <= int(ch.min()) and int(ch.max()) < self.in_features):
+            raise ConfigError(f"{name}: flat_index holds a channel outside [0, {self.in_features})")
+        if not torch.equal(self.flat_columns, pair_columns(self.qweight[:, ch].t())):
+            raise ConfigError(f"{name}: flat_columns is not the flattened channels' weight columns; the checkpoint "
+                              "was changed after saving, save it again from the optimized model")
 
 
 @register_transform("flattenquant")
@@ -122,8 +141,9 @@ class FlattenQuant(W8A8):
         super().validate()
         if not 0.0 <= self.flatten_budget <= 1.0:
             raise ConfigError(f"flatten_budget must be in [0, 1] (a fraction of the input width), got {self.flatten_budget}")
-        if self.max_copies < 1:
-            raise ConfigError(f"max_copies must be at least 1, got {self.max_copies}")
+        if not 1 <= self.max_copies <= MAX_EXTRA + 1:
+            raise ConfigError(f"max_copies must be in [1, {MAX_EXTRA + 1}] (the kernel multiplies a channel's "
+                              f"code by its extra copies in int16), got {self.max_copies}")
 
     @property
     def calibrated(self) -> bool:

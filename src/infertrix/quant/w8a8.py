@@ -84,7 +84,8 @@ class W8A8Linear(QuantizedLinear, kind="w8a8"):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.infertrix.w8a8_linear.default(x, self.qweight, self.scale, self.bias)
+        b = self._buffers  # one dict, not nn.Module.__getattr__ per buffer (a decode step's layers are cold)
+        return torch.ops.infertrix.w8a8_linear.default(x, b["qweight"], b["scale"], b["bias"])
 
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
