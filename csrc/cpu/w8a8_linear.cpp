@@ -334,8 +334,8 @@ INFERTRIX_TARGET_AVX512 void flat_corr_avx512(const int16_t* r, const int8_t* co
 
 // y[m, n] = (float(sums[m, n]) * sx[m]) * s1[n] (+ bias[n]), the epilogue's operations in its order
 // (mul, mul, add: no FMA), 16 outputs at a time.
-INFERTRIX_TARGET_AVX512 void finish_avx512(const int32_t* sums, const Args& a) {
-  for (int64_t m = 0; m < a.M; ++m) {
+INFERTRIX_TARGET_AVX512 void finish_avx512(const int32_t* sums, const Args& a, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
     const __m512 sx = _mm512_set1_ps(a.sx[m]);
     for (int64_t n = 0; n < a.N; n += 16) {
       const __mmask16 k = first16(a.N - n);
@@ -388,12 +388,12 @@ void flat_corr(Isa isa, const int16_t* r, const int8_t* cols, int64_t P, int64_t
     }
 }
 
-// The epilogue over sums [M, N] into a.y.
-void finish(Isa isa, const int32_t* sums, const Args& a) {
+// The epilogue over rows [m0, m1) of sums [M, N] into a.y.
+void finish(Isa isa, const int32_t* sums, const Args& a, int64_t m0, int64_t m1) {
 #if INFERTRIX_X86
-  if (isa == Isa::Avx512Vnni) return finish_avx512(sums, a);
+  if (isa == Isa::Avx512Vnni) return finish_avx512(sums, a, m0, m1);
 #endif
-  for (int64_t m = 0; m < a.M; ++m)
+  for (int64_t m = m0; m < m1; ++m)
     for (int64_t n = 0; n < a.N; ++n) a.y[m * a.N + n] = epilogue(a, sums[m * a.N + n], m, n);
 }
 
@@ -478,8 +478,13 @@ at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   Args a{xq, act.sx.data(), M, K, N, wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
          b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>(), sums.data()};
   multiply(a, wc, isa);
-  if (F > 0) flat_corr(isa, r.data(), cols.const_data_ptr<int8_t>(), P, N, M, sums.data());
-  finish(isa, sums.data(), a);
+  // rows are independent here (integer sums, then per-element float ops): split over threads
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    if (F > 0)
+      flat_corr(isa, r.data() + begin * 2 * P, cols.const_data_ptr<int8_t>(), P, N, end - begin,
+                sums.data() + begin * N);
+    finish(isa, sums.data(), a, begin, end);
+  });
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   out = out.view(sizes);

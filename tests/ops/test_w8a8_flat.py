@@ -18,7 +18,7 @@ from infertrix.ops.w8a8_flat import (
 # (M, N, K, F): one row, tiny K, a byte tail, every row-chunk size, past the row limit, SmolLM2-like
 SHAPES = [(1, 7, 5, 2), (1, 49, 576, 12), (2, 33, 17, 0), (3, 100, 31, 5), (5, 9, 577, 30), (8, 16, 33, 1),
           (9, 23, 130, 7), (MAX_ROWS, 37, 96, 3), (MAX_ROWS + 3, 21, 70, 9), (1, 576, 1536, 30),
-          (3, 40, 300, 150)]  # more than 64 flattened channels: the correction in slices
+          (3, 40, 300, 150)]  # many flattened channels
 
 
 def _inputs(m: int, n: int, k: int, f: int, seed: int):
@@ -101,6 +101,12 @@ def test_bad_inputs_raise_clear_errors():
             fn(x, q, scale, step, mult, index, cols[..., :1])
         with pytest.raises((ValueError, RuntimeError), match="mult"):
             fn(x, q, scale, step, mult[:-1], index, cols)
+        with pytest.raises((ValueError, RuntimeError), match="act_scale"):
+            fn(x, q, scale, step.double(), mult, index, cols)
+        with pytest.raises((ValueError, RuntimeError), match="scale must be float32"):
+            fn(x, q, scale[:-1], step, mult, index, cols)
+        with pytest.raises((ValueError, RuntimeError), match="bias"):
+            fn(x, q, scale, step, mult, index, cols, torch.zeros(3))
         for bad in ([[0, 1, 99], [1, 1, 1]], [[0, 1, 1], [1, 1, 1]], [[0, 1, 2], [1, -1, 1]],
                     [[0, 1, 2], [1, MAX_EXTRA + 1, 1]]):
             with pytest.raises((ValueError, RuntimeError), match="flat_index"):
@@ -121,3 +127,25 @@ def test_column_pairs_round_trip():
     assert torch.equal(unpair_columns(tiles, 5, 19), cols)
     if ops.status().extension.startswith("loaded"):
         assert ops.status()["w8a8_flat_linear"]["cpu"].startswith("c++")
+
+
+def test_the_int16_multiplier_bound(isa):
+    """MAX_EXTRA extra copies of a code at +-127 is the largest int16 multiplier: exact there."""
+    x, q, scale, step, mult, index, cols, b = _inputs(2, 24, 40, 3, seed=9)
+    index[1] = MAX_EXTRA
+    x[:, index[0]] = torch.tensor([1e6, -1e6, 1e6])  # codes clamp to +-127
+    assert torch.equal(w8a8_flat_linear(x, q, scale, step, mult, index, cols, b),
+                       w8a8_flat_linear_reference(x, q, scale, step, mult, index, cols, b))
+
+
+def test_thread_count_changes_no_bit():
+    x, *args, b = _inputs(MAX_ROWS + 9, 50, 96, 7, seed=11)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = w8a8_flat_linear(x, *args, b)
+        torch.set_num_threads(2)
+        assert torch.equal(w8a8_flat_linear(x, *args, b), one)
+        assert torch.equal(w8a8_flat_linear(x[:7], *args, b), one[:7])
+    finally:
+        torch.set_num_threads(before)

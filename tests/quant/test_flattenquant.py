@@ -102,6 +102,13 @@ def test_checkpoint_layout_checks():
     copies[2] = 3
     mod = FlattenLinear.from_float(w, None, torch.float32, 1.0, copies)
     mod.check_loaded("m")
-    mod.flat_columns[0, 0, 0] += 1
-    with pytest.raises(ix.ConfigError, match="flat_columns"):
-        mod.check_loaded("m")
+    for name, change, match in (("flat_columns", lambda t: t[0, 0, 0].add_(1), "flat_columns"),
+                                ("act_mult", lambda t: t[1].mul_(2), "act_mult"),
+                                ("flat_index", lambda t: t[1, 0].add_(1), "act_mult")):
+        saved = getattr(mod, name).clone()
+        change(getattr(mod, name))
+        with pytest.raises(ix.ConfigError, match=match):
+            mod.check_loaded("m")
+        getattr(mod, name).copy_(saved)
+    with pytest.raises(ix.ConfigError, match="max_copies"):
+        FlattenQuant(max_copies=260)

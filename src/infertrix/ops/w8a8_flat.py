@@ -21,7 +21,7 @@ blocks multiply it, rows as long as the float layer's), ``act_scale`` float32 ``
 an int16), ``flat_columns`` int8 ``[ceil(N / 16), ceil(F / 2), 16, 2]``: the flattened channels'
 weight columns ``qweight[:, c_f]`` in tiles of 16 outputs, ``flat_columns[t, p, i, j]`` = column
 ``2p + j`` at output ``16t + i`` (zeros past ``F`` and ``N``), so the correction reads them in one
-sequential stream, a channel pair per int16 multiply-add. A call reads the weights, ``x`` and ``O(F)`` more: no per-channel
+sequential stream, a channel pair per int16 multiply-add. A call reads the weights, ``x``, the ``F`` columns and ``O(F)`` more: no per-channel
 array of size ``K``. A row's result never depends on the other rows (no per-call statistics at
 all, unlike per-token quantization). Compiled kernel: ``csrc/cpu/w8a8_linear.cpp`` (the W8A8
 blocks after a one-pass quantization with no max search), bit-identical to the reference below.
@@ -59,7 +59,8 @@ def flat_quantize_reference(x: Tensor, mult: Tensor, channels: Tensor) -> Tensor
     return q.clamp_(-127, 127).to(torch.int8)
 
 
-def check_flat_inputs(x: Tensor, qweight: Tensor, mult: Tensor, flat_index: Tensor, flat_columns: Tensor) -> None:
+def check_flat_inputs(x: Tensor, qweight: Tensor, scale: Tensor, act_scale: Tensor, mult: Tensor, flat_index: Tensor,
+                      flat_columns: Tensor, bias: Tensor | None) -> None:
     """Raise the kernel's errors for inputs it cannot take (shapes and dtypes; shared with the fake)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"w8a8_flat_linear expects float32, bfloat16 or float16 activations, got {x.dtype}")
@@ -69,6 +70,12 @@ def check_flat_inputs(x: Tensor, qweight: Tensor, mult: Tensor, flat_index: Tens
     if x.shape[-1] != k:
         raise ValueError(f"w8a8_flat_linear: x [..., {x.shape[-1]}] needs a weight [N, {x.shape[-1]}]; "
                          f"got {tuple(qweight.shape)}")
+    if act_scale.dtype != torch.float32 or act_scale.numel() != 1:
+        raise ValueError(f"w8a8_flat_linear: act_scale must be float32 [1], got {act_scale.dtype} {tuple(act_scale.shape)}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (n,):
+        raise ValueError(f"w8a8_flat_linear: scale must be float32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"w8a8_flat_linear: bias must be [{n}], got {tuple(bias.shape)}")
     f = flat_index.shape[1] if flat_index.dim() == 2 else -1
     if (flat_index.dtype != torch.int64 or f < 0 or flat_index.shape[0] != 2 or flat_columns.dtype != torch.int8
             or tuple(flat_columns.shape) != (-(-n // 16), (f + 1) // 2, 16, 2)
@@ -82,7 +89,7 @@ def check_flat_inputs(x: Tensor, qweight: Tensor, mult: Tensor, flat_index: Tens
 def w8a8_flat_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, act_scale: Tensor, mult: Tensor,
                                flat_index: Tensor, flat_columns: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = (acc * act_scale) * scale (+ bias), acc the int32 product of the flattened int8 x and the weights."""
-    check_flat_inputs(x, qweight, mult, flat_index, flat_columns)
+    check_flat_inputs(x, qweight, scale, act_scale, mult, flat_index, flat_columns, bias)
     n, k = qweight.shape
     channels, extra = flat_index[0], flat_index[1]
     if channels.numel() and (int(channels[0]) < 0 or int(channels[-1]) >= k or bool((channels.diff() <= 0).any())):
@@ -109,7 +116,7 @@ w8a8_flat_linear = torch.library.custom_op("infertrix::w8a8_flat_linear", mutate
 
 @w8a8_flat_linear.register_fake
 def _(x, qweight, scale, act_scale, mult, flat_index, flat_columns, bias=None):
-    check_flat_inputs(x, qweight, mult, flat_index, flat_columns)
+    check_flat_inputs(x, qweight, scale, act_scale, mult, flat_index, flat_columns, bias)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 

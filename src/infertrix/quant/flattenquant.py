@@ -10,8 +10,9 @@ Here the threshold is the smallest that keeps the extra channels of a layer with
 maxima of the calibration windows after SmoothQuant smoothing (the paper smooths first too).
 
 Cost and guarantee: lossy (8-bit weights and activations, values beyond the calibrated range are
-clipped); the int8 weight grows by the copied columns (at most ``flatten_budget``); the activation
-quantizer needs no per-token max search and a row's result never depends on the other rows.
+clipped); the flattened channels' weight columns are kept a second time, tiled for the kernel's
+correction (at most ``flatten_budget`` of the weight); the activation quantizer needs no
+per-token max search and a row's result never depends on the other rows.
 Needs calibration data (16 windows of 256 tokens by default). Measured on SmolLM2: docs/quant.md.
 """
 
@@ -112,9 +113,15 @@ class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
 
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
-        ch = self.flat_index[0]
-        if ch.numel() and not (0 <= int(ch.min()) and int(ch.max()) < self.in_features):
-            raise ConfigError(f"{name}: flat_index holds a channel outside [0, {self.in_features})")
+        ch, extra = self.flat_index[0], self.flat_index[1]
+        if ch.numel() and not (0 <= int(ch[0]) and int(ch[-1]) < self.in_features and bool((ch.diff() > 0).all())):
+            raise ConfigError(f"{name}: flat_index[0] must hold increasing channels in [0, {self.in_features})")
+        if extra.numel() and not (1 <= int(extra.min()) and int(extra.max()) <= MAX_EXTRA):
+            raise ConfigError(f"{name}: flat_index[1] (extra copies of each flattened channel) must be in [1, {MAX_EXTRA}]")
+        expect = self.act_mult[:1].double() / (1 + extra.double())
+        if not torch.allclose(self.act_mult[1:].double(), expect, rtol=1e-5, atol=0):
+            raise ConfigError(f"{name}: act_mult does not match the flattened channels' copies; the checkpoint was "
+                              "changed after saving, save it again from the optimized model")
         if not torch.equal(self.flat_columns, pair_columns(self.qweight[:, ch].t())):
             raise ConfigError(f"{name}: flat_columns is not the flattened channels' weight columns; the checkpoint "
                               "was changed after saving, save it again from the optimized model")
