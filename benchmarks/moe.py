@@ -286,11 +286,14 @@ def configs(quick: bool, model: str, steps: int | None = None) -> list[dict]:
     return out
 
 
-def lowbit_configs(steps: int) -> list[dict]:
-    out = [dict(model="real", name="in memory (float)", kind="memory", steps=steps, ppl_windows=2)]
+def lowbit_configs(steps: int, model: str = "real") -> list[dict]:
+    """In memory and each LOWBIT_CONFIGS setting; perplexity on the real model only (random weights
+    have none worth reading)."""
+    ppl = {"ppl_windows": 2} if model == "real" else {}
+    out = [dict(model=model, name="in memory (float)", kind="memory", steps=steps, **ppl)]
     for name, fields in LOWBIT_CONFIGS:
-        out.append(dict(model="real", name=f"offload {name}", kind="offload", prefetch=False, steps=steps,
-                        ppl_windows=2, **fields))
+        out.append(dict(model=model, name=f"offload {name}", kind="offload", prefetch=False, steps=steps,
+                        **ppl, **fields))
     return out
 
 
@@ -311,8 +314,8 @@ def _lowbit_row(r: dict, rows: list[dict]) -> dict:
         "store MiB/token": r.get("store_mib_per_token", ""),
         "stall s/token": r.get("stall_s_per_token", ""),
         "peak RSS MiB": r["peak_rss"] / 2**20,
-        "perplexity": r["perplexity"],
-        "x float ppl": r["perplexity"] / mem["perplexity"],
+        "perplexity": r.get("perplexity", ""),
+        "x float ppl": r["perplexity"] / mem["perplexity"] if "perplexity" in r else "",
         "max |dlogit| vs float": r.get("max_abs_logit_diff", 0.0),
         "argmax agree": r.get("argmax_agree", 1.0),
     }
@@ -386,7 +389,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="decode steps per configuration (a smoke test); implies --no-write")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    ap.add_argument("--lowbit", action="store_true", help="float vs int8 vs int4 experts (upcycled SmolLM2)")
+    ap.add_argument("--lowbit", action="store_true",
+                    help="float vs int8 vs int4 experts (upcycled SmolLM2; with --models random the 2 GB Mixtral)")
     ap.add_argument("--lowbit-quality", action="store_true",
                     help="perplexity of dense SmolLM2 with each MLP computed as one int8/int4 expert")
     args = ap.parse_args()
@@ -459,10 +463,13 @@ def main_lowbit(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(THREADS)
     ROOT.mkdir(parents=True, exist_ok=True)
-    ck = build_real()
+    model = "random" if args.models == "random" else "real"
+    ck = build_real()  # its folder also holds the tokenizer the prose ids come from
+    if model == "random":
+        ck = build_random()
     ids_file = ROOT / "prose_ids_1024.pt"
     torch.save(_prose_ids(1024), ids_file)  # decode steps and the perplexity windows read these tokens
-    specs = lowbit_configs(args.steps or (12 if args.quick else 24))
+    specs = lowbit_configs(args.steps or (12 if args.quick or model == "random" else 24), model)
     for i, spec in enumerate(specs):
         bits = spec.get("expert_bits")
         store = ROOT / f"{ck.name}-store{f'-int{bits}' if bits else ''}"
@@ -480,11 +487,14 @@ def main_lowbit(args: argparse.Namespace) -> None:
         r["argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
         print(json.dumps(r), flush=True)
     wall = time.perf_counter() - t0
+    if model == "random":
+        _write_lowbit_random(args, results, load0, wall)
+        return
     body = "\n".join([
         "Low-bit experts (EdgeMoE, arXiv:2308.14352): `ExpertOffload(expert_bits=8|4)` on the upcycled "
         "SmolLM2 (30 layers x 8 experts, fp32: 1.33 MB each), LRU, no prefetch. All configurations decode "
-        f"in lockstep in one run (ratios are what to read: this 2-core machine was shared with other "
-        f"sessions; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), {results[0]['steps']} "
+        f"in lockstep in one run (ratios are what to read; 2 cores, the lockstep workers included in the "
+        f"load average: {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), {results[0]['steps']} "
         f"teacher-forced decode steps, {wall:.0f} s. Perplexity: 2 x 512 tokens of the shipped text after the "
         "router's calibration text (this upcycled model keeps 2 of 8 neuron groups: its perplexity is high "
         "whatever the bits, and its chaotic logits amplify any change: read the perplexity ratio as a rough "
@@ -497,6 +507,27 @@ def main_lowbit(args: argparse.Namespace) -> None:
     if not args.no_write and args.steps is None:
         write_section("moe-lowbit", "MoE low-bit experts (float vs int8 vs int4)", body,
                       command="flock /tmp/infertrix-bench.lock python -m benchmarks.moe --lowbit")
+
+
+def _write_lowbit_random(args: argparse.Namespace, results: list[dict], load0: float, wall: float) -> None:
+    """``--lowbit --models random``: the 2 GB random Mixtral, its own section (``moe-lowbit-random``)."""
+    from benchmarks.report import markdown_table, write_section
+
+    body = "\n".join([
+        "Low-bit experts (EdgeMoE, arXiv:2308.14352) on the random-weight Mixtral (10 layers x 8 experts, "
+        "fp32: 25.2 MB each, 2.0 GB of experts), `ExpertOffload(expert_bits=8|4)`, LRU, no prefetch, the "
+        "expert cache counted in bytes (25% of the float experts' bytes per layer, or 2 experts per layer). "
+        f"All configurations decode in lockstep in one run (2 cores; load average {load0:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end), {results[0]['steps']} teacher-forced decode steps, {wall:.0f} s. "
+        "Random weights: no perplexity (see `moe-lowbit` and `moe-lowbit-quality` for the quality cost); "
+        "max |dlogit| and argmax agree compare each step's logits with the in-memory float model's.",
+        "",
+        markdown_table([_lowbit_row(r, results) for r in results]),
+    ])
+    print(body)
+    if not args.no_write and args.steps is None:
+        write_section("moe-lowbit-random", "MoE low-bit experts on the 2 GB random Mixtral", body,
+                      command="flock /tmp/infertrix-bench.lock python -m benchmarks.moe --lowbit --models random")
 
 
 class _MLPAsExpert(torch.nn.Module):
