@@ -457,8 +457,7 @@ def main() -> None:
 
 
 def main_lowbit(args: argparse.Namespace) -> None:
-    """``--lowbit``: its own section of BENCHMARKS.md (``moe-lowbit``)."""
-    from benchmarks.report import markdown_table, write_section
+    """``--lowbit``: float vs int8 vs int4 experts, lockstep; its own section of BENCHMARKS.md."""
     from infertrix.moe import ExpertStore
 
     torch.set_num_threads(THREADS)
@@ -487,47 +486,43 @@ def main_lowbit(args: argparse.Namespace) -> None:
         r["argmax_agree"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
         print(json.dumps(r), flush=True)
     wall = time.perf_counter() - t0
-    if model == "random":
-        _write_lowbit_random(args, results, load0, wall)
-        return
-    body = "\n".join([
-        "Low-bit experts (EdgeMoE, arXiv:2308.14352): `ExpertOffload(expert_bits=8|4)` on the upcycled "
-        "SmolLM2 (30 layers x 8 experts, fp32: 1.33 MB each), LRU, no prefetch. All configurations decode "
-        f"in lockstep in one run (ratios are what to read; 2 cores, the lockstep workers included in the "
-        f"load average: {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end), {results[0]['steps']} "
-        f"teacher-forced decode steps, {wall:.0f} s. Perplexity: 2 x 512 tokens of the shipped text after the "
-        "router's calibration text (this upcycled model keeps 2 of 8 neuron groups: its perplexity is high "
-        "whatever the bits, and its chaotic logits amplify any change: read the perplexity ratio as a rough "
-        "sign, not as the quality cost of low-bit experts on a trained MoE). max |dlogit| and argmax agree "
-        "compare each decode step's logits with the in-memory float model's.",
-        "",
-        markdown_table([_lowbit_row(r, results) for r in results]),
-    ])
-    print(body)
-    if not args.no_write and args.steps is None:
-        write_section("moe-lowbit", "MoE low-bit experts (float vs int8 vs int4)", body,
-                      command="flock /tmp/infertrix-bench.lock python -m benchmarks.moe --lowbit")
+    _write_lowbit(args, model, results, load0, wall)
 
 
-def _write_lowbit_random(args: argparse.Namespace, results: list[dict], load0: float, wall: float) -> None:
-    """``--lowbit --models random``: the 2 GB random Mixtral, its own section (``moe-lowbit-random``)."""
+#: --lowbit: per model, what the run measured and its section of BENCHMARKS.md
+_LOWBIT_TEXT = {
+    "real": ("moe-lowbit", "MoE low-bit experts (float vs int8 vs int4)",
+             "the upcycled SmolLM2 (30 layers x 8 experts, fp32: 1.33 MB each)",
+             "Perplexity: 2 x 512 tokens of the shipped text after the router's calibration text (this upcycled "
+             "model keeps 2 of 8 neuron groups: its perplexity is high whatever the bits, and its chaotic logits "
+             "amplify any change: read the perplexity ratio as a rough sign, not as the quality cost of low-bit "
+             "experts on a trained MoE)."),
+    "random": ("moe-lowbit-random", "MoE low-bit experts on the 2 GB random Mixtral",
+               "the random-weight Mixtral (10 layers x 8 experts, fp32: 25.2 MB each, 2.0 GB of experts)",
+               "Random weights: no perplexity (see `moe-lowbit` and `moe-lowbit-quality` for the quality cost)."),
+}
+
+
+def _write_lowbit(args: argparse.Namespace, model: str, results: list[dict], load0: float, wall: float) -> None:
+    """The ``--lowbit`` table of one model and its section of BENCHMARKS.md."""
     from benchmarks.report import markdown_table, write_section
 
+    section, title, what, quality = _LOWBIT_TEXT[model]
     body = "\n".join([
-        "Low-bit experts (EdgeMoE, arXiv:2308.14352) on the random-weight Mixtral (10 layers x 8 experts, "
-        "fp32: 25.2 MB each, 2.0 GB of experts), `ExpertOffload(expert_bits=8|4)`, LRU, no prefetch, the "
-        "expert cache counted in bytes (25% of the float experts' bytes per layer, or 2 experts per layer). "
-        f"All configurations decode in lockstep in one run (2 cores; load average {load0:.1f} at start, "
-        f"{os.getloadavg()[0]:.1f} at end), {results[0]['steps']} teacher-forced decode steps, {wall:.0f} s. "
-        "Random weights: no perplexity (see `moe-lowbit` and `moe-lowbit-quality` for the quality cost); "
-        "max |dlogit| and argmax agree compare each step's logits with the in-memory float model's.",
+        f"Low-bit experts (EdgeMoE, arXiv:2308.14352): `ExpertOffload(expert_bits=8|4)` on {what}, LRU, no "
+        "prefetch, the expert cache counted in bytes (25% of the float experts' bytes per layer, or 2 experts "
+        "per layer). All configurations decode in lockstep in one run (ratios are what to read; 2 cores, the "
+        f"lockstep workers included in the load average: {load0:.1f} at start, {os.getloadavg()[0]:.1f} at "
+        f"end), {results[0]['steps']} teacher-forced decode steps, {wall:.0f} s. {quality} max |dlogit| and "
+        "argmax agree compare each decode step's logits with the in-memory float model's.",
         "",
         markdown_table([_lowbit_row(r, results) for r in results]),
     ])
     print(body)
     if not args.no_write and args.steps is None:
-        write_section("moe-lowbit-random", "MoE low-bit experts on the 2 GB random Mixtral", body,
-                      command="flock /tmp/infertrix-bench.lock python -m benchmarks.moe --lowbit --models random")
+        models = " --models random" if model == "random" else ""
+        write_section(section, title, body,
+                      command=f"flock /tmp/infertrix-bench.lock python -m benchmarks.moe --lowbit{models}")
 
 
 class _MLPAsExpert(torch.nn.Module):
