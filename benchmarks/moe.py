@@ -529,13 +529,13 @@ class _MLPAsExpert(torch.nn.Module):
     """A dense MLP computed as one low-bit expert: what sparse ("copy") upcycling of SmolLM2 computes
     with ``expert_bits`` (its experts are copies of the MLP), without 8 copies on disk."""
 
-    def __init__(self, mlp: torch.nn.Module, bits: int):
+    def __init__(self, mlp: torch.nn.Module, bits: int, group_size: int = 32):
         super().__init__()
         from infertrix.moe.lowbit import LowBitFormat
 
         gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
         dn = mlp.down_proj.weight.detach()
-        self.fmt, self.act_fn = LowBitFormat(bits, 32, tuple(gu.shape), tuple(dn.shape)), mlp.act_fn
+        self.fmt, self.act_fn = LowBitFormat(bits, group_size, tuple(gu.shape), tuple(dn.shape)), mlp.act_fn
         self.parts = self.fmt.views(self.fmt.encode(gu, dn))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -551,19 +551,23 @@ def lowbit_quality(args: argparse.Namespace) -> None:
     build_real()  # its tokenizer and text windows
     ids = _prose_ids(1024)
     rows = []
-    for bits in (None, 8, 4):
+    for bits, group in ((None, 0), (8, 32), (4, 64), (4, 32), (4, 16)):
         model, _ = models.load("smollm2")
+        mlp = model.model.layers[0].mlp
+        float_bytes = 4 * sum(p.numel() for p in mlp.parameters())
         if bits is not None:
             for layer in model.model.layers:
-                layer.mlp = _MLPAsExpert(layer.mlp, bits)
+                layer.mlp = _MLPAsExpert(layer.mlp, bits, group)
         ppl = _perplexity(model.eval(), ids, 2)
-        rows.append({"MLP weights": "float32" if bits is None else f"int{bits} (moe.lowbit)", "perplexity": ppl,
-                     "x float": ppl / rows[0]["perplexity"] if rows else 1.0})
+        name = "float32" if bits is None else f"int{bits} (moe.lowbit)" + (f", group {group}" if bits == 4 else "")
+        rows.append({"MLP weights": name, "perplexity": ppl, "x float": ppl / rows[0]["perplexity"] if rows else 1.0,
+                     "bytes vs float": model.model.layers[0].mlp.fmt.nbytes / float_bytes if bits else 1.0})
         print(rows[-1], flush=True)
     body = ("Dense SmolLM2-135M with every MLP computed as one low-bit expert (`LowBitFormat`, int8 "
             "activations; attention and head float): the model sparse (`copy`) upcycling gives, i.e. the "
-            "quality cost of `expert_bits` on trained weights. Perplexity on 2 x 512 tokens of the shipped "
-            "text after the first 2048 (the text the --lowbit run decodes).\n\n" + markdown_table(rows))
+            "quality cost of `expert_bits` (and, for int4, of `expert_group_size`) on trained weights. "
+            "Perplexity on 2 x 512 tokens of the shipped text after the first 2048 (the text the --lowbit "
+            "run decodes); bytes: one expert's blob against its float32 weights.\n\n" + markdown_table(rows))
     print(body)
     if not args.no_write:
         write_section("moe-lowbit-quality", "MoE low-bit experts: quality on trained weights", body,
