@@ -563,15 +563,48 @@ def lowbit_quality(args: argparse.Namespace) -> None:
         rows.append({"MLP weights": name, "perplexity": ppl, "x float": ppl / rows[0]["perplexity"] if rows else 1.0,
                      "bytes vs float": model.model.layers[0].mlp.fmt.nbytes / float_bytes if bits else 1.0})
         print(rows[-1], flush=True)
+    rows += _mixed_bits_rows(ids, rows[0]["perplexity"], rows[1]["bytes vs float"], rows[3]["bytes vs float"])
     body = ("Dense SmolLM2-135M with every MLP computed as one low-bit expert (`LowBitFormat`, int8 "
             "activations; attention and head float): the model sparse (`copy`) upcycling gives, i.e. the "
             "quality cost of `expert_bits` (and, for int4, of `expert_group_size`) on trained weights. "
             "Perplexity on 2 x 512 tokens of the shipped text after the first 2048 (the text the --lowbit "
-            "run decodes); bytes: one expert's blob against its float32 weights.\n\n" + markdown_table(rows))
+            "run decodes); bytes: one expert's blob against its float32 weights. Mixed rows (EdgeMoE's "
+            "per-expert bit widths, with one expert per layer here): int8 for the k layers whose MLP alone at "
+            "int4 (group 32, the rest float) raised the perplexity of the first window most, int4 for the "
+            "others.\n\n" + markdown_table(rows))
     print(body)
     if not args.no_write:
         write_section("moe-lowbit-quality", "MoE low-bit experts: quality on trained weights", body,
                       command="python -m benchmarks.moe --lowbit-quality")
+
+
+def _mixed_bits_rows(ids: torch.Tensor, float_ppl: float, int8_bytes: float, int4_bytes: float) -> list[dict]:
+    """int8 for the k most sensitive MLPs (each measured alone at int4), int4 for the rest."""
+    from infertrix import models
+
+    model, _ = models.load("smollm2")
+    model.eval()
+    layers = model.model.layers
+    mlps = [layer.mlp for layer in layers]
+    low = {bits: [_MLPAsExpert(m, bits, 32) for m in mlps] for bits in (4, 8)}
+    base = _perplexity(model, ids, 1)
+    rise = []
+    for i, layer in enumerate(layers):
+        layer.mlp = low[4][i]
+        rise.append(_perplexity(model, ids, 1) / base - 1)
+        layer.mlp = mlps[i]
+    order = sorted(range(len(layers)), key=lambda i: -rise[i])
+    print("perplexity rise with one MLP at int4:", {i: f"{rise[i]:+.2%}" for i in order[:6]}, flush=True)
+    rows = []
+    for k in (2, 4, 8):
+        for i, layer in enumerate(layers):
+            layer.mlp = low[8][i] if i in order[:k] else low[4][i]
+        ppl = _perplexity(model, ids, 2)
+        rows.append({"MLP weights": f"mixed: int8 for {k} layers ({', '.join(map(str, sorted(order[:k])))}), int4 g32",
+                     "perplexity": ppl, "x float": ppl / float_ppl,
+                     "bytes vs float": (k * int8_bytes + (len(layers) - k) * int4_bytes) / len(layers)})
+        print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":
