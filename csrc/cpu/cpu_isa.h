@@ -6,6 +6,7 @@
 // check every path against the PyTorch reference).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace infertrix {
@@ -30,4 +31,13 @@ const char* isa_name(Isa isa);
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 #else
 #define INFERTRIX_X86 0
+#endif
+
+#if INFERTRIX_X86
+namespace infertrix {
+// The first min(n, 16) lanes of a 16-lane mask (n >= 0): the tail of a loop over 16-wide vectors.
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+}  // namespace infertrix
 #endif

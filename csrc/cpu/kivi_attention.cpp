@@ -70,9 +70,6 @@ void value_groups_scalar(const float* p, const uint8_t* vc, const float* vs, con
 }
 
 #if INFERTRIX_X86
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
 
 // The bytes [p, p + n) (n <= 16) as 16 int32 lanes, zero past n (a masked load reads nothing there).
 INFERTRIX_TARGET_AVX512 inline __m512i load_bytes16(const uint8_t* p, int64_t n) {

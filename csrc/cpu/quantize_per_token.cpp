@@ -86,8 +86,7 @@ INFERTRIX_TARGET_AVX512 void row_avx512(const float* x, int64_t k, int8_t* q, fl
   const __m512 vinv = _mm512_set1_ps(inv);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (i = 0; i < k; i += 16) {
-    const int64_t n = std::min<int64_t>(16, k - i);
-    const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+    const __mmask16 m = first_lanes(k - i);
     __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vinv));
     v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
     _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(v));

@@ -143,7 +143,7 @@ struct V {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   W4A8_TARGET static void store(const Problem& p, I acc, int64_t m, int64_t n, int64_t cols) {
-    const __mmask16 mask = cols == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+    const __mmask16 mask = first_lanes(cols);
     if (!p.out_f) return _mm512_mask_storeu_epi32(p.out_i + m * p.N + n, mask, acc);
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(p.sx[m]));
     y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, p.s1 + n));

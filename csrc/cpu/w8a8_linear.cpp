@@ -297,14 +297,10 @@ void flat_row_scalar(const T* x, float mult, int64_t K, int8_t* q) {
 }
 
 #if INFERTRIX_X86
-inline __mmask16 first16(int64_t n) {  // the first min(n, 16) lanes
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
 INFERTRIX_TARGET_AVX512 void flat_row_avx512(const float* x, float mult, int64_t K, int8_t* q) {
   const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f), mv = _mm512_set1_ps(mult);
   for (int64_t i = 0; i < K; i += 16) {
-    const __mmask16 m = first16(K - i);
+    const __mmask16 m = first_lanes(K - i);
     __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), mv);
     v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
     _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));  // rounds to nearest even
@@ -316,7 +312,7 @@ INFERTRIX_TARGET_AVX512 void flat_row_avx512(const float* x, float mult, int64_t
 INFERTRIX_TARGET_AVX512 void flat_corr_avx512(const int16_t* r, const int8_t* cols, int64_t P, int64_t N, int64_t M,
                                               int32_t* sums) {
   for (int64_t n = 0; n < N; n += 16) {
-    const __mmask16 m16 = first16(N - n);
+    const __mmask16 m16 = first_lanes(N - n);
     const int8_t* tile = cols + (n / 16) * P * 32;
     for (int64_t m = 0; m < M; ++m) {
       int32_t* out = sums + m * N + n;
@@ -338,7 +334,7 @@ INFERTRIX_TARGET_AVX512 void finish_avx512(const int32_t* sums, const Args& a, i
   for (int64_t m = m0; m < m1; ++m) {
     const __m512 sx = _mm512_set1_ps(a.sx[m]);
     for (int64_t n = 0; n < a.N; n += 16) {
-      const __mmask16 k = first16(a.N - n);
+      const __mmask16 k = first_lanes(a.N - n);
       __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, sums + m * a.N + n)), sx);
       y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(k, a.s1 + n));
       if (a.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(k, a.bias + n));
