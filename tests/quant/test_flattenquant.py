@@ -104,7 +104,8 @@ def test_checkpoint_layout_checks():
     mod.check_loaded("m")
     for name, change, match in (("flat_columns", lambda t: t[0, 0, 0].add_(1), "flat_columns"),
                                 ("act_mult", lambda t: t[1].mul_(2), "act_mult"),
-                                ("flat_index", lambda t: t[1, 0].add_(1), "act_mult")):
+                                ("flat_index", lambda t: t[1, 0].add_(1), "act_mult"),
+                                ("flat_index", lambda t: t[1, 0].zero_(), r"flat_index\[1\]")):
         saved = getattr(mod, name).clone()
         change(getattr(mod, name))
         with pytest.raises(ix.ConfigError, match=match):

@@ -86,16 +86,26 @@ def check_flat_inputs(x: Tensor, qweight: Tensor, scale: Tensor, act_scale: Tens
                          f"mult {mult.dtype} {tuple(mult.shape)}")
 
 
+def flat_index_problem(flat_index: Tensor, k: int, min_extra: int = 0) -> str | None:
+    """What is wrong with ``flat_index`` [2, F] for ``k`` input channels (None: nothing): its channels
+    must increase within [0, k), its extra copies lie in [min_extra, MAX_EXTRA]."""
+    channels, extra = flat_index[0], flat_index[1]
+    if channels.numel() and (int(channels[0]) < 0 or int(channels[-1]) >= k or bool((channels.diff() <= 0).any())):
+        return f"flat_index[0] must hold increasing channels in [0, {k})"
+    if extra.numel() and (int(extra.min()) < min_extra or int(extra.max()) > MAX_EXTRA):
+        return f"flat_index[1] (copies beyond the first) must be in [{min_extra}, {MAX_EXTRA}]"
+    return None
+
+
 def w8a8_flat_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, act_scale: Tensor, mult: Tensor,
                                flat_index: Tensor, flat_columns: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = (acc * act_scale) * scale (+ bias), acc the int32 product of the flattened int8 x and the weights."""
     check_flat_inputs(x, qweight, scale, act_scale, mult, flat_index, flat_columns, bias)
     n, k = qweight.shape
     channels, extra = flat_index[0], flat_index[1]
-    if channels.numel() and (int(channels[0]) < 0 or int(channels[-1]) >= k or bool((channels.diff() <= 0).any())):
-        raise ValueError(f"w8a8_flat_linear: flat_index[0] must hold increasing channels in [0, {k})")
-    if extra.numel() and (int(extra.min()) < 0 or int(extra.max()) > MAX_EXTRA):
-        raise ValueError(f"w8a8_flat_linear: flat_index[1] (copies beyond the first) must be in [0, {MAX_EXTRA}]")
+    problem = flat_index_problem(flat_index, k)
+    if problem is not None:
+        raise ValueError(f"w8a8_flat_linear: {problem}")
     width = k + int(extra.sum())
     if width > MAX_IN_FEATURES:
         raise ValueError(f"w8a8_flat_linear: {width} flattened input channels could overflow the int32 sum "

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
 from ..ops.w8a8 import check_codes
-from ..ops.w8a8_flat import MAX_EXTRA, pair_columns
+from ..ops.w8a8_flat import MAX_EXTRA, flat_index_problem, pair_columns
 from .calibration import InputStats
 from .linear_base import QuantizedLinear
 from .w8a8 import W8A8, quantize_int8_per_channel
@@ -114,10 +114,9 @@ class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
         ch, extra = self.flat_index[0], self.flat_index[1]
-        if ch.numel() and not (0 <= int(ch[0]) and int(ch[-1]) < self.in_features and bool((ch.diff() > 0).all())):
-            raise ConfigError(f"{name}: flat_index[0] must hold increasing channels in [0, {self.in_features})")
-        if extra.numel() and not (1 <= int(extra.min()) and int(extra.max()) <= MAX_EXTRA):
-            raise ConfigError(f"{name}: flat_index[1] (extra copies of each flattened channel) must be in [1, {MAX_EXTRA}]")
+        problem = flat_index_problem(self.flat_index, self.in_features, min_extra=1)  # a flattened channel has copies
+        if problem is not None:
+            raise ConfigError(f"{name}: {problem}")
         expect = self.act_mult[:1].double() / (1 + extra.double())
         if not torch.allclose(self.act_mult[1:].double(), expect, rtol=1e-5, atol=0):
             raise ConfigError(f"{name}: act_mult does not match the flattened channels' copies; the checkpoint was "
