@@ -531,13 +531,11 @@ def _kernel_calls(layers, xs, per_token: bool) -> list:
     ``w8a8_linear`` on the same int8 weights and scales (the same bytes streamed)."""
     calls = []
     for lin, x in zip(layers, xs, strict=True):
-        b = lin._buffers
         if per_token:
+            b = lin._buffers
             calls.append((torch.ops.infertrix.w8a8_linear.default, (x, b["qweight"], b["scale"], b["bias"])))
         else:
-            calls.append((torch.ops.infertrix.w8a8_flat_linear.default, (x, b["qweight"], b["scale"], b["act_scale"],
-                                                                          b["act_mult"], b["flat_index"],
-                                                                          b["flat_columns"], b["bias"])))
+            calls.append((torch.ops.infertrix.w8a8_flat_linear.default, lin.kernel_args(x)))
     return calls
 
 

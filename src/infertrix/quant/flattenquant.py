@@ -106,10 +106,13 @@ class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
             mod.bias.copy_(bias.detach())
         return mod
 
-    def forward(self, x: Tensor) -> Tensor:
+    def kernel_args(self, x: Tensor) -> tuple:
+        """The arguments of ``infertrix::w8a8_flat_linear`` for ``x``, in its order."""
         b = self._buffers  # one dict, not nn.Module.__getattr__ per buffer (a decode step's layers are cold)
-        return torch.ops.infertrix.w8a8_flat_linear.default(
-            x, b["qweight"], b["scale"], b["act_scale"], b["act_mult"], b["flat_index"], b["flat_columns"], b["bias"])
+        return x, b["qweight"], b["scale"], b["act_scale"], b["act_mult"], b["flat_index"], b["flat_columns"], b["bias"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.infertrix.w8a8_flat_linear.default(*self.kernel_args(x))
 
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
