@@ -539,7 +539,36 @@ def _kernel_calls(layers, xs, per_token: bool) -> list:
     return calls
 
 
-def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], list[dict]]:
+def _flatten_decode(full: dict, rounds: int) -> list[dict]:
+    """Greedy decode on the engine (prompt 40, 32 new tokens) of the two models, alternating, at batch
+    1 and 4 and 1 and 2 threads: one ratio per round, the median and its range."""
+    from infertrix.engine import engine_runtime
+    from infertrix.eval import measure_speed
+
+    names, rows = list(full), []
+    for model, _ in full.values():
+        assert engine_runtime(model).report()["model"] == "supported", engine_runtime(model).report()
+    for batch in (1, 4):
+        for threads in (1, 2):
+            tps: dict[str, list[float]] = {n: [] for n in names}
+            for r in range(rounds):
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    model, tok = full[n]
+                    sp = measure_speed(model, tok, prompt_tokens=40, new_tokens=32, repeats=1, batch_size=batch,
+                                       threads=threads)
+                    tps[n].append(sp.decode_tokens_per_s)
+            ratios = [b / a for a, b in zip(tps[names[0]], tps[names[1]], strict=True)]
+            rows.append({"engine decode": f"batch {batch}, {threads} thread(s)",
+                         **{f"{n} tok/s": round(statistics.median(v), 1) for n, v in tps.items()},
+                         "flattened / per-token": round(statistics.median(ratios), 3),
+                         "min-max": f"{min(ratios):.3f}-{max(ratios):.3f}"})
+            print(rows[-1], flush=True)
+    for model, _ in full.values():
+        assert engine_runtime(model).report()["module_forwards"] == 0  # every forward ran on the engine
+    return rows
+
+
+def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], list[dict], list[dict]]:
     """FlattenQuant (per-tensor static int8 activations) against per-token W8A8, both SmoothQuant 0.5
     calibrated on the same windows: perplexity, and every quantized layer of each model called in a
     row (cold weights: 134+ MB) at M rows, the models alternating, ``rounds`` rounds, medians."""
@@ -548,7 +577,7 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
     from infertrix.quant import W8A8, FlattenLinear, FlattenQuant, W8A8Linear
 
     torch.set_num_threads(1)
-    models, quality = {}, []
+    models, quality, full = {}, [], {}
     for name, config, kind in (("w8a8 (per-token)", W8A8(progress=False), W8A8Linear),
                                ("flattenquant (per-tensor static)", FlattenQuant(progress=False), FlattenLinear)):
         model, tok = ix.models.load("smollm2")
@@ -564,7 +593,9 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
                                                for m in layers) / 2**20, "calibrate s": took})
         print(quality[-1], flush=True)
         models[name] = layers
+        full[name] = (model, tok)
     quality[1]["vs per-token %"] = 100 * (quality[1]["perplexity"] / quality[0]["perplexity"] - 1)
+    decode = _flatten_decode(full, rounds=max(3, rounds // 6))
     speed = []
     with torch.inference_mode():
         for m in ms:
@@ -592,7 +623,7 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
                 row[f"{part} min-max"] = f"{min(ratios):.3f}-{max(ratios):.3f}"
             speed.append(row)
             print(speed[-1], flush=True)
-    return quality, speed
+    return quality, decode, speed
 
 
 def slug(name: str) -> str:
@@ -653,7 +684,7 @@ def main(argv: list[str]) -> None:
             write_section("quant-skinny", "quant: Skinny float32 kernel", text)
         return
     if args.part == "flatten":
-        quality, speed = flatten_rows(args.tokens, args.rounds, [1, 4, 16])
+        quality, decode, speed = flatten_rows(args.tokens, args.rounds, [1, 4, 16])
         text = ("### FlattenQuant (per-tensor static int8 activations) against per-token W8A8, SmolLM2\n\n"
                 f"Both SmoothQuant alpha 0.5, calibrated on the same 16 x 256 tokens from the end of the book; "
                 f"perplexity on the first {args.tokens} tokens of *Pride and Prejudice* (512-token windows). Kernel: "
@@ -664,7 +695,10 @@ def main(argv: list[str]) -> None:
                 "*Modules*: each model's own layers called as `layer(x)` (two models' weights: where each "
                 "lies in memory moves a pass by up to 25% between runs). The four passes in a shuffled "
                 f"order each round, {args.rounds} rounds, median; the ratios are per round. 2 cores; 1-minute load average {os.getloadavg()[0]:.1f} at the end.\n\n"
-                + markdown_table(quality, list(quality[1])) + "\n" + markdown_table(speed, list(speed[0])))
+                + markdown_table(quality, list(quality[1])) + "\n" + markdown_table(speed, list(speed[0]))
+                + "\n*Engine decode*: `model.generate` on the decode engine (both models' every layer runs "
+                "there since FlattenLinear got its engine kind), greedy, prompt 40, 32 new tokens, the "
+                "two models alternating, one ratio per round:\n\n" + markdown_table(decode, list(decode[0])))
         print(text)
         if not args.no_write:
             write_section("quant-flatten", "quant: FlattenQuant against per-token W8A8", text,

@@ -492,13 +492,16 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
 // ---------------------------------------------------------------- one decoder layer in one call
 // The packed layout of infertrix::engine_layer (src/infertrix/ops/engine.py engine_layer_reference
 // documents it and is the reference): tensors = [mlp_norm, next_norm, q_norm?, k_norm?,
-// attn_out_norm?, mlp_out_norm?] then five per linear slot (fp32: weight, -, -, -, bias; w4a8:
-// qweight, scale, group_scale, zero?, bias; w8a8: qweight, scale, -, -, bias; w4a16: qweight, scales_and_zeros, -, -, bias); ints = [heads,
+// attn_out_norm?, mlp_out_norm?] then kSlotTensors (seven) per linear slot (fp32: weight, -, -, -, bias;
+// w4a8: qweight, scale, group_scale, zero?, bias; w8a8: qweight, scale, -, -, bias; w4a16: qweight,
+// scales_and_zeros, -, -, bias; w8a8_flat: qweight, scale, act_scale, act_mult, bias, flat_index,
+// flat_columns); ints = [heads,
 // kv_heads, head_dim, n_qkv, n_gu, window, gelu] then (kind, in_features, group_size) per slot;
 // floats = [scaling, mlp_eps, next_eps, qn_eps, kn_eps, attn_out_eps, mlp_out_eps]. The optional
 // output norms and `gelu` are Gemma 3's layer (Llama-style layers leave them out).
 // The linear kernels are reached through the dispatcher (their own files register them).
 constexpr int64_t kLayerInts = 7, kLayerTensors = 6, kLayerFloats = 7;  // before the slots
+constexpr int64_t kSlotTensors = 7;                                       // per linear slot
 constexpr int64_t kSkinnyMaxRows = 32;  // ops/skinny_linear.py MAX_ROWS: larger calls leave the kernel
 
 using OptTensor = std::optional<at::Tensor>;
@@ -523,6 +526,13 @@ at::Tensor call_linear(int64_t kind, int64_t in_features, int64_t group_size, co
     at::Tensor y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), *get(0), group_size, *get(1)).to(at::kFloat);
     return get(4).has_value() ? y + *get(4) : y;
   }
+  if (kind == 4) {  // FlattenLinear: per-tensor static int8 activations, large channels flattened
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("infertrix::w8a8_flat_linear", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+    return op.call(x, *get(0), *get(1), *get(2), *get(3), *get(5), *get(6), get(4));
+  }
   TORCH_CHECK(kind == 0, "engine_layer: unknown linear kind ", kind);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("infertrix::skinny_linear", "")
@@ -541,7 +551,7 @@ at::Tensor call_group(const c10::List<OptTensor>& t, at::IntArrayRef ints, int64
   std::vector<at::Tensor> outs;
   for (int64_t s = first; s < first + n; ++s)
     outs.push_back(call_linear(ints[kLayerInts + 3 * s], ints[kLayerInts + 1 + 3 * s], ints[kLayerInts + 2 + 3 * s], t,
-                               kLayerTensors + 5 * s, x));
+                               kLayerTensors + kSlotTensors * s, x));
   return n == 1 ? outs[0] : at::cat(outs, -1);
 }
 
@@ -558,9 +568,9 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
   const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3], n_gu = ints[4], window = ints[5];
   const int64_t slots = n_qkv + n_gu + 2;
   TORCH_CHECK(static_cast<int64_t>(ints.size()) == kLayerInts + 3 * slots &&
-                  static_cast<int64_t>(t.size()) == kLayerTensors + 5 * slots,
+                  static_cast<int64_t>(t.size()) == kLayerTensors + kSlotTensors * slots,
               "engine_layer: ", slots, " linear slots need ", kLayerInts + 3 * slots, " ints and ",
-              kLayerTensors + 5 * slots, " tensors");
+              kLayerTensors + kSlotTensors * slots, " tensors");
   const int64_t M = a.size(0), T = M / batch;
   const at::Tensor qkv = call_group(t, ints, 0, n_qkv, a).view({batch, T, H + 2 * KV, D});
   at::Tensor q, k;

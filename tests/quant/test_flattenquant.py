@@ -113,3 +113,25 @@ def test_checkpoint_layout_checks():
         getattr(mod, name).copy_(saved)
     with pytest.raises(ix.ConfigError, match="max_copies"):
         FlattenQuant(max_copies=260)
+
+
+def test_projections_of_one_input_fuse_bit_for_bit():
+    """q/k/v-style modules with one calibration fuse into one call equal to their outputs side by
+    side; a different flattening or an output count off the 16-row tiles does not fuse."""
+    g = torch.Generator().manual_seed(3)
+    copies = torch.ones(40, dtype=torch.long)
+    copies[[3, 17, 30]] = torch.tensor([2, 5, 3])
+    mods = [FlattenLinear.from_float(torch.randn(n, 40, generator=g), torch.randn(n, generator=g), torch.float32,
+                                     2.0, copies) for n in (48, 16, 32)]
+    x = torch.randn(7, 40, generator=g) * 2
+    refs = [m(x) for m in mods]
+    fused = FlattenLinear.fuse(mods)
+    assert fused is not None and torch.equal(fused(x), torch.cat(refs, -1))
+    assert all(torch.equal(m(x), r) for m, r in zip(mods, refs, strict=True))  # the originals view the fused rows
+    other = copies.clone()
+    other[5] = 2
+    w, b = torch.randn(16, 40, generator=g), torch.randn(16, generator=g)
+    assert FlattenLinear.fuse([mods[0], FlattenLinear.from_float(w, b, torch.float32, 2.0, other)]) is None
+    assert FlattenLinear.fuse([FlattenLinear.from_float(w, b, torch.float32, 2.5, copies), mods[1]]) is None  # step
+    assert FlattenLinear.fuse([FlattenLinear.from_float(w[:12], b[:12], torch.float32, 2.0, copies), mods[1]]) is None
+    assert FlattenLinear.fuse([FlattenLinear.from_float(w, b, torch.float32, 2.0, copies), mods[1]]) is not None

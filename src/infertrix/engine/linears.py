@@ -3,7 +3,8 @@
 Every call here is row-invariant (a row's output depends only on that row): float32 layers run
 ``infertrix::skinny_linear`` in chunks of at most ``skinny_linear.MAX_ROWS`` rows (above that the
 op would hand over to torch's GEMM, whose blocking depends on the batch); W4A8 and W8A8 layers
-quantize each token on its own and accumulate in exact int32; W4A16 layers run torch's CPU int4
+quantize each token on its own and accumulate in exact int32; FlattenQuant layers quantize with
+one static scale and accumulate in exact int32; W4A16 layers run torch's CPU int4
 kernel (``aten._weight_int4pack_mm_for_cpu``, bfloat16 activations), which computes each row on
 its own (checked bit for bit against 1-row calls for 1..1100 rows at 1 and 2 threads, and tested
 in ``tests/engine``). ``fuse`` joins same-kind quantized projections (q/k/v, gate/up) into one call
@@ -18,19 +19,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..ops.engine import LINEAR_KINDS, w4a16
+from ..ops.engine import LINEAR_KINDS, SLOT_TENSORS, w4a16
 from ..ops.skinny_linear import MAX_ROWS
 
 _skinny = torch.ops.infertrix.skinny_linear.default
 _w4a8 = torch.ops.infertrix.w4a8_linear.default
 _w4a8_argmax = torch.ops.infertrix.w4a8_linear_argmax.default
 _w8a8 = torch.ops.infertrix.w8a8_linear.default
+_w8a8_flat = torch.ops.infertrix.w8a8_flat_linear.default
 
 Linear = Callable[[Tensor], Tensor]  # x [M, K] -> [M, N]
 
 
 def kind(module: nn.Module) -> str | None:
-    """'fp32', 'w4a8', 'w8a8' or 'w4a16' for a linear the engine can run, else None."""
+    """'fp32', 'w4a8', 'w8a8', 'w4a16' or 'w8a8_flat' for a linear the engine can run, else None."""
+    from ..quant.flattenquant import FlattenLinear
     from ..quant.w4a8_linear import W4A8Linear
     from ..quant.w4a16 import COMPUTE_DTYPE, W4A16Linear
     from ..quant.w8a8 import W8A8Linear
@@ -39,6 +42,8 @@ def kind(module: nn.Module) -> str | None:
         return None if module.has_outliers or module.scale.dtype != torch.float32 else "w4a8"
     if type(module) is W8A8Linear:
         return "w8a8"
+    if type(module) is FlattenLinear:
+        return "w8a8_flat"
     if type(module) is W4A16Linear:
         ok = module.dtype == torch.float32 and module.scales_and_zeros.dtype == COMPUTE_DTYPE
         return "w4a16" if ok else None
@@ -54,7 +59,7 @@ def why_not(module: nn.Module, name: str) -> str | None:
     if isinstance(module, nn.Linear):
         return f"{name} is a {module.weight.dtype} nn.Linear (the engine runs float32)"
     return (f"{name} is a {type(module).__name__} (the engine runs float32 nn.Linear, W4A8Linear, W8A8Linear, "
-            "float32 W4A16Linear)")
+            "float32 W4A16Linear, FlattenLinear)")
 
 
 def linear(module: nn.Module) -> Linear:
@@ -67,6 +72,8 @@ def linear(module: nn.Module) -> Linear:
         return lambda x: _w8a8(x, m.qweight, m.scale, m.bias)
     if k == "w4a16":
         return lambda x: w4a16(x, m.qweight, m.scales_and_zeros, m.group_size, m.bias)
+    if k == "w8a8_flat":
+        return lambda x: _w8a8_flat(*m.kernel_args(x))
     w, b = module.weight, module.bias
 
     def fp32(x: Tensor) -> Tensor:
@@ -91,17 +98,22 @@ def argmax(module: nn.Module) -> Callable[[Tensor], Tensor]:
 
 def slot(module: nn.Module) -> tuple[list[int], list[Tensor | None]]:
     """``module`` in ``infertrix::engine_layer``'s packed layout: (kind, in_features, group_size)
-    and its five tensors (see ``ops/engine.py``)."""
+    and its ``SLOT_TENSORS`` tensors (see ``ops/engine.py``)."""
     k = kind(module)
     m = module
     if k == "w4a8":
-        return [LINEAR_KINDS[k], m.in_features, m.group_size], [m.qweight, m.scale, m.group_scale, m.zero, m.bias]
-    if k == "w8a8":
-        return [LINEAR_KINDS[k], m.in_features, 0], [m.qweight, m.scale, None, None, m.bias]
-    if k == "w4a16":
-        return [LINEAR_KINDS[k], m.in_features, m.group_size], [m.qweight, m.scales_and_zeros, None, None, m.bias]
-    return [LINEAR_KINDS["fp32"], m.in_features, 0], [m.weight.detach(), None, None, None,
-                                                      None if m.bias is None else m.bias.detach()]
+        ints, t = [LINEAR_KINDS[k], m.in_features, m.group_size], [m.qweight, m.scale, m.group_scale, m.zero, m.bias]
+    elif k == "w8a8":
+        ints, t = [LINEAR_KINDS[k], m.in_features, 0], [m.qweight, m.scale, None, None, m.bias]
+    elif k == "w4a16":
+        ints, t = [LINEAR_KINDS[k], m.in_features, m.group_size], [m.qweight, m.scales_and_zeros, None, None, m.bias]
+    elif k == "w8a8_flat":
+        ints, t = [LINEAR_KINDS[k], m.in_features, 0], [m.qweight, m.scale, m.act_scale, m.act_mult, m.bias,
+                                                         m.flat_index, m.flat_columns]
+    else:
+        ints, t = [LINEAR_KINDS["fp32"], m.in_features, 0], [m.weight.detach(), None, None, None,
+                                                             None if m.bias is None else m.bias.detach()]
+    return ints, t + [None] * (SLOT_TENSORS - len(t))
 
 
 def fuse(mods: list[nn.Module]) -> nn.Module | None:

@@ -18,6 +18,7 @@ Needs calibration data (16 windows of 256 tokens by default). Measured on SmolLM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -113,6 +114,25 @@ class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.infertrix.w8a8_flat_linear.default(*self.kernel_args(x))
+
+    @classmethod
+    def _fused(cls, mods: Sequence[FlattenLinear]) -> FlattenLinear | None:
+        """Projections of one input (q/k/v, gate/up) share its calibration, so the same step and
+        flattened channels: they fuse when those are equal and every output count fills whole
+        16-row column tiles; otherwise None."""
+        first = mods[0]
+        same = all(torch.equal(m.act_scale, first.act_scale) and torch.equal(m.act_mult, first.act_mult)
+                   and torch.equal(m.flat_index, first.flat_index) for m in mods[1:])
+        if not same or any(m.out_features % 16 for m in mods):
+            return None
+        fused = cls(first.in_features, sum(m.out_features for m in mods), first.bias is not None, first.dtype,
+                    flat_channels=first.flat_index.shape[1])
+        fused._share_rows(mods, "qweight")
+        fused._share_rows(mods, "scale")
+        fused._share_rows(mods, "flat_columns", rows_per_entry=16)
+        for name in ("act_scale", "act_mult", "flat_index"):  # equal in every module: the first's
+            setattr(fused, name, getattr(first, name))
+        return fused
 
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
