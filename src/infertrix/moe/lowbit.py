@@ -11,8 +11,9 @@ our quantized linears, so a resident expert runs on the existing kernel with no 
 - ``bits=4``: W4A8 (:class:`~infertrix.quant.w4a8_linear.W4A8Linear`): packed codes
   ``[ceil(N/16), ceil(K/8), 64]``, ``scale [N]``, integer ``group_scale`` and ``zero`` per group
   of ``group_size`` input channels (round to nearest, zero points, MSE clipping search: the
-  ``w4a8`` recipe's data-free default); ``infertrix::w4a8_linear``. 4.5 bits per weight at group
-  32: about a float32 expert's bytes / 7.
+  ``w4a8`` recipe's data-free default; or GPTQ from each expert's own routed tokens,
+  ``moe.calibrate``); ``infertrix::w4a8_linear``. 4.5 bits per weight at group 32: about a
+  float32 expert's bytes / 7.
 
 Lossy, with the numerics of ``quant.W8A8``/``quant.W4A8`` on an ``nn.Linear`` (int8 per-token
 activations too). Each tensor starts on a 64-byte boundary and the blob is padded to ``ALIGN``
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..ops import w4a8 as w4ops
+from ..quant.gptq import gptq_int4
 from ..quant.int4 import Int4Weights, check_group_size, quantize_int4
 from ..quant.w8a8 import quantize_int8_per_channel
 from .expert_files import ALIGN, dtype_size
@@ -91,18 +93,25 @@ class LowBitFormat:
         """Typed zero-copy views of one expert's blob (uint8 ``[nbytes]``, any device)."""
         return {p.name: blob[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape) for p in self.parts}
 
-    def encode(self, gate_up: Tensor, down: Tensor) -> Tensor:
-        """Quantize one float expert into a new blob (uint8 ``[nbytes]``, on the CPU)."""
+    def encode(self, gate_up: Tensor, down: Tensor, hessians: tuple[Tensor, Tensor] | None = None,
+               damp: float = 0.01) -> Tensor:
+        """Quantize one float expert into a new blob (uint8 ``[nbytes]``, on the CPU): codes rounded
+        to nearest, or, given its input Hessians ``(H_gate_up, H_down)`` (``moe.calibrate``), GPTQ
+        (int4: ``act_order`` with static groups and the MSE clipping search, as ``w4a8(gptq=true)``)."""
         blob = torch.zeros(self.nbytes, dtype=torch.uint8)
         v = self.views(blob)
-        for mat, w in (("gate_up", gate_up), ("down", down)):
+        for i, (mat, w) in enumerate((("gate_up", gate_up), ("down", down))):
             w = w.detach().to("cpu", torch.float32)
+            h = None if hessians is None else hessians[i]
             if self.bits == 8:
-                q, scale = quantize_int8_per_channel(w)
+                q, scale = quantize_int8_per_channel(w, h, damp)
                 v[f"{mat}.qweight"].copy_(q)
                 v[f"{mat}.scale"].copy_(scale)
             else:
-                w4 = quantize_int4(w, self.group_size, symmetric=False, mse_clip=True)
+                if h is None:
+                    w4 = quantize_int4(w, self.group_size, symmetric=False, mse_clip=True)
+                else:
+                    w4 = gptq_int4(w, h, self.group_size, symmetric=False, damp=damp, act_order=True, mse_clip=True)
                 v[f"{mat}.qweight"].copy_(w4ops.pack_int4(w4.q))
                 v[f"{mat}.scale"].copy_(w4.scale)
                 v[f"{mat}.group_scale"].copy_(w4ops.pack_group_params(w4.group_scale))

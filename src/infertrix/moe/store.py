@@ -36,9 +36,10 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..core.transform import ConfigError, UnsupportedModelError
 from .expert_files import (
@@ -56,6 +57,9 @@ from .expert_files import (
     write_manifest,
 )
 from .lowbit import LowBitFormat
+
+if TYPE_CHECKING:
+    from .calibrate import RoutedInputs
 
 
 class ExpertStore:
@@ -92,6 +96,8 @@ class ExpertStore:
             self.gate_up_shape, self.down_shape = self.format.gate_up_shape, self.format.down_shape
             self.dtype = dtype_from_name(self.manifest["dtype"])
             self.bits = self.format.bits
+        #: how low-bit experts were rounded: "nearest", or "gptq" (from each expert's routed tokens)
+        self.rounding: str = self.manifest.get("rounding", "nearest")
         self._host: dict[int, tuple[torch.Tensor, ...]] = {}
         if tier == "host":
             for i in self.layers:
@@ -105,20 +111,28 @@ class ExpertStore:
     @classmethod
     def from_model(
         cls, model: torch.nn.Module, path: str | os.PathLike, bits: int | None = None, group_size: int = 32,
-        **kwargs: Any,
+        calibration: RoutedInputs | None = None, damp: float = 0.01, **kwargs: Any,
     ) -> ExpertStore:
         """Write the experts of a loaded transformers 5 MoE model (one expert at a time); ``bits``
-        8 or 4 writes them quantized (``group_size``: int4 groups), None as they are."""
+        8 or 4 writes them quantized (``group_size``: int4 groups), None as they are. With
+        ``calibration`` (``moe.calibrate.routed_inputs``) low-bit experts are quantized by GPTQ
+        from their own routed tokens (``damp``: GPTQ's dampening); experts no token reached are
+        rounded to nearest, and the manifest counts them."""
         from .discovery import find_moe_layers
 
+        if calibration is not None and bits is None:
+            raise ConfigError("expert calibration (GPTQ) needs low-bit experts: pass bits=8 or 4")
         layers = find_moe_layers(model)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        writer = _PartsWriter(bits, group_size)
-        for layer in layers:
+        writer = _PartsWriter(bits, group_size, damp if calibration is not None else None)
+        for layer in tqdm(layers, desc="writing experts", unit="layer", disable=calibration is None, leave=False):
             gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
-            write_layer_file(path / layer_file(layer.index), writer.parts(lambda j, gu=gu, dn=dn: (gu[j], dn[j])),
-                             layer.num_experts)
+            hessians = None if calibration is None else (lambda j, layer=layer: calibration.hessians(layer, j))
+            write_layer_file(path / layer_file(layer.index),
+                             writer.parts(lambda j, gu=gu, dn=dn: (gu[j], dn[j]), hessians), layer.num_experts)
+        if calibration is not None:
+            writer.uncalibrated = calibration.uncalibrated
         write_manifest(path, [layer.index for layer in layers], source="model", **writer.manifest())
         return cls(path, **kwargs)
 
@@ -286,6 +300,14 @@ class ExpertStore:
         return gu, dn
 
     @property
+    def rounding_note(self) -> str:
+        """``rounding`` for describe(): GPTQ says how many experts no calibration token reached."""
+        if self.rounding != "gptq":
+            return self.rounding
+        left = self.manifest.get("uncalibrated_experts", 0)
+        return f"gptq (damp {self.manifest.get('damp')}; {left} experts no calibration token reached: nearest)"
+
+    @property
     def total_bytes(self) -> int:
         return self.expert_bytes * self.num_experts * len(self.layers)
 
@@ -305,12 +327,13 @@ class _PartsWriter:
     """Turns float experts ``(gate_up, down)`` into the parts a layer file holds: as they are, or
     quantized into one low-bit blob; remembers what the manifest must say."""
 
-    def __init__(self, bits: int | None, group_size: int):
-        self.bits, self.group_size = bits, group_size
+    def __init__(self, bits: int | None, group_size: int, damp: float | None = None):
+        self.bits, self.group_size, self.damp = bits, group_size, damp
         self.format: LowBitFormat | None = None
         self.dtype: torch.dtype | None = None
+        self.uncalibrated = 0
 
-    def parts(self, experts: Any) -> Any:
+    def parts(self, experts: Any, hessians: Any = None) -> Any:
         def one(j: int) -> dict[str, torch.Tensor]:
             gu, dn = experts(j)
             if self.bits is None:
@@ -318,11 +341,14 @@ class _PartsWriter:
             if self.format is None:
                 self.format = LowBitFormat(self.bits, self.group_size, tuple(gu.shape), tuple(dn.shape))
                 self.dtype = gu.dtype
-            return {"lowbit": self.format.encode(gu, dn)}
+            h = None if hessians is None else hessians(j)
+            return {"lowbit": self.format.encode(gu, dn, h, self.damp or 0.01)}
 
         return one
 
     def manifest(self) -> dict[str, Any]:
         if self.format is None:
             return {}
-        return {"lowbit": self.format.spec(), "dtype": dtype_name(self.dtype)}
+        rounding = {"rounding": "nearest"} if self.damp is None else {
+            "rounding": "gptq", "damp": self.damp, "uncalibrated_experts": self.uncalibrated}
+        return {"lowbit": self.format.spec(), "dtype": dtype_name(self.dtype), **rounding}

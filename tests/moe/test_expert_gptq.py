@@ -1,0 +1,89 @@
+"""GPTQ-calibrated low-bit experts (``ExpertOffload(expert_gptq=True)``, ``moe.calibrate``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moe_models import make_moe
+
+import infertrix as ix
+from infertrix.core import ConfigError
+from infertrix.moe import ExpertOffload, find_moe_layers, offload_runtime
+from infertrix.moe.calibrate import routed_inputs
+from infertrix.moe.lowbit import LowBitFormat
+
+CALIB = torch.randint(3, 120, (4, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _output_error(fmt: LowBitFormat, w: torch.Tensor, h: torch.Tensor, blob: torch.Tensor, mat: int) -> float:
+    """GPTQ's objective: the squared error of the matrix's outputs over the routed inputs, tr(E H E^T)."""
+    e = fmt.decode(fmt.views(blob))[mat] - w
+    return float(torch.einsum("nk,kl,nl->", e.double(), h.double(), e.double()))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_lowers_each_matrix_output_error_on_its_routed_tokens(arch, bits):
+    model = make_moe(arch)
+    layers = find_moe_layers(model)
+    seen = routed_inputs(model, layers, CALIB, progress=False)
+    rtn_total = gptq_total = 0.0
+    for layer in layers:
+        e = layer.experts
+        fmt = LowBitFormat(bits, 32, tuple(e.gate_up_proj.shape[1:]), tuple(e.down_proj.shape[1:]))
+        for j in range(layer.num_experts):
+            hs = seen.hessians(layer, j)
+            if hs is None:
+                continue
+            ws = (e.gate_up_proj[j].detach(), e.down_proj[j].detach())
+            rtn, gptq = fmt.encode(*ws), fmt.encode(*ws, hessians=hs)
+            for mat in (0, 1):
+                rtn_total += _output_error(fmt, ws[mat], hs[mat], rtn, mat)
+                gptq_total += _output_error(fmt, ws[mat], hs[mat], gptq, mat)
+    assert gptq_total < 0.9 * rtn_total, (gptq_total, rtn_total)
+
+
+def test_hessians_are_the_routed_tokens_own():
+    """An expert's Hessians are sums over exactly the rows its router chose (top-k, any slot)."""
+    model = make_moe("mixtral")
+    layer = find_moe_layers(model)[1]
+    seen = routed_inputs(model, [layer], CALIB[:1], progress=False)
+    hidden, chosen = torch.cat(seen.hidden[layer.index]), torch.cat(seen.chosen[layer.index])
+    assert hidden.shape[0] == CALIB.shape[1] and chosen.shape == (CALIB.shape[1], layer.top_k)
+    j = int(chosen[0, 0])
+    x = hidden[(chosen == j).any(-1)].double()
+    h_gu, h_down = seen.hessians(layer, j)
+    torch.testing.assert_close(h_gu, (x.t() @ x).float())
+    gate, up = (x @ layer.experts.gate_up_proj[j].detach().double().t()).chunk(2, -1)
+    mid = layer.experts.act_fn(gate) * up
+    torch.testing.assert_close(h_down, (mid.t() @ mid).float())
+
+
+def test_offload_with_gptq_reports_and_refuses_mismatched_stores(tmp_path):
+    model = make_moe("mixtral")
+    ix.optimize(model, ExpertOffload(expert_bits=4, expert_gptq=True, calibration_ids=CALIB[:1, :2], experts_per_layer=2,
+                                     store_dir=str(tmp_path / "s"), progress=False))
+    report = offload_runtime(model).cache.store.rounding_note
+    assert report.startswith("gptq") and "damp 0.01" in report
+    left = offload_runtime(model).cache.store.manifest["uncalibrated_experts"]
+    assert 0 < left < 8 * 2  # 2 tokens x top-2 reach at most 4 of a layer's 8 experts
+    assert "gptq" in str(ix.describe(model))
+    with torch.no_grad():
+        assert torch.isfinite(model(CALIB[:1]).logits).all()
+    ix.restore(model)
+    with pytest.raises(ConfigError, match="'gptq' rounding, not 'nearest'"):
+        ix.optimize(model, ExpertOffload(expert_bits=4, store_dir=str(tmp_path / "s")))
+    ix.optimize(model, ExpertOffload(expert_bits=4, store_dir=str(tmp_path / "r")))
+    ix.restore(model)
+    with pytest.raises(ConfigError, match="'nearest' rounding, not 'gptq'"):
+        ix.optimize(model, ExpertOffload(expert_bits=4, expert_gptq=True, calibration_ids=CALIB,
+                                         store_dir=str(tmp_path / "r")))
+
+
+def test_gptq_needs_low_bits_and_data():
+    with pytest.raises(ConfigError, match="expert_bits=8 or 4"):
+        ExpertOffload(expert_gptq=True)
+    with pytest.raises(ConfigError, match="tokenizer=tok, calibration_ids"):
+        ix.optimize(make_moe("mixtral"), ExpertOffload(expert_bits=4, expert_gptq=True))
+    (t,) = ix.core.recipe.parse_recipe("offload:0.25(expert_bits=4, expert_gptq=true)")
+    assert t.expert_gptq and t.expert_bits == 4
