@@ -87,3 +87,60 @@ def test_gptq_needs_low_bits_and_data():
         ix.optimize(make_moe("mixtral"), ExpertOffload(expert_bits=4, expert_gptq=True))
     (t,) = ix.core.recipe.parse_recipe("offload:0.25(expert_bits=4, expert_gptq=true)")
     assert t.expert_gptq and t.expert_bits == 4
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_int8_layers_are_the_measured_costliest_with_fewer_slots(gptq):
+    """int8_layers=1: the layer whose int4 experts raise the calibration loss most is stored in
+    int8 (measured, kept in the manifest), its cache holds fewer of the wider experts in the same
+    bytes (a tenth of the float experts), and the outputs are those of the same widths in memory."""
+    from test_lowbit import IDS, InMemoryLowBit
+
+    from infertrix.moe.calibrate import calibration_loss
+
+    model = make_moe("mixtral")
+    ix.optimize(model, ExpertOffload(budget=0.1, expert_bits=4, int8_layers=1, expert_gptq=gptq, calibration_ids=CALIB,
+                                     prefetch=False, progress=False))
+    cache = offload_runtime(model).cache
+    store = cache.store
+    costs = {int(i): c for i, c in store.manifest["layer_costs"].items()}
+    top = max(costs, key=costs.get)
+    assert list(store.layer_formats) == [top] and store.format_of(top).bits == 8
+    assert all(store.format_of(i).bits == 4 for i in store.layers if i != top)
+    assert all(cache.capacities[top] < cache.capacities[i] for i in store.layers if i != top)
+    for i, lc in cache.layers.items():  # every layer within its share: a tenth of its float experts. bytes
+        assert lc.buffers[0].shape == (cache.capacities[i], store.bytes_of(i))
+        assert lc.buffers[0].nbytes <= 0.1 * 8 * 3 * 64 * 96 * 4
+    report = next(t["report"] for t in ix.describe(model).to_dict()["transforms"] if "int8_layers" in t["report"])
+    assert report["int8_layers"] == [top] and "by width" in report["resident"]
+    with torch.no_grad():
+        got = model(IDS).logits
+    ix.restore(model)
+    if not gptq:  # round to nearest: the same codes in memory, bit for bit
+        ref = make_moe("mixtral")
+        plain = calibration_loss(ref, CALIB)
+        layers = find_moe_layers(ref)
+        e = layers[0].experts
+        fmt = LowBitFormat(4, 32, tuple(e.gate_up_proj.shape[1:]), tuple(e.down_proj.shape[1:]))
+        for layer in layers:  # the measured cost: one layer alone at int4
+            layer.block.experts = InMemoryLowBit(layer.experts, fmt)
+            assert calibration_loss(ref, CALIB) - plain == pytest.approx(costs[layer.index], rel=1e-3, abs=1e-9)
+            layer.block.experts = layer.experts
+        for layer in layers:
+            bits = 8 if layer.index == top else 4
+            layer.block.experts = InMemoryLowBit(layer.experts, LowBitFormat(bits, 32, fmt.gate_up_shape, fmt.down_shape))
+        with torch.no_grad():
+            assert torch.equal(got, ref(IDS).logits)
+
+
+def test_int8_layers_refusals(tmp_path):
+    with pytest.raises(ConfigError, match="expert_bits=4"):
+        ExpertOffload(expert_bits=8, int8_layers=1)
+    with pytest.raises(ConfigError, match="more than the model's 3 MoE layers"):
+        ix.optimize(make_moe("mixtral"), ExpertOffload(expert_bits=4, int8_layers=4, calibration_ids=CALIB))
+    model = make_moe("mixtral")
+    ix.optimize(model, ExpertOffload(expert_bits=4, int8_layers=1, calibration_ids=CALIB, store_dir=str(tmp_path / "s"),
+                                     progress=False))
+    ix.restore(model)
+    with pytest.raises(ConfigError, match="not int8_layers=0"):
+        ix.optimize(model, ExpertOffload(expert_bits=4, store_dir=str(tmp_path / "s")))

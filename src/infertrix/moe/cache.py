@@ -114,11 +114,12 @@ class LayerCache:
         self.owner, self.layer, self.capacity = owner, layer, capacity
         # one tensor per slot_shapes() entry, [capacity, ...]: float gate_up and down, or low-bit blobs
         if owner.device.type == "cpu":  # page-aligned slots: the store reads into them with O_DIRECT
-            self.buffers = [aligned_empty((capacity, *shape), dtype) for shape, dtype in store.slot_shapes()]
+            self.buffers = [aligned_empty((capacity, *shape), dtype) for shape, dtype in store.slot_shapes(layer)]
         else:
             self.buffers = [torch.empty((capacity, *shape), dtype=dtype, device=owner.device)
-                            for shape, dtype in store.slot_shapes()]
-        fmt = store.format
+                            for shape, dtype in store.slot_shapes(layer)]
+        self.format = fmt = store.format_of(layer)
+        self.expert_bytes = store.bytes_of(layer)
         # low-bit: each slot's typed views, made once (a handle per use would cost ~8 views)
         self.parts = None if fmt is None else [fmt.views(self.buffers[0][i]) for i in range(capacity)]
         self.slots = [_Slot() for _ in range(capacity)]
@@ -195,7 +196,7 @@ class LayerCache:
             raise
         dt = time.perf_counter() - t0
         with self.owner.lock:
-            self.stats.bytes_read += n if n else self.owner.store.expert_bytes
+            self.stats.bytes_read += n if n else self.expert_bytes
             self.stats.read_seconds += dt
             s.loading = False
             s.ready.set()
@@ -212,7 +213,7 @@ class ExpertCache:
     def __init__(
         self,
         store: ExpertStore,
-        capacity: int,
+        capacity: int | dict[int, int],
         policy: str = "lru",
         device: torch.device | str = "cpu",
         miss_policy: MissPolicy | None = None,
@@ -220,28 +221,29 @@ class ExpertCache:
     ):
         if policy not in POLICIES:
             raise ConfigError(f"cache policy must be one of {POLICIES}, got {policy!r}")
-        if capacity < top_k:
+        caps = capacity if isinstance(capacity, dict) else dict.fromkeys(store.layers, capacity)
+        if min(caps.values()) < top_k:
             raise ConfigError(
-                f"an expert budget of {capacity} per layer is smaller than top-k={top_k}: one token "
+                f"an expert budget of {min(caps.values())} per layer is smaller than top-k={top_k}: one token "
                 f"needs {top_k} experts at once; raise the budget to at least {top_k} experts per layer"
             )
-        if capacity > store.num_experts:
-            capacity = store.num_experts
-        self.store, self.capacity, self.policy = store, capacity, policy
+        #: resident experts per layer (layers of wider experts may hold fewer in the same bytes)
+        self.capacities = {i: min(caps[i], store.num_experts) for i in store.layers}
+        self.capacity = max(self.capacities.values())
+        self.store, self.policy = store, policy
         self.device = torch.device(device)
         self.miss_policy = miss_policy or MissPolicy("fetch")
         self.lock = threading.Lock()
-        self.layers = {i: LayerCache(self, i, capacity) for i in store.layers}
+        self.layers = {i: LayerCache(self, i, self.capacities[i]) for i in store.layers}
 
     @property
     def budget_bytes(self) -> int:
         """Bytes of fast memory the cache may use (all slots of all layers)."""
-        return self.capacity * self.store.expert_bytes * len(self.layers)
+        return sum(lc.capacity * lc.expert_bytes for lc in self.layers.values())
 
     def resident_bytes(self) -> int:
         with self.lock:
-            n = sum(len(lc.slot_of) for lc in self.layers.values())
-        return n * self.store.expert_bytes
+            return sum(len(lc.slot_of) * lc.expert_bytes for lc in self.layers.values())
 
     def acquire(self, layer: int, expert: int, n_tokens: int = 1) -> ExpertHandle:
         """The weights of ``expert`` for one use by the forward pass (main thread)."""
@@ -278,8 +280,8 @@ class ExpertCache:
         if kind == "in_place":
             stored = self.store.view(layer, expert)
             release = lambda: self.store.release(layer, expert)  # noqa: E731
-            if self.store.format is not None:
-                return ExpertHandle(None, None, kind, release, self.store.format.views(stored[0]))
+            if lc.format is not None:
+                return ExpertHandle(None, None, kind, release, lc.format.views(stored[0]))
             return ExpertHandle(*stored, kind, release)
         s = lc.slots[slot]
         if kind == "fetch":

@@ -12,17 +12,26 @@ calls, captured by a forward pre-hook; see ``discovery``).
 
 Only the captured rows are kept (``[tokens, hidden]`` per layer); a Hessian is built when its
 expert is written and dropped after it, so memory stays at one expert's pair.
+
+EdgeMoE's second half, bit widths by importance, is measured here too (``layer_costs``): the
+calibration loss with one layer's experts at the low width and the rest as they are, per layer;
+``ExpertOffload(int8_layers=k)`` keeps the k costliest layers' experts in int8.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core.calibration import run_windows
+from ..core.calibration import run_windows, windows_for
 from .discovery import MoELayer
+from .lowbit import LowBitFormat
+from .store import ExpertStore
 
 
 @dataclass
@@ -31,7 +40,12 @@ class RoutedInputs:
 
     hidden: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, H] chunks
     chosen: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, top_k] chunks
-    uncalibrated: int = 0  # experts that received no token (quantized by rounding to nearest)
+    empty: set[tuple[int, int]] = field(default_factory=set)  # (layer, expert) that no token reached
+
+    @property
+    def uncalibrated(self) -> int:
+        """Experts no calibration token reached (rounded to nearest)."""
+        return len(self.empty)
 
     def tokens(self, layer: int, expert: int) -> Tensor:
         """The rows routed to ``expert`` of ``layer`` (float32 ``[n, H]``)."""
@@ -43,7 +57,7 @@ class RoutedInputs:
         tokens, accumulated in float64), or None when no token was routed to it."""
         x = self.tokens(layer.index, expert).double()
         if x.shape[0] == 0:
-            self.uncalibrated += 1
+            self.empty.add((layer.index, expert))
             return None
         e = layer.experts
         gate, up = (x @ e.gate_up_proj[expert].detach().double().t()).chunk(2, dim=-1)
@@ -76,3 +90,86 @@ def routed_inputs(model: nn.Module, layers: list[MoELayer], windows: Tensor, pro
     if missing:
         raise RuntimeError(f"calibration never reached the experts of layers {missing}")
     return seen
+
+
+class InMemoryExperts(nn.Module):
+    """One layer's experts from low-bit blobs held in memory, computed as transformers' experts
+    loop does: what a layer costs at that width, measured before the store exists."""
+
+    def __init__(self, fmt: LowBitFormat, blobs: list[Tensor], act_fn):
+        super().__init__()
+        self.fmt, self.act_fn, self.parts = fmt, act_fn, [fmt.views(b) for b in blobs]
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < len(self.parts):
+                continue
+            tok, pos = torch.where(top_k_index == e)
+            y = self.fmt.forward(self.parts[e], hidden_states[tok], self.act_fn) * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, windows: Tensor) -> float:
+    """Mean next-token negative log-likelihood of ``model`` over ``windows`` (``[n, L]``)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for row in windows:
+        ids = row.unsqueeze(0).to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return total / count
+
+
+def layer_costs(model: nn.Module, layers: list[MoELayer], windows: Tensor, blobs: Callable[[MoELayer], list[Tensor]],
+                fmt: Callable[[MoELayer], LowBitFormat], progress: bool = True) -> dict[int, float]:
+    """EdgeMoE's bit-width profiling, per layer: the calibration loss with one layer's experts
+    low-bit (``blobs(layer)``, in ``fmt(layer)``) and every other layer's as they are, minus the
+    loss with none low-bit. One pass over ``windows`` per layer."""
+    from tqdm.auto import tqdm
+
+    base = calibration_loss(model, windows)
+    costs = {}
+    for layer in tqdm(layers, desc="expert bit widths: each layer's cost", unit="layer", disable=not progress,
+                      leave=False):
+        experts = layer.block.experts
+        layer.block.experts = InMemoryExperts(fmt(layer), blobs(layer), experts.act_fn)
+        try:
+            costs[layer.index] = calibration_loss(model, windows) - base
+        finally:
+            layer.block.experts = experts
+    return costs
+
+
+def write_store(cfg: Any, model: nn.Module, layers: list[MoELayer], path: Path, **store_kwargs: Any) -> ExpertStore:
+    """The store ``ExpertOffload`` (``cfg``) writes for ``model``: as the model holds the experts,
+    or low-bit; with ``expert_gptq`` by GPTQ from each expert's routed tokens; with
+    ``int8_layers`` the layers costliest at ``expert_bits`` (measured, ``layer_costs``) in int8."""
+    calibration, layer_bits, encoded, notes = None, None, None, {}
+    if cfg.expert_gptq or cfg.int8_layers:
+        windows = windows_for(model, cfg, None, ", or expert_gptq=False and int8_layers=0 (no calibration)",
+                              " (expert_gptq / int8_layers)")
+        seen = routed_inputs(model, layers, windows, cfg.progress)
+        calibration = seen if cfg.expert_gptq else None
+        if cfg.int8_layers:
+            blobs: dict[int, list[Tensor]] = {}
+
+            def low(layer: MoELayer) -> list[Tensor]:
+                fmt = cfg.expert_format(layer)
+                e = layer.experts
+                blobs[layer.index] = [
+                    fmt.encode(e.gate_up_proj[j], e.down_proj[j], None if calibration is None else seen.hessians(layer, j),
+                               cfg.damp) for j in range(layer.num_experts)]
+                return blobs[layer.index]
+
+            costs = layer_costs(model, layers, windows, low, cfg.expert_format, cfg.progress)
+            wide = sorted(costs, key=lambda i: -costs[i])[: cfg.int8_layers]
+            layer_bits = dict.fromkeys(wide, 8)
+            encoded = lambda i, j: None if i in layer_bits else blobs[i][j]  # noqa: E731
+            notes = {"layer_costs": {str(i): c for i, c in sorted(costs.items())}}
+    store = ExpertStore.from_model(model, path, cfg.expert_bits, cfg.expert_group_size, calibration, cfg.damp,
+                                   layer_bits, encoded, notes, **store_kwargs)
+    return store

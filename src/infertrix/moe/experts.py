@@ -36,7 +36,6 @@ class OffloadRuntime:
         self.next_of = {a.index: b for a, b in zip(layers, layers[1:], strict=False)}
         self.residual: dict[int, torch.Tensor] = {}
         self.step = 0
-        self.prefetch_limit = cache.capacity
 
     def enter_layer(self, layer: int, hidden_states: torch.Tensor) -> None:
         """Called at the start of each offloaded layer: surface worker errors; with ``early``
@@ -53,9 +52,9 @@ class OffloadRuntime:
         h = self.residual.pop(layer, None)
         if h is None:  # no norm hook on this architecture: use the block's (normed) input
             h = hidden_states
-            experts = predict_experts(h, _without_norm(nxt), self.prefetch_limit)
+            experts = predict_experts(h, _without_norm(nxt), self.cache.capacities[nxt.index])
         else:
-            experts = predict_experts(h, nxt, self.prefetch_limit)
+            experts = predict_experts(h, nxt, self.cache.capacities[nxt.index])
         pf.submit(nxt.index, experts, self.step + 1)
 
 
@@ -64,7 +63,7 @@ class OffloadRuntime:
         nxt, pf = self.next_of.get(layer), self.prefetcher
         if nxt is None or pf is None or pf.error is not None:
             return
-        pf.submit(nxt.index, predict_experts(hidden, nxt, self.prefetch_limit), self.step + 1)
+        pf.submit(nxt.index, predict_experts(hidden, nxt, self.cache.capacities[nxt.index]), self.step + 1)
 
 
 def _without_norm(layer: MoELayer) -> MoELayer:
@@ -94,7 +93,7 @@ class OffloadedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cache
-        return f"layer={self.layer}, experts={self.num_experts}, resident<={c.capacity}, policy={c.policy}"
+        return f"layer={self.layer}, experts={self.num_experts}, resident<={c.capacities[self.layer]}, policy={c.policy}"
 
     def _expert(self, e: int, x: torch.Tensor, n: int) -> torch.Tensor:
         """Expert ``e`` applied to the ``n`` rows of ``x``, with its weights from the cache."""
@@ -103,7 +102,7 @@ class OffloadedExperts(nn.Module):
         handle = cache.acquire(self.layer, e, n)
         try:
             if handle.parts is not None:  # int8/int4 expert: its own kernels on the slot's views
-                y = cache.store.format.forward(handle.parts, x, self.act_fn)
+                y = cache.layers[self.layer].format.forward(handle.parts, x, self.act_fn)
             else:
                 gate, up = F.linear(x.to(handle.gate_up.dtype), handle.gate_up).chunk(2, dim=-1)
                 y = F.linear(self.act_fn(gate) * up, handle.down)

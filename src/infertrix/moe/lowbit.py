@@ -32,7 +32,7 @@ from ..ops import w4a8 as w4ops
 from ..quant.gptq import gptq_int4
 from ..quant.int4 import Int4Weights, check_group_size, quantize_int4
 from ..quant.w8a8 import quantize_int8_per_channel
-from .expert_files import ALIGN, dtype_size
+from .expert_files import ALIGN, dtype_name, dtype_size
 
 BITS = (4, 8)
 _w4a8 = torch.ops.infertrix.w4a8_linear.default
@@ -147,3 +147,50 @@ class LowBitFormat:
     def __repr__(self) -> str:
         extra = "" if self.bits == 8 else f", group {self.group_size}"
         return f"int{self.bits} experts ({self.nbytes} bytes each{extra})"
+
+
+class PartsWriter:
+    """Turns float experts ``(gate_up, down)`` into the parts a layer file holds: as they are, or
+    quantized into one low-bit blob (``layer_bits``: other widths for some layers); remembers what
+    the manifest must say."""
+
+    def __init__(self, bits: int | None, group_size: int, damp: float | None = None,
+                 layer_bits: dict[int, int] | None = None):
+        self.bits, self.group_size, self.damp = bits, group_size, damp
+        self.layer_bits = {i: b for i, b in (layer_bits or {}).items() if b != bits}
+        self.formats: dict[int, LowBitFormat] = {}  # by bit width
+        self.dtype: torch.dtype | None = None
+        self.uncalibrated = 0
+
+    def format(self, bits: int, gu: torch.Tensor, dn: torch.Tensor) -> LowBitFormat:
+        if bits not in self.formats:
+            self.formats[bits] = LowBitFormat(bits, self.group_size, tuple(gu.shape), tuple(dn.shape))
+            self.dtype = gu.dtype
+        return self.formats[bits]
+
+    def parts(self, experts: Any, hessians: Any = None, layer: int | None = None, encoded: Any = None) -> Any:
+        """``one(j)``, the parts of expert ``j``; ``encoded(j)``: its blob if already quantized at
+        this layer's width (else None)."""
+        bits = self.layer_bits.get(layer, self.bits)
+
+        def one(j: int) -> dict[str, torch.Tensor]:
+            gu, dn = experts(j)
+            if bits is None:
+                return {"gate_up": gu, "down": dn}
+            fmt = self.format(bits, gu, dn)
+            blob = None if encoded is None else encoded(j)
+            if blob is None:
+                blob = fmt.encode(gu, dn, None if hessians is None else hessians(j), self.damp or 0.01)
+            return {"lowbit": blob}
+
+        return one
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.formats:
+            return {}
+        rounding = {"rounding": "nearest"} if self.damp is None else {
+            "rounding": "gptq", "damp": self.damp, "uncalibrated_experts": self.uncalibrated}
+        fmt = self.formats.get(self.bits) or next(iter(self.formats.values()))
+        extra = {"lowbit_layers": {str(i): self.formats[b].spec() for i, b in sorted(self.layer_bits.items())}}
+        return {"lowbit": fmt.spec(), "dtype": dtype_name(self.dtype), **rounding,
+                **(extra if self.layer_bits else {})}

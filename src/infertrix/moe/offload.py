@@ -99,6 +99,10 @@ class ExpertOffload(Transform):
         fields (``tokenizer``, ``calibration_text``, ``calibration_ids``, ``calibration_windows``,
         ``window_tokens``) are those of every family (``core.calibration``), read from the end
         of the shipped text by default.
+      int8_layers: with ``expert_bits=4``, how many MoE layers keep int8 experts instead: those
+        whose experts at int4 raise the calibration loss most, measured one layer at a time
+        (EdgeMoE's bit widths by importance, per layer; one pass over the calibration windows per
+        layer). Each layer's cache holds its budget's bytes, so fewer of the wider experts.
     """
     use_when = "an MoE model's experts do not fit the fast memory: a budget of experts cached, the rest streamed"
 
@@ -120,6 +124,7 @@ class ExpertOffload(Transform):
     expert_bits: int | None = None
     expert_group_size: int = 32
     expert_gptq: bool = False
+    int8_layers: int = 0
     damp: float = 0.01
     tokenizer: Any = field(default=None, repr=False)
     calibration_text: Any = field(default=None, repr=False)
@@ -149,21 +154,26 @@ class ExpertOffload(Transform):
         check_group_size(self.expert_group_size)
         if self.expert_gptq and self.expert_bits is None:
             raise ConfigError("expert_gptq quantizes low-bit experts; pass expert_bits=8 or 4 with it")
+        if self.int8_layers < 0 or (self.int8_layers and self.expert_bits != 4):
+            raise ConfigError(f"int8_layers keeps some layers' experts in int8 among int4 ones: a count >= 0 with "
+                              f"expert_bits=4; got int8_layers={self.int8_layers}, expert_bits={self.expert_bits}")
 
-    def expert_format(self, layer: MoELayer) -> LowBitFormat | None:
-        """The low-bit layout of this layer's experts (None: float experts)."""
-        if self.expert_bits is None:
+    def expert_format(self, layer: MoELayer, bits: int | None = None) -> LowBitFormat | None:
+        """The low-bit layout of this layer's experts (None: float experts); ``bits``: another width."""
+        bits = bits or self.expert_bits
+        if bits is None:
             return None
         e = layer.experts
-        return LowBitFormat(self.expert_bits, self.expert_group_size, tuple(e.gate_up_proj.shape[1:]),
-                            tuple(e.down_proj.shape[1:]))
+        return LowBitFormat(bits, self.expert_group_size, tuple(e.gate_up_proj.shape[1:]), tuple(e.down_proj.shape[1:]))
 
     def check_model(self, model: nn.Module) -> None:
         layers = find_moe_layers(model)
         first = layers[0]
         e = first.experts
         float_bytes = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
-        fmt = self.expert_format(first)
+        if self.int8_layers > len(layers):
+            raise ConfigError(f"int8_layers={self.int8_layers} is more than the model's {len(layers)} MoE layers")
+        fmt = self.expert_format(first, 8 if self.int8_layers else None)  # the widest experts bound the count
         expert_bytes = float_bytes if fmt is None else fmt.nbytes
         cap = capacity_for(first.num_experts, len(layers), expert_bytes, self.budget, self.experts_per_layer,
                            self.budget_bytes, float_bytes)
@@ -192,8 +202,8 @@ class ExpertOffload(Transform):
         path = Path(tempfile.mkdtemp(prefix="infertrix-experts-")) if owned_dir else Path(self.store_dir)
         store = self._store(model, layers, path, pin=device.type == "cuda" and self.tier == "host")
         float_bytes = (math.prod(store.gate_up_shape) + math.prod(store.down_shape)) * store.dtype.itemsize
-        cap = capacity_for(first.num_experts, len(layers), store.expert_bytes, self.budget, self.experts_per_layer,
-                           self.budget_bytes, float_bytes)
+        cap = {i: capacity_for(first.num_experts, len(layers), store.bytes_of(i), self.budget, self.experts_per_layer,
+                               self.budget_bytes, float_bytes) for i in store.layers}
         cache = ExpertCache(
             store, cap, self.policy, device, MissPolicy(self.miss_policy), top_k=max(x.top_k for x in layers)
         )
@@ -246,17 +256,14 @@ class ExpertOffload(Transform):
         if (path / MANIFEST).exists():
             store = ExpertStore.open(path, tier=self.tier, pin_memory=pin)
             _check_store(store, layers, self.expert_bits, "gptq" if self.expert_gptq else "nearest")
+            if len(store.layer_formats) != self.int8_layers:
+                raise ConfigError(f"the expert store at {store.path} has {len(store.layer_formats)} layers of int8 "
+                                  f"experts, not int8_layers={self.int8_layers}; pass another store_dir or delete "
+                                  "that folder")
             return store
-        calibration = None
-        if self.expert_gptq:
-            from ..core.calibration import windows_for
-            from .calibrate import routed_inputs
+        from .calibrate import write_store
 
-            windows = windows_for(model, self, None, ", or expert_gptq=False (round to nearest)",
-                                  " (expert_gptq)")
-            calibration = routed_inputs(model, layers, windows, self.progress)
-        return ExpertStore.from_model(model, path, self.expert_bits, self.expert_group_size, calibration, self.damp,
-                                      tier=self.tier, pin_memory=pin)
+        return write_store(self, model, layers, path, tier=self.tier, pin_memory=pin)
 
 
 def offload_runtime(model: nn.Module) -> OffloadRuntime:
@@ -304,6 +311,12 @@ def _check_store(store: ExpertStore, layers: list[MoELayer], bits: int | None, r
         )
 
 
+def _resident(cache: ExpertCache) -> str:
+    caps = sorted(set(cache.capacities.values()))
+    n = "/".join(map(str, caps))
+    return f"{n}/{cache.store.num_experts} experts per layer" + ("" if len(caps) == 1 else " (by width)")
+
+
 def _report(runtime: OffloadRuntime) -> dict[str, Any]:
     cache = runtime.cache
     total = cache.stats()
@@ -312,10 +325,12 @@ def _report(runtime: OffloadRuntime) -> dict[str, Any]:
     return {  # byte counts in bytes (describe's text shows them in MiB)
         "store": f"{cache.store.path} ({cache.store.tier})",
         "store_bytes": cache.store.total_bytes,
-        "resident": f"{cache.capacity}/{cache.store.num_experts} experts per layer",
+        "resident": _resident(cache),
         "expert_bits": cache.store.bits,
+        **({"int8_layers": sorted(cache.store.layer_formats)} if cache.store.layer_formats else {}),
         **({} if cache.store.format is None else {"expert_rounding": cache.store.rounding_note}),
         "bytes_per_expert": cache.store.expert_bytes,
+        **({"layer_costs": cache.store.manifest["layer_costs"]} if "layer_costs" in cache.store.manifest else {}),
         "budget_bytes": cache.budget_bytes,
         "resident_bytes": cache.resident_bytes(),
         "policy": cache.policy,

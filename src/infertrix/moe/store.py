@@ -49,14 +49,13 @@ from .expert_files import (
     FileEntry,
     LayerFile,
     dtype_from_name,
-    dtype_name,
     dtype_size,
     layer_file,
     writable_bytes,
     write_layer_file,
     write_manifest,
 )
-from .lowbit import LowBitFormat
+from .lowbit import LowBitFormat, PartsWriter
 
 if TYPE_CHECKING:
     from .calibrate import RoutedInputs
@@ -85,10 +84,14 @@ class ExpertStore:
         self._files = {i: LayerFile(self.path / layer_file(i)) for i in self.layers}
         f0 = self._files[self.layers[0]]
         self.num_experts = len(f0.entries)
-        self.expert_bytes = f0.entries[0].nbytes
         spec = self.manifest.get("lowbit")
-        #: int8/int4 experts (None: float experts in the model's dtype)
+        #: int8/int4 experts (None: float experts in the model's dtype); per layer, ``format_of``
         self.format = LowBitFormat.from_spec(spec) if spec else None
+        #: layers whose low-bit experts have another width than ``format`` (EdgeMoE's bit widths by importance)
+        self.layer_formats = {int(i): LowBitFormat.from_spec(v) for i, v in self.manifest.get("lowbit_layers", {}).items()}
+        self._bytes = {i: self._files[i].entries[0].nbytes for i in self.layers}
+        usual = [i for i in self.layers if i not in self.layer_formats] or self.layers
+        self.expert_bytes = self._bytes[usual[0]]  # of ``format``'s experts; per layer, ``bytes_of``
         if self.format is None:
             self.gate_up_shape, self.down_shape, self.dtype = f0.gate_up_shape, f0.down_shape, f0.dtype
             self.bits = 8 * dtype_size(self.dtype)
@@ -102,7 +105,7 @@ class ExpertStore:
         if tier == "host":
             for i in self.layers:
                 host = tuple(torch.empty((self.num_experts, *shape), dtype=dtype, pin_memory=pin_memory)
-                             for shape, dtype in self.slot_shapes())
+                             for shape, dtype in self.slot_shapes(i))
                 for j in range(self.num_experts):
                     self._read(i, j, *(t[j] for t in host))
                 self._host[i] = host
@@ -111,29 +114,34 @@ class ExpertStore:
     @classmethod
     def from_model(
         cls, model: torch.nn.Module, path: str | os.PathLike, bits: int | None = None, group_size: int = 32,
-        calibration: RoutedInputs | None = None, damp: float = 0.01, **kwargs: Any,
+        calibration: RoutedInputs | None = None, damp: float = 0.01, layer_bits: dict[int, int] | None = None,
+        encoded: Any = None, notes: dict[str, Any] | None = None, **kwargs: Any,
     ) -> ExpertStore:
         """Write the experts of a loaded transformers 5 MoE model (one expert at a time); ``bits``
         8 or 4 writes them quantized (``group_size``: int4 groups), None as they are. With
         ``calibration`` (``moe.calibrate.routed_inputs``) low-bit experts are quantized by GPTQ
         from their own routed tokens (``damp``: GPTQ's dampening); experts no token reached are
-        rounded to nearest, and the manifest counts them."""
+        rounded to nearest, and the manifest counts them. ``layer_bits``: another width for some
+        layers (by decoder layer index); ``encoded(layer, j)``: an expert's blob when the caller
+        already quantized it at its layer's width (else None); ``notes``: more manifest entries."""
         from .discovery import find_moe_layers
 
-        if calibration is not None and bits is None:
-            raise ConfigError("expert calibration (GPTQ) needs low-bit experts: pass bits=8 or 4")
+        if (calibration is not None or layer_bits) and bits is None:
+            raise ConfigError("expert calibration (GPTQ) and per-layer widths need low-bit experts: pass bits=8 or 4")
         layers = find_moe_layers(model)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        writer = _PartsWriter(bits, group_size, damp if calibration is not None else None)
+        writer = PartsWriter(bits, group_size, damp if calibration is not None else None, layer_bits)
         for layer in tqdm(layers, desc="writing experts", unit="layer", disable=calibration is None, leave=False):
             gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
             hessians = None if calibration is None else (lambda j, layer=layer: calibration.hessians(layer, j))
+            done = None if encoded is None else (lambda j, i=layer.index: encoded(i, j))
             write_layer_file(path / layer_file(layer.index),
-                             writer.parts(lambda j, gu=gu, dn=dn: (gu[j], dn[j]), hessians), layer.num_experts)
+                             writer.parts(lambda j, gu=gu, dn=dn: (gu[j], dn[j]), hessians, layer.index, done),
+                             layer.num_experts)
         if calibration is not None:
             writer.uncalibrated = calibration.uncalibrated
-        write_manifest(path, [layer.index for layer in layers], source="model", **writer.manifest())
+        write_manifest(path, [layer.index for layer in layers], source="model", **writer.manifest(), **(notes or {}))
         return cls(path, **kwargs)
 
     @classmethod
@@ -169,7 +177,7 @@ class ExpertStore:
             raise UnsupportedModelError(f"{checkpoint} has no MoE expert weights (no `layers.N...experts...` keys)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        writer = _PartsWriter(bits, group_size)
+        writer = PartsWriter(bits, group_size)
         for index, parts in sorted(where.items()):
             if "gate_up_proj" in parts:
                 (fgu, kgu), (fdn, kdn) = parts["gate_up_proj"], parts["down_proj"]
@@ -198,11 +206,19 @@ class ExpertStore:
         return cls(path, **kwargs)
 
     # -- access -----------------------------------------------------------------------------
-    def slot_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """Shape and dtype of the tensors one expert is read into: float ``gate_up``, ``down``;
-        low-bit: one byte blob."""
+    def format_of(self, layer: int) -> LowBitFormat | None:
+        """The low-bit format of ``layer``'s experts (None: float experts)."""
+        return self.layer_formats.get(layer, self.format)
+
+    def bytes_of(self, layer: int) -> int:
+        """Bytes of one of ``layer``'s experts as stored (and as a cache slot holds it)."""
+        return self._bytes[layer]
+
+    def slot_shapes(self, layer: int | None = None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of the tensors one expert of ``layer`` is read into: float ``gate_up``,
+        ``down``; low-bit: one byte blob."""
         if self.format is not None:
-            return [((self.expert_bytes,), torch.uint8)]
+            return [((self.bytes_of(self.layers[0] if layer is None else layer),), torch.uint8)]
         return [(self.gate_up_shape, self.dtype), (self.down_shape, self.dtype)]
 
     def _read(self, layer: int, expert: int, *dest: torch.Tensor) -> int:
@@ -252,7 +268,7 @@ class ExpertStore:
         out, offset = [], e.offset
         with warnings.catch_warnings():  # read-only map: the tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
-            for shape, dtype in self.slot_shapes():
+            for shape, dtype in self.slot_shapes(layer):
                 count = math.prod(shape)
                 out.append(torch.frombuffer(lf.mm, dtype=dtype, count=count, offset=offset).view(shape))
                 offset += count * dtype_size(dtype)
@@ -289,13 +305,14 @@ class ExpertStore:
         low-bit experts dequantized: the float originals are not kept)."""
         gu = torch.empty((self.num_experts, *self.gate_up_shape), dtype=self.dtype)
         dn = torch.empty((self.num_experts, *self.down_shape), dtype=self.dtype)
-        blob = torch.empty(self.expert_bytes, dtype=torch.uint8) if self.format is not None else None
+        fmt = self.format_of(layer)
+        blob = torch.empty(self.bytes_of(layer), dtype=torch.uint8) if fmt is not None else None
         for j in range(self.num_experts):
             if blob is None:
                 self.read_into(layer, j, gu[j], dn[j])
             else:
                 self.read_into(layer, j, blob)
-                g, d = self.format.decode(self.format.views(blob))
+                g, d = fmt.decode(fmt.views(blob))
                 gu[j], dn[j] = g, d
         return gu, dn
 
@@ -309,7 +326,7 @@ class ExpertStore:
 
     @property
     def total_bytes(self) -> int:
-        return self.expert_bytes * self.num_experts * len(self.layers)
+        return sum(self._bytes.values()) * self.num_experts
 
     def close(self) -> None:
         for lf in self._files.values():
@@ -321,34 +338,3 @@ class ExpertStore:
             f"ExpertStore({str(self.path)!r}, tier={self.tier!r}, layers={len(self.layers)}, "
             f"experts={self.num_experts}, {self.bits} bits, {self.total_bytes / 2**20:.1f} MiB)"
         )
-
-
-class _PartsWriter:
-    """Turns float experts ``(gate_up, down)`` into the parts a layer file holds: as they are, or
-    quantized into one low-bit blob; remembers what the manifest must say."""
-
-    def __init__(self, bits: int | None, group_size: int, damp: float | None = None):
-        self.bits, self.group_size, self.damp = bits, group_size, damp
-        self.format: LowBitFormat | None = None
-        self.dtype: torch.dtype | None = None
-        self.uncalibrated = 0
-
-    def parts(self, experts: Any, hessians: Any = None) -> Any:
-        def one(j: int) -> dict[str, torch.Tensor]:
-            gu, dn = experts(j)
-            if self.bits is None:
-                return {"gate_up": gu, "down": dn}
-            if self.format is None:
-                self.format = LowBitFormat(self.bits, self.group_size, tuple(gu.shape), tuple(dn.shape))
-                self.dtype = gu.dtype
-            h = None if hessians is None else hessians(j)
-            return {"lowbit": self.format.encode(gu, dn, h, self.damp or 0.01)}
-
-        return one
-
-    def manifest(self) -> dict[str, Any]:
-        if self.format is None:
-            return {}
-        rounding = {"rounding": "nearest"} if self.damp is None else {
-            "rounding": "gptq", "damp": self.damp, "uncalibrated_experts": self.uncalibrated}
-        return {"lowbit": self.format.spec(), "dtype": dtype_name(self.dtype), **rounding}
