@@ -700,7 +700,8 @@ def main(argv: list[str]) -> None:
                 + markdown_table(quality, list(quality[1])) + "\n" + markdown_table(speed, list(speed[0]))
                 + "\n*Engine decode*: `model.generate` on the decode engine (both models' every layer runs "
                 "there since FlattenLinear got its engine kind), greedy, prompt 40, 64 new tokens, the "
-                "two models alternating, one ratio per round:\n\n" + markdown_table(decode, list(decode[0])))
+                f"two models alternating, {max(5, args.rounds // 4)} rounds, one ratio per round:\n\n"
+                + markdown_table(decode, list(decode[0])))
         print(text)
         if not args.no_write:
             write_section("quant-flatten", "quant: FlattenQuant against per-token W8A8", text,

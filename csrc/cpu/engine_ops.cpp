@@ -509,39 +509,44 @@ using OptTensor = std::optional<at::Tensor>;
 at::Tensor call_linear(int64_t kind, int64_t in_features, int64_t group_size, const c10::List<OptTensor>& t,
                        int64_t base, const at::Tensor& x) {
   auto get = [&](int64_t i) -> OptTensor { return t.get(base + i); };
+  auto need = [&](int64_t i) -> at::Tensor {
+    OptTensor v = get(i);
+    TORCH_CHECK(v.has_value(), "engine_layer: a linear slot of kind ", kind, " needs its tensor ", i);
+    return *v;
+  };
   if (kind == 1) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("infertrix::w4a8_linear", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const OptTensor&, c10::SymInt, c10::SymInt, const OptTensor&)>();
-    return op.call(x, *get(0), *get(1), *get(2), get(3), c10::SymInt(in_features), c10::SymInt(group_size), get(4));
+    return op.call(x, need(0), need(1), need(2), get(3), c10::SymInt(in_features), c10::SymInt(group_size), get(4));
   }
   if (kind == 2) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("infertrix::w8a8_linear", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
-    return op.call(x, *get(0), *get(1), get(4));
+    return op.call(x, need(0), need(1), get(4));
   }
   if (kind == 3) {  // W4A16Linear's forward: torch's int4 kernel in bfloat16 (row by row), float32 out, + bias
-    at::Tensor y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), *get(0), group_size, *get(1)).to(at::kFloat);
-    return get(4).has_value() ? y + *get(4) : y;
+    at::Tensor y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), need(0), group_size, need(1)).to(at::kFloat);
+    return get(4).has_value() ? y + need(4) : y;
   }
   if (kind == 4) {  // FlattenLinear: per-tensor static int8 activations, large channels flattened
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("infertrix::w8a8_flat_linear", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
-    return op.call(x, *get(0), *get(1), *get(2), *get(3), *get(5), *get(6), get(4));
+    return op.call(x, need(0), need(1), need(2), need(3), need(5), need(6), get(4));
   }
   TORCH_CHECK(kind == 0, "engine_layer: unknown linear kind ", kind);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("infertrix::skinny_linear", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>();
   const int64_t M = x.size(0);
-  if (M <= kSkinnyMaxRows) return op.call(x, *get(0), get(4));
+  if (M <= kSkinnyMaxRows) return op.call(x, need(0), get(4));
   std::vector<at::Tensor> parts;
   for (int64_t i = 0; i < M; i += kSkinnyMaxRows)
-    parts.push_back(op.call(x.slice(0, i, std::min(M, i + kSkinnyMaxRows)), *get(0), get(4)));
+    parts.push_back(op.call(x.slice(0, i, std::min(M, i + kSkinnyMaxRows)), need(0), get(4)));
   return at::cat(parts);
 }
 

@@ -282,6 +282,29 @@ def test_layer_kernel_equals_its_reference(arch, kind):
                                                    torch.empty(b, heads, 3, index + 3), torch.empty(b, 3, heads, d)))
 
 
+@pytest.mark.parametrize("kind", ["w8a8", "w4a8", "w4a16", "w8a8_flat"])
+def test_each_slot_is_its_modules_outputs_bit_for_bit(kind):
+    """Each packed slot (fused or not) computes exactly the original modules' outputs side by side:
+    the kernels are row-wise and per output channel, so any slot or fusion mistake shows."""
+    from infertrix.engine.runner import Runner
+    from infertrix.ops import engine as E
+
+    model = build("llama", kind)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    for lp, layer in zip(Runner(model).layers, model.model.layers, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        n_qkv, n_gu = lp.ints[3:5]
+        groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+        slots = [n_qkv, 1, n_gu, 1]
+        first = 0
+        for mods, n in zip(groups, slots, strict=True):
+            xin = x if mods[0].in_features == 64 else torch.randn(5, mods[0].in_features)
+            with torch.no_grad():
+                want = torch.cat([m(xin) for m in mods], -1)
+            assert torch.equal(E._group(lp.tensors, lp.ints, first, n, xin), want), (kind, first)
+            first += n
+
+
 def test_w4a16_fuses_whole_blocks_only():
     """torch's int4pack layout packs 64 output channels a block: whole blocks fuse bit for bit."""
     from infertrix.quant.int4 import quantize_int4

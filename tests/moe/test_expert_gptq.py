@@ -47,10 +47,10 @@ def test_hessians_are_the_routed_tokens_own():
     """An expert's Hessians are sums over exactly the rows its router chose (top-k, any slot)."""
     model = make_moe("mixtral")
     layer = find_moe_layers(model)[1]
-    seen = routed_inputs(model, [layer], CALIB[:1], progress=False)
+    seen = routed_inputs(model, [layer], CALIB, progress=False)
     hidden, chosen = torch.cat(seen.hidden[layer.index]), torch.cat(seen.chosen[layer.index])
-    assert hidden.shape[0] == CALIB.shape[1] and chosen.shape == (CALIB.shape[1], layer.top_k)
-    j = int(chosen[0, 0])
+    assert hidden.shape[0] == CALIB.numel() and chosen.shape == (CALIB.numel(), layer.top_k)
+    j = int(torch.bincount(chosen.flatten()).argmax())  # the expert most tokens reached
     x = hidden[(chosen == j).any(-1)].double()
     h_gu, h_down = seen.hessians(layer, j)
     torch.testing.assert_close(h_gu, (x.t() @ x).float())
@@ -59,20 +59,38 @@ def test_hessians_are_the_routed_tokens_own():
     torch.testing.assert_close(h_down, (mid.t() @ mid).float())
 
 
-def test_offload_with_gptq_reports_and_refuses_mismatched_stores(tmp_path):
+def test_offload_with_gptq_stores_gptq_codes_and_refuses_mismatched_stores(tmp_path):
+    """The stored blobs are GPTQ's from each expert's routed tokens (nearest below MIN_TOKENS, counted
+    exactly); describe() says so; a store is reused only with the same rounding and settings."""
+    from infertrix.moe.calibrate import MIN_TOKENS
+
+    ref = make_moe("mixtral")
+    layers = find_moe_layers(ref)
+    seen = routed_inputs(ref, layers, CALIB, progress=False)
+    counts = {(layer.index, j): seen.tokens(layer.index, j).shape[0] for layer in layers for j in range(8)}
+    few = sum(n < MIN_TOKENS for n in counts.values())
     model = make_moe("mixtral")
-    ix.optimize(model, ExpertOffload(expert_bits=4, expert_gptq=True, calibration_ids=CALIB[:1, :2], experts_per_layer=2,
+    ix.optimize(model, ExpertOffload(expert_bits=4, expert_gptq=True, calibration_ids=CALIB, experts_per_layer=2,
                                      store_dir=str(tmp_path / "s"), progress=False))
-    report = offload_runtime(model).cache.store.rounding_note
-    assert report.startswith("gptq") and "damp 0.01" in report
-    left = offload_runtime(model).cache.store.manifest["uncalibrated_experts"]
-    assert 0 < left < 8 * 2  # 2 tokens x top-2 reach at most 4 of a layer's 8 experts
+    store = offload_runtime(model).cache.store
+    assert store.rounding_note.startswith("gptq") and "damp 0.01" in store.rounding_note
+    assert store.manifest["uncalibrated_experts"] == few
     assert "gptq" in str(ix.describe(model))
-    with torch.no_grad():
-        assert torch.isfinite(model(CALIB[:1]).logits).all()
+    fmt = store.format
+    for (i, j), n in counts.items():  # each blob: GPTQ from its own tokens, or nearest below MIN_TOKENS
+        e = layers[[x.index for x in layers].index(i)].experts
+        want = fmt.encode(e.gate_up_proj[j], e.down_proj[j], seen.hessians(layers[[x.index for x in layers].index(i)], j))
+        assert torch.equal(store.view(i, j)[0], want), (i, j, n)
+        store.release(i, j)
     ix.restore(model)
     with pytest.raises(ConfigError, match="'gptq' rounding, not 'nearest'"):
         ix.optimize(model, ExpertOffload(expert_bits=4, store_dir=str(tmp_path / "s")))
+    with pytest.raises(ConfigError, match="damp"):
+        ix.optimize(model, ExpertOffload(expert_bits=4, expert_gptq=True, damp=0.1, calibration_ids=CALIB,
+                                         store_dir=str(tmp_path / "s")))
+    with pytest.raises(ConfigError, match="expert_group_size"):
+        ix.optimize(model, ExpertOffload(expert_bits=4, expert_gptq=True, expert_group_size=16, calibration_ids=CALIB,
+                                         store_dir=str(tmp_path / "s")))
     ix.optimize(model, ExpertOffload(expert_bits=4, store_dir=str(tmp_path / "r")))
     ix.restore(model)
     with pytest.raises(ConfigError, match="'nearest' rounding, not 'gptq'"):
@@ -89,8 +107,8 @@ def test_gptq_needs_low_bits_and_data():
     assert t.expert_gptq and t.expert_bits == 4
 
 
-@pytest.mark.parametrize("gptq", [False, True])
-def test_int8_layers_are_the_measured_costliest_with_fewer_slots(gptq):
+@pytest.mark.parametrize("gptq,prefetch", [(False, False), (True, True)])
+def test_int8_layers_are_the_measured_costliest_with_fewer_slots(gptq, prefetch):
     """int8_layers=1: the layer whose int4 experts raise the calibration loss most is stored in
     int8 (measured, kept in the manifest), its cache holds fewer of the wider experts in the same
     bytes (a tenth of the float experts), and the outputs are those of the same widths in memory."""
@@ -100,7 +118,7 @@ def test_int8_layers_are_the_measured_costliest_with_fewer_slots(gptq):
 
     model = make_moe("mixtral")
     ix.optimize(model, ExpertOffload(budget=0.1, expert_bits=4, int8_layers=1, expert_gptq=gptq, calibration_ids=CALIB,
-                                     prefetch=False, progress=False))
+                                     prefetch=prefetch, progress=False))
     cache = offload_runtime(model).cache
     store = cache.store
     costs = {int(i): c for i, c in store.manifest["layer_costs"].items()}
@@ -115,7 +133,13 @@ def test_int8_layers_are_the_measured_costliest_with_fewer_slots(gptq):
     assert report["int8_layers"] == [top] and "by width" in report["resident"]
     with torch.no_grad():
         got = model(IDS).logits
-    ix.restore(model)
+    model.generate(IDS[:1], max_new_tokens=6, do_sample=False)  # prefetch guesses as many as each layer holds
+    assert all(len(lc.slot_of) <= cache.capacities[i] for i, lc in cache.layers.items())
+    blobs = {i: store.view(i, 1)[0].clone() for i in store.layers}  # expert 1 of each layer, as stored
+    ix.restore(model)  # each layer's experts come back decoded from its own width
+    for layer in find_moe_layers(model):
+        fmt = store.format_of(layer.index)
+        assert torch.equal(layer.experts.gate_up_proj[1], fmt.decode(fmt.views(blobs[layer.index]))[0])
     if not gptq:  # round to nearest: the same codes in memory, bit for bit
         ref = make_moe("mixtral")
         plain = calibration_loss(ref, CALIB)
@@ -136,8 +160,12 @@ def test_int8_layers_are_the_measured_costliest_with_fewer_slots(gptq):
 def test_int8_layers_refusals(tmp_path):
     with pytest.raises(ConfigError, match="expert_bits=4"):
         ExpertOffload(expert_bits=8, int8_layers=1)
-    with pytest.raises(ConfigError, match="more than the model's 3 MoE layers"):
-        ix.optimize(make_moe("mixtral"), ExpertOffload(expert_bits=4, int8_layers=4, calibration_ids=CALIB))
+    with pytest.raises(ConfigError, match="use expert_bits=8"):
+        ix.optimize(make_moe("mixtral"), ExpertOffload(expert_bits=4, int8_layers=3, calibration_ids=CALIB))
+    from infertrix.moe import load_offloaded
+
+    with pytest.raises(ConfigError, match="from_pretrained"):
+        load_offloaded(tmp_path, ExpertOffload(expert_bits=4, expert_gptq=True, store_dir=str(tmp_path / "x")))
     model = make_moe("mixtral")
     ix.optimize(model, ExpertOffload(expert_bits=4, int8_layers=1, calibration_ids=CALIB, store_dir=str(tmp_path / "s"),
                                      progress=False))

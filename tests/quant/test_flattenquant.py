@@ -127,7 +127,10 @@ def test_projections_of_one_input_fuse_bit_for_bit():
     refs = [m(x) for m in mods]
     fused = FlattenLinear.fuse(mods)
     assert fused is not None and torch.equal(fused(x), torch.cat(refs, -1))
-    assert all(torch.equal(m(x), r) for m, r in zip(mods, refs, strict=True))  # the originals view the fused rows
+    assert all(torch.equal(m(x), r) for m, r in zip(mods, refs, strict=True))
+    for name in ("qweight", "scale", "flat_columns"):  # the originals view the fused buffers: nothing stored twice
+        ptr = getattr(fused, name).untyped_storage().data_ptr()
+        assert all(getattr(m, name).untyped_storage().data_ptr() == ptr for m in mods)
     other = copies.clone()
     other[5] = 2
     w, b = torch.randn(16, 40, generator=g), torch.randn(16, generator=g)

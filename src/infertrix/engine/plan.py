@@ -5,8 +5,8 @@ attention with grouped heads, optional per-head query/key norms, optional slidin
 SiLU-gated MLP) and Gemma 3 text models (``gemma3_text``: sliding and global layers with their own
 rotary tables, Gemma's RMSNorm ``x * (1 + w)``, norms on the attention and MLP outputs, q/k norms,
 ``query_pre_attn_scalar`` scaling, the scaled embedding, a gelu_pytorch_tanh-gated MLP) in float32
-whose linear layers are float32 ``nn.Linear``, ``W4A8Linear``, ``W8A8Linear`` or
-``W4A16Linear`` (``linears.kind``).
+whose linear layers are float32 ``nn.Linear``, ``W4A8Linear``, ``W8A8Linear``, ``W4A16Linear``
+or FlattenQuant's ``FlattenLinear`` (``linears.kind``).
 :func:`why_unsupported` names the first thing that is not. Both read the layers as they are
 without the skip plans applied now (``skips.layer_views``): the engine skips what the plans skip
 per forward.

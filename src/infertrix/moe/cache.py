@@ -16,8 +16,9 @@ Statistics (:class:`LayerStats`) are kept per layer; their sums are the global f
 
 Budgets count bytes: a slot holds one expert as the store keeps it, so with low-bit experts
 (``ExpertStore(bits=8/4)``, EdgeMoE) a slot is a page-aligned byte blob of a quarter of a float32
-expert or less, and the same bytes hold that many more experts (``capacity`` is computed from the
-store's ``expert_bytes`` by ``ExpertOffload``).
+expert or less, and the same bytes hold that many more experts (each layer's capacity is computed
+from its experts' bytes, ``ExpertStore.bytes_of``, by ``ExpertOffload``; a store whose layers have
+different widths gives each layer slots of its own width and count, ``capacities``).
 
 Thread safety: one lock guards the slot tables; the prefetch worker reserves a slot under the
 lock, then reads into it without the lock while the slot is marked loading (never a victim).

@@ -33,6 +33,8 @@ from .discovery import MoELayer
 from .lowbit import LowBitFormat
 from .store import ExpertStore
 
+MIN_TOKENS = 16  # fewer routed calibration tokens: round to nearest (a safeguard, not a measured optimum)
+
 
 @dataclass
 class RoutedInputs:
@@ -40,23 +42,25 @@ class RoutedInputs:
 
     hidden: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, H] chunks
     chosen: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, top_k] chunks
-    empty: set[tuple[int, int]] = field(default_factory=set)  # (layer, expert) that no token reached
+    empty: set[tuple[int, int]] = field(default_factory=set)  # (layer, expert) with too few tokens
 
     @property
     def uncalibrated(self) -> int:
-        """Experts no calibration token reached (rounded to nearest)."""
+        """Experts that fewer than ``MIN_TOKENS`` calibration tokens reached (rounded to nearest)."""
         return len(self.empty)
 
     def tokens(self, layer: int, expert: int) -> Tensor:
         """The rows routed to ``expert`` of ``layer`` (float32 ``[n, H]``)."""
-        hidden, chosen = torch.cat(self.hidden[layer]), torch.cat(self.chosen[layer])
-        return hidden[(chosen == expert).any(-1)]
+        if len(self.hidden[layer]) > 1:  # joined once per layer
+            self.hidden[layer], self.chosen[layer] = [torch.cat(self.hidden[layer])], [torch.cat(self.chosen[layer])]
+        return self.hidden[layer][0][(self.chosen[layer][0] == expert).any(-1)]
 
     def hessians(self, layer: MoELayer, expert: int) -> tuple[Tensor, Tensor] | None:
         """``(H_gate_up [H, H], H_down [I, I])`` of one expert in float32 (sums over its routed
-        tokens, accumulated in float64), or None when no token was routed to it."""
+        tokens, accumulated in float64), or None when fewer than ``MIN_TOKENS`` were routed to it
+        (a Hessian of a handful of rows would fit GPTQ's compensation to them)."""
         x = self.tokens(layer.index, expert).double()
-        if x.shape[0] == 0:
+        if x.shape[0] < MIN_TOKENS:
             self.empty.add((layer.index, expert))
             return None
         e = layer.experts
@@ -152,8 +156,7 @@ def write_store(cfg: Any, model: nn.Module, layers: list[MoELayer], path: Path, 
     if cfg.expert_gptq or cfg.int8_layers:
         windows = windows_for(model, cfg, None, ", or expert_gptq=False and int8_layers=0 (no calibration)",
                               " (expert_gptq / int8_layers)")
-        seen = routed_inputs(model, layers, windows, cfg.progress)
-        calibration = seen if cfg.expert_gptq else None
+        calibration = routed_inputs(model, layers, windows, cfg.progress) if cfg.expert_gptq else None
         if cfg.int8_layers:
             blobs: dict[int, list[Tensor]] = {}
 
@@ -161,8 +164,9 @@ def write_store(cfg: Any, model: nn.Module, layers: list[MoELayer], path: Path, 
                 fmt = cfg.expert_format(layer)
                 e = layer.experts
                 blobs[layer.index] = [
-                    fmt.encode(e.gate_up_proj[j], e.down_proj[j], None if calibration is None else seen.hessians(layer, j),
-                               cfg.damp) for j in range(layer.num_experts)]
+                    fmt.encode(e.gate_up_proj[j], e.down_proj[j],
+                               None if calibration is None else calibration.hessians(layer, j), cfg.damp)
+                    for j in range(layer.num_experts)]
                 return blobs[layer.index]
 
             costs = layer_costs(model, layers, windows, low, cfg.expert_format, cfg.progress)
@@ -170,6 +174,5 @@ def write_store(cfg: Any, model: nn.Module, layers: list[MoELayer], path: Path, 
             layer_bits = dict.fromkeys(wide, 8)
             encoded = lambda i, j: None if i in layer_bits else blobs[i][j]  # noqa: E731
             notes = {"layer_costs": {str(i): c for i, c in sorted(costs.items())}}
-    store = ExpertStore.from_model(model, path, cfg.expert_bits, cfg.expert_group_size, calibration, cfg.damp,
-                                   layer_bits, encoded, notes, **store_kwargs)
-    return store
+    return ExpertStore.from_model(model, path, cfg.expert_bits, cfg.expert_group_size, calibration, cfg.damp,
+                                  layer_bits, encoded, notes, progress=cfg.progress, **store_kwargs)

@@ -171,8 +171,9 @@ class ExpertOffload(Transform):
         first = layers[0]
         e = first.experts
         float_bytes = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
-        if self.int8_layers > len(layers):
-            raise ConfigError(f"int8_layers={self.int8_layers} is more than the model's {len(layers)} MoE layers")
+        if self.int8_layers >= len(layers):
+            raise ConfigError(f"int8_layers={self.int8_layers} leaves none of the model's {len(layers)} MoE layers in "
+                              "int4; for int8 experts everywhere use expert_bits=8")
         fmt = self.expert_format(first, 8 if self.int8_layers else None)  # the widest experts bound the count
         expert_bytes = float_bytes if fmt is None else fmt.nbytes
         cap = capacity_for(first.num_experts, len(layers), expert_bytes, self.budget, self.experts_per_layer,
@@ -256,6 +257,7 @@ class ExpertOffload(Transform):
         if (path / MANIFEST).exists():
             store = ExpertStore.open(path, tier=self.tier, pin_memory=pin)
             _check_store(store, layers, self.expert_bits, "gptq" if self.expert_gptq else "nearest")
+            _check_settings(store, self)
             if len(store.layer_formats) != self.int8_layers:
                 raise ConfigError(f"the expert store at {store.path} has {len(store.layer_formats)} layers of int8 "
                                   f"experts, not int8_layers={self.int8_layers}; pass another store_dir or delete "
@@ -311,6 +313,18 @@ def _check_store(store: ExpertStore, layers: list[MoELayer], bits: int | None, r
         )
 
 
+def _check_settings(store: ExpertStore, cfg: ExpertOffload) -> None:
+    """A reused low-bit store must have been written with these int4 groups and GPTQ dampening."""
+    fmt = store.format
+    have = {"expert_group_size": None if fmt is None or fmt.bits != 4 else fmt.group_size,
+            "damp": store.manifest.get("damp")}
+    want = {"expert_group_size": have["expert_group_size"] and cfg.expert_group_size,
+            "damp": cfg.damp if store.rounding == "gptq" else None}
+    if have != want:
+        raise ConfigError(f"the expert store at {store.path} was written with {have}, not {want}; pass another "
+                          "store_dir or delete that folder")
+
+
 def _resident(cache: ExpertCache) -> str:
     caps = sorted(set(cache.capacities.values()))
     n = "/".join(map(str, caps))
@@ -330,6 +344,8 @@ def _report(runtime: OffloadRuntime) -> dict[str, Any]:
         **({"int8_layers": sorted(cache.store.layer_formats)} if cache.store.layer_formats else {}),
         **({} if cache.store.format is None else {"expert_rounding": cache.store.rounding_note}),
         "bytes_per_expert": cache.store.expert_bytes,
+        **({"bytes_per_int8_expert": cache.store.bytes_of(min(cache.store.layer_formats))}
+           if cache.store.layer_formats else {}),
         **({"layer_costs": cache.store.manifest["layer_costs"]} if "layer_costs" in cache.store.manifest else {}),
         "budget_bytes": cache.budget_bytes,
         "resident_bytes": cache.resident_bytes(),

@@ -115,7 +115,7 @@ class ExpertStore:
     def from_model(
         cls, model: torch.nn.Module, path: str | os.PathLike, bits: int | None = None, group_size: int = 32,
         calibration: RoutedInputs | None = None, damp: float = 0.01, layer_bits: dict[int, int] | None = None,
-        encoded: Any = None, notes: dict[str, Any] | None = None, **kwargs: Any,
+        encoded: Any = None, notes: dict[str, Any] | None = None, progress: bool = True, **kwargs: Any,
     ) -> ExpertStore:
         """Write the experts of a loaded transformers 5 MoE model (one expert at a time); ``bits``
         8 or 4 writes them quantized (``group_size``: int4 groups), None as they are. With
@@ -132,7 +132,8 @@ class ExpertStore:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         writer = PartsWriter(bits, group_size, damp if calibration is not None else None, layer_bits)
-        for layer in tqdm(layers, desc="writing experts", unit="layer", disable=calibration is None, leave=False):
+        slow = calibration is not None and progress  # GPTQ: seconds a layer
+        for layer in tqdm(layers, desc="writing experts", unit="layer", disable=not slow, leave=False):
             gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
             hessians = None if calibration is None else (lambda j, layer=layer: calibration.hessians(layer, j))
             done = None if encoded is None else (lambda j, i=layer.index: encoded(i, j))
@@ -214,11 +215,11 @@ class ExpertStore:
         """Bytes of one of ``layer``'s experts as stored (and as a cache slot holds it)."""
         return self._bytes[layer]
 
-    def slot_shapes(self, layer: int | None = None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    def slot_shapes(self, layer: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of the tensors one expert of ``layer`` is read into: float ``gate_up``,
         ``down``; low-bit: one byte blob."""
         if self.format is not None:
-            return [((self.bytes_of(self.layers[0] if layer is None else layer),), torch.uint8)]
+            return [((self.bytes_of(layer),), torch.uint8)]
         return [(self.gate_up_shape, self.dtype), (self.down_shape, self.dtype)]
 
     def _read(self, layer: int, expert: int, *dest: torch.Tensor) -> int:

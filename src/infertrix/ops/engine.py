@@ -245,6 +245,10 @@ def engine_layer_reference(
     (``gqa_attention``'s), for verifying draft trees; ``hidden``: slots hidden per KV head
     (``gqa_attention``'s)."""
     heads, kvh, d, n_qkv, n_gu, window, gelu = ints[:LAYER_INTS]
+    slots = n_qkv + n_gu + 2
+    if len(ints) != LAYER_INTS + 3 * slots or len(tensors) != LAYER_TENSORS + SLOT_TENSORS * slots:
+        raise ValueError(f"engine_layer: {slots} linear slots need {LAYER_INTS + 3 * slots} ints and "
+                         f"{LAYER_TENSORS + SLOT_TENSORS * slots} tensors")
     m = a.shape[0]
     t = m // batch
     qkv = _group(tensors, ints, 0, n_qkv, a).view(batch, t, heads + 2 * kvh, d)
