@@ -43,6 +43,7 @@ class RoutedInputs:
     hidden: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, H] chunks
     chosen: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, top_k] chunks
     empty: set[tuple[int, int]] = field(default_factory=set)  # (layer, expert) with too few tokens
+    min_tokens: int = MIN_TOKENS
 
     @property
     def uncalibrated(self) -> int:
@@ -60,7 +61,7 @@ class RoutedInputs:
         tokens, accumulated in float64), or None when fewer than ``MIN_TOKENS`` were routed to it
         (a Hessian of a handful of rows would fit GPTQ's compensation to them)."""
         x = self.tokens(layer.index, expert).double()
-        if x.shape[0] < MIN_TOKENS:
+        if x.shape[0] < self.min_tokens:
             self.empty.add((layer.index, expert))
             return None
         e = layer.experts

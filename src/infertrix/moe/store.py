@@ -142,6 +142,7 @@ class ExpertStore:
                              layer.num_experts)
         if calibration is not None:
             writer.uncalibrated = calibration.uncalibrated
+            notes = {**(notes or {}), "min_tokens": calibration.min_tokens}
         write_manifest(path, [layer.index for layer in layers], source="model", **writer.manifest(), **(notes or {}))
         return cls(path, **kwargs)
 
@@ -322,8 +323,9 @@ class ExpertStore:
         """``rounding`` for describe(): GPTQ says how many experts no calibration token reached."""
         if self.rounding != "gptq":
             return self.rounding
-        left = self.manifest.get("uncalibrated_experts", 0)
-        return f"gptq (damp {self.manifest.get('damp')}; {left} experts no calibration token reached: nearest)"
+        left, least = self.manifest.get("uncalibrated_experts", 0), self.manifest.get("min_tokens", 1)
+        return (f"gptq (damp {self.manifest.get('damp')}; {left} experts reached by fewer than {least} calibration "
+                "tokens: nearest)")
 
     @property
     def total_bytes(self) -> int:
