@@ -163,7 +163,7 @@ class _Run:
             off = ExpertOffload(
                 budget=spec["budget"], policy=spec.get("policy", "lru"), prefetch=spec["prefetch"],
                 miss_policy=spec.get("miss_policy", "fetch"), store_dir=str(Path(spec["store"])),
-                **{k: spec[k] for k in ("expert_bits", "experts_per_layer") if k in spec},
+                **{k: spec[k] for k in ("expert_bits", "experts_per_layer", "int8_layers") if k in spec},
             )
             model = load_offloaded(ckpt, off)
             offload_runtime(model).cache.store.drop_page_cache()
@@ -219,6 +219,7 @@ class _Run:
                 hit_rate=stats.hit_rate, prefetch_used=stats.prefetch_used, prefetched=stats.prefetched,
                 store_mib_per_token=stats.bytes_read / 2**20 / steps, stall_s_per_token=stats.stall_seconds / steps,
                 budget_bytes=rt.cache.budget_bytes, capacity=rt.cache.capacity, dense_bytes=tensor_bytes(model),
+                capacity_min=min(rt.cache.capacities.values()),
                 in_place=stats.computed_in_place, expert_bits=rt.cache.store.bits,
                 expert_bytes=rt.cache.store.expert_bytes,
             )
@@ -267,7 +268,11 @@ LOWBIT_CONFIGS = [
     ("int4 25% of float bytes", dict(budget=0.25, expert_bits=4)),
     ("int8 2/8 experts", dict(budget=0.25, experts_per_layer=2, expert_bits=8)),
     ("int4 2/8 experts", dict(budget=0.25, experts_per_layer=2, expert_bits=4)),
+    ("int4 + int8 in 27% of layers, 25% of float bytes", dict(budget=0.25, expert_bits=4, int8_layers=-1)),
 ]
+#: int8 layers of the mixed row per model (about the 8 of SmolLM2's 30 that brought int4 within 3%; which
+#: layers does not change the speed: the last ones here, where the measured costs were highest)
+INT8_LAYERS = {"real": 8, "random": 3}
 TITLES = {"real": "SmolLM2 upcycled to 8 experts (real weights, 318 MB of experts)",
           "random": "random-weight Mixtral (2.0 GB of experts)"}
 
@@ -292,9 +297,23 @@ def lowbit_configs(steps: int, model: str = "real") -> list[dict]:
     ppl = {"ppl_windows": 2} if model == "real" else {}
     out = [dict(model=model, name="in memory (float)", kind="memory", steps=steps, **ppl)]
     for name, fields in LOWBIT_CONFIGS:
+        if fields.get("int8_layers") == -1:
+            fields = {**fields, "int8_layers": INT8_LAYERS[model]}
         out.append(dict(model=model, name=f"offload {name}", kind="offload", prefetch=False, steps=steps,
                         **ppl, **fields))
     return out
+
+
+def _mixed_store(ck: Path, store: Path, int8_layers: int) -> None:
+    """A store of int4 experts with the last ``int8_layers`` MoE layers in int8, written from the
+    loaded model (round to nearest: the speed does not depend on how the codes were chosen)."""
+    from transformers import AutoModelForCausalLM
+
+    from infertrix.moe import ExpertStore, find_moe_layers
+
+    model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    layers = find_moe_layers(model)
+    ExpertStore.from_model(model, store, 4, 32, layer_bits={x.index: 8 for x in layers[-int8_layers:]}).close()
 
 
 def _lowbit_row(r: dict, rows: list[dict]) -> dict:
@@ -305,7 +324,8 @@ def _lowbit_row(r: dict, rows: list[dict]) -> dict:
         "config": r["name"],
         "expert bits": r.get("expert_bits", 32),
         "KiB/expert": r["expert_bytes"] / 1024 if offload else "",
-        "resident/layer": f"{r['capacity']}/8" if offload else "8/8",
+        "resident/layer": (f"{r['capacity']}/8" if r.get("capacity_min", r["capacity"]) == r["capacity"]
+                           else f"{r['capacity_min']}-{r['capacity']}/8") if offload else "8/8",
         "cache MiB": r["budget_bytes"] / 2**20 if offload else "",
         "tokens/s": r["tokens_per_s"],
         "x float offload": r["tokens_per_s"] / flt["tokens_per_s"],
@@ -470,10 +490,13 @@ def main_lowbit(args: argparse.Namespace) -> None:
     torch.save(_prose_ids(1024), ids_file)  # decode steps and the perplexity windows read these tokens
     specs = lowbit_configs(args.steps or (12 if args.quick or model == "random" else 24), model)
     for i, spec in enumerate(specs):
-        bits = spec.get("expert_bits")
-        store = ROOT / f"{ck.name}-store{f'-int{bits}' if bits else ''}"
+        bits, wide = spec.get("expert_bits"), spec.get("int8_layers", 0)
+        store = ROOT / f"{ck.name}-store{f'-int{bits}' if bits else ''}{f'-int8x{wide}' if wide else ''}"
         if spec["kind"] == "offload" and not (store / "manifest.json").exists():
-            ExpertStore.from_checkpoint(ck, store, bits).close()
+            if wide:
+                _mixed_store(ck, store, wide)
+            else:
+                ExpertStore.from_checkpoint(ck, store, bits).close()
         spec.update(ckpt=str(ck), store=str(store), ids=str(ids_file), prompt=32,
                     logits_out=str(ROOT / f"logits-lowbit-{i}.f32"))
     load0 = os.getloadavg()[0]
@@ -529,41 +552,72 @@ class _MLPAsExpert(torch.nn.Module):
     """A dense MLP computed as one low-bit expert: what sparse ("copy") upcycling of SmolLM2 computes
     with ``expert_bits`` (its experts are copies of the MLP), without 8 copies on disk."""
 
-    def __init__(self, mlp: torch.nn.Module, bits: int, group_size: int = 32):
+    def __init__(self, mlp: torch.nn.Module, bits: int, group_size: int = 32, hessians=None):
         super().__init__()
         from infertrix.moe.lowbit import LowBitFormat
 
         gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
         dn = mlp.down_proj.weight.detach()
         self.fmt, self.act_fn = LowBitFormat(bits, group_size, tuple(gu.shape), tuple(dn.shape)), mlp.act_fn
-        self.parts = self.fmt.views(self.fmt.encode(gu, dn))
+        self.parts = self.fmt.views(self.fmt.encode(gu, dn, hessians))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fmt.forward(self.parts, x.reshape(-1, x.shape[-1]), self.act_fn).view(x.shape)
+
+
+def _mlp_hessians(model, windows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each dense MLP's input Hessians (gate/up input, down input) on ``windows``: what
+    ``moe.calibrate`` gives an expert that every token is routed to."""
+    from infertrix.core.calibration import run_windows
+
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hook(key):
+        def f(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + x.t() @ x
+        return f
+
+    handles = [h for i, layer in enumerate(model.model.layers)
+               for h in (layer.mlp.gate_proj.register_forward_pre_hook(hook((i, "gu"))),
+                         layer.mlp.down_proj.register_forward_pre_hook(hook((i, "down"))))]
+    run_windows(model, windows, progress=False)
+    for h in handles:
+        h.remove()
+    return [(sums[(i, "gu")].float(), sums[(i, "down")].float()) for i in range(len(model.model.layers))]
+
 
 
 def lowbit_quality(args: argparse.Namespace) -> None:
     """``--lowbit-quality``: the perplexity cost of int8/int4 experts on real trained weights."""
     from benchmarks.report import markdown_table, write_section
     from infertrix import models
+    from infertrix.core.calibration import token_windows
 
     torch.set_num_threads(THREADS)
     build_real()  # its tokenizer and text windows
     ids = _prose_ids(1024)
+    dense, tok = models.load("smollm2")
+    hessians = _mlp_hessians(dense.eval(), token_windows(tok, windows=8, window_tokens=256))  # ExpertOffload's
     rows = []
-    for bits, group in ((None, 0), (8, 32), (4, 64), (4, 32), (4, 16)):
+    for bits, group, gptq in ((None, 0, False), (8, 32, False), (4, 64, False), (4, 32, False), (4, 16, False),
+                              (8, 32, True), (4, 32, True), (4, 16, True)):
         model, _ = models.load("smollm2")
         mlp = model.model.layers[0].mlp
         float_bytes = 4 * sum(p.numel() for p in mlp.parameters())
         if bits is not None:
-            for layer in model.model.layers:
-                layer.mlp = _MLPAsExpert(layer.mlp, bits, group)
+            for i, layer in enumerate(model.model.layers):
+                layer.mlp = _MLPAsExpert(layer.mlp, bits, group, hessians[i] if gptq else None)
         ppl = _perplexity(model.eval(), ids, 2)
         name = "float32" if bits is None else f"int{bits} (moe.lowbit)" + (f", group {group}" if bits == 4 else "")
-        rows.append({"MLP weights": name, "perplexity": ppl, "x float": ppl / rows[0]["perplexity"] if rows else 1.0,
+        rows.append({"MLP weights": name + (", GPTQ" if gptq else ""), "perplexity": ppl,
+                     "x float": ppl / rows[0]["perplexity"] if rows else 1.0,
                      "bytes vs float": model.model.layers[0].mlp.fmt.nbytes / float_bytes if bits else 1.0})
         print(rows[-1], flush=True)
     rows += _mixed_bits_rows(ids, rows[0]["perplexity"], rows[1]["bytes vs float"], rows[3]["bytes vs float"])
+    rows += _mixed_bits_rows(ids, rows[0]["perplexity"], rows[1]["bytes vs float"], rows[3]["bytes vs float"],
+                             hessians)
+    rows += _offload_rows(ids, rows[0]["perplexity"])
     body = ("Dense SmolLM2-135M with every MLP computed as one low-bit expert (`LowBitFormat`, int8 "
             "activations; attention and head float): the model sparse (`copy`) upcycling gives, i.e. the "
             "quality cost of `expert_bits` (and, for int4, of `expert_group_size`) on trained weights. "
@@ -571,22 +625,31 @@ def lowbit_quality(args: argparse.Namespace) -> None:
             "run decodes); bytes: one expert's blob against its float32 weights. Mixed rows (EdgeMoE's "
             "per-expert bit widths, with one expert per layer here): int8 for the k layers whose MLP alone at "
             "int4 (group 32, the rest float) raised the perplexity of the first window most, int4 for the "
-            "others.\n\n" + markdown_table(rows))
+            "others. GPTQ rows: each MLP's codes by GPTQ from its input Hessians on 8 x 256 tokens from the end "
+            "of the book (what `ExpertOffload(expert_gptq=True)` computes for an expert every token reaches; "
+            "`moe.calibrate`). Copy-upcycled rows: the library path end to end (`ExpertOffload` on SmolLM2 "
+            "copy-upcycled to 4 experts, top-2: each copy calibrated on the tokens routed to it; `int8_layers`: "
+            "the layers whose experts at int4 raised the calibration loss most, measured one layer at a time, in "
+            "int8).\n\n"
+            + markdown_table(rows))
     print(body)
     if not args.no_write:
         write_section("moe-lowbit-quality", "MoE low-bit experts: quality on trained weights", body,
                       command="python -m benchmarks.moe --lowbit-quality")
 
 
-def _mixed_bits_rows(ids: torch.Tensor, float_ppl: float, int8_bytes: float, int4_bytes: float) -> list[dict]:
-    """int8 for the k most sensitive MLPs (each measured alone at int4), int4 for the rest."""
+def _mixed_bits_rows(ids: torch.Tensor, float_ppl: float, int8_bytes: float, int4_bytes: float,
+                     hessians=None) -> list[dict]:
+    """int8 for the k most sensitive MLPs (each measured alone at int4), int4 for the rest; with
+    ``hessians`` every MLP by GPTQ."""
     from infertrix import models
 
     model, _ = models.load("smollm2")
     model.eval()
     layers = model.model.layers
     mlps = [layer.mlp for layer in layers]
-    low = {bits: [_MLPAsExpert(m, bits, 32) for m in mlps] for bits in (4, 8)}
+    low = {bits: [_MLPAsExpert(m, bits, 32, None if hessians is None else hessians[i]) for i, m in enumerate(mlps)]
+           for bits in (4, 8)}
     base = _perplexity(model, ids, 1)
     rise = []
     for i, layer in enumerate(layers):
@@ -600,10 +663,46 @@ def _mixed_bits_rows(ids: torch.Tensor, float_ppl: float, int8_bytes: float, int
         for i, layer in enumerate(layers):
             layer.mlp = low[8][i] if i in order[:k] else low[4][i]
         ppl = _perplexity(model, ids, 2)
-        rows.append({"MLP weights": f"mixed: int8 for {k} layers ({', '.join(map(str, sorted(order[:k])))}), int4 g32",
+        how = "" if hessians is None else ", GPTQ"
+        rows.append({"MLP weights": f"mixed{how}: int8 for {k} layers ({', '.join(map(str, sorted(order[:k])))}), "
+                                    "int4 g32",
                      "perplexity": ppl, "x float": ppl / float_ppl,
                      "bytes vs float": (k * int8_bytes + (len(layers) - k) * int4_bytes) / len(layers)})
         print(rows[-1], flush=True)
+    return rows
+
+
+def _offload_rows(ids: torch.Tensor, float_ppl: float) -> list[dict]:
+    """The library path end to end: SmolLM2 copy-upcycled to 4 experts (top-2; each a copy of the
+    MLP, so the model computes the dense one while each copy sees only its routed tokens), then
+    ``ExpertOffload(budget=0.25, expert_bits=4[, expert_gptq=True])``; calibrated on the end of
+    the book through the model's own router."""
+    import infertrix as ix
+    from infertrix import models
+    from infertrix.moe import ExpertOffload, offload_runtime
+    from infertrix.moe.upcycle import upcycle
+
+    rows = []
+    for gptq, int8_layers in ((False, 0), (True, 0), (True, 4), (True, 8)):
+        dense, tok = models.load("smollm2")
+        moe = upcycle(dense, 4, 2, "copy")
+        del dense
+        t0 = time.perf_counter()
+        ix.optimize(moe, ExpertOffload(budget=0.25, expert_bits=4, expert_gptq=gptq, int8_layers=int8_layers,
+                                       tokenizer=tok, progress=False))
+        took = time.perf_counter() - t0
+        ppl = _perplexity(moe, ids, 2)
+        report = next(t["report"] for t in ix.describe(moe).to_dict()["transforms"] if "expert_rounding" in t["report"])
+        cfg = moe.config
+        float_bytes = 4 * 3 * cfg.hidden_size * cfg.intermediate_size
+        store = offload_runtime(moe).cache.store
+        wide = f", int8 in layers {report['int8_layers']}" if int8_layers else ""
+        rows.append({"MLP weights": f"copy-upcycled 4 experts, ExpertOffload int4 g32{wide} "
+                                    f"({report['expert_rounding']}; optimize {took:.0f} s)",
+                     "perplexity": ppl, "x float": ppl / float_ppl,
+                     "bytes vs float": store.total_bytes / (float_bytes * store.num_experts * len(store.layers))})
+        print(rows[-1], flush=True)
+        ix.restore(moe)
     return rows
 
 

@@ -41,12 +41,13 @@ def load_offloaded(
     offload = offload or ExpertOffload()
     if offload.store_dir is None:
         raise ConfigError("load_offloaded needs ExpertOffload(store_dir=...): the store is where the experts live")
-    if offload.expert_gptq or offload.int8_layers:
-        raise ConfigError("expert_gptq and int8_layers calibrate by running the model with its float experts, which "
-                          "load_offloaded never holds; load the model with from_pretrained and apply ExpertOffload, or "
-                          "use expert_gptq=False, int8_layers=0")
     checkpoint = Path(checkpoint)
     store_dir = Path(offload.store_dir)
+    if not (store_dir / MANIFEST).exists() and (offload.expert_gptq or offload.int8_layers):
+        raise ConfigError("expert_gptq and int8_layers calibrate by running the model with its float experts, which "
+                          "load_offloaded never holds; write the store once from a loaded model (from_pretrained, "
+                          "then ExpertOffload with this store_dir) and load_offloaded reuses it, or use "
+                          "expert_gptq=False, int8_layers=0")
     if not (store_dir / MANIFEST).exists():
         ExpertStore.from_checkpoint(checkpoint, store_dir, offload.expert_bits, offload.expert_group_size).close()
 
