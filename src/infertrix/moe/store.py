@@ -324,8 +324,8 @@ class ExpertStore:
         if self.rounding != "gptq":
             return self.rounding
         left, least = self.manifest.get("uncalibrated_experts", 0), self.manifest.get("min_tokens", 1)
-        return (f"gptq (damp {self.manifest.get('damp')}; {left} experts reached by fewer than {least} calibration "
-                "tokens: nearest)")
+        few = "no calibration token reached" if least <= 1 else f"fewer than {least} calibration tokens reached"
+        return f"gptq (damp {self.manifest.get('damp')}; {left} experts {few}: nearest)"
 
     @property
     def total_bytes(self) -> int:
