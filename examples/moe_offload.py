@@ -3,6 +3,9 @@
     python examples/moe_offload.py                  # a small random Mixtral, built here
     python examples/moe_offload.py --checkpoint DIR # any Mixtral / Qwen-MoE / OLMoE safetensors folder
     python examples/moe_offload.py --expert-bits 4  # experts stored, moved and computed in int4 (lossy)
+    python examples/moe_offload.py --expert-bits 4 --gptq --int8-layers 1
+        # int4 experts quantized by GPTQ from the tokens routed to each (calibration text), the one
+        # layer whose int4 experts cost the most kept in int8 (EdgeMoE's bit widths by importance)
 
 With --checkpoint the experts are never all in memory: the store is written straight from the
 checkpoint, one expert at a time (infertrix.moe.load_offloaded).
@@ -26,9 +29,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.25, help="fraction of the float experts' bytes kept in memory")
     ap.add_argument("--expert-bits", type=int, choices=(4, 8),
                     help="low-bit experts (EdgeMoE): the same bytes then hold 4x (int8) or ~7x (int4) as many")
+    ap.add_argument("--gptq", action="store_true", help="quantize the low-bit experts by GPTQ from their routed tokens")
+    ap.add_argument("--int8-layers", type=int, default=0, help="with --expert-bits 4: layers whose experts stay int8")
     args = ap.parse_args()
     ids = torch.tensor([[1, 15, 27, 99, 4, 8, 15, 16, 23, 42]])
-    offload = ExpertOffload(budget=args.budget, policy="lru", prefetch=True, expert_bits=args.expert_bits)
+    # calibration ids: a random model has no tokenizer (a real one uses its own on the shipped text)
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    offload = ExpertOffload(budget=args.budget, policy="lru", prefetch=True, expert_bits=args.expert_bits,
+                            expert_gptq=args.gptq, int8_layers=args.int8_layers,
+                            calibration_ids=calib if args.gptq or args.int8_layers else None)
 
     if args.checkpoint:
         offload.store_dir = tempfile.mkdtemp(prefix="experts-")
