@@ -79,3 +79,12 @@ def test_miss_policy_auto_picks_measured_cheaper():
     # buckets are per token count: prefill decisions are measured separately
     assert p.decide(64) in ("fetch", "in_place")
     assert MissPolicy("in_place").decide(1) == "in_place"
+    # and per expert size: a layer of wider (int8) experts is measured on its own
+    for _ in range(2):
+        p.record("fetch", 1, 0.001, expert_bytes=8192)
+        p.record("in_place", 1, 0.050, expert_bytes=8192)
+    assert p.decide(1, expert_bytes=8192) == "fetch" and p.decide(1) == "fetch"
+    for _ in range(20):
+        p.record("fetch", 1, 0.500, expert_bytes=8192)
+    assert p.decide(1, expert_bytes=8192) == "in_place" and p.decide(1) == "fetch"
+    assert any("8 KiB" in k for k in p.costs())

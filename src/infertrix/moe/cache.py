@@ -268,7 +268,7 @@ class ExpertCache:
                 kind = "hit"
             else:
                 lc.stats.misses += 1
-                kind = self.miss_policy.decide(n_tokens)
+                kind = self.miss_policy.decide(n_tokens, lc.expert_bytes)
                 if kind == "fetch":
                     slot = lc._reserve(expert, prefetched=False)
                     if slot is None:  # every slot pinned or loading: compute where stored

@@ -109,7 +109,7 @@ class OffloadedExperts(nn.Module):
         finally:
             handle.release()
         if handle.kind != "hit":
-            cache.miss_policy.record(handle.kind, n, time.perf_counter() - t0)
+            cache.miss_policy.record(handle.kind, n, time.perf_counter() - t0, cache.layers[self.layer].expert_bytes)
         return y
 
     def _one_token(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ cost more than computing the expert where the weights already are (on the CPU, f
 system). ``MissPolicy("auto")`` decides from measured costs instead of a fixed rule: it keeps an
 exponential moving average of the seconds one on-demand use took under each strategy, per
 token-count bucket (1 token, 2-3, 4-7, ...; a fetch's cost is mostly fixed, an in-place
-compute's grows with the tokens), tries each strategy a few times per bucket first, then picks
-the cheaper. ``"fetch"`` and ``"in_place"`` force one strategy.
+compute's grows with the tokens) and expert size (layers of int8 and int4 experts move and compute
+different bytes), tries each strategy a few times per bucket first, then picks the cheaper. ``"fetch"`` and ``"in_place"`` force one strategy.
 
 On this project's CPU tier (disk -> memory), "in place" means computing on the memory-mapped
 file (the reads happen as page faults) and not admitting the expert, so it never evicts a
@@ -34,23 +34,24 @@ class MissPolicy:
             raise ConfigError(f"miss policy must be one of {MODES}, got {mode!r}")
         self.mode, self.explore, self.alpha = mode, explore, alpha
         self._lock = threading.Lock()
-        self._cost: dict[tuple[str, int], float] = {}
-        self._count: dict[tuple[str, int], int] = {}
+        self._cost: dict[tuple[str, int, int], float] = {}  # (strategy, token bucket, expert bytes)
+        self._count: dict[tuple[str, int, int], int] = {}
         self.fetch_read_seconds = 0.0  # EMA of one expert's read, whoever read it
 
-    def decide(self, n_tokens: int) -> str:
+    def decide(self, n_tokens: int, expert_bytes: int = 0) -> str:
         if self.mode != "auto":
             return self.mode
         b = _bucket(n_tokens)
         with self._lock:
-            nf, ni = self._count.get(("fetch", b), 0), self._count.get(("in_place", b), 0)
+            nf, ni = self._count.get(("fetch", b, expert_bytes), 0), self._count.get(("in_place", b, expert_bytes), 0)
             if nf < self.explore or ni < self.explore:
                 return "fetch" if nf <= ni else "in_place"
-            return "fetch" if self._cost[("fetch", b)] <= self._cost[("in_place", b)] else "in_place"
+            cheaper = self._cost[("fetch", b, expert_bytes)] <= self._cost[("in_place", b, expert_bytes)]
+            return "fetch" if cheaper else "in_place"
 
-    def record(self, kind: str, n_tokens: int, seconds: float) -> None:
+    def record(self, kind: str, n_tokens: int, seconds: float, expert_bytes: int = 0) -> None:
         """Record the measured seconds of one miss served by ``kind`` (read + compute)."""
-        key = (kind, _bucket(n_tokens))
+        key = (kind, _bucket(n_tokens), expert_bytes)
         with self._lock:
             n = self._count.get(key, 0)
             old = self._cost.get(key, seconds)
@@ -65,4 +66,6 @@ class MissPolicy:
     def costs(self) -> dict[str, float]:
         """Measured mean seconds per miss, by strategy and token bucket (for describe)."""
         with self._lock:
-            return {f"{k} ms/miss [{2**b}+ tok]": round(v * 1e3, 3) for (k, b), v in sorted(self._cost.items())}
+            sizes = {w for (_k, _b, w) in self._cost}
+            return {f"{k} ms/miss [{2**b}+ tok{'' if len(sizes) < 2 else f', {w // 1024} KiB'}]": round(v * 1e3, 3)
+                    for (k, b, w), v in sorted(self._cost.items())}
