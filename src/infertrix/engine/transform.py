@@ -31,6 +31,7 @@ from ..core.generation import (
 )
 from ..kvcache.attach import after_engine_forward, engine_layer_hook
 from ..kvcache.policy_cache import PolicyCache
+from ..ops.engine import LAYER_INTS, LINEAR_KINDS
 from ..skip.state import skip_state
 from .cache import EngineCache, storage_problem
 from .kivi import reads_codes
@@ -256,7 +257,25 @@ class EngineRuntime:
             "module_forwards": sum(self.counts.values()) - engine,
             "greedy_head_forwards": self.greedy_forwards,
             "fallbacks": {k.removeprefix("module: "): v for k, v in self.counts.items() if k != "engine"},
-        } | ({"skips": skips} if (skips := skipped_units(self.model)) else {})
+        } | ({"skips": skips} if (skips := skipped_units(self.model)) else {}) | self._unfused()
+
+    def _unfused(self) -> dict[str, str]:
+        """Quantized q/k/v or gate/up groups that run as separate calls (the same bits, more calls):
+        said, so a slower decode is not a mystery."""
+        if self.runner is None:
+            return {}
+        groups = []  # slots of each quantized group (the first slot's kind tells float32 apart, never fused)
+        for lp in self.runner.layers:
+            n_qkv, n_gu = lp.ints[3:5]
+            for first, n in ((0, n_qkv), (n_qkv + 1, n_gu)):
+                if lp.ints[LAYER_INTS + 3 * first] != LINEAR_KINDS["fp32"]:
+                    groups.append(n)
+        apart = sum(n > 1 for n in groups)
+        if not apart:
+            return {}
+        return {"unfused": f"{apart} of {len(groups)} quantized q/k/v and gate/up groups run as separate calls "
+                           "(their kinds or settings differ, e.g. FlattenQuant calibrations or output counts off "
+                           "the kernel's tiles)"}
 
 
 @register_transform("engine")
