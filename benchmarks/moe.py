@@ -411,6 +411,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     ap.add_argument("--lowbit", action="store_true",
                     help="float vs int8 vs int4 experts (upcycled SmolLM2; with --models random the 2 GB Mixtral)")
+    ap.add_argument("--offload-only", action="store_true",
+                    help="with --lowbit-quality: only the library rows (ExpertOffload with GPTQ and int8_layers)")
     ap.add_argument("--lowbit-quality", action="store_true",
                     help="perplexity of dense SmolLM2 with each MLP computed as one int8/int4 expert")
     args = ap.parse_args()
@@ -421,7 +423,7 @@ def main() -> None:
         main_lowbit(args)
         return
     if args.lowbit_quality:
-        lowbit_quality(args)
+        (_offload_only if args.offload_only else lowbit_quality)(args)
         return
 
     from benchmarks.report import markdown_table, write_section
@@ -672,7 +674,33 @@ def _mixed_bits_rows(ids: torch.Tensor, float_ppl: float, int8_bytes: float, int
     return rows
 
 
-def _offload_rows(ids: torch.Tensor, float_ppl: float) -> list[dict]:
+def _offload_only(args: argparse.Namespace) -> None:
+    """``--lowbit-quality --offload-only``: the library rows alone, in a section of their own."""
+    from benchmarks.report import markdown_table, write_section
+    from infertrix import models
+
+    torch.set_num_threads(THREADS)
+    build_real()
+    ids = _prose_ids(1024)
+    dense, _ = models.load("smollm2")
+    float_ppl = _perplexity(dense.eval(), ids, 2)
+    del dense
+    rows = [{"MLP weights": "float32 (dense SmolLM2 = its copy-upcycled MoE)", "perplexity": float_ppl, "x float": 1.0,
+             "bytes vs float": 1.0}]
+    rows += _offload_rows(ids, float_ppl, ((True, 0), (True, 4), (True, 8)))
+    body = ("The library path alone (the last rows of `moe-lowbit-quality`): SmolLM2 copy-upcycled to 4 experts "
+            "(top-2), `ExpertOffload(budget=0.25, expert_bits=4, expert_gptq=True, int8_layers=k)`, perplexity on "
+            "the same 2 x 512 tokens. `int8_layers` ranks the layers by the KL divergence of the next-token "
+            "distributions with one layer's experts at int4, on the 8 x 256 calibration tokens.\n\n"
+            + markdown_table(rows))
+    print(body)
+    if not args.no_write:
+        write_section("moe-lowbit-quality-offload", "MoE low-bit experts: the library path, int8 layers by KL", body,
+                      command="python -m benchmarks.moe --lowbit-quality --offload-only")
+
+
+def _offload_rows(ids: torch.Tensor, float_ppl: float,
+                  configs=((False, 0), (True, 0), (True, 4), (True, 8))) -> list[dict]:
     """The library path end to end: SmolLM2 copy-upcycled to 4 experts (top-2; each a copy of the
     MLP, so the model computes the dense one while each copy sees only its routed tokens), then
     ``ExpertOffload(budget=0.25, expert_bits=4[, expert_gptq=True])``; calibrated on the end of
@@ -683,7 +711,7 @@ def _offload_rows(ids: torch.Tensor, float_ppl: float) -> list[dict]:
     from infertrix.moe.upcycle import upcycle
 
     rows = []
-    for gptq, int8_layers in ((False, 0), (True, 0), (True, 4), (True, 8)):
+    for gptq, int8_layers in configs:
         dense, tok = models.load("smollm2")
         moe = upcycle(dense, 4, 2, "copy")
         del dense

@@ -13,9 +13,9 @@ calls, captured by a forward pre-hook; see ``discovery``).
 Only the captured rows are kept (``[tokens, hidden]`` per layer); a Hessian is built when its
 expert is written and dropped after it, so memory stays at one expert's pair.
 
-EdgeMoE's second half, bit widths by importance, is measured here too (``layer_costs``): the
-calibration loss with one layer's experts at the low width and the rest as they are, per layer;
-``ExpertOffload(int8_layers=k)`` keeps the k costliest layers' experts in int8.
+EdgeMoE's second half, bit widths by importance, is measured here too (``layer_costs``): how far
+the next-token distributions move (KL) with one layer's experts at the low width and the rest as
+they are, per layer; ``ExpertOffload(int8_layers=k)`` keeps the k costliest layers' experts in int8.
 """
 
 from __future__ import annotations
@@ -119,35 +119,39 @@ class InMemoryExperts(nn.Module):
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, windows: Tensor) -> float:
-    """Mean next-token negative log-likelihood of ``model`` over ``windows`` (``[n, L]``)."""
+def _log_probs(model: nn.Module, row: Tensor) -> Tensor:
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for row in windows:
-        ids = row.unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-    return total / count
+    return torch.log_softmax(model(input_ids=row.unsqueeze(0).to(device), use_cache=False).logits[0].float(), -1)
 
 
+@torch.no_grad()
 def layer_costs(model: nn.Module, layers: list[MoELayer], windows: Tensor, blobs: Callable[[MoELayer], list[Tensor]],
                 fmt: Callable[[MoELayer], LowBitFormat], progress: bool = True) -> dict[int, float]:
-    """EdgeMoE's bit-width profiling, per layer: the calibration loss with one layer's experts
-    low-bit (``blobs(layer)``, in ``fmt(layer)``) and every other layer's as they are, minus the
-    loss with none low-bit. One pass over ``windows`` per layer."""
+    """EdgeMoE's bit-width profiling, per layer: how far the model's next-token distributions move
+    when one layer's experts are low-bit (``blobs(layer)``, in ``fmt(layer)``) and every other
+    layer's stay as they are: the KL divergence from the unchanged model's, averaged over the
+    positions of ``windows``. One pass per layer and window, plus the unchanged model's.
+
+    KL rather than the change of the calibration loss: the loss change of one layer is a few
+    hundredths of a nat and of either sign, while KL is positive and steadier. Measured on dense
+    SmolLM2 (each MLP one expert, GPTQ int4; 8 x 256 calibration tokens): int8 for the 4 / 8 layers
+    of largest KL gave +3.0% / +3.1% perplexity on held-out text, for the largest loss change
+    +3.7% / +4.3% (int4 throughout: +4.2%)."""
     from tqdm.auto import tqdm
 
-    base = calibration_loss(model, windows)
-    costs = {}
-    for layer in tqdm(layers, desc="expert bit widths: each layer's cost", unit="layer", disable=not progress,
-                      leave=False):
-        experts = layer.block.experts
-        layer.block.experts = InMemoryExperts(fmt(layer), blobs(layer), experts.act_fn)
-        try:
-            costs[layer.index] = calibration_loss(model, windows) - base
-        finally:
-            layer.block.experts = experts
+    low = {layer.index: InMemoryExperts(fmt(layer), blobs(layer), layer.experts.act_fn) for layer in layers}
+    costs = dict.fromkeys(low, 0.0)
+    for row in tqdm(windows, desc="expert bit widths: each layer's cost", unit="window", disable=not progress,
+                    leave=False):
+        ref = _log_probs(model, row)
+        for layer in layers:
+            experts = layer.block.experts
+            layer.block.experts = low[layer.index]
+            try:
+                lp = _log_probs(model, row)
+            finally:
+                layer.block.experts = experts
+            costs[layer.index] += float((ref.exp() * (ref - lp)).sum(-1).mean()) / len(windows)
     return costs
 
 
