@@ -100,9 +100,10 @@ class ExpertOffload(Transform):
         ``window_tokens``) are those of every family (``core.calibration``), read from the end
         of the shipped text by default.
       int8_layers: with ``expert_bits=4``, how many MoE layers keep int8 experts instead: those
-        whose experts at int4 raise the calibration loss most, measured one layer at a time
-        (EdgeMoE's bit widths by importance, per layer; one pass over the calibration windows per
-        layer). Each layer's cache holds its budget's bytes, so fewer of the wider experts.
+        whose experts at int4 move the next-token distributions most, measured one layer at a time
+        (EdgeMoE's bit widths by importance, per layer, ranked by the KL divergence of the next-token
+        distributions; one pass over the calibration windows per layer). On the copy-upcycled
+        SmolLM2 with GPTQ, int8_layers=4 took int4 from +4.0% to +2.6% perplexity. Each layer's cache holds its budget's bytes, so fewer of the wider experts.
     """
     use_when = "an MoE model's experts do not fit the fast memory: a budget of experts cached, the rest streamed"
 
