@@ -48,7 +48,7 @@ def test_hessians_are_the_routed_tokens_own():
     model = make_moe("mixtral")
     layer = find_moe_layers(model)[1]
     seen = routed_inputs(model, [layer], CALIB, progress=False)
-    hidden, chosen = torch.cat(seen.hidden[layer.index]), torch.cat(seen.chosen[layer.index])
+    hidden, chosen = seen.hidden[layer.index], seen.chosen[layer.index]
     assert hidden.shape[0] == CALIB.numel() and chosen.shape == (CALIB.numel(), layer.top_k)
     j = int(torch.bincount(chosen.flatten()).argmax())  # the expert most tokens reached
     x = hidden[(chosen == j).any(-1)].double()

@@ -43,8 +43,8 @@ MIN_TOKENS = 1
 class RoutedInputs:
     """The rows each MoE layer's experts module received during calibration, and their experts."""
 
-    hidden: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, H] chunks
-    chosen: dict[int, list[Tensor]] = field(default_factory=dict)  # layer index -> [rows, top_k] chunks
+    hidden: dict[int, Tensor] = field(default_factory=dict)  # layer index -> [rows, H]
+    chosen: dict[int, Tensor] = field(default_factory=dict)  # layer index -> [rows, top_k]
     empty: set[tuple[int, int]] = field(default_factory=set)  # (layer, expert) with too few tokens
     min_tokens: int = MIN_TOKENS
 
@@ -55,9 +55,7 @@ class RoutedInputs:
 
     def tokens(self, layer: int, expert: int) -> Tensor:
         """The rows routed to ``expert`` of ``layer`` (float32 ``[n, H]``)."""
-        if len(self.hidden[layer]) > 1:  # joined once per layer
-            self.hidden[layer], self.chosen[layer] = [torch.cat(self.hidden[layer])], [torch.cat(self.chosen[layer])]
-        return self.hidden[layer][0][(self.chosen[layer][0] == expert).any(-1)]
+        return self.hidden[layer][(self.chosen[layer] == expert).any(-1)]
 
     def hessians(self, layer: MoELayer, expert: int) -> tuple[Tensor, Tensor] | None:
         """``(H_gate_up [H, H], H_down [I, I])`` of one expert in float32 (sums over its routed
@@ -76,14 +74,15 @@ class RoutedInputs:
 def routed_inputs(model: nn.Module, layers: list[MoELayer], windows: Tensor, progress: bool = True) -> RoutedInputs:
     """Run ``windows`` (``[n, L]`` token ids) through ``model`` and keep what each layer's experts
     module was called with."""
-    seen = RoutedInputs()
+    hidden: dict[int, list[Tensor]] = {}
+    chosen: dict[int, list[Tensor]] = {}
 
     def capture(index: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            seen.hidden.setdefault(index, []).append(hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu())
-            seen.chosen.setdefault(index, []).append(chosen.detach().reshape(hidden.numel() // hidden.shape[-1], -1).cpu())
+            h = args[0] if args else kwargs["hidden_states"]
+            k = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden.setdefault(index, []).append(h.detach().reshape(-1, h.shape[-1]).float().cpu())
+            chosen.setdefault(index, []).append(k.detach().reshape(h.numel() // h.shape[-1], -1).cpu())
 
         return hook
 
@@ -93,10 +92,11 @@ def routed_inputs(model: nn.Module, layers: list[MoELayer], windows: Tensor, pro
     finally:
         for h in handles:
             h.remove()
-    missing = [layer.index for layer in layers if layer.index not in seen.hidden]
+    missing = [layer.index for layer in layers if layer.index not in hidden]
     if missing:
         raise RuntimeError(f"calibration never reached the experts of layers {missing}")
-    return seen
+    # one tensor per layer, each layer's chunks freed as it is joined (peak: the rows plus one layer's)
+    return RoutedInputs({i: torch.cat(hidden.pop(i)) for i in list(hidden)}, {i: torch.cat(chosen.pop(i)) for i in list(chosen)})
 
 
 class InMemoryExperts(nn.Module):

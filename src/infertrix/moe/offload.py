@@ -103,7 +103,8 @@ class ExpertOffload(Transform):
         whose experts at int4 move the next-token distributions most, measured one layer at a time
         (EdgeMoE's bit widths by importance, per layer, ranked by the KL divergence of the next-token
         distributions; one pass over the calibration windows per layer). On the copy-upcycled
-        SmolLM2 with GPTQ, int8_layers=4 took int4 from +4.0% to +2.6% perplexity. Each layer's cache holds its budget's bytes, so fewer of the wider experts.
+        SmolLM2 with GPTQ, int8_layers=4 took int4 from +4.0% to +2.6% perplexity. Each layer's
+        cache holds its budget's bytes, so fewer of the wider experts.
     """
     use_when = "an MoE model's experts do not fit the fast memory: a budget of experts cached, the rest streamed"
 
