@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -428,5 +429,11 @@ at::Tensor kivi_decode_attention_cpu(const at::Tensor& query_in, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infertrix, CPU, m) { m.impl("kivi_decode_attention", &kivi_decode_attention_cpu); }
+
+// No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
+// (about 5 us per call outside inference_mode; see w4a8_gemm.cpp).
+TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
+  m.impl("kivi_decode_attention", torch::autograd::autogradNotImplementedFallback());
+}
 
 }  // namespace infertrix

@@ -12,6 +12,7 @@
 #pragma STDC FP_CONTRACT OFF
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -291,6 +292,15 @@ TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("kv_quantize", &kv_quantize_cpu);
   m.impl("kv_dequantize", &kv_dequantize_cpu);
   m.impl("kv_dequantize_into", &kv_dequantize_into_cpu);
+}
+
+// No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
+// (about 5 us per call outside inference_mode; see w4a8_gemm.cpp).
+TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
+  m.impl("kv_gather", torch::autograd::autogradNotImplementedFallback());
+  m.impl("kv_quantize", torch::autograd::autogradNotImplementedFallback());
+  m.impl("kv_dequantize", torch::autograd::autogradNotImplementedFallback());
+  m.impl("kv_dequantize_into", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace infertrix

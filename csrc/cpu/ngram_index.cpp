@@ -9,6 +9,7 @@
 // of scalar integer operations per token with random table accesses, so there is no SIMD path:
 // the same code runs whatever infertrix::active_isa() reports.
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -116,6 +117,13 @@ std::tuple<at::Tensor, at::Tensor> ngram_lookup_cpu(const at::Tensor& table_in, 
 TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("ngram_index_update", &ngram_index_update_cpu);
   m.impl("ngram_lookup", &ngram_lookup_cpu);
+}
+
+// No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
+// (about 5 us per call outside inference_mode; see w4a8_gemm.cpp).
+TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
+  m.impl("ngram_index_update", torch::autograd::autogradNotImplementedFallback());
+  m.impl("ngram_lookup", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace infertrix

@@ -9,6 +9,7 @@
 // Bit-identical to the PyTorch reference in src/infertrix/ops/quantize.py: every float operation
 // is the same IEEE single-precision operation in the same order.
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -141,6 +142,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor&
 
 TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("quantize_per_token_int8", &quantize_per_token_int8_cpu);
+}
+
+// No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
+// (about 5 us per call outside inference_mode; see w4a8_gemm.cpp).
+TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
+  m.impl("quantize_per_token_int8", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace infertrix

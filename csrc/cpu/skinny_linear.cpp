@@ -14,6 +14,7 @@
 // other rows or on the thread count), so a row's result is bitwise independent of its batch.
 // Not bit-identical to torch's F.linear (another summation order): equal to float32 rounding.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -176,5 +177,11 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(infertrix, CPU, m) { m.impl("skinny_linear", &skinny_linear_cpu); }
+
+// No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
+// (about 5 us per call outside inference_mode; see w4a8_gemm.cpp).
+TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
+  m.impl("skinny_linear", torch::autograd::autogradNotImplementedFallback());
+}
 
 }  // namespace infertrix
