@@ -4,7 +4,9 @@ Supported: decoder-only ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` models (
 attention with grouped heads, optional per-head query/key norms, optional sliding windows, a
 SiLU-gated MLP) and Gemma 3 text models (``gemma3_text``: sliding and global layers with their own
 rotary tables, Gemma's RMSNorm ``x * (1 + w)``, norms on the attention and MLP outputs, q/k norms,
-``query_pre_attn_scalar`` scaling, the scaled embedding, a gelu_pytorch_tanh-gated MLP) in float32
+``query_pre_attn_scalar`` scaling, the scaled embedding, a gelu_pytorch_tanh-gated MLP), and the
+sparse-MoE ``mixtral``, ``qwen2_moe`` and ``qwen3_moe`` models, whose MoE blocks run as the model's
+modules between the engine's ops (``moe.py``), in float32
 whose linear layers are float32 ``nn.Linear``, ``W4A8Linear``, ``W8A8Linear``, ``W4A16Linear``
 or FlattenQuant's ``FlattenLinear`` (``linears.kind``).
 :func:`why_unsupported` names the first thing that is not. Both read the layers as they are
@@ -21,11 +23,14 @@ from torch import Tensor, nn
 
 from ..core.model import llama_shape_problem, model_type, norm_eps, text_config
 from . import linears
+from .moe import is_moe_block
 from .skips import layer_views, view_fingerprint
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
+_CONFIG_WINDOW = ("mistral", "mixtral")  # sliding window from the config (the others: per attention module)
 GEMMA = "gemma3_text"
-_LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+_LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm", "Qwen2MoeRMSNorm",
+                "Qwen3MoeRMSNorm")
 _GEMMA_NORMS = ("Gemma3RMSNorm",)  # weight * normalised x with weight = 1 + w
 # a layer's norms besides q/k: Llama-style layers, and Gemma 3's with norms on the sublayer outputs
 _LAYER_NORMS = {
@@ -57,7 +62,8 @@ def _layer_problem(i: int, layer: nn.Module, attn: nn.Module | None, mlp: nn.Mod
     if attn is None or mlp is None:
         return f"layer {i} has no self_attn / mlp (another architecture, or a layer swapped outside infertrix.skip's plans)"
     names = {f"self_attn.{n}": getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    names |= {f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
+    if not is_moe_block(mlp):  # an MoE block runs as the model's module (moe.py)
+        names |= {f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
     for name, mod in names.items():
         if mod is None:
             owner = attn if name.startswith("self_attn") else mlp
@@ -120,6 +126,21 @@ class LayerPlan:
     ints: list[int]
     floats: list[float]
     rope: str | None = None
+    mlp: nn.Module | None = None  # an MoE block, called as the model's module (moe.py); None: packed
+    layer_module: nn.Module | None = None  # the decoder layer and its post-attention norm, whose
+    mid_module: nn.Module | None = None  # infertrix.moe hooks an MoE layer calls (moe.known_hooks)
+
+    def layer_hooks(self) -> list:
+        return _known(self.layer_module, "_forward_hooks")
+
+    def norm_hooks(self) -> list:
+        return _known(self.mid_module, "_forward_pre_hooks")
+
+
+def _known(module: nn.Module | None, kind: str) -> list:
+    from .moe import known_hooks
+
+    return [fn for fn in getattr(module, kind, {}).values() if known_hooks(fn)] if module is not None else []
 
 
 def _norm(norm: nn.Module | None) -> tuple[Tensor, float] | None:
@@ -137,14 +158,19 @@ def layer_plan(model: nn.Module, layer: nn.Module, attn: nn.Module, mlp: nn.Modu
     norm, or the final norm)."""
     cfg = text_config(model)
     gemma = model_type(model) == GEMMA
-    if model_type(model) == "mistral":
+    if model_type(model) in _CONFIG_WINDOW:
         window = getattr(cfg, "sliding_window", None) or 0
     else:
         window = getattr(attn, "sliding_window", None) or 0
     qkv = linears.fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up = linears.fuse([mlp.gate_proj, mlp.up_proj])
     group_qkv = [qkv] if qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
-    group_gu = [gate_up] if gate_up is not None else [mlp.gate_proj, mlp.up_proj]
+    moe = is_moe_block(mlp)
+    if moe:  # no MLP slots: the block runs as a module
+        group_gu, mlp_slots = [], []
+    else:
+        gate_up = linears.fuse([mlp.gate_proj, mlp.up_proj])
+        group_gu = [gate_up] if gate_up is not None else [mlp.gate_proj, mlp.up_proj]
+        mlp_slots = [*group_gu, mlp.down_proj]
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -156,14 +182,17 @@ def layer_plan(model: nn.Module, layer: nn.Module, attn: nn.Module, mlp: nn.Modu
     tensors = [mid[0], next_norm[0]] + [n[0] if n else None for n in (qn, kn, attn_out, mlp_out)]
     act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
     ints = [heads, kv_heads, head_dim, len(group_qkv), len(group_gu), int(window), int(act == "gelu_pytorch_tanh")]
-    for mod in [*group_qkv, attn.o_proj, *group_gu, mlp.down_proj]:
+    for mod in [*group_qkv, attn.o_proj, *mlp_slots]:
         i, t = linears.slot(mod)
         ints += i
         tensors += t
     scaling = float(getattr(attn, "scaling", attn.head_dim**-0.5))
     floats = [scaling, mid[1], next_norm[1]] + [n[1] if n else 0.0 for n in (qn, kn, attn_out, mlp_out)]
     ln = _norm(layer.input_layernorm)
-    return LayerPlan(ln[0], ln[1], tensors, ints, floats, getattr(attn, "layer_type", None) if gemma else None)
+    rope = getattr(attn, "layer_type", None) if gemma else None
+    if moe:
+        return LayerPlan(ln[0], ln[1], tensors, ints, floats, rope, mlp, layer, layer.post_attention_layernorm)
+    return LayerPlan(ln[0], ln[1], tensors, ints, floats, rope)
 
 
 def fingerprint(model: nn.Module) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from ..core.model import text_config
 from . import linears
 from .cache import EngineCache, begin, commit
 from .kivi import kivi_step, reads_codes
+from .moe import moe_layer, moe_mlp_only
 from .plan import _norm, fingerprint, layer_plan
 from .skips import (
     ATTN,
@@ -62,6 +63,7 @@ class Runner:
         # different int8 codes change tokens, so a KV policy's prefill runs here (PolicyCache.engine_refusal)
         self.quantized = any(linears.kind(m) not in (None, "fp32") for _, attn, mlp in views
                              for mod in (attn, mlp) if mod is not None for m in mod.children())
+        self.moe = sum(lp.mlp is not None for lp in self.layers)  # layers whose MoE block runs as a module
         self.head = linears.linear(head)
         self.greedy_head = linears.argmax(head)
         self.vocab = head.out_features
@@ -144,7 +146,8 @@ class Runner:
         h = x
         if tree is not None and observe is not None:
             raise ValueError("the engine verifies no token tree in a forward whose attention a KV policy reads")
-        if type(cache) is EngineCache and plans is self.layers and observe is None and after_layer is None and not hidden:
+        if (type(cache) is EngineCache and plans is self.layers and observe is None and after_layer is None and not hidden
+                and not self.moe):
             h, a = self._whole_layers(h, a, cache, positions, pads, b, t, tree)
         else:
             h, a = self._layers(h, a, x, cache, plans, modes, positions, pads, b, t, observe, after_layer, tree, hidden)
@@ -160,28 +163,31 @@ class Runner:
             if is_mode(mode, NONE):
                 continue
             if is_mode(mode, MLP):  # attention skipped: no KV written for this layer
-                h, a = mlp_only(h, lp)
+                h, a = mlp_only(h, lp) if lp.mlp is None else moe_mlp_only(h, lp, b)
                 continue
             cos, sin = self.tables[lp.rope]
             if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem), whole layers
-                if tree is not None or (hidden is not None and i in hidden):
-                    raise ValueError("the engine's KIVI step takes no token tree and no mask per KV head")
+                if tree is not None or (hidden is not None and i in hidden) or lp.mlp is not None:
+                    raise ValueError("the engine's KIVI step takes no token tree, no mask per KV head and no MoE layer")
                 h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
                 continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)
             if is_mode(mode, ATTN):
-                if hidden is not None and i in hidden:
-                    raise ValueError("the engine's attention-only layers take no mask per KV head")
-                h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b, tree)
+                h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b, tree,
+                                      hidden=None if hidden is None else hidden.get(i))
             else:
                 seen, last = (), None
                 if observe is not None and i in observe:
                     last = observe[i]  # None: probabilities and queries; k: the last k queries only (-1: all)
                     probs = x.new_empty(b, self.heads, t, index + t) if last is None else None
                     seen = (probs, x.new_empty(b, t, self.heads, d))
-                out, a_out = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin, positions,
-                                               start, index, b, *seen, tree=tree,
-                                               hidden=None if hidden is None else hidden.get(i))
+                mask = None if hidden is None else hidden.get(i)
+                if lp.mlp is not None:
+                    out, a_out = moe_layer(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b, *seen,
+                                           tree=tree, hidden=mask)
+                else:
+                    out, a_out = _ops.engine_layer(h, a, lp.tensors, lp.ints, lp.floats, kbuf, vbuf, cos, sin,
+                                                   positions, start, index, b, *seen, tree=tree, hidden=mask)
                 if seen:
                     observe[i] = seen if last is None or last < 0 else (None, seen[1][:, -last:].clone())
                 if isinstance(mode, Tensor):  # SkipDecode: these columns keep their input (KV still written)

@@ -139,10 +139,13 @@ def mlp_only(h: Tensor, lp) -> tuple[Tensor, Tensor]:
 
 
 def attention_only(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Tensor, sin: Tensor,
-                   positions: Tensor, start: Tensor, index: int, batch: int,
-                   tree: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   positions: Tensor, start: Tensor, index: int, batch: int, tree: Tensor | None = None,
+                   norm: tuple[Tensor, float] | None = None, probs: Tensor | None = None,
+                   queries: Tensor | None = None, hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A layer whose MLP is skipped: h + attention(a) over the cache (new keys and values written
-    at ``index``; Gemma 3: its output norm), and the next norm of that. ``tree``: ``gqa_attention``'s."""
+    at ``index``; Gemma 3: its output norm), and the next norm of that (``norm``: another one, as
+    (weight, eps); an MoE layer's post-attention norm). ``tree`` / ``probs`` / ``queries`` /
+    ``hidden``: ``engine_layer``'s."""
     t, ints, f = lp.tensors, lp.ints, lp.floats
     heads, kvh, d, n_qkv = ints[:4]
     m = a.shape[0]
@@ -154,9 +157,11 @@ def attention_only(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Te
         qk = _ops.rope(qkv[:, :, : heads + kvh], cos, sin, positions)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
     _ops.kv_append(kbuf, vbuf, k.contiguous(), qkv[:, :, heads + kvh :].contiguous(), index)
-    o = _ops.gqa_attention(q.contiguous(), kbuf, vbuf, start, index, f[0], ints[5], None, tree)
+    if queries is not None:
+        queries.copy_(q)
+    o = _ops.gqa_attention(q.contiguous(), kbuf, vbuf, start, index, f[0], ints[5], probs, tree, hidden)
     attn = _group(t, ints, n_qkv, 1, o.reshape(m, heads * d))
     if t[4] is not None:
         attn = _ops.rms_norm(attn, t[4], f[5])
-    return _ops.add_rms_norm(attn, h, t[1], f[2])
-
+    w, eps = norm if norm is not None else (t[1], f[2])
+    return _ops.add_rms_norm(attn, h, w, eps)

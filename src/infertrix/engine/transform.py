@@ -35,6 +35,7 @@ from ..ops.engine import LAYER_INTS, LINEAR_KINDS
 from ..skip.state import skip_state
 from .cache import EngineCache, storage_problem
 from .kivi import reads_codes
+from .moe import known_hooks
 from .plan import fingerprint, why_unsupported
 from .runner import Runner
 from .skips import skipped_units
@@ -50,7 +51,9 @@ def _foreign(hooks: dict, known: object) -> bool:
     # infertrix.kvcache's attention hooks act on a PolicyCache only, and the engine does their work
     # (after_engine_forward) on the forwards it runs. AdaSkip's controller (``known``) acts on
     # prompts only, which take the module path (EngineRuntime.why_module)
+    # infertrix.moe's prefetch hooks are called by the engine's MoE layers themselves (moe.known_hooks)
     return any(not getattr(fn, "__module__", "").startswith(("transformers.", "infertrix.kvcache."))
+               and not known_hooks(fn)
                and (known is None or getattr(fn, "__self__", None) is not known) for fn in hooks.values())
 
 
@@ -185,6 +188,8 @@ class EngineRuntime:
             return why
         if self.runner is not None and any(lp.ints[6] for lp in self.runner.layers) and kivi_codes(cache):
             return "KIVI codes on a Gemma 3 model (the engine's KIVI step runs Llama-style layers only)"
+        if self.runner is not None and self.runner.moe and kivi_codes(cache):
+            return "KIVI codes on an MoE model (the engine's KIVI step runs dense layers only)"
         if why := skip_problem(self.model, cache, ids):
             return why
         if isinstance(cache, PolicyCache):
@@ -257,7 +262,14 @@ class EngineRuntime:
             "module_forwards": sum(self.counts.values()) - engine,
             "greedy_head_forwards": self.greedy_forwards,
             "fallbacks": {k.removeprefix("module: "): v for k, v in self.counts.items() if k != "engine"},
-        } | ({"skips": skips} if (skips := skipped_units(self.model)) else {}) | self._unfused()
+        } | ({"skips": skips} if (skips := skipped_units(self.model)) else {}) | self._unfused() | self._moe()
+
+    def _moe(self) -> dict[str, str]:
+        if self.runner is None or not self.runner.moe:
+            return {}
+        return {"moe_blocks": f"{self.runner.moe} MoE blocks run as the model's modules between the engine's ops: "
+                              "their router (and float experts) round by the rows of each call, so those layers' "
+                              "outputs are not batch- or window-invariant as the rest of the engine is"}
 
     def _unfused(self) -> dict[str, str]:
         """Quantized q/k/v or gate/up groups that run as separate calls (the same bits, more calls):
@@ -268,7 +280,7 @@ class EngineRuntime:
         for lp in self.runner.layers:
             n_qkv, n_gu = lp.ints[3:5]
             for first, n in ((0, n_qkv), (n_qkv + 1, n_gu)):
-                if lp.ints[LAYER_INTS + 3 * first] != LINEAR_KINDS["fp32"]:
+                if n and lp.ints[LAYER_INTS + 3 * first] != LINEAR_KINDS["fp32"]:
                     groups.append(n)
         apart = sum(n > 1 for n in groups)
         if not apart:
@@ -300,7 +312,8 @@ class Engine(Transform):
     one buffer); the KV cache is preallocated with doubling.
     """
 
-    use_when = "llama / mistral / qwen2 / qwen3 / gemma3 text models in float32, W8A8 or W4A8: faster decoding, batch-invariant logits"
+    use_when = ("llama / mistral / qwen2 / qwen3 / gemma3 text models in float32, W8A8 or W4A8: faster decoding, "
+                "batch-invariant logits; Mixtral / Qwen2-MoE / Qwen3-MoE with their MoE blocks as modules")
 
     stage: ClassVar[Stage] = Stage.DECODING
     primary: ClassVar[str | None] = "enabled"

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.registry import register_transform
 from ..core.transform import Applied, ConfigError, Stage, Transform
+from ..engine.moe import ENGINE_CALLS  # the engine calls hooks so marked itself on MoE layers
 from ..quant.int4 import check_group_size
 from .cache import POLICIES, ExpertCache
 from .discovery import MoELayer, find_moe_layers
@@ -283,6 +284,7 @@ def _after_layer(runtime: OffloadRuntime, index: int):
         hidden = output[0] if isinstance(output, tuple) else output
         runtime.prefetch_after(index, hidden.detach())
 
+    setattr(hook, ENGINE_CALLS, True)
     return hook
 
 
@@ -290,6 +292,7 @@ def _capture(runtime: OffloadRuntime, index: int):
     def hook(_module: nn.Module, args: tuple) -> None:
         runtime.residual[index] = args[0].detach()
 
+    setattr(hook, ENGINE_CALLS, True)
     return hook
 
 
