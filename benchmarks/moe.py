@@ -150,13 +150,15 @@ class _Run:
         import transformers.models.mixtral.modeling_mixtral  # noqa: F401
         from transformers import AutoModelForCausalLM
 
+        from infertrix import optimize
+        from infertrix.engine import EngineCache, engine_runtime
         from infertrix.moe import ExpertOffload, load_offloaded, offload_runtime
 
         self.spec, self.rss_runtime = spec, _rss()
         ckpt, kind = Path(spec["ckpt"]), spec["kind"]
         t0 = time.perf_counter()
-        if kind == "memory":
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        if kind == "memory":  # with optimize's defaults (the decode engine), as the offloaded models have them
+            model = optimize(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval())
         elif kind == "accelerate":
             model = _accelerate_model(ckpt, tempfile.mkdtemp(prefix="moe-bench-"))
         else:
@@ -172,9 +174,13 @@ class _Run:
         self.ids = torch.load(spec["ids"])
         # each step's logits go straight to a file (compared by the driver), not into memory
         self.logits_file = open(spec["logits_out"], "wb")
+        # the engine's cache, as generate passes it, where the engine runs the model (else transformers')
+        eng = engine_runtime(model)
+        self.engine = eng is not None and eng.supported()
         with torch.no_grad():
             t0 = time.perf_counter()
-            out = model(self.ids[:, : spec["prompt"]], use_cache=True, logits_to_keep=1)
+            out = model(self.ids[:, : spec["prompt"]], use_cache=True, logits_to_keep=1,
+                        cache=EngineCache(model.config) if self.engine else None)
             self.prefill_s = time.perf_counter() - t0
         self.past = out.cache
         self.logits_file.write(out.logits[0, -1].numpy().tobytes())
@@ -207,6 +213,11 @@ class _Run:
             "disk_read_mib_per_token": (_read_bytes() - self.read0) / 2**20 / steps,
             "rss_runtime": self.rss_runtime, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+        if self.engine:  # which path the decode steps took (the engine falls back per forward, and says why)
+            from infertrix.engine import engine_runtime
+
+            report = engine_runtime(model).report()
+            res["path"] = "engine" if report["module_forwards"] == 0 else f"engine+module ({report['fallbacks']})"
         if spec["kind"] == "memory":
             res["dense_bytes"] = tensor_bytes(model) - sum(
                 m.gate_up_proj.nbytes + m.down_proj.nbytes for m in model.modules() if hasattr(m, "gate_up_proj")
@@ -327,6 +338,7 @@ def _lowbit_row(r: dict, rows: list[dict]) -> dict:
         "resident/layer": (f"{r['capacity']}/8" if r.get("capacity_min", r["capacity"]) == r["capacity"]
                            else f"{r['capacity_min']}-{r['capacity']}/8") if offload else "8/8",
         "cache MiB": r["budget_bytes"] / 2**20 if offload else "",
+        "decode path": r.get("path", "module"),
         "tokens/s": r["tokens_per_s"],
         "x float offload": r["tokens_per_s"] / flt["tokens_per_s"],
         "x in memory": r["tokens_per_s"] / mem["tokens_per_s"],
@@ -533,13 +545,16 @@ def _write_lowbit(args: argparse.Namespace, model: str, results: list[dict], loa
     from benchmarks.report import markdown_table, write_section
 
     section, title, what, quality = _LOWBIT_TEXT[model]
+    kernels = (" Every configuration, the in-memory one included, runs with `optimize`'s defaults: the decode "
+               "engine runs each layer's attention half on its ops and calls the MoE block as the model's module "
+               "(`engine/moe.py`); `decode path` says which path the decode steps took.")
     body = "\n".join([
         f"Low-bit experts (EdgeMoE, arXiv:2308.14352): `ExpertOffload(expert_bits=8|4)` on {what}, LRU, no "
         "prefetch, the expert cache counted in bytes (25% of the float experts' bytes per layer, or 2 experts "
         "per layer). All configurations decode in lockstep in one run (ratios are what to read; 2 cores, the "
         f"lockstep workers included in the load average: {load0:.1f} at start, {os.getloadavg()[0]:.1f} at "
         f"end), {results[0]['steps']} teacher-forced decode steps, {wall:.0f} s. {quality} max |dlogit| and "
-        "argmax agree compare each decode step's logits with the in-memory float model's.",
+        "argmax agree compare each decode step's logits with the in-memory float model's." + kernels,
         "",
         markdown_table([_lowbit_row(r, results) for r in results]),
     ])
