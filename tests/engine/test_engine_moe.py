@@ -60,14 +60,26 @@ def test_logits_match_module_path(arch, implementation, kind):
     _close(got, run(build(arch, kind, engine=False, implementation=implementation), ids), kind)
 
 
-def test_dense_and_moe_layers_mixed():
-    # Qwen3-MoE's mlp_only_layers: layer 1 is a dense MLP (packed), layers 0 and 2 MoE blocks (modules)
-    model = build("qwen3_moe", mlp_only_layers=[1])
-    runner = engine_runtime(model)
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_dense_and_moe_layers_mixed(arch):
+    # mlp_only_layers: layer 1 is a dense MLP (packed), layers 0 and 2 MoE blocks (modules)
+    model = build(arch, mlp_only_layers=[1])
     ids = tokens(20, 2)
     got = _windows(model, ids)
-    assert [lp.mlp is not None for lp in runner.runner.layers] == [True, False, True]
-    _close(got, run(build("qwen3_moe", engine=False, mlp_only_layers=[1]), ids))
+    assert [lp.mlp is not None for lp in engine_runtime(model).runner.layers] == [True, False, True]
+    _close(got, run(build(arch, engine=False, mlp_only_layers=[1]), ids))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_sliding_window_shorter_than_the_windows(arch):
+    # Mixtral's window comes from its config, Qwen2-MoE's per layer type (use_sliding_window)
+    extra = dict(sliding_window=6) if arch == "mixtral" else dict(sliding_window=6, use_sliding_window=True,
+                                                                  max_window_layers=1)
+    model = build(arch, **extra)
+    ids = tokens(20, 9)
+    got = _windows(model, ids)
+    assert any(lp.ints[5] == 6 for lp in engine_runtime(model).runner.layers)
+    _close(got, run(build(arch, engine=False, **extra), ids))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -80,25 +92,58 @@ def test_generate_takes_the_engine_and_matches_module_greedy(arch):
     assert torch.equal(out, _greedy(build(arch, engine=False), ids))
 
 
+def _count_engine_hooks(model) -> list[int]:
+    """Wrap every hook the engine calls itself (moe.known_hooks) with a counter; returns the counts."""
+    from infertrix.engine.moe import ENGINE_CALLS, known_hooks
+
+    calls = []
+    for mod in model.modules():
+        for hooks in (mod._forward_hooks, mod._forward_pre_hooks):
+            for key, fn in list(hooks.items()):
+                if known_hooks(fn):
+                    i = len(calls)
+                    calls.append(0)
+
+                    def counted(*args, fn=fn, i=i):
+                        calls[i] += 1
+                        return fn(*args)
+
+                    setattr(counted, ENGINE_CALLS, True)
+                    hooks[key] = counted
+    return calls
+
+
 @pytest.mark.parametrize("bits", [None, 4])
 def test_offloaded_experts_and_their_prefetch_hooks_on_the_engine(bits):
     ids = tokens(9, 4)
 
-    def offloaded(**kw):
+    def offloaded(plan=None, **kw):
         model = make_moe("mixtral", implementation="eager")
-        ix.optimize(model, ExpertOffload(experts_per_layer=2, expert_bits=bits, **kw))
+        ix.optimize(model, ExpertOffload(experts_per_layer=2, expert_bits=bits, **kw),
+                    *([ApplySkipPlan(plan=plan)] if plan is not None else []))
         return model
 
     plain = offloaded(prefetch=False)
     want = _greedy(plain, ids)
-    for signal in ("layer_output", "attention"):  # a hook on the decoder layers' output / on the norms' input
-        model = offloaded(prefetch=True, prefetch_signal=signal)
-        assert torch.equal(_greedy(model, ids), want)  # prefetch is lossless on the engine too
+    for signal, plan in [("layer_output", None), ("attention", None),  # hooks on the layers' output / norms' input
+                         ("layer_output", SkipPlan.of(mlp=[0])), ("attention", SkipPlan.of(mlp=[0]))]:
+        model = offloaded(plan, prefetch=True, prefetch_signal=signal)
+        calls = _count_engine_hooks(model)
+        out = _greedy(model, ids)
         report = engine_runtime(model).report()
         assert report["engine_forwards"] == 12 and report["module_forwards"] == 0
         rt = offload_runtime(model)
         rt.prefetcher.stop()
-        assert rt.cache.stats().prefetched > 0  # the engine called the hooks: the next layers were prefetched
+        assert rt.cache.stats().prefetched > 0  # the next layers' experts were prefetched
+        if plan is None:
+            assert torch.equal(out, want)  # prefetch is lossless on the engine too
+        # the engine called each hook as often as the module path does (a skipped MoE block included:
+        # there the layer still runs around a pass-through)
+        module = offloaded(plan, prefetch=True, prefetch_signal=signal)
+        ix.optimize(module, "engine(enabled=false)")
+        module_calls = _count_engine_hooks(module)
+        _greedy(module, ids)
+        assert calls == module_calls and min(calls) >= 12, (calls, module_calls)
     # the same experts on the module path: the same tokens (tiny model: no near tie flips)
     ix.optimize(plain, "engine(enabled=false)")
     assert torch.equal(_greedy(plain, ids), want)
@@ -139,11 +184,13 @@ def test_kv_policies_and_kivi():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prompt_lookup_is_token_identical(arch):
+@pytest.mark.parametrize("drafter", ["pld", "lookahead"])  # linear drafts, token trees
+def test_drafters_are_token_identical(arch, drafter):
+    # on these tiny models; the MoE router rounds by the rows of a window, so a near tie could flip
     ids = torch.cat([tokens(8, 7), tokens(8, 7), tokens(4, 8)], 1)  # a repeat for the lookup to find
     want = _greedy(build(arch), ids, n=16)
     model = build(arch)
     ix.restore(model)
-    ix.optimize(model, "pld")
+    ix.optimize(model, drafter)
     assert torch.equal(_greedy(model, ids, n=16), want)
     assert engine_runtime(model).report()["module_forwards"] == 0

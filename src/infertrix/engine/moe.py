@@ -29,7 +29,10 @@ from .skips import attention_only
 
 _ops = torch.ops.infertrix
 
-# the mark of hooks the engine calls itself on MoE layers (it runs no decoder layer or norm module there)
+# the mark of hooks the engine calls itself on MoE layers (it runs no decoder layer or norm module there):
+# forward hooks of the decoder layer, called with args () and the layer's output [B, T, C], and
+# forward pre-hooks of the post-attention norm, called with (its input [B, T, C],); the engine
+# ignores what they return, so a marked hook must return None
 ENGINE_CALLS = "_infertrix_engine_calls"
 
 
@@ -56,6 +59,14 @@ def _block(h1: Tensor, m: Tensor, lp, batch: int) -> Tensor:
 def _after(h: Tensor, lp, batch: int) -> None:
     for hook in lp.layer_hooks():
         hook(lp.layer_module, (), h.view(batch, -1, h.shape[-1]))
+
+
+def moe_hooks(h: Tensor, lp, batch: int) -> None:
+    """An MoE layer whose block a skip plan skips: its norm's and decoder layer's hooks see ``h``
+    (h + attention), as on the module path, where the layer still runs around a pass-through."""
+    for hook in lp.norm_hooks():
+        hook(lp.mid_module, (h.view(batch, -1, h.shape[-1]),))
+    _after(h, lp, batch)
 
 
 def moe_layer(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..core.model import llama_shape_problem, model_type, norm_eps, text_config
 from . import linears
-from .moe import is_moe_block
+from .moe import is_moe_block, known_hooks
 from .skips import layer_views, view_fingerprint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -138,8 +138,6 @@ class LayerPlan:
 
 
 def _known(module: nn.Module | None, kind: str) -> list:
-    from .moe import known_hooks
-
     return [fn for fn in getattr(module, kind, {}).values() if known_hooks(fn)] if module is not None else []
 
 

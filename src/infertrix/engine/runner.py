@@ -1,11 +1,12 @@
 """The engine's forward: a whole decoder stack as a short loop over the engine's ops.
 
-One ``infertrix::engine_layer`` call per decoder layer (C++: the q/k/v projection, fused into
+One ``infertrix::engine_layer`` call per dense decoder layer (C++: the q/k/v projection, fused into
 one call on quantized models, optional per-head q/k norms, rotary embedding from tables, the KV
 append, grouped-query attention over the cache, o_proj, the residual add fused with the next
 norm, the gate/up projection, the SiLU- or GELU-gated product and down_proj; Gemma 3's output
 norms), then the LM head on the kept positions only: about 35 dispatches per token on a 30-layer
-model instead of transformers' thousands of small ops.
+model instead of transformers' thousands of small ops. An MoE layer runs its attention half as the
+engine's ops one by one and calls its MoE block as the model's module (``moe.py``).
 
 Every step is row-invariant (``ops/engine.py``, ``linears.py``), so a token's logits are the same
 bits in a 1-token step, inside a window of tokens, as a row of a left-padded batch, in the prompt,
@@ -25,7 +26,7 @@ from ..core.model import text_config
 from . import linears
 from .cache import EngineCache, begin, commit
 from .kivi import kivi_step, reads_codes
-from .moe import moe_layer, moe_mlp_only
+from .moe import moe_hooks, moe_layer, moe_mlp_only
 from .plan import _norm, fingerprint, layer_plan
 from .skips import (
     ATTN,
@@ -64,6 +65,9 @@ class Runner:
         self.quantized = any(linears.kind(m) not in (None, "fp32") for _, attn, mlp in views
                              for mod in (attn, mlp) if mod is not None for m in mod.children())
         self.moe = sum(lp.mlp is not None for lp in self.layers)  # layers whose MoE block runs as a module
+        # the hook dicts the engine calls itself (an MoE layer's decoder layer and post-attention norm)
+        self.hook_dicts = frozenset(id(d) for lp in self.layers if lp.mlp is not None
+                                    for d in (lp.layer_module._forward_hooks, lp.mid_module._forward_pre_hooks))
         self.head = linears.linear(head)
         self.greedy_head = linears.argmax(head)
         self.vocab = head.out_features
@@ -175,6 +179,8 @@ class Runner:
             if is_mode(mode, ATTN):
                 h, a = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, b, tree,
                                       hidden=None if hidden is None else hidden.get(i))
+                if lp.mlp is not None:  # the module path still runs the layer (its MoE block a pass-through)
+                    moe_hooks(h, lp, b)
             else:
                 seen, last = (), None
                 if observe is not None and i in observe:

@@ -45,26 +45,30 @@ _HANDLED = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "us
             "cache_position", "output_attentions", "output_hidden_states", *CACHE_KWARGS}
 
 
-def _foreign(hooks: dict, known: object) -> bool:
+def _foreign(hooks: dict, known: object, engine_calls: frozenset[int]) -> bool:
     # transformers installs output-capturing hooks once outputs are requested; they record only
     # while a forward asks for attentions / hidden states, which takes the module path anyway.
     # infertrix.kvcache's attention hooks act on a PolicyCache only, and the engine does their work
     # (after_engine_forward) on the forwards it runs. AdaSkip's controller (``known``) acts on
-    # prompts only, which take the module path (EngineRuntime.why_module)
-    # infertrix.moe's prefetch hooks are called by the engine's MoE layers themselves (moe.known_hooks)
+    # prompts only, which take the module path (EngineRuntime.why_module). Hooks marked for the
+    # engine (moe.known_hooks) in a hook dict it calls itself (``engine_calls``: an MoE layer's)
+    # run on the engine too.
+    calls = id(hooks) in engine_calls
     return any(not getattr(fn, "__module__", "").startswith(("transformers.", "infertrix.kvcache."))
-               and not known_hooks(fn)
+               and not (calls and known_hooks(fn))
                and (known is None or getattr(fn, "__self__", None) is not known) for fn in hooks.values())
 
 
-def user_hooks(model: nn.Module) -> str | None:
-    """The first module with forward hooks (the engine would not call them), or None."""
+def user_hooks(model: nn.Module, engine_calls: frozenset[int] = frozenset()) -> str | None:
+    """The first module with forward hooks (the engine would not call them), or None;
+    ``engine_calls``: ids of the hook dicts the engine calls itself (``Runner.hook_dicts``)."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks are registered"
     st = skip_state(model)
     known = st.controller if st is not None else None
     for name, mod in model.named_modules():
-        if mod is not model and (_foreign(mod._forward_hooks, known) or _foreign(mod._forward_pre_hooks, known)):
+        if mod is not model and (_foreign(mod._forward_hooks, known, engine_calls)
+                                 or _foreign(mod._forward_pre_hooks, known, engine_calls)):
             return f"forward hooks on {name}"
     return None
 
@@ -145,7 +149,7 @@ class EngineRuntime:
             if self.unsupported is None:
                 self.runner = Runner(self.model)
                 self.checked = fingerprint(self.model)
-        self.hooks = user_hooks(self.model)
+        self.hooks = user_hooks(self.model, self.runner.hook_dicts if self.runner is not None else frozenset())
         return self.unsupported or self.hooks
 
     def supported(self) -> bool:
@@ -166,6 +170,8 @@ class EngineRuntime:
             return "output_attentions requested"
         if kwargs.get("output_hidden_states", getattr(cfg, "output_hidden_states", False)):
             return "output_hidden_states requested"
+        if kwargs.get("output_router_logits", getattr(cfg, "output_router_logits", False)):
+            return "output_router_logits requested (MoE routers' logits: the engine returns none)"
         if kwargs.get("return_dict") is False:
             return "return_dict=False"
         extra = sorted(k for k, v in kwargs.items() if k not in _HANDLED and v is not None)
@@ -295,7 +301,8 @@ class EngineRuntime:
 class Engine(Transform):
     """The decode engine (``infertrix.engine``): ``generate`` runs a supported model's whole
     decoder stack as a few fused kernels per layer, with logits that do not depend on the batch,
-    the window of tokens or the thread count; anything unsupported runs the module path.
+    the window of tokens or the thread count (MoE models: their MoE blocks run as the model's
+    modules, which do; ``moe.py``); anything unsupported runs the module path.
 
     On by default: ``optimize`` adds it to every model that generates (``default_on``), unless the
     compiled extension is missing or the model is sharded by tensor parallelism (``describe`` then
