@@ -11,7 +11,11 @@ probed again after a hold that doubles after each probe that still loses (up to 
 steps) and resets when a probe wins; a hold is also long enough that the probe's extra seconds
 over plain steps (a draft model's catch-up on the context included) are at most ``PROBE_BUDGET``
 of it. Plain steps are re-measured every ``REFRESH`` drafting steps,
-since a step's cost grows with the context. What was learnt is kept per batch size in the model's
+since a step's cost grows with the context (every ``MARGINAL_REFRESH`` while the measured gain is
+under ``MARGINAL``, where a stale plain cost decides the most). A call's first step is not booked:
+it carries one-off costs (the first decode step after the prefill took 47-58 ms against 40-42 for
+the next ones, SmolLM2 at batch 4), and one such sample as the plain cost made drafting that was
+10% slower per token look 30% faster for a whole call. What was learnt is kept per batch size in the model's
 run-time record, across the calls made while the transform is applied; at the start of a call the hold of a drafter that is cheap
 to probe (no draft model to catch up) is shortened, since the new prompt may suit it.
 
@@ -46,6 +50,8 @@ CATCH_UP_HOLD = 32  # the same for a draft model, whose probes first run it over
 MAX_HOLD = 256  # longest hold between two probes
 CALL_START_HOLD = 16  # a new call of a cheap-to-probe drafter probes within this many steps
 REFRESH = 64  # drafting steps after which one plain step re-measures the plain cost
+MARGINAL = 1.2  # a measured gain below this re-measures the plain cost after MARGINAL_REFRESH steps
+MARGINAL_REFRESH = 16
 PROBE_BUDGET = 0.02  # a losing probe's extra seconds are at most this share of the hold that follows
 SMOOTHING = 0.3  # weight of a new sample in the moving averages
 OPTIMISTIC_RATE = 0.9  # per-position acceptance of the best case a catch-up is weighed against
@@ -121,6 +127,7 @@ class GainGuard(Drafter):
         self.tokens0 = 0
         self.probe = [0.0, 0]  # seconds and tokens of the drafting steps since the last plain step
         self.check_pending = True  # weigh the best case (and a catch-up) before the call's first draft
+        self.first = True  # the call's first step: not booked (one-off costs after the prefill)
         self.declined = False
         self.caught_up = False  # this call's prompt catch-up already learnt from
 
@@ -128,7 +135,12 @@ class GainGuard(Drafter):
         now = time.perf_counter()
         total = sum(len(s) for s in seqs)
         if self.kind is not None and total > self.tokens0:
-            self._account(now - self.t0, total - self.tokens0)
+            if self.first:
+                self.first = False
+                if self.kind == "spec" and self.unmeasured:  # it was the catch-up step too
+                    self.unmeasured -= 1
+            else:
+                self._account(now - self.t0, total - self.tokens0)
         self.t0, self.tokens0 = now, total
         st = self.state
         self.called_inner = False
@@ -143,7 +155,8 @@ class GainGuard(Drafter):
             self.kind = None
             self.called_inner = True
             return self.inner.propose(seqs, limits)
-        if self.declined or st.hold > 0 or st.plain is None or st.since_plain >= REFRESH:
+        refresh = MARGINAL_REFRESH if st.gain is not None and st.gain < MARGINAL else REFRESH
+        if self.declined or st.hold > 0 or st.plain is None or st.since_plain >= refresh:
             st.hold = max(st.hold - 1, 0)
             self.kind = "plain"
             return Draft([[] for _ in seqs])
