@@ -176,11 +176,11 @@ class _Run:
         self.logits_file = open(spec["logits_out"], "wb")
         # the engine's cache, as generate passes it, where the engine runs the model (else transformers')
         eng = engine_runtime(model)
-        self.engine = eng is not None and eng.supported()
+        self.engine = eng if eng is not None and eng.supported() else None
         with torch.no_grad():
             t0 = time.perf_counter()
             out = model(self.ids[:, : spec["prompt"]], use_cache=True, logits_to_keep=1,
-                        cache=EngineCache(model.config) if self.engine else None)
+                        cache=EngineCache(model.config) if self.engine is not None else None)
             self.prefill_s = time.perf_counter() - t0
         self.past = out.cache
         self.logits_file.write(out.logits[0, -1].numpy().tobytes())
@@ -213,10 +213,8 @@ class _Run:
             "disk_read_mib_per_token": (_read_bytes() - self.read0) / 2**20 / steps,
             "rss_runtime": self.rss_runtime, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
-        if self.engine:  # which path the decode steps took (the engine falls back per forward, and says why)
-            from infertrix.engine import engine_runtime
-
-            report = engine_runtime(model).report()
+        if self.engine is not None:  # which path the decode steps took (the engine falls back per forward, and says why)
+            report = self.engine.report()
             res["path"] = "engine" if report["module_forwards"] == 0 else f"engine+module ({report['fallbacks']})"
         if spec["kind"] == "memory":
             res["dense_bytes"] = tensor_bytes(model) - sum(

@@ -47,25 +47,29 @@ def known_hooks(fn: object) -> bool:
     return bool(getattr(fn, ENGINE_CALLS, False))
 
 
-def _block(h1: Tensor, m: Tensor, lp, batch: int) -> Tensor:
-    """The layer's MoE block on the normed rows ``m`` [M, C] (after the post-attention norm's
-    pre-hooks saw its input ``h1``, as on the module path)."""
-    c = m.shape[-1]
+def _before(h1: Tensor, lp, batch: int) -> None:
+    """The post-attention norm's pre-hooks, on its input ``h1`` [M, C]."""
     for hook in lp.norm_hooks():
-        hook(lp.mid_module, (h1.view(batch, -1, c),))
-    return lp.mlp(m.view(batch, -1, c)).reshape(m.shape)
+        hook(lp.mid_module, (h1.view(batch, -1, h1.shape[-1]),))
 
 
 def _after(h: Tensor, lp, batch: int) -> None:
+    """The decoder layer's forward hooks, on its output ``h`` [M, C]."""
     for hook in lp.layer_hooks():
         hook(lp.layer_module, (), h.view(batch, -1, h.shape[-1]))
+
+
+def _block(h1: Tensor, m: Tensor, lp, batch: int) -> Tensor:
+    """The layer's MoE block on the normed rows ``m`` [M, C] (after the post-attention norm's
+    pre-hooks saw its input ``h1``, as on the module path)."""
+    _before(h1, lp, batch)
+    return lp.mlp(m.view(batch, -1, m.shape[-1])).reshape(m.shape)
 
 
 def moe_hooks(h: Tensor, lp, batch: int) -> None:
     """An MoE layer whose block a skip plan skips: its norm's and decoder layer's hooks see ``h``
     (h + attention), as on the module path, where the layer still runs around a pass-through."""
-    for hook in lp.norm_hooks():
-        hook(lp.mid_module, (h.view(batch, -1, h.shape[-1]),))
+    _before(h, lp, batch)
     _after(h, lp, batch)
 
 
