@@ -21,32 +21,66 @@ namespace infertrix {
 template <class Args>
 using RowBlockFn = void (*)(const Args&, int64_t, int64_t, int64_t, int64_t);
 
+// The block for chunks of min(M, chunk) rows: its function, its weight rows (nr) and the chunk.
+template <class Args>
+struct RowBlock {
+  RowBlockFn<Args> fn;
+  int64_t nr, chunk;
+};
+
 // avx512: 4 functions (1, 2, 4, 8 rows) or nullptr; avx2: 3 functions (1, 2, 4 rows) or nullptr.
+template <class Args>
+RowBlock<Args> choose_row_block(int64_t M, Isa isa, RowBlockFn<Args> scalar, const RowBlockFn<Args>* avx512,
+                                const RowBlockFn<Args>* avx2) {
+  const bool wide = isa == Isa::Avx512Vnni && avx512 != nullptr;
+  const int64_t chunk = wide ? 8 : 4;
+  const int64_t rows = std::min(M, chunk);
+  if (wide) {
+    const int i = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : 3;
+    return {avx512[i], 16 >> i, chunk};
+  }
+  if (isa >= Isa::Avx2 && avx2 != nullptr) {
+    const int i = rows == 1 ? 0 : rows == 2 ? 1 : 2;
+    return {avx2[i], 8 >> i, chunk};
+  }
+  return {scalar, 8, chunk};
+}
+
+// Outputs [n0, n1) for every chunk of rows of x, block after block.
+template <class Args>
+void run_outputs(const Args& a, const RowBlock<Args>& c, int64_t M, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += c.nr)
+    for (int64_t m0 = 0; m0 < M; m0 += c.chunk) c.fn(a, m0, std::min(c.chunk, M - m0), n, std::min(c.nr, n1 - n));
+}
+
 // weight_row_bytes sets the parallel grain (at least 64 KiB of weights per task).
 template <class Args>
 void run_row_blocks(const Args& a, int64_t M, int64_t N, int64_t weight_row_bytes, Isa isa,
                     RowBlockFn<Args> scalar, const RowBlockFn<Args>* avx512, const RowBlockFn<Args>* avx2) {
   if (M <= 0 || N <= 0) return;
-  const bool wide = isa == Isa::Avx512Vnni && avx512 != nullptr;
-  const int64_t chunk = wide ? 8 : 4;
-  const int64_t rows = std::min(M, chunk);
-  RowBlockFn<Args> fn = scalar;
-  int64_t nr = 8;
-  if (wide) {
-    const int i = rows == 1 ? 0 : rows == 2 ? 1 : rows <= 4 ? 2 : 3;
-    fn = avx512[i];
-    nr = 16 >> i;
-  } else if (isa >= Isa::Avx2 && avx2 != nullptr) {
-    const int i = rows == 1 ? 0 : rows == 2 ? 1 : 2;
-    fn = avx2[i];
-    nr = 8 >> i;
-  }
-  const int64_t blocks = (N + nr - 1) / nr;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, nr * weight_row_bytes));
+  const RowBlock<Args> c = choose_row_block(M, isa, scalar, avx512, avx2);
+  const int64_t blocks = (N + c.nr - 1) / c.nr;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, c.nr * weight_row_bytes));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * nr, nrows = std::min(nr, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += chunk) fn(a, m0, std::min(chunk, M - m0), n0, nrows);
+    run_outputs(a, c, M, begin * c.nr, std::min(N, end * c.nr));
+  });
+}
+
+// As run_row_blocks, in tiles of 16 outputs (every block's nr divides 16): once a tile's blocks are
+// done for every row of x, after(n0, n1) runs on the same thread for its outputs [n0, n1), while
+// what the blocks wrote is hot (a kernel that finishes its sums per tile: no second pass over them).
+template <class Args, class After>
+void run_row_tiles(const Args& a, int64_t M, int64_t N, int64_t weight_row_bytes, Isa isa, RowBlockFn<Args> scalar,
+                   const RowBlockFn<Args>* avx512, const RowBlockFn<Args>* avx2, const After& after) {
+  if (M <= 0 || N <= 0) return;
+  constexpr int64_t kTile = 16;
+  const RowBlock<Args> c = choose_row_block(M, isa, scalar, avx512, avx2);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, kTile * weight_row_bytes));
+  at::parallel_for(0, (N + kTile - 1) / kTile, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kTile, n1 = std::min(N, n0 + kTile);
+      run_outputs(a, c, M, n0, n1);
+      after(n0, n1);
     }
   });
 }

@@ -286,7 +286,18 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 // the epilogue (integer sums: exact in any order). The correction multiplies int16 pairs
 // (vpdpwssd: two channels' columns by their int16 multipliers) over tiles of 16 outputs that lie
 // one after another: with one vpmulld per channel and 16 outputs over [F, N] columns (F streams
-// at once) it took 6.6 us a layer at 4 rows (SmolLM2, AMD EPYC, cold), a sixth of the layer.
+// at once) it took 6.6 us a layer at 4 rows (SmolLM2, AMD EPYC, cold), a sixth of the layer. Each
+// tile is finished (correction, epilogue) right after its blocks, on their thread (run_row_tiles),
+// its columns asked for one tile ahead: no second pass over the sums.
+
+// The copies' correction of a call: r [M, 2P] int16 multipliers (extra * code, 0 past F), cols
+// [ceil(N / 16), P, 16, 2] the flattened channels' weight columns in tiles of 16 outputs.
+struct Flat {
+  const int16_t* r;
+  const int8_t* cols;
+  int64_t P;
+};
+
 inline int8_t flat_code(float x, float mult) {
   return static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, x * mult))));
 }
@@ -307,39 +318,31 @@ INFERTRIX_TARGET_AVX512 void flat_row_avx512(const float* x, float mult, int64_t
   }
 }
 
-// sums[m, n] += sum_p r[m, 2p] cols[n / 16, p, n % 16, 0] + r[m, 2p + 1] cols[n / 16, p, n % 16, 1]:
-// 16 outputs at a time, their P pairs one 32-byte tile after another (one sequential stream).
-INFERTRIX_TARGET_AVX512 void flat_corr_avx512(const int16_t* r, const int8_t* cols, int64_t P, int64_t N, int64_t M,
-                                              int32_t* sums) {
-  for (int64_t n = 0; n < N; n += 16) {
-    const __mmask16 m16 = first_lanes(N - n);
-    const int8_t* tile = cols + (n / 16) * P * 32;
-    for (int64_t m = 0; m < M; ++m) {
-      int32_t* out = sums + m * N + n;
-      __m512i acc = _mm512_maskz_loadu_epi32(m16, out);
-      for (int64_t p = 0; p < P; ++p) {
-        int32_t pair;
-        std::memcpy(&pair, r + m * 2 * P + 2 * p, sizeof(pair));
-        const __m512i c = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * 32)));
-        acc = _mm512_dpwssd_epi32(acc, c, _mm512_set1_epi32(pair));
-      }
-      _mm512_mask_storeu_epi32(out, m16, acc);
+// Outputs [n0, n1) of one tile of 16 (n0 % 16 == 0), every row: the blocks' sums plus the copies'
+// correction, sum_p r[m, 2p] cols[n / 16, p, n % 16, 0] + r[m, 2p + 1] cols[n / 16, p, n % 16, 1]
+// (the tile's P pairs one 32-byte line half after another), then the epilogue's operations in its
+// order (mul, mul, add: no FMA) into a.y.
+INFERTRIX_TARGET_AVX512 void flat_tile_avx512(const Flat& f, const Args& a, int64_t n0, int64_t n1) {
+  const __mmask16 k = first_lanes(n1 - n0);
+  const int8_t* tile = f.cols + (n0 / 16) * f.P * 32;
+  const __m512 s1 = _mm512_maskz_loadu_ps(k, a.s1 + n0);
+  const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + n0) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < a.M; ++m) {
+    // four chains of multiply-adds (one would wait out vpdpwssd's latency P times); int32: exact
+    __m512i acc[4] = {_mm512_maskz_loadu_epi32(k, a.raw + m * a.N + n0), _mm512_setzero_si512(),
+                      _mm512_setzero_si512(), _mm512_setzero_si512()};
+    const int16_t* r = f.r + m * 2 * f.P;
+    for (int64_t p = 0; p < f.P; ++p) {
+      int32_t pair;
+      std::memcpy(&pair, r + 2 * p, sizeof(pair));
+      const __m512i c = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * 32)));
+      acc[p % 4] = _mm512_dpwssd_epi32(acc[p % 4], c, _mm512_set1_epi32(pair));
     }
-  }
-}
-
-// y[m, n] = (float(sums[m, n]) * sx[m]) * s1[n] (+ bias[n]), the epilogue's operations in its order
-// (mul, mul, add: no FMA), 16 outputs at a time.
-INFERTRIX_TARGET_AVX512 void finish_avx512(const int32_t* sums, const Args& a, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const __m512 sx = _mm512_set1_ps(a.sx[m]);
-    for (int64_t n = 0; n < a.N; n += 16) {
-      const __mmask16 k = first_lanes(a.N - n);
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, sums + m * a.N + n)), sx);
-      y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(k, a.s1 + n));
-      if (a.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(k, a.bias + n));
-      _mm512_mask_storeu_ps(a.y + m * a.N + n, k, y);
-    }
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.sx[m]));
+    y = _mm512_mul_ps(y, s1);
+    if (a.bias) y = _mm512_add_ps(y, bias);
+    _mm512_mask_storeu_ps(a.y + m * a.N + n0, k, y);
   }
 }
 #endif
@@ -370,27 +373,34 @@ void flat_row(Isa isa, const T* x, const float* mult, const int64_t* index, int6
   }
 }
 
-// Every row's correction added to its sums (see flat_corr_avx512): r [M, 2P], cols [ceil(N / 16), P, 16, 2].
-void flat_corr(Isa isa, const int16_t* r, const int8_t* cols, int64_t P, int64_t N, int64_t M, int32_t* sums) {
+// One tile's outputs [n0, n1), every row: correction and epilogue (see flat_tile_avx512).
+void flat_tile(Isa isa, const Flat& f, const Args& a, int64_t n0, int64_t n1) {
 #if INFERTRIX_X86
-  if (isa == Isa::Avx512Vnni) return flat_corr_avx512(r, cols, P, N, M, sums);
+  if (isa == Isa::Avx512Vnni) return flat_tile_avx512(f, a, n0, n1);
 #endif
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      const int8_t* c = cols + ((n / 16) * P * 16 + n % 16) * 2;  // pair p at c + p * 32
-      int32_t acc = 0;
-      for (int64_t p = 0; p < P; ++p) acc += r[m * 2 * P + 2 * p] * c[p * 32] + r[m * 2 * P + 2 * p + 1] * c[p * 32 + 1];
-      sums[m * N + n] += acc;
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* c = f.cols + ((n / 16) * f.P * 16 + n % 16) * 2;  // pair p at c + p * 32
+      const int16_t* r = f.r + m * 2 * f.P;
+      int32_t acc = a.raw[m * a.N + n];
+      for (int64_t p = 0; p < f.P; ++p) acc += r[2 * p] * c[p * 32] + r[2 * p + 1] * c[p * 32 + 1];
+      a.y[m * a.N + n] = epilogue(a, acc, m, n);
     }
 }
 
-// The epilogue over rows [m0, m1) of sums [M, N] into a.y.
-void finish(Isa isa, const int32_t* sums, const Args& a, int64_t m0, int64_t m1) {
+// What tile t's flat_tile reads besides the sums (its columns, scales, bias), asked for ahead: short
+// and cold in a decode step (no stream for the hardware prefetcher to learn before they end).
+void prefetch_tile(const Flat& f, const Args& a, int64_t t) {
 #if INFERTRIX_X86
-  if (isa == Isa::Avx512Vnni) return finish_avx512(sums, a, m0, m1);
+  const int64_t n0 = t * 16;
+  if (n0 >= a.N) return;
+  const int8_t* tile = f.cols + t * f.P * 32;
+  for (int64_t i = 0; i < f.P * 32; i += 64) _mm_prefetch(reinterpret_cast<const char*>(tile + i), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(a.s1 + n0), _MM_HINT_T0);
+  if (a.bias) _mm_prefetch(reinterpret_cast<const char*>(a.bias + n0), _MM_HINT_T0);
+#else
+  (void)f, (void)a, (void)t;
 #endif
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t n = 0; n < a.N; ++n) a.y[m * a.N + n] = epilogue(a, sums[m * a.N + n], m, n);
 }
 
 constexpr int64_t kMaxExtra = 32767 / 127;  // extra copies whose multiplier extra * code fits int16
@@ -437,15 +447,6 @@ at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "w8a8_flat_linear: bias must be [", N, "]");
   const at::Tensor mult = mult_in.contiguous(), index = index_in.contiguous(), cols = cols_in.contiguous();
   check_flat(qweight, act_scale, mult, index, cols);
-#if INFERTRIX_X86
-  // The columns and the scales are cold in a decode step and short (no stream for the hardware
-  // prefetcher to learn before they end), and read in tight loops after the blocks: ask for all
-  // their lines now, while x is quantized and the weights stream.
-  for (const at::Tensor* t : {&cols, &scale}) {
-    const char* c = static_cast<const char*>(t->const_data_ptr());
-    for (int64_t i = 0; i < t->numel() * t->element_size(); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-  }
-#endif
   const at::Tensor x2 = x.reshape({-1, K}).contiguous(), wc = qweight.contiguous(), sc = scale.contiguous();
   at::Tensor b;
   if (bias) b = bias->to(at::kFloat).contiguous();
@@ -470,17 +471,24 @@ at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
       for (int64_t m = begin; m < end; ++m) flat_row(isa, xp + m * K, mp, ip, F, P, K, xq + m * K, r.data() + m * 2 * P);
     });
   });
-  // the blocks leave the int32 sums; the copies' correction and the epilogue run over them after
+  // the blocks leave the int32 sums; each tile of 16 outputs is finished (the copies' correction, the
+  // epilogue) right after its blocks, on their thread, while the sums are hot
   Args a{xq, act.sx.data(), M, K, N, wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
          b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>(), sums.data()};
-  multiply(a, wc, isa);
-  // rows are independent here (integer sums, then per-element float ops): split over threads
-  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
-    if (F > 0)
-      flat_corr(isa, r.data() + begin * 2 * P, cols.const_data_ptr<int8_t>(), P, N, end - begin,
-                sums.data() + begin * N);
-    finish(isa, sums.data(), a, begin, end);
-  });
+  const Flat fl{r.data(), cols.const_data_ptr<int8_t>(), P};
+  const auto tile = [&](int64_t n0, int64_t n1) {
+    prefetch_tile(fl, a, n0 / 16 + 1);
+    flat_tile(isa, fl, a, n0, n1);
+  };
+  prefetch_tile(fl, a, 0);
+  if (M > kMaxRows) {  // at::_int_mm's sums (compute-bound here), then the tiles
+    multiply(a, wc, isa);
+    at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) tile(t * 16, std::min(N, t * 16 + 16));
+    });
+  } else {
+    run_row_tiles(a, M, N, K, isa, &block_scalar, kAvx512Blocks, kAvx2Blocks, tile);
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   out = out.view(sizes);
