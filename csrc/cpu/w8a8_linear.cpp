@@ -194,7 +194,7 @@ struct V {
 }  // namespace avx2
 #endif
 
-// The block functions per ISA for run_row_blocks (row_blocks.h).
+// The block functions per ISA for run_row_blocks and run_row_tiles (row_blocks.h).
 #if INFERTRIX_X86
 const RowBlockFn<Args> kAvx512Blocks[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
                                            &avx512::block<8>};
@@ -211,8 +211,9 @@ struct Activations {
   std::vector<float> sx;
 };
 
-// y = epilogue(x_q w^T) for activations already quantized into a.x / a.sx: one pass over the
-// weights for up to kMaxRows rows, at::_int_mm above (compute-bound there).
+// y = epilogue(x_q w^T) for activations already quantized into a.x / a.sx (the int32 sums into
+// a.raw instead when it is set): one pass over the weights for up to kMaxRows rows, at::_int_mm
+// above (compute-bound there).
 void multiply(const Args& a, const at::Tensor& wc, Isa isa) {
   const int64_t M = a.M, N = a.N, K = a.K;
   if (M > kMaxRows) {
@@ -318,8 +319,8 @@ INFERTRIX_TARGET_AVX512 void flat_row_avx512(const float* x, float mult, int64_t
   }
 }
 
-// Outputs [n0, n1) of one tile of 16 (n0 % 16 == 0), every row: the blocks' sums plus the copies'
-// correction, sum_p r[m, 2p] cols[n / 16, p, n % 16, 0] + r[m, 2p + 1] cols[n / 16, p, n % 16, 1]
+// Outputs [n0, n1) of one tile of kRowTile = 16 (n0 % 16 == 0), every row: the blocks' sums plus
+// the copies' correction, sum_p r[m, 2p] cols[n / 16, p, n % 16, 0] + r[m, 2p + 1] cols[n / 16, p, n % 16, 1]
 // (the tile's P pairs one 32-byte line half after another), then the epilogue's operations in its
 // order (mul, mul, add: no FMA) into a.y.
 INFERTRIX_TARGET_AVX512 void flat_tile_avx512(const Flat& f, const Args& a, int64_t n0, int64_t n1) {
@@ -328,17 +329,22 @@ INFERTRIX_TARGET_AVX512 void flat_tile_avx512(const Flat& f, const Args& a, int6
   const __m512 s1 = _mm512_maskz_loadu_ps(k, a.s1 + n0);
   const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + n0) : _mm512_setzero_ps();
   for (int64_t m = 0; m < a.M; ++m) {
-    // four chains of multiply-adds (one would wait out vpdpwssd's latency P times); int32: exact
-    __m512i acc[4] = {_mm512_maskz_loadu_epi32(k, a.raw + m * a.N + n0), _mm512_setzero_si512(),
-                      _mm512_setzero_si512(), _mm512_setzero_si512()};
+    // two chains of multiply-adds (one would wait out vpdpwssd's latency P times); int32: exact
     const int16_t* r = f.r + m * 2 * f.P;
-    for (int64_t p = 0; p < f.P; ++p) {
+    const auto term = [&](__m512i acc, int64_t p) INFERTRIX_TARGET_AVX512 {
       int32_t pair;
       std::memcpy(&pair, r + 2 * p, sizeof(pair));
       const __m512i c = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * 32)));
-      acc[p % 4] = _mm512_dpwssd_epi32(acc[p % 4], c, _mm512_set1_epi32(pair));
+      return _mm512_dpwssd_epi32(acc, c, _mm512_set1_epi32(pair));
+    };
+    __m512i even = _mm512_maskz_loadu_epi32(k, a.raw + m * a.N + n0), odd = _mm512_setzero_si512();
+    int64_t p = 0;
+    for (; p + 1 < f.P; p += 2) {
+      even = term(even, p);
+      odd = term(odd, p + 1);
     }
-    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
+    if (p < f.P) even = term(even, p);
+    const __m512i sum = _mm512_add_epi32(even, odd);
     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.sx[m]));
     y = _mm512_mul_ps(y, s1);
     if (a.bias) y = _mm512_add_ps(y, bias);
@@ -477,14 +483,14 @@ at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
          b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>(), sums.data()};
   const Flat fl{r.data(), cols.const_data_ptr<int8_t>(), P};
   const auto tile = [&](int64_t n0, int64_t n1) {
-    prefetch_tile(fl, a, n0 / 16 + 1);
+    prefetch_tile(fl, a, n0 / kRowTile + 1);
     flat_tile(isa, fl, a, n0, n1);
   };
   prefetch_tile(fl, a, 0);
   if (M > kMaxRows) {  // at::_int_mm's sums (compute-bound here), then the tiles
     multiply(a, wc, isa);
-    at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) tile(t * 16, std::min(N, t * 16 + 16));
+    at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) tile(t * kRowTile, std::min(N, (t + 1) * kRowTile));
     });
   } else {
     run_row_tiles(a, M, N, K, isa, &block_scalar, kAvx512Blocks, kAvx2Blocks, tile);

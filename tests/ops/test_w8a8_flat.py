@@ -138,14 +138,19 @@ def test_the_int16_multiplier_bound(isa):
                        w8a8_flat_linear_reference(x, q, scale, step, mult, index, cols, b))
 
 
-def test_thread_count_changes_no_bit():
-    x, *args, b = _inputs(MAX_ROWS + 9, 50, 96, 7, seed=11)
+# K = 4096: a task per tile of 16 outputs; N = 325: more than one task of 16 tiles past MAX_ROWS rows
+@pytest.mark.parametrize("n, k", [(50, 96), (16 * 9 + 5, 4096), (16 * 20 + 5, 96)])
+def test_thread_count_changes_no_bit(n, k):
+    x, *args, b = _inputs(MAX_ROWS + 9, n, k, 7, seed=11)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = w8a8_flat_linear(x, *args, b)
-        torch.set_num_threads(2)
-        assert torch.equal(w8a8_flat_linear(x, *args, b), one)
-        assert torch.equal(w8a8_flat_linear(x[:7], *args, b), one[:7])
+        assert torch.equal(one, w8a8_flat_linear_reference(x, *args, b))
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(w8a8_flat_linear(x, *args, b), one), threads
+            assert torch.equal(w8a8_flat_linear(x[:7], *args, b), one[:7]), threads
+            assert torch.equal(w8a8_flat_linear(x[:1], *args, b), one[:1]), threads
     finally:
         torch.set_num_threads(before)
