@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -64,7 +65,7 @@ def _prose_ids(n: int) -> torch.Tensor:
 
     from infertrix.core.calibration import token_windows
 
-    tok = AutoTokenizer.from_pretrained(ROOT / "smollm2-8x-split")
+    tok = AutoTokenizer.from_pretrained(build_real())  # its folder holds the tokenizer (built on a fresh machine)
     calib = CALIB_WINDOWS * WINDOW_TOKENS
     ids = token_windows(tok, windows=1, window_tokens=calib + n, start=0.0)
     return ids[:, calib:]  # after the router's calibration text
@@ -113,6 +114,18 @@ def build_random() -> Path:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
     model.save_pretrained(out)
     return out
+
+
+def _prepare(models: list[str]) -> None:
+    """Build the checkpoints and expert stores of ``models`` that are not cached yet."""
+    from infertrix.moe import ExpertStore
+
+    build_real()  # its tokenizer gives the prose ids of either model
+    for model in models:
+        ck = build_real() if model == "real" else build_random()
+        store = ROOT / f"{ck.name}-store"
+        if not (store / "manifest.json").exists():
+            ExpertStore.from_checkpoint(ck, store).close()
 
 
 # -- one configuration (worker subprocess) -------------------------------------------------------
@@ -437,18 +450,24 @@ def main() -> None:
         return
 
     from benchmarks.report import markdown_table, write_section
-    from infertrix.moe import ExpertStore
 
     torch.set_num_threads(THREADS)
     ROOT.mkdir(parents=True, exist_ok=True)
     models = ["real", "random"] if args.models == "all" else [args.models]
+    # Models and stores are built in a child process: a worker started from this one would inherit
+    # its peak RSS (Linux keeps ru_maxrss across fork and exec), so building them here (2 GB for
+    # the random Mixtral) would show as every worker's peak.
+    ctx = multiprocessing.get_context("spawn")
+    prep = ctx.Process(target=_prepare, args=(models,))
+    prep.start()
+    prep.join()
+    if prep.exitcode != 0:
+        raise SystemExit(f"building the MoE models failed (exit code {prep.exitcode})")
     ids_file = ROOT / "prose_ids.pt"
     torch.save(_prose_ids(32 + 128 + 1), ids_file)
     for model in models:
-        ck = build_real() if model == "real" else build_random()
+        ck = build_real() if model == "real" else build_random()  # built above: their folders
         store = ROOT / f"{ck.name}-store"
-        if not (store / "manifest.json").exists():
-            ExpertStore.from_checkpoint(ck, store).close()
         specs = configs(args.quick, model, args.steps)
         for i, spec in enumerate(specs):
             spec.update(ckpt=str(ck), store=str(store), ids=str(ids_file), prompt=32,
