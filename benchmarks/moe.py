@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,6 +51,13 @@ CALIB_WINDOWS, WINDOW_TOKENS = 4, 512  # the router's calibration: the first 204
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process's own address space (VmHWM). Not ru_maxrss: Linux keeps that across
+    fork and exec, so a worker would report the driver's peak (2 GB after building the random Mixtral)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _read_bytes() -> int:
@@ -114,18 +119,6 @@ def build_random() -> Path:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
     model.save_pretrained(out)
     return out
-
-
-def _prepare(models: list[str]) -> None:
-    """Build the checkpoints and expert stores of ``models`` that are not cached yet."""
-    from infertrix.moe import ExpertStore
-
-    build_real()  # its tokenizer gives the prose ids of either model
-    for model in models:
-        ck = build_real() if model == "real" else build_random()
-        store = ROOT / f"{ck.name}-store"
-        if not (store / "manifest.json").exists():
-            ExpertStore.from_checkpoint(ck, store).close()
 
 
 # -- one configuration (worker subprocess) -------------------------------------------------------
@@ -224,7 +217,7 @@ class _Run:
             "name": spec["name"], "kind": spec["kind"], "steps": steps, "load_s": self.load_s,
             "prefill_s": self.prefill_s, "tokens_per_s": steps / self.wall, "cpu_s_per_token": self.cpu / steps,
             "disk_read_mib_per_token": (_read_bytes() - self.read0) / 2**20 / steps,
-            "rss_runtime": self.rss_runtime, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_runtime": self.rss_runtime, "peak_rss": _peak_rss(),
         }
         if self.engine is not None:  # which path the decode steps took (the engine falls back per forward, and says why)
             report = self.engine.report()
@@ -450,24 +443,18 @@ def main() -> None:
         return
 
     from benchmarks.report import markdown_table, write_section
+    from infertrix.moe import ExpertStore
 
     torch.set_num_threads(THREADS)
     ROOT.mkdir(parents=True, exist_ok=True)
     models = ["real", "random"] if args.models == "all" else [args.models]
-    # Models and stores are built in a child process: a worker started from this one would inherit
-    # its peak RSS (Linux keeps ru_maxrss across fork and exec), so building them here (2 GB for
-    # the random Mixtral) would show as every worker's peak.
-    ctx = multiprocessing.get_context("spawn")
-    prep = ctx.Process(target=_prepare, args=(models,))
-    prep.start()
-    prep.join()
-    if prep.exitcode != 0:
-        raise SystemExit(f"building the MoE models failed (exit code {prep.exitcode})")
     ids_file = ROOT / "prose_ids.pt"
     torch.save(_prose_ids(32 + 128 + 1), ids_file)
     for model in models:
-        ck = build_real() if model == "real" else build_random()  # built above: their folders
+        ck = build_real() if model == "real" else build_random()
         store = ROOT / f"{ck.name}-store"
+        if not (store / "manifest.json").exists():
+            ExpertStore.from_checkpoint(ck, store).close()
         specs = configs(args.quick, model, args.steps)
         for i, spec in enumerate(specs):
             spec.update(ckpt=str(ck), store=str(store), ids=str(ids_file), prompt=32,
