@@ -532,6 +532,8 @@ def _kernel_calls(layers, xs, kind: str) -> list:
     (its own kernel), ``unflattened`` (its kernel with no flattened channel, each layer's own
     ``act_scale``/``act_mult``/``flat_index``: the correction's cost apart), ``unflattened, shared``
     (the same with those three tensors shared by every layer, so hot: their cold reads apart)."""
+    from infertrix.ops.w8a8_flat import pair_columns
+
     calls, shared = [], None
     for lin, x in zip(layers, xs, strict=True):
         b = lin._buffers
@@ -543,7 +545,7 @@ def _kernel_calls(layers, xs, kind: str) -> list:
             own = (b["act_scale"].clone(), b["act_mult"][:1].clone(), torch.zeros(2, 0, dtype=torch.long))
             shared = shared or own
             small = shared if kind == "unflattened, shared" else own
-            no_cols = torch.zeros(-(-lin.out_features // 16), 0, 16, 2, dtype=torch.int8)
+            no_cols = pair_columns(torch.zeros(0, lin.out_features, dtype=torch.int8))
             calls.append((torch.ops.infertrix.w8a8_flat_linear.default,
                           (x, b["qweight"], b["scale"], *small, no_cols, b["bias"])))
     return calls

@@ -56,15 +56,19 @@ void run_outputs(const Args& a, const RowBlock<Args>& c, int64_t M, int64_t n0, 
     for (int64_t m0 = 0; m0 < M; m0 += c.chunk) c.fn(a, m0, std::min(c.chunk, M - m0), n, std::min(c.nr, n1 - n));
 }
 
-// weight_row_bytes sets the parallel grain (at least 64 KiB of weights per task).
+// Tasks of at least 64 KiB of weights: units (blocks or tiles) of `rows` weight rows each.
+inline int64_t task_grain(int64_t rows, int64_t weight_row_bytes) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, rows * weight_row_bytes));
+}
+
+// weight_row_bytes sets the parallel grain (task_grain).
 template <class Args>
 void run_row_blocks(const Args& a, int64_t M, int64_t N, int64_t weight_row_bytes, Isa isa,
                     RowBlockFn<Args> scalar, const RowBlockFn<Args>* avx512, const RowBlockFn<Args>* avx2) {
   if (M <= 0 || N <= 0) return;
   const RowBlock<Args> c = choose_row_block(M, isa, scalar, avx512, avx2);
   const int64_t blocks = (N + c.nr - 1) / c.nr;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, c.nr * weight_row_bytes));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, task_grain(c.nr, weight_row_bytes), [&](int64_t begin, int64_t end) {
     run_outputs(a, c, M, begin * c.nr, std::min(N, end * c.nr));
   });
 }
@@ -77,8 +81,8 @@ void run_row_tiles(const Args& a, int64_t M, int64_t N, int64_t weight_row_bytes
                    const RowBlockFn<Args>* avx512, const RowBlockFn<Args>* avx2, const After& after) {
   if (M <= 0 || N <= 0) return;
   const RowBlock<Args> c = choose_row_block(M, isa, scalar, avx512, avx2);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, kRowTile * weight_row_bytes));
-  at::parallel_for(0, (N + kRowTile - 1) / kRowTile, grain, [&](int64_t begin, int64_t end) {
+  const int64_t tiles = (N + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, tiles, task_grain(kRowTile, weight_row_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * kRowTile, n1 = std::min(N, n0 + kRowTile);
       run_outputs(a, c, M, n0, n1);

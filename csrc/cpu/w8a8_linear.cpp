@@ -298,6 +298,7 @@ struct Flat {
   const int8_t* cols;
   int64_t P;
 };
+static_assert(kRowTile == 16, "a tile of run_row_tiles must be one 16-output tile of flat_columns");
 
 inline int8_t flat_code(float x, float mult) {
   return static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, x * mult))));
