@@ -529,25 +529,19 @@ def defaults_table(saved: dict, max_tokens: int) -> str:
 def _kernel_calls(layers, xs, kind: str) -> list:
     """(op, arguments) per FlattenLinear in ``layers`` on ``xs``. ``kind``: ``per-token``
     (``w8a8_linear`` on the same int8 weights and scales: the same bytes streamed), ``flattened``
-    (its own kernel), ``unflattened`` (its kernel with no flattened channel, each layer's own
-    ``act_scale``/``act_mult``/``flat_index``: the correction's cost apart), ``unflattened, shared``
-    (the same with those three tensors shared by every layer, so hot: their cold reads apart)."""
-    from infertrix.ops.w8a8_flat import pair_columns
+    (its own kernel), ``unflattened`` (its kernel with no flattened channel: their cost apart)."""
+    from infertrix.ops.w8a8_flat import pack_scales
 
-    calls, shared = [], None
+    calls = []
     for lin, x in zip(layers, xs, strict=True):
         b = lin._buffers
         if kind == "per-token":
-            calls.append((torch.ops.infertrix.w8a8_linear.default, (x, b["qweight"], b["scale"], b["bias"])))
+            calls.append((torch.ops.infertrix.w8a8_linear.default, (x, b["qweight"], lin.scale.clone(), b["bias"])))
         elif kind == "flattened":
             calls.append((torch.ops.infertrix.w8a8_flat_linear.default, lin.kernel_args(x)))
         else:
-            own = (b["act_scale"].clone(), b["act_mult"][:1].clone(), torch.zeros(2, 0, dtype=torch.long))
-            shared = shared or own
-            small = shared if kind == "unflattened, shared" else own
-            no_cols = pair_columns(torch.zeros(0, lin.out_features, dtype=torch.int8))
             calls.append((torch.ops.infertrix.w8a8_flat_linear.default,
-                          (x, b["qweight"], b["scale"], *small, no_cols, b["bias"])))
+                          (x, b["qweight"], pack_scales(lin.flat[:1], lin.scale), b["bias"])))
     return calls
 
 
@@ -602,9 +596,8 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
         extra = sum(getattr(m, "extra_channels", 0) * m.out_features for m in layers)
         base = sum(m.in_features * m.out_features for m in layers)
         ppl = ixe.perplexity(model, tok, max_tokens=tokens)
-        quality.append({"config": name, "perplexity": ppl, "extra weight columns %": 100 * extra / base,
-                        "int8 weight MiB": sum(m.qweight.numel() + (m.flat_columns.numel() if kind is FlattenLinear else 0)
-                                               for m in layers) / 2**20, "calibrate s": took})
+        quality.append({"config": name, "perplexity": ppl, "flattened extra channels %": 100 * extra / base,
+                        "int8 weight MiB": sum(m.qweight.numel() for m in layers) / 2**20, "calibrate s": took})
         print(quality[-1], flush=True)
         models[name] = layers
         full[name] = (model, tok)
@@ -619,7 +612,7 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
             calls = {f"{names[0]} module": [(lin, (x,)) for lin, x in zip(models[names[0]], xs[names[0]], strict=True)],
                      f"{names[1]} module": [(lin, (x,)) for lin, x in zip(flat, xs[names[1]], strict=True)],
                      **{f"{k} kernel": _kernel_calls(flat, xs[names[1]], k)
-                        for k in ("per-token", "flattened", "unflattened", "unflattened, shared")}}
+                        for k in ("per-token", "flattened", "unflattened")}}
             times: dict[str, list[float]] = {n: [] for n in calls}
             order = random.Random(m)
             for _ in range(rounds):
@@ -632,7 +625,6 @@ def flatten_rows(tokens: int, rounds: int, ms: list[int]) -> tuple[list[dict], l
             row = {"M": m, **{f"{n} ms": round(1e3 * t, 2) for n, t in med.items()}}
             for part, (a, b) in (("kernels, same weights", ("per-token kernel", "flattened kernel")),
                                  ("no flattened channel", ("per-token kernel", "unflattened kernel")),
-                                 ("no flattened channel, shared", ("per-token kernel", "unflattened, shared kernel")),
                                  ("modules", tuple(f"{n} module" for n in names))):
                 ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
                 row[f"{part}: per-token / flattened"] = round(statistics.median(ratios), 3)
@@ -710,10 +702,8 @@ def main(argv: list[str]) -> None:
                 "bytes streamed; arguments gathered beforehand, so both pay the same Python per call). "
                 "*Modules*: each model's own layers called as `layer(x)` (two models' weights: where each "
                 "lies in memory moves a pass by up to 25% between runs). *No flattened channel*: the "
-                "flattened kernel with F = 0 on the same weights (each layer's own three small tensors "
-                "`act_scale`, `act_mult`, `flat_index`: the correction's cost apart); *shared*: those three "
-                "tensors shared by every layer, hot in cache (their cold reads apart; what remains is the "
-                "call's four more arguments). The six passes in a shuffled "
+                "flattened kernel with F = 0 on the same weights (the flattened channels' cost apart). "
+                "The five passes in a shuffled "
                 f"order each round, {args.rounds} rounds, median; the ratios are per round. 2 cores; 1-minute load average {os.getloadavg()[0]:.1f} at the end.\n\n"
                 + markdown_table(quality, list(quality[1])) + "\n" + markdown_table(speed, list(speed[0]))
                 + "\n*Engine decode*: `model.generate` on the decode engine (both models' every layer runs "

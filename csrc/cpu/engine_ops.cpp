@@ -492,16 +492,15 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
 // ---------------------------------------------------------------- one decoder layer in one call
 // The packed layout of infertrix::engine_layer (src/infertrix/ops/engine.py engine_layer_reference
 // documents it and is the reference): tensors = [mlp_norm, next_norm, q_norm?, k_norm?,
-// attn_out_norm?, mlp_out_norm?] then kSlotTensors (seven) per linear slot (fp32: weight, -, -, -, bias;
+// attn_out_norm?, mlp_out_norm?] then kSlotTensors (five) per linear slot (fp32: weight, -, -, -, bias;
 // w4a8: qweight, scale, group_scale, zero?, bias; w8a8: qweight, scale, -, -, bias; w4a16: qweight,
-// scales_and_zeros, -, -, bias; w8a8_flat: qweight, scale, act_scale, act_mult, bias, flat_index,
-// flat_columns); ints = [heads,
+// scales_and_zeros, -, -, bias; w8a8_flat: qweight, scales, -, -, bias); ints = [heads,
 // kv_heads, head_dim, n_qkv, n_gu, window, gelu] then (kind, in_features, group_size) per slot;
 // floats = [scaling, mlp_eps, next_eps, qn_eps, kn_eps, attn_out_eps, mlp_out_eps]. The optional
 // output norms and `gelu` are Gemma 3's layer (Llama-style layers leave them out).
 // The linear kernels are reached through the dispatcher (their own files register them).
 constexpr int64_t kLayerInts = 7, kLayerTensors = 6, kLayerFloats = 7;  // before the slots
-constexpr int64_t kSlotTensors = 7;                                       // per linear slot
+constexpr int64_t kSlotTensors = 5;                                       // per linear slot
 constexpr int64_t kSkinnyMaxRows = 32;  // ops/skinny_linear.py MAX_ROWS: larger calls leave the kernel
 
 using OptTensor = std::optional<at::Tensor>;
@@ -534,9 +533,8 @@ at::Tensor call_linear(int64_t kind, int64_t in_features, int64_t group_size, co
   if (kind == 4) {  // FlattenLinear: per-tensor static int8 activations, large channels flattened
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("infertrix::w8a8_flat_linear", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
-    return op.call(x, need(0), need(1), need(2), need(3), need(5), need(6), get(4));
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+    return op.call(x, need(0), need(1), get(4));
   }
   TORCH_CHECK(kind == 0, "engine_layer: unknown linear kind ", kind);
   static auto op = c10::Dispatcher::singleton()

@@ -5,8 +5,7 @@
 // block has the same output rows. Each kernel provides its block functions per ISA: one for chunks
 // of 1, 2, 4 and 8 rows on AVX-512 (16 / rows weight rows per block), of 1, 2 and 4 on AVX2
 // (8 / rows: 8 accumulators + 4 rows of x + a weight vector fit AVX2's 16 registers), and a
-// scalar one (8 weight rows per block). run_row_tiles runs the same blocks in tiles of kRowTile
-// outputs and lets the kernel finish each tile right after its blocks.
+// scalar one (8 weight rows per block).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -17,8 +16,6 @@
 #include "cpu_isa.h"
 
 namespace infertrix {
-
-constexpr int64_t kRowTile = 16;  // run_row_tiles' outputs per tile (every block's weight rows divide it)
 
 // Block(args, m0, mrows, n0, nrows): rows [m0, m0 + mrows) of x times weight rows [n0, n0 + nrows).
 template <class Args>
@@ -56,7 +53,7 @@ void run_outputs(const Args& a, const RowBlock<Args>& c, int64_t M, int64_t n0, 
     for (int64_t m0 = 0; m0 < M; m0 += c.chunk) c.fn(a, m0, std::min(c.chunk, M - m0), n, std::min(c.nr, n1 - n));
 }
 
-// Tasks of at least 64 KiB of weights: units (blocks or tiles) of `rows` weight rows each.
+// Tasks of at least 64 KiB of weights: blocks of `rows` weight rows each.
 inline int64_t task_grain(int64_t rows, int64_t weight_row_bytes) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, rows * weight_row_bytes));
 }
@@ -70,24 +67,6 @@ void run_row_blocks(const Args& a, int64_t M, int64_t N, int64_t weight_row_byte
   const int64_t blocks = (N + c.nr - 1) / c.nr;
   at::parallel_for(0, blocks, task_grain(c.nr, weight_row_bytes), [&](int64_t begin, int64_t end) {
     run_outputs(a, c, M, begin * c.nr, std::min(N, end * c.nr));
-  });
-}
-
-// As run_row_blocks, in tiles of kRowTile outputs: once a tile's blocks are
-// done for every row of x, after(n0, n1) runs on the same thread for its outputs [n0, n1), while
-// what the blocks wrote is hot (a kernel that finishes its sums per tile: no second pass over them).
-template <class Args, class After>
-void run_row_tiles(const Args& a, int64_t M, int64_t N, int64_t weight_row_bytes, Isa isa, RowBlockFn<Args> scalar,
-                   const RowBlockFn<Args>* avx512, const RowBlockFn<Args>* avx2, const After& after) {
-  if (M <= 0 || N <= 0) return;
-  const RowBlock<Args> c = choose_row_block(M, isa, scalar, avx512, avx2);
-  const int64_t tiles = (N + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, tiles, task_grain(kRowTile, weight_row_bytes), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kRowTile, n1 = std::min(N, n0 + kRowTile);
-      run_outputs(a, c, M, n0, n1);
-      after(n0, n1);
-    }
   });
 }
 

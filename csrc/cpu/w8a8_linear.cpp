@@ -59,6 +59,10 @@ struct Args {
   const float* bias;   // [N] or nullptr
   float* y;            // [M, N]
   int32_t* raw = nullptr;  // [M, N]: when set, the int32 sums go here and y is not written
+  // w8a8_flat_linear's flattened channels: [M, wide_len] int16 values (wide_len a multiple of 32),
+  // each row's products with the first wide_len columns of the weight added to the sums; nullptr: none
+  const int16_t* wide = nullptr;
+  int64_t wide_len = 0;
 };
 
 inline float epilogue(const Args& a, int32_t acc, int64_t m, int64_t n) {
@@ -74,10 +78,13 @@ void block_scalar(const Args& a, int64_t m0, int64_t mrows, int64_t n0, int64_t 
     const int8_t* xr = a.x + m * a.K;
     for (int64_t n = n0; n < n0 + nrows; ++n) {
       const int8_t* wr = a.w + n * a.K;
-      int32_t s = 0;
+      int64_t s = 0;  // exact: the final sum fits int32
       for (int64_t k = 0; k < a.K; ++k) s += static_cast<int32_t>(xr[k]) * wr[k];
-      if (a.raw) a.raw[m * a.N + n] = s;
-      else a.y[m * a.N + n] = epilogue(a, s, m, n);
+      if (a.wide)
+        for (int64_t k = 0; k < std::min(a.wide_len, a.K); ++k)
+          s += static_cast<int32_t>(a.wide[m * a.wide_len + k]) * wr[k];
+      if (a.raw) a.raw[m * a.N + n] = static_cast<int32_t>(s);
+      else a.y[m * a.N + n] = epilogue(a, static_cast<int32_t>(s), m, n);
     }
   }
 }
@@ -118,6 +125,14 @@ struct V {
   W8A8_TARGET static X ones() { return {_mm512_set1_epi8(1), 0}; }
   W8A8_TARGET static I offset_dot(I acc, const X& x, I w) { return _mm512_dpbusd_epi32(acc, x.mag, w); }
   W8A8_TARGET static I shl7(I v) { return _mm512_slli_epi32(v, 7); }
+  // int16 products (w8a8_flat_linear's flattened channels): kWide int16 lanes; widen(p, n) the first n
+  // bytes at p as int16 (zeros after); wdot(acc, a, w): acc + per-lane sum of 2 products a * w
+  static constexpr int kWide = 32;
+  W8A8_TARGET static I load16(const int16_t* p) { return _mm512_loadu_si512(p); }
+  W8A8_TARGET static I widen(const int8_t* p, int64_t n) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1, p));
+  }
+  W8A8_TARGET static I wdot(I acc, I a, I w) { return _mm512_dpwssd_epi32(acc, a, w); }
   W8A8_TARGET static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
   W8A8_TARGET static I add(I a, I b) { return _mm512_add_epi32(a, b); }
   W8A8_TARGET static I hsum(const I* v) {  // skinny_linear's transpose-add tree, on int32 lanes
@@ -173,6 +188,15 @@ struct V {
   W8A8_TARGET static X ones() { return prep(_mm256_set1_epi8(1)); }
   W8A8_TARGET static I offset_dot(I acc, const X& x, I w) { return dot(acc, x, w); }
   W8A8_TARGET static I shl7(I v) { return _mm256_slli_epi32(v, 7); }
+  static constexpr int kWide = 16;  // vpmaddwd: 2 int16 products per int32 lane, no saturation
+  W8A8_TARGET static I load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  W8A8_TARGET static I widen(const int8_t* p, int64_t n) {
+    alignas(16) int8_t buf[16] = {0};
+    if (n >= 16) return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    std::memcpy(buf, p, static_cast<size_t>(n));
+    return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+  }
+  W8A8_TARGET static I wdot(I acc, I a, I w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, w)); }
   W8A8_TARGET static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
   W8A8_TARGET static I add(I a, I b) { return _mm256_add_epi32(a, b); }
   W8A8_TARGET static I hsum(const I* v) {
@@ -194,7 +218,7 @@ struct V {
 }  // namespace avx2
 #endif
 
-// The block functions per ISA for run_row_blocks and run_row_tiles (row_blocks.h).
+// The block functions per ISA for run_row_blocks (row_blocks.h).
 #if INFERTRIX_X86
 const RowBlockFn<Args> kAvx512Blocks[4] = {&avx512::block<1>, &avx512::block<2>, &avx512::block<4>,
                                            &avx512::block<8>};
@@ -277,28 +301,19 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
 // ---------------------------------------------------------------- w8a8_flat_linear (FlattenQuant)
 // Static per-tensor activations (Zhang et al. 2024, arXiv:2402.17985): codes are
-// clamp(round(x * mult[0]), -127, 127) with the calibrated 1 / step, then the F flattened
-// channels' codes again with their own multiplier (1 / (step * copies)). No max search over the
-// row: one pass instead of quantize_row_int8's two, and no per-channel array of size K to read.
-// Clamping before rounding gives the reference's round-then-clamp result for the bounds +-127.
-// The weight keeps the float layer's [N, K] rows, so the W8A8 blocks stream it as they stream
-// w8a8_linear's; a flattened channel's extra copies carry its code again, and their products,
-// (extra * code) * column, are one int32 correction per output, added to the block's sum before
-// the epilogue (integer sums: exact in any order). The correction multiplies int16 pairs
-// (vpdpwssd: two channels' columns by their int16 multipliers) over tiles of 16 outputs that lie
-// one after another: with one vpmulld per channel and 16 outputs over [F, N] columns (F streams
-// at once) it took 6.6 us a layer at 4 rows (SmolLM2, AMD EPYC, cold), a sixth of the layer. Each
-// tile is finished (correction, epilogue) right after its blocks, on their thread (run_row_tiles),
-// its columns asked for one tile ahead: no second pass over the sums.
-
-// The copies' correction of a call: r [M, 2P] int16 multipliers (extra * code, 0 past F), cols
-// [ceil(N / 16), P, 16, 2] the flattened channels' weight columns in tiles of 16 outputs.
-struct Flat {
-  const int16_t* r;
-  const int8_t* cols;
-  int64_t P;
-};
-static_assert(kRowTile == 16, "a tile of run_row_tiles must be one 16-output tile of flat_columns");
+// clamp(round(x * mult), -127, 127) with the calibrated 1 / step, and each of the F flattened
+// channels' code again with its own multiplier (1 / (step * copies)); its copies carry that code,
+// so their products are one channel of value a = copies * code (|a| <= 128 * 127). No max search
+// over the row: one pass instead of quantize_row_int8's two. Clamping before rounding gives the
+// reference's round-then-clamp result for the bounds +-127.
+// The weight's columns are permuted (src/infertrix/ops/w8a8_flat.py flat_permutation) so the F
+// flattened channels come first: a row's codes are written in that order with 0 at positions
+// [0, F), and the flattened channels' values a go to a short int16 row of their own (`wide`,
+// wide_len long, zeros past F). The blocks multiply the codes as w8a8_linear's, then that row by
+// the first wide_len columns of the same weight rows, just read, widened to int16 (vpdpwssd: two
+// products per int32 lane, |a w| <= 128 * 127 * 127: exact). The call streams exactly w8a8_linear's
+// weight bytes; the flattening costs one multiply-add per 32 flattened channels, per weight row
+// and row of x.
 
 inline int8_t flat_code(float x, float mult) {
   return static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, x * mult))));
@@ -319,129 +334,68 @@ INFERTRIX_TARGET_AVX512 void flat_row_avx512(const float* x, float mult, int64_t
     _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));  // rounds to nearest even
   }
 }
-
-// Outputs [n0, n1) of one tile of kRowTile = 16 (n0 % 16 == 0), every row: the blocks' sums plus
-// the copies' correction, sum_p r[m, 2p] cols[n / 16, p, n % 16, 0] + r[m, 2p + 1] cols[n / 16, p, n % 16, 1]
-// (the tile's P pairs one 32-byte line half after another), then the epilogue's operations in its
-// order (mul, mul, add: no FMA) into a.y.
-INFERTRIX_TARGET_AVX512 void flat_tile_avx512(const Flat& f, const Args& a, int64_t n0, int64_t n1) {
-  const __mmask16 k = first_lanes(n1 - n0);
-  const int8_t* tile = f.cols + (n0 / 16) * f.P * 32;
-  const __m512 s1 = _mm512_maskz_loadu_ps(k, a.s1 + n0);
-  const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + n0) : _mm512_setzero_ps();
-  for (int64_t m = 0; m < a.M; ++m) {
-    // two chains of multiply-adds (one would wait out vpdpwssd's latency P times); int32: exact
-    const int16_t* r = f.r + m * 2 * f.P;
-    const auto term = [&](__m512i acc, int64_t p) INFERTRIX_TARGET_AVX512 {
-      int32_t pair;
-      std::memcpy(&pair, r + 2 * p, sizeof(pair));
-      const __m512i c = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * 32)));
-      return _mm512_dpwssd_epi32(acc, c, _mm512_set1_epi32(pair));
-    };
-    __m512i even = _mm512_maskz_loadu_epi32(k, a.raw + m * a.N + n0), odd = _mm512_setzero_si512();
-    int64_t p = 0;
-    for (; p + 1 < f.P; p += 2) {
-      even = term(even, p);
-      odd = term(odd, p + 1);
-    }
-    if (p < f.P) even = term(even, p);
-    const __m512i sum = _mm512_add_epi32(even, odd);
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.sx[m]));
-    y = _mm512_mul_ps(y, s1);
-    if (a.bias) y = _mm512_add_ps(y, bias);
-    _mm512_mask_storeu_ps(a.y + m * a.N + n0, k, y);
-  }
-}
 #endif
 
-// One row's codes into q: the K channels at mult[0], then the F flattened at their own, whose int16
-// multipliers extra * code go to r [2P] (0 past F).
+// One row's codes into q (the permuted order, 0 at [0, F)) and the flattened channels' values into
+// wide [wide_len]. flat is the float32 [1 + F, 3] table: (step, 1 / step, 0), then per flattened
+// channel (channel, extra copies, multiplier). Flattened channel f's slot is f: swap(f, c_f) in
+// turn, as flat_permutation.
 template <typename T>
-void flat_row(Isa isa, const T* x, const float* mult, const int64_t* index, int64_t F, int64_t P, int64_t K,
-              int8_t* q, int16_t* r) {
+void flat_row(Isa isa, const T* x, const float* flat, int64_t F, int64_t K, int8_t* q, int16_t* wide,
+              int64_t wide_len) {
   bool done = false;
 #if INFERTRIX_X86
   if constexpr (std::is_same_v<T, float>) {
     if (isa == Isa::Avx512Vnni) {
-      flat_row_avx512(x, mult[0], K, q);
+      flat_row_avx512(x, flat[1], K, q);
       done = true;
     }
   }
 #endif
-  if (!done) flat_row_scalar(x, mult[0], K, q);
-  for (int64_t f = 0; f < 2 * P; ++f) {
-    if (f >= F) {
-      r[f] = 0;
-      continue;
-    }
-    const int64_t c = index[f];
-    q[c] = flat_code(static_cast<float>(x[c]), mult[1 + f]);
-    r[f] = static_cast<int16_t>(index[F + f] * q[c]);  // |extra| <= kMaxExtra: fits
+  if (!done) flat_row_scalar(x, flat[1], K, q);
+  std::fill(wide, wide + wide_len, int16_t{0});
+  for (int64_t f = 0; f < F; ++f) {
+    const float* e = flat + 3 * (1 + f);
+    const auto c = static_cast<int64_t>(e[0]);
+    q[c] = q[f];
+    q[f] = 0;
+    wide[f] = static_cast<int16_t>((1 + static_cast<int32_t>(e[1])) * flat_code(static_cast<float>(x[c]), e[2]));
   }
 }
 
-// One tile's outputs [n0, n1), every row: correction and epilogue (see flat_tile_avx512).
-void flat_tile(Isa isa, const Flat& f, const Args& a, int64_t n0, int64_t n1) {
-#if INFERTRIX_X86
-  if (isa == Isa::Avx512Vnni) return flat_tile_avx512(f, a, n0, n1);
-#endif
-  for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* c = f.cols + ((n / 16) * f.P * 16 + n % 16) * 2;  // pair p at c + p * 32
-      const int16_t* r = f.r + m * 2 * f.P;
-      int32_t acc = a.raw[m * a.N + n];
-      for (int64_t p = 0; p < f.P; ++p) acc += r[2 * p] * c[p * 32] + r[2 * p + 1] * c[p * 32 + 1];
-      a.y[m * a.N + n] = epilogue(a, acc, m, n);
-    }
-}
+constexpr int64_t kMaxExtra = 127;  // (1 + extra) * 127 <= 128 * 127: an int16 whose products with 2 weights fit int32
 
-// What tile t's flat_tile reads besides the sums (its columns, scales, bias), asked for ahead: short
-// and cold in a decode step (no stream for the hardware prefetcher to learn before they end).
-void prefetch_tile(const Flat& f, const Args& a, int64_t t) {
-#if INFERTRIX_X86
-  const int64_t n0 = t * 16;
-  if (n0 >= a.N) return;
-  const int8_t* tile = f.cols + t * f.P * 32;
-  for (int64_t i = 0; i < f.P * 32; i += 64) _mm_prefetch(reinterpret_cast<const char*>(tile + i), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(a.s1 + n0), _MM_HINT_T0);
-  if (a.bias) _mm_prefetch(reinterpret_cast<const char*>(a.bias + n0), _MM_HINT_T0);
-#else
-  (void)f, (void)a, (void)t;
-#endif
-}
-
-constexpr int64_t kMaxExtra = 32767 / 127;  // extra copies whose multiplier extra * code fits int16
-
-void check_flat(const at::Tensor& qweight, const at::Tensor& act_scale, const at::Tensor& mult,
-                const at::Tensor& index, const at::Tensor& cols) {
-  const int64_t N = qweight.size(0), K = qweight.size(1);
-  const int64_t F = index.dim() == 2 ? index.size(1) : -1;
-  TORCH_CHECK(act_scale.scalar_type() == at::kFloat && act_scale.numel() == 1,
-              "w8a8_flat_linear: act_scale must be float32 [1]");
-  TORCH_CHECK(index.scalar_type() == at::kLong && F >= 0 && index.size(0) == 2 && cols.scalar_type() == at::kChar &&
-                  cols.dim() == 4 && cols.size(0) == (N + 15) / 16 && cols.size(1) == (F + 1) / 2 &&
-                  cols.size(2) == 16 && cols.size(3) == 2 && mult.scalar_type() == at::kFloat && mult.dim() == 1 &&
-                  mult.size(0) == 1 + F,
-              "w8a8_flat_linear: F flattened channels need int64 flat_index [2, F], int8 flat_columns [",
-              (N + 15) / 16, ", ceil(F / 2), 16, 2] and float32 mult [1 + F]; got flat_index ", index.scalar_type(), " ",
-              index.sizes(),
-              ", flat_columns ", cols.scalar_type(), " ", cols.sizes(), ", mult ", mult.scalar_type(), " ",
-              mult.sizes());
-  const int64_t* ip = index.const_data_ptr<int64_t>();
+// F, after checking scales = the flat table [1 + F, 3] then N weight scales: integer channels
+// increasing in [0, K), integer extra copies in [0, kMaxExtra], the widened input within the int32
+// sum's bound.
+int64_t check_flat(const at::Tensor& scales, int64_t N, int64_t K) {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.numel() >= N + 3 &&
+                  (scales.numel() - N) % 3 == 0,
+              "w8a8_flat_linear: scales must be float32 [3 (1 + F) + ", N, "] (the flat table [1 + F, 3]: (step, 1 / "
+              "step, 0), then (channel, extra copies, multiplier) per flattened channel; then the weight scales), got ",
+              scales.scalar_type(), " ", scales.sizes());
+  const int64_t F = (scales.numel() - N) / 3 - 1;
+  const float* p = scales.const_data_ptr<float>();
+  const auto positive = [](float v) { return std::isfinite(v) && v > 0; };
+  TORCH_CHECK(positive(p[0]) && positive(p[1]), "w8a8_flat_linear: flat's step and its inverse must be finite and "
+              "positive, hold ", p[0], " and ", p[1]);
   int64_t width = K;
   for (int64_t f = 0; f < F; ++f) {
-    TORCH_CHECK(ip[f] >= (f > 0 ? ip[f - 1] + 1 : 0) && ip[f] < K, "w8a8_flat_linear: flat_index[0] must hold "
-                "increasing channels in [0, ", K, "), holds ", ip[f], " at ", f);
-    TORCH_CHECK(ip[F + f] >= 0 && ip[F + f] <= kMaxExtra, "w8a8_flat_linear: flat_index[1] (copies beyond the "
-                "first) must be in [0, ", kMaxExtra, "], holds ", ip[F + f]);
-    width += ip[F + f];
+    const float c = p[3 * (1 + f)], e = p[3 * (1 + f) + 1];
+    TORCH_CHECK(positive(p[3 * (1 + f) + 2]), "w8a8_flat_linear: flat's multipliers must be finite and positive, "
+                "holds ", p[3 * (1 + f) + 2], " at ", f);
+    TORCH_CHECK(c == std::floor(c) && c >= (f > 0 ? p[3 * f] + 1 : 0) && c < static_cast<float>(K),
+                "w8a8_flat_linear: flat's channels must be increasing integers in [0, ", K, "), holds ", c, " at ", f);
+    TORCH_CHECK(e == std::floor(e) && e >= 0 && e <= kMaxExtra, "w8a8_flat_linear: flat's extra copies must be "
+                "integers in [0, ", kMaxExtra, "], holds ", e, " at ", f);
+    width += static_cast<int64_t>(e);
   }
   TORCH_CHECK(width <= kMaxK, "w8a8_flat_linear: ", width, " flattened input channels could overflow the int32 sum");
+  return F;
 }
 
-at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                                const at::Tensor& act_scale, const at::Tensor& mult_in, const at::Tensor& index_in,
-                                const at::Tensor& cols_in, const std::optional<at::Tensor>& bias) {
+at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_in,
+                                const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "w8a8_flat_linear expects float32, bfloat16 or float16 activations, got ", x.scalar_type());
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2,
@@ -449,52 +403,63 @@ at::Tensor w8a8_flat_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   const int64_t N = qweight.size(0), K = qweight.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "w8a8_flat_linear: x [..., ", x.size(-1), "] needs a weight [N, ",
               x.size(-1), "]; got ", qweight.sizes());
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == N,
-              "w8a8_flat_linear: scale must be float32 [", N, "], got ", scale.scalar_type(), " ", scale.sizes());
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "w8a8_flat_linear: bias must be [", N, "]");
-  const at::Tensor mult = mult_in.contiguous(), index = index_in.contiguous(), cols = cols_in.contiguous();
-  check_flat(qweight, act_scale, mult, index, cols);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous(), wc = qweight.contiguous(), sc = scale.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const int64_t F = check_flat(scales, N, K);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous(), wc = qweight.contiguous();
   at::Tensor b;
   if (bias) b = bias->to(at::kFloat).contiguous();
-  const int64_t M = x2.size(0), F = index.size(1), P = cols.size(1);
+  const int64_t M = x2.size(0), wl = (F + 31) / 32 * 32;
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   const Isa isa = active_isa();
   thread_local Activations buffers;
-  thread_local std::vector<int32_t> sum_buffer;
-  thread_local std::vector<int16_t> multipliers;
+  thread_local std::vector<int16_t> wide_buffer;
   Activations& act = buffers;
-  std::vector<int32_t>& sums = sum_buffer;
-  std::vector<int16_t>& r = multipliers;
+  std::vector<int16_t>& wide = wide_buffer;
+  const float* fp = scales.const_data_ptr<float>();  // the table, then the weight scales at fp + 3 (1 + F)
   act.x.resize(M * K);
-  act.sx.assign(M, *act_scale.const_data_ptr<float>());
-  sums.resize(M * N);
-  r.resize(M * 2 * P);
+  act.sx.assign(M, fp[0]);
+  wide.resize(M * wl);
   int8_t* xq = act.x.data();
-  const float* mp = mult.const_data_ptr<float>();
-  const int64_t* ip = index.const_data_ptr<int64_t>();
   with_float_data(x2, "w8a8_flat_linear", [&](const auto* xp) {
     at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) flat_row(isa, xp + m * K, mp, ip, F, P, K, xq + m * K, r.data() + m * 2 * P);
+      for (int64_t m = begin; m < end; ++m) flat_row(isa, xp + m * K, fp, F, K, xq + m * K, wide.data() + m * wl, wl);
     });
   });
-  // the blocks leave the int32 sums; each tile of 16 outputs is finished (the copies' correction, the
-  // epilogue) right after its blocks, on their thread, while the sums are hot
-  Args a{xq, act.sx.data(), M, K, N, wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
-         b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>(), sums.data()};
-  const Flat fl{r.data(), cols.const_data_ptr<int8_t>(), P};
-  const auto tile = [&](int64_t n0, int64_t n1) {
-    prefetch_tile(fl, a, n0 / kRowTile + 1);
-    flat_tile(isa, fl, a, n0, n1);
-  };
-  prefetch_tile(fl, a, 0);
-  if (M > kMaxRows) {  // at::_int_mm's sums (compute-bound here), then the tiles
+  Args a{xq, act.sx.data(), M, K, N, wc.const_data_ptr<int8_t>(), fp + 3 * (1 + F),
+         b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<float>()};
+  if (F > 0) {
+    a.wide = wide.data();
+    a.wide_len = wl;
+  }
+  if (M <= kMaxRows) {  // one pass over the weights (row_blocks.h), the flattened channels in the blocks
+    run_row_blocks(a, M, N, K, isa, &block_scalar, kAvx512Blocks, kAvx2Blocks);
+  } else {  // at::_int_mm's sums of the codes (compute-bound here), the flattened channels' as an exact double product
+    thread_local std::vector<int32_t> sum_buffer;
+    std::vector<int32_t>& sums = sum_buffer;
+    sums.resize(M * N);
+    a.raw = sums.data();
     multiply(a, wc, isa);
-    at::parallel_for(0, (N + kRowTile - 1) / kRowTile, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) tile(t * kRowTile, std::min(N, (t + 1) * kRowTile));
-    });
-  } else {
-    run_row_tiles(a, M, N, K, isa, &block_scalar, kAvx512Blocks, kAvx2Blocks, tile);
+    // the flattened channels' products in chunks of rows (a [rows, N] float64 product at a time, not
+    // [M, N]: a prefill through a large head stays small); |sum| <= 128 * 127 * 127 * F < 2^53: exact
+    const at::Tensor wf = F > 0 ? wc.narrow(1, 0, F).to(at::kDouble).t() : at::Tensor();
+    const at::Tensor v = at::from_blob(wide.data(), {M, wl}, at::TensorOptions().dtype(at::kShort));
+    float* y = out.data_ptr<float>();
+    constexpr int64_t kChunk = 64;
+    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+      const int64_t rows = std::min(kChunk, M - m0);
+      at::Tensor flattened;
+      if (F > 0) flattened = at::mm(v.slice(0, m0, m0 + rows).narrow(1, 0, F).to(at::kDouble), wf).contiguous();
+      const double* hp = F > 0 ? flattened.const_data_ptr<double>() : nullptr;
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t i = (m0 + r) * N + n;
+            const int64_t acc = int64_t{sums[i]} + (hp ? static_cast<int64_t>(hp[r * N + n]) : 0);
+            y[i] = epilogue(a, static_cast<int32_t>(acc), m0 + r, n);
+          }
+      });
+    }
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;

@@ -108,8 +108,7 @@ def slot(module: nn.Module) -> tuple[list[int], list[Tensor | None]]:
     elif k == "w4a16":
         ints, t = [LINEAR_KINDS[k], m.in_features, m.group_size], [m.qweight, m.scales_and_zeros, None, None, m.bias]
     elif k == "w8a8_flat":
-        ints, t = [LINEAR_KINDS[k], m.in_features, 0], [m.qweight, m.scale, m.act_scale, m.act_mult, m.bias,
-                                                         m.flat_index, m.flat_columns]
+        ints, t = [LINEAR_KINDS[k], m.in_features, 0], [m.qweight, m.scales, None, None, m.bias]
     else:
         ints, t = [LINEAR_KINDS["fp32"], m.in_features, 0], [m.weight.detach(), None, None, None,
                                                              None if m.bias is None else m.bias.detach()]

@@ -182,7 +182,7 @@ def _(q, k_cache, v_cache, start, index, scale, window, probs=None, tree=None, h
 LINEAR_KINDS = {"fp32": 0, "w4a8": 1, "w8a8": 2, "w4a16": 3, "w8a8_flat": 4}
 SKINNY_MAX_ROWS = 32  # ops/skinny_linear.py MAX_ROWS
 LAYER_INTS, LAYER_TENSORS = 7, 6  # engine_layer's leading ints / tensors, before the linear slots
-SLOT_TENSORS = 7  # tensors per linear slot
+SLOT_TENSORS = 5  # tensors per linear slot
 
 
 def w4a16(x: Tensor, qweight: Tensor, scales_and_zeros: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
@@ -203,7 +203,7 @@ def _linear(kind: int, in_features: int, group_size: int, t: list[Tensor | None]
     if kind == 3:
         return w4a16(x, t[0], t[1], group_size, t[4])
     if kind == 4:
-        return ops.w8a8_flat_linear(x, t[0], t[1], t[2], t[3], t[5], t[6], t[4])
+        return ops.w8a8_flat_linear(x, t[0], t[1], t[4])
     # float32: the skinny kernel in chunks it keeps (torch's GEMM above them depends on the batch)
     return torch.cat([ops.skinny_linear(x[i : i + SKINNY_MAX_ROWS], t[0], t[4])
                       for i in range(0, x.shape[0], SKINNY_MAX_ROWS)])
@@ -229,10 +229,9 @@ def engine_layer_reference(
     ``h`` is the residual stream [M, C] and ``a`` its input norm. Packed layout:
     ``tensors`` = [mlp_norm, next_norm, q_norm, k_norm, attn_out_norm, mlp_out_norm] (the last
     four may be None; Gemma 3 normalises the attention and MLP outputs before each residual add)
-    then ``SLOT_TENSORS`` (seven) per linear slot, unused ones None (fp32: weight, -, -, -, bias;
+    then ``SLOT_TENSORS`` (five) per linear slot, unused ones None (fp32: weight, -, -, -, bias;
     w4a8: qweight, scale, group_scale, zero, bias; w8a8: qweight, scale, -, -, bias; w4a16: qweight,
-    scales_and_zeros, -, -, bias; w8a8_flat: qweight, scale, act_scale, act_mult, bias, flat_index,
-    flat_columns); the slots are the q/k/v
+    scales_and_zeros, -, -, bias; w8a8_flat: qweight, scales, -, -, bias); the slots are the q/k/v
     group (``n_qkv`` slots whose outputs are concatenated), o_proj, the gate/up group (``n_gu``
     slots), down_proj. ``ints`` = [heads, kv_heads, head_dim, n_qkv, n_gu, window, gelu] (gelu:
     1 for the gelu_pytorch_tanh MLP, 0 for SiLU) then (kind, in_features, group_size) per slot

@@ -10,9 +10,9 @@ Here the threshold is the smallest that keeps the extra channels of a layer with
 maxima of the calibration windows after SmoothQuant smoothing (the paper smooths first too).
 
 Cost and guarantee: lossy (8-bit weights and activations, values beyond the calibrated range are
-clipped); the flattened channels' weight columns are kept a second time, tiled for the kernel's
-correction (at most ``flatten_budget`` of the weight); the activation quantizer needs no
-per-token max search and a row's result never depends on the other rows.
+clipped); the weight is stored once (its columns reordered, the flattened channels first) with an
+``O(F)`` table beside it, so a call reads what per-token W8A8 reads; the activation quantizer needs
+no per-token max search and a row's result never depends on the other rows.
 Needs calibration data (16 windows of 256 tokens by default). Measured on SmolLM2: docs/quant.md.
 """
 
@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from ..core.registry import register_transform
 from ..core.transform import ConfigError
 from ..ops.w8a8 import check_codes
-from ..ops.w8a8_flat import MAX_EXTRA, flat_index_problem, pair_columns
+from ..ops.w8a8_flat import (
+    MAX_EXTRA,
+    flat_permutation,
+    flat_problem,
+    flat_table,
+    pack_scales,
+    split_table,
+    unpack_scales,
+)
 from .calibration import InputStats
 from .linear_base import QuantizedLinear
 from .w8a8 import W8A8, quantize_int8_per_channel
@@ -56,37 +64,44 @@ def flatten_plan(absmax: Tensor, budget: float, max_copies: int) -> tuple[float,
 class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
     """int8 weights (per channel) x per-tensor static int8 activations, large channels flattened.
 
-    Buffers: ``qweight`` int8 ``[N, K]``, ``scale`` float32 ``[N]``, ``act_scale`` float32 ``[1]``
-    (the step); for the ``F`` flattened channels, ``act_mult`` float32 ``[1 + F]`` (1 / step, then
-    1 / (step * copies) of each), ``flat_index`` int64 ``[2, F]`` (the channels, their copies beyond
-    the first) and ``flat_columns`` int8 ``[ceil(N / 16), ceil(F / 2), 16, 2]`` (their weight
-    columns, tiled for the kernel); ``bias``. See ``infertrix.ops.w8a8_flat``."""
+    Buffers: ``qweight`` int8 ``[N, K]`` (its columns permuted so the ``F`` flattened channels come
+    first: ``flat_permutation``), ``scales`` float32 ``[3 (1 + F) + N]``: the table :attr:`flat`
+    ``[1 + F, 3]`` (the static step and its inverse, then each flattened channel, its extra copies
+    and multiplier) followed by the per-channel weight :attr:`scale`; ``bias``. See
+    ``infertrix.ops.w8a8_flat``."""
 
     kernel = "infertrix::w8a8_flat_linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
-                 flat_channels: int = 0, **legacy: Any):
-        if "extra_channels" in legacy:
-            raise ConfigError("this FlattenQuant checkpoint has the [N, K + E] weight layout of infertrix before "
-                              "2026-12-05 (copied columns appended), which this version no longer reads; quantize "
-                              "the float model again with 'flattenquant' and save it")
+                 flattened: int = 0, **legacy: Any):
+        if "extra_channels" in legacy or "flat_channels" in legacy:
+            raise ConfigError("this FlattenQuant checkpoint has a weight layout of an earlier infertrix (before "
+                              "2026-12-05 18:00 UTC), which this version no longer reads; quantize the float model "
+                              "again with 'flattenquant' and save it")
         if legacy:
             raise TypeError(f"FlattenLinear got unexpected arguments {sorted(legacy)}")
         super().__init__(in_features, out_features, bias, dtype)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32))
-        self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32))
-        self.register_buffer("act_mult", torch.ones(1 + flat_channels, dtype=torch.float32))
-        self.register_buffer("flat_index", torch.zeros(2, flat_channels, dtype=torch.long))
-        self.register_buffer("flat_columns", pair_columns(torch.zeros(flat_channels, out_features, dtype=torch.int8)))
+        # from_float or loading fills it
+        self.register_buffer("scales", torch.zeros(3 * (1 + flattened) + out_features, dtype=torch.float32))
+
+    @property
+    def flat(self) -> Tensor:
+        """The table ``[1 + F, 3]`` at the head of ``scales`` (a view)."""
+        return unpack_scales(self.scales, self.out_features)[0]
+
+    @property
+    def scale(self) -> Tensor:
+        """The per-channel weight scales ``[N]`` at the tail of ``scales`` (a view)."""
+        return unpack_scales(self.scales, self.out_features)[1]
 
     @property
     def extra_channels(self) -> int:
         """Input channels the flattening adds (the copies beyond each channel's first)."""
-        return int(self.flat_index[1].sum())
+        return int(self.flat[1:, 1].sum())
 
     def extra_spec(self) -> dict[str, Any]:
-        return {"flat_channels": self.flat_index.shape[1]}
+        return {"flattened": self.flat.shape[0] - 1}
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, threshold: float, copies: Tensor,
@@ -95,14 +110,9 @@ class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
         n, k = weight.shape
         flat = torch.nonzero(copies > 1).flatten()
         q, scale = quantize_int8_per_channel(weight.float(), hessian, damp)
-        mod = cls(k, n, bias is not None, dtype, flat_channels=flat.numel())
-        mod.qweight.copy_(q)
-        mod.scale.copy_(scale)
-        step = threshold / 127
-        mod.act_scale.fill_(step)
-        mod.act_mult.copy_((1.0 / (step * torch.cat([copies.new_ones(1), copies[flat]]).double())).float())
-        mod.flat_index.copy_(torch.stack([flat, copies[flat] - 1]))
-        mod.flat_columns.copy_(pair_columns(q[:, flat].t()))
+        mod = cls(k, n, bias is not None, dtype, flattened=flat.numel())
+        mod.qweight.copy_(q[:, flat_permutation(flat, k)])
+        mod.scales.copy_(pack_scales(flat_table(threshold / 127, flat, copies[flat] - 1), scale))
         if bias is not None:
             mod.bias.copy_(bias.detach())
         return mod
@@ -110,7 +120,7 @@ class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
     def kernel_args(self, x: Tensor) -> tuple:
         """The arguments of ``infertrix::w8a8_flat_linear`` for ``x``, in its order."""
         b = self._buffers  # one dict, not nn.Module.__getattr__ per buffer (a decode step's layers are cold)
-        return x, b["qweight"], b["scale"], b["act_scale"], b["act_mult"], b["flat_index"], b["flat_columns"], b["bias"]
+        return x, b["qweight"], b["scales"], b["bias"]
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.infertrix.w8a8_flat_linear.default(*self.kernel_args(x))
@@ -118,35 +128,28 @@ class FlattenLinear(QuantizedLinear, kind="w8a8_flat"):
     @classmethod
     def _fused(cls, mods: Sequence[FlattenLinear]) -> FlattenLinear | None:
         """Projections of one input (q/k/v, gate/up) share its calibration, so the same step and
-        flattened channels: they fuse when those are equal and every output count fills whole
-        16-row column tiles; otherwise None."""
+        flattened channels (so the same column order): they fuse when those are equal; otherwise
+        None. The fused module's weight rows are views of theirs; its ``scales`` a new vector (4
+        bytes an output)."""
         first = mods[0]
-        same = all(torch.equal(m.act_scale, first.act_scale) and torch.equal(m.act_mult, first.act_mult)
-                   and torch.equal(m.flat_index, first.flat_index) for m in mods[1:])
-        if not same or any(m.out_features % 16 for m in mods):
+        if not all(torch.equal(m.flat, first.flat) for m in mods[1:]):
             return None
         fused = cls(first.in_features, sum(m.out_features for m in mods), first.bias is not None, first.dtype,
-                    flat_channels=first.flat_index.shape[1])
+                    flattened=first.flat.shape[0] - 1)
         fused._share_rows(mods, "qweight")
-        fused._share_rows(mods, "scale")
-        fused._share_rows(mods, "flat_columns", rows_per_entry=16)
-        for name in ("act_scale", "act_mult", "flat_index"):  # equal in every module: the first's
-            setattr(fused, name, getattr(first, name))
+        fused.scales = pack_scales(first.flat, torch.cat([m.scale for m in mods]))
         return fused
 
     def check_loaded(self, name: str) -> None:
         check_codes(self.qweight, f"{name}.qweight")
-        ch, extra = self.flat_index[0], self.flat_index[1]
-        problem = flat_index_problem(self.flat_index, self.in_features, min_extra=1)  # a flattened channel has copies
+        problem = flat_problem(self.flat, self.in_features, min_extra=1)  # a flattened channel has copies
         if problem is not None:
             raise ConfigError(f"{name}: {problem}")
-        expect = self.act_mult[:1].double() / (1 + extra.double())
-        if not torch.allclose(self.act_mult[1:].double(), expect, rtol=1e-5, atol=0):
-            raise ConfigError(f"{name}: act_mult does not match the flattened channels' copies; the checkpoint was "
+        step, inv, _, extra, mult = split_table(self.flat.double())
+        if not (torch.allclose(inv * step, torch.ones(1, dtype=torch.float64), rtol=1e-5, atol=0)
+                and torch.allclose(mult, inv / (1 + extra), rtol=1e-5, atol=0)):
+            raise ConfigError(f"{name}: flat's multipliers do not match its step and copies; the checkpoint was "
                               "changed after saving, save it again from the optimized model")
-        if not torch.equal(self.flat_columns, pair_columns(self.qweight[:, ch].t())):
-            raise ConfigError(f"{name}: flat_columns is not the flattened channels' weight columns; the checkpoint "
-                              "was changed after saving, save it again from the optimized model")
 
 
 @register_transform("flattenquant")
@@ -171,8 +174,8 @@ class FlattenQuant(W8A8):
         if not 0.0 <= self.flatten_budget <= 1.0:
             raise ConfigError(f"flatten_budget must be in [0, 1] (a fraction of the input width), got {self.flatten_budget}")
         if not 1 <= self.max_copies <= MAX_EXTRA + 1:
-            raise ConfigError(f"max_copies must be in [1, {MAX_EXTRA + 1}] (the kernel multiplies a channel's "
-                              f"code by its extra copies in int16), got {self.max_copies}")
+            raise ConfigError(f"max_copies must be in [1, {MAX_EXTRA + 1}] (a flattened channel's value, "
+                              f"copies x code, is an int16 in the kernel), got {self.max_copies}")
 
     @property
     def calibrated(self) -> bool:
