@@ -169,7 +169,6 @@ class PartsWriter:
         self.layer_bits = {i: b for i, b in (layer_bits or {}).items() if b != bits}
         self.formats: dict[int, LowBitFormat] = {}  # by bit width
         self.dtype: torch.dtype | None = None
-        self.uncalibrated = 0
 
     def format(self, bits: int, gu: torch.Tensor, dn: torch.Tensor) -> LowBitFormat:
         if bits not in self.formats:
@@ -194,11 +193,13 @@ class PartsWriter:
 
         return one
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, uncalibrated: int = 0) -> dict[str, Any]:
+        """What the manifest says of the parts written; ``uncalibrated``: experts GPTQ found no
+        tokens for (rounded to nearest instead)."""
         if not self.formats:
             return {}
         rounding = {"rounding": "nearest"} if self.damp is None else {
-            "rounding": "gptq", "damp": self.damp, "uncalibrated_experts": self.uncalibrated}
+            "rounding": "gptq", "damp": self.damp, "uncalibrated_experts": uncalibrated}
         fmt = self.formats.get(self.bits) or next(iter(self.formats.values()))
         extra = {"lowbit_layers": {str(i): self.formats[b].spec() for i, b in sorted(self.layer_bits.items())}}
         return {"lowbit": fmt.spec(), "dtype": dtype_name(self.dtype), **rounding,

@@ -140,10 +140,12 @@ class ExpertStore:
             write_layer_file(path / layer_file(layer.index),
                              writer.parts(lambda j, gu=gu, dn=dn: (gu[j], dn[j]), hessians, layer.index, done),
                              layer.num_experts)
+        uncalibrated = 0
         if calibration is not None:
-            writer.uncalibrated = calibration.uncalibrated
+            uncalibrated = calibration.uncalibrated
             notes = {**(notes or {}), "min_tokens": calibration.min_tokens}
-        write_manifest(path, [layer.index for layer in layers], source="model", **writer.manifest(), **(notes or {}))
+        write_manifest(path, [layer.index for layer in layers], source="model", **writer.manifest(uncalibrated),
+                       **(notes or {}))
         return cls(path, **kwargs)
 
     @classmethod
