@@ -1,7 +1,8 @@
-"""MoE models on the decode engine: the attention half on the engine's ops, the MoE block as the
-model's module (``engine/moe.py``). Logits against the module path, offloaded and low-bit experts,
-the prefetch hooks the engine calls itself, skip plans, KV policies, speculative decoding, and
-what still takes the module path."""
+"""MoE models on the decode engine: the attention half on the engine's ops, the MoE block on the
+engine's row-invariant kernels (``engine/moe.py``: ``RowMoE``) or, where it does not know the
+block, as the model's module. Logits against the module path, row invariance (windows, batch rows,
+threads), offloaded and low-bit experts, the prefetch hooks the engine calls itself, skip plans, KV
+policies, speculative decoding, and what still takes the module path."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import run, tokens
+from test_engine import _windows_equal, run, tokens
 
 import infertrix as ix
 from infertrix.engine import EngineCache, engine_runtime
+from infertrix.engine.moe import sigmoid_rows
 from infertrix.moe import ExpertOffload, offload_runtime
 from infertrix.skip import ApplySkipPlan, SkipPlan
 
@@ -21,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "moe"))
 from moe_models import make_moe  # noqa: E402
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
-# engine vs module path, max |diff| over the logits' std: the float kernels sum in another order,
-# and the MoE block's router and float experts round by the rows of each call (window of 12/5/3
-# rows on the engine, 20 on the module path); w4a8: a flipped int8 activation code
+# engine vs module path, max |diff| over the logits' std: the float kernels sum in another order
+# (the module path's router and experts also round by the rows of each call); w4a8: a flipped
+# int8 activation code
 TOLERANCE = {"fp32": 1e-4, "w4a8": 1e-2}
 
 
@@ -56,7 +58,7 @@ def test_logits_match_module_path(arch, implementation, kind):
     got = _windows(model, ids)
     report = engine_runtime(model).report()
     assert report["model"] == "supported" and report["engine_forwards"] == 3 and report["module_forwards"] == 0
-    assert report["moe_blocks"].startswith("3 MoE blocks run as the model's modules")
+    assert report["moe_blocks"] == "3 of 3 MoE blocks on the engine's row-invariant kernels"
     _close(got, run(build(arch, kind, engine=False, implementation=implementation), ids), kind)
 
 
@@ -186,7 +188,7 @@ def test_kv_policies_and_kivi():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("drafter", ["pld", "lookahead"])  # linear drafts, token trees
 def test_drafters_are_token_identical(arch, drafter):
-    # on these tiny models; the MoE router rounds by the rows of a window, so a near tie could flip
+    # the MoE blocks are row-invariant on the engine: a verification window routes as 1-token steps
     ids = torch.cat([tokens(8, 7), tokens(8, 7), tokens(4, 8)], 1)  # a repeat for the lookup to find
     want = _greedy(build(arch), ids, n=16)
     model = build(arch)
@@ -194,3 +196,89 @@ def test_drafters_are_token_identical(arch, drafter):
     ix.optimize(model, drafter)
     assert torch.equal(_greedy(model, ids, n=16), want)
     assert engine_runtime(model).report()["module_forwards"] == 0
+
+
+def _offloaded(arch: str, bits: int | None):
+    model = make_moe(arch, implementation="eager")
+    ix.optimize(model, ExpertOffload(experts_per_layer=3, expert_bits=bits, prefetch=False))
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["fp32", "w4a8", "offload", "offload-int4"])
+def test_window_and_thread_invariance(arch, kind):
+    """An MoE model's logits are the same bits in the prompt, in 1-token steps, in windows of
+    2..7 tokens and at 1 or 2 threads: the router, the experts (in memory, offloaded float or
+    int4) and Qwen2-MoE's shared expert run on row-invariant kernels."""
+    model = _offloaded(arch, 4 if kind == "offload-int4" else None) if kind.startswith("offload") else build(arch, kind)
+    ids = tokens(24, 2)
+    full = run(model, ids, cache=EngineCache(model.config))
+    threads = torch.get_num_threads()
+    try:
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            for width in (1, 2, 3, 5, 7):
+                _windows_equal(model, ids, full, first=3 + width, width=width)
+    finally:
+        torch.set_num_threads(threads)
+    report = engine_runtime(model).report()
+    assert report["module_forwards"] == 0 and report["moe_blocks"].startswith("3 of 3 MoE blocks"), report
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_batch_rows_equal_single_rows(arch):
+    model = build(arch)
+    rows = [tokens(n, 30 + i)[0] for i, n in enumerate([9, 4, 13])]
+    width = 13
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    cache = EngineCache(model.config)
+    prompt = run(model, ids, mask, cache)
+    nxt = tokens(6, 40).view(3, 2)
+    steps = [run(model, nxt[:, j:j + 1], torch.cat([mask, torch.ones(3, j + 1, dtype=torch.long)], 1), cache)
+             for j in range(2)]
+    for i, r in enumerate(rows):
+        single = run(model, torch.cat([r[None], nxt[i:i + 1]], 1), cache=EngineCache(model.config))
+        assert torch.equal(prompt[i, width - len(r):], single[0, :len(r)]), i
+        for j in range(2):
+            assert torch.equal(steps[j][i, 0], single[0, len(r) + j]), (i, j)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_offloaded_float_experts_are_the_in_memory_bits(arch):
+    # offloading is lossless on the engine: the offloaded float experts run the same kernels
+    ids = tokens(16, 11)
+    want = run(build(arch), ids, cache=EngineCache(make_moe(arch).config))
+    model = _offloaded(arch, None)
+    got = run(model, ids, cache=EngineCache(model.config))
+    assert torch.equal(got, want)
+
+
+def test_an_unknown_block_runs_as_the_module_and_says_why():
+    model = make_moe("mixtral")
+    for layer in model.model.layers[:2]:
+        layer.mlp.experts.act_fn = torch.nn.GELU()  # an activation the row-invariant block does not run
+    ids = tokens(12, 12)
+    want = run(model, ids)
+    ix.optimize(model)
+    got = run(model, ids, cache=EngineCache(model.config))
+    report = engine_runtime(model).report()
+    assert report["module_forwards"] == 0
+    assert report["moe_blocks"].startswith("1 of 3 MoE blocks on the engine's row-invariant kernels; 2 run as "
+                                           "the model's modules (2: its experts' activation is GELU"), report
+    _close(got, want)
+
+
+def test_sigmoid_rows_is_the_same_bits_whatever_the_shape():
+    x = torch.randn(4099, generator=torch.Generator().manual_seed(3)) * 4
+    full = sigmoid_rows(x)
+    assert torch.allclose(full, torch.sigmoid(x), rtol=0, atol=1e-6)
+    for n in (1, 5, 63, 64, 65, 40000):
+        y = torch.randn(n, 1, generator=torch.Generator().manual_seed(n)) * 4
+        whole = sigmoid_rows(y)
+        assert whole.shape == y.shape
+        for i in {0, n // 2, n - 1}:
+            assert torch.equal(whole[i], sigmoid_rows(y[i:i + 1])[0]), (n, i)
+    assert torch.equal(torch.stack([sigmoid_rows(x[i:i + 1])[0] for i in range(0, 4099, 7)]), full[::7])

@@ -122,10 +122,10 @@ def test_statistics_add_up():
     assert total.requests <= (prefill * 8 + (steps - 1) * 2) * len(per_layer)
     d = ix.describe(model)
     entry, engine = d.transforms
-    # the engine ran every forward (the MoE blocks as modules, and said so), and it called the
+    # the engine ran every forward (the MoE blocks on its row-invariant kernels), and it called the
     # prefetch hooks of the decoder layers it replaces: the next layers' experts were prefetched
     assert engine["report"]["model"] == "supported" and engine["report"]["engine_forwards"] == steps
-    assert "MoE blocks run as the model's modules" in engine["report"]["moe_blocks"]
+    assert "MoE blocks on the engine's row-invariant kernels" in engine["report"]["moe_blocks"]
     assert total.prefetched > 0
     assert entry["report"]["stats"]["requests"] == total.requests
     assert "hit_rate" in str(d) and "bytes_read" in str(d)

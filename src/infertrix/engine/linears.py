@@ -74,7 +74,12 @@ def linear(module: nn.Module) -> Linear:
         return lambda x: w4a16(x, m.qweight, m.scales_and_zeros, m.group_size, m.bias)
     if k == "w8a8_flat":
         return lambda x: _w8a8_flat(*m.kernel_args(x))
-    w, b = module.weight, module.bias
+    return fp32_rows(module.weight, module.bias)
+
+
+def fp32_rows(w: Tensor, b: Tensor | None = None) -> Linear:
+    """``x @ w.T (+ b)`` for float32 ``w`` [N, K], row-invariant: ``infertrix::skinny_linear`` in
+    chunks of at most ``MAX_ROWS`` rows."""
 
     def fp32(x: Tensor) -> Tensor:
         if x.shape[0] <= MAX_ROWS:

@@ -5,8 +5,8 @@ attention with grouped heads, optional per-head query/key norms, optional slidin
 SiLU-gated MLP) and Gemma 3 text models (``gemma3_text``: sliding and global layers with their own
 rotary tables, Gemma's RMSNorm ``x * (1 + w)``, norms on the attention and MLP outputs, q/k norms,
 ``query_pre_attn_scalar`` scaling, the scaled embedding, a gelu_pytorch_tanh-gated MLP), and the
-sparse-MoE ``mixtral``, ``qwen2_moe`` and ``qwen3_moe`` models, whose MoE blocks run as the model's
-modules between the engine's ops (``moe.py``), in float32
+sparse-MoE ``mixtral``, ``qwen2_moe`` and ``qwen3_moe`` models, whose MoE blocks run between the
+engine's ops (``moe.py``: on row-invariant kernels, or as the model's modules), in float32
 whose linear layers are float32 ``nn.Linear``, ``W4A8Linear``, ``W8A8Linear``, ``W4A16Linear``
 or FlattenQuant's ``FlattenLinear`` (``linears.kind``).
 :func:`why_unsupported` names the first thing that is not. Both read the layers as they are
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..core.model import llama_shape_problem, model_type, norm_eps, text_config
 from . import linears
-from .moe import is_moe_block, known_hooks
+from .moe import RowMoE, is_moe_block, known_hooks, row_moe
 from .skips import layer_views, view_fingerprint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -126,9 +126,11 @@ class LayerPlan:
     ints: list[int]
     floats: list[float]
     rope: str | None = None
-    mlp: nn.Module | None = None  # an MoE block, called as the model's module (moe.py); None: packed
+    mlp: nn.Module | None = None  # an MoE block (moe.py); None: the MLP is packed
     layer_module: nn.Module | None = None  # the decoder layer and its post-attention norm, whose
     mid_module: nn.Module | None = None  # infertrix.moe hooks an MoE layer calls (moe.known_hooks)
+    moe: RowMoE | None = None  # the MoE block on row-invariant kernels (moe.py), else None
+    moe_why: str | None = None  # why an MoE block runs as the model's module
 
     def layer_hooks(self) -> list:
         return _known(self.layer_module, "_forward_hooks")
@@ -189,7 +191,9 @@ def layer_plan(model: nn.Module, layer: nn.Module, attn: nn.Module, mlp: nn.Modu
     ln = _norm(layer.input_layernorm)
     rope = getattr(attn, "layer_type", None) if gemma else None
     if moe:
-        return LayerPlan(ln[0], ln[1], tensors, ints, floats, rope, mlp, layer, layer.post_attention_layernorm)
+        row, why = row_moe(mlp)
+        return LayerPlan(ln[0], ln[1], tensors, ints, floats, rope, mlp, layer, layer.post_attention_layernorm,
+                         row, why)
     return LayerPlan(ln[0], ln[1], tensors, ints, floats, rope)
 
 

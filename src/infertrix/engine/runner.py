@@ -6,7 +6,7 @@ append, grouped-query attention over the cache, o_proj, the residual add fused w
 norm, the gate/up projection, the SiLU- or GELU-gated product and down_proj; Gemma 3's output
 norms), then the LM head on the kept positions only: about 35 dispatches per token on a 30-layer
 model instead of transformers' thousands of small ops. An MoE layer runs its attention half as the
-engine's ops one by one and calls its MoE block as the model's module (``moe.py``).
+engine's ops one by one and its MoE block on row-invariant kernels or as the model's module (``moe.py``).
 
 Every step is row-invariant (``ops/engine.py``, ``linears.py``), so a token's logits are the same
 bits in a 1-token step, inside a window of tokens, as a row of a left-padded batch, in the prompt,
@@ -64,7 +64,7 @@ class Runner:
         # different int8 codes change tokens, so a KV policy's prefill runs here (PolicyCache.engine_refusal)
         self.quantized = any(linears.kind(m) not in (None, "fp32") for _, attn, mlp in views
                              for mod in (attn, mlp) if mod is not None for m in mod.children())
-        self.moe = sum(lp.mlp is not None for lp in self.layers)  # layers whose MoE block runs as a module
+        self.moe = sum(lp.mlp is not None for lp in self.layers)  # MoE layers (their blocks: moe.py)
         # the hook dicts the engine calls itself (an MoE layer's decoder layer and post-attention norm)
         self.hook_dicts = frozenset(id(d) for lp in self.layers if lp.mlp is not None
                                     for d in (lp.layer_module._forward_hooks, lp.mid_module._forward_pre_hooks))

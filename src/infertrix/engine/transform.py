@@ -35,7 +35,7 @@ from ..ops.engine import LAYER_INTS, LINEAR_KINDS
 from ..skip.state import skip_state
 from .cache import EngineCache, storage_problem
 from .kivi import reads_codes
-from .moe import known_hooks
+from .moe import known_hooks, moe_report
 from .plan import fingerprint, why_unsupported
 from .runner import Runner
 from .skips import skipped_units
@@ -271,11 +271,7 @@ class EngineRuntime:
         } | ({"skips": skips} if (skips := skipped_units(self.model)) else {}) | self._unfused() | self._moe()
 
     def _moe(self) -> dict[str, str]:
-        if self.runner is None or not self.runner.moe:
-            return {}
-        return {"moe_blocks": f"{self.runner.moe} MoE blocks run as the model's modules between the engine's ops: "
-                              "their router (and float experts) round by the rows of each call, so those layers' "
-                              "outputs are not batch- or window-invariant as the rest of the engine is"}
+        return moe_report(self.runner.layers) if self.runner is not None and self.runner.moe else {}
 
     def _unfused(self) -> dict[str, str]:
         """Quantized q/k/v or gate/up groups that run as separate calls (the same bits, more calls):

@@ -95,14 +95,17 @@ class OffloadedExperts(nn.Module):
         c = self.cache
         return f"layer={self.layer}, experts={self.num_experts}, resident<={c.capacities[self.layer]}, policy={c.policy}"
 
-    def _expert(self, e: int, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Expert ``e`` applied to the ``n`` rows of ``x``, with its weights from the cache."""
+    def _expert(self, e: int, x: torch.Tensor, n: int, rows: bool = False) -> torch.Tensor:
+        """Expert ``e`` applied to the ``n`` rows of ``x``, with its weights from the cache.
+        ``rows``: float experts on the decode engine's row-invariant kernels (``expert_rows``)."""
         cache = self.cache
         t0 = time.perf_counter()
         handle = cache.acquire(self.layer, e, n)
         try:
             if handle.parts is not None:  # int8/int4 expert: its own kernels on the slot's views
                 y = cache.layers[self.layer].format.forward(handle.parts, x, self.act_fn)
+            elif rows:
+                y = float_expert_rows(x, handle.gate_up, handle.down)
             else:
                 gate, up = F.linear(x.to(handle.gate_up.dtype), handle.gate_up).chunk(2, dim=-1)
                 y = F.linear(self.act_fn(gate) * up, handle.down)
@@ -111,6 +114,14 @@ class OffloadedExperts(nn.Module):
         if handle.kind != "hit":
             cache.miss_policy.record(handle.kind, n, time.perf_counter() - t0, cache.layers[self.layer].expert_bytes)
         return y
+
+    def expert_rows(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x`` [n, C] with every row computed on its own (the decode engine's
+        row-invariant MoE block, ``engine/moe.py``): float experts on ``infertrix::skinny_linear``
+        and ``infertrix::silu_mul``, the same arithmetic as the engine's in-memory experts; low-bit
+        experts on their own kernels, which are row-invariant already. SiLU experts only (the
+        engine checks)."""
+        return self._expert(e, x, int(x.shape[0]), rows=True)
 
     def _one_token(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Decoding (one token): the same arithmetic as the general path below, without its
@@ -168,3 +179,13 @@ class OffloadedExperts(nn.Module):
         if buf is None:
             return torch.zeros_like(hidden_states)
         return buf.view(-1, num_k, buf.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+
+
+def float_expert_rows(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A float32 SiLU expert ``down(silu(gate(x)) * up(x))`` with each row computed on its own:
+    ``gate_up`` [2I, C] (gate rows first) and ``down`` [C, I] on the engine's row-invariant
+    kernels. Shared by the engine's in-memory experts and offloaded float experts, so the two give
+    the same bits."""
+    from ..engine.linears import fp32_rows
+
+    return fp32_rows(down)(torch.ops.infertrix.silu_mul(fp32_rows(gate_up)(x)))
