@@ -16,6 +16,7 @@ from test_engine import _windows_equal, run, tokens
 import infertrix as ix
 from infertrix.engine import EngineCache, engine_runtime
 from infertrix.engine.moe import sigmoid_rows
+from infertrix.kvcache import new_cache
 from infertrix.moe import ExpertOffload, offload_runtime
 from infertrix.skip import ApplySkipPlan, SkipPlan
 
@@ -178,11 +179,26 @@ def test_kv_policies_and_kivi():
     ix.restore(model)
     ix.optimize(model, "snapkv:0.5", "engine(enabled=false)")
     assert torch.equal(out, _greedy(model, ids, n=6))
-    ix.restore(model)
-    ix.optimize(model, "kivi(group_size=8, residual_length=8)")  # codes once 8 tokens are past the residual
-    _greedy(model, ids, n=4)
-    fallbacks = engine_runtime(model).report()["fallbacks"]
-    assert any("KIVI codes on an MoE model" in k for k in fallbacks), fallbacks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kivi_steps_on_moe_models_run_on_the_engine(arch):
+    """One-token steps over KIVI codes (codes once 8 tokens are past the residual) run the engine's
+    KIVI step on MoE layers too: the module path's logits to float32 rounding, no fallback."""
+    kivi = "kivi(group_size=8, residual_length=8)"
+    models = [make_moe(arch), make_moe(arch)]
+    ix.optimize(models[0], kivi)
+    ix.optimize(models[1], kivi, "engine(enabled=false)")
+    ids = tokens(30, 6)
+    steps = tokens(8, 7)
+    caches = [new_cache(m) for m in models]
+    for j in range(-1, 8):
+        feed = ids if j < 0 else steps[:, j:j + 1]
+        got, want = (run(m, feed, cache=c) for m, c in zip(models, caches, strict=True))
+        _close(got, want)
+    assert caches[0].layers[0].n_quantized > 0
+    report = engine_runtime(models[0]).report()
+    assert report["engine_forwards"] == 9 and report["module_forwards"] == 0, report
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -2,7 +2,8 @@
 
 ``infertrix::engine_layer`` attends over full-precision buffers only; a layer whose older tokens
 sit in KIVI's 2/4-bit codes (``kvcache/kivi_store.py``) runs the same ops one by one instead
-(projections, q/k norms, rotary, the append into the full-precision residual), with
+(projections, q/k norms, rotary, the append into the full-precision residual; an MoE layer's
+block as on the engine's other steps, ``moe.py``), with
 ``infertrix::kivi_decode_attention`` reading the codes and the residual in one pass, as KIVI's own
 attention function does on the module path (Liu et al. 2024, https://arxiv.org/abs/2402.02750).
 That kernel takes one query per row, so windows of several tokens over codes (speculative
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from ..kvcache.cache import EvictingLayer
 from ..ops.engine import _group
+from .moe import moe_tail
 
 _ops = torch.ops.infertrix
 
@@ -57,5 +59,7 @@ def kivi_step(h: Tensor, a: Tensor, lp, layer: EvictingLayer, cos: Tensor, sin: 
     o = _ops.kivi_decode_attention(q[:, 0].contiguous(), *codes.keys, *codes.values, layer.keys, layer.values,
                                    _mask(layer, pads), codes.config.bits, floats[0])
     h2, a2 = _ops.add_rms_norm(_group(tensors, ints, n_qkv, 1, o.reshape(batch, heads * d)), h, tensors[0], floats[1])
+    if lp.mlp is not None:  # an MoE layer: its block as on the engine's other steps (moe.py)
+        return moe_tail(h2, a2, lp, batch)
     mlp = _group(tensors, ints, n_qkv + 1 + n_gu, 1, _ops.silu_mul(_group(tensors, ints, n_qkv + 1, n_gu, a2)))
     return _ops.add_rms_norm(mlp, h2, tensors[1], floats[2])

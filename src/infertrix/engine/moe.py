@@ -251,7 +251,13 @@ def moe_layer(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Tensor,
     t, f = lp.tensors, lp.floats
     h1, m = attention_only(h, a, lp, kbuf, vbuf, cos, sin, positions, start, index, batch, tree,
                            norm=(t[0], f[1]), probs=probs, queries=queries, hidden=hidden)
-    out = _ops.add_rms_norm(_block(h1, m, lp, batch), h1, t[1], f[2])
+    return moe_tail(h1, m, lp, batch)
+
+
+def moe_tail(h1: Tensor, m: Tensor, lp, batch: int) -> tuple[Tensor, Tensor]:
+    """The second half of an MoE layer after its attention: h1 + block(m) (``m``: the normed
+    ``h1``), the next norm, and the decoder layer's hooks on the output."""
+    out = _ops.add_rms_norm(_block(h1, m, lp, batch), h1, lp.tensors[1], lp.floats[2])
     _after(out[0], lp, batch)
     return out
 

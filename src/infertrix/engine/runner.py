@@ -171,8 +171,8 @@ class Runner:
                 continue
             cos, sin = self.tables[lp.rope]
             if reads_codes(store):  # KIVI codes: one token per row (cache.storage_problem), whole layers
-                if tree is not None or (hidden is not None and i in hidden) or lp.mlp is not None:
-                    raise ValueError("the engine's KIVI step takes no token tree, no mask per KV head and no MoE layer")
+                if tree is not None or (hidden is not None and i in hidden):
+                    raise ValueError("the engine's KIVI step takes no token tree and no mask per KV head")
                 h, a = kivi_step(h, a, lp, store, cos, sin, positions, pads, b)
                 continue
             kbuf, vbuf, index, start = begin(store, x, b, kv, t, d, pads)

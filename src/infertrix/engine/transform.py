@@ -194,8 +194,6 @@ class EngineRuntime:
             return why
         if self.runner is not None and any(lp.ints[6] for lp in self.runner.layers) and kivi_codes(cache):
             return "KIVI codes on a Gemma 3 model (the engine's KIVI step runs Llama-style layers only)"
-        if self.runner is not None and self.runner.moe and kivi_codes(cache):
-            return "KIVI codes on an MoE model (the engine's KIVI step runs dense layers only)"
         if why := skip_problem(self.model, cache, ids):
             return why
         if isinstance(cache, PolicyCache):
