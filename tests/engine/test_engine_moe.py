@@ -65,11 +65,12 @@ def test_logits_match_module_path(arch, implementation, kind):
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
 def test_dense_and_moe_layers_mixed(arch):
-    # mlp_only_layers: layer 1 is a dense MLP (packed), layers 0 and 2 MoE blocks (modules)
+    # mlp_only_layers: layer 1 is a dense MLP (packed), layers 0 and 2 MoE blocks (RowMoE)
     model = build(arch, mlp_only_layers=[1])
     ids = tokens(20, 2)
     got = _windows(model, ids)
     assert [lp.mlp is not None for lp in engine_runtime(model).runner.layers] == [True, False, True]
+    assert engine_runtime(model).report()["moe_blocks"] == "2 of 2 MoE blocks on the engine's row-invariant kernels"
     _close(got, run(build(arch, engine=False, mlp_only_layers=[1]), ids))
 
 
@@ -92,6 +93,7 @@ def test_generate_takes_the_engine_and_matches_module_greedy(arch):
     out = _greedy(model, ids)
     report = engine_runtime(model).report()
     assert report["engine_forwards"] == 12 and report["module_forwards"] == 0
+    assert report["moe_blocks"].startswith("3 of 3")
     assert torch.equal(out, _greedy(build(arch, engine=False), ids))
 
 
@@ -211,7 +213,8 @@ def test_drafters_are_token_identical(arch, drafter):
     ix.restore(model)
     ix.optimize(model, drafter)
     assert torch.equal(_greedy(model, ids, n=16), want)
-    assert engine_runtime(model).report()["module_forwards"] == 0
+    report = engine_runtime(model).report()
+    assert report["module_forwards"] == 0 and report["moe_blocks"].startswith("3 of 3")
 
 
 def _offloaded(arch: str, bits: int | None):
@@ -270,6 +273,53 @@ def test_offloaded_float_experts_are_the_in_memory_bits(arch):
     model = _offloaded(arch, None)
     got = run(model, ids, cache=EngineCache(model.config))
     assert torch.equal(got, want)
+    assert engine_runtime(model).report()["moe_blocks"].startswith("3 of 3")
+    # expert by expert, on more rows than one kernel call takes (32): the same bits as in memory
+    from infertrix.moe.experts import float_expert_rows
+
+    experts = model.model.layers[0].mlp.experts
+    original = make_moe(arch).model.layers[0].mlp.experts
+    x = torch.randn(45, original.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(1))
+    for e in (0, 5):
+        assert torch.equal(experts.expert_rows(e, x), float_expert_rows(x, original.gate_up_proj[e].detach(),
+                                                                         original.down_proj[e].detach()))
+
+
+def test_more_experts_per_token_and_long_calls_stay_invariant():
+    # top-4 routing (the sums of four experts' outputs) and calls of 40 rows (two kernel chunks per expert)
+    model = build("qwen2_moe", num_experts_per_tok=4)
+    ids = tokens(40, 13)
+    full = run(model, ids, cache=EngineCache(model.config))
+    for width in (1, 3):
+        _windows_equal(model, ids, full, first=34, width=width)
+    assert engine_runtime(model).report()["moe_blocks"].startswith("3 of 3")
+    _close(full, run(build("qwen2_moe", engine=False, num_experts_per_tok=4), ids))
+
+
+def test_a_block_that_disagrees_with_the_engine_runs_as_the_module(monkeypatch):
+    from infertrix.engine.moe import RowMoE
+
+    route = RowMoE.route
+    monkeypatch.setattr(RowMoE, "route", lambda self, logits: (lambda w, e: (w * 1.0001, e))(*route(self, logits)))
+    model = build("mixtral")
+    run(model, tokens(6, 14), cache=EngineCache(model.config))
+    assert engine_runtime(model).report()["moe_blocks"].startswith(
+        "0 of 3 MoE blocks on the engine's row-invariant kernels; 3 run as the model's modules "
+        "(3: its router's top-k weights differ from the engine's routing)")
+
+
+def test_the_probe_runs_the_block_in_eval_mode():
+    # a training-mode Mixtral jitters its router input with the global generator: the probe must not
+    model = make_moe("mixtral", router_jitter_noise=0.5)
+    ix.optimize(model)
+    model.train()
+    state = torch.random.get_rng_state()
+    ix.describe(model)  # builds the engine's plan
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    run(model, tokens(6, 15), cache=EngineCache(model.config))
+    assert engine_runtime(model).report()["moe_blocks"].startswith("3 of 3")
 
 
 def test_an_unknown_block_runs_as_the_module_and_says_why():

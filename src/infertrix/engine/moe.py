@@ -106,7 +106,6 @@ class RowMoE:
     def __init__(self, block: nn.Module):
         gate = block.gate
         self.block = block
-        self.top_k = int(gate.top_k)
         self.normalize = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral's router always renormalises
         self.router = linears.fp32_rows(gate.weight.detach())
         shared = getattr(block, "shared_expert", None)
@@ -118,7 +117,7 @@ class RowMoE:
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """(weights, experts) [M, top_k] from router logits, per row as the model's router computes them."""
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights, experts = torch.topk(probs, int(self.block.gate.top_k), dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, experts
@@ -202,7 +201,8 @@ def row_moe(block: nn.Module) -> tuple[RowMoE | None, str | None]:
         return None, f"its experts' activation is {type(mod.act_fn).__name__} (row-invariant: SiLU)"
     offloaded = getattr(mod, "_infertrix_offloaded", False)
     if not offloaded and (getattr(mod, "gate_up_proj", None) is None or mod.gate_up_proj.dtype != torch.float32
-                          or getattr(mod, "gate_up_proj_bias", None) is not None):
+                          or getattr(mod, "gate_up_proj_bias", None) is not None
+                          or getattr(mod, "down_proj_bias", None) is not None):
         return None, "its experts are not float32 gate_up_proj / down_proj tensors without biases"
     shared = getattr(block, "shared_expert", None)
     if shared is not None:
@@ -210,8 +210,14 @@ def row_moe(block: nn.Module) -> tuple[RowMoE | None, str | None]:
         if any(p is None or linears.kind(p) is None for p in parts) or type(shared.act_fn).__name__ not in _SILU:
             return None, "its shared expert is not SiLU over linears the engine runs"
     row = RowMoE(block)
-    if not offloaded:  # offloaded experts are checked by their own tests (a probe here would touch the cache)
-        why = _disagrees(row, block)
+    # offloaded experts are not probed (a probe would touch the expert cache; their arithmetic is
+    # ExpertOffload's, tested against the in-memory block), nor a block with hooks (the engine
+    # declines a model with user hooks, and a probe must not call them)
+    if not offloaded and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+        try:
+            why = _disagrees(row, block)
+        except Exception as e:  # noqa: BLE001 - a block the probe cannot run is one the engine does not know
+            why = f"probing it against the engine's block failed ({type(e).__name__}: {e})"
         if why is not None:
             return None, why
     return row, None
@@ -223,12 +229,17 @@ def _disagrees(row: RowMoE, block: nn.Module) -> str | None:
     router logits must be the same bits, the output the same to float32 rounding."""
     gen = torch.Generator().manual_seed(0)
     c = block.gate.weight.shape[1]
-    x = torch.randn(5, c, generator=gen)
-    logits, weights, experts = block.gate(x)
+    x = torch.randn(2, c, generator=gen, dtype=torch.float32)  # two rows: up to 2 k experts' weights read
+    training = block.training
+    block.eval()  # no router jitter (a training-mode block draws noise from the global generator)
+    try:
+        logits, weights, experts = block.gate(x)
+        want = block(x[None]).reshape(x.shape)
+    finally:
+        block.train(training)
     mine_w, mine_e = row.route(logits.float())
     if not (torch.equal(mine_e, experts) and torch.equal(mine_w, weights.float())):
         return "its router's top-k weights differ from the engine's routing"
-    want = block(x[None]).reshape(x.shape)
     got = row.output(x, weights.float(), experts)  # the model's routing: a near tie cannot flip an expert
     scale = want.abs().max().item() or 1.0
     if (got - want).abs().max().item() > 1e-4 * scale:

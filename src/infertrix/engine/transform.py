@@ -314,7 +314,7 @@ class Engine(Transform):
     """
 
     use_when = ("llama / mistral / qwen2 / qwen3 / gemma3 text models in float32, W8A8 or W4A8: faster decoding, "
-                "batch-invariant logits; Mixtral / Qwen2-MoE / Qwen3-MoE with their MoE blocks as modules")
+                "batch-invariant logits; Mixtral / Qwen2-MoE / Qwen3-MoE too")
 
     stage: ClassVar[Stage] = Stage.DECODING
     primary: ClassVar[str | None] = "enabled"
