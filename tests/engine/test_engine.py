@@ -92,17 +92,40 @@ def _windows_equal(model, ids, full, first: int, width: int) -> None:
 def test_window_and_thread_invariance(arch, kind):
     """Every position's logits are the same bits in the prompt, in 1-token steps, in windows of
     2..12 tokens, and at 1 or 2 threads."""
-    model = build(arch, kind)
-    ids = tokens(40, 2)
+    windows_and_threads_equal(build(arch, kind), tokens(40, 2), range(1, 13))
+
+
+def windows_and_threads_equal(model, ids: torch.Tensor, widths) -> None:
+    """``ids`` run whole, then as a prompt and windows of each width, at 1 and 2 threads: the same
+    logits bit for bit."""
     full = run(model, ids, cache=EngineCache(model.config))
     threads = torch.get_num_threads()
     try:
         for th in (1, 2):
             torch.set_num_threads(th)
-            for width in range(1, 13):
+            for width in widths:
                 _windows_equal(model, ids, full, first=3 + width, width=width)
     finally:
         torch.set_num_threads(threads)
+
+
+def rows_equal_single_rows(model, rows: list[torch.Tensor], nxt: torch.Tensor) -> None:
+    """``rows`` (1-D token tensors) as one left-padded batch, prefilled and then stepped one token at
+    a time through ``nxt`` [batch, steps]: every row's logits are the bits of that row run alone."""
+    batch, width = len(rows), max(len(r) for r in rows)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    cache = EngineCache(model.config)
+    prompt = run(model, ids, mask, cache)
+    steps = [run(model, nxt[:, j : j + 1], torch.cat([mask, torch.ones(batch, j + 1, dtype=torch.long)], 1), cache)
+             for j in range(nxt.shape[1])]
+    for i, r in enumerate(rows):
+        single = run(model, torch.cat([r[None], nxt[i : i + 1]], 1), cache=EngineCache(model.config))
+        assert torch.equal(prompt[i, width - len(r) :], single[0, : len(r)]), (batch, i)
+        for j in range(nxt.shape[1]):
+            assert torch.equal(steps[j][i, 0], single[0, len(r) + j]), (batch, i, j)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -112,22 +135,8 @@ def test_padded_batch_rows_equal_single_rows(arch, kind):
     lengths = [9, 4, 13, 1, 7]
     for batch in range(1, 6):
         rows = [tokens(n, 10 + i)[0] for i, n in enumerate(lengths[:batch])]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = r
-            mask[i, width - len(r) :] = 1
-        cache = EngineCache(model.config)
-        prompt = run(model, ids, mask, cache)
-        nxt = torch.randint(3, 128, (batch, 3), generator=torch.Generator().manual_seed(batch))
-        steps = [run(model, nxt[:, j : j + 1], torch.cat([mask, torch.ones(batch, j + 1, dtype=torch.long)], 1), cache)
-                 for j in range(3)]
-        for i, r in enumerate(rows):
-            single = run(model, torch.cat([r[None], nxt[i : i + 1]], 1), cache=EngineCache(model.config))
-            assert torch.equal(prompt[i, width - len(r) :], single[0, : len(r)]), (batch, i)
-            for j in range(3):
-                assert torch.equal(steps[j][i, 0], single[0, len(r) + j]), (batch, i, j)
+        rows_equal_single_rows(model, rows, torch.randint(3, 128, (batch, 3),
+                                                          generator=torch.Generator().manual_seed(batch)))
 
 
 def _generate(model, ids, mask=None, n=24):

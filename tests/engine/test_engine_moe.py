@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import _windows_equal, run, tokens
+from test_engine import (
+    _windows_equal,
+    rows_equal_single_rows,
+    run,
+    tokens,
+    windows_and_threads_equal,
+)
 
 import infertrix as ix
 from infertrix.engine import EngineCache, engine_runtime
@@ -230,16 +236,7 @@ def test_window_and_thread_invariance(arch, kind):
     2..7 tokens and at 1 or 2 threads: the router, the experts (in memory, offloaded float or
     int4) and Qwen2-MoE's shared expert run on row-invariant kernels."""
     model = _offloaded(arch, 4 if kind == "offload-int4" else None) if kind.startswith("offload") else build(arch, kind)
-    ids = tokens(24, 2)
-    full = run(model, ids, cache=EngineCache(model.config))
-    threads = torch.get_num_threads()
-    try:
-        for th in (1, 2):
-            torch.set_num_threads(th)
-            for width in (1, 2, 3, 5, 7):
-                _windows_equal(model, ids, full, first=3 + width, width=width)
-    finally:
-        torch.set_num_threads(threads)
+    windows_and_threads_equal(model, tokens(24, 2), (1, 2, 3, 5, 7))
     report = engine_runtime(model).report()
     assert report["module_forwards"] == 0 and report["moe_blocks"].startswith("3 of 3 MoE blocks"), report
 
@@ -247,22 +244,7 @@ def test_window_and_thread_invariance(arch, kind):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padded_batch_rows_equal_single_rows(arch):
     model = build(arch)
-    rows = [tokens(n, 30 + i)[0] for i, n in enumerate([9, 4, 13])]
-    width = 13
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    cache = EngineCache(model.config)
-    prompt = run(model, ids, mask, cache)
-    nxt = tokens(6, 40).view(3, 2)
-    steps = [run(model, nxt[:, j:j + 1], torch.cat([mask, torch.ones(3, j + 1, dtype=torch.long)], 1), cache)
-             for j in range(2)]
-    for i, r in enumerate(rows):
-        single = run(model, torch.cat([r[None], nxt[i:i + 1]], 1), cache=EngineCache(model.config))
-        assert torch.equal(prompt[i, width - len(r):], single[0, :len(r)]), i
-        for j in range(2):
-            assert torch.equal(steps[j][i, 0], single[0, len(r) + j]), (i, j)
+    rows_equal_single_rows(model, [tokens(n, 30 + i)[0] for i, n in enumerate([9, 4, 13])], tokens(6, 40).view(3, 2))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import TOLERANCE, _generate, _windows_equal, build, run, tokens
+from test_engine import (
+    TOLERANCE,
+    _generate,
+    build,
+    rows_equal_single_rows,
+    run,
+    tokens,
+    windows_and_threads_equal,
+)
 
 import infertrix as ix
 from infertrix.engine import EngineCache, engine_runtime
@@ -65,31 +73,8 @@ def test_window_batch_and_thread_invariance_with_a_plan(arch):
     """With a plan, every position's logits are the same bits in the prompt, in steps, in windows,
     as a row of a padded batch, and at 1 or 2 threads."""
     model = with_plan(arch, PLANS["mixed"], "w4a8")
-    ids = tokens(30, 2)
-    full = run(model, ids, cache=EngineCache(model.config))
-    threads = torch.get_num_threads()
-    try:
-        for th in (1, 2):
-            torch.set_num_threads(th)
-            for width in (1, 2, 5):
-                _windows_equal(model, ids, full, first=3 + width, width=width)
-    finally:
-        torch.set_num_threads(threads)
-    rows = [tokens(n, 10 + i)[0] for i, n in enumerate([9, 4, 13])]
-    ids = torch.zeros(3, 13, dtype=torch.long)
-    mask = torch.zeros(3, 13, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, 13 - len(r) :], mask[i, 13 - len(r) :] = r, 1
-    cache = EngineCache(model.config)
-    prompt = run(model, ids, mask, cache)
-    nxt = tokens(3, 30).expand(3, 3)
-    steps = [run(model, nxt[:, j : j + 1], torch.cat([mask, torch.ones(3, j + 1, dtype=torch.long)], 1), cache)
-             for j in range(3)]
-    for i, r in enumerate(rows):
-        single = run(model, torch.cat([r[None], nxt[i : i + 1]], 1), cache=EngineCache(model.config))
-        assert torch.equal(prompt[i, 13 - len(r) :], single[0, : len(r)]), i
-        for j in range(3):
-            assert torch.equal(steps[j][i, 0], single[0, len(r) + j]), (i, j)
+    windows_and_threads_equal(model, tokens(30, 2), (1, 2, 5))
+    rows_equal_single_rows(model, [tokens(n, 10 + i)[0] for i, n in enumerate([9, 4, 13])], tokens(3, 30).expand(3, 3))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
