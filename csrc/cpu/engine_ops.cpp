@@ -558,6 +558,47 @@ at::Tensor call_group(const c10::List<OptTensor>& t, at::IntArrayRef ints, int64
   return n == 1 ? outs[0] : at::cat(outs, -1);
 }
 
+// engine_layer's packed layout: slots and ints/tensors counts agree
+void check_layout(const c10::List<OptTensor>& t, at::IntArrayRef ints, at::ArrayRef<double> floats, const char* name) {
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) >= kLayerInts && static_cast<int64_t>(floats.size()) == kLayerFloats,
+              name, ": malformed ints/floats");
+  const int64_t slots = ints[3] + ints[4] + 2;
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) == kLayerInts + 3 * slots &&
+                  static_cast<int64_t>(t.size()) == kLayerTensors + kSlotTensors * slots,
+              name, ": ", slots, " linear slots need ", kLayerInts + 3 * slots, " ints and ",
+              kLayerTensors + kSlotTensors * slots, " tensors");
+}
+
+// A layer's q, k (q/k norms, rotary) and v [batch, T, heads, D] from its normed input a.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> queries_keys_values(const at::Tensor& a, const c10::List<OptTensor>& t,
+                                                                    at::IntArrayRef ints, at::ArrayRef<double> floats,
+                                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                                    const at::Tensor& positions, int64_t batch) {
+  const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3];
+  const at::Tensor qkv = call_group(t, ints, 0, n_qkv, a).view({batch, a.size(0) / batch, H + 2 * KV, D});
+  const OptTensor qn = t.get(2), kn = t.get(3);
+  if (qn.has_value())
+    return {rope_cpu(rms_norm_cpu(qkv.slice(2, 0, H), *qn, floats[3]), cos, sin, positions),
+            rope_cpu(rms_norm_cpu(qkv.slice(2, H, H + KV), *kn, floats[4]), cos, sin, positions),
+            qkv.slice(2, H + KV, H + 2 * KV)};
+  const at::Tensor qk = rope_cpu(qkv.slice(2, 0, H + KV), cos, sin, positions);
+  return {qk.slice(2, 0, H), qk.slice(2, H, H + KV), qkv.slice(2, H + KV, H + 2 * KV)};
+}
+
+// A layer after its attention o [M, H * D]: o_proj (and Gemma 3's output norm), the residual add with
+// the MLP's norm, the gated MLP (and its output norm), the residual add with the next norm.
+std::tuple<at::Tensor, at::Tensor> layer_tail(const at::Tensor& h, const at::Tensor& o, const c10::List<OptTensor>& t,
+                                              at::IntArrayRef ints, at::ArrayRef<double> floats) {
+  const int64_t n_qkv = ints[3], n_gu = ints[4];
+  at::Tensor attn = call_group(t, ints, n_qkv, 1, o);
+  if (const OptTensor n = t.get(4); n.has_value()) attn = rms_norm_cpu(attn, *n, floats[5]);
+  auto [h2, a2] = add_rms_norm_cpu(attn, h, *t.get(0), floats[1]);
+  const at::Tensor gu = call_group(t, ints, n_qkv + 1, n_gu, a2);
+  at::Tensor mlp = call_group(t, ints, n_qkv + 1 + n_gu, 1, ints[6] ? gelu_tanh_mul_cpu(gu) : silu_mul_cpu(gu));
+  if (const OptTensor n = t.get(5); n.has_value()) mlp = rms_norm_cpu(mlp, *n, floats[6]);
+  return add_rms_norm_cpu(mlp, h2, *t.get(1), floats[2]);
+}
+
 std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const at::Tensor& a,
                                                     const c10::List<OptTensor>& t, at::IntArrayRef ints,
                                                     at::ArrayRef<double> floats, at::Tensor& k_cache,
@@ -566,40 +607,47 @@ std::tuple<at::Tensor, at::Tensor> engine_layer_cpu(const at::Tensor& h, const a
                                                     int64_t index, int64_t batch, const OptTensor& probs,
                                                     const OptTensor& queries, const OptTensor& tree,
                                                     const OptTensor& hidden) {
-  TORCH_CHECK(static_cast<int64_t>(ints.size()) >= kLayerInts && static_cast<int64_t>(floats.size()) == kLayerFloats,
-              "engine_layer: malformed ints/floats");
-  const int64_t H = ints[0], KV = ints[1], D = ints[2], n_qkv = ints[3], n_gu = ints[4], window = ints[5];
-  const int64_t slots = n_qkv + n_gu + 2;
-  TORCH_CHECK(static_cast<int64_t>(ints.size()) == kLayerInts + 3 * slots &&
-                  static_cast<int64_t>(t.size()) == kLayerTensors + kSlotTensors * slots,
-              "engine_layer: ", slots, " linear slots need ", kLayerInts + 3 * slots, " ints and ",
-              kLayerTensors + kSlotTensors * slots, " tensors");
-  const int64_t M = a.size(0), T = M / batch;
-  const at::Tensor qkv = call_group(t, ints, 0, n_qkv, a).view({batch, T, H + 2 * KV, D});
-  at::Tensor q, k;
-  const OptTensor qn = t.get(2), kn = t.get(3);
-  if (qn.has_value()) {
-    q = rope_cpu(rms_norm_cpu(qkv.slice(2, 0, H), *qn, floats[3]), cos, sin, positions);
-    k = rope_cpu(rms_norm_cpu(qkv.slice(2, H, H + KV), *kn, floats[4]), cos, sin, positions);
-  } else {
-    const at::Tensor qk = rope_cpu(qkv.slice(2, 0, H + KV), cos, sin, positions);
-    q = qk.slice(2, 0, H);
-    k = qk.slice(2, H, H + KV);
-  }
-  kv_append_cpu(k_cache, v_cache, k, qkv.slice(2, H + KV, H + 2 * KV), index);
+  check_layout(t, ints, floats, "engine_layer");
+  const int64_t H = ints[0], D = ints[2], window = ints[5];
+  const int64_t M = a.size(0);
+  auto [q, k, v] = queries_keys_values(a, t, ints, floats, cos, sin, positions, batch);
+  kv_append_cpu(k_cache, v_cache, k, v, index);
   if (queries.has_value()) {
     TORCH_CHECK(queries->sizes() == q.sizes() && queries->scalar_type() == at::kFloat,
                 "engine_layer: queries must be float32 ", q.sizes(), ", got ", queries->sizes());
     queries->copy_(q);
   }
   const at::Tensor o = gqa_attention_cpu(q, k_cache, v_cache, start, index, floats[0], window, probs, tree, hidden);
-  at::Tensor attn = call_group(t, ints, n_qkv, 1, o.view({M, H * D}));
-  if (const OptTensor n = t.get(4); n.has_value()) attn = rms_norm_cpu(attn, *n, floats[5]);
-  auto [h2, a2] = add_rms_norm_cpu(attn, h, *t.get(0), floats[1]);
-  const at::Tensor gu = call_group(t, ints, n_qkv + 1, n_gu, a2);
-  at::Tensor mlp = call_group(t, ints, n_qkv + 1 + n_gu, 1, ints[6] ? gelu_tanh_mul_cpu(gu) : silu_mul_cpu(gu));
-  if (const OptTensor n = t.get(5); n.has_value()) mlp = rms_norm_cpu(mlp, *n, floats[6]);
-  return add_rms_norm_cpu(mlp, h2, *t.get(1), floats[2]);
+  return layer_tail(h, o.view({M, H * D}), t, ints, floats);
+}
+
+// engine_layer for one new token per row over KIVI codes (ops/engine.py engine_kivi_layer_reference):
+// the new key and value at slot `index` of the residual buffers, then kivi_decode_attention over the
+// codes and the residual's first `length` slots.
+std::tuple<at::Tensor, at::Tensor> engine_kivi_layer_cpu(const at::Tensor& h, const at::Tensor& a,
+                                                         const c10::List<OptTensor>& t, at::IntArrayRef ints,
+                                                         at::ArrayRef<double> floats, at::Tensor& k_cache,
+                                                         at::Tensor& v_cache, int64_t length, at::TensorList codes,
+                                                         const OptTensor& mask, int64_t bits, const at::Tensor& cos,
+                                                         const at::Tensor& sin, const at::Tensor& positions,
+                                                         int64_t index, int64_t batch) {
+  check_layout(t, ints, floats, "engine_kivi_layer");
+  TORCH_CHECK(codes.size() == 6, "engine_kivi_layer: 6 code tensors expected (key codes, scale, zero, value codes, "
+              "scale, zero), got ", codes.size());
+  TORCH_CHECK(a.size(0) == batch, "engine_kivi_layer: one new token per row expected, got ", a.size(0), " rows for ",
+              batch);
+  const int64_t H = ints[0], D = ints[2];
+  auto [q, k, v] = queries_keys_values(a, t, ints, floats, cos, sin, positions, batch);
+  kv_append_cpu(k_cache, v_cache, k, v, index);
+  static auto attend = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("infertrix::kivi_decode_attention", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const OptTensor&, int64_t, double)>();
+  const at::Tensor o = attend.call(q.select(1, 0).contiguous(), codes[0], codes[1], codes[2], codes[3], codes[4],
+                                   codes[5], k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length), mask, bits,
+                                   floats[0]);
+  return layer_tail(h, o.reshape({batch, H * D}), t, ints, floats);
 }
 
 }  // namespace
@@ -613,13 +661,14 @@ TORCH_LIBRARY_IMPL(infertrix, CPU, m) {
   m.impl("kv_append", &kv_append_cpu);
   m.impl("gqa_attention", &gqa_attention_cpu);
   m.impl("engine_layer", &engine_layer_cpu);
+  m.impl("engine_kivi_layer", &engine_kivi_layer_cpu);
 }
 
 // No backward: the C++ "not implemented" kernel instead of custom_op's Python autograd wrapper
 // (see w4a8_gemm.cpp).
 TORCH_LIBRARY_IMPL(infertrix, AutogradCPU, m) {
   for (const char* name : {"rms_norm", "add_rms_norm", "silu_mul", "gelu_tanh_mul", "rope", "kv_append", "gqa_attention",
-                           "engine_layer"})
+                           "engine_layer", "engine_kivi_layer"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }
 

@@ -255,3 +255,40 @@ def test_a_second_prompt_chunk_over_fillers_on_the_engine_matches_each_row_alone
         want = run(model, more[i : i + 1], torch.ones(1, n + 20, dtype=torch.long), alone)
         assert torch.equal(both[i], want[0]), i
     assert _counts(model)[1] == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("kind", ["fp32", "w4a8"])
+def test_kivi_layer_kernel_equals_its_reference(bits, kind):
+    """The C++ engine_kivi_layer is its reference's sequence of ops, bit for bit, on a real layer's
+    KIVI codes and residual (opcheck included)."""
+    from infertrix.ops import engine as E
+
+    model = with_policy("llama", kind, f"kivi(bits={bits},residual_length=8,group_size=8)")
+    ids, mask = padded([40, 33], seed=9)
+    cache = new_cache(model)
+    run(model, ids, mask, cache)
+    runner = engine_runtime(model).runner
+    layer, lp = cache.layers[0], runner.layers[0]
+    assert layer.n_quantized > 0
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 64, generator=g)
+    a = E.rms_norm(h, lp.in_norm, lp.in_eps)
+    empty = torch.empty(2, lp.ints[1], 0, lp.ints[2])
+    index = layer.reserve(1, empty, empty)
+    layer.commit(1)
+    codes = [*layer.codes.keys, *layer.codes.values]
+    pos = torch.tensor([[40], [33]])
+    cos, sin = runner.tables[lp.rope]
+    args = (lp.tensors, lp.ints, lp.floats)
+    rest = (layer.keys.shape[2], codes, None, bits, cos, sin, pos, index, 2)
+    kc, vc = layer.kbuf.clone(), layer.vbuf.clone()
+    got = E.engine_kivi_layer(h, a, *args, kc, vc, *rest)
+    kr, vr = layer.kbuf.clone(), layer.vbuf.clone()
+    want = E.engine_kivi_layer_reference(h, a, *args, kr, vr, *rest)
+    n = rest[0]  # the residual's written slots (the buffers' spare capacity holds whatever was there)
+    assert all(torch.equal(x, y) for x, y in zip(got + (kc[:, :, :n], vc[:, :, :n]),
+                                                 want + (kr[:, :, :n], vr[:, :, :n]), strict=True))
+    assert torch.equal(kc[:, :, :index], layer.kbuf[:, :, :index])  # the older residual slots untouched
+    if kind == "fp32":
+        torch.library.opcheck(E.engine_kivi_layer, (h, a, *args, kc, vc, *rest))

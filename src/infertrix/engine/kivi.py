@@ -1,13 +1,14 @@
 """KIVI layers on the engine: a one-token step of a layer that holds KIVI codes.
 
 ``infertrix::engine_layer`` attends over full-precision buffers only; a layer whose older tokens
-sit in KIVI's 2/4-bit codes (``kvcache/kivi_store.py``) runs the same ops one by one instead
-(projections, q/k norms, rotary, the append into the full-precision residual; an MoE layer's
-block as on the engine's other steps, ``moe.py``), with
-``infertrix::kivi_decode_attention`` reading the codes and the residual in one pass, as KIVI's own
-attention function does on the module path (Liu et al. 2024, https://arxiv.org/abs/2402.02750).
-That kernel takes one query per row, so windows of several tokens over codes (speculative
-verification) take the module path (``cache.storage_problem``).
+sit in KIVI's 2/4-bit codes (``kvcache/kivi_store.py``) takes ``infertrix::engine_kivi_layer``
+instead: the same projections, q/k norms, rotary and append into the full-precision residual,
+then ``infertrix::kivi_decode_attention`` reading the codes and the residual in one pass (as
+KIVI's own attention function does on the module path; Liu et al. 2024,
+https://arxiv.org/abs/2402.02750), then the rest of the layer, in one C++ call. An MoE layer runs
+those ops one by one and then its block (``moe.py``). The attention kernel takes one query per
+row, so windows of several tokens over codes (speculative verification) take the module path
+(``cache.storage_problem``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..kvcache.cache import EvictingLayer
-from ..ops.engine import _group
+from ..ops.engine import _group, _queries_keys_values
 from .moe import moe_tail
 
 _ops = torch.ops.infertrix
@@ -41,25 +42,23 @@ def _mask(layer: EvictingLayer, pads: Tensor) -> Tensor | None:
 def kivi_step(h: Tensor, a: Tensor, lp, layer: EvictingLayer, cos: Tensor, sin: Tensor, positions: Tensor,
               pads: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """One decoder layer (``lp``: its ``LayerPlan``) for one new token per row over ``layer``'s codes
-    and residual; returns (h', next_norm(h')) as ``engine_layer`` does."""
+    and residual; returns (h', next_norm(h')) as ``engine_layer`` does. A dense layer is one
+    ``infertrix::engine_kivi_layer`` call; an MoE layer runs its attention half as those ops one by
+    one and then its block (``moe.py``)."""
     tensors, ints, floats = lp.tensors, lp.ints, lp.floats
-    heads, kvh, d, n_qkv, n_gu = ints[:5]
-    qkv = _group(tensors, ints, 0, n_qkv, a).view(batch, 1, heads + 2 * kvh, d)
-    if tensors[2] is not None:
-        q = _ops.rope(_ops.rms_norm(qkv[:, :, :heads], tensors[2], floats[3]), cos, sin, positions)
-        k = _ops.rope(_ops.rms_norm(qkv[:, :, heads : heads + kvh], tensors[3], floats[4]), cos, sin, positions)
-    else:
-        qk = _ops.rope(qkv[:, :, : heads + kvh], cos, sin, positions)
-        q, k = qk[:, :, :heads], qk[:, :, heads:]
+    heads, kvh, d, n_qkv = ints[:4]
     empty = a.new_empty(batch, kvh, 0, d)
-    index = layer.reserve(1, empty, empty)
-    _ops.kv_append(layer.kbuf, layer.vbuf, k.contiguous(), qkv[:, :, heads + kvh :].contiguous(), index)
+    index = layer.reserve(1, empty, empty)  # the new token's residual slot (written by the op below)
     layer.commit(1)
     codes = layer.codes
-    o = _ops.kivi_decode_attention(q[:, 0].contiguous(), *codes.keys, *codes.values, layer.keys, layer.values,
-                                   _mask(layer, pads), codes.config.bits, floats[0])
+    code_list, mask, bits = [*codes.keys, *codes.values], _mask(layer, pads), codes.config.bits
+    length = layer.keys.shape[2]  # the residual's slots, the new one included: a prefix of kbuf
+    if lp.mlp is None:
+        return _ops.engine_kivi_layer(h, a, tensors, ints, floats, layer.kbuf, layer.vbuf, length, code_list, mask,
+                                      bits, cos, sin, positions, index, batch)
+    q, k, v = _queries_keys_values(a, tensors, ints, floats, cos, sin, positions, batch)
+    _ops.kv_append(layer.kbuf, layer.vbuf, k, v, index)
+    o = _ops.kivi_decode_attention(q[:, 0].contiguous(), *code_list, layer.kbuf[:, :, :length],
+                                   layer.vbuf[:, :, :length], mask, bits, floats[0])
     h2, a2 = _ops.add_rms_norm(_group(tensors, ints, n_qkv, 1, o.reshape(batch, heads * d)), h, tensors[0], floats[1])
-    if lp.mlp is not None:  # an MoE layer: its block as on the engine's other steps (moe.py)
-        return moe_tail(h2, a2, lp, batch)
-    mlp = _group(tensors, ints, n_qkv + 1 + n_gu, 1, _ops.silu_mul(_group(tensors, ints, n_qkv + 1, n_gu, a2)))
-    return _ops.add_rms_norm(mlp, h2, tensors[1], floats[2])
+    return moe_tail(h2, a2, lp, batch)

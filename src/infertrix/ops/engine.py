@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kivi_attention import kivi_decode_attention
 from .registry import register_op
 
 KV_BLOCK = 64  # keys per attention block (csrc/cpu/engine_ops.cpp kKvBlock)
@@ -249,19 +250,35 @@ def engine_layer_reference(
         raise ValueError(f"engine_layer: {slots} linear slots need {LAYER_INTS + 3 * slots} ints and "
                          f"{LAYER_TENSORS + SLOT_TENSORS * slots} tensors")
     m = a.shape[0]
-    t = m // batch
-    qkv = _group(tensors, ints, 0, n_qkv, a).view(batch, t, heads + 2 * kvh, d)
+    q, k, v = _queries_keys_values(a, tensors, ints, floats, cos, sin, positions, batch)
+    kv_append(k_cache, v_cache, k, v, index)
+    if queries is not None:
+        queries.copy_(q)
+    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs, tree, hidden)
+    return _layer_tail(h, o.reshape(m, heads * d), tensors, ints, floats)
+
+
+def _queries_keys_values(a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], cos: Tensor,
+                         sin: Tensor, positions: Tensor, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A layer's q, k (q/k norms, rotary) and v [batch, T, heads, D] from its normed input ``a``."""
+    heads, kvh, d, n_qkv = ints[:4]
+    qkv = _group(tensors, ints, 0, n_qkv, a).view(batch, a.shape[0] // batch, heads + 2 * kvh, d)
     if tensors[2] is not None:
         q = rope(rms_norm(qkv[:, :, :heads], tensors[2], floats[3]), cos, sin, positions)
         k = rope(rms_norm(qkv[:, :, heads : heads + kvh], tensors[3], floats[4]), cos, sin, positions)
     else:
         qk = rope(qkv[:, :, : heads + kvh], cos, sin, positions)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
-    kv_append(k_cache, v_cache, k, qkv[:, :, heads + kvh :], index)
-    if queries is not None:
-        queries.copy_(q)
-    o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs, tree, hidden)
-    attn = _group(tensors, ints, n_qkv, 1, o.reshape(m, heads * d))
+    return q, k, qkv[:, :, heads + kvh :]
+
+
+def _layer_tail(h: Tensor, o: Tensor, tensors: list[Tensor | None], ints: list[int],
+                floats: list[float]) -> tuple[Tensor, Tensor]:
+    """A layer after its attention ``o`` [M, heads * D]: o_proj (and Gemma 3's output norm), the
+    residual add with the MLP's norm, the gated MLP (and its output norm), the residual add with
+    the next norm: (h', next_norm(h'))."""
+    n_qkv, n_gu, gelu = ints[3], ints[4], ints[6]
+    attn = _group(tensors, ints, n_qkv, 1, o)
     if tensors[4] is not None:
         attn = rms_norm(attn, tensors[4], floats[5])
     h2, a2 = add_rms_norm(attn, h, tensors[0], floats[1])
@@ -270,6 +287,25 @@ def engine_layer_reference(
     if tensors[5] is not None:
         mlp = rms_norm(mlp, tensors[5], floats[6])
     return add_rms_norm(mlp, h2, tensors[1], floats[2])
+
+
+def engine_kivi_layer_reference(
+    h: Tensor, a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], k_cache: Tensor,
+    v_cache: Tensor, length: int, codes: list[Tensor], mask: Tensor | None, bits: int, cos: Tensor, sin: Tensor,
+    positions: Tensor, index: int, batch: int,
+) -> tuple[Tensor, Tensor]:
+    """``engine_layer`` for one new token per row of a layer whose older keys and values are KIVI
+    codes (Liu et al. 2024, https://arxiv.org/abs/2402.02750): the new key and value go to slot
+    ``index`` of the full-precision residual buffers ``k_cache`` / ``v_cache``, and the attention
+    reads ``codes`` (key codes, scale, zero, value codes, scale, zero) then the residual's first
+    ``length`` slots in one pass (``kivi_decode_attention``, with its additive ``mask`` and
+    ``bits``). Packed layout as ``engine_layer``'s."""
+    heads, d = ints[0], ints[2]
+    q, k, v = _queries_keys_values(a, tensors, ints, floats, cos, sin, positions, batch)
+    kv_append(k_cache, v_cache, k, v, index)
+    o = kivi_decode_attention(q[:, 0].contiguous(), *codes, k_cache[:, :, :length], v_cache[:, :, :length], mask,
+                              bits, floats[0])
+    return _layer_tail(h, o.reshape(batch, heads * d), tensors, ints, floats)
 
 
 engine_layer = torch.library.custom_op(
@@ -286,8 +322,21 @@ def _(h, a, tensors, ints, floats, k_cache, v_cache, cos, sin, positions, start,
     return torch.empty_like(h), torch.empty_like(a)
 
 
+engine_kivi_layer = torch.library.custom_op(
+    "infertrix::engine_kivi_layer", mutates_args=("k_cache", "v_cache"),
+    schema="(Tensor h, Tensor a, Tensor?[] tensors, int[] ints, float[] floats, Tensor(a!) k_cache, "
+           "Tensor(b!) v_cache, int length, Tensor[] codes, Tensor? mask, int bits, Tensor cos, Tensor sin, "
+           "Tensor positions, int index, int batch) -> (Tensor, Tensor)",
+)(engine_kivi_layer_reference)
+
+
+@engine_kivi_layer.register_fake
+def _(h, a, tensors, ints, floats, k_cache, v_cache, length, codes, mask, bits, cos, sin, positions, index, batch):
+    return torch.empty_like(h), torch.empty_like(a)
+
+
 for _op in (
-    engine_layer_reference, rms_norm_reference, add_rms_norm_reference, silu_mul_reference, gelu_tanh_mul_reference,
+    engine_layer_reference, engine_kivi_layer_reference, rms_norm_reference, add_rms_norm_reference, silu_mul_reference, gelu_tanh_mul_reference,
     rope_reference, kv_append_reference, gqa_attention_reference,
 ):
     register_op(_op.__name__.removesuffix("_reference"), _op)
