@@ -636,6 +636,9 @@ std::tuple<at::Tensor, at::Tensor> engine_kivi_layer_cpu(const at::Tensor& h, co
               "scale, zero), got ", codes.size());
   TORCH_CHECK(a.size(0) == batch, "engine_kivi_layer: one new token per row expected, got ", a.size(0), " rows for ",
               batch);
+  TORCH_CHECK(index >= 0 && index < length && length <= k_cache.size(2),
+              "engine_kivi_layer: 0 <= index < length <= the buffers' ", k_cache.size(2), " slots expected, got index ",
+              index, ", length ", length);
   const int64_t H = ints[0], D = ints[2];
   auto [q, k, v] = queries_keys_values(a, t, ints, floats, cos, sin, positions, batch);
   kv_append_cpu(k_cache, v_cache, k, v, index);

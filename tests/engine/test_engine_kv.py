@@ -259,11 +259,14 @@ def test_a_second_prompt_chunk_over_fillers_on_the_engine_matches_each_row_alone
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("kind", ["fp32", "w4a8"])
-def test_kivi_layer_kernel_equals_its_reference(bits, kind):
+def test_kivi_layer_kernel_equals_its_reference(bits, kind, isa):
     """The C++ engine_kivi_layer is its reference's sequence of ops, bit for bit, on a real layer's
-    KIVI codes and residual (opcheck included)."""
+    KIVI codes and residual, padded rows masked (opcheck included), on every ISA path."""
+    from infertrix import ops
+    from infertrix.engine.kivi import _mask
     from infertrix.ops import engine as E
 
+    assert ops.status()["engine_kivi_layer"]["cpu"].startswith("c++")  # (the isa fixture skips without it)
     model = with_policy("llama", kind, f"kivi(bits={bits},residual_length=8,group_size=8)")
     ids, mask = padded([40, 33], seed=9)
     cache = new_cache(model)
@@ -281,14 +284,21 @@ def test_kivi_layer_kernel_equals_its_reference(bits, kind):
     pos = torch.tensor([[40], [33]])
     cos, sin = runner.tables[lp.rope]
     args = (lp.tensors, lp.ints, lp.floats)
-    rest = (layer.keys.shape[2], codes, None, bits, cos, sin, pos, index, 2)
+    pads = (mask == 0).sum(-1)
+    masked = _mask(layer, pads)
+    assert masked is not None and torch.isinf(masked).any()  # row 1's pads hidden
+    rest = (layer.keys.shape[2], codes, masked, bits, cos, sin, pos, index, 2)
     kc, vc = layer.kbuf.clone(), layer.vbuf.clone()
     got = E.engine_kivi_layer(h, a, *args, kc, vc, *rest)
     kr, vr = layer.kbuf.clone(), layer.vbuf.clone()
     want = E.engine_kivi_layer_reference(h, a, *args, kr, vr, *rest)
-    n = rest[0]  # the residual's written slots (the buffers' spare capacity holds whatever was there)
-    assert all(torch.equal(x, y) for x, y in zip(got + (kc[:, :, :n], vc[:, :, :n]),
-                                                 want + (kr[:, :, :n], vr[:, :, :n]), strict=True))
-    assert torch.equal(kc[:, :, :index], layer.kbuf[:, :, :index])  # the older residual slots untouched
+    # bitwise over the whole buffers (their spare capacity is uninitialised memory, whose NaN
+    # patterns torch.equal would call unequal)
+    assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+    assert all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in ((kc, kr), (vc, vr)))
+    _, k, v = E._queries_keys_values(a, *args, cos, sin, pos, 2)
+    for buf, new, orig in ((kc, k, layer.kbuf), (vc, v, layer.vbuf)):  # the new token's slot written, no other
+        assert torch.equal(buf[:, :, index], new[:, 0])
+        assert torch.equal(buf[:, :, :index].view(torch.int32), orig[:, :, :index].view(torch.int32))
     if kind == "fp32":
         torch.library.opcheck(E.engine_kivi_layer, (h, a, *args, kc, vc, *rest))

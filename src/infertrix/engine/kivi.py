@@ -5,7 +5,9 @@ sit in KIVI's 2/4-bit codes (``kvcache/kivi_store.py``) takes ``infertrix::engin
 instead: the same projections, q/k norms, rotary and append into the full-precision residual,
 then ``infertrix::kivi_decode_attention`` reading the codes and the residual in one pass (as
 KIVI's own attention function does on the module path; Liu et al. 2024,
-https://arxiv.org/abs/2402.02750), then the rest of the layer, in one C++ call. An MoE layer runs
+https://arxiv.org/abs/2402.02750), then the rest of the layer, in one op call (C++ when the
+extension is built). Gemma 3 with KIVI codes is refused earlier (``transform.py``); the MoE branch
+below has no Gemma output norms. An MoE layer runs
 those ops one by one and then its block (``moe.py``). The attention kernel takes one query per
 row, so windows of several tokens over codes (speculative verification) take the module path
 (``cache.storage_problem``).
@@ -47,6 +49,8 @@ def kivi_step(h: Tensor, a: Tensor, lp, layer: EvictingLayer, cos: Tensor, sin: 
     one and then its block (``moe.py``)."""
     tensors, ints, floats = lp.tensors, lp.ints, lp.floats
     heads, kvh, d, n_qkv = ints[:4]
+    if a.shape[0] != batch:  # checked before the layer commits a slot that nothing would write
+        raise ValueError(f"the engine's KIVI step takes one new token per row, got {a.shape[0]} rows for {batch}")
     empty = a.new_empty(batch, kvh, 0, d)
     index = layer.reserve(1, empty, empty)  # the new token's residual slot (written by the op below)
     layer.commit(1)

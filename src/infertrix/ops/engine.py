@@ -244,11 +244,8 @@ def engine_layer_reference(
     policies buffer between decode-time compressions). ``tree``: a token tree over the new tokens
     (``gqa_attention``'s), for verifying draft trees; ``hidden``: slots hidden per KV head
     (``gqa_attention``'s)."""
-    heads, kvh, d, n_qkv, n_gu, window, gelu = ints[:LAYER_INTS]
-    slots = n_qkv + n_gu + 2
-    if len(ints) != LAYER_INTS + 3 * slots or len(tensors) != LAYER_TENSORS + SLOT_TENSORS * slots:
-        raise ValueError(f"engine_layer: {slots} linear slots need {LAYER_INTS + 3 * slots} ints and "
-                         f"{LAYER_TENSORS + SLOT_TENSORS * slots} tensors")
+    _check_layout(tensors, ints, "engine_layer")
+    heads, d, window = ints[0], ints[2], ints[5]
     m = a.shape[0]
     q, k, v = _queries_keys_values(a, tensors, ints, floats, cos, sin, positions, batch)
     kv_append(k_cache, v_cache, k, v, index)
@@ -256,6 +253,13 @@ def engine_layer_reference(
         queries.copy_(q)
     o = gqa_attention(q, k_cache, v_cache, start, index, floats[0], window, probs, tree, hidden)
     return _layer_tail(h, o.reshape(m, heads * d), tensors, ints, floats)
+
+
+def _check_layout(tensors: list[Tensor | None], ints: list[int], name: str) -> None:
+    slots = ints[3] + ints[4] + 2
+    if len(ints) != LAYER_INTS + 3 * slots or len(tensors) != LAYER_TENSORS + SLOT_TENSORS * slots:
+        raise ValueError(f"{name}: {slots} linear slots need {LAYER_INTS + 3 * slots} ints and "
+                         f"{LAYER_TENSORS + SLOT_TENSORS * slots} tensors")
 
 
 def _queries_keys_values(a: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float], cos: Tensor,
@@ -300,6 +304,11 @@ def engine_kivi_layer_reference(
     reads ``codes`` (key codes, scale, zero, value codes, scale, zero) then the residual's first
     ``length`` slots in one pass (``kivi_decode_attention``, with its additive ``mask`` and
     ``bits``). Packed layout as ``engine_layer``'s."""
+    _check_layout(tensors, ints, "engine_kivi_layer")
+    if len(codes) != 6 or a.shape[0] != batch or not 0 <= index < length <= k_cache.shape[2]:
+        raise ValueError(f"engine_kivi_layer: 6 code tensors, one new token per row and 0 <= index < length <= "
+                         f"the buffers' {k_cache.shape[2]} slots expected, got {len(codes)} code tensors, "
+                         f"{a.shape[0]} rows for {batch}, index {index}, length {length}")
     heads, d = ints[0], ints[2]
     q, k, v = _queries_keys_values(a, tensors, ints, floats, cos, sin, positions, batch)
     kv_append(k_cache, v_cache, k, v, index)
@@ -336,7 +345,7 @@ def _(h, a, tensors, ints, floats, k_cache, v_cache, length, codes, mask, bits, 
 
 
 for _op in (
-    engine_layer_reference, engine_kivi_layer_reference, rms_norm_reference, add_rms_norm_reference, silu_mul_reference, gelu_tanh_mul_reference,
-    rope_reference, kv_append_reference, gqa_attention_reference,
+    engine_layer_reference, engine_kivi_layer_reference, rms_norm_reference, add_rms_norm_reference,
+    silu_mul_reference, gelu_tanh_mul_reference, rope_reference, kv_append_reference, gqa_attention_reference,
 ):
     register_op(_op.__name__.removesuffix("_reference"), _op)
