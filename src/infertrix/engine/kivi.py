@@ -6,11 +6,10 @@ instead: the same projections, q/k norms, rotary and append into the full-precis
 then ``infertrix::kivi_decode_attention`` reading the codes and the residual in one pass (as
 KIVI's own attention function does on the module path; Liu et al. 2024,
 https://arxiv.org/abs/2402.02750), then the rest of the layer, in one op call (C++ when the
-extension is built). Gemma 3 with KIVI codes is refused earlier (``transform.py``); the MoE branch
-below has no Gemma output norms. An MoE layer runs
-those ops one by one and then its block (``moe.py``). The attention kernel takes one query per
-row, so windows of several tokens over codes (speculative verification) take the module path
-(``cache.storage_problem``).
+extension is built). An MoE layer runs those ops one by one and then its block (``moe.py``).
+Gemma 3 with KIVI codes is refused earlier (``transform.py``). The attention kernel takes one
+query per row, so windows of several tokens over codes (speculative verification) take the module
+path (``cache.storage_problem``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kvcache.cache import EvictingLayer
-from ..ops.engine import _group, _queries_keys_values
+from ..ops.engine import _attention_out, _queries_keys_values
 from .moe import moe_tail
 
 _ops = torch.ops.infertrix
@@ -48,7 +47,7 @@ def kivi_step(h: Tensor, a: Tensor, lp, layer: EvictingLayer, cos: Tensor, sin: 
     ``infertrix::engine_kivi_layer`` call; an MoE layer runs its attention half as those ops one by
     one and then its block (``moe.py``)."""
     tensors, ints, floats = lp.tensors, lp.ints, lp.floats
-    heads, kvh, d, n_qkv = ints[:4]
+    heads, kvh, d = ints[:3]
     if a.shape[0] != batch:  # checked before the layer commits a slot that nothing would write
         raise ValueError(f"the engine's KIVI step takes one new token per row, got {a.shape[0]} rows for {batch}")
     empty = a.new_empty(batch, kvh, 0, d)
@@ -64,5 +63,5 @@ def kivi_step(h: Tensor, a: Tensor, lp, layer: EvictingLayer, cos: Tensor, sin: 
     _ops.kv_append(layer.kbuf, layer.vbuf, k, v, index)
     o = _ops.kivi_decode_attention(q[:, 0].contiguous(), *code_list, layer.kbuf[:, :, :length],
                                    layer.vbuf[:, :, :length], mask, bits, floats[0])
-    h2, a2 = _ops.add_rms_norm(_group(tensors, ints, n_qkv, 1, o.reshape(batch, heads * d)), h, tensors[0], floats[1])
-    return moe_tail(h2, a2, lp, batch)
+    return moe_tail(*_attention_out(h, o.reshape(batch, heads * d), tensors, ints, floats, (tensors[0], floats[1])),
+                    lp, batch)

@@ -80,7 +80,6 @@ def _block(h1: Tensor, m: Tensor, lp, batch: int) -> Tensor:
 
 
 _BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
-_SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' SiLU modules
 _VECTOR = 64  # elements: a multiple of two vectors of float32 at AVX-512 and AVX2 widths
 _GRAIN = 32768  # torch's elementwise ops split work between threads above this many elements
 
@@ -96,7 +95,7 @@ def sigmoid_rows(x: Tensor) -> Tensor:
     pad = -n % _VECTOR
     padded = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
     parts = [torch.sigmoid(padded[i : i + _GRAIN]) for i in range(0, padded.numel(), _GRAIN)]
-    return torch.cat(parts)[:n].view(x.shape) if len(parts) > 1 or pad else parts[0].view(x.shape)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts))[:n].view(x.shape)
 
 
 class RowMoE:
@@ -191,13 +190,15 @@ def moe_report(layers: list) -> dict[str, str]:
 def row_moe(block: nn.Module) -> tuple[RowMoE | None, str | None]:
     """(the row-invariant version of ``block``, None) when the engine knows its arithmetic and it
     agrees with the model's block on a few random rows, else (None, why)."""
+    from ..moe.lowbit import is_silu  # (infertrix.moe imports this module)
+
     name = type(block).__name__
     if name not in _BLOCKS:
         return None, f"a {name} (row-invariant blocks: {', '.join(_BLOCKS)})"
     gate, mod = block.gate, block.experts
     if getattr(gate, "weight", None) is None or gate.weight.dtype != torch.float32:
         return None, "its router is not a float32 weight"
-    if type(mod.act_fn).__name__ not in _SILU:
+    if not is_silu(mod.act_fn):
         return None, f"its experts' activation is {type(mod.act_fn).__name__} (row-invariant: SiLU)"
     offloaded = getattr(mod, "_infertrix_offloaded", False)
     if not offloaded and (getattr(mod, "gate_up_proj", None) is None or mod.gate_up_proj.dtype != torch.float32
@@ -207,7 +208,7 @@ def row_moe(block: nn.Module) -> tuple[RowMoE | None, str | None]:
     shared = getattr(block, "shared_expert", None)
     if shared is not None:
         parts = [shared.gate_proj, shared.up_proj, shared.down_proj, getattr(block, "shared_expert_gate", None)]
-        if any(p is None or linears.kind(p) is None for p in parts) or type(shared.act_fn).__name__ not in _SILU:
+        if any(p is None or linears.kind(p) is None for p in parts) or not is_silu(shared.act_fn):
             return None, "its shared expert is not SiLU over linears the engine runs"
     row = RowMoE(block)
     # offloaded experts are not probed (a probe would touch the expert cache; their arithmetic is

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.model import decoder_layers
-from ..ops.engine import _group
+from ..ops.engine import _attention_out, _mlp_out, _queries_keys_values
 from ..skip.state import skip_state
 
 _ops = torch.ops.infertrix
@@ -130,12 +130,7 @@ def mlp_only(h: Tensor, lp) -> tuple[Tensor, Tensor]:
     """A layer whose attention is skipped: h + mlp(mid_norm(h)) (Gemma 3: its output norm), and the
     next norm of that."""
     t, ints, f = lp.tensors, lp.ints, lp.floats
-    n_qkv, n_gu, gelu = ints[3], ints[4], ints[6]
-    gate_up = _group(t, ints, n_qkv + 1, n_gu, _ops.rms_norm(h, t[0], f[1]))
-    mlp = _group(t, ints, n_qkv + 1 + n_gu, 1, _ops.gelu_tanh_mul(gate_up) if gelu else _ops.silu_mul(gate_up))
-    if t[5] is not None:
-        mlp = _ops.rms_norm(mlp, t[5], f[6])
-    return _ops.add_rms_norm(mlp, h, t[1], f[2])
+    return _mlp_out(h, _ops.rms_norm(h, t[0], f[1]), t, ints, f)
 
 
 def attention_only(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Tensor, sin: Tensor,
@@ -147,21 +142,10 @@ def attention_only(h: Tensor, a: Tensor, lp, kbuf: Tensor, vbuf: Tensor, cos: Te
     (weight, eps); an MoE layer's post-attention norm). ``tree`` / ``probs`` / ``queries`` /
     ``hidden``: ``engine_layer``'s."""
     t, ints, f = lp.tensors, lp.ints, lp.floats
-    heads, kvh, d, n_qkv = ints[:4]
-    m = a.shape[0]
-    qkv = _group(t, ints, 0, n_qkv, a).view(batch, m // batch, heads + 2 * kvh, d)
-    if t[2] is not None:
-        q = _ops.rope(_ops.rms_norm(qkv[:, :, :heads], t[2], f[3]), cos, sin, positions)
-        k = _ops.rope(_ops.rms_norm(qkv[:, :, heads : heads + kvh], t[3], f[4]), cos, sin, positions)
-    else:
-        qk = _ops.rope(qkv[:, :, : heads + kvh], cos, sin, positions)
-        q, k = qk[:, :, :heads], qk[:, :, heads:]
-    _ops.kv_append(kbuf, vbuf, k.contiguous(), qkv[:, :, heads + kvh :].contiguous(), index)
+    heads, d = ints[0], ints[2]
+    q, k, v = _queries_keys_values(a, t, ints, f, cos, sin, positions, batch)
+    _ops.kv_append(kbuf, vbuf, k.contiguous(), v.contiguous(), index)
     if queries is not None:
         queries.copy_(q)
     o = _ops.gqa_attention(q.contiguous(), kbuf, vbuf, start, index, f[0], ints[5], probs, tree, hidden)
-    attn = _group(t, ints, n_qkv, 1, o.reshape(m, heads * d))
-    if t[4] is not None:
-        attn = _ops.rms_norm(attn, t[4], f[5])
-    w, eps = norm if norm is not None else (t[1], f[2])
-    return _ops.add_rms_norm(attn, h, w, eps)
+    return _attention_out(h, o.reshape(a.shape[0], heads * d), t, ints, f, norm if norm is not None else (t[1], f[2]))

@@ -42,6 +42,11 @@ _silu_mul = torch.ops.infertrix.silu_mul.default
 _SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' SiLU modules
 
 
+def is_silu(act_fn: object) -> bool:
+    """Whether an experts module's activation is SiLU (its gated product is one ``infertrix::silu_mul``)."""
+    return type(act_fn).__name__ in _SILU
+
+
 @dataclass(frozen=True)
 class _Part:
     name: str
@@ -148,7 +153,7 @@ class LowBitFormat:
         """The expert on rows ``x``: ``down(act(gate(x)) * up(x))``, as the model's experts do (SiLU
         experts: the gated product in one ``infertrix::silu_mul`` call, equal to float32 rounding)."""
         gate_up = self.linear(parts, "gate_up", x)
-        if type(act_fn).__name__ in _SILU:
+        if is_silu(act_fn):
             return self.linear(parts, "down", _silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.linear(parts, "down", act_fn(gate) * up)

@@ -276,21 +276,34 @@ def _queries_keys_values(a: Tensor, tensors: list[Tensor | None], ints: list[int
     return q, k, qkv[:, :, heads + kvh :]
 
 
-def _layer_tail(h: Tensor, o: Tensor, tensors: list[Tensor | None], ints: list[int],
-                floats: list[float]) -> tuple[Tensor, Tensor]:
-    """A layer after its attention ``o`` [M, heads * D]: o_proj (and Gemma 3's output norm), the
-    residual add with the MLP's norm, the gated MLP (and its output norm), the residual add with
-    the next norm: (h', next_norm(h'))."""
-    n_qkv, n_gu, gelu = ints[3], ints[4], ints[6]
-    attn = _group(tensors, ints, n_qkv, 1, o)
+def _attention_out(h: Tensor, o: Tensor, tensors: list[Tensor | None], ints: list[int], floats: list[float],
+                   norm: tuple[Tensor, float]) -> tuple[Tensor, Tensor]:
+    """o_proj of the attention ``o`` [M, heads * D] (and Gemma 3's output norm), the residual add to
+    ``h``, and ``norm`` (weight, eps) of the sum: (h', norm(h'))."""
+    attn = _group(tensors, ints, ints[3], 1, o)
     if tensors[4] is not None:
         attn = rms_norm(attn, tensors[4], floats[5])
-    h2, a2 = add_rms_norm(attn, h, tensors[0], floats[1])
-    gate_up = _group(tensors, ints, n_qkv + 1, n_gu, a2)
+    return add_rms_norm(attn, h, *norm)
+
+
+def _mlp_out(h: Tensor, a: Tensor, tensors: list[Tensor | None], ints: list[int],
+             floats: list[float]) -> tuple[Tensor, Tensor]:
+    """The gated MLP of the normed ``a`` (and Gemma 3's output norm), the residual add to ``h``, and
+    the next norm of the sum: (h', next_norm(h'))."""
+    n_qkv, n_gu, gelu = ints[3], ints[4], ints[6]
+    gate_up = _group(tensors, ints, n_qkv + 1, n_gu, a)
     mlp = _group(tensors, ints, n_qkv + 1 + n_gu, 1, gelu_tanh_mul(gate_up) if gelu else silu_mul(gate_up))
     if tensors[5] is not None:
         mlp = rms_norm(mlp, tensors[5], floats[6])
-    return add_rms_norm(mlp, h2, tensors[1], floats[2])
+    return add_rms_norm(mlp, h, tensors[1], floats[2])
+
+
+def _layer_tail(h: Tensor, o: Tensor, tensors: list[Tensor | None], ints: list[int],
+                floats: list[float]) -> tuple[Tensor, Tensor]:
+    """A layer after its attention ``o`` [M, heads * D]: :func:`_attention_out` with the MLP's norm,
+    then :func:`_mlp_out`: (h', next_norm(h'))."""
+    h2, a2 = _attention_out(h, o, tensors, ints, floats, (tensors[0], floats[1]))
+    return _mlp_out(h2, a2, tensors, ints, floats)
 
 
 def engine_kivi_layer_reference(
